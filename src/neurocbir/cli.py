@@ -1,0 +1,131 @@
+"""Command-line interface: ``neurocbir train | evaluate | search | features | info``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="neurocbir: retrieval-based brain tumor MRI decision support (not a diagnosis).")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run ``fn``, turning expected user errors into a one-line message and exit code 2."""
+    from .data import DatasetError
+    from .encoders import EncoderWeightsError
+    from .index import IndexMismatchError
+
+    try:
+        return fn(*args, **kwargs)
+    except (DatasetError, EncoderWeightsError, IndexMismatchError, FileNotFoundError, ValueError,
+            NotImplementedError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def train(
+    loss: str = typer.Option("supcon", help="ce | triplet | nca | infonce | supcon"),
+    fold: int = typer.Option(5, help="test fold (1-5), patient-wise"),
+    trials: int = typer.Option(5, help="seeds per configuration (paper: 5)"),
+    out: Path = typer.Option(..., help="run directory to write"),
+    encoder: str = typer.Option("efficientnet_lite2", help="efficientnet_lite2 | efficientnet_b2 | resnet50"),
+    weights: Optional[Path] = typer.Option(None, help="local ImageNet weights file for efficientnet_b2/resnet50"),
+    random_init: bool = typer.Option(False, help="allow a randomly initialised trunk (no pretrained weights)"),
+    trainable_blocks: int = typer.Option(0, help="0 = head only on cached features, k = last k blocks, -1 = all"),
+    epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    temperature: Optional[float] = typer.Option(None), margin: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None), n_copies: Optional[int] = typer.Option(None),
+    dropout: Optional[float] = typer.Option(None), feature_noise: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None),
+    tta: Optional[bool] = typer.Option(None, help="average the embeddings of augmented views at test time"),
+    params: Optional[Path] = typer.Option(None, help="JSON of hyper-parameters (e.g. from `neurocbir search`)"),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"),
+    cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
+) -> None:
+    """Train an encoder top with one loss over several seeds and index the archive."""
+    from .training import TrainConfig, train_run
+
+    cfg = TrainConfig(loss=loss, fold=fold, trials=trials, encoder=encoder, weights=str(weights) if weights else None,
+                      random_init=random_init, trainable_blocks=trainable_blocks,
+                      data=str(data) if data else None, cache_dir=str(cache_dir) if cache_dir else None)
+    if params is not None:
+        if not params.is_file():
+            _fail(f"no such params file: {params}")
+        for k, v in json.loads(params.read_text()).get("best", {}).items():
+            setattr(cfg, k, v)
+    overrides = dict(epochs=epochs, lr=lr, temperature=temperature, margin=margin, batch_size=batch_size,
+                     n_copies=n_copies, dropout=dropout, feature_noise=feature_noise, weight_decay=weight_decay, tta=tta)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    timings = _guard(train_run, cfg, out)
+    typer.echo(f"trained {cfg.trials} trial(s) of {cfg.loss} on fold {cfg.fold} in {timings['train_s_total']:.0f} s "
+               f"(feature cache {timings['feature_cache_s']:.0f} s); run: {out}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="run directory written by `neurocbir train`"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics JSON here"),
+    one_per_patient: bool = typer.Option(False, help="keep one slice per archive patient among retrievals"),
+    plots: bool = typer.Option(True, help="write latent_space.png and knn_overfit.png"),
+) -> None:
+    """AUROC and Cohen's kappa (per trial and ensemble), structure metrics, KNN overfit."""
+    from .evaluate import evaluate_run
+
+    if not (run / "config.json").is_file():
+        _fail(f"{run} is not a run directory (no config.json): run `neurocbir train --out {run}` first")
+    result = _guard(evaluate_run, run, one_per_patient=one_per_patient, plots=plots)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+    typer.echo((run / "metrics.md").read_text())
+
+
+@app.command()
+def search(
+    loss: str = typer.Option("supcon"), fold: int = typer.Option(5), out: Path = typer.Option(...),
+    grid: Optional[str] = typer.Option(None, help='JSON grid, e.g. \'{"lr": [1e-3, 3e-4], "epochs": [10, 30]}\''),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
+    cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE"),
+) -> None:
+    """Hyper-parameter search by 3-fold patient-grouped CV inside the training folds."""
+    from .search import default_grid, grid_search
+    from .training import TrainConfig
+
+    cfg = TrainConfig(loss=loss, fold=fold, data=str(data) if data else None,
+                      cache_dir=str(cache_dir) if cache_dir else None)
+    g = json.loads(grid) if grid else default_grid(loss)
+    result = _guard(grid_search, cfg, g, out)
+    typer.echo(json.dumps(result["best"], indent=2))
+
+
+@app.command()
+def info(data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA")) -> None:
+    """Describe the dataset: cases, patients, folds (no patient ids are printed)."""
+    from .data import CLASS_NAMES, load_cases
+
+    t = _guard(load_cases, data)
+    typer.echo(f"{len(t)} cases, {len(set(t.patient_id.tolist()))} patients")
+    for c, n in enumerate(CLASS_NAMES):
+        typer.echo(f"  {n}: {(t.label == c).sum()}")
+    for f in sorted(set(t.fold.tolist())):
+        sel = t.fold == f
+        typer.echo(f"  fold {f}: {sel.sum()} cases, {len(set(t.patient_id[sel].tolist()))} patients")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

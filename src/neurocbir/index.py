@@ -1,0 +1,90 @@
+"""Vector index of archive embeddings (FAISS, exact L2 by default), saved with a manifest
+that ties it to the checkpoint that made the embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+
+class IndexMismatchError(ValueError):
+    """The index on disk was built by another encoder or has another dimension."""
+
+
+def _as_f32(x: np.ndarray, dim: int | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (n, dim), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"embeddings have dimension {x.shape[1]}, the index has {dim}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    return x
+
+
+@dataclass
+class VectorIndex:
+    """Euclidean nearest-neighbour search over ``n`` vectors of dimension ``dim``."""
+
+    index: faiss.Index
+    checkpoint_sha256: str = ""
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, checkpoint_sha256: str = "") -> "VectorIndex":
+        x = _as_f32(embeddings)
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(x)
+        return cls(index, checkpoint_sha256)
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids), each (n_queries, k), sorted by increasing Euclidean distance."""
+        q = _as_f32(queries, self.dim)
+        k = min(int(k), len(self))
+        if k < 1:
+            raise ValueError("k must be >= 1 and the index must not be empty")
+        d2, ids = self.index.search(q, k)
+        return np.sqrt(np.maximum(d2, 0.0)), ids
+
+    def save(self, path: Path | str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        manifest = {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim, "count": len(self),
+                    "metric": "l2", "kind": type(self.index).__name__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        mtmp = path.with_name(path.name + ".json.tmp")
+        mtmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, path)
+        os.replace(mtmp, path.with_name(path.name + ".json"))
+
+    @classmethod
+    def load(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "VectorIndex":
+        """Load an index; refuse it if it was built for another checkpoint or dimension."""
+        path = Path(path)
+        mpath = path.with_name(path.name + ".json")
+        if not path.is_file() or not mpath.is_file():
+            raise FileNotFoundError(f"no index at {path} (expected the index file and its .json manifest)")
+        manifest = json.loads(mpath.read_text())
+        if checkpoint_sha256 is not None and manifest["checkpoint_sha256"] != checkpoint_sha256:
+            raise IndexMismatchError(
+                f"index {path} was built from checkpoint {manifest['checkpoint_sha256'][:12]}, "
+                f"not {checkpoint_sha256[:12]}: rebuild it with the current encoder")
+        if dim is not None and manifest["dim"] != dim:
+            raise IndexMismatchError(f"index {path} has dimension {manifest['dim']}, the encoder gives {dim}")
+        index = faiss.read_index(str(path))
+        if index.ntotal != manifest["count"]:
+            raise IndexMismatchError(f"index {path} holds {index.ntotal} vectors, its manifest says {manifest['count']}")
+        return cls(index, manifest["checkpoint_sha256"])

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real bundled dataset and a small patient-wise subset of it."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neurocbir.data import default_data_dir, load_cases
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = default_data_dir()
+    if d is None or not (d / "metadata.csv").is_file():
+        pytest.fail("the bundled dataset is missing: set NEUROCBIR_DATA or place ../shared/data/brain-tumor-figshare")
+    return d
+
+
+@pytest.fixture(scope="session")
+def cases(data_dir):
+    return load_cases(data_dir)
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory, data_dir, cases) -> Path:
+    """A dataset folder with 3 patients per class in fold 5 and 6 per class elsewhere."""
+    rng = np.random.default_rng(0)
+    keep = []
+    for fold_set, n_pat in (({5}, 3), ({1, 2, 3, 4}, 6)):
+        for c in range(3):
+            sel = np.isin(cases.fold, list(fold_set)) & (cases.label == c)
+            pids = sorted(set(cases.patient_id[sel].tolist()))
+            for pid in rng.choice(pids, n_pat, replace=False):
+                rows = np.flatnonzero(cases.patient_id == pid)
+                keep.extend(rows[:6].tolist())  # at most 6 slices per patient keeps it small
+    out = tmp_path_factory.mktemp("small_data")
+    with open(data_dir / "metadata.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        fields = reader.fieldnames
+    wanted = {int(cases.idx[i]) for i in keep}
+    with open(out / "metadata.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(r for r in rows if int(r["idx"]) in wanted)
+    os.symlink(data_dir / "images", out / "images")
+    os.symlink(data_dir / "masks", out / "masks")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_cases(small_data_dir):
+    return load_cases(small_data_dir)
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature_cache")
