@@ -40,7 +40,7 @@ def train(
     encoder: str = typer.Option("efficientnet_lite2", help="efficientnet_lite2 | efficientnet_b2 | resnet50"),
     weights: Optional[Path] = typer.Option(None, help="local ImageNet weights file for efficientnet_b2/resnet50"),
     random_init: bool = typer.Option(False, help="allow a randomly initialised trunk (no pretrained weights)"),
-    trainable_blocks: int = typer.Option(0, help="0 = head only on cached features, k = last k blocks, -1 = all"),
+    trainable_blocks: int = typer.Option(2, help="0 = head only on cached features, k = last k blocks, -1 = all"),
     epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     temperature: Optional[float] = typer.Option(None), margin: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None), n_copies: Optional[int] = typer.Option(None),

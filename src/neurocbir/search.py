@@ -45,7 +45,8 @@ def grid_search(cfg: TrainConfig, grid: dict[str, list], out: Path, n_splits: in
         c = dataclasses.replace(cfg, **combo)
         kappas = []
         for tr, va in folds:
-            top = train_top(c, encoder, f_train[tr], train.label[tr], seed=0, device=device, progress=False)
+            top = train_top(c, encoder, f_train[tr], train.label[tr], seed=0, device=device, progress=False,
+                            groups=train.patient_id[tr])
             a, _ = embed_features(top, f_train[tr], device)
             q, _ = embed_features(top, f_train[va], device, tta=c.tta)
             pred = NIRClassifier().fit(a, train.label[tr]).predict(q)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners, samplers
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from tqdm import tqdm
 
 from .data import CLASS_NAMES, DEFAULT_TEST_FOLD, CaseTable, load_cases
@@ -42,20 +43,21 @@ class TrainConfig:
     fold: int = DEFAULT_TEST_FOLD
     trials: int = 5
     first_seed: int = 0
-    trainable_blocks: int = 0  # 0 = head only on cached pooled features; -1 = all (GPU)
+    trainable_blocks: int = 2  # last 2 blocks + head on cached block inputs; 0 = head only; -1 = all (GPU)
     n_copies: int = 2  # augmented copies per case (paper: blur + rotation -> 3x the data)
-    epochs: int = 30
+    epochs: int = 3  # the training loss reaches its floor in 2-3 epochs; more does not help
     batch_size: int = 96
     lr: float = 1e-3
     lr_trunk: float = 1e-4
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.05
     temperature: float = 0.1  # SupCon / InfoNCE
     margin: float = 0.1  # triplet
     embedding_dim: int = 128
     head_hidden: int = 512
-    dropout: float = 0.3
-    feature_noise: float = 0.0  # Gaussian noise on cached features, x their std
+    dropout: float = 0.5
+    feature_noise: float = 0.3  # Gaussian noise on cached features, x their std
     tta: bool = False  # average embeddings of the cached augmented views at inference
+    cross_patient_positives: bool = False  # SupCon/triplet: positives only from other patients
     data: str | None = None
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
@@ -142,9 +144,23 @@ def _batches(cfg: TrainConfig, labels: np.ndarray, n_views: int, rng: np.random.
         yield items // n_views, items % n_views, item_labels[items]
 
 
+def _cross_patient(indices: tuple, patients: torch.Tensor) -> tuple:
+    """Drop positive pairs of the same patient: slices of one patient are near-duplicates, and
+    pulling them together teaches patient identity rather than tumor type."""
+    if len(indices) == 4:
+        a1, p, a2, n = indices
+        keep = patients[a1] != patients[p]
+        return a1[keep], p[keep], a2, n
+    a, p, n = indices
+    keep = patients[a] != patients[p]
+    return a[keep], p[keep], n[keep]
+
+
 def train_top(cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, labels: np.ndarray, seed: int,
-              device: torch.device, log_path: Path | None = None, progress: bool = True) -> Top:
-    """Train a fresh top on cached features ``feats`` (N, views, ...) of the training cases."""
+              device: torch.device, log_path: Path | None = None, progress: bool = True,
+              groups: np.ndarray | None = None) -> Top:
+    """Train a fresh top on cached features ``feats`` (N, views, ...) of the training cases
+    (``groups``: their patient ids, needed for ``cross_patient_positives``)."""
     seed_everything(seed)
     cut = encoder.cut(cfg.trainable_blocks)
     # Each trial re-initialises the head (and unfrozen stages keep their pretrained start).
@@ -153,15 +169,19 @@ def train_top(cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, labels: np.
             m.reset_parameters()
     top = Top(encoder, cut, len(CLASS_NAMES), with_mlp=cfg.loss == "ce").to(device)
     head_params = list(top.head.parameters()) + (list(top.mlp.parameters()) if top.mlp is not None else [])
-    groups = [{"params": head_params, "lr": cfg.lr}]
+    param_groups = [{"params": head_params, "lr": cfg.lr}]
     trunk_params = [p for s in top.stages for p in s.parameters()]
     if trunk_params:
-        groups.append({"params": trunk_params, "lr": cfg.lr_trunk})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        param_groups.append({"params": trunk_params, "lr": cfg.lr_trunk})
+    opt = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
     loss_fn, miner = _loss_fn(cfg)
     data = torch.from_numpy(np.asarray(feats, dtype=np.float32))
     noise_std = float(data.std()) * cfg.feature_noise
     rng = np.random.default_rng(seed)
+    cross = cfg.cross_patient_positives and cfg.loss in ("supcon", "triplet")
+    if cross and groups is None:
+        raise ValueError("cross_patient_positives needs the training cases' patient ids")
+    patient_codes = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else None
     log = open(log_path, "w") if log_path else None
     try:
         for epoch in tqdm(range(cfg.epochs), desc=f"{cfg.loss} seed {seed}", unit="epoch", disable=not progress):
@@ -176,11 +196,15 @@ def train_top(cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, labels: np.
                     loss = loss_fn(top.mlp(top.raw(x)), y)
                 else:
                     emb = top(x)
-                    loss = loss_fn(emb, y, miner(emb, y)) if miner is not None else loss_fn(emb, y)
+                    indices = miner(emb, y) if miner is not None else None
+                    if cross:
+                        pats = torch.from_numpy(patient_codes[rows]).to(device)
+                        indices = _cross_patient(indices if indices is not None else lmu.get_all_pairs_indices(y), pats)
+                    loss = loss_fn(emb, y, indices) if indices is not None else loss_fn(emb, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(y)
+                total += float(loss.detach()) * len(y)
                 count += len(y)
             if log:
                 log.write(json.dumps({"epoch": epoch + 1, "loss": total / max(count, 1)}) + "\n")
@@ -252,7 +276,7 @@ def train_run(cfg: TrainConfig, out: Path, table: CaseTable | None = None, progr
         tdir.mkdir(exist_ok=True)
         t0 = time.time()
         top = train_top(cfg, encoder, train_feats, table.label[train_rows], seed, device,
-                        log_path=tdir / "log.jsonl", progress=progress)
+                        log_path=tdir / "log.jsonl", progress=progress, groups=table.patient_id[train_rows])
         timings["trials_s"].append(round(time.time() - t0, 1))
         ckpt = tdir / "checkpoint.pt"
         tmp = tdir / "checkpoint.pt.tmp"

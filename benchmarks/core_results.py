@@ -1,0 +1,157 @@
+"""Regenerate the core pipeline's figures in docs/results.md (never edit them by hand).
+
+    .venv/bin/python benchmarks/core_results.py                      # 5 losses on fold 5, SupCon on folds 1-4
+    .venv/bin/python benchmarks/core_results.py --losses supcon --folds 5 --trials 1   # quick
+
+Each (loss, fold) is trained with `neurocbir.training.train_run` and evaluated with
+`neurocbir.evaluate.evaluate_run` into runs/bench/<loss>-fold<k>; the results section of
+docs/results.md is rewritten after every finished run, so a partial benchmark still lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from neurocbir.data import load_cases  # noqa: E402
+from neurocbir.evaluate import evaluate_run, markdown_tables  # noqa: E402
+from neurocbir.training import TrainConfig, train_run  # noqa: E402
+
+BEGIN, END = "<!-- BEGIN core (benchmarks/core_results.py) -->", "<!-- END core -->"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def baseline(table, fold: int, cache_dir: str | None) -> dict:
+    """Frozen ImageNet features, no training: logistic regression and KNN-25 (for scale)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import cohen_kappa_score
+    from sklearn.preprocessing import StandardScaler
+
+    from neurocbir.classify import KNNClassifier, NIRClassifier
+    from neurocbir.encoders import create_encoder
+    from neurocbir.features import cached_features
+
+    enc = create_encoder()
+    f = cached_features(table, enc, [enc.cut(0)], n_copies=2, cache_dir=Path(cache_dir) if cache_dir else None)[enc.cut(0)]
+    tr, te = table.fold != fold, table.fold == fold
+    x = StandardScaler().fit(f[tr][:, 0]).transform(np.asarray(f[:, 0], dtype=np.float32))
+    lr = LogisticRegression(max_iter=2000, C=0.1).fit(x[tr], table.label[tr])
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return {
+        "logreg": cohen_kappa_score(table.label[te], lr.predict(x[te])),
+        "knn25": cohen_kappa_score(table.label[te], KNNClassifier(25).fit(xn[tr], table.label[tr]).predict(xn[te])),
+        "nir": cohen_kappa_score(table.label[te], NIRClassifier().fit(xn[tr], table.label[tr]).predict(xn[te])),
+    }
+
+
+def write_section(doc: Path, body: str) -> None:
+    text = doc.read_text() if doc.is_file() else "# neurocbir results\n\n"
+    section = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, doc)
+
+
+def render(results: list[dict], baselines: dict, args, started: str, cache_s: float | None) -> str:
+    cmd = "python benchmarks/core_results.py " + " ".join(sys.argv[1:])
+    lines = [
+        "## Core pipeline: retrieval and classification (issue 2)",
+        "",
+        f"Command: `{cmd}` | machine: {machine()} | started {started}, last updated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"Configuration: {args.config_note}",
+        "",
+        "A-CK = Cohen's kappa, mean of the per-trial values; E-CK = kappa of the soft ensemble",
+        "(probabilities averaged over trials). AUROC is one-vs-rest, macro. Test fold patients never",
+        "appear in the archive (patient-wise `cvind` folds).",
+        "",
+        markdown_tables(results),
+    ]
+    if baselines:
+        lines += ["Frozen ImageNet EfficientNet-Lite2 pooled features, no training (for scale):", "",
+                  "| fold | logistic regression kappa | KNN-25 kappa | NIR kappa |", "|---|---|---|---|"]
+        for fold, b in sorted(baselines.items()):
+            lines.append(f"| {fold} | {b['logreg']:.3f} | {b['knn25']:.3f} | {b['nir']:.3f} |")
+        lines.append("")
+    lines += ["Training time (this machine, seconds):", "", "| loss | fold | trials | per trial (median) | all trials |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        t = r["timings"].get("trials_s", [])
+        lines.append(f"| {r['loss']} | {r['fold']} | {len(t)} | {np.median(t):.0f} | {sum(t):.0f} |")
+    if cache_s is not None:
+        lines += ["", f"Feature cache (frozen trunk over all 3064 cases x 3 views, once, shared by every loss, "
+                      f"trial and fold): {cache_s:.0f} s."]
+    sup = [r for r in results if r["loss"] == "supcon"]
+    if len(sup) > 1:
+        e = [r["classifiers"]["nir"]["kappa_ensemble"] for r in sup]
+        a = [r["classifiers"]["nir"]["auroc_ensemble"] for r in sup]
+        lines += ["", f"SupCon + NIR over folds {', '.join(str(r['fold']) for r in sup)}: ensemble kappa "
+                      f"{np.mean(e):.3f} ± {np.std(e):.3f}, ensemble AUROC {np.mean(a):.3f} ± {np.std(a):.3f}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--losses", default="supcon,ce,triplet,nca,infonce")
+    p.add_argument("--folds", default="5", help="folds for every loss")
+    p.add_argument("--supcon-folds", default="1,2,3,4", help="extra folds for SupCon")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument("--cache-dir", default=os.environ.get("NEUROCBIR_CACHE"))
+    args = p.parse_args()
+    defaults = TrainConfig()
+    args.config_note = (f"default `TrainConfig` (encoder {defaults.encoder}, trainable_blocks={defaults.trainable_blocks}, "
+                        f"epochs={defaults.epochs}, batch {defaults.batch_size}, lr {defaults.lr} / trunk {defaults.lr_trunk}, "
+                        f"n_copies={defaults.n_copies}, temperature {defaults.temperature}, margin {defaults.margin}, "
+                        f"dropout {defaults.dropout}, tta={defaults.tta}, "
+                        f"cross_patient_positives={defaults.cross_patient_positives}), {args.trials} trials (seeds 0..{args.trials - 1})")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    table = load_cases()
+    jobs = [(loss, int(f)) for f in args.folds.split(",") for loss in args.losses.split(",")]
+    if "supcon" in args.losses.split(","):
+        jobs += [("supcon", int(f)) for f in args.supcon_folds.split(",") if f and ("supcon", int(f)) not in jobs]
+    results, baselines, cache_s = [], {}, None
+    for loss, fold in jobs:
+        run = args.out / f"{loss}-fold{fold}"
+        cfg = TrainConfig(loss=loss, fold=fold, trials=args.trials, cache_dir=args.cache_dir)
+        print(f"== {loss} fold {fold}", flush=True)
+        train_run(cfg, run, table=table)
+        results.append(evaluate_run(run, table=table))
+        if fold not in baselines:
+            baselines[fold] = baseline(table, fold, args.cache_dir)
+        metas = sorted((Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "neurocbir").glob("features/*.json"))
+        cache_s = max((json.loads(m.read_text()).get("seconds", 0) for m in metas), default=None)
+        write_section(args.doc, render(results, baselines, args, started, cache_s))
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()

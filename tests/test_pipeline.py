@@ -1,0 +1,102 @@
+"""End to end on a small patient-wise subset of the real data: cache, train, index, evaluate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from neurocbir.cli import app
+from neurocbir.index import VectorIndex
+from neurocbir.training import TrainConfig, load_top, train_run
+from neurocbir.transforms import preprocess
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def supcon_run(tmp_path_factory, small_data_dir, feature_cache):
+    out = tmp_path_factory.mktemp("run") / "supcon"
+    res = runner.invoke(app, ["train", "--loss", "supcon", "--trials", "2", "--epochs", "8", "--n-copies", "1",
+                              "--out", str(out), "--data", str(small_data_dir), "--cache-dir", str(feature_cache)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_train_writes_a_complete_run(supcon_run, small_cases):
+    cfg = json.loads((supcon_run / "config.json").read_text())
+    assert cfg["loss"] == "supcon" and cfg["fold"] == 5 and cfg["trials"] == 2
+    for seed in (0, 1):
+        t = supcon_run / f"trial_{seed}"
+        assert {"checkpoint.pt", "embeddings.npz", "index.faiss", "index.faiss.json", "log.jsonl"} <= {p.name for p in t.iterdir()}
+        emb = np.load(t / "embeddings.npz")
+        assert emb["archive"].shape == (int((small_cases.fold != 5).sum()), 128)
+        assert emb["test"].shape == (int((small_cases.fold == 5).sum()), 128)
+        assert not set(small_cases.patient_id[emb["archive_rows"]]) & set(small_cases.patient_id[emb["test_rows"]])
+        sha = hashlib.sha256((t / "checkpoint.pt").read_bytes()).hexdigest()
+        index = VectorIndex.load(t / "index.faiss", checkpoint_sha256=sha, dim=128)
+        assert len(index) == len(emb["archive"])
+        losses = [json.loads(line)["loss"] for line in (t / "log.jsonl").read_text().splitlines()]
+        assert len(losses) == 8 and losses[-1] < losses[0]  # it learns
+
+
+def test_evaluate_json_contract(supcon_run, tmp_path):
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, ["evaluate", str(supcon_run), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    assert set(m["classifiers"]) == {"knn5", "knn7", "knn25", "nir", "inir"}
+    for v in m["classifiers"].values():
+        assert {"kappa_mean", "kappa_ensemble", "auroc_mean", "auroc_ensemble"} <= set(v)
+        assert -1 <= v["kappa_mean"] <= 1 and 0 <= v["auroc_mean"] <= 1
+    # pretrained features + a trained head separate the tumor types far above chance
+    assert m["classifiers"]["knn7"]["auroc_ensemble"] > 0.7
+    assert 0 <= m["structure"]["anatomical_consistency_top5"] <= 1
+    assert set(m["structure"]["tsd_mm2_at_k"]) == {"1", "5", "10", "25"}
+    assert (supcon_run / "latent_space.png").stat().st_size > 10_000
+    assert "| supcon | 5 | 2 |" in (supcon_run / "metrics.md").read_text()
+
+
+def test_checkpoint_rebuilds_the_full_encoder(supcon_run, small_cases):
+    """A new image through frozen bottom + trained top gives the stored embedding."""
+    encoder, top, cfg = load_top(supcon_run, 0)
+    emb = np.load(supcon_run / "trial_0" / "embeddings.npz")
+    row = int(emb["test_rows"][0])
+    x = preprocess(small_cases.load_image(row))[None]
+    with torch.no_grad():
+        e = top(encoder.forward_stages(x, 0, top.cut)).numpy()[0]
+    # the cache is float16, so allow a little rounding
+    assert np.dot(e, emb["test"][0]) > 0.999
+
+
+def test_training_is_deterministic(small_cases, feature_cache, tmp_path):
+    cfg = TrainConfig(loss="ce", trials=1, epochs=3, n_copies=1, cache_dir=str(feature_cache))
+    train_run(cfg, tmp_path / "a", table=small_cases, progress=False)
+    train_run(cfg, tmp_path / "b", table=small_cases, progress=False)
+    a, b = (np.load(tmp_path / r / "trial_0" / "embeddings.npz") for r in "ab")
+    assert np.array_equal(a["test"], b["test"]) and "test_mlp_proba" in a
+    assert np.array_equal(a["test_mlp_proba"], b["test_mlp_proba"])
+
+
+@pytest.mark.parametrize("loss", ["triplet", "nca", "infonce"])
+def test_every_loss_trains(loss, small_cases, feature_cache, tmp_path):
+    cfg = TrainConfig(loss=loss, trials=1, epochs=2, n_copies=1, cache_dir=str(feature_cache))
+    train_run(cfg, tmp_path, table=small_cases, progress=False)
+    emb = np.load(tmp_path / "trial_0" / "embeddings.npz")
+    assert np.isfinite(emb["test"]).all()
+    assert np.allclose(np.linalg.norm(emb["test"], axis=1), 1, atol=1e-4)
+
+
+def test_cli_errors_are_clear(tmp_path, small_data_dir):
+    res = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run directory" in res.output
+    res = runner.invoke(app, ["train", "--loss", "arcface", "--out", str(tmp_path / "r"), "--data", str(small_data_dir)])
+    assert res.exit_code == 2 and "loss must be one of" in res.output
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["info", "--data", str(small_data_dir)])
+    assert res.exit_code == 0 and "fold 5" in res.output
