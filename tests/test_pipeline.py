@@ -100,3 +100,15 @@ def test_cli_errors_are_clear(tmp_path, small_data_dir):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["info", "--data", str(small_data_dir)])
     assert res.exit_code == 0 and "fold 5" in res.output
+
+
+def test_full_fine_tuning_path_runs(small_cases, feature_cache, tmp_path):
+    """trainable_blocks=-1 trains the whole CNN from the cached preprocessed images (GPU path)."""
+    tiny = small_cases.subset(np.concatenate([np.flatnonzero(small_cases.fold != 5)[::8],
+                                              np.flatnonzero(small_cases.fold == 5)[::8]]))
+    cfg = TrainConfig(loss="supcon", trials=1, epochs=1, n_copies=1, trainable_blocks=-1, batch_size=12,
+                      cache_dir=str(feature_cache))
+    train_run(cfg, tmp_path, table=tiny, progress=False)
+    encoder, top, _ = load_top(tmp_path, 0)
+    assert top.cut == 0 and len(top.stages) == encoder.n_blocks + 2
+    assert np.isfinite(np.load(tmp_path / "trial_0" / "embeddings.npz")["test"]).all()

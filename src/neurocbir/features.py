@@ -57,6 +57,7 @@ def cached_features(table: CaseTable, encoder: Encoder, cuts: list[int], n_copie
     """Features at each stage boundary in ``cuts`` for every case: ``{cut: (N, 1+n_copies, ...)}``.
 
     Computed once per (encoder weights, cut, copies, cases) and memory-mapped afterwards.
+    Cut 0 is the preprocessed images themselves (full fine-tuning, meant for a GPU).
     """
     cache = Path(cache_dir or default_cache_dir()) / "features"
     cache.mkdir(parents=True, exist_ok=True)

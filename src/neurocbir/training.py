@@ -175,8 +175,9 @@ def train_top(cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, labels: np.
         param_groups.append({"params": trunk_params, "lr": cfg.lr_trunk})
     opt = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
     loss_fn, miner = _loss_fn(cfg)
-    data = torch.from_numpy(np.asarray(feats, dtype=np.float32))
-    noise_std = float(data.std()) * cfg.feature_noise
+    data = torch.from_numpy(np.asarray(feats))  # stays float16; batches are converted on the fly
+    sample = data[torch.randperm(len(data))[:256]].float()
+    noise_std = float(sample.std()) * cfg.feature_noise
     rng = np.random.default_rng(seed)
     cross = cfg.cross_patient_positives and cfg.loss in ("supcon", "triplet")
     if cross and groups is None:
@@ -188,7 +189,7 @@ def train_top(cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, labels: np.
             top.train()
             total, count = 0.0, 0
             for rows, views, y in _batches(cfg, labels, data.shape[1], rng):
-                x = data[torch.from_numpy(rows), torch.from_numpy(views)].to(device)
+                x = data[torch.from_numpy(rows), torch.from_numpy(views)].to(device).float()
                 if noise_std:
                     x = x + noise_std * torch.randn_like(x)
                 y = torch.from_numpy(np.asarray(y)).to(device)
@@ -248,9 +249,6 @@ def prepare(cfg: TrainConfig, table: CaseTable | None = None, device: torch.devi
     encoder = create_encoder(cfg.encoder, pretrained=not cfg.random_init, weights=cfg.weights,
                              embedding_dim=cfg.embedding_dim, head_hidden=cfg.head_hidden, dropout=cfg.dropout)
     cut = encoder.cut(cfg.trainable_blocks)
-    if cut == 0:
-        raise NotImplementedError("trainable_blocks=-1 (full fine-tuning from images) needs the image "
-                                  "pipeline on a GPU; use trainable_blocks >= 0 on the CPU")
     t0 = time.time()
     feats = cached_features(table, encoder, [cut], n_copies=cfg.n_copies,
                             cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, device=device)[cut]
