@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--folds", default="5", help="folds for every loss")
     p.add_argument("--supcon-folds", default="1,2,3,4", help="extra folds for SupCon")
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--extra-fold-trials", type=int, default=3, help="trials for SupCon's extra folds (CPU time)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--cache-dir", default=os.environ.get("NEUROCBIR_CACHE"))
@@ -131,19 +132,27 @@ def main() -> None:
                         f"epochs={defaults.epochs}, batch {defaults.batch_size}, lr {defaults.lr} / trunk {defaults.lr_trunk}, "
                         f"n_copies={defaults.n_copies}, temperature {defaults.temperature}, margin {defaults.margin}, "
                         f"dropout {defaults.dropout}, tta={defaults.tta}, "
-                        f"cross_patient_positives={defaults.cross_patient_positives}), {args.trials} trials (seeds 0..{args.trials - 1})")
+                        f"cross_patient_positives={defaults.cross_patient_positives}); {args.trials} trials (seeds 0..{args.trials - 1}) "
+                        f"per loss on fold(s) {args.folds}, {args.extra_fold_trials} for SupCon's other folds")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     table = load_cases()
-    jobs = [(loss, int(f)) for f in args.folds.split(",") for loss in args.losses.split(",")]
+    jobs = [(loss, int(f), args.trials) for f in args.folds.split(",") for loss in args.losses.split(",")]
     if "supcon" in args.losses.split(","):
-        jobs += [("supcon", int(f)) for f in args.supcon_folds.split(",") if f and ("supcon", int(f)) not in jobs]
+        jobs += [("supcon", int(f), args.extra_fold_trials) for f in args.supcon_folds.split(",")
+                 if f and int(f) not in {j[1] for j in jobs}]
     results, baselines, cache_s = [], {}, None
-    for loss, fold in jobs:
+    for loss, fold, trials in jobs:
         run = args.out / f"{loss}-fold{fold}"
-        cfg = TrainConfig(loss=loss, fold=fold, trials=args.trials, cache_dir=args.cache_dir)
-        print(f"== {loss} fold {fold}", flush=True)
-        train_run(cfg, run, table=table)
-        results.append(evaluate_run(run, table=table))
+        cfg = TrainConfig(loss=loss, fold=fold, trials=trials, cache_dir=args.cache_dir)
+        done = run / "metrics.json"
+        if done.is_file() and json.loads(done.read_text())["trials"] == trials \
+                and json.loads((run / "config.json").read_text()) == json.loads(json.dumps(cfg.__dict__)):
+            print(f"== {loss} fold {fold}: already done, reusing {done}", flush=True)
+            results.append(json.loads(done.read_text()))
+        else:
+            print(f"== {loss} fold {fold}", flush=True)
+            train_run(cfg, run, table=table)
+            results.append(evaluate_run(run, table=table))
         if fold not in baselines:
             baselines[fold] = baseline(table, fold, args.cache_dir)
         metas = sorted((Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "neurocbir").glob("features/*.json"))

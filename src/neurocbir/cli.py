@@ -123,6 +123,76 @@ def info(data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA")) -> 
         typer.echo(f"  fold {f}: {sel.sum()} cases, {len(set(t.patient_id[sel].tolist()))} patients")
 
 
+def _explainer(llm: bool, mode: str):
+    from .explain import Explainer
+    from .llm import LLMUnavailable, llm_from_env
+
+    backend = None
+    if llm:
+        try:
+            backend = llm_from_env()
+        except LLMUnavailable as exc:
+            _fail(str(exc))
+    try:
+        return Explainer(backend, mode=mode)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def summarize(
+    report: list[str] = typer.Option(..., "--report", help="a retrieved report (repeat, in retrieval order)"),
+    query_report: Optional[str] = typer.Option(None, help="the query scan's report"),
+    as_json: bool = typer.Option(False, "--json"), llm: bool = typer.Option(False, help="phrase with the configured LLM"),
+    mode: str = typer.Option("grounded", help="grounded | paper (LLM only)"),
+) -> None:
+    """Summarise retrieved reports: modality, technique, tumor types, sizes, planes."""
+    from .reports import ReportParseError
+
+    try:
+        out = _explainer(llm, mode).summarize(report, query_report)
+    except (ReportParseError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"summary": out["summary"], "facts": out["facts"]}, indent=2) if as_json else out["summary"])
+
+
+@app.command()
+def answer(
+    question: str = typer.Option(..., help="a question about the retrieved reports"),
+    report: list[str] = typer.Option(..., "--report", help="a retrieved report (repeat, in retrieval order)"),
+    query_report: Optional[str] = typer.Option(None, help="the query scan's report"),
+    as_json: bool = typer.Option(False, "--json"), llm: bool = typer.Option(False, help="phrase with the configured LLM"),
+    mode: str = typer.Option("grounded", help="grounded | paper (LLM only)"),
+) -> None:
+    """Answer a question about retrieved reports (grounded: numbers computed, never guessed)."""
+    from .reports import ReportParseError
+
+    try:
+        ans, _ = _explainer(llm, mode).answer(question, report, query_report)
+    except (ReportParseError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(ans.as_dict(), indent=2) if as_json else ans.answer)
+
+
+@app.command("eval-reports")
+def eval_reports(
+    run: Optional[Path] = typer.Option(None, help="take query sets from this trained run's index"),
+    n_sets: int = typer.Option(50), llm: bool = typer.Option(False), mode: str = typer.Option("grounded"),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
+) -> None:
+    """The paper's Fig. 4: summary accuracy / completeness and Q&A accuracy per report style."""
+    from .data import load_cases
+    from .report_eval import evaluate_reports, query_sets
+
+    table = _guard(load_cases, data)
+    result = _guard(evaluate_reports, table, query_sets(table, n_sets, run=run), _explainer(llm, mode))
+    doc = {"mode": mode if llm else "grounded", "backend": "llm" if llm else "none", "styles": result}
+    if json_out:
+        json_out.write_text(json.dumps(doc, indent=2))
+    typer.echo(json.dumps(doc, indent=2))
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -1,0 +1,208 @@
+"""Summaries of retrieved reports and answers to questions about them.
+
+Grounded by default: the reports are parsed into attributes and every fact (sizes in one
+unit, planes, types, closest / largest case) is computed deterministically. An LLM, when
+configured, only phrases those facts, and its answer is checked against them: a wrong number
+or report reference is corrected, not shown. Report text is data: nothing in a report can
+change what is computed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .reports import ReportAttributes, TYPE_PHRASE, parse_report
+
+PAPER_QUESTIONS = (
+    "What is the average tumor size in the retrieved reports?",
+    "Which retrieved reports show the tumor in the same anatomical plane as the query?",
+    "Which retrieved report has the tumor size closest to the query's tumor?",
+    "Which retrieved report shows the largest tumor?",
+)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f} mm²"
+
+
+def _refs(nums: list[int]) -> str:
+    if not nums:
+        return "none of the reports"
+    words = [f"report {n}" for n in nums]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def compute_facts(reports: list[ReportAttributes], query: ReportAttributes | None = None) -> dict:
+    """Facts about the retrieved reports (1-based report numbers), all sizes in mm²."""
+    if not reports:
+        raise ValueError("no reports to summarise")
+    sizes = np.array([r.area_mm2 for r in reports])
+    nums = list(range(1, len(reports) + 1))
+    types: dict[str, list[int]] = {}
+    planes: dict[str, list[int]] = {}
+    for n, r in zip(nums, reports):
+        types.setdefault(r.tumor_type, []).append(n)
+        planes.setdefault(r.plane, []).append(n)
+    facts = {
+        "n_reports": len(reports),
+        "modalities": sorted({r.modality for r in reports}),
+        "techniques": sorted({r.technique for r in reports}),
+        "tumor_types": types, "planes": planes,
+        "size_min_mm2": float(sizes.min()), "size_min_report": int(np.argmin(sizes)) + 1,
+        "size_max_mm2": float(sizes.max()), "size_max_report": int(np.argmax(sizes)) + 1,
+        "size_mean_mm2": round(float(sizes.mean()), 2),
+        "sizes_mm2": {str(n): float(s) for n, s in zip(nums, sizes)},
+    }
+    if query is not None:
+        closest = int(np.argmin(np.abs(sizes - query.area_mm2)))
+        facts["query"] = query.as_dict()
+        facts["same_plane_reports"] = planes.get(query.plane, [])
+        facts["same_type_reports"] = types.get(query.tumor_type, [])
+        facts["closest_size_report"] = closest + 1
+        facts["closest_size_mm2"] = float(sizes[closest])
+    return facts
+
+
+def render_summary(f: dict) -> str:
+    types = "; ".join(f"{TYPE_PHRASE[t]} in {_refs(n)}" for t, n in f["tumor_types"].items())
+    planes = "; ".join(f"{p} in {_refs(n)}" for p, n in f["planes"].items())
+    return (f"All {f['n_reports']} retrieved reports are {' / '.join(f['modalities'])} scans "
+            f"({' / '.join(f['techniques'])}). Tumor types: {types}. "
+            f"Tumor size: smallest {_fmt(f['size_min_mm2'])} (report {f['size_min_report']}), largest "
+            f"{_fmt(f['size_max_mm2'])} (report {f['size_max_report']}), average {_fmt(f['size_mean_mm2'])}. "
+            f"Anatomical planes: {planes}.")
+
+
+@dataclass
+class Answer:
+    answer: str
+    reports: list[int] = field(default_factory=list)
+    value_mm2: float | None = None
+    intent: str = "unknown"
+    corrected: bool = False
+
+    def as_dict(self) -> dict:
+        return {"answer": self.answer, "reports": self.reports, "value_mm2": self.value_mm2}
+
+
+_PLANE_WORDS = {"axial": "axial", "transverse": "axial", "coronal": "coronal", "frontal": "coronal",
+                "sagittal": "sagittal", "longitudinal": "sagittal"}
+_TYPE_WORDS = {"mening": "meningioma", "glio": "glioma", "glial": "glioma", "pituitar": "pituitary"}
+
+
+def answer_question(question: str, f: dict) -> Answer:
+    """Deterministic answer from the facts: intent by keywords, values from the facts."""
+    q = question.lower()
+    has_query = "query" in f
+    need_query = "the question compares with the query, so pass the query's report (--query-report)"
+    if re.search(r"\b(average|mean)\b", q) and re.search(r"size|area|big|large", q):
+        return Answer(f"The average tumor size of the {f['n_reports']} reports is {_fmt(f['size_mean_mm2'])}.",
+                      list(range(1, f["n_reports"] + 1)), f["size_mean_mm2"], "mean_size")
+    if re.search(r"closest|nearest|most similar|similar size", q):
+        if not has_query:
+            return Answer(need_query, intent="closest_size")
+        n = f["closest_size_report"]
+        return Answer(f"Report {n} has the size closest to the query's ({_fmt(f['closest_size_mm2'])} vs "
+                      f"{_fmt(f['query']['area_mm2'])}).", [n], f["closest_size_mm2"], "closest_size")
+    if re.search(r"largest|biggest|maximum|max\b|greatest", q):
+        n = f["size_max_report"]
+        return Answer(f"Report {n} shows the largest tumor, {_fmt(f['size_max_mm2'])}.", [n], f["size_max_mm2"], "max_size")
+    if re.search(r"smallest|minimum|min\b|tiniest", q):
+        n = f["size_min_report"]
+        return Answer(f"Report {n} shows the smallest tumor, {_fmt(f['size_min_mm2'])}.", [n], f["size_min_mm2"], "min_size")
+    if "same" in q and re.search(r"plane|view|orientation|section", q):
+        if not has_query:
+            return Answer(need_query, intent="same_plane")
+        nums = f["same_plane_reports"]
+        return Answer(f"{_refs(nums).capitalize()} {'is' if len(nums) == 1 else 'are'} in the query's "
+                      f"{f['query']['plane']} plane.", nums, None, "same_plane")
+    if "same" in q and re.search(r"type|diagnos|tumou?r|class|kind", q):
+        if not has_query:
+            return Answer(need_query, intent="same_type")
+        nums = f["same_type_reports"]
+        return Answer(f"{_refs(nums).capitalize()} show{'s' if len(nums) == 1 else ''} the query's tumor type "
+                      f"({TYPE_PHRASE[f['query']['tumor_type']]}).", nums, None, "same_type")
+    for word, plane in _PLANE_WORDS.items():
+        if word in q:
+            nums = f["planes"].get(plane, [])
+            return Answer(f"{_refs(nums).capitalize()} {'is' if len(nums) == 1 else 'are'} in the {plane} plane.",
+                          nums, None, "plane")
+    for word, ttype in _TYPE_WORDS.items():
+        if word in q:
+            nums = f["tumor_types"].get(ttype, [])
+            return Answer(f"{_refs(nums).capitalize()} show{'s' if len(nums) == 1 else ''} a {TYPE_PHRASE[ttype]}.",
+                          nums, None, "type")
+    if re.search(r"size|area|how big", q):
+        return Answer(f"Sizes: {', '.join(f'report {n}: {_fmt(v)}' for n, v in f['sizes_mm2'].items())}.",
+                      list(range(1, f["n_reports"] + 1)), None, "sizes")
+    return Answer("I can answer questions about the retrieved reports' tumor sizes (average, largest, smallest, "
+                  "closest to the query), tumor types and anatomical planes.", [], None, "unknown")
+
+
+_NUM_UNIT = re.compile(r"(\d+(?:\.\d+)?)\s*(mm²|mm\^?2|cm²|cm\^?2)", re.I)
+_REPORT_REF = re.compile(r"\breport\s*#?\s*(\d+)", re.I)
+
+
+def check_against(text: str, expected: Answer, f: dict) -> list[str]:
+    """Disagreements between an LLM's text and the grounded answer (empty list: consistent)."""
+    problems = []
+    allowed = {round(v, 1) for v in f["sizes_mm2"].values()} | {round(f["size_mean_mm2"], 1)}
+    if "query" in f:
+        allowed.add(round(f["query"]["area_mm2"], 1))
+    for num, unit in _NUM_UNIT.findall(text):
+        v = float(num) * (100.0 if unit.lower().startswith("cm") else 1.0)
+        if not any(abs(v - a) <= max(0.6, 0.005 * a) for a in allowed):
+            problems.append(f"size {num} {unit} matches no report")
+    if expected.value_mm2 is not None:
+        vals = [float(n) * (100.0 if u.lower().startswith("cm") else 1.0) for n, u in _NUM_UNIT.findall(text)]
+        if not any(abs(v - expected.value_mm2) <= max(0.6, 0.005 * expected.value_mm2) for v in vals):
+            problems.append(f"does not state the correct value {_fmt(expected.value_mm2)}")
+    refs = {int(n) for n in _REPORT_REF.findall(text)}
+    if refs - set(range(1, f["n_reports"] + 1)):
+        problems.append(f"names reports that do not exist: {sorted(refs - set(range(1, f['n_reports'] + 1)))}")
+    if expected.intent != "mean_size" and expected.reports and refs and refs != set(expected.reports):
+        problems.append(f"names reports {sorted(refs)} instead of {expected.reports}")
+    return problems
+
+
+class Explainer:
+    """Summaries and answers for a set of retrieved reports; grounded, optionally LLM-phrased."""
+
+    def __init__(self, llm=None, mode: str = "grounded"):
+        if mode not in ("grounded", "paper"):
+            raise ValueError("mode must be 'grounded' or 'paper'")
+        self.llm, self.mode = llm, mode
+
+    def summarize(self, reports: list[str], query_report: str | None = None) -> dict:
+        attrs = [parse_report(r) for r in reports]
+        f = compute_facts(attrs, parse_report(query_report) if query_report else None)
+        grounded = render_summary(f)
+        if self.llm is None:
+            return {"summary": grounded, "facts": f, "source": "grounded"}
+        from .llm import summary_messages
+
+        text = self.llm.chat(summary_messages(reports, f, self.mode))
+        problems = [p for p in check_against(text, Answer(grounded), f) if "matches no report" in p]
+        if problems:
+            return {"summary": grounded, "facts": f, "source": "grounded (LLM text corrected)", "llm_problems": problems}
+        return {"summary": text, "facts": f, "source": f"llm ({self.mode})"}
+
+    def answer(self, question: str, reports: list[str], query_report: str | None = None) -> tuple[Answer, dict]:
+        if not question or not question.strip():
+            raise ValueError("empty question")
+        attrs = [parse_report(r) for r in reports]
+        f = compute_facts(attrs, parse_report(query_report) if query_report else None)
+        grounded = answer_question(question, f)
+        if self.llm is None:
+            return grounded, f
+        from .llm import answer_messages
+
+        text = self.llm.chat(answer_messages(question, reports, query_report, f, grounded, self.mode))
+        problems = check_against(text, grounded, f)
+        if problems:
+            grounded.corrected = True
+            return grounded, {**f, "llm_text": text, "llm_problems": problems}
+        return Answer(text, grounded.reports, grounded.value_mm2, grounded.intent), f
