@@ -112,3 +112,19 @@ def test_full_fine_tuning_path_runs(small_cases, feature_cache, tmp_path):
     encoder, top, _ = load_top(tmp_path, 0)
     assert top.cut == 0 and len(top.stages) == encoder.n_blocks + 2
     assert np.isfinite(np.load(tmp_path / "trial_0" / "embeddings.npz")["test"]).all()
+
+
+def test_search_uses_patient_grouped_inner_cv_and_feeds_train(small_data_dir, feature_cache, tmp_path):
+    res = runner.invoke(app, ["search", "--loss", "triplet", "--out", str(tmp_path), "--data", str(small_data_dir),
+                              "--cache-dir", str(feature_cache), "--grid", '{"margin": [0.05, 0.2], "epochs": [1]}'])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "search.json").read_text())
+    assert len(doc["results"]) == 2 and all(len(r["nir_kappa_folds"]) == 3 for r in doc["results"])
+    assert doc["best"] in [r["params"] for r in doc["results"]]
+    res = runner.invoke(app, ["train", "--loss", "triplet", "--trials", "1", "--params", str(tmp_path / "search.json"),
+                              "--out", str(tmp_path / "run"), "--data", str(small_data_dir), "--cache-dir", str(feature_cache)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["margin"] == doc["best"]["margin"] and cfg["epochs"] == 1
+    bad = runner.invoke(app, ["search", "--out", str(tmp_path), "--data", str(small_data_dir), "--grid", '{"nope": [1]}'])
+    assert bad.exit_code == 2 and "unknown hyper-parameters" in bad.output
