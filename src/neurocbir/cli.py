@@ -193,6 +193,103 @@ def eval_reports(
     typer.echo(json.dumps(doc, indent=2))
 
 
+def _read_image_file(path: Path):
+    from .uploads import UploadError, read_scan
+
+    if not path.is_file():
+        _fail(f"no such file: {path}")
+    try:
+        return read_scan(path.read_bytes(), path.name)
+    except UploadError as exc:
+        _fail(f"{path}: {exc}")
+
+
+def _service(run: Optional[Path]):
+    from .service import RetrievalService
+
+    return _guard(RetrievalService, run or default_run())
+
+
+def default_run() -> Path:
+    """The best available run: the benchmark's SupCon run, else the demo run."""
+    for cand in (Path("runs/bench/supcon-fold5"), Path("runs/demo")):
+        if any(cand.glob("trial_*/index.faiss")):
+            return cand
+    _fail("no trained run found: train one with `neurocbir train --out runs/demo` (or `make demo`), "
+          "or pass --run RUN_DIR")
+
+
+@app.command()
+def query(
+    image: Path = typer.Argument(..., help="PNG/JPEG, DICOM or figshare .mat file"),
+    run: Optional[Path] = typer.Option(None, help="trained run directory"), k: int = typer.Option(5),
+    one_per_patient: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Predict the tumor type of a scan from its most similar archive cases."""
+    img = _read_image_file(image)
+    svc = _service(run)
+    out = _guard(svc.query, img, k=k, one_per_patient=one_per_patient)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"{out['prediction']} (NIR confidence {out['confidence']:.1%}; KNN-7 vote "
+               + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items()) + ")")
+    if out["no_similar_case"]:
+        typer.secho("warning: no similar case found; the prediction is unreliable", fg=typer.colors.RED)
+    for i, r in enumerate(out["retrievals"], 1):
+        typer.echo(f"  {i}. case {r['case_id']}: {r['label']}, {r['plane']}, {r['area_mm2']:.1f} mm², distance {r['distance']:.3f}")
+    typer.echo(out["disclaimer"])
+
+
+@app.command()
+def ask(
+    image: Path = typer.Argument(...), question: str = typer.Argument(...),
+    run: Optional[Path] = typer.Option(None), k: int = typer.Option(5), style: str = typer.Option("normal"),
+    llm: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Ask a question about the reports of a scan's most similar archive cases."""
+    from .reports import ReportParseError
+
+    img = _read_image_file(image)
+    svc = _service(run)
+    out = _guard(svc.query, img, k=k)
+    reports = _guard(svc.reports, [r["case_id"] for r in out["retrievals"]], style)
+    try:
+        ans, _ = _explainer(llm, "grounded").answer(question, reports)
+    except (ReportParseError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(ans.as_dict(), indent=2) if as_json else ans.answer)
+
+
+@app.command()
+def serve(run: Optional[Path] = typer.Option(None), port: int = typer.Option(8000),
+          host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)")) -> None:
+    """Serve the web UI and the HTTP API."""
+    from .app import serve as _serve
+
+    _guard(_serve, run or default_run(), host, port)
+
+
+@app.command()
+def demo(port: int = typer.Option(8000)) -> None:
+    """The main job: reuse the best trained run, or train a quick one (~5 min), then serve the app."""
+    from .app import serve as _serve
+    from .training import TrainConfig, train_run
+
+    run = None
+    for cand in (Path("runs/bench/supcon-fold5"), Path("runs/demo")):
+        if any(cand.glob("trial_*/index.faiss")):
+            run = cand
+            break
+    if run is None:
+        run = Path("runs/demo")
+        typer.echo("No trained run yet: training a quick SupCon model (head only, no augmented copies, 1 trial). "
+                   "For the full model run `neurocbir train --loss supcon --out runs/supcon` (about 25 min).")
+        cfg = TrainConfig(loss="supcon", trials=1, trainable_blocks=0, n_copies=0, epochs=20)
+        _guard(train_run, cfg, run)
+    _guard(_serve, run, "127.0.0.1", port)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

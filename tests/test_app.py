@@ -1,0 +1,177 @@
+"""HTTP API and CLI over a real trained run: real images through the real model and index."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import h5py
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from neurocbir.app import create_app
+from neurocbir.cli import app as cli
+from neurocbir.data import CLASS_NAMES
+from neurocbir.service import RetrievalService
+
+
+@pytest.fixture(scope="module")
+def service(small_run, small_cases):
+    return RetrievalService(small_run, table=small_cases)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return TestClient(create_app(service))
+
+
+@pytest.fixture(scope="module")
+def test_case(service, small_cases):
+    row = int(service.example_rows[0])
+    return row, (small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg").read_bytes()
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_health(client):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["archive_cases"] > 50
+
+
+def test_query_contract(client, test_case, small_cases):
+    _, jpeg = test_case
+    r = client.post("/query?k=5", files={"file": ("scan.jpg", jpeg, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["prediction"] in CLASS_NAMES and 0 < out["confidence"] <= 1
+    assert set(out["probabilities"]) <= set(CLASS_NAMES) and sum(out["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert len(out["retrievals"]) == 5
+    d = [x["distance"] for x in out["retrievals"]]
+    assert d == sorted(d)
+    for x in out["retrievals"]:
+        assert set(x) == {"case_id", "label", "plane", "area_mm2", "distance"}
+        assert x["label"] in CLASS_NAMES
+    # NIR confidence is the softmax of I_c: the winner's I_c leading retrievals share its label
+    ic = out["nir_positions"][out["prediction"]]
+    assert all(x["label"] == out["prediction"] for x in out["retrievals"][: min(ic, 5)])
+    assert "not a diagnosis" in out["disclaimer"]
+    # no patient identifier anywhere in the answer
+    assert not any(pid in r.text for pid in set(small_cases.patient_id.tolist()))
+
+
+def test_same_scan_in_every_format_gives_the_same_answer(client, test_case, small_cases, tmp_path):
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    row, _ = test_case
+    img = small_cases.load_image(row).astype(np.uint8)
+    png = client.post("/query", files={"file": ("s.png", _png(img), "image/png")}).json()
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("s.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = img.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = (img.astype(np.uint16) * 8).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    dcm = client.post("/query", files={"file": ("s.dcm", buf.getvalue(), "application/dicom")}).json()
+    mat = tmp_path / "s.mat"
+    with h5py.File(mat, "w") as f:
+        f.create_group("cjdata")["image"] = (img.astype(np.int16) * 4).T
+    m = client.post("/query", files={"file": ("s.mat", mat.read_bytes(), "application/octet-stream")}).json()
+    ids = [x["case_id"] for x in png["retrievals"]]
+    assert [x["case_id"] for x in dcm["retrievals"]] == ids
+    assert [x["case_id"] for x in m["retrievals"]] == ids
+    assert png["prediction"] == dcm["prediction"] == m["prediction"]
+
+
+def _pixelless_dicom() -> bytes:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("r.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality = "SR"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _bad_inputs(test_case, tmp_path):
+    _, jpeg = test_case
+    big = io.BytesIO()
+    Image.new("L", (8000, 6250)).save(big, format="PNG")  # 50 megapixels, a small file
+    wrong_mat = tmp_path / "w.mat"
+    with h5py.File(wrong_mat, "w") as f:
+        f["something"] = np.zeros((4, 4))
+    return {
+        "empty": ("e.png", b"", 400, "empty"),
+        "truncated jpeg": ("t.jpg", jpeg[: len(jpeg) // 3], 400, "corrupt or truncated"),
+        "not an image": ("notes.txt", b"this is a radiology report, not an image", 400, "not a readable image"),
+        "50 megapixels": ("big.png", big.getvalue(), 400, "megapixels"),
+        "dicom without pixels": ("r.dcm", _pixelless_dicom(), 400, "no pixel data"),
+        "wrong mat layout": ("w.mat", wrong_mat.read_bytes(), 400, "no cjdata.image"),
+        "too large": ("huge.png", b"\x89PNG" + b"\0" * (21 * 1024 * 1024), 413, "limit is"),
+    }
+
+
+def test_bad_uploads_get_clear_4xx_and_the_server_keeps_serving(client, test_case, tmp_path):
+    for name, (fname, data, status, msg) in _bad_inputs(test_case, tmp_path).items():
+        r = client.post("/query", files={"file": (fname, data, "application/octet-stream")})
+        assert r.status_code == status, (name, r.text)
+        assert msg in r.json()["detail"], (name, r.json())
+    assert client.get("/health").status_code == 200
+    assert client.post("/query", files={"file": ("ok.jpg", test_case[1], "image/jpeg")}).status_code == 200
+    assert client.post("/query").status_code == 422
+    assert client.post("/query?k=0", files={"file": ("ok.jpg", test_case[1], "image/jpeg")}).status_code == 422
+
+
+def test_summary_ask_and_cases(client, test_case, small_cases):
+    row, jpeg = test_case
+    q = client.post("/query", files={"file": ("scan.jpg", jpeg, "image/jpeg")}).json()
+    ids = [x["case_id"] for x in q["retrievals"]]
+    body = {"case_ids": ids, "query_case_id": int(small_cases.idx[row]), "style": "alternative"}
+    s = client.post("/summary", json=body).json()
+    assert s["facts"]["n_reports"] == 5 and len(s["reports"]) == 5
+    largest = max(range(5), key=lambda i: q["retrievals"][i]["area_mm2"])
+    a = client.post("/ask", json={**body, "question": "Which retrieved report shows the largest tumor?"}).json()
+    assert a["reports"] == [largest + 1] and a["value_mm2"] == pytest.approx(q["retrievals"][largest]["area_mm2"])
+    c = client.get(f"/cases/{ids[0]}").json()
+    assert c["label"] == q["retrievals"][0]["label"] and "report" in c and c["in_archive"]
+    img = client.get(f"/cases/{ids[0]}/image.png?outline=true")
+    assert img.status_code == 200 and img.content[:4] == b"\x89PNG"
+    assert client.get("/cases/999999").status_code == 404
+    assert client.post("/summary", json={**body, "style": "fancy"}).status_code == 422
+    assert client.post("/ask", json={**body, "case_ids": [999999], "question": "?"}).status_code == 404
+
+
+def test_cli_query_contract(small_run, test_case, tmp_path, small_data_dir, monkeypatch):
+    _, jpeg = test_case
+    p = tmp_path / "scan.jpg"
+    p.write_bytes(jpeg)
+    monkeypatch.setenv("NEUROCBIR_DATA", str(small_data_dir))
+    res = CliRunner().invoke(cli, ["query", str(p), "--run", str(small_run), "--k", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert {"prediction", "confidence", "probabilities", "retrievals"} <= set(out) and len(out["retrievals"]) == 5
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    res = CliRunner().invoke(cli, ["query", str(bad), "--run", str(small_run)])
+    assert res.exit_code == 2 and "not a readable image" in res.output
+    res = CliRunner().invoke(cli, ["ask", str(p), "What is the average tumor size in the retrieved reports?",
+                                   "--run", str(small_run), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["value_mm2"] > 0
