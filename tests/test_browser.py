@@ -1,0 +1,70 @@
+"""End to end in a real headless browser (Debian's chromium driven by Playwright): upload a
+scan, see a prediction and five retrievals, ask a question, get an answer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from neurocbir.app import create_app
+from neurocbir.service import RetrievalService
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def base_url(small_run, small_cases):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(RetrievalService(small_run, table=small_cases)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    row = int((small_cases.fold == 5).nonzero()[0][0])
+    scan = small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(base_url)
+        expect(page.locator("#disclaimer")).to_contain_text("not a diagnosis")
+        page.set_input_files("#file", str(scan))
+        page.click("#run")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        expect(page.locator("#pred")).to_contain_text("i")  # a class name is shown
+        pred = page.locator("#pred").inner_text().strip()
+        assert pred in ("meningioma", "glioma", "pituitary")
+        expect(page.locator("#conf")).to_contain_text("confidence")
+        expect(page.locator("#summary")).to_contain_text("mm²")
+        page.locator("#suggest button").nth(3).click()  # "Which retrieved report shows the largest tumor?"
+        expect(page.locator(".answer")).to_contain_text("largest tumor", timeout=15_000)
+        page.screenshot(path=str(ARTIFACTS / "browser_e2e.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "browser_e2e.png").stat().st_size > 20_000
