@@ -11,10 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Main job (for now): train the default SupCon configuration on the bundled data, evaluate it.
+# Main job: the app on the bundled data (best trained run, or a quick one trained first).
 demo: setup
-	@test -f runs/demo/trial_0/index.faiss || $(VENV)/bin/neurocbir train --loss supcon --trials 1 --out runs/demo
-	$(VENV)/bin/neurocbir evaluate runs/demo --json runs/demo/metrics.json
+	$(VENV)/bin/neurocbir demo
 
 test: setup
 	$(PY) -m pytest -q
