@@ -167,8 +167,12 @@ class FigshareSource(ImageSource):
                     "image": np.asarray(g["image"], dtype=np.float32).T,
                     "mask": np.asarray(g["tumorMask"]).T > 0,
                 }
+        except DatasetError:
+            raise
         except OSError as exc:
             raise DatasetError(f"{path}: not a MATLAB v7.3 (HDF5) file ({exc})") from None
+        except Exception as exc:  # h5py raises RuntimeError, KeyError... on corrupt files
+            raise DatasetError(f"{path}: corrupt MATLAB file ({type(exc).__name__}: {exc})") from None
 
     def load_image(self, idx: int) -> np.ndarray:
         return self._cjdata(idx)["image"]

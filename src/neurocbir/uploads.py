@@ -44,10 +44,10 @@ def _read_raster(data: bytes) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise UploadError("not a readable image: upload a PNG or JPEG, a DICOM file or a figshare .mat file") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UploadError(f"the image file is corrupt or truncated ({exc})") from None
     except Image.DecompressionBombError:
         raise UploadError(f"the image is larger than {MAX_PIXELS // 1_000_000} megapixels") from None
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...) on bad data
+        raise UploadError(f"the image file is corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
 def _read_dicom(data: bytes) -> np.ndarray:
@@ -56,11 +56,17 @@ def _read_dicom(data: bytes) -> np.ndarray:
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-        raise UploadError(f"the DICOM file cannot be read ({exc})") from None
-    if "PixelData" not in ds:
+    except InvalidDicomError as exc:
+        raise UploadError(f"not a DICOM file ({exc})") from None
+    except Exception as exc:  # truncated or corrupt files raise many types inside pydicom
+        raise UploadError(f"the DICOM file is corrupt or truncated ({type(exc).__name__})") from None
+    try:
+        has_pixels = "PixelData" in ds
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except Exception as exc:  # pydicom parses elements lazily
+        raise UploadError(f"the DICOM file is corrupt ({type(exc).__name__})") from None
+    if not has_pixels:
         raise UploadError("the DICOM file has no pixel data (is it a structured report or a header-only file?)")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > MAX_PIXELS:
         raise UploadError(f"the DICOM image is {cols}x{rows} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels")
     try:
@@ -83,8 +89,12 @@ def _read_mat(data: bytes) -> np.ndarray:
             if int(np.prod(ds.shape)) > MAX_PIXELS:
                 raise UploadError("the .mat image is too large")
             return np.asarray(ds).T
+    except UploadError:
+        raise
     except OSError:
         raise UploadError("the .mat file is not MATLAB v7.3 (HDF5); save it with -v7.3 or export a PNG") from None
+    except Exception as exc:  # h5py raises RuntimeError, KeyError... on corrupt files
+        raise UploadError(f"the .mat file is corrupt ({type(exc).__name__})") from None
 
 
 def read_scan(data: bytes, filename: str = "") -> np.ndarray:
