@@ -139,6 +139,16 @@ def _explainer(llm: bool, mode: str):
         _fail(str(exc))
 
 
+def _explain(llm: bool, mode: str, method: str, *args):
+    """Call Explainer.summarize / .answer, turning unreadable reports into a clear error."""
+    from .reports import ReportParseError
+
+    try:
+        return getattr(_explainer(llm, mode), method)(*args)
+    except (ReportParseError, ValueError) as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def summarize(
     report: list[str] = typer.Option(..., "--report", help="a retrieved report (repeat, in retrieval order)"),
@@ -147,12 +157,7 @@ def summarize(
     mode: str = typer.Option("grounded", help="grounded | paper (LLM only)"),
 ) -> None:
     """Summarise retrieved reports: modality, technique, tumor types, sizes, planes."""
-    from .reports import ReportParseError
-
-    try:
-        out = _explainer(llm, mode).summarize(report, query_report)
-    except (ReportParseError, ValueError) as exc:
-        _fail(str(exc))
+    out = _explain(llm, mode, "summarize", report, query_report)
     typer.echo(json.dumps({"summary": out["summary"], "facts": out["facts"]}, indent=2) if as_json else out["summary"])
 
 
@@ -165,12 +170,7 @@ def answer(
     mode: str = typer.Option("grounded", help="grounded | paper (LLM only)"),
 ) -> None:
     """Answer a question about retrieved reports (grounded: numbers computed, never guessed)."""
-    from .reports import ReportParseError
-
-    try:
-        ans, _ = _explainer(llm, mode).answer(question, report, query_report)
-    except (ReportParseError, ValueError) as exc:
-        _fail(str(exc))
+    ans, _ = _explain(llm, mode, "answer", question, report, query_report)
     typer.echo(json.dumps(ans.as_dict(), indent=2) if as_json else ans.answer)
 
 
@@ -248,16 +248,11 @@ def ask(
     llm: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Ask a question about the reports of a scan's most similar archive cases."""
-    from .reports import ReportParseError
-
     img = _read_image_file(image)
     svc = _service(run)
     out = _guard(svc.query, img, k=k)
     reports = _guard(svc.reports, [r["case_id"] for r in out["retrievals"]], style)
-    try:
-        ans, _ = _explainer(llm, "grounded").answer(question, reports)
-    except (ReportParseError, ValueError) as exc:
-        _fail(str(exc))
+    ans, _ = _explain(llm, "grounded", "answer", question, reports)
     typer.echo(json.dumps(ans.as_dict(), indent=2) if as_json else ans.answer)
 
 
