@@ -175,3 +175,13 @@ def test_cli_query_contract(small_run, test_case, tmp_path, small_data_dir, monk
     res = CliRunner().invoke(cli, ["ask", str(p), "What is the average tumor size in the retrieved reports?",
                                    "--run", str(small_run), "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["value_mm2"] > 0
+
+
+def test_a_scan_unlike_any_archive_case_is_flagged(client, test_case):
+    from skimage import data
+
+    r = client.post("/query", files={"file": ("mri.jpg", test_case[1], "image/jpeg")}).json()
+    assert r["no_similar_case"] is False
+    for photo in (data.chelsea(), data.camera()):
+        r = client.post("/query", files={"file": ("photo.png", _png(photo), "image/png")}).json()
+        assert r["no_similar_case"] is True and r["nearest_distance"] > 0

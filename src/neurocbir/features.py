@@ -53,7 +53,7 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
 
 def cached_features(table: CaseTable, encoder: Encoder, cuts: list[int], n_copies: int = 2,
                     cache_dir: Path | None = None, batch_size: int = 16,
-                    device: torch.device | None = None) -> dict[int, np.ndarray]:
+                    device: torch.device | None = None, only_if_cached: bool = False) -> dict[int, np.ndarray]:
     """Features at each stage boundary in ``cuts`` for every case: ``{cut: (N, 1+n_copies, ...)}``.
 
     Computed once per (encoder weights, cut, copies, cases) and memory-mapped afterwards.
@@ -64,7 +64,7 @@ def cached_features(table: CaseTable, encoder: Encoder, cuts: list[int], n_copie
     paths = {c: cache / f"{_key(table, encoder, c, n_copies)}.npy" for c in cuts}
     out = {c: np.load(p, mmap_mode="r") for c, p in paths.items() if p.is_file()}
     todo = sorted(c for c in cuts if c not in out)
-    if not todo:
+    if not todo or only_if_cached:
         return out
     device = device or torch.device("cpu")
     encoder = encoder.to(device).eval()

@@ -13,7 +13,7 @@ from .classify import KNNClassifier, NIRClassifier
 from .data import CLASS_NAMES, CaseTable, load_cases
 from .index import VectorIndex
 from .reports import case_attributes, make_report
-from .training import load_top
+from .training import load_top, trunk_descriptors
 from .transforms import preprocess
 
 DISCLAIMER = ("Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
@@ -52,24 +52,41 @@ class RetrievalService:
         self.nir = NIRClassifier().fit(emb["archive"], labels, groups=groups)
         self.nir_dedup = NIRClassifier(one_per_patient=True).fit(emb["archive"], labels, groups=groups)
         self.knn = KNNClassifier(n_neighbors=7).fit(emb["archive"], labels, groups=groups)
-        # "No similar case": farther than (almost) every held-out test case was from its nearest archive case.
-        d, _ = self.index.search(emb["test"], 1)
-        self.far_threshold = float(np.percentile(d[:, 0], 99.5) * 1.15)
+        # "No similar case": farther from every archive case, in frozen-trunk feature space, than
+        # (almost) every held-out test case was from its nearest archive case.
+        archive_trunk, test_trunk = self._trunk_descriptors(emb)
+        self.trunk_index = VectorIndex.build(archive_trunk) if archive_trunk is not None else None
+        d, _ = (self.trunk_index.search(test_trunk, 1) if self.trunk_index is not None else self.index.search(emb["test"], 1))
+        self.far_threshold = float(np.percentile(d[:, 0], 99.5) * 1.1)
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
         torch.set_grad_enabled(False)
 
+    def _trunk_descriptors(self, emb) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if "archive_trunk" in emb:
+            return emb["archive_trunk"], emb["test_trunk"]
+        # runs trained before descriptors were saved: take them from the feature cache if it is there
+        from .features import cached_features
+
+        cache = cached_features(self.table, self.encoder, [self.top.cut], n_copies=self.cfg.n_copies,
+                                cache_dir=Path(self.cfg.cache_dir) if self.cfg.cache_dir else None, only_if_cached=True)
+        if self.top.cut not in cache:
+            return None, None
+        f = cache[self.top.cut]
+        return trunk_descriptors(f[self.archive_rows]), trunk_descriptors(f[self.example_rows])
+
     # --- embedding ----------------------------------------------------------------------
-    def embed(self, image: np.ndarray) -> np.ndarray:
+    def embed(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embedding, trunk descriptor) of one image."""
         x = preprocess(image)[None]
         with torch.inference_mode():
             feat = self.encoder.forward_stages(x, 0, self.top.cut)
-            return self.top(feat).numpy()
+            return self.top(feat).numpy(), trunk_descriptors(feat.numpy()[:, None])
 
     # --- queries --------------------------------------------------------------------------
     def query(self, image: np.ndarray, k: int = 5, one_per_patient: bool = False) -> dict:
         if not 1 <= k <= 50:
             raise ValueError("k must be between 1 and 50")
-        q = self.embed(image)
+        q, trunk = self.embed(image)
         nir = self.nir_dedup if one_per_patient else self.nir
         dist, ids = nir.retrieve(q)
         proba = nir.predict_proba(q)[0]
@@ -84,7 +101,7 @@ class RetrievalService:
             retrievals.append({"case_id": int(self.table.idx[row]), "label": CLASS_NAMES[int(self.table.label[row])],
                                "plane": str(self.table.plane[row]) or None,
                                "area_mm2": round(float(self.table.area_mm2[row]), 2), "distance": round(float(d), 4)})
-        nearest = float(dist[0, 0])
+        nearest = float(self.trunk_index.search(trunk, 1)[0][0, 0] if self.trunk_index is not None else dist[0, 0])
         return {
             "prediction": CLASS_NAMES[int(nir.classes_[winner])],
             "confidence": round(float(proba[winner]), 4),

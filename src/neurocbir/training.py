@@ -233,6 +233,16 @@ def embed_features(top: Top, feats: np.ndarray, device: torch.device, tta: bool 
     return np.concatenate(embs), (np.concatenate(logits) if logits else None)
 
 
+def trunk_descriptors(feats: np.ndarray) -> np.ndarray:
+    """L2-normalised, spatially averaged frozen-trunk features of view 0: the space in which
+    "is this scan like anything in the archive?" is judged (the trained embedding maps
+    everything, even a photo of a cat, near some tumor class)."""
+    x = np.asarray(feats[:, 0], dtype=np.float32)
+    if x.ndim > 2:
+        x = x.mean(axis=tuple(range(2, x.ndim)))
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -285,6 +295,7 @@ def train_run(cfg: TrainConfig, out: Path, table: CaseTable | None = None, progr
         test_emb, test_prob = embed_features(top, np.asarray(feats[test_rows]), device, tta=cfg.tta)
         emb_tmp = tdir / "embeddings.tmp.npz"
         np.savez(emb_tmp, archive=archive_emb, archive_rows=train_rows, test=test_emb, test_rows=test_rows,
+                 archive_trunk=trunk_descriptors(train_feats), test_trunk=trunk_descriptors(feats[test_rows]),
                  **({"test_mlp_proba": test_prob} if test_prob is not None else {}))
         os.replace(emb_tmp, tdir / "embeddings.npz")
         VectorIndex.build(archive_emb, _sha256_file(ckpt)).save(tdir / "index.faiss")
