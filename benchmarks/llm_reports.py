@@ -109,46 +109,54 @@ class Recorder:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-sets", type=int, default=10)
-    p.add_argument("--run", type=Path, default=None)
+    p.add_argument("--n-sets", type=int, default=50, help="query sets for the deterministic engine")
+    p.add_argument("--n-llm-sets", type=int, default=5, help="query sets for the LLM (each costs 15 calls x 3 modes)")
+    p.add_argument("--run", type=Path, default=None, help="take query sets from this trained run's index")
+    p.add_argument("--no-llm", action="store_true", help="only the deterministic engine")
     args = p.parse_args()
     from neurocbir.data import load_cases
     from neurocbir.explain import Explainer
     from neurocbir.llm import OpenAIChat
     from neurocbir.report_eval import evaluate_reports, query_sets
 
-    model = assemble_gguf()
-    ensure_llama_cpp()
-    proc, url = serve(model)
+    table = load_cases()
+    sets = query_sets(table, args.n_sets, run=args.run)
+    rows, recorded = [], []
+    grounded = evaluate_reports(table, sets, Explainer())
+    rows += [("grounded, no LLM", "deterministic engine", s, v, None) for s, v in grounded.items()]
+    proc = None
     try:
-        table = load_cases()
-        sets = query_sets(table, args.n_sets, run=args.run)
-        rows, recorded = [], []
-        grounded = evaluate_reports(table, sets, Explainer())
-        rows += [("grounded, no LLM", "deterministic engine", s, v, None) for s, v in grounded.items()]
-        for mode, verify in (("paper", False), ("grounded", False), ("grounded", True)):
+        if not args.no_llm:
+            model = assemble_gguf()
+            ensure_llama_cpp()
+            proc, url = serve(model)
+        for mode, verify in ([] if args.no_llm else [("paper", False), ("grounded", False), ("grounded", True)]):
             rec = Recorder(OpenAIChat(base_url=url, model="qwen2.5-coder-1.5b"))
-            res = evaluate_reports(table, sets, Explainer(rec, mode=mode, verify=verify))
+            res = evaluate_reports(table, sets[: args.n_llm_sets], Explainer(rec, mode=mode, verify=verify))
             label = f"{mode}, {'verified' if verify else 'raw LLM text'}"
             rows += [(label, "Qwen2.5-Coder-1.5B Q4_K_M via llama.cpp server", s, v, rec.seconds / max(rec.calls, 1))
                      for s, v in res.items()]
             recorded += [{"mode": mode, **e} for e in rec.exchanges]
     finally:
-        proc.terminate()
-    data = ROOT / "tests" / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "llm_exchanges.json").write_text(json.dumps({"model": "Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
-                                                         "gguf_sha256": GGUF_SHA256, "exchanges": recorded}, indent=2))
+        if proc is not None:
+            proc.terminate()
+    if recorded:
+        data = ROOT / "tests" / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "llm_exchanges.json").write_text(json.dumps({"model": "Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
+                                                             "gguf_sha256": GGUF_SHA256, "exchanges": recorded}, indent=2))
     lines = ["## Reports and LLM: the paper's Fig. 4 (issue 3)", "",
              f"Command: `python benchmarks/llm_reports.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {args.n_sets} query sets "
-             f"({'top-5 of ' + str(args.run) if args.run else 'patient-wise neighbour sets'}), 4 questions each; "
-             f"GGUF sha256 {GGUF_SHA256[:16]}…", "",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | query sets: "
+             f"{'top-5 retrievals of test-fold queries from ' + str(args.run) if args.run else 'patient-wise neighbour sets'}; "
+             f"{args.n_sets} for the deterministic engine, {0 if args.no_llm else args.n_llm_sets} for the LLM; "
+             f"a summary and the paper's 4 questions each"
+             + ("" if args.no_llm else f"; GGUF sha256 {GGUF_SHA256[:16]}…"), "",
              "With an LLM, 'grounded' means the LLM phrases computed facts and wrong numbers are corrected.", "",
-             "| mode | backend | report style | summary accuracy | summary completeness | Q&A accuracy | s per LLM call |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | backend | report style | query sets | summary accuracy | summary completeness | Q&A accuracy | s per LLM call |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode, backend, style, v, sec in rows:
-        lines.append(f"| {mode} | {backend} | {style} | {v['summary_accuracy']:.1%} | {v['summary_completeness']:.1%} | "
+        lines.append(f"| {mode} | {backend} | {style} | {v['n_sets']} | {v['summary_accuracy']:.1%} | {v['summary_completeness']:.1%} | "
                      f"{v['qa_accuracy']:.1%} | {'-' if sec is None else f'{sec:.1f}'} |")
     write_section("llm", "\n".join(lines))
     print("\n".join(lines))
