@@ -1,0 +1,183 @@
+"""Case vector stores behind one small interface: add in batches, search top-K, delete,
+count, persist. Two backends with the same results on exact search:
+
+* :class:`FaissStore` (embedded default): exact L2 (``kind="flat"``) or approximate HNSW
+  (``kind="hnsw"``) for large archives; saved atomically beside a manifest.
+* :class:`MilvusStore`: ``pymilvus`` against Milvus Lite (a local ``.db`` file, in process) or
+  a Milvus standalone / cluster (``uri="http://host:19530"``, ``token=...``).
+
+:func:`nir_search` searches deep enough for NIR / I-NIR (doubling the depth until every
+class has its n-th incorrect retrieval, up to a documented cap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import faiss
+import numpy as np
+
+from .classify import nir_positions
+from .index import IndexMismatchError, _as_f32
+
+#: Deepest search NIR makes; beyond it a class's I_c is taken as at least the cap.
+NIR_MAX_DEPTH = 4096
+
+
+class CaseStore(Protocol):
+    dim: int
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def delete(self, ids: np.ndarray) -> None: ...
+    def count(self) -> int: ...
+    def save(self) -> None: ...
+
+
+class FaissStore:
+    """FAISS with external int64 ids. ``kind``: "flat" (exact) or "hnsw" (approximate)."""
+
+    def __init__(self, path: Path | str, dim: int, kind: str = "flat", checkpoint_sha256: str = "",
+                 hnsw_m: int = 32, ef_search: int = 256):
+        if kind not in ("flat", "hnsw"):
+            raise ValueError("kind must be 'flat' (exact) or 'hnsw' (approximate)")
+        self.path, self.dim, self.kind, self.checkpoint_sha256 = Path(path), dim, kind, checkpoint_sha256
+        self.hnsw_m, self.ef_search = hnsw_m, ef_search
+        self.index = self._empty()
+
+    def _empty(self) -> faiss.Index:
+        if self.kind == "flat":
+            base = faiss.IndexFlatL2(self.dim)
+        else:
+            base = faiss.IndexHNSWFlat(self.dim, self.hnsw_m)
+            base.hnsw.efConstruction = 200
+            base.hnsw.efSearch = self.ef_search
+        return faiss.IndexIDMap2(base)
+
+    @classmethod
+    def open(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "FaissStore":
+        """Load a saved store; refuse one built by another encoder or of another dimension."""
+        path = Path(path)
+        mpath = path.with_name(path.name + ".json")
+        if not path.is_file() or not mpath.is_file():
+            raise FileNotFoundError(f"no store at {path} (expected the index file and its .json manifest)")
+        m = json.loads(mpath.read_text())
+        if checkpoint_sha256 is not None and m["checkpoint_sha256"] != checkpoint_sha256:
+            raise IndexMismatchError(f"{path} was built with encoder checkpoint {m['checkpoint_sha256'][:12]}, "
+                                     f"not {checkpoint_sha256[:12]}: rebuild the store")
+        if dim is not None and m["dim"] != dim:
+            raise IndexMismatchError(f"{path} holds {m['dim']}-d vectors, the encoder gives {dim}-d")
+        store = cls(path, m["dim"], m["kind"], m["checkpoint_sha256"])
+        store.index = faiss.read_index(str(path))
+        if store.index.ntotal != m["count"]:
+            raise IndexMismatchError(f"{path} holds {store.index.ntotal} vectors, its manifest says {m['count']}")
+        if m["kind"] == "hnsw":
+            faiss.downcast_index(store.index.index).hnsw.efSearch = store.ef_search
+        return store
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(_as_f32(vectors, self.dim), np.asarray(ids, dtype=np.int64))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), self.count())
+        if k < 1:
+            raise ValueError("the store is empty")
+        d2, ids = self.index.search(_as_f32(queries, self.dim), k)
+        return np.sqrt(np.maximum(d2, 0)), ids
+
+    def delete(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.kind == "flat":
+            self.index.remove_ids(ids)
+            return
+        # HNSW cannot remove in place: rebuild from the remaining vectors.
+        keep = np.setdiff1d(faiss.vector_to_array(self.index.id_map), ids)
+        vecs = np.stack([self.index.reconstruct(int(i)) for i in keep]) if len(keep) else np.zeros((0, self.dim), np.float32)
+        self.index = self._empty()
+        if len(keep):
+            self.add(keep, vecs)
+
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        manifest = {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim, "count": self.count(),
+                    "kind": self.kind, "metric": "l2", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        mtmp = self.path.with_name(self.path.name + ".json.tmp")
+        mtmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, self.path)
+        os.replace(mtmp, self.path.with_name(self.path.name + ".json"))
+
+
+class MilvusStore:
+    """Milvus (Lite file, standalone or cluster) with exact FLAT L2 search by default."""
+
+    def __init__(self, uri: str, collection: str, dim: int, checkpoint_sha256: str = "", token: str = "",
+                 index_type: str = "FLAT"):
+        from pymilvus import MilvusClient
+
+        self.dim, self.collection, self.checkpoint_sha256 = dim, collection, checkpoint_sha256
+        self.client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
+        manifest = json.dumps({"checkpoint_sha256": checkpoint_sha256, "dim": dim})
+        if self.client.has_collection(collection):
+            desc = self.client.describe_collection(collection)
+            got = next(f["params"].get("dim") for f in desc["fields"] if f["name"] == "vector")
+            stored = json.loads(desc.get("description") or "{}")
+            if int(got) != dim:
+                raise IndexMismatchError(f"Milvus collection {collection} holds {got}-d vectors, the encoder gives {dim}-d")
+            if checkpoint_sha256 and stored.get("checkpoint_sha256") not in (None, checkpoint_sha256):
+                raise IndexMismatchError(f"Milvus collection {collection} was built with another encoder checkpoint")
+        else:
+            params = self.client.prepare_index_params()
+            params.add_index(field_name="vector", index_type=index_type, metric_type="L2")
+            self.client.create_collection(collection, dimension=dim, metric_type="L2", auto_id=False, id_type="int",
+                                          index_params=params, description=manifest)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        v = _as_f32(vectors, self.dim)
+        self.client.upsert(self.collection, [{"id": int(i), "vector": row.tolist()} for i, row in zip(ids, v)])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), self.count(), 16384)  # Milvus caps top-k at 16384
+        if k < 1:
+            raise ValueError("the store is empty")
+        res = self.client.search(self.collection, data=_as_f32(queries, self.dim).tolist(), limit=k)
+        dist = np.full((len(res), k), np.inf)
+        ids = np.full((len(res), k), -1, dtype=np.int64)
+        for q, hits in enumerate(res):
+            for j, h in enumerate(hits):
+                dist[q, j] = np.sqrt(max(float(h["distance"]), 0.0))  # Milvus L2 is squared
+                ids[q, j] = int(h["id"])
+        return dist, ids
+
+    def delete(self, ids: np.ndarray) -> None:
+        self.client.delete(self.collection, ids=[int(i) for i in ids])
+
+    def count(self) -> int:
+        return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    def save(self) -> None:
+        self.client.flush(self.collection)
+
+
+def nir_search(store: CaseStore, labels_by_id: dict[int, int], queries: np.ndarray, n_classes: int,
+               nth: int = 1, start: int = 64, cap: int = NIR_MAX_DEPTH) -> np.ndarray:
+    """``I_c`` (queries x classes) from a store, searching deeper until each class's ``nth``
+    incorrect retrieval is found or ``cap`` retrievals have been read."""
+    total = store.count()
+    k = min(start, total)
+    while True:
+        _, ids = store.search(queries, k)
+        labels = np.vectorize(lambda i: labels_by_id.get(int(i), -1))(ids)
+        incorrect = [(labels >= 0) & (labels != c) for c in range(n_classes)]
+        done = all((inc.sum(1) >= nth).all() for inc in incorrect)
+        if done or k >= min(total, cap):
+            return nir_positions(labels, n_classes, nth)
+        k = min(k * 2, total, cap)

@@ -1,0 +1,67 @@
+"""FAISS and Milvus Lite stores give the same retrievals and the same NIR on a real index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neurocbir.classify import NIRClassifier
+from neurocbir.index import IndexMismatchError
+from neurocbir.store import FaissStore, MilvusStore, nir_search
+
+
+@pytest.fixture(scope="module")
+def real(small_run, small_cases):
+    emb = np.load(small_run / "trial_0" / "embeddings.npz")
+    ids = small_cases.idx[emb["archive_rows"]].astype(np.int64)
+    return emb["archive"], ids, small_cases.label[emb["archive_rows"]], emb["test"]
+
+
+def test_faiss_and_milvus_agree(real, tmp_path):
+    x, ids, labels, q = real
+    f = FaissStore(tmp_path / "a.faiss", x.shape[1], checkpoint_sha256="ck")
+    m = MilvusStore(str(tmp_path / "milvus.db"), "cases", x.shape[1], checkpoint_sha256="ck")
+    for s in (f, m):
+        for b in range(0, len(x), 40):  # batches
+            s.add(ids[b:b + 40], x[b:b + 40])
+        assert s.count() == len(x)
+    df, idf = f.search(q, 25)
+    dm, idm = m.search(q, 25)
+    assert (idf == idm).mean() > 0.99  # exact on both; ties can swap
+    assert np.allclose(df, dm, atol=1e-4)
+    by_id = dict(zip(ids.tolist(), labels.tolist()))
+    for nth in (1, 10):
+        ref = NIRClassifier(nth_incorrect=nth).fit(x, labels).incorrect_positions(q)
+        assert (nir_search(f, by_id, q, 3, nth, start=4) == ref).all()
+        assert (nir_search(m, by_id, q, 3, nth, start=4) == ref).all()
+    f.delete(ids[:10])
+    m.delete(ids[:10])
+    assert f.count() == m.count() == len(x) - 10
+    assert not np.isin(f.search(q, 5)[1], ids[:10]).any() and not np.isin(m.search(q, 5)[1], ids[:10]).any()
+
+
+def test_hnsw_recall_and_persistence(real, tmp_path):
+    x, ids, _, q = real
+    exact = FaissStore(tmp_path / "e.faiss", x.shape[1])
+    hnsw = FaissStore(tmp_path / "h.faiss", x.shape[1], kind="hnsw", checkpoint_sha256="ck")
+    exact.add(ids, x)
+    hnsw.add(ids, x)
+    _, a = exact.search(q, 25)
+    _, b = hnsw.search(q, 25)
+    recall = np.mean([len(set(r1) & set(r2)) / 25 for r1, r2 in zip(a, b)])
+    assert recall >= 0.99
+    hnsw.save()
+    back = FaissStore.open(tmp_path / "h.faiss", checkpoint_sha256="ck", dim=x.shape[1])
+    assert back.kind == "hnsw" and back.count() == len(x) and (back.search(q, 25)[1] == b).all()
+    back.delete(ids[:5])
+    assert back.count() == len(x) - 5
+    with pytest.raises(IndexMismatchError, match="checkpoint"):
+        FaissStore.open(tmp_path / "h.faiss", checkpoint_sha256="other")
+    with pytest.raises(IndexMismatchError, match="128-d"):
+        FaissStore.open(tmp_path / "h.faiss", dim=64)
+
+
+def test_milvus_refuses_another_dimension(tmp_path):
+    MilvusStore(str(tmp_path / "m.db"), "c", 16)
+    with pytest.raises(IndexMismatchError, match="16-d"):
+        MilvusStore(str(tmp_path / "m.db"), "c", 128)
