@@ -46,10 +46,27 @@ def _png(img: np.ndarray, mask: np.ndarray | None = None, size: int = 256) -> by
     return buf.getvalue()
 
 
+def _keep_uploads_in_memory() -> None:
+    """Starlette spools multipart files over 1 MB to the system temp dir; keep uploads (capped
+    at MAX_UPLOAD_BYTES by the middleware below) in memory so nothing is written to disk."""
+    from starlette.formparsers import MultiPartParser
+
+    MultiPartParser.spool_max_size = MAX_UPLOAD_BYTES + 1024 * 1024
+
+
 def create_app(service: RetrievalService, explainer: Explainer | None = None) -> FastAPI:
     app = FastAPI(title="neurocbir", version="0.1.0",
                   description="Retrieval-based brain tumor MRI decision support. " + DISCLAIMER)
     explainer = explainer or Explainer()
+    _keep_uploads_in_memory()
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_UPLOAD_BYTES + 64 * 1024:
+            return JSONResponse({"detail": f"the upload is {int(size) / 1e6:.1f} MB; the limit is "
+                                           f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
+        return await call_next(request)
 
     def _check_style(style: str) -> None:
         if style not in STYLES:
