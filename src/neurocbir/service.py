@@ -59,7 +59,6 @@ class RetrievalService:
         d, _ = (self.trunk_index.search(test_trunk, 1) if self.trunk_index is not None else self.index.search(emb["test"], 1))
         self.far_threshold = float(np.percentile(d[:, 0], 99.5) * 1.1)
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
-        torch.set_grad_enabled(False)
 
     def _trunk_descriptors(self, emb) -> tuple[np.ndarray | None, np.ndarray | None]:
         if "archive_trunk" in emb:

@@ -156,6 +156,7 @@ def _cross_patient(indices: tuple, patients: torch.Tensor) -> tuple:
     return a[keep], p[keep], n[keep]
 
 
+@torch.enable_grad()
 def train_top(cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, labels: np.ndarray, seed: int,
               device: torch.device, log_path: Path | None = None, progress: bool = True,
               groups: np.ndarray | None = None) -> Top:
