@@ -116,3 +116,23 @@ def test_unverified_mode_measures_the_llm_itself(server, llm):
     server.reply = "Report 5 has the largest tumor: 24.00 cm²."
     ans, _ = Explainer(llm, mode="paper", verify=False).answer(PAPER_QUESTIONS[3], REPORTS, QUERY)
     assert ans.value_mm2 == 2400.0 and grade_answer(ans, truth) == 1.0
+
+
+def test_llm_written_normal_reports_are_checked_and_cached(server, llm, small_cases, tmp_path):
+    from neurocbir.reports import case_attributes, llm_normal_reports, parse_report
+
+    rows = [0, 1]
+    a0 = case_attributes(small_cases, 0)
+    # a report that states everything right, for every case (same text: the scripted server is not an LLM)
+    server.reply = (f"MRI, T1-weighted contrast-enhanced, {a0.plane} plane. Findings: "
+                    f"{'pituitary tumor' if a0.tumor_type == 'pituitary' else a0.tumor_type} of {a0.area_mm2:.2f} mm².")
+    n = len(server.requests)
+    out = llm_normal_reports(small_cases, llm, tmp_path / "reports.json", rows=rows)
+    assert parse_report(out[int(small_cases.idx[0])]) == a0
+    # case 1 has other attributes: the LLM text is refused (asked twice) and replaced by the paraphrase
+    assert parse_report(out[int(small_cases.idx[1])]) == case_attributes(small_cases, 1)
+    calls = len(server.requests) - n
+    assert calls == 3
+    # cached: no further calls
+    llm_normal_reports(small_cases, llm, tmp_path / "reports.json", rows=rows)
+    assert len(server.requests) - n == calls

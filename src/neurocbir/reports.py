@@ -169,3 +169,45 @@ def parse_report(text: str) -> ReportAttributes:
         raise ReportParseError("cannot read report: " + "; ".join(parts))
     technique = "T1-weighted contrast-enhanced" if contrast else "T1-weighted"
     return ReportAttributes(types.pop(), planes.pop(), round(sizes[0], 2), MODALITY, technique)
+
+
+# --- LLM-written normal reports (cached) --------------------------------------------------
+
+def llm_normal_reports(table, llm, cache_path, rows=None, max_tries: int = 2) -> dict[int, str]:
+    """Normal-style reports written by an LLM, once per case, cached in a JSON file.
+
+    Each report is checked with :func:`parse_report`; one that misstates an attribute is
+    asked for again, then replaced by the offline paraphrase (and marked so in the cache).
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    cache_path = Path(cache_path)
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    rows = range(len(table)) if rows is None else rows
+    for row in rows:
+        key = str(int(table.idx[row]))
+        if key in cache:
+            continue
+        a = case_attributes(table, row)
+        text, source = None, "paraphrase"
+        for _ in range(max_tries):
+            reply = llm.chat([
+                {"role": "system", "content": "You write short radiology reports. Use only the facts given."},
+                {"role": "user", "content": (
+                    "Write a two-sentence radiology report for one brain MRI slice with these facts: modality MRI; "
+                    f"technique T1-weighted contrast-enhanced; anatomical plane {a.plane}; finding "
+                    f"{TYPE_PHRASE[a.tumor_type]}; tumor area {a.area_mm2:.2f} mm². State every fact, the area exactly "
+                    "as given in mm². No patient details.")}])
+            try:
+                if parse_report(reply) == a:
+                    text, source = reply.strip(), "llm"
+                    break
+            except ReportParseError:
+                pass
+        cache[key] = {"text": text or normal_report(a, int(key)), "source": source}
+        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_path)
+    return {int(k): v["text"] for k, v in cache.items()}
