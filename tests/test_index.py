@@ -23,7 +23,7 @@ def test_save_load_and_refusals(tmp_path):
     assert len(back) == 50 and (back.search(x[:3], 1)[1][:, 0] == [0, 1, 2]).all()
     with pytest.raises(IndexMismatchError, match="checkpoint"):
         VectorIndex.load(tmp_path / "i.faiss", checkpoint_sha256="other")
-    with pytest.raises(IndexMismatchError, match="dimension"):
+    with pytest.raises(IndexMismatchError, match="128-d"):
         VectorIndex.load(tmp_path / "i.faiss", dim=128)
     with pytest.raises(FileNotFoundError):
         VectorIndex.load(tmp_path / "missing.faiss")

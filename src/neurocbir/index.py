@@ -59,32 +59,43 @@ class VectorIndex:
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
     def save(self, path: Path | str) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        manifest = {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim, "count": len(self),
-                    "metric": "l2", "kind": type(self.index).__name__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        mtmp = path.with_name(path.name + ".json.tmp")
-        mtmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)
-        os.replace(mtmp, path.with_name(path.name + ".json"))
+        write_index(self.index, path, {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim,
+                                       "kind": type(self.index).__name__})
 
     @classmethod
     def load(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "VectorIndex":
         """Load an index; refuse it if it was built for another checkpoint or dimension."""
-        path = Path(path)
-        mpath = path.with_name(path.name + ".json")
-        if not path.is_file() or not mpath.is_file():
-            raise FileNotFoundError(f"no index at {path} (expected the index file and its .json manifest)")
-        manifest = json.loads(mpath.read_text())
-        if checkpoint_sha256 is not None and manifest["checkpoint_sha256"] != checkpoint_sha256:
-            raise IndexMismatchError(
-                f"index {path} was built from checkpoint {manifest['checkpoint_sha256'][:12]}, "
-                f"not {checkpoint_sha256[:12]}: rebuild it with the current encoder")
-        if dim is not None and manifest["dim"] != dim:
-            raise IndexMismatchError(f"index {path} has dimension {manifest['dim']}, the encoder gives {dim}")
-        index = faiss.read_index(str(path))
-        if index.ntotal != manifest["count"]:
-            raise IndexMismatchError(f"index {path} holds {index.ntotal} vectors, its manifest says {manifest['count']}")
+        index, manifest = read_index(path, checkpoint_sha256, dim)
         return cls(index, manifest["checkpoint_sha256"])
+
+
+def write_index(index: faiss.Index, path: Path | str, manifest: dict) -> None:
+    """Write a FAISS index and its JSON manifest, each atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    manifest = {**manifest, "count": int(index.ntotal), "metric": "l2", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    mtmp = path.with_name(path.name + ".json.tmp")
+    mtmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    os.replace(mtmp, path.with_name(path.name + ".json"))
+
+
+def read_index(path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> tuple[faiss.Index, dict]:
+    """Read an index written by :func:`write_index`, refusing another checkpoint or dimension."""
+    path = Path(path)
+    mpath = path.with_name(path.name + ".json")
+    if not path.is_file() or not mpath.is_file():
+        raise FileNotFoundError(f"no index at {path} (expected the index file and its .json manifest)")
+    manifest = json.loads(mpath.read_text())
+    if checkpoint_sha256 is not None and manifest["checkpoint_sha256"] != checkpoint_sha256:
+        raise IndexMismatchError(
+            f"index {path} was built from checkpoint {manifest['checkpoint_sha256'][:12]}, "
+            f"not {checkpoint_sha256[:12]}: rebuild it with the current encoder")
+    if dim is not None and manifest["dim"] != dim:
+        raise IndexMismatchError(f"index {path} holds {manifest['dim']}-d vectors, the encoder gives {dim}-d")
+    index = faiss.read_index(str(path))
+    if index.ntotal != manifest["count"]:
+        raise IndexMismatchError(f"index {path} holds {index.ntotal} vectors, its manifest says {manifest['count']}")
+    return index, manifest

@@ -13,8 +13,6 @@ class has its n-th incorrect retrieval, up to a documented cap).
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +20,7 @@ import faiss
 import numpy as np
 
 from .classify import nir_positions
-from .index import IndexMismatchError, _as_f32
+from .index import IndexMismatchError, _as_f32, read_index, write_index
 
 #: Deepest search NIR makes; beyond it a class's I_c is taken as at least the cap.
 NIR_MAX_DEPTH = 4096
@@ -61,20 +59,9 @@ class FaissStore:
     @classmethod
     def open(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "FaissStore":
         """Load a saved store; refuse one built by another encoder or of another dimension."""
-        path = Path(path)
-        mpath = path.with_name(path.name + ".json")
-        if not path.is_file() or not mpath.is_file():
-            raise FileNotFoundError(f"no store at {path} (expected the index file and its .json manifest)")
-        m = json.loads(mpath.read_text())
-        if checkpoint_sha256 is not None and m["checkpoint_sha256"] != checkpoint_sha256:
-            raise IndexMismatchError(f"{path} was built with encoder checkpoint {m['checkpoint_sha256'][:12]}, "
-                                     f"not {checkpoint_sha256[:12]}: rebuild the store")
-        if dim is not None and m["dim"] != dim:
-            raise IndexMismatchError(f"{path} holds {m['dim']}-d vectors, the encoder gives {dim}-d")
+        index, m = read_index(path, checkpoint_sha256, dim)
         store = cls(path, m["dim"], m["kind"], m["checkpoint_sha256"])
-        store.index = faiss.read_index(str(path))
-        if store.index.ntotal != m["count"]:
-            raise IndexMismatchError(f"{path} holds {store.index.ntotal} vectors, its manifest says {m['count']}")
+        store.index = index
         if m["kind"] == "hnsw":
             faiss.downcast_index(store.index.index).hnsw.efSearch = store.ef_search
         return store
@@ -105,15 +92,8 @@ class FaissStore:
         return int(self.index.ntotal)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        manifest = {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim, "count": self.count(),
-                    "kind": self.kind, "metric": "l2", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        mtmp = self.path.with_name(self.path.name + ".json.tmp")
-        mtmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, self.path)
-        os.replace(mtmp, self.path.with_name(self.path.name + ".json"))
+        write_index(self.index, self.path, {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim,
+                                            "kind": self.kind})
 
 
 class MilvusStore:
