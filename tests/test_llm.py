@@ -136,3 +136,20 @@ def test_llm_written_normal_reports_are_checked_and_cached(server, llm, small_ca
     # cached: no further calls
     llm_normal_reports(small_cases, llm, tmp_path / "reports.json", rows=rows)
     assert len(server.requests) - n == calls
+
+
+def test_write_reports_command_caches_for_the_app(server, monkeypatch, small_data_dir, small_cases, tmp_path):
+    from typer.testing import CliRunner
+
+    from neurocbir.cli import app
+    from neurocbir.reports import cached_llm_reports, case_attributes
+
+    a = case_attributes(small_cases, 0)
+    server.reply = (f"MRI, T1-weighted contrast-enhanced, {a.plane} plane. Findings: "
+                    f"{'pituitary tumor' if a.tumor_type == 'pituitary' else a.tumor_type} of {a.area_mm2:.2f} mm².")
+    monkeypatch.setenv("NEUROCBIR_LLM_BASE_URL", server.url)
+    monkeypatch.setenv("NEUROCBIR_LLM_MODEL", "m")
+    monkeypatch.setenv("NEUROCBIR_CACHE", str(tmp_path))
+    res = CliRunner().invoke(app, ["write-reports", "--limit", "1", "--data", str(small_data_dir)])
+    assert res.exit_code == 0, res.output
+    assert cached_llm_reports() == {int(small_cases.idx[0]): server.reply}

@@ -285,6 +285,30 @@ def demo(port: int = typer.Option(8000)) -> None:
     _guard(_serve, run, "127.0.0.1", port)
 
 
+@app.command("write-reports")
+def write_reports(
+    limit: Optional[int] = typer.Option(None, help="only the first N cases (each is one LLM call)"),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
+) -> None:
+    """Have the configured LLM write the normal-style reports (checked, cached, resumable)."""
+    from tqdm import tqdm
+
+    from .data import load_cases
+    from .llm import LLMUnavailable, llm_from_env
+    from .reports import llm_normal_reports, llm_reports_path
+
+    try:
+        llm = llm_from_env()
+    except LLMUnavailable as exc:
+        _fail(str(exc))
+    table = _guard(load_cases, data)
+    rows = [r for r in range(len(table) if limit is None else min(limit, len(table))) if table.plane[r]]
+    path = llm_reports_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = llm_normal_reports(table, llm, path, rows=tqdm(rows, desc="LLM reports", unit="case"))
+    typer.echo(f"{len(out)} normal reports cached in {path}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -195,8 +195,12 @@ class Explainer:
         text = self.llm.chat(summary_messages(reports, f, self.mode))
         if not self.verify:
             return {"summary": text, "facts": f, "source": f"llm ({self.mode}, unverified)"}
+        from .report_eval import grade_summary
+
         problems = [p for p in check_against(text, Answer(grounded), f) if "matches no report" in p]
-        if problems:
+        graded = grade_summary(text, attrs)
+        problems += [f"{k} missing or wrong" for k, v in graded["per_attribute"].items() if v < 1]
+        if problems:  # a clinician gets the complete, computed summary instead
             return {"summary": grounded, "facts": f, "source": "grounded (LLM text corrected)", "llm_problems": problems}
         return {"summary": text, "facts": f, "source": f"llm ({self.mode})"}
 

@@ -211,3 +211,20 @@ def llm_normal_reports(table, llm, cache_path, rows=None, max_tries: int = 2) ->
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, cache_path)
     return {int(k): v["text"] for k, v in cache.items()}
+
+
+def llm_reports_path():
+    """Where LLM-written normal reports are cached (under the neurocbir cache folder)."""
+    from .features import default_cache_dir
+
+    return default_cache_dir() / "reports" / "normal_llm.json"
+
+
+def cached_llm_reports() -> dict[int, str]:
+    """LLM-written normal reports generated so far (empty when none were written)."""
+    import json
+
+    path = llm_reports_path()
+    if not path.is_file():
+        return {}
+    return {int(k): v["text"] for k, v in json.loads(path.read_text()).items() if v.get("source") == "llm"}

@@ -12,7 +12,7 @@ import torch
 from .classify import KNNClassifier, NIRClassifier
 from .data import CLASS_NAMES, CaseTable, load_cases
 from .index import VectorIndex
-from .reports import case_attributes, make_report
+from .reports import cached_llm_reports, case_attributes, make_report
 from .training import load_top, trunk_descriptors
 from .transforms import preprocess
 
@@ -59,6 +59,7 @@ class RetrievalService:
         d, _ = (self.trunk_index.search(test_trunk, 1) if self.trunk_index is not None else self.index.search(emb["test"], 1))
         self.far_threshold = float(np.percentile(d[:, 0], 99.5) * 1.1)
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
+        self.llm_reports = cached_llm_reports()
 
     def _trunk_descriptors(self, emb) -> tuple[np.ndarray | None, np.ndarray | None]:
         if "archive_trunk" in emb:
@@ -118,11 +119,14 @@ class RetrievalService:
         out = {"case_id": case_id, "label": CLASS_NAMES[int(self.table.label[row])],
                "plane": str(self.table.plane[row]) or None, "area_mm2": round(float(self.table.area_mm2[row]), 2),
                "in_archive": bool(np.isin(row, self.archive_rows))}
-        out["report"] = make_report(case_attributes(self.table, row), style, case_id) if out["plane"] else None
+        out["report"] = self.reports([case_id], style)[0] if out["plane"] else None
         return out
 
     def reports(self, case_ids: list[int], style: str = "normal") -> list[str]:
-        return [make_report(case_attributes(self.table, self._row(c)), style, c) for c in case_ids]
+        """Reports of archive cases; normal ones written by an LLM where `neurocbir write-reports`
+        cached them, else by the offline paraphraser."""
+        llm = self.llm_reports if style == "normal" else {}
+        return [llm.get(c) or make_report(case_attributes(self.table, self._row(c)), style, c) for c in case_ids]
 
     def _row(self, case_id: int) -> int:
         if case_id not in self.case_row:
