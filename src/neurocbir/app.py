@@ -85,7 +85,7 @@ def create_app(service: RetrievalService, explainer: Explainer | None = None) ->
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "archive_cases": len(service.index), "run": service.run.name, "trial": service.trial}
+        return {"status": "ok", "archive_cases": service.archive_size, "run": service.run.name, "trial": service.trial}
 
     @app.post("/query")
     async def query(request: Request, file: UploadFile | None = File(None), case_id: int | None = Form(None),
@@ -168,17 +168,18 @@ def create_app(service: RetrievalService, explainer: Explainer | None = None) ->
     return app
 
 
-def serve(run: Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, archive: Path | None = None) -> None:
     import uvicorn
 
     from .llm import LLMUnavailable, llm_from_env
+    from .service import ArchiveService
 
-    service = RetrievalService(run)
+    service = ArchiveService(run, archive) if archive is not None else RetrievalService(run)
     try:
         explainer = Explainer(llm_from_env())
         print("neurocbir: answers are phrased by the configured LLM and checked against the reports", flush=True)
     except LLMUnavailable:
         explainer = Explainer()
-    print(f"neurocbir: serving run {run} (trial {service.trial}, {len(service.index)} archive cases) "
+    print(f"neurocbir: serving run {run} (trial {service.trial}, {service.archive_size} archive cases) "
           f"at http://{host}:{port}/  (API docs: http://{host}:{port}/docs)", flush=True)
     uvicorn.run(create_app(service, explainer), host=host, port=port, log_level="warning")

@@ -61,16 +61,8 @@ class _RetrievalClassifier(ClassifierMixin, BaseEstimator):
             groups = np.asarray(groups)
             keep &= self._groups[ids] != groups[:, None]
         if self.one_per_patient:
-            for q in range(len(ids)):
-                row = ids[q][keep[q]]
-                _, first = np.unique(self._groups[row], return_index=True)
-                mask = np.zeros(len(row), dtype=bool)
-                mask[first] = True
-                keep[q, np.flatnonzero(keep[q])] = mask
-        order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, order preserved
-        ids = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)
-        dist = np.where(ids >= 0, np.take_along_axis(dist, order, 1), np.inf)
-        return dist, ids
+            keep &= first_per_group(np.where(keep, ids, -1), self._groups[ids])
+        return compact(dist, ids, keep)
 
     def _neighbour_labels(self, X, groups) -> np.ndarray:
         _, ids = self.retrieve(X, groups)
@@ -129,6 +121,24 @@ class NIRClassifier(_RetrievalClassifier):
 
     def _proba_from_labels(self, labels: np.ndarray) -> np.ndarray:
         return softmax(nir_positions(labels, len(self.classes_), self.nth_incorrect).astype(float), axis=1)
+
+
+def first_per_group(ids: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Mask keeping, in each row of distance-sorted ``ids`` (``-1`` = none), only the first
+    (closest) retrieval of each group (patient)."""
+    keep = np.zeros(ids.shape, dtype=bool)
+    for q in range(len(ids)):
+        valid = np.flatnonzero(ids[q] >= 0)
+        _, first = np.unique(groups[q, valid], return_index=True)
+        keep[q, valid[first]] = True
+    return keep
+
+
+def compact(dist: np.ndarray, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kept retrievals first (order preserved), padded with ``inf`` / ``-1``."""
+    order = np.argsort(~keep, axis=1, kind="stable")
+    ids = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)
+    return np.where(ids >= 0, np.take_along_axis(dist, order, 1), np.inf), ids
 
 
 def nir_positions(labels: np.ndarray, n_classes: int, nth: int = 1) -> np.ndarray:

@@ -204,9 +204,11 @@ def _read_image_file(path: Path):
         _fail(f"{path}: {exc}")
 
 
-def _service(run: Optional[Path]):
-    from .service import RetrievalService
+def _service(run: Optional[Path], archive: Optional[Path] = None):
+    from .service import ArchiveService, RetrievalService
 
+    if archive is not None:
+        return _guard(ArchiveService, run or default_run(), archive)
     return _guard(RetrievalService, run or default_run())
 
 
@@ -224,10 +226,11 @@ def query(
     image: Path = typer.Argument(..., help="PNG/JPEG, DICOM or figshare .mat file"),
     run: Optional[Path] = typer.Option(None, help="trained run directory"), k: int = typer.Option(5),
     one_per_patient: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json"),
+    archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
 ) -> None:
     """Predict the tumor type of a scan from its most similar archive cases."""
     img = _read_image_file(image)
-    svc = _service(run)
+    svc = _service(run, archive)
     out = _guard(svc.query, img, k=k, one_per_patient=one_per_patient)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
@@ -237,7 +240,8 @@ def query(
     if out["no_similar_case"]:
         typer.secho("warning: no similar case found; the prediction is unreliable", fg=typer.colors.RED)
     for i, r in enumerate(out["retrievals"], 1):
-        typer.echo(f"  {i}. case {r['case_id']}: {r['label']}, {r['plane']}, {r['area_mm2']:.1f} mm², distance {r['distance']:.3f}")
+        size = "size unknown" if r["area_mm2"] is None else f"{r['area_mm2']:.1f} mm²"
+        typer.echo(f"  {i}. case {r['case_id']}: {r['label']}, {r['plane'] or 'plane unknown'}, {size}, distance {r['distance']:.3f}")
     typer.echo(out["disclaimer"])
 
 
@@ -258,11 +262,52 @@ def ask(
 
 @app.command()
 def serve(run: Optional[Path] = typer.Option(None), port: int = typer.Option(8000),
-          host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)")) -> None:
+          host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+          archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
+          ) -> None:
     """Serve the web UI and the HTTP API."""
     from .app import serve as _serve
 
-    _guard(_serve, run or default_run(), host, port)
+    _guard(_serve, run or default_run(), host, port, archive)
+
+
+@app.command()
+def add(
+    folder: Path = typer.Argument(..., help="bundled dataset folder, figshare .mat folder, or scans + cases.csv"),
+    archive: Path = typer.Option(Path("archive"), help="archive folder (created if missing)"),
+    run: Optional[Path] = typer.Option(None, help="trained run whose encoder embeds the scans"),
+    store: str = typer.Option("flat", help="vector store: flat (exact FAISS), hnsw (approximate FAISS) or milvus"),
+    milvus_uri: Optional[str] = typer.Option(None, help="Milvus server (http://host:19530) or Milvus Lite .db file; "
+                                                        "token from $NEUROCBIR_MILVUS_TOKEN"),
+    fold: Optional[list[int]] = typer.Option(None, help="only these folds of a dataset folder (repeatable)"),
+    batch_size: int = typer.Option(32, min=1, max=1024),
+) -> None:
+    """Embed the scans of FOLDER and add them to a case archive; safe to kill and rerun (resumes,
+    never duplicates)."""
+    import hashlib
+
+    from tqdm import tqdm
+
+    from .archive import CaseArchive, add_folder, scan_folder
+    from .service import _best_trial
+    from .training import embed_images, load_top
+
+    run = run or default_run()
+    trial = _guard(_best_trial, run)
+    encoder, top, _ = _guard(load_top, run, trial)
+    sha = hashlib.sha256((run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
+    files = _guard(scan_folder, folder, fold)
+    arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run))
+    with tqdm(total=len(files), desc="adding cases", unit="scan") as bar:
+        out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update)
+    check = arch.check()
+    arch.close()
+    typer.echo(f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
+               f"{out['total']} cases ({check['store_count']} in the {store} index)")
+    for e in out["errors"][:20]:
+        typer.secho(f"  skipped {e}", fg=typer.colors.YELLOW)
+    if len(out["errors"]) > 20:
+        typer.secho(f"  ... and {len(out['errors']) - 20} more unreadable files", fg=typer.colors.YELLOW)
 
 
 @app.command()

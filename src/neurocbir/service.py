@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .classify import KNNClassifier, NIRClassifier
+from scipy.special import softmax
+
+from .classify import KNNClassifier, NIRClassifier, nir_positions
 from .data import CLASS_NAMES, CaseTable, load_cases
 from .index import VectorIndex
+from .store import deep_search, lookup
 from .reports import cached_llm_reports, case_attributes, make_report
-from .training import load_top, trunk_descriptors
-from .transforms import preprocess
+from .training import embed_images, load_top, trunk_descriptors
 
 DISCLAIMER = ("Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
               "and must be reviewed by a qualified clinician.")
@@ -77,48 +78,59 @@ class RetrievalService:
     # --- embedding ----------------------------------------------------------------------
     def embed(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(embedding, trunk descriptor) of one image."""
-        x = preprocess(image)[None]
-        with torch.inference_mode():
-            feat = self.encoder.forward_stages(x, 0, self.top.cut)
-            return self.top(feat).numpy(), trunk_descriptors(feat.numpy()[:, None])
+        return embed_images(self.encoder, self.top, [image])
 
     # --- queries --------------------------------------------------------------------------
+    @property
+    def archive_size(self) -> int:
+        return len(self.index)
+
+    def _neighbours(self, q: np.ndarray, one_per_patient: bool) -> dict:
+        """Distance-sorted archive case ids (after patient filtering) and the NIR / KNN outputs."""
+        nir = self.nir_dedup if one_per_patient else self.nir
+        dist, rows = nir.retrieve(q)
+        valid = rows[0] >= 0
+        proba = nir.predict_proba(q)[0]
+        return {"distances": dist[0][valid], "case_ids": self.table.idx[self.archive_rows[rows[0][valid]]],
+                "classes": nir.classes_, "proba": proba, "positions": nir.incorrect_positions(q)[0],
+                "knn": dict(zip(self.knn.classes_, self.knn.predict_proba(q)[0]))}
+
+    def _nearest_trunk(self, trunk: np.ndarray, nearest_embedding: float) -> float:
+        return float(self.trunk_index.search(trunk, 1)[0][0, 0]) if self.trunk_index is not None else nearest_embedding
+
     def query(self, image: np.ndarray, k: int = 5, one_per_patient: bool = False) -> dict:
         if not 1 <= k <= 50:
             raise ValueError("k must be between 1 and 50")
         q, trunk = self.embed(image)
-        nir = self.nir_dedup if one_per_patient else self.nir
-        dist, ids = nir.retrieve(q)
-        proba = nir.predict_proba(q)[0]
-        positions = nir.incorrect_positions(q)[0]
+        n = self._neighbours(q, one_per_patient)
+        classes, proba = n["classes"], n["proba"]
         winner = int(np.argmax(proba))
-        knn = self.knn.predict_proba(q)[0]
-        retrievals = []
-        for d, i in zip(dist[0], ids[0]):
-            if i < 0 or len(retrievals) == k:
-                break
-            row = int(self.archive_rows[i])
-            retrievals.append({"case_id": int(self.table.idx[row]), "label": CLASS_NAMES[int(self.table.label[row])],
-                               "plane": str(self.table.plane[row]) or None,
-                               "area_mm2": round(float(self.table.area_mm2[row]), 2), "distance": round(float(d), 4)})
-        nearest = float(self.trunk_index.search(trunk, 1)[0][0, 0] if self.trunk_index is not None else dist[0, 0])
+        info = self.describe([int(i) for i in n["case_ids"][:k]])
+        retrievals = [{**info[int(i)], "distance": round(float(d), 4)} for d, i in zip(n["distances"][:k], n["case_ids"][:k])]
+        nearest = self._nearest_trunk(trunk, float(n["distances"][0]))
         return {
-            "prediction": CLASS_NAMES[int(nir.classes_[winner])],
+            "prediction": CLASS_NAMES[int(classes[winner])],
             "confidence": round(float(proba[winner]), 4),
-            "probabilities": {CLASS_NAMES[int(c)]: round(float(p), 4) for c, p in zip(nir.classes_, proba)},
-            "nir_positions": {CLASS_NAMES[int(c)]: int(v) for c, v in zip(nir.classes_, positions)},
-            "knn_vote": {CLASS_NAMES[int(c)]: round(float(p), 4) for c, p in zip(self.knn.classes_, knn)},
+            "probabilities": {CLASS_NAMES[int(c)]: round(float(p), 4) for c, p in zip(classes, proba)},
+            "nir_positions": {CLASS_NAMES[int(c)]: int(v) for c, v in zip(classes, n["positions"])},
+            "knn_vote": {CLASS_NAMES[int(c)]: round(float(p), 4) for c, p in n["knn"].items()},
             "retrievals": retrievals,
             "no_similar_case": nearest > self.far_threshold,
             "nearest_distance": round(nearest, 4),
             "disclaimer": DISCLAIMER,
         }
 
+    def describe(self, case_ids: list[int]) -> dict[int, dict]:
+        """label / plane / area of archive cases, by case id."""
+        out = {}
+        for c in case_ids:
+            row = self._row(c)
+            out[c] = {"case_id": c, "label": CLASS_NAMES[int(self.table.label[row])],
+                      "plane": str(self.table.plane[row]) or None, "area_mm2": round(float(self.table.area_mm2[row]), 2)}
+        return out
+
     def case(self, case_id: int, style: str = "normal") -> dict:
-        row = self._row(case_id)
-        out = {"case_id": case_id, "label": CLASS_NAMES[int(self.table.label[row])],
-               "plane": str(self.table.plane[row]) or None, "area_mm2": round(float(self.table.area_mm2[row]), 2),
-               "in_archive": bool(np.isin(row, self.archive_rows))}
+        out = {**self.describe([case_id])[case_id], "in_archive": bool(np.isin(self._row(case_id), self.archive_rows))}
         out["report"] = self.reports([case_id], style)[0] if out["plane"] else None
         return out
 
@@ -147,3 +159,120 @@ class RetrievalService:
             for r in rng.choice(rows, min(per_class, len(rows)), replace=False):
                 out.append({"case_id": int(self.table.idx[r]), "label": CLASS_NAMES[c]})
         return out
+
+
+class ArchiveService(RetrievalService):
+    """The same service over a :class:`neurocbir.archive.CaseArchive` built with
+    ``neurocbir add`` (SQLite + FAISS or Milvus): any number of cases, any source folder."""
+
+    def __init__(self, run: Path | str, archive: Path | str, trial: int | None = None):
+        import hashlib
+
+        from .archive import CaseArchive
+
+        self.run = Path(run)
+        if not (self.run / "config.json").is_file():
+            raise FileNotFoundError(f"{self.run} is not a run directory (no config.json)")
+        self.trial = _best_trial(self.run) if trial is None else trial
+        self.encoder, self.top, self.cfg = load_top(self.run, self.trial)
+        sha = hashlib.sha256((self.run / f"trial_{self.trial}" / "checkpoint.pt").read_bytes()).hexdigest()
+        self.archive = CaseArchive.open(archive, checkpoint_sha256=sha, dim=self.encoder.embedding_dim)
+        cols = self.archive.columns()
+        if not len(cols["id"]):
+            raise ValueError(f"the archive {archive} holds no cases: add some with `neurocbir add FOLDER --archive {archive}`")
+        self.label_of = lookup(cols["id"], cols["label"])
+        self.group_of = lookup(cols["id"], cols["patient_key"], missing="")
+        self.classes = np.unique(cols["label"])
+        trunk = self.archive.trunk_vectors()
+        self.trunk_index = VectorIndex.build(trunk) if trunk is not None and len(trunk) == len(cols["id"]) else None
+        self.far_threshold = self._far_threshold(cols)
+        self.llm_reports = {}
+
+    def _far_threshold(self, cols: dict) -> float:
+        """Like the run's threshold, from leave-one-patient-out nearest distances inside the archive."""
+        if self.trunk_index is None:
+            return float("inf")
+        sample = np.random.default_rng(0).choice(len(cols["id"]), min(2000, len(cols["id"])), replace=False)
+        d, rows = self.trunk_index.search(self.trunk_index.index.reconstruct_batch(sample), min(50, len(cols["id"])))
+        other = cols["patient_key"][rows] != cols["patient_key"][sample][:, None]
+        nearest = np.where(other.any(1), d[np.arange(len(d)), np.argmax(other, 1)], np.nan)
+        nearest = nearest[np.isfinite(nearest)]
+        return float(np.percentile(nearest, 99.5) * 1.1) if len(nearest) else float("inf")
+
+    @property
+    def archive_size(self) -> int:
+        return self.archive.store.count()
+
+    def _neighbours(self, q: np.ndarray, one_per_patient: bool) -> dict:
+        nc = int(self.classes.max()) + 1
+        dist, ids, labels = deep_search(self.archive.store, self.label_of, q, nc, 1,
+                                        self.group_of if one_per_patient else None)
+        # classes absent from the archive get no column, as in the estimators
+        pos = nir_positions(labels, nc)[0][self.classes]
+        proba = softmax(pos.astype(float))
+        valid = ids[0] >= 0
+        top = labels[0][valid][:7]
+        return {"distances": dist[0][valid], "case_ids": ids[0][valid], "classes": self.classes, "proba": proba,
+                "positions": pos, "knn": {c: float((top == c).mean()) for c in self.classes}}
+
+    def describe(self, case_ids: list[int]) -> dict[int, dict]:
+        found = self.archive.cases(case_ids)
+        missing = [c for c in case_ids if c not in found]
+        if missing:
+            raise KeyError(f"no case {missing[0]} in the archive")
+        return {c: {k: found[c][k] for k in ("case_id", "label", "plane", "area_mm2")} for c in case_ids}
+
+    def case(self, case_id: int, style: str = "normal") -> dict:
+        out = {**self.describe([case_id])[case_id], "in_archive": True}
+        out["report"] = self.reports([case_id], style)[0] if out["plane"] or self.archive.cases([case_id])[case_id]["report"] else None
+        return out
+
+    def reports(self, case_ids: list[int], style: str = "normal") -> list[str]:
+        """The report stored with the case (from cases.csv), else one written from its attributes."""
+        from .reports import ReportAttributes
+
+        found = self.archive.cases(case_ids)
+        out = []
+        for c in case_ids:
+            if c not in found:
+                raise KeyError(f"no case {c} in the archive")
+            r = found[c]
+            if r["report"]:
+                out.append(r["report"])
+            elif r["plane"] and r["area_mm2"] is not None:
+                out.append(make_report(ReportAttributes(r["label"], r["plane"], r["area_mm2"]), style, c))
+            else:
+                raise KeyError(f"case {c} has no report and no plane/size to write one from")
+        return out
+
+    def case_image(self, case_id: int) -> np.ndarray:
+        from .uploads import UploadError, read_scan
+
+        path = Path(self._stored(case_id)["image_path"])
+        try:
+            return read_scan(path.read_bytes(), path.name)
+        except (OSError, UploadError) as exc:
+            raise KeyError(f"the image of case {case_id} cannot be read ({exc})") from None
+
+    def case_mask(self, case_id: int) -> np.ndarray:
+        """The tumor mask where the source layout has one (bundled masks/ or the .mat file)."""
+        from .data import FigshareSource, FolderSource
+
+        path = Path(self._stored(case_id)["image_path"])
+        try:
+            if path.suffix == ".mat":
+                return FigshareSource(path.parent).load_mask(int(path.stem))
+            if path.parent.name == "images" and (path.parent.parent / "masks" / f"{path.stem}.png").is_file():
+                return FolderSource(path.parent.parent).load_mask(int(path.stem))
+        except (ValueError, OSError):
+            pass
+        raise KeyError(f"case {case_id} has no tumor mask")
+
+    def _stored(self, case_id: int) -> dict:
+        found = self.archive.cases([case_id])
+        if case_id not in found:
+            raise KeyError(f"no case {case_id} in the archive")
+        return found[case_id]
+
+    def examples(self, per_class: int = 4) -> list[dict]:
+        return []  # archive cases would only find themselves; the user uploads scans

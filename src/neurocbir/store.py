@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import faiss
 import numpy as np
 
-from .classify import nir_positions
+from .classify import compact, first_per_group, nir_positions
 from .index import IndexMismatchError, _as_f32, read_index, write_index
 
 #: Deepest search NIR makes; beyond it a class's I_c is taken as at least the cap.
@@ -32,6 +32,7 @@ class CaseStore(Protocol):
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
     def delete(self, ids: np.ndarray) -> None: ...
+    def contains(self, ids: np.ndarray) -> np.ndarray: ...
     def count(self) -> int: ...
     def save(self) -> None: ...
 
@@ -88,6 +89,9 @@ class FaissStore:
         if len(keep):
             self.add(keep, vecs)
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        return np.isin(np.asarray(ids, dtype=np.int64), faiss.vector_to_array(self.index.id_map))
+
     def count(self) -> int:
         return int(self.index.ntotal)
 
@@ -100,10 +104,11 @@ class MilvusStore:
     """Milvus (Lite file, standalone or cluster) with exact FLAT L2 search by default."""
 
     def __init__(self, uri: str, collection: str, dim: int, checkpoint_sha256: str = "", token: str = "",
-                 index_type: str = "FLAT"):
+                 index_type: str = "FLAT", index_params: dict | None = None, search_params: dict | None = None):
         from pymilvus import MilvusClient
 
         self.dim, self.collection, self.checkpoint_sha256 = dim, collection, checkpoint_sha256
+        self.search_params = search_params or {}
         self.client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
         manifest = json.dumps({"checkpoint_sha256": checkpoint_sha256, "dim": dim})
         if self.client.has_collection(collection):
@@ -116,7 +121,7 @@ class MilvusStore:
                 raise IndexMismatchError(f"Milvus collection {collection} was built with another encoder checkpoint")
         else:
             params = self.client.prepare_index_params()
-            params.add_index(field_name="vector", index_type=index_type, metric_type="L2")
+            params.add_index(field_name="vector", index_type=index_type, metric_type="L2", params=index_params or {})
             self.client.create_collection(collection, dimension=dim, metric_type="L2", auto_id=False, id_type="int",
                                           index_params=params, description=manifest)
 
@@ -128,7 +133,8 @@ class MilvusStore:
         k = min(int(k), self.count(), 16384)  # Milvus caps top-k at 16384
         if k < 1:
             raise ValueError("the store is empty")
-        res = self.client.search(self.collection, data=_as_f32(queries, self.dim).tolist(), limit=k)
+        res = self.client.search(self.collection, data=_as_f32(queries, self.dim).tolist(), limit=k,
+                                 search_params={"params": self.search_params})
         dist = np.full((len(res), k), np.inf)
         ids = np.full((len(res), k), -1, dtype=np.int64)
         for q, hits in enumerate(res):
@@ -140,24 +146,56 @@ class MilvusStore:
     def delete(self, ids: np.ndarray) -> None:
         self.client.delete(self.collection, ids=[int(i) for i in ids])
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        found = {int(r["id"]) for r in self.client.query(self.collection, ids=ids, output_fields=["id"])} if ids else set()
+        return np.array([i in found for i in ids], dtype=bool)
+
     def count(self) -> int:
         return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
     def save(self) -> None:
         self.client.flush(self.collection)
 
+    def close(self) -> None:
+        self.client.close()
+
+
+def deep_search(store: CaseStore, label_of: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
+                n_classes: int, nth: int = 1, group_of: Callable[[np.ndarray], np.ndarray] | None = None,
+                start: int = 64, cap: int = NIR_MAX_DEPTH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distances, ids, labels) deep enough for NIR: the search depth doubles until every class
+    has its ``nth`` incorrect retrieval or ``cap`` retrievals were read. ``group_of`` (ids ->
+    patient keys) keeps only the closest slice of each patient."""
+    total = store.count()
+    k = min(start, total, cap)
+    while True:
+        dist, ids = store.search(queries, k)
+        if group_of is not None:
+            dist, ids = compact(dist, ids, first_per_group(ids, group_of(ids)))
+        labels = label_of(ids)
+        done = all((((labels >= 0) & (labels != c)).sum(1) >= nth).all() for c in range(n_classes))
+        if done or k >= min(total, cap):
+            return dist, ids, labels
+        k = min(k * 2, total, cap)
+
+
+def lookup(keys: np.ndarray, values: np.ndarray, missing=-1) -> Callable[[np.ndarray], np.ndarray]:
+    """ids -> values by sorted search (``missing`` for ids not in ``keys``, e.g. -1 padding)."""
+    order = np.argsort(keys)
+    keys, values = np.asarray(keys)[order], np.asarray(values)[order]
+
+    def get(ids: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(keys, ids), 0, max(len(keys) - 1, 0))
+        found = (keys[pos] == ids) if len(keys) else np.zeros(ids.shape, bool)
+        return np.where(found, values[pos], missing)
+
+    return get
+
 
 def nir_search(store: CaseStore, labels_by_id: dict[int, int], queries: np.ndarray, n_classes: int,
                nth: int = 1, start: int = 64, cap: int = NIR_MAX_DEPTH) -> np.ndarray:
-    """``I_c`` (queries x classes) from a store, searching deeper until each class's ``nth``
-    incorrect retrieval is found or ``cap`` retrievals have been read."""
-    total = store.count()
-    k = min(start, total)
-    while True:
-        _, ids = store.search(queries, k)
-        labels = np.vectorize(lambda i: labels_by_id.get(int(i), -1))(ids)
-        incorrect = [(labels >= 0) & (labels != c) for c in range(n_classes)]
-        done = all((inc.sum(1) >= nth).all() for inc in incorrect)
-        if done or k >= min(total, cap):
-            return nir_positions(labels, n_classes, nth)
-        k = min(k * 2, total, cap)
+    """``I_c`` (queries x classes) from a store, searching as deep as :func:`deep_search`."""
+    label_of = lookup(np.fromiter(labels_by_id, np.int64), np.fromiter(labels_by_id.values(), np.int64))
+    _, _, labels = deep_search(store, label_of, queries, n_classes, nth, start=start, cap=cap)
+    return nir_positions(labels, n_classes, nth)

@@ -244,6 +244,16 @@ def trunk_descriptors(feats: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def embed_images(encoder: Encoder, top: Top, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and trunk descriptors of raw scans: the query and the indexing path."""
+    from .transforms import preprocess
+
+    x = torch.stack([preprocess(im) for im in images])
+    with torch.inference_mode():
+        feat = encoder.forward_stages(x, 0, top.cut)
+        return top(feat).numpy(), trunk_descriptors(feat.numpy()[:, None])
+
+
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -320,4 +330,4 @@ def load_top(run: Path, seed: int, encoder: Encoder | None = None) -> tuple[Enco
     return encoder.eval(), top.eval(), cfg
 
 
-__all__ = ["TrainConfig", "LOSSES", "train_run", "train_top", "embed_features", "load_top", "prepare", "ALL_BLOCKS"]
+__all__ = ["TrainConfig", "LOSSES", "train_run", "train_top", "embed_features", "embed_images", "load_top", "prepare", "ALL_BLOCKS"]

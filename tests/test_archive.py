@@ -1,0 +1,272 @@
+"""The SQLite case archive: `neurocbir add` is resumable after SIGKILL at random points, every
+crash window of the add / delete protocol is repaired on reopen, and the archive-backed
+service answers like the run it was built from."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import closing
+
+import numpy as np
+import pytest
+
+from neurocbir.archive import ArchiveError, CaseArchive, CaseRecord, scan_folder
+from neurocbir.index import IndexMismatchError
+from neurocbir.reports import parse_report
+
+
+def _sha(run):
+    return hashlib.sha256((run / "trial_0" / "checkpoint.pt").read_bytes()).hexdigest()
+
+
+def _add_cmd(folder, archive, run, *extra):
+    return [sys.executable, "-m", "neurocbir.cli", "add", str(folder), "--archive", str(archive), "--run", str(run),
+            *extra]
+
+
+def _count(archive_dir) -> int:
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{archive_dir / 'archive.db'}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
+def _assert_consistent(archive_dir, expected_hashes: set[str]) -> CaseArchive:
+    arch = CaseArchive.open(archive_dir)
+    check = arch.check()
+    assert check["integrity"] == "ok" and check["duplicates"] == 0
+    assert check["states"] == {"indexed": len(expected_hashes)}
+    ids, _ = arch.embeddings()
+    assert arch.store.count() == len(ids) and arch.store.contains(ids).all()
+    hashes = {r[0] for r in arch.db.execute("SELECT content_sha256 FROM cases")}
+    assert hashes == expected_hashes
+    return arch
+
+
+@pytest.fixture(scope="module")
+def scans(small_cases, tmp_path_factory):
+    """A hospital-style folder: 48 JPEG scans + cases.csv, one file duplicated under another name."""
+    out = tmp_path_factory.mktemp("scans")
+    root = small_cases.loader.root
+    rows = np.random.default_rng(3).choice(len(small_cases), 48, replace=False)
+    with open(out / "cases.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "patient_id", "plane", "area_mm2"])
+        for r in rows:
+            idx = int(small_cases.idx[r])
+            shutil.copy(root / "images" / f"{idx}.jpg", out / f"scan_{idx}.jpg")
+            w.writerow([f"scan_{idx}.jpg", int(small_cases.label[r]) + 1, small_cases.patient_id[r],
+                        small_cases.plane[r], round(float(small_cases.area_mm2[r]), 2)])
+        first = int(small_cases.idx[rows[0]])
+        shutil.copy(out / f"scan_{first}.jpg", out / "copy_of_first.jpg")
+        w.writerow(["copy_of_first.jpg", int(small_cases.label[rows[0]]) + 1, small_cases.patient_id[rows[0]], "", ""])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(scans, small_run, tmp_path_factory):
+    """The archive an uninterrupted `neurocbir add` builds."""
+    out = tmp_path_factory.mktemp("ref") / "archive"
+    r = subprocess.run(_add_cmd(scans, out, small_run), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "48 cases added, 1 already there" in r.stdout  # the duplicate file is stored once
+    return out
+
+
+def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_path):
+    ref = CaseArchive.open(reference)
+    ref_ids, ref_emb = ref.embeddings()
+    ref_by_hash = {h: ref_emb[np.searchsorted(ref_ids, i)] for i, h in ref.db.execute("SELECT id, content_sha256 FROM cases")}
+    ref.close()
+    archive = tmp_path / "archive"
+    rng = np.random.default_rng(int(time.time()))
+    partial = []
+    for target in sorted(rng.choice(np.arange(1, 48), 4, replace=False)):
+        proc = subprocess.Popen(_add_cmd(scans, archive, small_run, "--batch-size", "4"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # wait until the archive holds `target` cases, then kill a random moment later: the kill
+        # lands while embedding, committing, writing the index or marking rows
+        while proc.poll() is None and _count(archive) < target:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.4))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        arch = CaseArchive.open(archive)  # reopening repairs whatever the kill interrupted
+        check = arch.check()
+        assert check["duplicates"] == 0 and check["integrity"] == "ok" and check["store_count"] == len(arch)
+        partial.append(len(arch))
+        arch.close()
+    assert sum(0 < n < 48 for n in partial) >= 3, partial  # most kills interrupted a run half-way
+    done = subprocess.run(_add_cmd(scans, archive, small_run), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    arch = _assert_consistent(archive, set(ref_by_hash))
+    ids, emb = arch.embeddings()
+    for i, h in arch.db.execute("SELECT id, content_sha256 FROM cases"):
+        assert np.allclose(emb[np.searchsorted(ids, i)], ref_by_hash[h], atol=1e-5)
+    arch.close()
+
+
+def _records(n: int, dim: int = 8, start: int = 0) -> list[CaseRecord]:
+    rng = np.random.default_rng(start)
+    return [CaseRecord(f"h{start + i}", i % 3, f"p{(start + i) // 2}", "axial", 100.0 + i, f"/x/{start + i}.png",
+                       rng.normal(size=dim).astype(np.float32)) for i in range(n)]
+
+
+@pytest.mark.parametrize("store", ["flat", "hnsw", "milvus"])
+def test_every_crash_window_is_repaired_on_reopen(tmp_path, store):
+    arch = CaseArchive.create(tmp_path / "a", 8, "ck", store=store)
+    assert arch.add(_records(30)) == 30
+    # 1. killed after the table commit, before the store was written: rows pending, store lacks them
+    arch.add(_records(10, start=30), index=False)
+    arch.close()
+    arch = CaseArchive.open(tmp_path / "a", "ck", 8)
+    assert arch.check()["states"] == {"indexed": 40} and arch.store.count() == 40
+    # 2. killed after the store was saved, before the rows were marked: no duplicates on retry
+    arch.add(_records(5, start=40), index=False)
+    ids = np.array([r[0] for r in arch.db.execute("SELECT id FROM cases WHERE state = 'pending'")])
+    vecs = np.stack([r.embedding for r in _records(5, start=40)])
+    arch.store.add(ids, vecs)
+    arch.store.save()
+    arch.close()
+    arch = CaseArchive.open(tmp_path / "a", "ck", 8)
+    assert arch.check()["states"] == {"indexed": 45} and arch.store.count() == 45
+    # 3. killed in the middle of a delete: the rows marked, the store untouched
+    victims = ids[:3]
+    arch.db.executemany("UPDATE cases SET state = 'deleting' WHERE id = ?", [(int(i),) for i in victims])
+    arch.close()
+    arch = CaseArchive.open(tmp_path / "a", "ck", 8)
+    assert len(arch) == 42 and arch.store.count() == 42 and not arch.store.contains(victims).any()
+    # re-adding the same content is a no-op; deleted content can come back
+    assert arch.add(_records(30)) == 0
+    assert arch.add(_records(5, start=40)) == 3
+    arch.close()
+    if store != "milvus":
+        # 4. the store file lost or truncated: rebuilt from the table
+        (tmp_path / "a" / "index.faiss").write_bytes(b"\0" * 10)
+        arch = CaseArchive.open(tmp_path / "a", "ck", 8)
+        assert arch.store.count() == 45 and arch.check()["states"] == {"indexed": 45}
+        q = np.stack([r.embedding for r in _records(3)])
+        _, found = arch.store.search(q, 1)
+        assert (found[:, 0] == [1, 2, 3]).all()  # each finds itself
+        arch.close()
+
+
+def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans):
+    CaseArchive.create(tmp_path / "a", 8, "ck").close()
+    with pytest.raises(IndexMismatchError, match="checkpoint"):
+        CaseArchive.open(tmp_path / "a", "other", 8)
+    with pytest.raises(IndexMismatchError, match="8-d"):
+        CaseArchive.create(tmp_path / "a", 16, "ck")
+    arch = CaseArchive.open(tmp_path / "a")
+    with pytest.raises(ArchiveError, match="8 finite"):
+        arch.add([CaseRecord("x", 0, "p", "", None, "f", np.full(8, np.nan, np.float32))])
+    with pytest.raises(ArchiveError, match="label 7"):
+        arch.add([CaseRecord("x", 7, "p", "", None, "f", np.zeros(8, np.float32))])
+    assert len(arch) == 0
+    # patient ids are stored only as salted hashes
+    arch.add(_records(2))
+    assert not {r[0] for r in arch.db.execute("SELECT patient_key FROM cases")} & {"p0"}
+    with pytest.raises(ArchiveError, match="unknown store"):
+        CaseArchive.create(tmp_path / "b", 8, "ck", store="redis")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cases.csv").write_text("file,label\nnope.jpg,glioma\n")
+    with pytest.raises(ArchiveError, match="no file 'nope.jpg'"):
+        scan_folder(tmp_path / "bad")
+    (tmp_path / "bad" / "cases.csv").write_text("file,label\n../etc.jpg,glioma\n")
+    with pytest.raises(ArchiveError, match="no file"):
+        scan_folder(tmp_path / "bad")
+    (tmp_path / "bad" / "x.jpg").write_bytes((scans / "copy_of_first.jpg").read_bytes())
+    (tmp_path / "bad" / "cases.csv").write_text("file,label\nx.jpg,lymphoma\n")
+    with pytest.raises(ArchiveError, match="lymphoma"):
+        scan_folder(tmp_path / "bad")
+    with pytest.raises(ArchiveError, match="neither metadata.csv"):
+        scan_folder(tmp_path)
+
+
+def test_add_cli_skips_unreadable_files_and_reports_them(scans, small_run, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    names = sorted(p.name for p in scans.glob("scan_*.jpg"))[:3]
+    for n in names:
+        shutil.copy(scans / n, folder / n)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (folder / "cases.csv").write_text("file,label\n" + "".join(f"{n},glioma\n" for n in names) + "broken.jpg,glioma\n")
+    r = subprocess.run(_add_cmd(folder, tmp_path / "arch", small_run), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "3 cases added" in r.stdout and "skipped broken.jpg" in r.stdout
+    r = subprocess.run(_add_cmd(tmp_path / "nowhere", tmp_path / "arch", small_run), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def training_archive(small_run, small_data_dir, tmp_path_factory):
+    """The run's training folds added to an HNSW archive with `neurocbir add`."""
+    out = tmp_path_factory.mktemp("train_archive") / "arch"
+    r = subprocess.run(_add_cmd(small_data_dir, out, small_run, "--fold", "1", "--fold", "2",
+                                "--fold", "3", "--fold", "4", "--store", "hnsw"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_archive_service_matches_the_run(small_run, small_cases, training_archive):
+    """An archive built by `neurocbir add` from the run's training folds gives the same NIR
+    prediction as the run's own index for held-out scans, and serves evidence with reports."""
+    from neurocbir.service import ArchiveService, RetrievalService
+
+    run_svc = RetrievalService(small_run, table=small_cases)
+    svc = ArchiveService(small_run, training_archive)
+    assert svc.archive_size == len(run_svc.archive_rows)
+    agree, overlap = 0, []
+    for row in run_svc.example_rows[:12]:
+        img = small_cases.load_image(int(row))
+        a, b = run_svc.query(img, k=5), svc.query(img, k=5)
+        agree += a["prediction"] == b["prediction"]
+        assert b["retrievals"] and all(x["label"] and x["plane"] for x in b["retrievals"])
+        # the archive's ids are its own; the cases behind them are the same ones
+        src = svc.archive.cases([x["case_id"] for x in b["retrievals"]])
+        overlap.append(len({src[x["case_id"]]["source_case"] for x in b["retrievals"]} & {x["case_id"] for x in a["retrievals"]}))
+    # the run embedded float16 cached features, the archive float32 pixels: near-ties may swap
+    assert agree >= 11 and np.mean(overlap) >= 4
+    dedup = svc.query(small_cases.load_image(int(run_svc.example_rows[0])), k=10, one_per_patient=True)
+    keys = svc.group_of(np.array([x["case_id"] for x in dedup["retrievals"]]))
+    assert len(set(keys.tolist())) == len(keys)
+    cid = dedup["retrievals"][0]["case_id"]
+    parsed = parse_report(svc.reports([cid])[0])
+    assert parsed.tumor_type == dedup["retrievals"][0]["label"] and parsed.plane == dedup["retrievals"][0]["plane"]
+    assert svc.case_mask(cid).any() and svc.case_image(cid).ndim == 2
+    with pytest.raises(KeyError):
+        svc.case(10**9)
+
+
+def test_http_api_over_an_archive(small_run, small_cases, training_archive):
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app import create_app
+    from neurocbir.service import ArchiveService
+
+    svc = ArchiveService(small_run, training_archive)
+    client = TestClient(create_app(svc))
+    assert client.get("/health").json()["archive_cases"] == svc.archive_size > 0
+    test_row = int(np.flatnonzero(small_cases.fold == 5)[0])
+    jpg = (small_cases.loader.root / "images" / f"{int(small_cases.idx[test_row])}.jpg").read_bytes()
+    out = client.post("/query?k=3", files={"file": ("q.jpg", jpg, "image/jpeg")}).json()
+    assert len(out["retrievals"]) == 3 and out["prediction"] in out["probabilities"] and "not a diagnosis" in out["disclaimer"]
+    ids = [r["case_id"] for r in out["retrievals"]]
+    summary = client.post("/summary", json={"case_ids": ids}).json()
+    assert summary["source"] and len(summary["reports"]) == 3
+    assert client.get(f"/cases/{ids[0]}/image.png?outline=true").headers["content-type"] == "image/png"
+    assert client.get("/cases/999999").status_code == 404
+    assert client.get("/examples").json()["examples"] == []
