@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from fastapi.concurrency import run_in_threadpool
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -95,16 +96,16 @@ def create_app(service: RetrievalService, explainer: Explainer | None = None) ->
         if file is not None:
             data = await file.read(MAX_UPLOAD_BYTES + 1)
             try:
-                image = read_scan(data, file.filename or "")
+                image = await run_in_threadpool(read_scan, data, file.filename or "")
             except UploadError as exc:
                 raise HTTPException(413 if "limit is" in str(exc) and "MB" in str(exc) else 400, str(exc)) from None
         else:
             try:
-                image = service.case_image(case_id)
+                image = await run_in_threadpool(service.case_image, case_id)
             except KeyError as exc:
                 raise HTTPException(404, str(exc.args[0])) from None
-        try:
-            return service.query(image, k=k, one_per_patient=one_per_patient)
+        try:  # off the event loop: /health and static files stay responsive under load
+            return await run_in_threadpool(service.query, image, k=k, one_per_patient=one_per_patient)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
 

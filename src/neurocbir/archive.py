@@ -24,6 +24,7 @@ import hashlib
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,7 @@ class CaseArchive:
 
     def __init__(self, root: Path, db: sqlite3.Connection, meta: dict):
         self.root, self.db, self.meta = root, db, meta
+        self._lock = threading.RLock()
         self.dim = int(meta["dim"])
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
         self.store: CaseStore = self._open_store(fresh=False)
@@ -273,7 +275,9 @@ class CaseArchive:
             chunk = ids[b:b + 500]
             q = (f"SELECT id, label, plane, area_mm2, image_path, source_case, report FROM cases "
                  f"WHERE state = 'indexed' AND id IN ({','.join('?' * len(chunk))})")
-            for r in self.db.execute(q, chunk):
+            with self._lock:  # the app reads from several threads
+                rows = self.db.execute(q, chunk).fetchall()
+            for r in rows:
                 out[r[0]] = {"case_id": r[0], "label": CLASS_NAMES[r[1]], "plane": r[2] or None,
                              "area_mm2": None if r[3] is None else round(r[3], 2), "image_path": r[4],
                              "source_case": r[5], "report": r[6]}

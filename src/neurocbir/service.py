@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from .store import deep_search, lookup
 from .reports import cached_llm_reports, case_attributes, make_report
 from .training import embed_images, load_top, trunk_descriptors
 
+_MODEL_LOCK = threading.Lock()
 DISCLAIMER = ("Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
               "and must be reviewed by a qualified clinician.")
 
@@ -78,7 +80,8 @@ class RetrievalService:
     # --- embedding ----------------------------------------------------------------------
     def embed(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(embedding, trunk descriptor) of one image."""
-        return embed_images(self.encoder, self.top, [image])
+        with _MODEL_LOCK:  # one forward pass at a time: torch already uses every core
+            return embed_images(self.encoder, self.top, [image])
 
     # --- queries --------------------------------------------------------------------------
     @property

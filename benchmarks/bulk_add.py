@@ -1,0 +1,76 @@
+"""Bulk indexing throughput: `neurocbir add` on a folder of scans, CNN included.
+
+    .venv/bin/python benchmarks/bulk_add.py [--run runs/bench/supcon-fold5] [--limit N] [--store flat]
+
+Adds the bundled dataset's JPEGs (all 3064 unless --limit) to a fresh archive in a temporary
+folder with the same code as the CLI, then runs the add again (everything already there) to
+time a resume. Reports images per second, and how much of the time the CNN took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_doc import machine, write_section  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=ROOT / "runs" / "bench" / "supcon-fold5")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--store", default="flat")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+    from neurocbir.archive import CaseArchive, add_folder, scan_folder
+    from neurocbir.data import default_data_dir
+    from neurocbir.service import _best_trial
+    from neurocbir.training import embed_images, load_top
+
+    trial = _best_trial(args.run)
+    encoder, top, _ = load_top(args.run, trial)
+    sha = hashlib.sha256((args.run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
+    files = scan_folder(default_data_dir())[: args.limit]
+    cnn = [0.0]
+
+    def embed(images):
+        t = time.perf_counter()
+        out = embed_images(encoder, top, images)
+        cnn[0] += time.perf_counter() - t
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        arch = CaseArchive.create(Path(tmp) / "archive", encoder.embedding_dim, sha, store=args.store)
+        t = time.perf_counter()
+        out = add_folder(arch, files, embed, args.batch_size)
+        total = time.perf_counter() - t
+        t = time.perf_counter()
+        again = add_folder(arch, files, embed, args.batch_size)
+        resume = time.perf_counter() - t
+        check = arch.check()
+        arch.close()
+    assert out["added"] == check["indexed"] == check["store_count"] and again["added"] == 0, (out, again, check)
+    n = out["added"]
+    body = "\n".join([
+        "## Bulk indexing throughput: `neurocbir add` on a folder of scans (issue 5)", "",
+        f"Command: `python benchmarks/bulk_add.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run {args.run.name} (trial {trial}), "
+        f"{args.store} store, batches of {args.batch_size}", "",
+        "| scans | total s | images/s | CNN s (share) | other s (read, decode, hash, SQLite, index) | rerun with all present s |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {n} | {total:.1f} | {n / total:.1f} | {cnn[0]:.1f} ({cnn[0] / total:.0%}) | {total - cnn[0]:.1f} | {resume:.1f} |",
+    ])
+    write_section("bulk", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
