@@ -136,8 +136,9 @@ class CaseArchive:
         except sqlite3.DatabaseError as exc:
             raise ArchiveError(f"{root / cls.DB} is not a readable case archive ({exc})") from None
         if checkpoint_sha256 is not None and meta.get("checkpoint_sha256") != checkpoint_sha256:
-            raise IndexMismatchError(f"archive {root} was embedded by checkpoint {meta.get('checkpoint_sha256', '?')[:12]}, "
-                                     f"not {checkpoint_sha256[:12]}: use a new archive folder for this encoder")
+            raise IndexMismatchError(f"archive {root} was embedded by checkpoint {meta.get('checkpoint_sha256', '?')[:12]} "
+                                     f"(run {meta.get('run') or '?'}), not {checkpoint_sha256[:12]}: pass that --run, "
+                                     "or use a new archive folder for this encoder")
         if dim is not None and int(meta.get("dim", -1)) != dim:
             raise IndexMismatchError(f"archive {root} holds {meta.get('dim')}-d vectors, the encoder gives {dim}-d")
         return cls(root, db, meta)
