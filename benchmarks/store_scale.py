@@ -194,7 +194,7 @@ def main() -> None:
         f"{' '.join(map(str, args.milvus_sizes))} --queries {len(queries)}`, {time.strftime('%Y-%m-%d')}, {machine()}.",
         "",
         f"Archive: the real 3064 embeddings of `{args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run}` "
-        "(its 612 test-fold queries are in it), then synthetic 128-d archives drawn on the real class manifolds "
+        f"(the queries, drawn from its {len(test)} test-fold embeddings, are in it), then synthetic 128-d archives drawn on the real class manifolds "
         "(see the script's docstring). Queries: real held-out embeddings, one per call, K = 25. "
         "Build = adding all vectors (and training, for IVF); recall@25 against FAISS exact, counting a "
         "retrieval as found when it is no farther than the exact 25th neighbour (+0.1%, as ANN-benchmarks does).",

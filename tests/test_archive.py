@@ -177,6 +177,9 @@ def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans):
     # patient ids are stored only as salted hashes
     arch.add(_records(2))
     assert not {r[0] for r in arch.db.execute("SELECT patient_key FROM cases")} & {"p0"}
+    with pytest.raises(ArchiveError, match="Milvus at http://127.0.0.1:1"):
+        CaseArchive.create(tmp_path / "m", 8, "ck", store="milvus", milvus_uri="http://127.0.0.1:1")
+    assert not (tmp_path / "m" / "archive.db").exists()  # nothing half-made left behind
     with pytest.raises(ArchiveError, match="unknown store"):
         CaseArchive.create(tmp_path / "b", 8, "ck", store="redis")
     (tmp_path / "bad").mkdir()

@@ -37,6 +37,7 @@ from .index import IndexMismatchError
 from .store import CaseStore, FaissStore, MilvusStore
 
 STORE_KINDS = ("flat", "hnsw", "milvus")
+MILVUS_COLLECTION = "neurocbir_cases"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cases (
@@ -84,7 +85,8 @@ class CaseArchive:
     Create with :meth:`create`, reopen with :meth:`open` (which refuses another encoder).
     ``store``: ``"flat"`` (exact FAISS, default), ``"hnsw"`` (approximate FAISS) or
     ``"milvus"`` (``milvus_uri``: a Milvus Lite ``.db`` path, default inside the archive, or a
-    server ``http://host:19530``; token from ``$NEUROCBIR_MILVUS_TOKEN``).
+    server ``http://host:19530``; token from ``$NEUROCBIR_MILVUS_TOKEN``; ``milvus_index``:
+    the collection's index type, e.g. FLAT, IVF_FLAT, HNSW, for a server).
     """
 
     DB = "archive.db"
@@ -108,7 +110,7 @@ class CaseArchive:
 
     @classmethod
     def create(cls, root: Path | str, dim: int, checkpoint_sha256: str, store: str = "flat",
-               milvus_uri: str | None = None, run: str = "") -> "CaseArchive":
+               milvus_uri: str | None = None, run: str = "", milvus_index: str = "FLAT") -> "CaseArchive":
         """Open the archive at ``root``, creating it for this encoder if it does not exist."""
         root = Path(root)
         if (root / cls.DB).is_file():
@@ -118,12 +120,19 @@ class CaseArchive:
         root.mkdir(parents=True, exist_ok=True)
         db = cls._connect(root / (cls.DB + ".tmp"))
         meta = {"dim": str(dim), "checkpoint_sha256": checkpoint_sha256, "store": store, "run": run,
-                "milvus_uri": milvus_uri or "", "patient_salt": secrets.token_hex(16),
+                "milvus_uri": milvus_uri or "", "milvus_index": milvus_index, "patient_salt": secrets.token_hex(16),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         db.close()
         os.replace(root / (cls.DB + ".tmp"), root / cls.DB)  # the archive exists only once complete
-        return cls(root, cls._connect(root / cls.DB), meta)
+        db = cls._connect(root / cls.DB)
+        try:
+            return cls(root, db, meta)
+        except ArchiveError:  # e.g. Milvus unreachable: leave no half-made archive behind
+            db.close()
+            for suffix in ("", "-wal", "-shm"):
+                (root / (cls.DB + suffix)).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def open(cls, root: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "CaseArchive":
@@ -146,16 +155,7 @@ class CaseArchive:
     def _open_store(self, fresh: bool) -> CaseStore:
         kind = self.meta["store"]
         if kind == "milvus":
-            uri = self.meta["milvus_uri"] or str(self.root / "milvus.db")
-            token = os.environ.get("NEUROCBIR_MILVUS_TOKEN", "")
-            if fresh:
-                from pymilvus import MilvusClient
-
-                client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
-                if client.has_collection("neurocbir_cases"):
-                    client.drop_collection("neurocbir_cases")
-                client.close()
-            return MilvusStore(uri, "neurocbir_cases", self.dim, self.checkpoint_sha256, token=token)
+            return self._open_milvus(fresh)
         path = self.root / "index.faiss"
         if not fresh:
             try:
@@ -165,6 +165,24 @@ class CaseArchive:
         store = FaissStore(path, self.dim, kind=kind, checkpoint_sha256=self.checkpoint_sha256)
         store.stale = not fresh  # type: ignore[attr-defined]
         return store
+
+    def _open_milvus(self, fresh: bool) -> CaseStore:
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        uri = self.meta["milvus_uri"] or str(self.root / "milvus.db")
+        token = os.environ.get("NEUROCBIR_MILVUS_TOKEN", "")
+        try:
+            if fresh:
+                client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
+                if client.has_collection(MILVUS_COLLECTION):
+                    client.drop_collection(MILVUS_COLLECTION)
+                client.close()
+            return MilvusStore(uri, MILVUS_COLLECTION, self.dim, self.checkpoint_sha256, token=token,
+                               index_type=self.meta.get("milvus_index") or "FLAT")
+        except MilvusException as exc:
+            raise ArchiveError(f"Milvus at {uri}: {exc.message if hasattr(exc, 'message') else exc} "
+                               "(is the server up, and $NEUROCBIR_MILVUS_TOKEN right?)") from None
 
     # --- durability -----------------------------------------------------------------------
     def _ids(self, state: str) -> np.ndarray:

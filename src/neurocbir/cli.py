@@ -279,6 +279,8 @@ def add(
     store: str = typer.Option("flat", help="vector store: flat (exact FAISS), hnsw (approximate FAISS) or milvus"),
     milvus_uri: Optional[str] = typer.Option(None, help="Milvus server (http://host:19530) or Milvus Lite .db file; "
                                                         "token from $NEUROCBIR_MILVUS_TOKEN"),
+    milvus_index: str = typer.Option("FLAT", help="index type of a new Milvus collection (FLAT exact; IVF_FLAT, "
+                                                  "HNSW... on a Milvus server)"),
     fold: Optional[list[int]] = typer.Option(None, help="only these folds of a dataset folder (repeatable)"),
     batch_size: int = typer.Option(32, min=1, max=1024),
 ) -> None:
@@ -297,7 +299,7 @@ def add(
     encoder, top, _ = _guard(load_top, run, trial)
     sha = hashlib.sha256((run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
     files = _guard(scan_folder, folder, fold)
-    arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run))
+    arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run), milvus_index)
     with tqdm(total=len(files), desc="adding cases", unit="scan") as bar:
         out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update)
     check = arch.check()
