@@ -273,3 +273,25 @@ def test_http_api_over_an_archive(small_run, small_cases, training_archive):
     assert client.get(f"/cases/{ids[0]}/image.png?outline=true").headers["content-type"] == "image/png"
     assert client.get("/cases/999999").status_code == 404
     assert client.get("/examples").json()["examples"] == []
+
+
+def test_add_a_figshare_release_folder(figshare_dir, small_run, tmp_path):
+    """The original .mat release goes into an archive too; the image and mask come back from the .mat."""
+    from neurocbir.archive import add_folder
+    from neurocbir.training import embed_images, load_top
+
+    encoder, top, _ = load_top(small_run, 0)
+    files = scan_folder(figshare_dir)
+    assert [f.path.name for f in files] == ["1.mat", "2.mat", "3.mat", "4.mat"]
+    arch = CaseArchive.create(tmp_path / "a", encoder.embedding_dim, _sha(small_run))
+    out = add_folder(arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size=3)
+    assert out["added"] == 4 and not out["errors"]
+    cases = arch.cases([1, 2, 3, 4])
+    assert [c["label"] for c in cases.values()] == ["meningioma", "glioma", "pituitary", "meningioma"]
+    assert cases[3]["area_mm2"] == pytest.approx(200 * 4 * 0.49 * 0.49)  # 256 grid scaled to 512
+    arch.close()
+    from neurocbir.service import ArchiveService
+
+    svc = ArchiveService(small_run, tmp_path / "a")
+    assert svc.case_image(3).shape == (256, 256) and svc.case_mask(3).sum() == 200
+    assert svc.query(svc.case_image(2), k=1)["retrievals"][0]["case_id"] == 2

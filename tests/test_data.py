@@ -48,32 +48,6 @@ def test_images_and_masks_load(cases):
     assert mask.dtype == bool and mask.sum() == 4564
 
 
-def _write_cjdata(path, label, pid, image, mask):
-    """A file in the layout of the figshare release (MATLAB v7.3, column-major)."""
-    with h5py.File(path, "w") as f:
-        g = f.create_group("cjdata")
-        g["label"] = np.array([[float(label)]])
-        g["PID"] = np.array([[ord(c)] for c in pid], dtype=np.uint16)
-        g["image"] = image.T.astype(np.int16)
-        g["tumorMask"] = mask.T.astype(np.uint8)
-        g["tumorBorder"] = np.zeros((1, 8))
-
-
-@pytest.fixture
-def figshare_dir(tmp_path):
-    rng = np.random.default_rng(1)
-    specs = [(1, "100360", 512), (2, "100360", 512), (3, "MR0402", 256), (1, "MR0999", 512)]
-    for i, (label, pid, size) in enumerate(specs, start=1):
-        image = rng.integers(0, 2000, (size, size))
-        image[:, : size // 2] = 0  # asymmetric, so a transposition would show
-        mask = np.zeros((size, size), bool)
-        mask[10:20, 30:50] = True  # 200 px
-        _write_cjdata(tmp_path / f"{i}.mat", label, pid, image, mask)
-    with h5py.File(tmp_path / "cvind.mat", "w") as f:
-        f["cvind"] = np.array([[1.0, 1.0, 2.0, 3.0]])
-    return tmp_path
-
-
 def test_figshare_mat_reader(figshare_dir):
     t = load_cases(figshare_dir)
     assert t.idx.tolist() == [1, 2, 3, 4]

@@ -80,3 +80,46 @@ def test_report_parser_on_mutated_reports(cases):
             parse_report("".join(text))
         except ReportParseError:
             pass
+
+
+@FUZZ
+@given(text=st.one_of(st.binary(max_size=600), st.text(max_size=600).map(str.encode)))
+def test_cases_csv_reader_on_random_input(tmp_path_factory, text):
+    """`neurocbir add`'s cases.csv reader: a clear ArchiveError or valid cases."""
+    from neurocbir.archive import ArchiveError, scan_folder
+
+    folder = tmp_path_factory.mktemp("csv")
+    (folder / "a.jpg").write_bytes(b"x")
+    (folder / "cases.csv").write_bytes(text)
+    _scan_ok_or_clear(folder, scan_folder, ArchiveError)
+
+
+def _scan_ok_or_clear(folder, scan_folder, error) -> None:
+    try:
+        files = scan_folder(folder)
+    except error as exc:
+        assert str(exc)
+        return
+    for f in files:
+        assert f.path.is_file() and f.path.is_relative_to(folder.resolve()) and 0 <= f.label <= 2
+
+
+def test_cases_csv_reader_on_mutated_files(tmp_path):
+    from neurocbir.archive import ArchiveError, scan_folder
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    good = b"file,label,patient_id,plane,area_mm2,report\na.jpg,glioma,P1,axial,812.5,\"T1 contrast MRI ...\"\n"
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.integers(1, 6)):
+            pos = int(rng.integers(len(data)))
+            op = rng.integers(3)
+            if op == 0:
+                data[pos] = int(rng.integers(256))
+            elif op == 1:
+                del data[pos]
+            else:
+                data.insert(pos, int(rng.choice([0, 44, 34, 10, 13, 255])))
+        (tmp_path / "cases.csv").write_bytes(bytes(data))
+        _scan_ok_or_clear(tmp_path, scan_folder, ArchiveError)

@@ -385,16 +385,24 @@ def scan_folder(folder: Path | str, folds: Iterable[int] | None = None) -> list[
 
 def _scan_csv(folder: Path) -> list[CaseFile]:
     path = folder / "cases.csv"
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"file", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise ArchiveError(f"{path} lacks columns {sorted(missing)}")
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"file", "label"} - set(reader.fieldnames or [])
+            if missing:
+                raise ArchiveError(f"{path} lacks columns {sorted(missing)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ArchiveError(f"{path} is not a UTF-8 CSV file ({exc})") from None
     files = []
     for n, r in enumerate(rows, 2):
         where = f"{path}, line {n}"
-        f = (folder / r["file"]).resolve()
+        if r.get("file") is None or r.get("label") is None:
+            raise ArchiveError(f"{where}: fewer values than columns")
+        try:
+            f = (folder / r["file"]).resolve()
+        except (ValueError, OSError):  # e.g. a NUL in the name
+            raise ArchiveError(f"{where}: {r['file']!r} is not a file name") from None
         if not f.is_relative_to(folder.resolve()) or not f.is_file():
             raise ArchiveError(f"{where}: no file {r['file']!r} in {folder}")
         plane = (r.get("plane") or "").strip().lower()
