@@ -101,7 +101,8 @@ class FaissStore:
 
 
 class MilvusStore:
-    """Milvus (Lite file, standalone or cluster) with exact FLAT L2 search by default."""
+    """Milvus (Lite file, standalone or cluster), L2. A server builds the ``index_type`` asked
+    for (FLAT, exact, by default); Milvus Lite builds its own AUTOINDEX whatever is asked."""
 
     def __init__(self, uri: str, collection: str, dim: int, checkpoint_sha256: str = "", token: str = "",
                  index_type: str = "FLAT", index_params: dict | None = None, search_params: dict | None = None):
