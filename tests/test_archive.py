@@ -17,7 +17,7 @@ from contextlib import closing
 import numpy as np
 import pytest
 
-from neurocbir.archive import ArchiveError, CaseArchive, CaseRecord, scan_folder
+from neurocbir.archive import ArchiveError, CaseArchive, CaseRecord, scan_folder, writer_lock
 from neurocbir.index import IndexMismatchError
 from neurocbir.reports import parse_report
 
@@ -211,6 +211,9 @@ def test_add_cli_skips_unreadable_files_and_reports_them(scans, small_run, tmp_p
     r = subprocess.run(_add_cmd(tmp_path / "nowhere", tmp_path / "arch", small_run), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+    with writer_lock(tmp_path / "arch"):  # one writer at a time
+        r = subprocess.run(_add_cmd(folder, tmp_path / "arch", small_run), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "another `neurocbir add` is writing" in r.stderr
 
 
 @pytest.fixture(scope="module")

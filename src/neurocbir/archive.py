@@ -26,6 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -96,7 +97,7 @@ class CaseArchive:
         self._lock = threading.RLock()
         self.dim = int(meta["dim"])
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
-        self.store: CaseStore = self._open_store(fresh=False)
+        self.store, self._store_stale = self._open_store(fresh=False)
         self.reconcile()
 
     # --- opening ------------------------------------------------------------------------
@@ -152,19 +153,18 @@ class CaseArchive:
             raise IndexMismatchError(f"archive {root} holds {meta.get('dim')}-d vectors, the encoder gives {dim}-d")
         return cls(root, db, meta)
 
-    def _open_store(self, fresh: bool) -> CaseStore:
+    def _open_store(self, fresh: bool) -> tuple[CaseStore, bool]:
+        """(store, stale): stale when the saved index is lost or unreadable."""
         kind = self.meta["store"]
         if kind == "milvus":
-            return self._open_milvus(fresh)
+            return self._open_milvus(fresh), False
         path = self.root / "index.faiss"
         if not fresh:
             try:
-                return FaissStore.open(path, self.checkpoint_sha256, self.dim)
+                return FaissStore.open(path, self.checkpoint_sha256, self.dim), False
             except (FileNotFoundError, IndexMismatchError, RuntimeError):
                 pass  # lost or stale: reconcile() rebuilds it from the table
-        store = FaissStore(path, self.dim, kind=kind, checkpoint_sha256=self.checkpoint_sha256)
-        store.stale = not fresh  # type: ignore[attr-defined]
-        return store
+        return FaissStore(path, self.dim, kind=kind, checkpoint_sha256=self.checkpoint_sha256), not fresh
 
     def _open_milvus(self, fresh: bool) -> CaseStore:
         from pymilvus import MilvusClient
@@ -192,7 +192,7 @@ class CaseArchive:
         """Bring the store in line with the table after a crash (idempotent, cheap when clean)."""
         indexed, pending, deleting = (self._ids(s) for s in ("indexed", "pending", "deleting"))
         n = self.store.count()
-        if getattr(self.store, "stale", False) or not len(indexed) <= n <= len(indexed) + len(pending) + len(deleting):
+        if self._store_stale or not len(indexed) <= n <= len(indexed) + len(pending) + len(deleting):
             self.rebuild_store()
             return
         if len(deleting):
@@ -204,8 +204,7 @@ class CaseArchive:
     def rebuild_store(self) -> None:
         """Re-create the store from the table (the table is the source of truth)."""
         self.db.execute("DELETE FROM cases WHERE state = 'deleting'")
-        self.store = self._open_store(fresh=True)
-        self.store.stale = False  # type: ignore[attr-defined]
+        self.store, self._store_stale = self._open_store(fresh=True)
         for ids, vecs in self._vectors("state IN ('indexed', 'pending')"):
             self.store.add(ids, vecs)
         self.store.save()
@@ -324,6 +323,21 @@ class CaseArchive:
         if hasattr(self.store, "close"):
             self.store.close()
         self.db.close()
+
+
+@contextmanager
+def writer_lock(root: Path | str) -> Iterator[None]:
+    """One writer (`neurocbir add`) per archive at a time; readers (the app) need no lock."""
+    import fcntl
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "writer.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArchiveError(f"another `neurocbir add` is writing to {root}; wait for it to finish") from None
+        yield
 
 
 # --- folders of cases ----------------------------------------------------------------------

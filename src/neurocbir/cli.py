@@ -287,25 +287,28 @@ def add(
     """Embed the scans of FOLDER and add them to a case archive; safe to kill and rerun (resumes,
     never duplicates)."""
     import hashlib
+    from contextlib import ExitStack
 
     from tqdm import tqdm
 
-    from .archive import CaseArchive, add_folder, scan_folder
+    from .archive import CaseArchive, add_folder, scan_folder, writer_lock
     from .service import _best_trial
     from .training import embed_images, load_top
 
-    run = run or default_run()
-    trial = _guard(_best_trial, run)
-    encoder, top, _ = _guard(load_top, run, trial)
-    sha = hashlib.sha256((run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
-    files = _guard(scan_folder, folder, fold)
-    arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run), milvus_index)
-    with tqdm(total=len(files), desc="adding cases", unit="scan") as bar:
-        out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update)
-    check = arch.check()
-    arch.close()
+    with ExitStack() as stack:
+        _guard(stack.enter_context, writer_lock(archive))
+        files = _guard(scan_folder, folder, fold)
+        run = run or default_run()
+        trial = _guard(_best_trial, run)
+        encoder, top, _ = _guard(load_top, run, trial)
+        sha = hashlib.sha256((run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
+        arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run), milvus_index)
+        with tqdm(total=len(files), desc="adding cases", unit="scan") as bar:
+            out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update)
+        check = arch.check()
+        arch.close()
     typer.echo(f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
-               f"{out['total']} cases ({check['store_count']} in the {store} index)")
+               f"{out['total']} cases ({check['store_count']} in its {arch.meta['store']} index)")
     for e in out["errors"][:20]:
         typer.secho(f"  skipped {e}", fg=typer.colors.YELLOW)
     if len(out["errors"]) > 20:
