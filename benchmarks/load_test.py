@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--archive", type=Path, default=None, help="serve a case archive (neurocbir add) instead of the run's own")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--duration", type=float, default=60)
+    p.add_argument("--section", default=None, help="results section (default: load, or load-archive with --archive)")
     args = p.parse_args()
     import httpx
 
@@ -98,8 +99,14 @@ def main() -> None:
     files = [(table.loader.root / "images" / f"{int(table.idx[r])}.jpg").read_bytes() for r in test[:200]]
     port = free_port()
     cmd = [sys.executable, "-m", "neurocbir.cli", "serve", "--run", str(args.run), "--port", str(port)]
+    archive_desc = ""
     if args.archive:
+        import sqlite3
+
         cmd += ["--archive", str(args.archive)]
+        with sqlite3.connect(f"file:{args.archive / 'archive.db'}?mode=ro", uri=True) as db:
+            store = dict(db.execute("SELECT key, value FROM meta"))["store"]
+        archive_desc = f"a `neurocbir add` archive, {store} store"
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -139,10 +146,11 @@ def main() -> None:
     last = rows[-1]
     flat = abs(last["rss_out"] - last["rss_in"]) <= 0.05 * last["rss_in"]
     body = "\n".join([
-        "## Load: concurrent POST /query clients on loopback (issue 5)", "",
+        "## Load: concurrent POST /query clients on loopback" + (" over a case archive" if args.archive else "")
+        + " (issue 5)", "",
         f"Command: `python benchmarks/load_test.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | server: `neurocbir serve` ({health['archive_cases']} "
-        f"archive cases{', case archive ' + args.archive.name if args.archive else ', the run index'}) in its own "
+        f"archive cases, {archive_desc if args.archive else 'the run index'}) in its own "
         f"process; clients: threads in the benchmark process on the same 2 cores | {args.duration:.0f} s per level, "
         "each client sends test-fold JPEGs back to back", "",
         "| clients | requests | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors | server RSS 10 s in -> end (MB) |",
@@ -156,7 +164,7 @@ def main() -> None:
         "The server runs one query's CNN at a time (torch already uses both cores); other requests wait in its "
         "thread pool, and the event loop stays free for /health and static files.",
     ])
-    write_section("load", body)
+    write_section(args.section or ("load-archive" if args.archive else "load"), body)
     print(body)
 
 
