@@ -199,7 +199,7 @@ class CaseArchive:
             self.store.delete(deleting)
             self.store.save()
             self.db.execute("DELETE FROM cases WHERE state = 'deleting'")
-        self._index_pending()
+        self.index_pending()
 
     def rebuild_store(self) -> None:
         """Re-create the store from the table (the table is the source of truth)."""
@@ -216,7 +216,8 @@ class CaseArchive:
             yield (np.array([r[0] for r in rows], dtype=np.int64),
                    np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]))
 
-    def _index_pending(self) -> int:
+    def index_pending(self) -> int:
+        """Put committed-but-pending cases into the store, save it, mark them indexed."""
         pending = list(self._vectors("state = 'pending'"))
         if not pending:
             return 0
@@ -268,7 +269,7 @@ class CaseArchive:
             raise
         new = self.db.total_changes - before
         if index:
-            self._index_pending()
+            self.index_pending()
         return new
 
     def delete(self, case_ids: Iterable[int]) -> None:
@@ -440,9 +441,11 @@ def file_sha256(path: Path) -> str:
 
 
 def add_folder(archive: CaseArchive, files: list[CaseFile], embed: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
-               batch_size: int = 32, progress: Callable[[int], None] | None = None) -> dict:
+               batch_size: int = 32, progress: Callable[[int], None] | None = None, index_every_s: float = 30.0) -> dict:
     """Embed and add the files the archive does not hold yet, one committed batch at a time
-    (so a killed run resumes where it stopped). Unreadable files are skipped and reported."""
+    (so a killed run resumes where it stopped). The store is written every ``index_every_s``
+    seconds and at the end (saving a large index per batch would dominate); committed cases
+    not yet in the store are indexed on the next open. Unreadable files are skipped and reported."""
     hashes = [file_sha256(f.path) for f in files]
     known = archive.known_hashes(hashes)
     todo = [(f, h) for f, h in zip(files, hashes) if h not in known]
@@ -451,6 +454,7 @@ def add_folder(archive: CaseArchive, files: list[CaseFile], embed: Callable[[lis
     added, skipped, errors = 0, len(files) - len(todo), []
     if progress:
         progress(skipped)
+    last_index = time.monotonic()
     for b in range(0, len(todo), batch_size):
         batch, images = [], []
         for f, h in todo[b:b + batch_size]:
@@ -462,8 +466,13 @@ def add_folder(archive: CaseArchive, files: list[CaseFile], embed: Callable[[lis
         if batch:
             emb, trunk = embed(images)
             added += archive.add([CaseRecord(h, f.label, f.patient_id, f.plane, f.area_mm2, str(f.path), e, t,
-                                             f.source_case, f.report) for (f, h), e, t in zip(batch, emb, trunk)])
+                                             f.source_case, f.report) for (f, h), e, t in zip(batch, emb, trunk)],
+                                 index=False)
+        if time.monotonic() - last_index >= index_every_s:
+            archive.index_pending()
+            last_index = time.monotonic()
         if progress:
             progress(len(todo[b:b + batch_size]))
+    archive.index_pending()
     return {"added": added, "already_there": skipped, "errors": errors, "total": len(archive)}
 

@@ -283,6 +283,7 @@ def add(
                                                   "HNSW... on a Milvus server)"),
     fold: Optional[list[int]] = typer.Option(None, help="only these folds of a dataset folder (repeatable)"),
     batch_size: int = typer.Option(32, min=1, max=1024),
+    index_every: float = typer.Option(30.0, min=0, help="write the vector index at most every N seconds (and at the end)"),
 ) -> None:
     """Embed the scans of FOLDER and add them to a case archive; safe to kill and rerun (resumes,
     never duplicates)."""
@@ -304,7 +305,8 @@ def add(
         sha = hashlib.sha256((run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
         arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run), milvus_index)
         with tqdm(total=len(files), desc="adding cases", unit="scan") as bar:
-            out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update)
+            out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update,
+                         index_every)
         check = arch.check()
         arch.close()
     typer.echo(f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
