@@ -10,7 +10,6 @@ time a resume. Reports images per second, and how much of the time the CNN took.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 import time
@@ -33,11 +32,11 @@ def main() -> None:
     from neurocbir.archive import CaseArchive, add_folder, scan_folder
     from neurocbir.data import default_data_dir
     from neurocbir.service import _best_trial
-    from neurocbir.training import embed_images, load_top
+    from neurocbir.training import checkpoint_sha256, embed_images, load_top
 
     trial = _best_trial(args.run)
     encoder, top, _ = load_top(args.run, trial)
-    sha = hashlib.sha256((args.run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
+    sha = checkpoint_sha256(args.run, trial)
     files = scan_folder(default_data_dir())[: args.limit]
     cnn = [0.0]
 

@@ -14,7 +14,6 @@ e.g. --clients 1 4 16 16, to see it settle).
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys

@@ -124,7 +124,7 @@ def bench_size(x: np.ndarray, queries: np.ndarray, milvus: bool, tmp: Path, ef_v
     for nprobe in nprobe_values:
         ivf.nprobe = nprobe
         found, times = timed_queries(lambda q: ivf.search(q, K)[1], queries)
-        add_row(f"FAISS IVF-Flat", f"nlist={nlist} nprobe={nprobe}", build, found, times, truth)
+        add_row("FAISS IVF-Flat", f"nlist={nlist} nprobe={nprobe}", build, found, times, truth)
     del ivf, quant
 
     if milvus:

@@ -5,7 +5,6 @@ service answers like the run it was built from."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import shutil
 import signal
@@ -20,10 +19,11 @@ import pytest
 from neurocbir.archive import ArchiveError, CaseArchive, CaseRecord, scan_folder, writer_lock
 from neurocbir.index import IndexMismatchError
 from neurocbir.reports import parse_report
+from neurocbir.training import checkpoint_sha256
 
 
 def _sha(run):
-    return hashlib.sha256((run / "trial_0" / "checkpoint.pt").read_bytes()).hexdigest()
+    return checkpoint_sha256(run, 0)
 
 
 def _add_cmd(folder, archive, run, *extra):

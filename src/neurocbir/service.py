@@ -16,7 +16,7 @@ from .data import CLASS_NAMES, CaseTable, load_cases
 from .index import VectorIndex
 from .store import deep_search, lookup
 from .reports import cached_llm_reports, case_attributes, make_report
-from .training import embed_images, load_top, trunk_descriptors
+from .training import checkpoint_sha256, embed_images, load_top, trunk_descriptors
 
 _MODEL_LOCK = threading.Lock()
 DISCLAIMER = ("Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
@@ -33,17 +33,10 @@ def _best_trial(run: Path) -> int:
 
 class RetrievalService:
     def __init__(self, run: Path | str, table: CaseTable | None = None, trial: int | None = None):
-        import hashlib
-
-        self.run = Path(run)
-        if not (self.run / "config.json").is_file():
-            raise FileNotFoundError(f"{self.run} is not a run directory (no config.json)")
+        sha = self._load_model(run, trial)
         cfg = json.loads((self.run / "config.json").read_text())
         self.table = table if table is not None else load_cases(cfg.get("data"))
-        self.trial = _best_trial(self.run) if trial is None else trial
         tdir = self.run / f"trial_{self.trial}"
-        self.encoder, self.top, self.cfg = load_top(self.run, self.trial)
-        sha = hashlib.sha256((tdir / "checkpoint.pt").read_bytes()).hexdigest()
         self.index = VectorIndex.load(tdir / "index.faiss", checkpoint_sha256=sha, dim=self.encoder.embedding_dim)
         emb = np.load(tdir / "embeddings.npz")
         self.archive_rows = emb["archive_rows"]
@@ -63,6 +56,15 @@ class RetrievalService:
         self.far_threshold = float(np.percentile(d[:, 0], 99.5) * 1.1)
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
         self.llm_reports = cached_llm_reports()
+
+    def _load_model(self, run: Path | str, trial: int | None) -> str:
+        """Encoder + trained top of a run's trial; returns the checkpoint's SHA-256."""
+        self.run = Path(run)
+        if not (self.run / "config.json").is_file():
+            raise FileNotFoundError(f"{self.run} is not a run directory (no config.json)")
+        self.trial = _best_trial(self.run) if trial is None else trial
+        self.encoder, self.top, self.cfg = load_top(self.run, self.trial)
+        return checkpoint_sha256(self.run, self.trial)
 
     def _trunk_descriptors(self, emb) -> tuple[np.ndarray | None, np.ndarray | None]:
         if "archive_trunk" in emb:
@@ -169,16 +171,9 @@ class ArchiveService(RetrievalService):
     ``neurocbir add`` (SQLite + FAISS or Milvus): any number of cases, any source folder."""
 
     def __init__(self, run: Path | str, archive: Path | str, trial: int | None = None):
-        import hashlib
-
         from .archive import CaseArchive
 
-        self.run = Path(run)
-        if not (self.run / "config.json").is_file():
-            raise FileNotFoundError(f"{self.run} is not a run directory (no config.json)")
-        self.trial = _best_trial(self.run) if trial is None else trial
-        self.encoder, self.top, self.cfg = load_top(self.run, self.trial)
-        sha = hashlib.sha256((self.run / f"trial_{self.trial}" / "checkpoint.pt").read_bytes()).hexdigest()
+        sha = self._load_model(run, trial)
         self.archive = CaseArchive.open(archive, checkpoint_sha256=sha, dim=self.encoder.embedding_dim)
         cols = self.archive.columns()
         if not len(cols["id"]):
@@ -226,8 +221,10 @@ class ArchiveService(RetrievalService):
         return {c: {k: found[c][k] for k in ("case_id", "label", "plane", "area_mm2")} for c in case_ids}
 
     def case(self, case_id: int, style: str = "normal") -> dict:
-        out = {**self.describe([case_id])[case_id], "in_archive": True}
-        out["report"] = self.reports([case_id], style)[0] if out["plane"] or self.archive.cases([case_id])[case_id]["report"] else None
+        stored = self._stored(case_id)
+        out = {k: stored[k] for k in ("case_id", "label", "plane", "area_mm2")} | {"in_archive": True}
+        writable = stored["report"] or (stored["plane"] and stored["area_mm2"] is not None)
+        out["report"] = self.reports([case_id], style)[0] if writable else None
         return out
 
     def reports(self, case_ids: list[int], style: str = "normal") -> list[str]:

@@ -8,7 +8,6 @@ checkpoint, the embeddings of archive (training) and test cases, the FAISS index
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from .data import CLASS_NAMES, DEFAULT_TEST_FOLD, CaseTable, load_cases
 from .encoders import ALL_BLOCKS, DEFAULT_ENCODER, Encoder, create_encoder, pick_device
 from .features import cached_features
-from .index import VectorIndex
+from .index import VectorIndex, sha256_file
 
 LOSSES = ("ce", "triplet", "nca", "infonce", "supcon")
 
@@ -260,8 +259,9 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def checkpoint_sha256(run: Path | str, trial: int) -> str:
+    """What ties an index or a case archive to the trial whose encoder embedded it."""
+    return sha256_file(Path(run) / f"trial_{trial}" / "checkpoint.pt")
 
 
 def prepare(cfg: TrainConfig, table: CaseTable | None = None, device: torch.device | None = None):
@@ -309,7 +309,7 @@ def train_run(cfg: TrainConfig, out: Path, table: CaseTable | None = None, progr
                  archive_trunk=trunk_descriptors(train_feats), test_trunk=trunk_descriptors(feats[test_rows]),
                  **({"test_mlp_proba": test_prob} if test_prob is not None else {}))
         os.replace(emb_tmp, tdir / "embeddings.npz")
-        VectorIndex.build(archive_emb, _sha256_file(ckpt)).save(tdir / "index.faiss")
+        VectorIndex.build(archive_emb, sha256_file(ckpt)).save(tdir / "index.faiss")
     timings["train_s_total"] = round(sum(timings["trials_s"]), 1)
     _atomic_json(out / "timings.json", timings)
     return timings
@@ -330,4 +330,4 @@ def load_top(run: Path, seed: int, encoder: Encoder | None = None) -> tuple[Enco
     return encoder.eval(), top.eval(), cfg
 
 
-__all__ = ["TrainConfig", "LOSSES", "train_run", "train_top", "embed_features", "embed_images", "load_top", "prepare", "ALL_BLOCKS"]
+__all__ = ["TrainConfig", "LOSSES", "train_run", "train_top", "embed_features", "embed_images", "load_top", "checkpoint_sha256", "prepare", "ALL_BLOCKS"]
