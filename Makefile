@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench-core
+.PHONY: setup demo test lint bench-core
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -17,6 +17,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Style: ruff lint and format check (configured in pyproject.toml); CI runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 # The results document: all five losses on fold 5 (and SupCon on every fold). Slow.
 bench-core: setup

@@ -18,16 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_doc import machine, write_section
 
-from results_doc import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = {
     "default": {},
     "head only (trainable_blocks=0), 20 epochs": {"trainable_blocks": 0, "epochs": 20},
-    "weak regularisation (dropout 0.3, no noise, wd 1e-4)": {"dropout": 0.3, "feature_noise": 0.0, "weight_decay": 1e-4},
+    "weak regularisation (dropout 0.3, no noise, wd 1e-4)": {
+        "dropout": 0.3,
+        "feature_noise": 0.0,
+        "weight_decay": 1e-4,
+    },
     "5 epochs": {"epochs": 5},
     "cross-patient positives": {"cross_patient_positives": True},
     "test-time augmentation": {"tta": True},
@@ -44,7 +46,9 @@ def main() -> None:
 
     from neurocbir.classify import KNNClassifier, NIRClassifier
     from neurocbir.data import load_cases
-    from neurocbir.training import TrainConfig, embed_features, prepare, train_top
+    from neurocbir.inference import embed_features
+    from neurocbir.runs import TrainConfig
+    from neurocbir.training import prepare, train_top
 
     table = load_cases()
     tr, te = np.flatnonzero(table.fold != args.fold), np.flatnonzero(table.fold == args.fold)
@@ -55,21 +59,42 @@ def main() -> None:
         f_tr, f_te = np.asarray(feats[tr]), np.asarray(feats[te])
         scores, t0 = [], time.time()
         for seed in range(args.seeds):
-            top = train_top(cfg, encoder, f_tr, table.label[tr], seed, torch.device("cpu"), progress=False,
-                            groups=table.patient_id[tr])
+            top = train_top(
+                cfg,
+                encoder,
+                f_tr,
+                table.label[tr],
+                seed,
+                torch.device("cpu"),
+                progress=False,
+                groups=table.patient_id[tr],
+            )
             a, _ = embed_features(top, f_tr, torch.device("cpu"))
             q, _ = embed_features(top, f_te, torch.device("cpu"), tta=cfg.tta)
             y = table.label[te]
-            scores.append([cohen_kappa_score(y, c.fit(a, table.label[tr]).predict(q)) for c in
-                           (NIRClassifier(), NIRClassifier(nth_incorrect=10), KNNClassifier(7), KNNClassifier(25))])
+            scores.append(
+                [
+                    cohen_kappa_score(y, c.fit(a, table.label[tr]).predict(q))
+                    for c in (NIRClassifier(), NIRClassifier(nth_incorrect=10), KNNClassifier(7), KNNClassifier(25))
+                ]
+            )
         m = np.mean(scores, axis=0)
-        rows.append(f"| {name} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.3f} | {(time.time() - t0) / args.seeds:.0f} |")
+        rows.append(
+            f"| {name} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.3f} | {(time.time() - t0) / args.seeds:.0f} |"
+        )
         print(rows[-1], flush=True)
-    body = "\n".join([
-        "## Ablations of the CPU recipe (SupCon, issue 2)", "",
-        f"Command: `python benchmarks/ablations.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | fold {args.fold}, mean of {args.seeds} seeds, kappa", "",
-        "| variant | NIR | I-NIR | KNN-7 | KNN-25 | s per seed |", "|---|---|---|---|---|---|", *rows])
+    body = "\n".join(
+        [
+            "## Ablations of the CPU recipe (SupCon, issue 2)",
+            "",
+            f"Command: `python benchmarks/ablations.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | fold {args.fold}, mean of {args.seeds} seeds, kappa",
+            "",
+            "| variant | NIR | I-NIR | KNN-7 | KNN-25 | s per seed |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     write_section("ablations", body)
 
 

@@ -15,11 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_doc import machine, write_section
 
-from results_doc import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -29,25 +27,23 @@ def main() -> None:
     p.add_argument("--store", default="flat")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
-    from neurocbir.archive import CaseArchive, add_folder, scan_folder
+    from neurocbir.archive import CaseArchive
     from neurocbir.data import default_data_dir
-    from neurocbir.service import _best_trial
-    from neurocbir.training import checkpoint_sha256, embed_images, load_top
+    from neurocbir.inference import load_model
+    from neurocbir.ingest import add_folder, scan_folder
 
-    trial = _best_trial(args.run)
-    encoder, top, _ = load_top(args.run, trial)
-    sha = checkpoint_sha256(args.run, trial)
+    model = load_model(args.run)
     files = scan_folder(default_data_dir())[: args.limit]
     cnn = [0.0]
 
     def embed(images):
         t = time.perf_counter()
-        out = embed_images(encoder, top, images)
+        out = model.embed(images)
         cnn[0] += time.perf_counter() - t
         return out
 
     with tempfile.TemporaryDirectory() as tmp:
-        arch = CaseArchive.create(Path(tmp) / "archive", encoder.embedding_dim, sha, store=args.store)
+        arch = CaseArchive.create(Path(tmp) / "archive", model.embedding_dim, model.checkpoint_sha256, store=args.store)
         t = time.perf_counter()
         out = add_folder(arch, files, embed, args.batch_size)
         total = time.perf_counter() - t
@@ -58,15 +54,19 @@ def main() -> None:
         arch.close()
     assert out["added"] == check["indexed"] == check["store_count"] and again["added"] == 0, (out, again, check)
     n = out["added"]
-    body = "\n".join([
-        "## Bulk indexing throughput: `neurocbir add` on a folder of scans (issue 5)", "",
-        f"Command: `python benchmarks/bulk_add.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run {args.run.name} (trial {trial}), "
-        f"{args.store} store, batches of {args.batch_size}", "",
-        "| scans | total s | images/s | CNN s (share) | other s (read, decode, hash, SQLite, index) | rerun with all present s |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {n} | {total:.1f} | {n / total:.1f} | {cnn[0]:.1f} ({cnn[0] / total:.0%}) | {total - cnn[0]:.1f} | {resume:.1f} |",
-    ])
+    body = "\n".join(
+        [
+            "## Bulk indexing throughput: `neurocbir add` on a folder of scans (issue 5)",
+            "",
+            f"Command: `python benchmarks/bulk_add.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run {args.run.name} (trial {model.trial}), "
+            f"{args.store} store, batches of {args.batch_size}",
+            "",
+            "| scans | total s | images/s | CNN s (share) | other s (read, decode, hash, SQLite, index) | rerun with all present s |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {n} | {total:.1f} | {n / total:.1f} | {cnn[0]:.1f} ({cnn[0] / total:.0%}) | {total - cnn[0]:.1f} | {resume:.1f} |",
+        ]
+    )
     write_section("bulk", body)
     print(body)
 

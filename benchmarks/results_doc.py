@@ -3,20 +3,22 @@ generated section of docs/results.md (the rest of the document is left as it is)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 from pathlib import Path
+
+from neurocbir import files
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
 
 def machine() -> str:
     cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
     try:
         import torch
 
@@ -28,13 +30,14 @@ def machine() -> str:
 
 def write_section(name: str, body: str, doc: Path = DOC) -> None:
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = doc.read_text() if doc.is_file() else "# neurocbir results\n\nEvery figure below is written by the script named in its section; do not edit them by hand.\n"
+    text = (
+        doc.read_text()
+        if doc.is_file()
+        else "# neurocbir results\n\nEvery figure below is written by the script named in its section; do not edit them by hand.\n"
+    )
     section = f"{begin}\n{body}\n{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_name(doc.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    files.write_text(doc, text)

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_doc import machine, write_section
 
-from results_doc import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 K = 25
 
@@ -48,7 +46,7 @@ def synthetic(real: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Gener
         a = np.array([rng.choice(by_class[c]) for c in cls])
         b = np.array([rng.choice(by_class[c]) for c in cls])
         lam = rng.random((m, 1), dtype=np.float32)
-        out[s:s + m] = real[a] + lam * (real[b] - real[a]) + rng.normal(0, sigma, (m, real.shape[1]))
+        out[s : s + m] = real[a] + lam * (real[b] - real[a]) + rng.normal(0, sigma, (m, real.shape[1]))
     return out
 
 
@@ -86,33 +84,44 @@ def bench_size(x: np.ndarray, queries: np.ndarray, milvus: bool, tmp: Path, ef_v
     rows = []
 
     def add_row(backend, setting, build_s, found, times, truth):
-        rows.append({"n": n, "backend": backend, "setting": setting, "build_s": build_s,
-                     "p50": float(np.median(times)), "p95": float(np.percentile(times, 95)),
-                     "recall": recall(found, truth, x, queries)})
+        rows.append(
+            {
+                "n": n,
+                "backend": backend,
+                "setting": setting,
+                "build_s": build_s,
+                "p50": float(np.median(times)),
+                "p95": float(np.percentile(times, 95)),
+                "recall": recall(found, truth, x, queries),
+            }
+        )
         r = rows[-1]
-        print(f"  {backend:22s} {setting:22s} build {build_s:7.1f}s  p50 {r['p50']:7.3f} ms  "
-              f"p95 {r['p95']:7.3f} ms  recall@25 {r['recall']:.4f}", flush=True)
+        print(
+            f"  {backend:22s} {setting:22s} build {build_s:7.1f}s  p50 {r['p50']:7.3f} ms  "
+            f"p95 {r['p95']:7.3f} ms  recall@25 {r['recall']:.4f}",
+            flush=True,
+        )
 
     t = time.perf_counter()
     flat = FaissStore(tmp / "flat.faiss", dim)
     for b in range(0, n, 50_000):
-        flat.add(ids[b:b + 50_000], x[b:b + 50_000])
+        flat.add(ids[b : b + 50_000], x[b : b + 50_000])
     build = time.perf_counter() - t
     truth, times = timed_queries(lambda q: flat.search(q, K)[1], queries)
     add_row("FAISS exact (flat)", "-", build, truth, times, truth)
-    del flat
+    flat = None  # free it before the next build
 
     t = time.perf_counter()
     hnsw = FaissStore(tmp / "hnsw.faiss", dim, kind="hnsw")
     for b in range(0, n, 50_000):
-        hnsw.add(ids[b:b + 50_000], x[b:b + 50_000])
+        hnsw.add(ids[b : b + 50_000], x[b : b + 50_000])
     build = time.perf_counter() - t
     base = faiss.downcast_index(hnsw.index.index)
     for ef in ef_values:
         base.hnsw.efSearch = ef
         found, times = timed_queries(lambda q: hnsw.search(q, K)[1], queries)
         add_row("FAISS HNSW (M=32)", f"efSearch={ef}", build, found, times, truth)
-    del hnsw, base
+    hnsw = base = None
 
     nlist = int(4 * np.sqrt(n))
     t = time.perf_counter()
@@ -125,18 +134,24 @@ def bench_size(x: np.ndarray, queries: np.ndarray, milvus: bool, tmp: Path, ef_v
         ivf.nprobe = nprobe
         found, times = timed_queries(lambda q: ivf.search(q, K)[1], queries)
         add_row("FAISS IVF-Flat", f"nlist={nlist} nprobe={nprobe}", build, found, times, truth)
-    del ivf, quant
+    ivf = quant = None
 
     if milvus:
         t = time.perf_counter()
         m = MilvusStore(str(tmp / "milvus.db"), "cases", dim)
         for b in range(0, n, 20_000):
-            m.add(ids[b:b + 20_000], x[b:b + 20_000])
+            m.add(ids[b : b + 20_000], x[b : b + 20_000])
         m.save()
         build = time.perf_counter() - t
         found, times = timed_queries(lambda q: m.search(q, K)[1], queries)
-        add_row("Milvus Lite", "FLAT requested; built " + m.client.describe_index("cases", "vector")["index_type"],
-                build, found, times, truth)
+        add_row(
+            "Milvus Lite",
+            "FLAT requested; built " + m.client.describe_index("cases", "vector")["index_type"],
+            build,
+            found,
+            times,
+            truth,
+        )
         m.close()
     return rows
 
@@ -145,7 +160,9 @@ def milvus_lite_index(tmp: Path, x: np.ndarray, index_type: str, params: dict) -
     """The index Milvus Lite builds when asked for ``index_type`` (its describe_index answer)."""
     from neurocbir.store import MilvusStore
 
-    m = MilvusStore(str(tmp / f"probe_{index_type}.db"), "probe", x.shape[1], index_type=index_type, index_params=params)
+    m = MilvusStore(
+        str(tmp / f"probe_{index_type}.db"), "probe", x.shape[1], index_type=index_type, index_params=params
+    )
     m.add(np.arange(len(x)), x)
     m.save()
     kind = m.client.describe_index("probe", "vector")["index_type"]
@@ -178,7 +195,9 @@ def main() -> None:
         real = np.concatenate([archive, test])
         print(f"real archive: {len(real)} vectors", flush=True)
         rows += bench_size(real, queries, True, Path(tmp), args.ef, args.nprobe)
-        lite_kinds = {k: milvus_lite_index(Path(tmp), real, k, p) for k, p in (("FLAT", {}), ("IVF_FLAT", {"nlist": 64}))}
+        lite_kinds = {
+            k: milvus_lite_index(Path(tmp), real, k, p) for k, p in (("FLAT", {}), ("IVF_FLAT", {"nlist": 64}))
+        }
         rng = np.random.default_rng(0)
         for n in args.sizes:
             print(f"synthetic archive: {n} vectors", flush=True)
@@ -209,12 +228,20 @@ def main() -> None:
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['n']:,} | {r['backend']} | {r['setting']} | {r['build_s']:.1f} | {r['p50']:.3f} | "
-                     f"{r['p95']:.3f} | {r['recall']:.4f} |")
+        lines.append(
+            f"| {r['n']:,} | {r['backend']} | {r['setting']} | {r['build_s']:.1f} | {r['p50']:.3f} | "
+            f"{r['p95']:.3f} | {r['recall']:.4f} |"
+        )
     ok = [r for r in rows if r["n"] >= 1_000_000 and r["p50"] <= 5 and r["recall"] >= 0.99]
-    lines += ["", "Target at 1M (p50 <= 5 ms with recall@25 >= 0.99): " + (
-        "met by " + "; ".join(f"{r['backend']} {r['setting']} ({r['p50']:.2f} ms, {r['recall']:.3f})" for r in ok)
-        if ok else ("not met by any setting" if any(r["n"] >= 1_000_000 for r in rows) else "1M not run"))]
+    lines += [
+        "",
+        "Target at 1M (p50 <= 5 ms with recall@25 >= 0.99): "
+        + (
+            "met by " + "; ".join(f"{r['backend']} {r['setting']} ({r['p50']:.2f} ms, {r['recall']:.3f})" for r in ok)
+            if ok
+            else ("not met by any setting" if any(r["n"] >= 1_000_000 for r in rows) else "1M not run")
+        ),
+    ]
     write_section("scale", "\n".join(lines))
     print("wrote the 'scale' section of docs/results.md")
 

@@ -66,11 +66,13 @@ def feature_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, small_cases, feature_cache) -> Path:
     """A real trained run (SupCon, 1 trial, last 2 blocks + head) on the small subset."""
-    from neurocbir.training import TrainConfig, train_run
+    from neurocbir.runs import TrainConfig
+    from neurocbir.training import train_run
 
     out = tmp_path_factory.mktemp("small_run")
-    cfg = TrainConfig(loss="supcon", trials=1, epochs=3, n_copies=1, data=str(small_cases.loader.root),
-                      cache_dir=str(feature_cache))
+    cfg = TrainConfig(
+        loss="supcon", trials=1, epochs=3, n_copies=1, data=str(small_cases.loader.root), cache_dir=str(feature_cache)
+    )
     train_run(cfg, out, table=small_cases, progress=False)
     return out
 

@@ -20,7 +20,7 @@ from neurocbir.service import RetrievalService
 
 @pytest.fixture(scope="module")
 def service(small_run, small_cases):
-    return RetrievalService(small_run, table=small_cases)
+    return RetrievalService.from_run(small_run, table=small_cases)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def client(service):
 
 @pytest.fixture(scope="module")
 def test_case(service, small_cases):
-    row = int(service.example_rows[0])
+    row = int(service.cases.example_rows[0])
     return row, (small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg").read_bytes()
 
 
@@ -51,7 +51,9 @@ def test_query_contract(client, test_case, small_cases):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["prediction"] in CLASS_NAMES and 0 < out["confidence"] <= 1
-    assert set(out["probabilities"]) <= set(CLASS_NAMES) and sum(out["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert set(out["probabilities"]) <= set(CLASS_NAMES) and sum(out["probabilities"].values()) == pytest.approx(
+        1, abs=1e-3
+    )
     assert len(out["retrievals"]) == 5
     d = [x["distance"] for x in out["retrievals"]]
     assert d == sorted(d)
@@ -67,7 +69,6 @@ def test_query_contract(client, test_case, small_cases):
 
 
 def test_same_scan_in_every_format_gives_the_same_answer(client, test_case, small_cases, tmp_path):
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -172,8 +173,10 @@ def test_cli_query_contract(small_run, test_case, tmp_path, small_data_dir, monk
     bad.write_bytes(b"nope")
     res = CliRunner().invoke(cli, ["query", str(bad), "--run", str(small_run)])
     assert res.exit_code == 2 and "not a readable image" in res.output
-    res = CliRunner().invoke(cli, ["ask", str(p), "What is the average tumor size in the retrieved reports?",
-                                   "--run", str(small_run), "--json"])
+    res = CliRunner().invoke(
+        cli,
+        ["ask", str(p), "What is the average tumor size in the retrieved reports?", "--run", str(small_run), "--json"],
+    )
     assert res.exit_code == 0 and json.loads(res.output)["value_mm2"] > 0
 
 
@@ -185,3 +188,26 @@ def test_a_scan_unlike_any_archive_case_is_flagged(client, test_case):
     for photo in (data.chelsea(), data.camera()):
         r = client.post("/query", files={"file": ("photo.png", _png(photo), "image/png")}).json()
         assert r["no_similar_case"] is True and r["nearest_distance"] > 0
+
+
+def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, small_cases, monkeypatch):
+    """A query embeds once and searches the archive once; NIR, I_c and the KNN vote all come
+    from that one neighbour list and equal what the scikit-learn estimators compute."""
+    from neurocbir.classify import KNNClassifier, NIRClassifier
+
+    index, searches = service.cases.index, []
+    search = index.search
+    monkeypatch.setattr(index, "search", lambda q, k: searches.append(k) or search(q, k))
+    emb = np.load(service.run / f"trial_{service.trial}" / "embeddings.npz")
+    labels = small_cases.label[emb["archive_rows"]]
+    nir = NIRClassifier().fit(emb["archive"], labels)
+    knn = KNNClassifier(n_neighbors=7).fit(emb["archive"], labels)
+    for row in service.cases.example_rows[:6]:
+        searches.clear()
+        out = service.query(small_cases.load_image(int(row)), k=5)
+        assert len(searches) == 1
+        q, _ = service.embed(small_cases.load_image(int(row)))
+        names = [CLASS_NAMES[c] for c in nir.classes_]
+        assert out["nir_positions"] == dict(zip(names, nir.incorrect_positions(q)[0].tolist()))
+        assert out["probabilities"] == pytest.approx(dict(zip(names, nir.predict_proba(q)[0])), abs=1e-4)
+        assert out["knn_vote"] == pytest.approx(dict(zip(names, knn.predict_proba(q)[0])), abs=1e-4)

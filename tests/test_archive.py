@@ -15,11 +15,14 @@ from contextlib import closing
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from neurocbir.archive import ArchiveError, CaseArchive, CaseRecord, scan_folder, writer_lock
+from neurocbir.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
+from neurocbir.cli import app as cli
 from neurocbir.index import IndexMismatchError
+from neurocbir.ingest import scan_folder
 from neurocbir.reports import parse_report
-from neurocbir.training import checkpoint_sha256
+from neurocbir.runs import checkpoint_sha256
 
 
 def _sha(run):
@@ -27,8 +30,18 @@ def _sha(run):
 
 
 def _add_cmd(folder, archive, run, *extra):
-    return [sys.executable, "-m", "neurocbir.cli", "add", str(folder), "--archive", str(archive), "--run", str(run),
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "neurocbir.cli",
+        "add",
+        str(folder),
+        "--archive",
+        str(archive),
+        "--run",
+        str(run),
+        *extra,
+    ]
 
 
 def _count(archive_dir) -> int:
@@ -65,8 +78,15 @@ def scans(small_cases, tmp_path_factory):
         for r in rows:
             idx = int(small_cases.idx[r])
             shutil.copy(root / "images" / f"{idx}.jpg", out / f"scan_{idx}.jpg")
-            w.writerow([f"scan_{idx}.jpg", int(small_cases.label[r]) + 1, small_cases.patient_id[r],
-                        small_cases.plane[r], round(float(small_cases.area_mm2[r]), 2)])
+            w.writerow(
+                [
+                    f"scan_{idx}.jpg",
+                    int(small_cases.label[r]) + 1,
+                    small_cases.patient_id[r],
+                    small_cases.plane[r],
+                    round(float(small_cases.area_mm2[r]), 2),
+                ]
+            )
         first = int(small_cases.idx[rows[0]])
         shutil.copy(out / f"scan_{first}.jpg", out / "copy_of_first.jpg")
         w.writerow(["copy_of_first.jpg", int(small_cases.label[rows[0]]) + 1, small_cases.patient_id[rows[0]], "", ""])
@@ -86,14 +106,19 @@ def reference(scans, small_run, tmp_path_factory):
 def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_path):
     ref = CaseArchive.open(reference)
     ref_ids, ref_emb = ref.embeddings()
-    ref_by_hash = {h: ref_emb[np.searchsorted(ref_ids, i)] for i, h in ref.db.execute("SELECT id, content_sha256 FROM cases")}
+    ref_by_hash = {
+        h: ref_emb[np.searchsorted(ref_ids, i)] for i, h in ref.db.execute("SELECT id, content_sha256 FROM cases")
+    }
     ref.close()
     archive = tmp_path / "archive"
     rng = np.random.default_rng(int(time.time()))
     partial = []
     for target in sorted(rng.choice(np.arange(1, 37), 4, replace=False)):  # leave batches after the last kill
-        proc = subprocess.Popen(_add_cmd(scans, archive, small_run, "--batch-size", "4", "--index-every", "0"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _add_cmd(scans, archive, small_run, "--batch-size", "4", "--index-every", "0"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         # wait until the archive holds `target` cases, then kill a random moment later: the kill
         # lands while embedding, committing, writing the index or marking rows
         while proc.poll() is None and _count(archive) < target:
@@ -119,8 +144,18 @@ def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_
 
 def _records(n: int, dim: int = 8, start: int = 0) -> list[CaseRecord]:
     rng = np.random.default_rng(start)
-    return [CaseRecord(f"h{start + i}", i % 3, f"p{(start + i) // 2}", "axial", 100.0 + i, f"/x/{start + i}.png",
-                       rng.normal(size=dim).astype(np.float32)) for i in range(n)]
+    return [
+        CaseRecord(
+            f"h{start + i}",
+            i % 3,
+            f"p{(start + i) // 2}",
+            "axial",
+            100.0 + i,
+            f"/x/{start + i}.png",
+            rng.normal(size=dim).astype(np.float32),
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("store", ["flat", "hnsw", "milvus"])
@@ -208,8 +243,9 @@ def test_add_cli_skips_unreadable_files_and_reports_them(scans, small_run, tmp_p
     r = subprocess.run(_add_cmd(folder, tmp_path / "arch", small_run), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "3 cases added" in r.stdout and "skipped broken.jpg" in r.stdout
-    r = subprocess.run(_add_cmd(tmp_path / "nowhere", tmp_path / "arch", small_run), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        _add_cmd(tmp_path / "nowhere", tmp_path / "arch", small_run), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
     with writer_lock(tmp_path / "arch"):  # one writer at a time
         r = subprocess.run(_add_cmd(folder, tmp_path / "arch", small_run), capture_output=True, text=True, timeout=300)
@@ -220,9 +256,26 @@ def test_add_cli_skips_unreadable_files_and_reports_them(scans, small_run, tmp_p
 def training_archive(small_run, small_data_dir, tmp_path_factory):
     """The run's training folds added to an HNSW archive with `neurocbir add`."""
     out = tmp_path_factory.mktemp("train_archive") / "arch"
-    r = subprocess.run(_add_cmd(small_data_dir, out, small_run, "--fold", "1", "--fold", "2",
-                                "--fold", "3", "--fold", "4", "--store", "hnsw"),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        _add_cmd(
+            small_data_dir,
+            out,
+            small_run,
+            "--fold",
+            "1",
+            "--fold",
+            "2",
+            "--fold",
+            "3",
+            "--fold",
+            "4",
+            "--store",
+            "hnsw",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     return out
 
@@ -230,46 +283,52 @@ def training_archive(small_run, small_data_dir, tmp_path_factory):
 def test_archive_service_matches_the_run(small_run, small_cases, training_archive):
     """An archive built by `neurocbir add` from the run's training folds gives the same NIR
     prediction as the run's own index for held-out scans, and serves evidence with reports."""
-    from neurocbir.service import ArchiveService, RetrievalService
+    from neurocbir.service import RetrievalService
 
-    run_svc = RetrievalService(small_run, table=small_cases)
-    svc = ArchiveService(small_run, training_archive)
-    assert svc.archive_size == len(run_svc.archive_rows)
+    run_svc = RetrievalService.from_run(small_run, table=small_cases)
+    svc = RetrievalService.from_archive(small_run, training_archive)
+    assert svc.archive_size == len(run_svc.cases.archive_rows)
     agree, overlap = 0, []
-    for row in run_svc.example_rows[:12]:
+    for row in run_svc.cases.example_rows[:12]:
         img = small_cases.load_image(int(row))
         a, b = run_svc.query(img, k=5), svc.query(img, k=5)
         agree += a["prediction"] == b["prediction"]
         assert b["retrievals"] and all(x["label"] and x["plane"] for x in b["retrievals"])
         # the archive's ids are its own; the cases behind them are the same ones
-        src = svc.archive.cases([x["case_id"] for x in b["retrievals"]])
-        overlap.append(len({src[x["case_id"]]["source_case"] for x in b["retrievals"]} & {x["case_id"] for x in a["retrievals"]}))
+        src = svc.cases.archive.cases([x["case_id"] for x in b["retrievals"]])
+        overlap.append(
+            len({src[x["case_id"]]["source_case"] for x in b["retrievals"]} & {x["case_id"] for x in a["retrievals"]})
+        )
     # the run embedded float16 cached features, the archive float32 pixels: near-ties may swap
     assert agree >= 11 and np.mean(overlap) >= 4
-    dedup = svc.query(small_cases.load_image(int(run_svc.example_rows[0])), k=10, one_per_patient=True)
-    keys = svc.group_of(np.array([x["case_id"] for x in dedup["retrievals"]]))
+    dedup = svc.query(small_cases.load_image(int(run_svc.cases.example_rows[0])), k=10, one_per_patient=True)
+    keys = svc.cases.group_of(np.array([x["case_id"] for x in dedup["retrievals"]]))
     assert len(set(keys.tolist())) == len(keys)
     cid = dedup["retrievals"][0]["case_id"]
-    parsed = parse_report(svc.reports([cid])[0])
+    parsed = parse_report(svc.cases.reports([cid])[0])
     assert parsed.tumor_type == dedup["retrievals"][0]["label"] and parsed.plane == dedup["retrievals"][0]["plane"]
-    assert svc.case_mask(cid).any() and svc.case_image(cid).ndim == 2
+    assert svc.cases.mask(cid).any() and svc.cases.image(cid).ndim == 2
     with pytest.raises(KeyError):
-        svc.case(10**9)
+        svc.cases.case(10**9)
 
 
 def test_http_api_over_an_archive(small_run, small_cases, training_archive):
     from fastapi.testclient import TestClient
 
     from neurocbir.app import create_app
-    from neurocbir.service import ArchiveService
+    from neurocbir.service import RetrievalService
 
-    svc = ArchiveService(small_run, training_archive)
+    svc = RetrievalService.from_archive(small_run, training_archive)
     client = TestClient(create_app(svc))
     assert client.get("/health").json()["archive_cases"] == svc.archive_size > 0
     test_row = int(np.flatnonzero(small_cases.fold == 5)[0])
     jpg = (small_cases.loader.root / "images" / f"{int(small_cases.idx[test_row])}.jpg").read_bytes()
     out = client.post("/query?k=3", files={"file": ("q.jpg", jpg, "image/jpeg")}).json()
-    assert len(out["retrievals"]) == 3 and out["prediction"] in out["probabilities"] and "not a diagnosis" in out["disclaimer"]
+    assert (
+        len(out["retrievals"]) == 3
+        and out["prediction"] in out["probabilities"]
+        and "not a diagnosis" in out["disclaimer"]
+    )
     ids = [r["case_id"] for r in out["retrievals"]]
     summary = client.post("/summary", json={"case_ids": ids}).json()
     assert summary["source"] and len(summary["reports"]) == 3
@@ -280,21 +339,34 @@ def test_http_api_over_an_archive(small_run, small_cases, training_archive):
 
 def test_add_a_figshare_release_folder(figshare_dir, small_run, tmp_path):
     """The original .mat release goes into an archive too; the image and mask come back from the .mat."""
-    from neurocbir.archive import add_folder
-    from neurocbir.training import embed_images, load_top
+    from neurocbir.inference import load_model
+    from neurocbir.ingest import add_folder
 
-    encoder, top, _ = load_top(small_run, 0)
+    model = load_model(small_run)
     files = scan_folder(figshare_dir)
     assert [f.path.name for f in files] == ["1.mat", "2.mat", "3.mat", "4.mat"]
-    arch = CaseArchive.create(tmp_path / "a", encoder.embedding_dim, _sha(small_run))
-    out = add_folder(arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size=3)
+    arch = CaseArchive.create(tmp_path / "a", model.embedding_dim, _sha(small_run))
+    out = add_folder(arch, files, model.embed, batch_size=3)
     assert out["added"] == 4 and not out["errors"]
     cases = arch.cases([1, 2, 3, 4])
     assert [c["label"] for c in cases.values()] == ["meningioma", "glioma", "pituitary", "meningioma"]
     assert cases[3]["area_mm2"] == pytest.approx(200 * 4 * 0.49 * 0.49)  # 256 grid scaled to 512
     arch.close()
-    from neurocbir.service import ArchiveService
+    from neurocbir.service import RetrievalService
 
-    svc = ArchiveService(small_run, tmp_path / "a")
-    assert svc.case_image(3).shape == (256, 256) and svc.case_mask(3).sum() == 200
-    assert svc.query(svc.case_image(2), k=1)["retrievals"][0]["case_id"] == 2
+    svc = RetrievalService.from_archive(small_run, tmp_path / "a")
+    assert svc.cases.image(3).shape == (256, 256) and svc.cases.mask(3).sum() == 200
+    assert svc.query(svc.cases.image(2), k=1)["retrievals"][0]["case_id"] == 2
+    # `neurocbir remove`: the case leaves the table and the store; unknown ids are named
+    scan = svc.cases.image(2)
+    svc.cases.archive.close()
+    res = CliRunner().invoke(cli, ["remove", "2", "999", "--archive", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "1 case(s) removed" in res.output and "holds 3 cases" in res.output and "999" in res.output
+    arch = CaseArchive.open(tmp_path / "a")
+    assert arch.check()["store_count"] == len(arch) == 3 and not arch.cases([2])
+    arch.close()
+    after = RetrievalService.from_archive(small_run, tmp_path / "a").query(scan, k=3)
+    assert 2 not in [r["case_id"] for r in after["retrievals"]]
+    missing = CliRunner().invoke(cli, ["remove", "1", "--archive", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no case archive" in missing.output and not (tmp_path / "nowhere").exists()

@@ -86,7 +86,7 @@ def test_patient_filters():
     # one slice per patient: second p1 slice dropped -> glioma, meningioma, glioma, ...
     clf = NIRClassifier(one_per_patient=True).fit(x, y, groups=groups)
     assert clf.incorrect_positions(q).tolist() == [[1, 0, 0]]
-    _, ids = clf.retrieve(q)
+    _, ids = clf.kneighbors(q)
     assert ids[0].tolist() == [0, 2, 3, 4, 5, 6, -1]
     with pytest.raises(ValueError, match="patient ids"):
         NIRClassifier(exclude_same_patient=True).fit(x, y)

@@ -22,8 +22,15 @@ def _free_port() -> int:
 def _start(cwd: Path, env: dict) -> tuple[subprocess.Popen, int, float]:
     port = _free_port()
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "neurocbir.cli", "demo", "--port", str(port)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neurocbir.cli", "demo", "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     for _ in range(600):
         if proc.poll() is not None:
             raise AssertionError(f"demo exited early:\n{proc.stdout.read()}")
@@ -43,8 +50,12 @@ def _stop(proc: subprocess.Popen) -> str:
 
 
 def test_demo_trains_once_then_reuses(tmp_path, small_data_dir, feature_cache):
-    env = {**os.environ, "NEUROCBIR_DATA": str(small_data_dir), "NEUROCBIR_CACHE": str(feature_cache),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "NEUROCBIR_DATA": str(small_data_dir),
+        "NEUROCBIR_CACHE": str(feature_cache),
+        "PYTHONUNBUFFERED": "1",
+    }
     proc, port, _ = _start(tmp_path, env)
     html = urllib.request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
     out = _stop(proc)

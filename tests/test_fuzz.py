@@ -3,6 +3,7 @@ result, never another exception, never a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import h5py
@@ -76,17 +77,16 @@ def test_report_parser_on_mutated_reports(cases):
         text = list(make_report(case_attributes(cases, i), "alternative", i))
         for pos in rng.integers(0, len(text), 5):
             text[pos] = chr(rng.integers(32, 127))
-        try:
+        with contextlib.suppress(ReportParseError):
             parse_report("".join(text))
-        except ReportParseError:
-            pass
 
 
 @FUZZ
 @given(text=st.one_of(st.binary(max_size=600), st.text(max_size=600).map(str.encode)))
 def test_cases_csv_reader_on_random_input(tmp_path_factory, text):
     """`neurocbir add`'s cases.csv reader: a clear ArchiveError or valid cases."""
-    from neurocbir.archive import ArchiveError, scan_folder
+    from neurocbir.archive import ArchiveError
+    from neurocbir.ingest import scan_folder
 
     folder = tmp_path_factory.mktemp("csv")
     (folder / "a.jpg").write_bytes(b"x")
@@ -105,10 +105,11 @@ def _scan_ok_or_clear(folder, scan_folder, error) -> None:
 
 
 def test_cases_csv_reader_on_mutated_files(tmp_path):
-    from neurocbir.archive import ArchiveError, scan_folder
+    from neurocbir.archive import ArchiveError
+    from neurocbir.ingest import scan_folder
 
     (tmp_path / "a.jpg").write_bytes(b"x")
-    good = b"file,label,patient_id,plane,area_mm2,report\na.jpg,glioma,P1,axial,812.5,\"T1 contrast MRI ...\"\n"
+    good = b'file,label,patient_id,plane,area_mm2,report\na.jpg,glioma,P1,axial,812.5,"T1 contrast MRI ..."\n'
     rng = np.random.default_rng(0)
     for _ in range(300):
         data = bytearray(good)

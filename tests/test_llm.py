@@ -30,9 +30,21 @@ class _Server:
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "body": body})
-                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": outer.reply}}]}).encode()
+                data = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": outer.reply},
+                            }
+                        ],
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -69,11 +81,14 @@ def test_correct_llm_answer_is_kept(server, llm):
     assert server.requests[-1]["body"]["model"] == "local-test-model"
 
 
-@pytest.mark.parametrize("reply", [
-    "The largest tumor is in report 1, measuring 2400 mm².",     # wrong report
-    "Report 5 shows the largest tumor, 24.5 cm².",                # wrong number, other unit
-    "The largest tumor is in report 7 (2400 mm²).",               # report that does not exist
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "The largest tumor is in report 1, measuring 2400 mm².",  # wrong report
+        "Report 5 shows the largest tumor, 24.5 cm².",  # wrong number, other unit
+        "The largest tumor is in report 7 (2400 mm²).",  # report that does not exist
+    ],
+)
 def test_wrong_llm_answers_are_corrected(server, llm, reply):
     server.reply = reply
     ans, info = Explainer(llm).answer(PAPER_QUESTIONS[3], REPORTS, QUERY)
@@ -100,13 +115,15 @@ def test_llm_summary_with_a_wrong_number_falls_back_to_grounded(server, llm):
 
 
 def test_scrub():
-    assert scrub("patient id: 100360, MR040253 and 1234567; size 1095.82 mm²") == \
-        "[id removed], [id removed] and [id removed]; size 1095.82 mm²"
+    assert (
+        scrub("patient id: 100360, MR040253 and 1234567; size 1095.82 mm²")
+        == "[id removed], [id removed] and [id removed]; size 1095.82 mm²"
+    )
 
 
 def test_unverified_mode_measures_the_llm_itself(server, llm):
-    from neurocbir.report_eval import grade_answer
     from neurocbir.explain import answer_question, compute_facts
+    from neurocbir.report_eval import grade_answer
     from neurocbir.reports import parse_report
 
     truth = answer_question(PAPER_QUESTIONS[3], compute_facts([parse_report(r) for r in REPORTS], parse_report(QUERY)))
@@ -124,8 +141,10 @@ def test_llm_written_normal_reports_are_checked_and_cached(server, llm, small_ca
     rows = [0, 1]
     a0 = case_attributes(small_cases, 0)
     # a report that states everything right, for every case (same text: the scripted server is not an LLM)
-    server.reply = (f"MRI, T1-weighted contrast-enhanced, {a0.plane} plane. Findings: "
-                    f"{'pituitary tumor' if a0.tumor_type == 'pituitary' else a0.tumor_type} of {a0.area_mm2:.2f} mm².")
+    server.reply = (
+        f"MRI, T1-weighted contrast-enhanced, {a0.plane} plane. Findings: "
+        f"{'pituitary tumor' if a0.tumor_type == 'pituitary' else a0.tumor_type} of {a0.area_mm2:.2f} mm²."
+    )
     n = len(server.requests)
     out = llm_normal_reports(small_cases, llm, tmp_path / "reports.json", rows=rows)
     assert parse_report(out[int(small_cases.idx[0])]) == a0
@@ -145,8 +164,10 @@ def test_write_reports_command_caches_for_the_app(server, monkeypatch, small_dat
     from neurocbir.reports import cached_llm_reports, case_attributes
 
     a = case_attributes(small_cases, 0)
-    server.reply = (f"MRI, T1-weighted contrast-enhanced, {a.plane} plane. Findings: "
-                    f"{'pituitary tumor' if a.tumor_type == 'pituitary' else a.tumor_type} of {a.area_mm2:.2f} mm².")
+    server.reply = (
+        f"MRI, T1-weighted contrast-enhanced, {a.plane} plane. Findings: "
+        f"{'pituitary tumor' if a.tumor_type == 'pituitary' else a.tumor_type} of {a.area_mm2:.2f} mm²."
+    )
     monkeypatch.setenv("NEUROCBIR_LLM_BASE_URL", server.url)
     monkeypatch.setenv("NEUROCBIR_LLM_MODEL", "m")
     monkeypatch.setenv("NEUROCBIR_CACHE", str(tmp_path))

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from neurocbir.cli import app
 from neurocbir.index import VectorIndex
-from neurocbir.training import TrainConfig, load_top, train_run
+from neurocbir.inference import load_model
+from neurocbir.runs import TrainConfig
+from neurocbir.training import train_run
 from neurocbir.transforms import preprocess
 
 runner = CliRunner()
@@ -21,8 +23,26 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def supcon_run(tmp_path_factory, small_data_dir, feature_cache):
     out = tmp_path_factory.mktemp("run") / "supcon"
-    res = runner.invoke(app, ["train", "--loss", "supcon", "--trials", "2", "--epochs", "8", "--n-copies", "1",
-                              "--out", str(out), "--data", str(small_data_dir), "--cache-dir", str(feature_cache)])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--loss",
+            "supcon",
+            "--trials",
+            "2",
+            "--epochs",
+            "8",
+            "--n-copies",
+            "1",
+            "--out",
+            str(out),
+            "--data",
+            str(small_data_dir),
+            "--cache-dir",
+            str(feature_cache),
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -32,7 +52,9 @@ def test_train_writes_a_complete_run(supcon_run, small_cases):
     assert cfg["loss"] == "supcon" and cfg["fold"] == 5 and cfg["trials"] == 2
     for seed in (0, 1):
         t = supcon_run / f"trial_{seed}"
-        assert {"checkpoint.pt", "embeddings.npz", "index.faiss", "index.faiss.json", "log.jsonl"} <= {p.name for p in t.iterdir()}
+        assert {"checkpoint.pt", "embeddings.npz", "index.faiss", "index.faiss.json", "log.jsonl"} <= {
+            p.name for p in t.iterdir()
+        }
         emb = np.load(t / "embeddings.npz")
         assert emb["archive"].shape == (int((small_cases.fold != 5).sum()), 128)
         assert emb["test"].shape == (int((small_cases.fold == 5).sum()), 128)
@@ -63,7 +85,8 @@ def test_evaluate_json_contract(supcon_run, tmp_path):
 
 def test_checkpoint_rebuilds_the_full_encoder(supcon_run, small_cases):
     """A new image through frozen bottom + trained top gives the stored embedding."""
-    encoder, top, cfg = load_top(supcon_run, 0)
+    m = load_model(supcon_run, 0)
+    encoder, top = m.encoder, m.top
     emb = np.load(supcon_run / "trial_0" / "embeddings.npz")
     row = int(emb["test_rows"][0])
     x = preprocess(small_cases.load_image(row))[None]
@@ -94,7 +117,9 @@ def test_every_loss_trains(loss, small_cases, feature_cache, tmp_path):
 def test_cli_errors_are_clear(tmp_path, small_data_dir):
     res = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert res.exit_code == 2 and "not a run directory" in res.output
-    res = runner.invoke(app, ["train", "--loss", "arcface", "--out", str(tmp_path / "r"), "--data", str(small_data_dir)])
+    res = runner.invoke(
+        app, ["train", "--loss", "arcface", "--out", str(tmp_path / "r"), "--data", str(small_data_dir)]
+    )
     assert res.exit_code == 2 and "loss must be one of" in res.output
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "none")])
     assert res.exit_code == 2 and "does not exist" in res.output
@@ -104,27 +129,79 @@ def test_cli_errors_are_clear(tmp_path, small_data_dir):
 
 def test_full_fine_tuning_path_runs(small_cases, feature_cache, tmp_path):
     """trainable_blocks=-1 trains the whole CNN from the cached preprocessed images (GPU path)."""
-    tiny = small_cases.subset(np.concatenate([np.flatnonzero(small_cases.fold != 5)[::8],
-                                              np.flatnonzero(small_cases.fold == 5)[::8]]))
-    cfg = TrainConfig(loss="supcon", trials=1, epochs=1, n_copies=1, trainable_blocks=-1, batch_size=12,
-                      cache_dir=str(feature_cache))
+    tiny = small_cases.subset(
+        np.concatenate([np.flatnonzero(small_cases.fold != 5)[::8], np.flatnonzero(small_cases.fold == 5)[::8]])
+    )
+    cfg = TrainConfig(
+        loss="supcon", trials=1, epochs=1, n_copies=1, trainable_blocks=-1, batch_size=12, cache_dir=str(feature_cache)
+    )
     train_run(cfg, tmp_path, table=tiny, progress=False)
-    encoder, top, _ = load_top(tmp_path, 0)
+    m = load_model(tmp_path, 0)
+    encoder, top = m.encoder, m.top
     assert top.cut == 0 and len(top.stages) == encoder.n_blocks + 2
     assert np.isfinite(np.load(tmp_path / "trial_0" / "embeddings.npz")["test"]).all()
 
 
 def test_search_uses_patient_grouped_inner_cv_and_feeds_train(small_data_dir, feature_cache, tmp_path):
-    res = runner.invoke(app, ["search", "--loss", "triplet", "--out", str(tmp_path), "--data", str(small_data_dir),
-                              "--cache-dir", str(feature_cache), "--grid", '{"margin": [0.05, 0.2], "epochs": [1]}'])
+    res = runner.invoke(
+        app,
+        [
+            "search",
+            "--loss",
+            "triplet",
+            "--out",
+            str(tmp_path),
+            "--data",
+            str(small_data_dir),
+            "--cache-dir",
+            str(feature_cache),
+            "--grid",
+            '{"margin": [0.05, 0.2], "epochs": [1]}',
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "search.json").read_text())
     assert len(doc["results"]) == 2 and all(len(r["nir_kappa_folds"]) == 3 for r in doc["results"])
     assert doc["best"] in [r["params"] for r in doc["results"]]
-    res = runner.invoke(app, ["train", "--loss", "triplet", "--trials", "1", "--params", str(tmp_path / "search.json"),
-                              "--out", str(tmp_path / "run"), "--data", str(small_data_dir), "--cache-dir", str(feature_cache)])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--loss",
+            "triplet",
+            "--trials",
+            "1",
+            "--params",
+            str(tmp_path / "search.json"),
+            "--out",
+            str(tmp_path / "run"),
+            "--data",
+            str(small_data_dir),
+            "--cache-dir",
+            str(feature_cache),
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["margin"] == doc["best"]["margin"] and cfg["epochs"] == 1
-    bad = runner.invoke(app, ["search", "--out", str(tmp_path), "--data", str(small_data_dir), "--grid", '{"nope": [1]}'])
+    bad = runner.invoke(
+        app, ["search", "--out", str(tmp_path), "--data", str(small_data_dir), "--grid", '{"nope": [1]}']
+    )
     assert bad.exit_code == 2 and "unknown hyper-parameters" in bad.output
+
+
+def test_trials_are_independent_of_the_trials_before_them(small_cases, feature_cache, tmp_path):
+    """With trained blocks, trial k used to start from the blocks trial k-1 trained: a seed's
+    trial must be the same trained alone (--first-seed) or after other seeds."""
+    cfg = dict(loss="supcon", epochs=1, n_copies=1, trainable_blocks=2, cache_dir=str(feature_cache))
+    train_run(TrainConfig(trials=2, **cfg), tmp_path / "both", table=small_cases, progress=False)
+    train_run(TrainConfig(trials=1, first_seed=1, **cfg), tmp_path / "alone", table=small_cases, progress=False)
+    assert not (tmp_path / "alone" / "trial_0").exists()
+    after, alone = (
+        torch.load(tmp_path / r / "trial_1" / "checkpoint.pt", weights_only=True)["state"] for r in ("both", "alone")
+    )
+    assert after.keys() == alone.keys() and any(k.startswith("stages.") for k in after)
+    assert all(torch.equal(after[k], alone[k]) for k in after)
+    # different seeds do give different trials, so the equality above is not vacuous
+    first = torch.load(tmp_path / "both" / "trial_0" / "checkpoint.pt", weights_only=True)["state"]
+    assert not all(torch.equal(first[k], after[k]) for k in first if k.startswith("stages."))

@@ -23,7 +23,7 @@ def test_faiss_and_milvus_agree(real, tmp_path):
     m = MilvusStore(str(tmp_path / "milvus.db"), "cases", x.shape[1], checkpoint_sha256="ck")
     for s in (f, m):
         for b in range(0, len(x), 40):  # batches
-            s.add(ids[b:b + 40], x[b:b + 40])
+            s.add(ids[b : b + 40], x[b : b + 40])
         assert s.count() == len(x)
     df, idf = f.search(q, 25)
     dm, idm = m.search(q, 25)

@@ -19,23 +19,22 @@ patient, never shown or logged.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import os
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .data import CLASS_NAMES, PLANES, DatasetError, load_cases
-from .index import IndexMismatchError, sha256_file
-from .store import CaseStore, FaissStore, MilvusStore
+from .data import CLASS_NAMES
+from .files import atomic_path
+from .index import IndexMismatchError
+from .store import CaseStore, FaissStore, MilvusStore, StoreUnavailable
 
 STORE_KINDS = ("flat", "hnsw", "milvus")
 MILVUS_COLLECTION = "neurocbir_cases"
@@ -110,22 +109,36 @@ class CaseArchive:
         return db
 
     @classmethod
-    def create(cls, root: Path | str, dim: int, checkpoint_sha256: str, store: str = "flat",
-               milvus_uri: str | None = None, run: str = "", milvus_index: str = "FLAT") -> "CaseArchive":
+    def create(
+        cls,
+        root: Path | str,
+        dim: int,
+        checkpoint_sha256: str,
+        store: str = "flat",
+        milvus_uri: str | None = None,
+        run: str = "",
+        milvus_index: str = "FLAT",
+    ) -> CaseArchive:
         """Open the archive at ``root``, creating it for this encoder if it does not exist."""
         root = Path(root)
         if (root / cls.DB).is_file():
             return cls.open(root, checkpoint_sha256, dim)
         if store not in STORE_KINDS:
             raise ArchiveError(f"unknown store {store!r}; choose one of {', '.join(STORE_KINDS)}")
-        root.mkdir(parents=True, exist_ok=True)
-        db = cls._connect(root / (cls.DB + ".tmp"))
-        meta = {"dim": str(dim), "checkpoint_sha256": checkpoint_sha256, "store": store, "run": run,
-                "milvus_uri": milvus_uri or "", "milvus_index": milvus_index, "patient_salt": secrets.token_hex(16),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-        db.close()
-        os.replace(root / (cls.DB + ".tmp"), root / cls.DB)  # the archive exists only once complete
+        meta = {
+            "dim": str(dim),
+            "checkpoint_sha256": checkpoint_sha256,
+            "store": store,
+            "run": run,
+            "milvus_uri": milvus_uri or "",
+            "milvus_index": milvus_index,
+            "patient_salt": secrets.token_hex(16),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        with atomic_path(root / cls.DB) as tmp:  # the archive exists only once complete
+            db = cls._connect(tmp)
+            db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            db.close()
         db = cls._connect(root / cls.DB)
         try:
             return cls(root, db, meta)
@@ -136,7 +149,7 @@ class CaseArchive:
             raise
 
     @classmethod
-    def open(cls, root: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "CaseArchive":
+    def open(cls, root: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> CaseArchive:
         root = Path(root)
         if not (root / cls.DB).is_file():
             raise FileNotFoundError(f"no case archive at {root} (expected {cls.DB}): create one with `neurocbir add`")
@@ -146,9 +159,11 @@ class CaseArchive:
         except sqlite3.DatabaseError as exc:
             raise ArchiveError(f"{root / cls.DB} is not a readable case archive ({exc})") from None
         if checkpoint_sha256 is not None and meta.get("checkpoint_sha256") != checkpoint_sha256:
-            raise IndexMismatchError(f"archive {root} was embedded by checkpoint {meta.get('checkpoint_sha256', '?')[:12]} "
-                                     f"(run {meta.get('run') or '?'}), not {checkpoint_sha256[:12]}: pass that --run, "
-                                     "or use a new archive folder for this encoder")
+            raise IndexMismatchError(
+                f"archive {root} was embedded by checkpoint {meta.get('checkpoint_sha256', '?')[:12]} "
+                f"(run {meta.get('run') or '?'}), not {checkpoint_sha256[:12]}: pass that --run, "
+                "or use a new archive folder for this encoder"
+            )
         if dim is not None and int(meta.get("dim", -1)) != dim:
             raise IndexMismatchError(f"archive {root} holds {meta.get('dim')}-d vectors, the encoder gives {dim}-d")
         return cls(root, db, meta)
@@ -167,26 +182,24 @@ class CaseArchive:
         return FaissStore(path, self.dim, kind=kind, checkpoint_sha256=self.checkpoint_sha256), not fresh
 
     def _open_milvus(self, fresh: bool) -> CaseStore:
-        from pymilvus import MilvusClient
-        from pymilvus.exceptions import MilvusException
-
         uri = self.meta["milvus_uri"] or str(self.root / "milvus.db")
-        token = os.environ.get("NEUROCBIR_MILVUS_TOKEN", "")
         try:
-            if fresh:
-                client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
-                if client.has_collection(MILVUS_COLLECTION):
-                    client.drop_collection(MILVUS_COLLECTION)
-                client.close()
-            return MilvusStore(uri, MILVUS_COLLECTION, self.dim, self.checkpoint_sha256, token=token,
-                               index_type=self.meta.get("milvus_index") or "FLAT")
-        except MilvusException as exc:
-            raise ArchiveError(f"Milvus at {uri}: {exc.message if hasattr(exc, 'message') else exc} "
-                               "(is the server up, and $NEUROCBIR_MILVUS_TOKEN right?)") from None
+            return MilvusStore.connect(
+                uri,
+                MILVUS_COLLECTION,
+                self.dim,
+                self.checkpoint_sha256,
+                index_type=self.meta.get("milvus_index") or "FLAT",
+                fresh=fresh,
+            )
+        except StoreUnavailable as exc:
+            raise ArchiveError(str(exc)) from None
 
     # --- durability -----------------------------------------------------------------------
     def _ids(self, state: str) -> np.ndarray:
-        return np.array([r[0] for r in self.db.execute("SELECT id FROM cases WHERE state = ?", (state,))], dtype=np.int64)
+        return np.array(
+            [r[0] for r in self.db.execute("SELECT id FROM cases WHERE state = ?", (state,))], dtype=np.int64
+        )
 
     def reconcile(self) -> None:
         """Bring the store in line with the table after a crash (idempotent, cheap when clean)."""
@@ -214,8 +227,10 @@ class CaseArchive:
     def _vectors(self, where: str, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         cur = self.db.execute(f"SELECT id, embedding FROM cases WHERE {where} ORDER BY id")
         while rows := cur.fetchmany(chunk):
-            yield (np.array([r[0] for r in rows], dtype=np.int64),
-                   np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]))
+            yield (
+                np.array([r[0] for r in rows], dtype=np.int64),
+                np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
+            )
 
     def index_pending(self) -> int:
         """Put committed-but-pending cases into the store, save it, mark them indexed."""
@@ -239,7 +254,7 @@ class CaseArchive:
         hashes = list(hashes)
         found: set[str] = set()
         for b in range(0, len(hashes), 500):
-            chunk = hashes[b:b + 500]
+            chunk = hashes[b : b + 500]
             q = f"SELECT content_sha256 FROM cases WHERE content_sha256 IN ({','.join('?' * len(chunk))})"
             found.update(r[0] for r in self.db.execute(q, chunk))
         return found
@@ -255,15 +270,29 @@ class CaseArchive:
             if not 0 <= int(r.label) < len(CLASS_NAMES):
                 raise ArchiveError(f"{r.image_path}: label {r.label} is not one of 0..{len(CLASS_NAMES) - 1}")
             trunk = None if r.trunk is None else np.asarray(r.trunk, dtype=np.float32).ravel().tobytes()
-            rows.append((r.content_sha256, int(r.label), self.patient_key(r.patient_id), r.plane or "",
-                         None if r.area_mm2 is None else float(r.area_mm2), str(r.image_path), r.source_case,
-                         r.report, e.tobytes(), trunk, time.strftime("%Y-%m-%dT%H:%M:%S")))
+            rows.append(
+                (
+                    r.content_sha256,
+                    int(r.label),
+                    self.patient_key(r.patient_id),
+                    r.plane or "",
+                    None if r.area_mm2 is None else float(r.area_mm2),
+                    str(r.image_path),
+                    r.source_case,
+                    r.report,
+                    e.tobytes(),
+                    trunk,
+                    time.strftime("%Y-%m-%dT%H:%M:%S"),
+                )
+            )
         before = self.db.total_changes
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.executemany(
                 "INSERT OR IGNORE INTO cases (content_sha256, label, patient_key, plane, area_mm2, image_path, "
-                "source_case, report, embedding, trunk, added) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "source_case, report, embedding, trunk, added) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -273,10 +302,16 @@ class CaseArchive:
             self.index_pending()
         return new
 
-    def delete(self, case_ids: Iterable[int]) -> None:
-        ids = [(int(i),) for i in case_ids]
-        self.db.executemany("UPDATE cases SET state = 'deleting' WHERE id = ?", ids)
+    def delete(self, case_ids: Iterable[int]) -> list[int]:
+        """Remove cases (table marks them, the store drops them, then the rows go); returns the
+        ids that were in the archive."""
+        ids = sorted({int(i) for i in case_ids})
+        found = sorted(self.cases(ids))
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany("UPDATE cases SET state = 'deleting' WHERE id = ?", [(i,) for i in found])
+        self.db.execute("COMMIT")
         self.reconcile()
+        return found
 
     # --- reading --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -284,27 +319,42 @@ class CaseArchive:
 
     def columns(self) -> dict[str, np.ndarray]:
         """id, label, patient_key of every indexed case (what NIR needs in memory)."""
-        rows = self.db.execute("SELECT id, label, patient_key FROM cases WHERE state = 'indexed' ORDER BY id").fetchall()
-        return {"id": np.array([r[0] for r in rows], dtype=np.int64), "label": np.array([r[1] for r in rows], dtype=np.int64),
-                "patient_key": np.array([r[2] for r in rows])}
+        rows = self.db.execute(
+            "SELECT id, label, patient_key FROM cases WHERE state = 'indexed' ORDER BY id"
+        ).fetchall()
+        return {
+            "id": np.array([r[0] for r in rows], dtype=np.int64),
+            "label": np.array([r[1] for r in rows], dtype=np.int64),
+            "patient_key": np.array([r[2] for r in rows]),
+        }
 
     def cases(self, case_ids: Iterable[int]) -> dict[int, dict]:
         ids = [int(i) for i in case_ids]
         out = {}
         for b in range(0, len(ids), 500):
-            chunk = ids[b:b + 500]
-            q = (f"SELECT id, label, plane, area_mm2, image_path, source_case, report FROM cases "
-                 f"WHERE state = 'indexed' AND id IN ({','.join('?' * len(chunk))})")
+            chunk = ids[b : b + 500]
+            q = (
+                f"SELECT id, label, plane, area_mm2, image_path, source_case, report FROM cases "
+                f"WHERE state = 'indexed' AND id IN ({','.join('?' * len(chunk))})"
+            )
             with self._lock:  # the app reads from several threads
                 rows = self.db.execute(q, chunk).fetchall()
             for r in rows:
-                out[r[0]] = {"case_id": r[0], "label": CLASS_NAMES[r[1]], "plane": r[2] or None,
-                             "area_mm2": None if r[3] is None else round(r[3], 2), "image_path": r[4],
-                             "source_case": r[5], "report": r[6]}
+                out[r[0]] = {
+                    "case_id": r[0],
+                    "label": CLASS_NAMES[r[1]],
+                    "plane": r[2] or None,
+                    "area_mm2": None if r[3] is None else round(r[3], 2),
+                    "image_path": r[4],
+                    "source_case": r[5],
+                    "report": r[6],
+                }
         return out
 
     def trunk_vectors(self) -> np.ndarray | None:
-        rows = self.db.execute("SELECT trunk FROM cases WHERE state = 'indexed' AND trunk IS NOT NULL ORDER BY id").fetchall()
+        rows = self.db.execute(
+            "SELECT trunk FROM cases WHERE state = 'indexed' AND trunk IS NOT NULL ORDER BY id"
+        ).fetchall()
         return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else None
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
@@ -318,13 +368,30 @@ class CaseArchive:
         integrity = self.db.execute("PRAGMA integrity_check").fetchone()[0]
         dups = self.db.execute("SELECT COUNT(*) - COUNT(DISTINCT content_sha256) FROM cases").fetchone()[0]
         states = dict(self.db.execute("SELECT state, COUNT(*) FROM cases GROUP BY state").fetchall())
-        return {"integrity": integrity, "duplicates": int(dups), "states": states,
-                "store_count": self.store.count(), "indexed": int(states.get("indexed", 0))}
+        return {
+            "integrity": integrity,
+            "duplicates": int(dups),
+            "states": states,
+            "store_count": self.store.count(),
+            "indexed": int(states.get("indexed", 0)),
+        }
 
     def close(self) -> None:
         if hasattr(self.store, "close"):
             self.store.close()
         self.db.close()
+
+
+def remove_cases(root: Path | str, case_ids: Iterable[int]) -> tuple[list[int], int]:
+    """``neurocbir remove``: (ids removed, cases left), holding the writer lock."""
+    if not (Path(root) / CaseArchive.DB).is_file():
+        raise FileNotFoundError(f"no case archive at {root} (expected {CaseArchive.DB})")
+    with writer_lock(root):
+        archive = CaseArchive.open(root)
+        try:
+            return archive.delete(case_ids), len(archive)
+        finally:
+            archive.close()
 
 
 @contextmanager
@@ -340,132 +407,3 @@ def writer_lock(root: Path | str) -> Iterator[None]:
         except BlockingIOError:
             raise ArchiveError(f"another `neurocbir add` is writing to {root}; wait for it to finish") from None
         yield
-
-
-# --- folders of cases ----------------------------------------------------------------------
-
-@dataclass
-class CaseFile:
-    """A case on disk before it is embedded."""
-
-    path: Path
-    label: int
-    patient_id: str
-    plane: str = ""
-    area_mm2: float | None = None
-    source_case: int | None = None
-    report: str | None = None
-    load: Callable[[], np.ndarray] | None = None
-
-    def pixels(self) -> np.ndarray:
-        if self.load is not None:
-            return self.load()
-        from .uploads import read_scan
-
-        return read_scan(self.path.read_bytes(), self.path.name)
-
-
-def _label_of(value: str, where: str) -> int:
-    v = value.strip().lower()
-    if v in CLASS_NAMES:
-        return CLASS_NAMES.index(v)
-    if v in ("1", "2", "3"):  # the figshare convention
-        return int(v) - 1
-    raise ArchiveError(f"{where}: label {value!r} is not one of {', '.join(CLASS_NAMES)} (or 1, 2, 3)")
-
-
-def scan_folder(folder: Path | str, folds: Iterable[int] | None = None) -> list[CaseFile]:
-    """The cases of a folder: the bundled dataset layout, the figshare ``.mat`` release, or
-    any folder of PNG/JPEG/DICOM/.mat scans with a ``cases.csv`` (columns ``file,label`` and
-    optionally ``patient_id,plane,area_mm2,report``)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ArchiveError(f"no such folder: {folder}")
-    if (folder / "cases.csv").is_file():
-        return _scan_csv(folder)
-    try:
-        table = load_cases(folder)
-    except DatasetError as exc:
-        raise ArchiveError(f"{exc}; or put a cases.csv (file,label[,patient_id,plane,area_mm2,report]) "
-                           f"beside the scans") from None
-    keep = np.ones(len(table), bool) if folds is None else np.isin(table.fold, list(folds))
-    loader = table.loader
-    files = []
-    for r in np.flatnonzero(keep):
-        idx = int(table.idx[r])
-        path = loader.root / ("images" / Path(f"{idx}.jpg") if loader.name == "folder" else Path(f"{idx}.mat"))
-        files.append(CaseFile(path, int(table.label[r]), str(table.patient_id[r]), str(table.plane[r]),
-                              float(table.area_mm2[r]), idx, load=lambda i=idx: loader.load_image(i)))
-    return files
-
-
-def _scan_csv(folder: Path) -> list[CaseFile]:
-    path = folder / "cases.csv"
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"file", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise ArchiveError(f"{path} lacks columns {sorted(missing)}")
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ArchiveError(f"{path} is not a UTF-8 CSV file ({exc})") from None
-    files = []
-    for n, r in enumerate(rows, 2):
-        where = f"{path}, line {n}"
-        if r.get("file") is None or r.get("label") is None:
-            raise ArchiveError(f"{where}: fewer values than columns")
-        try:
-            f = (folder / r["file"]).resolve()
-        except (ValueError, OSError):  # e.g. a NUL in the name
-            raise ArchiveError(f"{where}: {r['file']!r} is not a file name") from None
-        if not f.is_relative_to(folder.resolve()) or not f.is_file():
-            raise ArchiveError(f"{where}: no file {r['file']!r} in {folder}")
-        plane = (r.get("plane") or "").strip().lower()
-        if plane and plane not in PLANES:
-            raise ArchiveError(f"{where}: plane {plane!r} is not one of {', '.join(PLANES)}")
-        try:
-            area = float(r["area_mm2"]) if (r.get("area_mm2") or "").strip() else None
-        except ValueError:
-            raise ArchiveError(f"{where}: area_mm2 {r['area_mm2']!r} is not a number") from None
-        files.append(CaseFile(f, _label_of(r["label"], where), (r.get("patient_id") or "").strip() or f.name,
-                              plane, area, report=(r.get("report") or None)))
-    return files
-
-
-def add_folder(archive: CaseArchive, files: list[CaseFile], embed: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
-               batch_size: int = 32, progress: Callable[[int], None] | None = None, index_every_s: float = 30.0) -> dict:
-    """Embed and add the files the archive does not hold yet, one committed batch at a time
-    (so a killed run resumes where it stopped). The store is written every ``index_every_s``
-    seconds and at the end (saving a large index per batch would dominate); committed cases
-    not yet in the store are indexed on the next open. Unreadable files are skipped and reported."""
-    hashes = [sha256_file(f.path) for f in files]
-    known = archive.known_hashes(hashes)
-    todo = [(f, h) for f, h in zip(files, hashes) if h not in known]
-    seen: set[str] = set()
-    todo = [(f, h) for f, h in todo if not (h in seen or seen.add(h))]  # the same file twice in one folder
-    added, skipped, errors = 0, len(files) - len(todo), []
-    if progress:
-        progress(skipped)
-    last_index = time.monotonic()
-    for b in range(0, len(todo), batch_size):
-        batch, images = [], []
-        for f, h in todo[b:b + batch_size]:
-            try:
-                images.append(f.pixels())
-                batch.append((f, h))
-            except (ValueError, OSError) as exc:  # UploadError / DatasetError are ValueErrors
-                errors.append(f"{f.path.name}: {exc}")
-        if batch:
-            emb, trunk = embed(images)
-            added += archive.add([CaseRecord(h, f.label, f.patient_id, f.plane, f.area_mm2, str(f.path), e, t,
-                                             f.source_case, f.report) for (f, h), e, t in zip(batch, emb, trunk)],
-                                 index=False)
-        if time.monotonic() - last_index >= index_every_s:
-            archive.index_pending()
-            last_index = time.monotonic()
-        if progress:
-            progress(len(todo[b:b + batch_size]))
-    archive.index_pending()
-    return {"added": added, "already_there": skipped, "errors": errors, "total": len(archive)}
-

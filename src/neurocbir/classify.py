@@ -9,6 +9,11 @@
 Both can drop retrievals from the query's own patient (``exclude_same_patient``) and keep
 only the closest slice of each archive patient (``one_per_patient``), the within-patient
 bias that the paper's Discussion names.
+
+Search once, score many (as scikit-learn's ``kneighbors``): :func:`nir_positions`,
+:func:`nir_proba` and :func:`knn_votes` score one distance-sorted list of neighbour labels,
+so the service and the evaluation search once per query and derive NIR, I-NIR and KNN from
+the same list.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from .index import VectorIndex
 
 
 class _RetrievalClassifier(ClassifierMixin, BaseEstimator):
-    def __init__(self, search_depth: int | None = None, exclude_same_patient: bool = False,
-                 one_per_patient: bool = False):
+    def __init__(
+        self, search_depth: int | None = None, exclude_same_patient: bool = False, one_per_patient: bool = False
+    ):
         self.search_depth = search_depth
         self.exclude_same_patient = exclude_same_patient
         self.one_per_patient = one_per_patient
@@ -36,7 +42,9 @@ class _RetrievalClassifier(ClassifierMixin, BaseEstimator):
         if self._groups is not None and len(self._groups) != len(y):
             raise ValueError(f"groups has {len(self._groups)} entries, X has {len(y)} rows")
         if (self.exclude_same_patient or self.one_per_patient) and self._groups is None:
-            raise ValueError("exclude_same_patient / one_per_patient need the archive's patient ids: fit(X, y, groups=...)")
+            raise ValueError(
+                "exclude_same_patient / one_per_patient need the archive's patient ids: fit(X, y, groups=...)"
+            )
         self.index_ = VectorIndex.build(X)
         self.n_features_in_ = X.shape[1]
         return self
@@ -46,14 +54,15 @@ class _RetrievalClassifier(ClassifierMixin, BaseEstimator):
         filtering = self.exclude_same_patient or self.one_per_patient
         return n if self.search_depth is None or filtering else min(n, self.search_depth)
 
-    def retrieve(self, X, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    def kneighbors(self, X, n_neighbors: int | None = None, groups=None) -> tuple[np.ndarray, np.ndarray]:
         """Distance-sorted retrievals after patient filtering: (distances, archive rows),
-        each (n_queries, depth), padded with ``inf`` / ``-1`` where filtering removed cases."""
+        each (n_queries, depth), padded with ``inf`` / ``-1`` where filtering removed cases.
+        ``n_neighbors`` caps the depth (default: as deep as the classifier needs)."""
         check_is_fitted(self, "index_")
         X = check_array(X, dtype=np.float32)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, the archive has {self.n_features_in_}")
-        dist, ids = self.index_.search(X, self._depth())
+        dist, ids = self.index_.search(X, self._depth() if n_neighbors is None else n_neighbors)
         keep = np.ones_like(ids, dtype=bool)
         if self.exclude_same_patient:
             if groups is None:
@@ -64,12 +73,13 @@ class _RetrievalClassifier(ClassifierMixin, BaseEstimator):
             keep &= first_per_group(np.where(keep, ids, -1), self._groups[ids])
         return compact(dist, ids, keep)
 
-    def _neighbour_labels(self, X, groups) -> np.ndarray:
-        _, ids = self.retrieve(X, groups)
+    def neighbour_labels(self, X, groups=None) -> np.ndarray:
+        """Class indices (into ``classes_``) of the retrievals, in distance order, ``-1`` padded."""
+        _, ids = self.kneighbors(X, groups=groups)
         return np.where(ids >= 0, self._y[np.maximum(ids, 0)], -1)
 
     def predict_proba(self, X, groups=None) -> np.ndarray:
-        return self._proba_from_labels(self._neighbour_labels(X, groups))
+        return self._proba_from_labels(self.neighbour_labels(X, groups))
 
     def predict(self, X, groups=None) -> np.ndarray:
         check_is_fitted(self, "index_")
@@ -94,12 +104,7 @@ class KNNClassifier(_RetrievalClassifier):
         return min(len(self.index_), self.n_neighbors)
 
     def _proba_from_labels(self, labels: np.ndarray) -> np.ndarray:
-        top = labels[:, : self.n_neighbors]
-        counts = np.stack([(top == c).sum(1) for c in range(len(self.classes_))], axis=1).astype(float)
-        total = counts.sum(1, keepdims=True)
-        if (total == 0).any():
-            raise ValueError("a query has no retrievals left after patient filtering")
-        return counts / total
+        return knn_votes(labels, len(self.classes_), self.n_neighbors)
 
 
 class NIRClassifier(_RetrievalClassifier):
@@ -110,17 +115,37 @@ class NIRClassifier(_RetrievalClassifier):
     continuing with retrievals of other classes, so ``I_c`` = list length + missing - 1.
     """
 
-    def __init__(self, nth_incorrect: int = 1, search_depth: int | None = None,
-                 exclude_same_patient: bool = False, one_per_patient: bool = False):
+    def __init__(
+        self,
+        nth_incorrect: int = 1,
+        search_depth: int | None = None,
+        exclude_same_patient: bool = False,
+        one_per_patient: bool = False,
+    ):
         super().__init__(search_depth, exclude_same_patient, one_per_patient)
         self.nth_incorrect = nth_incorrect
 
     def incorrect_positions(self, X, groups=None) -> np.ndarray:
         """``I_c`` for each query and class, (n_queries, n_classes), columns in ``classes_`` order."""
-        return nir_positions(self._neighbour_labels(X, groups), len(self.classes_), self.nth_incorrect)
+        return nir_positions(self.neighbour_labels(X, groups), len(self.classes_), self.nth_incorrect)
 
     def _proba_from_labels(self, labels: np.ndarray) -> np.ndarray:
-        return softmax(nir_positions(labels, len(self.classes_), self.nth_incorrect).astype(float), axis=1)
+        return nir_proba(labels, len(self.classes_), self.nth_incorrect)
+
+
+def nir_proba(labels: np.ndarray, n_classes: int, nth: int = 1) -> np.ndarray:
+    """``softmax(I_c)`` per query row of ``labels`` (see :func:`nir_positions`)."""
+    return softmax(nir_positions(labels, n_classes, nth).astype(float), axis=1)
+
+
+def knn_votes(labels: np.ndarray, n_classes: int, n_neighbors: int) -> np.ndarray:
+    """Fraction of the ``n_neighbors`` nearest retrievals of each class, per query row."""
+    top = np.asarray(labels)[:, :n_neighbors]
+    counts = np.stack([(top == c).sum(1) for c in range(n_classes)], axis=1).astype(float)
+    total = counts.sum(1, keepdims=True)
+    if (total == 0).any():
+        raise ValueError("a query has no retrievals left after patient filtering")
+    return counts / total
 
 
 def first_per_group(ids: np.ndarray, groups: np.ndarray) -> np.ndarray:

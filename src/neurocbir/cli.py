@@ -1,4 +1,9 @@
-"""Command-line interface: ``neurocbir train | evaluate | search | features | info``."""
+"""Command-line interface: ``neurocbir COMMAND`` (``neurocbir --help`` lists them).
+
+Data and training: ``info``, ``train``, ``search`` (hyper-parameters by inner CV), ``evaluate``.
+Archive: ``add``, ``remove``. Queries and the app: ``query``, ``ask``, ``serve``, ``demo``.
+Reports: ``summarize``, ``answer``, ``write-reports``, ``eval-reports``.
+Each command imports what it needs when it runs, so ``--help`` stays fast."""
 
 from __future__ import annotations
 
@@ -9,8 +14,11 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="neurocbir: retrieval-based brain tumor MRI decision support (not a diagnosis).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="neurocbir: retrieval-based brain tumor MRI decision support (not a diagnosis).",
+)
 
 
 def _fail(msg: str) -> None:
@@ -26,8 +34,14 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (DatasetError, EncoderWeightsError, IndexMismatchError, FileNotFoundError, ValueError,
-            NotImplementedError) as exc:
+    except (
+        DatasetError,
+        EncoderWeightsError,
+        IndexMismatchError,
+        FileNotFoundError,
+        ValueError,
+        NotImplementedError,
+    ) as exc:
         _fail(str(exc))
 
 
@@ -36,40 +50,69 @@ def train(
     loss: str = typer.Option("supcon", help="ce | triplet | nca | infonce | supcon"),
     fold: int = typer.Option(5, help="test fold (1-5), patient-wise"),
     trials: int = typer.Option(5, help="seeds per configuration (paper: 5)"),
+    first_seed: int = typer.Option(0, help="train seeds first_seed .. first_seed + trials - 1"),
     out: Path = typer.Option(..., help="run directory to write"),
     encoder: str = typer.Option("efficientnet_lite2", help="efficientnet_lite2 | efficientnet_b2 | resnet50"),
     weights: Optional[Path] = typer.Option(None, help="local ImageNet weights file for efficientnet_b2/resnet50"),
     random_init: bool = typer.Option(False, help="allow a randomly initialised trunk (no pretrained weights)"),
     trainable_blocks: int = typer.Option(2, help="0 = head only on cached features, k = last k blocks, -1 = all"),
-    epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    temperature: Optional[float] = typer.Option(None), margin: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), n_copies: Optional[int] = typer.Option(None),
-    dropout: Optional[float] = typer.Option(None), feature_noise: Optional[float] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    temperature: Optional[float] = typer.Option(None),
+    margin: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    n_copies: Optional[int] = typer.Option(None),
+    dropout: Optional[float] = typer.Option(None),
+    feature_noise: Optional[float] = typer.Option(None),
     weight_decay: Optional[float] = typer.Option(None),
     tta: Optional[bool] = typer.Option(None, help="average the embeddings of augmented views at test time"),
     params: Optional[Path] = typer.Option(None, help="JSON of hyper-parameters (e.g. from `neurocbir search`)"),
-    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"),
+    data: Optional[Path] = typer.Option(
+        None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"
+    ),
     cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
 ) -> None:
     """Train an encoder top with one loss over several seeds and index the archive."""
-    from .training import TrainConfig, train_run
+    from .runs import TrainConfig
+    from .training import train_run
 
-    cfg = TrainConfig(loss=loss, fold=fold, trials=trials, encoder=encoder, weights=str(weights) if weights else None,
-                      random_init=random_init, trainable_blocks=trainable_blocks,
-                      data=str(data) if data else None, cache_dir=str(cache_dir) if cache_dir else None)
+    cfg = TrainConfig(
+        loss=loss,
+        fold=fold,
+        trials=trials,
+        first_seed=first_seed,
+        encoder=encoder,
+        weights=str(weights) if weights else None,
+        random_init=random_init,
+        trainable_blocks=trainable_blocks,
+        data=str(data) if data else None,
+        cache_dir=str(cache_dir) if cache_dir else None,
+    )
     if params is not None:
         if not params.is_file():
             _fail(f"no such params file: {params}")
         for k, v in json.loads(params.read_text()).get("best", {}).items():
             setattr(cfg, k, v)
-    overrides = dict(epochs=epochs, lr=lr, temperature=temperature, margin=margin, batch_size=batch_size,
-                     n_copies=n_copies, dropout=dropout, feature_noise=feature_noise, weight_decay=weight_decay, tta=tta)
+    overrides = dict(
+        epochs=epochs,
+        lr=lr,
+        temperature=temperature,
+        margin=margin,
+        batch_size=batch_size,
+        n_copies=n_copies,
+        dropout=dropout,
+        feature_noise=feature_noise,
+        weight_decay=weight_decay,
+        tta=tta,
+    )
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
     timings = _guard(train_run, cfg, out)
-    typer.echo(f"trained {cfg.trials} trial(s) of {cfg.loss} on fold {cfg.fold} in {timings['train_s_total']:.0f} s "
-               f"(feature cache {timings['feature_cache_s']:.0f} s); run: {out}")
+    typer.echo(
+        f"trained {cfg.trials} trial(s) of {cfg.loss} on fold {cfg.fold} in {timings['train_s_total']:.0f} s "
+        f"(feature cache {timings['feature_cache_s']:.0f} s); run: {out}"
+    )
 
 
 @app.command()
@@ -93,17 +136,20 @@ def evaluate(
 
 @app.command()
 def search(
-    loss: str = typer.Option("supcon"), fold: int = typer.Option(5), out: Path = typer.Option(...),
+    loss: str = typer.Option("supcon"),
+    fold: int = typer.Option(5),
+    out: Path = typer.Option(...),
     grid: Optional[str] = typer.Option(None, help='JSON grid, e.g. \'{"lr": [1e-3, 3e-4], "epochs": [10, 30]}\''),
     data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
     cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE"),
 ) -> None:
     """Hyper-parameter search by 3-fold patient-grouped CV inside the training folds."""
-    from .search import default_grid, grid_search
-    from .training import TrainConfig
+    from .runs import TrainConfig
+    from .tuning import default_grid, grid_search
 
-    cfg = TrainConfig(loss=loss, fold=fold, data=str(data) if data else None,
-                      cache_dir=str(cache_dir) if cache_dir else None)
+    cfg = TrainConfig(
+        loss=loss, fold=fold, data=str(data) if data else None, cache_dir=str(cache_dir) if cache_dir else None
+    )
     g = json.loads(grid) if grid else default_grid(loss)
     result = _guard(grid_search, cfg, g, out)
     typer.echo(json.dumps(result["best"], indent=2))
@@ -153,7 +199,8 @@ def _explain(llm: bool, mode: str, method: str, *args):
 def summarize(
     report: list[str] = typer.Option(..., "--report", help="a retrieved report (repeat, in retrieval order)"),
     query_report: Optional[str] = typer.Option(None, help="the query scan's report"),
-    as_json: bool = typer.Option(False, "--json"), llm: bool = typer.Option(False, help="phrase with the configured LLM"),
+    as_json: bool = typer.Option(False, "--json"),
+    llm: bool = typer.Option(False, help="phrase with the configured LLM"),
     mode: str = typer.Option("grounded", help="grounded | paper (LLM only)"),
 ) -> None:
     """Summarise retrieved reports: modality, technique, tumor types, sizes, planes."""
@@ -166,7 +213,8 @@ def answer(
     question: str = typer.Option(..., help="a question about the retrieved reports"),
     report: list[str] = typer.Option(..., "--report", help="a retrieved report (repeat, in retrieval order)"),
     query_report: Optional[str] = typer.Option(None, help="the query scan's report"),
-    as_json: bool = typer.Option(False, "--json"), llm: bool = typer.Option(False, help="phrase with the configured LLM"),
+    as_json: bool = typer.Option(False, "--json"),
+    llm: bool = typer.Option(False, help="phrase with the configured LLM"),
     mode: str = typer.Option("grounded", help="grounded | paper (LLM only)"),
 ) -> None:
     """Answer a question about retrieved reports (grounded: numbers computed, never guessed)."""
@@ -177,7 +225,9 @@ def answer(
 @app.command("eval-reports")
 def eval_reports(
     run: Optional[Path] = typer.Option(None, help="take query sets from this trained run's index"),
-    n_sets: int = typer.Option(50), llm: bool = typer.Option(False), mode: str = typer.Option("grounded"),
+    n_sets: int = typer.Option(50),
+    llm: bool = typer.Option(False),
+    mode: str = typer.Option("grounded"),
     json_out: Optional[Path] = typer.Option(None, "--json"),
     data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
 ) -> None:
@@ -205,27 +255,34 @@ def _read_image_file(path: Path):
 
 
 def _service(run: Optional[Path], archive: Optional[Path] = None):
-    from .service import ArchiveService, RetrievalService
+    from .service import RetrievalService
 
+    run = run or default_run()
     if archive is not None:
-        return _guard(ArchiveService, run or default_run(), archive)
-    return _guard(RetrievalService, run or default_run())
+        return _guard(RetrievalService.from_archive, run, archive)
+    return _guard(RetrievalService.from_run, run)
 
 
 def default_run() -> Path:
-    """The best available run: the benchmark's SupCon run, else the demo run."""
-    for cand in (Path("runs/bench/supcon-fold5"), Path("runs/demo")):
-        if any(cand.glob("trial_*/index.faiss")):
-            return cand
-    _fail("no trained run found: train one with `neurocbir train --out runs/demo` (or `make demo`), "
-          "or pass --run RUN_DIR")
+    """The best available run (see ``neurocbir.runs.DEFAULT_RUNS``)."""
+    from .runs import find_default_run
+
+    run = find_default_run()
+    if run is None:
+        _fail(
+            "no trained run found: train one with `neurocbir train --out runs/demo` (or `make demo`), "
+            "or pass --run RUN_DIR"
+        )
+    return run
 
 
 @app.command()
 def query(
     image: Path = typer.Argument(..., help="PNG/JPEG, DICOM or figshare .mat file"),
-    run: Optional[Path] = typer.Option(None, help="trained run directory"), k: int = typer.Option(5),
-    one_per_patient: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json"),
+    run: Optional[Path] = typer.Option(None, help="trained run directory"),
+    k: int = typer.Option(5),
+    one_per_patient: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
     archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
 ) -> None:
     """Predict the tumor type of a scan from its most similar archive cases."""
@@ -235,36 +292,47 @@ def query(
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"{out['prediction']} (NIR confidence {out['confidence']:.1%}; KNN-7 vote "
-               + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items()) + ")")
+    typer.echo(
+        f"{out['prediction']} (NIR confidence {out['confidence']:.1%}; KNN-7 vote "
+        + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items())
+        + ")"
+    )
     if out["no_similar_case"]:
         typer.secho("warning: no similar case found; the prediction is unreliable", fg=typer.colors.RED)
     for i, r in enumerate(out["retrievals"], 1):
         size = "size unknown" if r["area_mm2"] is None else f"{r['area_mm2']:.1f} mm²"
-        typer.echo(f"  {i}. case {r['case_id']}: {r['label']}, {r['plane'] or 'plane unknown'}, {size}, distance {r['distance']:.3f}")
+        typer.echo(
+            f"  {i}. case {r['case_id']}: {r['label']}, {r['plane'] or 'plane unknown'}, {size}, distance {r['distance']:.3f}"
+        )
     typer.echo(out["disclaimer"])
 
 
 @app.command()
 def ask(
-    image: Path = typer.Argument(...), question: str = typer.Argument(...),
-    run: Optional[Path] = typer.Option(None), k: int = typer.Option(5), style: str = typer.Option("normal"),
-    llm: bool = typer.Option(False), as_json: bool = typer.Option(False, "--json"),
+    image: Path = typer.Argument(...),
+    question: str = typer.Argument(...),
+    run: Optional[Path] = typer.Option(None),
+    k: int = typer.Option(5),
+    style: str = typer.Option("normal"),
+    llm: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Ask a question about the reports of a scan's most similar archive cases."""
     img = _read_image_file(image)
     svc = _service(run)
     out = _guard(svc.query, img, k=k)
-    reports = _guard(svc.reports, [r["case_id"] for r in out["retrievals"]], style)
+    reports = _guard(svc.cases.reports, [r["case_id"] for r in out["retrievals"]], style)
     ans, _ = _explain(llm, "grounded", "answer", question, reports)
     typer.echo(json.dumps(ans.as_dict(), indent=2) if as_json else ans.answer)
 
 
 @app.command()
-def serve(run: Optional[Path] = typer.Option(None), port: int = typer.Option(8000),
-          host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
-          archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
-          ) -> None:
+def serve(
+    run: Optional[Path] = typer.Option(None),
+    port: int = typer.Option(8000),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
+) -> None:
     """Serve the web UI and the HTTP API."""
     from .app import serve as _serve
 
@@ -277,39 +345,52 @@ def add(
     archive: Path = typer.Option(Path("archive"), help="archive folder (created if missing)"),
     run: Optional[Path] = typer.Option(None, help="trained run whose encoder embeds the scans"),
     store: str = typer.Option("flat", help="vector store: flat (exact FAISS), hnsw (approximate FAISS) or milvus"),
-    milvus_uri: Optional[str] = typer.Option(None, help="Milvus server (http://host:19530) or Milvus Lite .db file; "
-                                                        "token from $NEUROCBIR_MILVUS_TOKEN"),
-    milvus_index: str = typer.Option("FLAT", help="index type of a new Milvus collection (FLAT exact; IVF_FLAT, "
-                                                  "HNSW... on a Milvus server)"),
+    milvus_uri: Optional[str] = typer.Option(
+        None, help="Milvus server (http://host:19530) or Milvus Lite .db file; token from $NEUROCBIR_MILVUS_TOKEN"
+    ),
+    milvus_index: str = typer.Option(
+        "FLAT", help="index type of a new Milvus collection (FLAT exact; IVF_FLAT, HNSW... on a Milvus server)"
+    ),
     fold: Optional[list[int]] = typer.Option(None, help="only these folds of a dataset folder (repeatable)"),
     batch_size: int = typer.Option(32, min=1, max=1024),
-    index_every: float = typer.Option(30.0, min=0, help="write the vector index at most every N seconds (and at the end)"),
+    index_every: float = typer.Option(
+        30.0, min=0, help="write the vector index at most every N seconds (and at the end)"
+    ),
 ) -> None:
     """Embed the scans of FOLDER and add them to a case archive; safe to kill and rerun (resumes,
     never duplicates)."""
-    from contextlib import ExitStack
-
     from tqdm import tqdm
 
-    from .archive import CaseArchive, add_folder, scan_folder, writer_lock
-    from .service import _best_trial
-    from .training import checkpoint_sha256, embed_images, load_top
+    from .ingest import ingest
 
-    with ExitStack() as stack:
-        _guard(stack.enter_context, writer_lock(archive))
-        files = _guard(scan_folder, folder, fold)
-        run = run or default_run()
-        trial = _guard(_best_trial, run)
-        encoder, top, _ = _guard(load_top, run, trial)
-        sha = checkpoint_sha256(run, trial)
-        arch = _guard(CaseArchive.create, archive, encoder.embedding_dim, sha, store, milvus_uri, str(run), milvus_index)
-        with tqdm(total=len(files), desc="adding cases", unit="scan") as bar:
-            out = _guard(add_folder, arch, files, lambda imgs: embed_images(encoder, top, imgs), batch_size, bar.update,
-                         index_every)
-        check = arch.check()
-        arch.close()
-    typer.echo(f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
-               f"{out['total']} cases ({check['store_count']} in its {arch.meta['store']} index)")
+    bar = None
+
+    def show(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc="adding cases", unit="scan")
+        bar.update(done - bar.n)
+
+    try:
+        out = _guard(
+            ingest,
+            folder,
+            archive,
+            run or default_run(),
+            store,
+            milvus_uri,
+            milvus_index,
+            fold,
+            batch_size,
+            index_every,
+            show,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    typer.echo(
+        f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
+        f"{out['total']} cases ({out['check']['store_count']} in its {out['store']} index)"
+    )
     for e in out["errors"][:20]:
         typer.secho(f"  skipped {e}", fg=typer.colors.YELLOW)
     if len(out["errors"]) > 20:
@@ -317,20 +398,34 @@ def add(
 
 
 @app.command()
+def remove(
+    case_ids: list[int] = typer.Argument(..., help="archive case ids (as `query` and the app show them)"),
+    archive: Path = typer.Option(Path("archive"), help="archive folder"),
+) -> None:
+    """Remove cases from a case archive (a withdrawn or mislabelled scan); crash-safe like `add`."""
+    from .archive import remove_cases
+
+    removed, left = _guard(remove_cases, archive, case_ids)
+    missing = sorted(set(case_ids) - set(removed))
+    typer.echo(f"{len(removed)} case(s) removed; the archive at {archive} holds {left} cases")
+    if missing:
+        typer.secho(f"  not in the archive: {', '.join(map(str, missing))}", fg=typer.colors.YELLOW)
+
+
+@app.command()
 def demo(port: int = typer.Option(8000)) -> None:
     """The main job: reuse the best trained run, or train a quick one (~5 min), then serve the app."""
     from .app import serve as _serve
-    from .training import TrainConfig, train_run
+    from .runs import TrainConfig, find_default_run
+    from .training import train_run
 
-    run = None
-    for cand in (Path("runs/bench/supcon-fold5"), Path("runs/demo")):
-        if any(cand.glob("trial_*/index.faiss")):
-            run = cand
-            break
+    run = find_default_run()
     if run is None:
         run = Path("runs/demo")
-        typer.echo("No trained run yet: training a quick SupCon model (head only, no augmented copies, 1 trial). "
-                   "For the full model run `neurocbir train --loss supcon --out runs/supcon` (about 25 min).")
+        typer.echo(
+            "No trained run yet: training a quick SupCon model (head only, no augmented copies, 1 trial). "
+            "For the full model run `neurocbir train --loss supcon --out runs/supcon` (about 25 min)."
+        )
         cfg = TrainConfig(loss="supcon", trials=1, trainable_blocks=0, n_copies=0, epochs=20)
         _guard(train_run, cfg, run)
     _guard(_serve, run, "127.0.0.1", port)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -40,19 +40,24 @@ class CaseTable:
     fold: np.ndarray
     plane: np.ndarray
     area_mm2: np.ndarray
-    loader: "ImageSource" = field(repr=False)
+    loader: ImageSource = field(repr=False)
 
     def __len__(self) -> int:
         return len(self.idx)
 
-    def subset(self, selector: np.ndarray | Sequence[int]) -> "CaseTable":
+    def subset(self, selector: np.ndarray | Sequence[int]) -> CaseTable:
         sel = np.asarray(selector)
         return CaseTable(
-            self.idx[sel], self.label[sel], self.patient_id[sel], self.fold[sel],
-            self.plane[sel], self.area_mm2[sel], self.loader,
+            self.idx[sel],
+            self.label[sel],
+            self.patient_id[sel],
+            self.fold[sel],
+            self.plane[sel],
+            self.area_mm2[sel],
+            self.loader,
         )
 
-    def split(self, test_fold: int = DEFAULT_TEST_FOLD) -> tuple["CaseTable", "CaseTable"]:
+    def split(self, test_fold: int = DEFAULT_TEST_FOLD) -> tuple[CaseTable, CaseTable]:
         """Patient-wise train/test split on the dataset's own ``cvind`` folds."""
         if test_fold not in set(self.fold.tolist()):
             raise DatasetError(f"fold {test_fold} has no cases (folds present: {sorted(set(self.fold.tolist()))})")
@@ -78,6 +83,10 @@ class ImageSource:
     def load_mask(self, idx: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def image_path(self, idx: int) -> Path:  # pragma: no cover - interface
+        """The file that holds case ``idx``'s image."""
+        raise NotImplementedError
+
 
 def _read_gray(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
@@ -99,8 +108,11 @@ class FolderSource(ImageSource):
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def image_path(self, idx: int) -> Path:
+        return self.root / "images" / f"{idx}.jpg"
+
     def load_image(self, idx: int) -> np.ndarray:
-        return _read_gray(self.root / "images" / f"{idx}.jpg")
+        return _read_gray(self.image_path(idx))
 
     def load_mask(self, idx: int) -> np.ndarray:
         return _read_gray(self.root / "masks" / f"{idx}.png") > 127
@@ -144,10 +156,13 @@ class FigshareSource(ImageSource):
         self.root = Path(root)
         self.planes = planes or {}
 
+    def image_path(self, idx: int) -> Path:
+        return self.root / f"{idx}.mat"
+
     def _cjdata(self, idx: int) -> dict:
         import h5py
 
-        path = self.root / f"{idx}.mat"
+        path = self.image_path(idx)
         if not path.is_file():
             raise DatasetError(f"missing figshare file: {path}")
         try:
@@ -207,9 +222,13 @@ class FigshareSource(ImageSource):
             scale = (512 / d["mask"].shape[0]) ** 2
             area.append(float(d["mask"].sum()) * scale * PIXEL_AREA_MM2_512)
         return CaseTable(
-            idx=np.array(idx), label=np.array(label), patient_id=np.array(pid), fold=folds,
+            idx=np.array(idx),
+            label=np.array(label),
+            patient_id=np.array(pid),
+            fold=folds,
             plane=np.array([self.planes.get(i, "") for i in idx]),
-            area_mm2=np.array(area), loader=self,
+            area_mm2=np.array(area),
+            loader=self,
         )
 
 
@@ -241,9 +260,23 @@ def load_cases(root: Path | str | None = None) -> CaseTable:
         return FolderSource(path).table()
     if (path / "cvind.mat").is_file():
         return FigshareSource(path).table()
-    raise DatasetError(
-        f"{path} holds neither metadata.csv (bundled layout) nor cvind.mat (figshare release)"
-    )
+    raise DatasetError(f"{path} holds neither metadata.csv (bundled layout) nor cvind.mat (figshare release)")
+
+
+def mask_for_image(path: Path | str) -> np.ndarray | None:
+    """The tumor mask that goes with an image file of either dataset layout (``images/N.jpg``
+    beside ``masks/N.png``, or a figshare ``N.mat``), or None when the layout has none."""
+    path = Path(path)
+    if not path.stem.isdigit():
+        return None
+    try:
+        if path.suffix == ".mat":
+            return FigshareSource(path.parent).load_mask(int(path.stem))
+        if path.parent.name == "images" and (path.parent.parent / "masks" / f"{path.stem}.png").is_file():
+            return FolderSource(path.parent.parent).load_mask(int(path.stem))
+    except (ValueError, OSError):  # DatasetError is a ValueError
+        return None
+    return None
 
 
 def grouped_inner_folds(table: CaseTable, n_splits: int = 3, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -252,4 +285,3 @@ def grouped_inner_folds(table: CaseTable, n_splits: int = 3, seed: int = 0) -> l
 
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return list(cv.split(np.zeros(len(table)), table.label, groups=table.patient_id))
-

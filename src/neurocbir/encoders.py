@@ -7,6 +7,7 @@ trains end to end on a GPU.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .index import sha256_file  # noqa: E402
+from .files import sha256_file  # noqa: E402
 
 DEFAULT_ENCODER = "efficientnet_lite2"
 WEIGHTS_DIR_ENV = "NEUROCBIR_WEIGHTS_DIR"
@@ -65,7 +66,9 @@ def _map_lite2_state_dict(src: dict[str, torch.Tensor], target: dict[str, torch.
     out = {}
     for (sk, sv), tk in zip(s, t):
         if tuple(sv.shape) != tuple(target[tk].shape):
-            raise EncoderWeightsError(f"Lite2 weight {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}")
+            raise EncoderWeightsError(
+                f"Lite2 weight {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}"
+            )
         out[tk] = sv
     return out
 
@@ -143,8 +146,15 @@ class Encoder(nn.Module):
     first ``cut(k)`` stages are frozen (and can be cached), the rest + head are trained.
     """
 
-    def __init__(self, name: str, backbone: nn.Module, weights: WeightsInfo, embedding_dim: int = 128,
-                 head_hidden: int = 512, dropout: float = 0.2):
+    def __init__(
+        self,
+        name: str,
+        backbone: nn.Module,
+        weights: WeightsInfo,
+        embedding_dim: int = 128,
+        head_hidden: int = 512,
+        dropout: float = 0.2,
+    ):
         super().__init__()
         stem, blocks, neck, classifier = _flat_stages(backbone)
         self.name = name
@@ -155,8 +165,12 @@ class Encoder(nn.Module):
         self.embedding_dim = embedding_dim
         layers: list[nn.Module] = [nn.Dropout(dropout)]
         if head_hidden:
-            layers += [nn.Linear(self.num_features, head_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                       nn.Linear(head_hidden, embedding_dim)]
+            layers += [
+                nn.Linear(self.num_features, head_hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(head_hidden, embedding_dim),
+            ]
         else:
             layers += [nn.Linear(self.num_features, embedding_dim)]
         self.head = nn.Sequential(*layers)
@@ -178,11 +192,6 @@ class Encoder(nn.Module):
             x = stage(x)
         return x
 
-    def top_parameters(self, trainable_blocks: int) -> list[nn.Parameter]:
-        c = self.cut(trainable_blocks)
-        params = [p for s in self.stages[c:] for p in s.parameters()]
-        return params + list(self.head.parameters())
-
     def embed_raw(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Unnormalised embedding from the input of stage ``start`` (0 = image)."""
         return self.head(self.forward_stages(x, start, len(self.stages)))
@@ -194,8 +203,46 @@ class Encoder(nn.Module):
         return self.imagenet_classifier(self.forward_stages(x, 0, len(self.stages)))
 
 
-def create_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True, weights: Path | str | None = None,
-                   embedding_dim: int = 128, head_hidden: int = 512, dropout: float = 0.2) -> Encoder:
+class Top(nn.Module):
+    """The trained part of an encoder: the stages from ``cut`` on, the embedding head (and an
+    MLP classifier for cross-entropy). Its input is the output of the frozen stages, so the
+    bottom can run once (feature cache, or one pass per query).
+
+    The stages and head are copies: every trial, grid setting and inner fold starts from the
+    pretrained weights, never from what a previous one trained.
+    """
+
+    def __init__(self, encoder: Encoder, cut: int, n_classes: int, with_mlp: bool):
+        super().__init__()
+        self.cut = cut
+        self.stages = copy.deepcopy(nn.ModuleList(encoder.stages[cut:]))
+        self.head = copy.deepcopy(encoder.head)
+        for m in self.head.modules():  # a fresh head (the encoder's own stays as built)
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+        self.mlp = (
+            nn.Sequential(nn.Linear(encoder.embedding_dim, 128), nn.ReLU(inplace=True), nn.Linear(128, n_classes))
+            if with_mlp
+            else None
+        )
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            x = s(x)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.raw(x), dim=1)
+
+
+def create_encoder(
+    name: str = DEFAULT_ENCODER,
+    pretrained: bool = True,
+    weights: Path | str | None = None,
+    embedding_dim: int = 128,
+    head_hidden: int = 512,
+    dropout: float = 0.2,
+) -> Encoder:
     """Build an encoder by name; pretrained weights only from installed packages or local files."""
     backbone, info = _load_backbone(name, pretrained, Path(weights) if weights else None)
     return Encoder(name, backbone, info, embedding_dim=embedding_dim, head_hidden=head_hidden, dropout=dropout)

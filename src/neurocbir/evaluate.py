@@ -4,26 +4,27 @@ latent-structure metrics, the KNN-overfit experiment, Markdown tables and plots.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from .classify import KNNClassifier, NIRClassifier
+from .classify import KNNClassifier, NIRClassifier, knn_votes, nir_proba
 from .data import CLASS_NAMES, CaseTable, grouped_inner_folds, load_cases
+from .files import write_json, write_text
+from .runs import trial_dir, trial_seeds
 
 KNN_KS = (5, 7, 25)
 TSD_KS = (1, 5, 10, 25)
 OVERFIT_KS = tuple(range(1, 52, 2))
 
 
-def classifiers(one_per_patient: bool = False) -> dict:
-    opts = {"one_per_patient": one_per_patient}
-    clfs = {f"knn{k}": KNNClassifier(n_neighbors=k, **opts) for k in KNN_KS}
-    clfs["nir"] = NIRClassifier(nth_incorrect=1, **opts)
-    clfs["inir"] = NIRClassifier(nth_incorrect=10, **opts)
-    return clfs
+def classifier_probas(labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """KNN-5/7/25, NIR and I-NIR probabilities from one list of neighbour labels."""
+    out = {f"knn{k}": knn_votes(labels, n_classes, k) for k in KNN_KS}
+    out["nir"] = nir_proba(labels, n_classes, 1)
+    out["inir"] = nir_proba(labels, n_classes, 10)
+    return out
 
 
 def scores(y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
@@ -33,27 +34,24 @@ def scores(y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
 
 
 def _trials(run: Path) -> list[Path]:
-    trials = sorted((p for p in run.glob("trial_*") if (p / "embeddings.npz").is_file()),
-                    key=lambda p: int(p.name.split("_")[1]))
+    trials = [trial_dir(run, s) for s in trial_seeds(run, needs="embeddings.npz")]
     if not trials:
         raise FileNotFoundError(f"{run} has no trained trials (trial_*/embeddings.npz): run `neurocbir train` first")
     return trials
 
 
-def knn_kappa_curve(archive: np.ndarray, y_archive: np.ndarray, queries: np.ndarray, y_q: np.ndarray,
-                    ks=OVERFIT_KS) -> np.ndarray:
+def knn_kappa_curve(
+    archive: np.ndarray, y_archive: np.ndarray, queries: np.ndarray, y_q: np.ndarray, ks=OVERFIT_KS
+) -> np.ndarray:
     clf = KNNClassifier(n_neighbors=max(ks)).fit(archive, y_archive)
-    labels = clf._neighbour_labels(queries, None)
-    out = []
-    for k in ks:
-        top = labels[:, :k]
-        votes = np.stack([(top == c).sum(1) for c in range(len(clf.classes_))], 1)
-        out.append(cohen_kappa_score(y_q, clf.classes_[np.argmax(votes, 1)]))
-    return np.array(out)
+    labels = clf.neighbour_labels(queries)
+    votes = [knn_votes(labels, len(clf.classes_), k) for k in ks]
+    return np.array([cohen_kappa_score(y_q, clf.classes_[np.argmax(v, 1)]) for v in votes])
 
 
-def evaluate_run(run: Path | str, table: CaseTable | None = None, one_per_patient: bool = False,
-                 plots: bool = True) -> dict:
+def evaluate_run(
+    run: Path | str, table: CaseTable | None = None, one_per_patient: bool = False, plots: bool = True
+) -> dict:
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
     table = table if table is not None else load_cases(cfg.get("data"))
@@ -69,18 +67,16 @@ def evaluate_run(run: Path | str, table: CaseTable | None = None, one_per_patien
         if y_test is not None and not np.array_equal(y_test, y_q):
             raise ValueError(f"{tdir}: test cases differ between trials")
         y_test = y_q
-        results = {}
-        for name, clf in classifiers(one_per_patient).items():
-            clf.fit(emb["archive"], y_a, groups=table.patient_id[a_rows])
-            results[name] = clf.predict_proba(emb["test"])
+        # one exact search per query; every classifier is scored from the same neighbour list
+        clf = NIRClassifier(one_per_patient=one_per_patient).fit(emb["archive"], y_a, groups=table.patient_id[a_rows])
+        results = classifier_probas(clf.neighbour_labels(emb["test"]), len(clf.classes_))
         if "test_mlp_proba" in emb:
             results["mlp"] = emb["test_mlp_proba"]
         for name, p in results.items():
             per_trial.setdefault(name, []).append(scores(y_q, p))
             probas.setdefault(name, []).append(p)
         # latent structure of the retrievals
-        nn = NIRClassifier().fit(emb["archive"], y_a)
-        _, ids = nn.index_.search(emb["test"], max(TSD_KS))
+        _, ids = NIRClassifier().fit(emb["archive"], y_a).kneighbors(emb["test"], max(TSD_KS))
         planes_q, planes_a = table.plane[q_rows], table.plane[a_rows]
         if (planes_q != "").all():
             plane_consistency.append(float((planes_a[ids[:, :5]] == planes_q[:, None]).mean()))
@@ -90,71 +86,96 @@ def evaluate_run(run: Path | str, table: CaseTable | None = None, one_per_patien
         # KNN overfit: K picked on the test fold vs by patient-grouped CV on the archive
         curves.append(knn_kappa_curve(emb["archive"], y_a, emb["test"], y_q))
         inner = table.subset(a_rows)
-        cv = np.mean([knn_kappa_curve(emb["archive"][tr], y_a[tr], emb["archive"][va], y_a[va])
-                      for tr, va in grouped_inner_folds(inner, 3, seed=0)], axis=0)
+        cv = np.mean(
+            [
+                knn_kappa_curve(emb["archive"][tr], y_a[tr], emb["archive"][va], y_a[va])
+                for tr, va in grouped_inner_folds(inner, 3, seed=0)
+            ],
+            axis=0,
+        )
         cv_ks.append(int(np.argmax(cv)))
     out_cls = {}
     for name, vals in per_trial.items():
         k_ens, a_ens = scores(y_test, np.mean(probas[name], axis=0))
-        out_cls[name] = {"kappa_mean": float(np.mean([v[0] for v in vals])), "kappa_std": float(np.std([v[0] for v in vals])),
-                         "kappa_ensemble": k_ens, "auroc_mean": float(np.mean([v[1] for v in vals])),
-                         "auroc_std": float(np.std([v[1] for v in vals])), "auroc_ensemble": a_ens}
+        out_cls[name] = {
+            "kappa_mean": float(np.mean([v[0] for v in vals])),
+            "kappa_std": float(np.std([v[0] for v in vals])),
+            "kappa_ensemble": k_ens,
+            "auroc_mean": float(np.mean([v[1] for v in vals])),
+            "auroc_std": float(np.std([v[1] for v in vals])),
+            "auroc_ensemble": a_ens,
+        }
     curve = np.mean(curves, axis=0)
     best = int(np.argmax(curve))
     overfit = {
-        "ks": list(OVERFIT_KS), "kappa_mean_by_k": [float(v) for v in curve],
-        "best_k_on_test": OVERFIT_KS[best], "kappa_best_k_on_test": float(curve[best]),
+        "ks": list(OVERFIT_KS),
+        "kappa_mean_by_k": [float(v) for v in curve],
+        "best_k_on_test": OVERFIT_KS[best],
+        "kappa_best_k_on_test": float(curve[best]),
         "cv_k_per_trial": [OVERFIT_KS[i] for i in cv_ks],
         "kappa_cv_k": float(np.mean([c[i] for c, i in zip(curves, cv_ks)])),
         "nir_kappa_mean": out_cls["nir"]["kappa_mean"],
     }
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
     result = {
-        "run": str(run), "loss": cfg["loss"], "encoder": cfg["encoder"], "fold": cfg["fold"],
-        "trials": len(per_trial["nir"]), "n_test": int(len(y_test)), "one_per_patient": one_per_patient,
+        "run": str(run),
+        "loss": cfg["loss"],
+        "encoder": cfg["encoder"],
+        "fold": cfg["fold"],
+        "trials": len(per_trial["nir"]),
+        "n_test": int(len(y_test)),
+        "one_per_patient": one_per_patient,
         "classifiers": out_cls,
-        "structure": {"anatomical_consistency_top5": float(np.mean(plane_consistency)) if plane_consistency else None,
-                      "tsd_mm2_at_k": {str(k): float(np.mean(v)) for k, v in tsd.items()}},
-        "knn_overfit": overfit, "timings": timings,
+        "structure": {
+            "anatomical_consistency_top5": float(np.mean(plane_consistency)) if plane_consistency else None,
+            "tsd_mm2_at_k": {str(k): float(np.mean(v)) for k, v in tsd.items()},
+        },
+        "knn_overfit": overfit,
+        "timings": timings,
     }
-    _write(run / "metrics.json", json.dumps(result, indent=2))
-    _write(run / "metrics.md", markdown_tables([result]))
+    write_json(run / "metrics.json", result)
+    write_text(run / "metrics.md", markdown_tables([result]))
     if plots:
         make_plots(run, table, result)
     return result
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def markdown_tables(results: list[dict]) -> str:
     """Tables 1/3-style (kappa and AUROC per classifier), structure metrics and KNN overfit."""
     names = ["knn5", "knn7", "knn25", "nir", "inir", "mlp"]
-    lines = ["| loss | fold | trials | " + " | ".join(f"{n} A-CK / E-CK" for n in names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
+    lines = [
+        "| loss | fold | trials | " + " | ".join(f"{n} A-CK / E-CK" for n in names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
     for r in results:
         c = r["classifiers"]
         cells = [f"{c[n]['kappa_mean']:.3f} / {c[n]['kappa_ensemble']:.3f}" if n in c else "-" for n in names]
         lines.append(f"| {r['loss']} | {r['fold']} | {r['trials']} | " + " | ".join(cells) + " |")
-    lines += ["", "| loss | fold | " + " | ".join(f"{n} AUROC mean / ens." for n in names) + " |",
-              "|---|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "| loss | fold | " + " | ".join(f"{n} AUROC mean / ens." for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for r in results:
         c = r["classifiers"]
         cells = [f"{c[n]['auroc_mean']:.3f} / {c[n]['auroc_ensemble']:.3f}" if n in c else "-" for n in names]
         lines.append(f"| {r['loss']} | {r['fold']} | " + " | ".join(cells) + " |")
-    lines += ["", "| loss | fold | plane consistency top-5 | " + " | ".join(f"TSD@{k} (mm²)" for k in TSD_KS)
-              + " | KNN best K on test (kappa) | KNN K by inner CV (kappa) | NIR kappa |",
-              "|---|---|---|" + "---|" * len(TSD_KS) + "---|---|---|"]
+    lines += [
+        "",
+        "| loss | fold | plane consistency top-5 | "
+        + " | ".join(f"TSD@{k} (mm²)" for k in TSD_KS)
+        + " | KNN best K on test (kappa) | KNN K by inner CV (kappa) | NIR kappa |",
+        "|---|---|---|" + "---|" * len(TSD_KS) + "---|---|---|",
+    ]
     for r in results:
         s, o = r["structure"], r["knn_overfit"]
         pc = "-" if s["anatomical_consistency_top5"] is None else f"{s['anatomical_consistency_top5']:.3f}"
-        lines.append(f"| {r['loss']} | {r['fold']} | {pc} | "
-                     + " | ".join(f"{s['tsd_mm2_at_k'][str(k)]:.0f}" for k in TSD_KS)
-                     + f" | {o['best_k_on_test']} ({o['kappa_best_k_on_test']:.3f}) | "
-                     f"{'/'.join(map(str, o['cv_k_per_trial']))} ({o['kappa_cv_k']:.3f}) | {o['nir_kappa_mean']:.3f} |")
+        lines.append(
+            f"| {r['loss']} | {r['fold']} | {pc} | "
+            + " | ".join(f"{s['tsd_mm2_at_k'][str(k)]:.0f}" for k in TSD_KS)
+            + f" | {o['best_k_on_test']} ({o['kappa_best_k_on_test']:.3f}) | "
+            f"{'/'.join(map(str, o['cv_k_per_trial']))} ({o['kappa_cv_k']:.3f}) | {o['nir_kappa_mean']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -170,10 +191,14 @@ def make_plots(run: Path, table: CaseTable, result: dict) -> None:
     tdir = _trials(run)[0]
     emb = np.load(tdir / "embeddings.npz")
     rows = emb["test_rows"]
-    xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=min(30, max(5, len(rows) // 4))).fit_transform(emb["test"])
+    xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=min(30, max(5, len(rows) // 4))).fit_transform(
+        emb["test"]
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, values, names, title in ((axes[0], table.label[rows], CLASS_NAMES, "tumor type"),
-                                     (axes[1], table.plane[rows], sorted(set(table.plane[rows].tolist())), "anatomical plane")):
+    for ax, values, names, title in (
+        (axes[0], table.label[rows], CLASS_NAMES, "tumor type"),
+        (axes[1], table.plane[rows], sorted(set(table.plane[rows].tolist())), "anatomical plane"),
+    ):
         for j, n in enumerate(names):
             sel = (values == j) if title == "tumor type" else (values == n)
             ax.scatter(xy[sel, 0], xy[sel, 1], s=6, label=n or "unknown")

@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .reports import ReportAttributes, TYPE_PHRASE, parse_report
+from .grounding import PLANE_WORDS, TYPE_STEMS, compute_facts, grade_summary, report_refs, same_size, sizes_mm2
+from .reports import TYPE_PHRASE, parse_report
 
 PAPER_QUESTIONS = (
     "What is the average tumor size in the retrieved reports?",
@@ -35,45 +34,16 @@ def _refs(nums: list[int]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def compute_facts(reports: list[ReportAttributes], query: ReportAttributes | None = None) -> dict:
-    """Facts about the retrieved reports (1-based report numbers), all sizes in mm²."""
-    if not reports:
-        raise ValueError("no reports to summarise")
-    sizes = np.array([r.area_mm2 for r in reports])
-    nums = list(range(1, len(reports) + 1))
-    types: dict[str, list[int]] = {}
-    planes: dict[str, list[int]] = {}
-    for n, r in zip(nums, reports):
-        types.setdefault(r.tumor_type, []).append(n)
-        planes.setdefault(r.plane, []).append(n)
-    facts = {
-        "n_reports": len(reports),
-        "modalities": sorted({r.modality for r in reports}),
-        "techniques": sorted({r.technique for r in reports}),
-        "tumor_types": types, "planes": planes,
-        "size_min_mm2": float(sizes.min()), "size_min_report": int(np.argmin(sizes)) + 1,
-        "size_max_mm2": float(sizes.max()), "size_max_report": int(np.argmax(sizes)) + 1,
-        "size_mean_mm2": round(float(sizes.mean()), 2),
-        "sizes_mm2": {str(n): float(s) for n, s in zip(nums, sizes)},
-    }
-    if query is not None:
-        closest = int(np.argmin(np.abs(sizes - query.area_mm2)))
-        facts["query"] = query.as_dict()
-        facts["same_plane_reports"] = planes.get(query.plane, [])
-        facts["same_type_reports"] = types.get(query.tumor_type, [])
-        facts["closest_size_report"] = closest + 1
-        facts["closest_size_mm2"] = float(sizes[closest])
-    return facts
-
-
 def render_summary(f: dict) -> str:
     types = "; ".join(f"{TYPE_PHRASE[t]} in {_refs(n)}" for t, n in f["tumor_types"].items())
     planes = "; ".join(f"{p} in {_refs(n)}" for p, n in f["planes"].items())
-    return (f"All {f['n_reports']} retrieved reports are {' / '.join(f['modalities'])} scans "
-            f"({' / '.join(f['techniques'])}). Tumor types: {types}. "
-            f"Tumor size: smallest {_fmt(f['size_min_mm2'])} (report {f['size_min_report']}), largest "
-            f"{_fmt(f['size_max_mm2'])} (report {f['size_max_report']}), average {_fmt(f['size_mean_mm2'])}. "
-            f"Anatomical planes: {planes}.")
+    return (
+        f"All {f['n_reports']} retrieved reports are {' / '.join(f['modalities'])} scans "
+        f"({' / '.join(f['techniques'])}). Tumor types: {types}. "
+        f"Tumor size: smallest {_fmt(f['size_min_mm2'])} (report {f['size_min_report']}), largest "
+        f"{_fmt(f['size_max_mm2'])} (report {f['size_max_report']}), average {_fmt(f['size_mean_mm2'])}. "
+        f"Anatomical planes: {planes}."
+    )
 
 
 @dataclass
@@ -88,79 +58,106 @@ class Answer:
         return {"answer": self.answer, "reports": self.reports, "value_mm2": self.value_mm2}
 
 
-_PLANE_WORDS = {"axial": "axial", "transverse": "axial", "coronal": "coronal", "frontal": "coronal",
-                "sagittal": "sagittal", "longitudinal": "sagittal"}
-_TYPE_WORDS = {"mening": "meningioma", "glio": "glioma", "glial": "glioma", "pituitar": "pituitary"}
-
-
 def answer_question(question: str, f: dict) -> Answer:
     """Deterministic answer from the facts: intent by keywords, values from the facts."""
     q = question.lower()
     has_query = "query" in f
     need_query = "the question compares with the query, so pass the query's report (--query-report)"
     if re.search(r"\b(average|mean)\b", q) and re.search(r"size|area|big|large", q):
-        return Answer(f"The average tumor size of the {f['n_reports']} reports is {_fmt(f['size_mean_mm2'])}.",
-                      list(range(1, f["n_reports"] + 1)), f["size_mean_mm2"], "mean_size")
+        return Answer(
+            f"The average tumor size of the {f['n_reports']} reports is {_fmt(f['size_mean_mm2'])}.",
+            list(range(1, f["n_reports"] + 1)),
+            f["size_mean_mm2"],
+            "mean_size",
+        )
     if re.search(r"closest|nearest|most similar|similar size", q):
         if not has_query:
             return Answer(need_query, intent="closest_size")
         n = f["closest_size_report"]
-        return Answer(f"Report {n} has the size closest to the query's ({_fmt(f['closest_size_mm2'])} vs "
-                      f"{_fmt(f['query']['area_mm2'])}).", [n], f["closest_size_mm2"], "closest_size")
+        return Answer(
+            f"Report {n} has the size closest to the query's ({_fmt(f['closest_size_mm2'])} vs "
+            f"{_fmt(f['query']['area_mm2'])}).",
+            [n],
+            f["closest_size_mm2"],
+            "closest_size",
+        )
     if re.search(r"largest|biggest|maximum|max\b|greatest", q):
         n = f["size_max_report"]
-        return Answer(f"Report {n} shows the largest tumor, {_fmt(f['size_max_mm2'])}.", [n], f["size_max_mm2"], "max_size")
+        return Answer(
+            f"Report {n} shows the largest tumor, {_fmt(f['size_max_mm2'])}.", [n], f["size_max_mm2"], "max_size"
+        )
     if re.search(r"smallest|minimum|min\b|tiniest", q):
         n = f["size_min_report"]
-        return Answer(f"Report {n} shows the smallest tumor, {_fmt(f['size_min_mm2'])}.", [n], f["size_min_mm2"], "min_size")
+        return Answer(
+            f"Report {n} shows the smallest tumor, {_fmt(f['size_min_mm2'])}.", [n], f["size_min_mm2"], "min_size"
+        )
     if "same" in q and re.search(r"plane|view|orientation|section", q):
         if not has_query:
             return Answer(need_query, intent="same_plane")
         nums = f["same_plane_reports"]
-        return Answer(f"{_refs(nums).capitalize()} {'is' if len(nums) == 1 else 'are'} in the query's "
-                      f"{f['query']['plane']} plane.", nums, None, "same_plane")
+        return Answer(
+            f"{_refs(nums).capitalize()} {'is' if len(nums) == 1 else 'are'} in the query's "
+            f"{f['query']['plane']} plane.",
+            nums,
+            None,
+            "same_plane",
+        )
     if "same" in q and re.search(r"type|diagnos|tumou?r|class|kind", q):
         if not has_query:
             return Answer(need_query, intent="same_type")
         nums = f["same_type_reports"]
-        return Answer(f"{_refs(nums).capitalize()} show{'s' if len(nums) == 1 else ''} the query's tumor type "
-                      f"({TYPE_PHRASE[f['query']['tumor_type']]}).", nums, None, "same_type")
-    for word, plane in _PLANE_WORDS.items():
+        return Answer(
+            f"{_refs(nums).capitalize()} show{'s' if len(nums) == 1 else ''} the query's tumor type "
+            f"({TYPE_PHRASE[f['query']['tumor_type']]}).",
+            nums,
+            None,
+            "same_type",
+        )
+    for word, plane in PLANE_WORDS.items():
         if word in q:
             nums = f["planes"].get(plane, [])
-            return Answer(f"{_refs(nums).capitalize()} {'is' if len(nums) == 1 else 'are'} in the {plane} plane.",
-                          nums, None, "plane")
-    for word, ttype in _TYPE_WORDS.items():
-        if word in q:
+            return Answer(
+                f"{_refs(nums).capitalize()} {'is' if len(nums) == 1 else 'are'} in the {plane} plane.",
+                nums,
+                None,
+                "plane",
+            )
+    for ttype, stem in TYPE_STEMS.items():
+        if re.search(stem, q):
             nums = f["tumor_types"].get(ttype, [])
-            return Answer(f"{_refs(nums).capitalize()} show{'s' if len(nums) == 1 else ''} a {TYPE_PHRASE[ttype]}.",
-                          nums, None, "type")
+            return Answer(
+                f"{_refs(nums).capitalize()} show{'s' if len(nums) == 1 else ''} a {TYPE_PHRASE[ttype]}.",
+                nums,
+                None,
+                "type",
+            )
     if re.search(r"size|area|how big", q):
-        return Answer(f"Sizes: {', '.join(f'report {n}: {_fmt(v)}' for n, v in f['sizes_mm2'].items())}.",
-                      list(range(1, f["n_reports"] + 1)), None, "sizes")
-    return Answer("I can answer questions about the retrieved reports' tumor sizes (average, largest, smallest, "
-                  "closest to the query), tumor types and anatomical planes.", [], None, "unknown")
-
-
-_NUM_UNIT = re.compile(r"(\d+(?:\.\d+)?)\s*(mm²|mm\^?2|cm²|cm\^?2)", re.I)
-_REPORT_REF = re.compile(r"\breport\s*#?\s*(\d+)", re.I)
+        return Answer(
+            f"Sizes: {', '.join(f'report {n}: {_fmt(v)}' for n, v in f['sizes_mm2'].items())}.",
+            list(range(1, f["n_reports"] + 1)),
+            None,
+            "sizes",
+        )
+    return Answer(
+        "I can answer questions about the retrieved reports' tumor sizes (average, largest, smallest, "
+        "closest to the query), tumor types and anatomical planes.",
+        [],
+        None,
+        "unknown",
+    )
 
 
 def check_against(text: str, expected: Answer, f: dict) -> list[str]:
     """Disagreements between an LLM's text and the grounded answer (empty list: consistent)."""
     problems = []
-    allowed = {round(v, 1) for v in f["sizes_mm2"].values()} | {round(f["size_mean_mm2"], 1)}
-    if "query" in f:
-        allowed.add(round(f["query"]["area_mm2"], 1))
-    for num, unit in _NUM_UNIT.findall(text):
-        v = float(num) * (100.0 if unit.lower().startswith("cm") else 1.0)
-        if not any(abs(v - a) <= max(0.6, 0.005 * a) for a in allowed):
-            problems.append(f"size {num} {unit} matches no report")
-    if expected.value_mm2 is not None:
-        vals = [float(n) * (100.0 if u.lower().startswith("cm") else 1.0) for n, u in _NUM_UNIT.findall(text)]
-        if not any(abs(v - expected.value_mm2) <= max(0.6, 0.005 * expected.value_mm2) for v in vals):
-            problems.append(f"does not state the correct value {_fmt(expected.value_mm2)}")
-    refs = {int(n) for n in _REPORT_REF.findall(text)}
+    allowed = [*f["sizes_mm2"].values(), f["size_mean_mm2"]] + ([f["query"]["area_mm2"]] if "query" in f else [])
+    vals = sizes_mm2(text)
+    for v in vals:
+        if not any(same_size(v, a) for a in allowed):
+            problems.append(f"size {v:g} mm² matches no report")
+    if expected.value_mm2 is not None and not any(same_size(v, expected.value_mm2) for v in vals):
+        problems.append(f"does not state the correct value {_fmt(expected.value_mm2)}")
+    refs = report_refs(text)
     if refs - set(range(1, f["n_reports"] + 1)):
         problems.append(f"names reports that do not exist: {sorted(refs - set(range(1, f['n_reports'] + 1)))}")
     if expected.intent != "mean_size" and expected.reports and refs and refs != set(expected.reports):
@@ -170,9 +167,8 @@ def check_against(text: str, expected: Answer, f: dict) -> list[str]:
 
 def read_answer(text: str, intent: str = "unknown") -> Answer:
     """What a free-text answer claims: the reports it names and its first size (in mm²)."""
-    refs = sorted({int(n) for n in _REPORT_REF.findall(text)})
-    vals = [float(n) * (100.0 if u.lower().startswith("cm") else 1.0) for n, u in _NUM_UNIT.findall(text)]
-    return Answer(text, refs, vals[0] if vals else None, intent)
+    vals = sizes_mm2(text)
+    return Answer(text, sorted(report_refs(text)), vals[0] if vals else None, intent)
 
 
 class Explainer:
@@ -195,13 +191,16 @@ class Explainer:
         text = self.llm.chat(summary_messages(reports, f, self.mode))
         if not self.verify:
             return {"summary": text, "facts": f, "source": f"llm ({self.mode}, unverified)"}
-        from .report_eval import grade_summary
-
         problems = [p for p in check_against(text, Answer(grounded), f) if "matches no report" in p]
         graded = grade_summary(text, attrs)
         problems += [f"{k} missing or wrong" for k, v in graded["per_attribute"].items() if v < 1]
         if problems:  # a clinician gets the complete, computed summary instead
-            return {"summary": grounded, "facts": f, "source": "grounded (LLM text corrected)", "llm_problems": problems}
+            return {
+                "summary": grounded,
+                "facts": f,
+                "source": "grounded (LLM text corrected)",
+                "llm_problems": problems,
+            }
         return {"summary": text, "facts": f, "source": f"llm ({self.mode})"}
 
     def answer(self, question: str, reports: list[str], query_report: str | None = None) -> tuple[Answer, dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,14 +17,10 @@ from tqdm import tqdm
 
 from .data import CaseTable
 from .encoders import Encoder
+from .files import atomic_write, default_cache_dir, write_json
 from .transforms import IMAGE_SIZE, augment, preprocess
 
-CACHE_ENV = "NEUROCBIR_CACHE"
 AUG_VERSION = 1  # bump when transforms.augment changes
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "neurocbir"))
 
 
 def case_views(table: CaseTable, i: int, n_copies: int) -> torch.Tensor:
@@ -37,23 +32,29 @@ def case_views(table: CaseTable, i: int, n_copies: int) -> torch.Tensor:
 
 def _key(table: CaseTable, encoder: Encoder, cut: int, n_copies: int) -> str:
     spec = {
-        "encoder": encoder.name, "weights": encoder.weights.sha256, "cut": cut, "n_copies": n_copies,
-        "image_size": IMAGE_SIZE, "aug_version": AUG_VERSION, "source": table.loader.name,
+        "encoder": encoder.name,
+        "weights": encoder.weights.sha256,
+        "cut": cut,
+        "n_copies": n_copies,
+        "image_size": IMAGE_SIZE,
+        "aug_version": AUG_VERSION,
+        "source": table.loader.name,
         "root": str(getattr(table.loader, "root", "")),
         "cases": hashlib.sha256(table.idx.astype(np.int64).tobytes()).hexdigest()[:16],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def cached_features(table: CaseTable, encoder: Encoder, cuts: list[int], n_copies: int = 2,
-                    cache_dir: Path | None = None, batch_size: int = 16,
-                    device: torch.device | None = None, only_if_cached: bool = False) -> dict[int, np.ndarray]:
+def cached_features(
+    table: CaseTable,
+    encoder: Encoder,
+    cuts: list[int],
+    n_copies: int = 2,
+    cache_dir: Path | None = None,
+    batch_size: int = 16,
+    device: torch.device | None = None,
+    only_if_cached: bool = False,
+) -> dict[int, np.ndarray]:
     """Features at each stage boundary in ``cuts`` for every case: ``{cut: (N, 1+n_copies, ...)}``.
 
     Computed once per (encoder weights, cut, copies, cases) and memory-mapped afterwards.
@@ -75,7 +76,7 @@ def cached_features(table: CaseTable, encoder: Encoder, cuts: list[int], n_copie
     step = max(1, batch_size // views)
     with torch.inference_mode():
         for b0 in tqdm(range(0, len(order), step), desc=f"caching features (cuts {todo})", unit="batch"):
-            rows = order[b0:b0 + step]
+            rows = order[b0 : b0 + step]
             x = torch.cat([case_views(table, i, n_copies) for i in rows]).to(device)
             prev = 0
             for c in todo:
@@ -86,11 +87,15 @@ def cached_features(table: CaseTable, encoder: Encoder, cuts: list[int], n_copie
                     buffers[c] = np.empty((len(table), views, *feat.shape[1:]), dtype=np.float16)
                 buffers[c][rows] = feat.reshape(len(rows), views, *feat.shape[1:])
     for c in todo:
-        _atomic_save_npy(paths[c], buffers[c])
-        meta = {"cut": c, "shape": list(buffers[c].shape), "encoder": encoder.name,
-                "weights": encoder.weights.source, "n_copies": n_copies, "seconds": round(time.time() - start, 1)}
-        tmp = paths[c].with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, paths[c].with_suffix(".json"))
+        atomic_write(paths[c], lambda tmp, a=buffers[c]: np.save(tmp, a))
+        meta = {
+            "cut": c,
+            "shape": list(buffers[c].shape),
+            "encoder": encoder.name,
+            "weights": encoder.weights.source,
+            "n_copies": n_copies,
+            "seconds": round(time.time() - start, 1),
+        }
+        write_json(paths[c].with_suffix(".json"), meta)
         out[c] = np.load(paths[c], mmap_mode="r")
     return out

@@ -3,9 +3,7 @@ that ties it to the checkpoint that made the embeddings."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +11,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-
-def sha256_file(path: Path | str) -> str:
-    """SHA-256 of a file, streamed: identifies weights, checkpoints and archived scans."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from .files import atomic_write, write_json
 
 
 class IndexMismatchError(ValueError):
@@ -46,7 +37,7 @@ class VectorIndex:
     checkpoint_sha256: str = ""
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, checkpoint_sha256: str = "") -> "VectorIndex":
+    def build(cls, embeddings: np.ndarray, checkpoint_sha256: str = "") -> VectorIndex:
         x = _as_f32(embeddings)
         index = faiss.IndexFlatL2(x.shape[1])
         index.add(x)
@@ -59,6 +50,9 @@ class VectorIndex:
     def __len__(self) -> int:
         return self.index.ntotal
 
+    def count(self) -> int:  # the vector-store interface (neurocbir.store.CaseStore)
+        return len(self)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids), each (n_queries, k), sorted by increasing Euclidean distance."""
         q = _as_f32(queries, self.dim)
@@ -69,11 +63,14 @@ class VectorIndex:
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
     def save(self, path: Path | str) -> None:
-        write_index(self.index, path, {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim,
-                                       "kind": type(self.index).__name__})
+        write_index(
+            self.index,
+            path,
+            {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim, "kind": type(self.index).__name__},
+        )
 
     @classmethod
-    def load(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "VectorIndex":
+    def load(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> VectorIndex:
         """Load an index; refuse it if it was built for another checkpoint or dimension."""
         index, manifest = read_index(path, checkpoint_sha256, dim)
         return cls(index, manifest["checkpoint_sha256"])
@@ -82,27 +79,29 @@ class VectorIndex:
 def write_index(index: faiss.Index, path: Path | str, manifest: dict) -> None:
     """Write a FAISS index and its JSON manifest, each atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
+    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
     manifest = {**manifest, "count": int(index.ntotal), "metric": "l2", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    mtmp = path.with_name(path.name + ".json.tmp")
-    mtmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
-    os.replace(mtmp, path.with_name(path.name + ".json"))
+    write_json(path.with_name(path.name + ".json"), manifest)
 
 
-def read_index(path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> tuple[faiss.Index, dict]:
+def read_index(
+    path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None
+) -> tuple[faiss.Index, dict]:
     """Read an index written by :func:`write_index`, refusing another checkpoint or dimension."""
     path = Path(path)
     mpath = path.with_name(path.name + ".json")
     if not path.is_file() or not mpath.is_file():
         raise FileNotFoundError(f"no index at {path} (expected the index file and its .json manifest)")
-    manifest = json.loads(mpath.read_text())
+    try:
+        manifest = json.loads(mpath.read_text())
+        manifest["checkpoint_sha256"], manifest["dim"], manifest["count"]  # noqa: B018 - required keys
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IndexMismatchError(f"the manifest {mpath} is corrupt ({type(exc).__name__}): rebuild the index") from None
     if checkpoint_sha256 is not None and manifest["checkpoint_sha256"] != checkpoint_sha256:
         raise IndexMismatchError(
             f"index {path} was built from checkpoint {manifest['checkpoint_sha256'][:12]}, "
-            f"not {checkpoint_sha256[:12]}: rebuild it with the current encoder")
+            f"not {checkpoint_sha256[:12]}: rebuild it with the current encoder"
+        )
     if dim is not None and manifest["dim"] != dim:
         raise IndexMismatchError(f"index {path} holds {manifest['dim']}-d vectors, the encoder gives {dim}-d")
     index = faiss.read_index(str(path))

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .grounding import PLANE_WORDS, sizes_mm2, types_mentioned
+
 STYLES = ("plain", "normal", "alternative")
 TUMOR_TYPES = ("meningioma", "glioma", "pituitary")
 PLANES = ("axial", "coronal", "sagittal")
@@ -43,9 +45,12 @@ class ReportAttributes:
 
 # --- generation -------------------------------------------------------------------------
 
+
 def plain_report(a: ReportAttributes) -> str:
-    return (f"The magnetic resonance imaging (MRI) T1-weighted contrast-enhanced scan in the {a.plane} plane "
-            f"displays evidence of a {TYPE_PHRASE[a.tumor_type]} with a size of {a.area_mm2:.2f} mm².")
+    return (
+        f"The magnetic resonance imaging (MRI) T1-weighted contrast-enhanced scan in the {a.plane} plane "
+        f"displays evidence of a {TYPE_PHRASE[a.tumor_type]} with a size of {a.area_mm2:.2f} mm²."
+    )
 
 
 _OPENINGS = [
@@ -64,10 +69,19 @@ _FINDINGS = [
     "A well-defined {type} is identified, with a measured area of {size}.",
     "Appearance is typical of a {type}; tumor area {size}.",
 ]
-_CLOSINGS = ["", " Clinical correlation is recommended.", " No other abnormality is described on this slice.",
-             " Comparison with prior imaging is advised.", ""]
+_CLOSINGS = [
+    "",
+    " Clinical correlation is recommended.",
+    " No other abnormality is described on this slice.",
+    " Comparison with prior imaging is advised.",
+    "",
+]
 _MOD = ["MRI", "magnetic resonance imaging (MRI)", "MR imaging (MRI)"]
-_TECH = ["T1-weighted contrast-enhanced", "contrast-enhanced T1-weighted", "post-contrast (contrast-enhanced) T1-weighted"]
+_TECH = [
+    "T1-weighted contrast-enhanced",
+    "contrast-enhanced T1-weighted",
+    "post-contrast (contrast-enhanced) T1-weighted",
+]
 _MM2 = ["{v:.2f} mm²", "{v:.2f} mm^2", "{v:.2f} square millimeters", "{v:.2f} mm2"]
 _CM2 = ["{v:.4f} cm²", "{v:.4f} cm^2", "{v:.4f} square centimeters"]
 
@@ -79,12 +93,16 @@ def normal_report(a: ReportAttributes, seed: int, alternative: bool = False) -> 
     swaps = rng.random(3) < 0.5 if swap else np.zeros(3, bool)
     if swap and not swaps.any():
         swaps[rng.integers(3)] = True
-    size = (_CM2[rng.integers(len(_CM2))].format(v=a.area_mm2 / 100.0) if swaps[0]
-            else _MM2[rng.integers(len(_MM2))].format(v=a.area_mm2))
+    size = (
+        _CM2[rng.integers(len(_CM2))].format(v=a.area_mm2 / 100.0)
+        if swaps[0]
+        else _MM2[rng.integers(len(_MM2))].format(v=a.area_mm2)
+    )
     ttype = ALT_TYPE[a.tumor_type] if swaps[1] else TYPE_PHRASE[a.tumor_type]
     plane = ALT_PLANE[a.plane] if swaps[2] else a.plane
     opening = _OPENINGS[rng.integers(len(_OPENINGS))].format(
-        tech=_TECH[rng.integers(len(_TECH))], mod=_MOD[rng.integers(len(_MOD))], plane=plane)
+        tech=_TECH[rng.integers(len(_TECH))], mod=_MOD[rng.integers(len(_MOD))], plane=plane
+    )
     finding = _FINDINGS[rng.integers(len(_FINDINGS))].format(type=ttype, size=size)
     text = f"{opening} {finding}{_CLOSINGS[rng.integers(len(_CLOSINGS))]}"
     return text[0].upper() + text[1:]
@@ -112,24 +130,10 @@ def case_attributes(table, row: int) -> ReportAttributes:
 
 _TYPE_RE = re.compile(
     r"\b(pituitary\s+(?:gland\s+)?(?:tumou?r|adenoma|macroadenoma|lesion|mass)|pituitary|"
-    r"meningeal\s+tumou?r|meningiomas?|glial\s+tumou?r|gliomas?|glioblastoma)\b", re.I)
-_PLANE_RE = re.compile(r"\b(axial|transverse|transaxial|horizontal|coronal|frontal|sagittal|longitudinal)\b"
-                       r"(\s+(?:plane|view|section|slice|image|orientation))?", re.I)
-_PLANE_MAP = {"axial": "axial", "transverse": "axial", "transaxial": "axial", "horizontal": "axial",
-              "coronal": "coronal", "frontal": "coronal", "sagittal": "sagittal", "longitudinal": "sagittal"}
-_NUM = r"(\d+(?:[.,]\d+)?)"
-_MM2_U = r"(?:mm\s*(?:²|\^\s*2|2)|sq\.?\s*mm|square\s+millimet(?:er|re)s?)"
-_CM2_U = r"(?:cm\s*(?:²|\^\s*2|2)|sq\.?\s*cm|square\s+centimet(?:er|re)s?)"
-_SIZE_RE = re.compile(rf"{_NUM}\s*(?:({_MM2_U})|({_CM2_U}))", re.I)
-
-
-def _tumor_type(word: str) -> str:
-    w = word.lower()
-    if w.startswith("pituitary"):
-        return "pituitary"
-    if w.startswith("mening"):
-        return "meningioma"
-    return "glioma"
+    r"meningeal\s+tumou?r|meningiomas?|glial\s+tumou?r|gliomas?|glioblastoma)\b",
+    re.I,
+)
+_PLANE_RE = re.compile(rf"\b({'|'.join(PLANE_WORDS)})\b(\s+(?:plane|view|section|slice|image|orientation))?", re.I)
 
 
 def parse_report(text: str) -> ReportAttributes:
@@ -138,22 +142,19 @@ def parse_report(text: str) -> ReportAttributes:
     if not isinstance(text, str) or not text.strip():
         raise ReportParseError("empty report: no modality, technique, tumor type, plane or size")
     missing, problems = [], []
-    types = {_tumor_type(m.group(1)) for m in _TYPE_RE.finditer(text)}
+    types = {t for m in _TYPE_RE.finditer(text) for t in types_mentioned(m.group(1))}
     if not types:
         missing.append("tumor type (meningioma, glioma or pituitary tumor)")
     elif len(types) > 1:
         problems.append(f"several tumor types ({', '.join(sorted(types))})")
-    planes_all = [(_PLANE_MAP[m.group(1).lower()], bool(m.group(2))) for m in _PLANE_RE.finditer(text)]
+    planes_all = [(PLANE_WORDS[m.group(1).lower()], bool(m.group(2))) for m in _PLANE_RE.finditer(text)]
     explicit = {p for p, e in planes_all if e}
     planes = explicit or {p for p, _ in planes_all}
     if not planes:
         missing.append("anatomical plane (axial, coronal or sagittal)")
     elif len(planes) > 1:
         problems.append(f"several planes ({', '.join(sorted(planes))})")
-    sizes = []
-    for m in _SIZE_RE.finditer(text):
-        v = float(m.group(1).replace(",", "."))
-        sizes.append(v if m.group(2) else v * 100.0)
+    sizes = sizes_mm2(text)
     if not sizes:
         missing.append("tumor size with a unit (mm² or cm²)")
     elif len({round(s, 2) for s in sizes}) > 1:
@@ -173,6 +174,7 @@ def parse_report(text: str) -> ReportAttributes:
 
 # --- LLM-written normal reports (cached) --------------------------------------------------
 
+
 def llm_normal_reports(table, llm, cache_path, rows=None, max_tries: int = 2) -> dict[int, str]:
     """Normal-style reports written by an LLM, once per case, cached in a JSON file.
 
@@ -180,8 +182,9 @@ def llm_normal_reports(table, llm, cache_path, rows=None, max_tries: int = 2) ->
     asked for again, then replaced by the offline paraphrase (and marked so in the cache).
     """
     import json
-    import os
     from pathlib import Path
+
+    from .files import write_json
 
     cache_path = Path(cache_path)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -193,13 +196,20 @@ def llm_normal_reports(table, llm, cache_path, rows=None, max_tries: int = 2) ->
         a = case_attributes(table, row)
         text, source = None, "paraphrase"
         for _ in range(max_tries):
-            reply = llm.chat([
-                {"role": "system", "content": "You write short radiology reports. Use only the facts given."},
-                {"role": "user", "content": (
-                    "Write a two-sentence radiology report for one brain MRI slice with these facts: modality MRI; "
-                    f"technique T1-weighted contrast-enhanced; anatomical plane {a.plane}; finding "
-                    f"{TYPE_PHRASE[a.tumor_type]}; tumor area {a.area_mm2:.2f} mm². State every fact, the area exactly "
-                    "as given in mm². No patient details.")}])
+            reply = llm.chat(
+                [
+                    {"role": "system", "content": "You write short radiology reports. Use only the facts given."},
+                    {
+                        "role": "user",
+                        "content": (
+                            "Write a two-sentence radiology report for one brain MRI slice with these facts: modality MRI; "
+                            f"technique T1-weighted contrast-enhanced; anatomical plane {a.plane}; finding "
+                            f"{TYPE_PHRASE[a.tumor_type]}; tumor area {a.area_mm2:.2f} mm². State every fact, the area exactly "
+                            "as given in mm². No patient details."
+                        ),
+                    },
+                ]
+            )
             try:
                 if parse_report(reply) == a:
                     text, source = reply.strip(), "llm"
@@ -207,15 +217,13 @@ def llm_normal_reports(table, llm, cache_path, rows=None, max_tries: int = 2) ->
             except ReportParseError:
                 pass
         cache[key] = {"text": text or normal_report(a, int(key)), "source": source}
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_path)
+        write_json(cache_path, cache, indent=1)
     return {int(k): v["text"] for k, v in cache.items()}
 
 
 def llm_reports_path():
     """Where LLM-written normal reports are cached (under the neurocbir cache folder)."""
-    from .features import default_cache_dir
+    from .files import default_cache_dir
 
     return default_cache_dir() / "reports" / "normal_llm.json"
 

@@ -4,7 +4,8 @@ count, persist. Two backends with the same results on exact search:
 * :class:`FaissStore` (embedded default): exact L2 (``kind="flat"``) or approximate HNSW
   (``kind="hnsw"``) for large archives; saved atomically beside a manifest.
 * :class:`MilvusStore`: ``pymilvus`` against Milvus Lite (a local ``.db`` file, in process) or
-  a Milvus standalone / cluster (``uri="http://host:19530"``, ``token=...``).
+  a Milvus standalone / cluster (``uri="http://host:19530"``, ``token=...``); its collection's
+  lifecycle (create, refuse a mismatch, drop for a rebuild) lives here too.
 
 :func:`nir_search` searches deep enough for NIR / I-NIR (doubling the depth until every
 class has its n-th incorrect retrieval, up to a documented cap).
@@ -13,8 +14,10 @@ class has its n-th incorrect retrieval, up to a documented cap).
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -24,24 +27,41 @@ from .index import IndexMismatchError, _as_f32, read_index, write_index
 
 #: Deepest search NIR makes; beyond it a class's I_c is taken as at least the cap.
 NIR_MAX_DEPTH = 4096
+MILVUS_TOKEN_ENV = "NEUROCBIR_MILVUS_TOKEN"
 
 
-class CaseStore(Protocol):
+class StoreUnavailable(RuntimeError):
+    """The vector store's server cannot be reached or refuses us."""
+
+
+class Searchable(Protocol):
+    """Enough of a store for :func:`deep_search` (also :class:`neurocbir.index.VectorIndex`)."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def count(self) -> int: ...
+
+
+class CaseStore(Searchable, Protocol):
     dim: int
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
     def delete(self, ids: np.ndarray) -> None: ...
     def contains(self, ids: np.ndarray) -> np.ndarray: ...
-    def count(self) -> int: ...
     def save(self) -> None: ...
 
 
 class FaissStore:
     """FAISS with external int64 ids. ``kind``: "flat" (exact) or "hnsw" (approximate)."""
 
-    def __init__(self, path: Path | str, dim: int, kind: str = "flat", checkpoint_sha256: str = "",
-                 hnsw_m: int = 32, ef_search: int = 256):
+    def __init__(
+        self,
+        path: Path | str,
+        dim: int,
+        kind: str = "flat",
+        checkpoint_sha256: str = "",
+        hnsw_m: int = 32,
+        ef_search: int = 256,
+    ):
         if kind not in ("flat", "hnsw"):
             raise ValueError("kind must be 'flat' (exact) or 'hnsw' (approximate)")
         self.path, self.dim, self.kind, self.checkpoint_sha256 = Path(path), dim, kind, checkpoint_sha256
@@ -58,7 +78,7 @@ class FaissStore:
         return faiss.IndexIDMap2(base)
 
     @classmethod
-    def open(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> "FaissStore":
+    def open(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> FaissStore:
         """Load a saved store; refuse one built by another encoder or of another dimension."""
         index, m = read_index(path, checkpoint_sha256, dim)
         store = cls(path, m["dim"], m["kind"], m["checkpoint_sha256"])
@@ -84,7 +104,11 @@ class FaissStore:
             return
         # HNSW cannot remove in place: rebuild from the remaining vectors.
         keep = np.setdiff1d(faiss.vector_to_array(self.index.id_map), ids)
-        vecs = np.stack([self.index.reconstruct(int(i)) for i in keep]) if len(keep) else np.zeros((0, self.dim), np.float32)
+        vecs = (
+            np.stack([self.index.reconstruct(int(i)) for i in keep])
+            if len(keep)
+            else np.zeros((0, self.dim), np.float32)
+        )
         self.index = self._empty()
         if len(keep):
             self.add(keep, vecs)
@@ -96,16 +120,26 @@ class FaissStore:
         return int(self.index.ntotal)
 
     def save(self) -> None:
-        write_index(self.index, self.path, {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim,
-                                            "kind": self.kind})
+        write_index(
+            self.index, self.path, {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim, "kind": self.kind}
+        )
 
 
 class MilvusStore:
     """Milvus (Lite file, standalone or cluster), L2. A server builds the ``index_type`` asked
     for (FLAT, exact, by default); Milvus Lite builds its own AUTOINDEX whatever is asked."""
 
-    def __init__(self, uri: str, collection: str, dim: int, checkpoint_sha256: str = "", token: str = "",
-                 index_type: str = "FLAT", index_params: dict | None = None, search_params: dict | None = None):
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        dim: int,
+        checkpoint_sha256: str = "",
+        token: str = "",
+        index_type: str = "FLAT",
+        index_params: dict | None = None,
+        search_params: dict | None = None,
+    ):
         from pymilvus import MilvusClient
 
         self.dim, self.collection, self.checkpoint_sha256 = dim, collection, checkpoint_sha256
@@ -117,14 +151,51 @@ class MilvusStore:
             got = next(f["params"].get("dim") for f in desc["fields"] if f["name"] == "vector")
             stored = json.loads(desc.get("description") or "{}")
             if int(got) != dim:
-                raise IndexMismatchError(f"Milvus collection {collection} holds {got}-d vectors, the encoder gives {dim}-d")
+                raise IndexMismatchError(
+                    f"Milvus collection {collection} holds {got}-d vectors, the encoder gives {dim}-d"
+                )
             if checkpoint_sha256 and stored.get("checkpoint_sha256") not in (None, checkpoint_sha256):
                 raise IndexMismatchError(f"Milvus collection {collection} was built with another encoder checkpoint")
         else:
             params = self.client.prepare_index_params()
             params.add_index(field_name="vector", index_type=index_type, metric_type="L2", params=index_params or {})
-            self.client.create_collection(collection, dimension=dim, metric_type="L2", auto_id=False, id_type="int",
-                                          index_params=params, description=manifest)
+            self.client.create_collection(
+                collection,
+                dimension=dim,
+                metric_type="L2",
+                auto_id=False,
+                id_type="int",
+                index_params=params,
+                description=manifest,
+            )
+
+    @classmethod
+    def connect(
+        cls,
+        uri: str,
+        collection: str,
+        dim: int,
+        checkpoint_sha256: str = "",
+        index_type: str = "FLAT",
+        fresh: bool = False,
+    ) -> MilvusStore:
+        """Open (``fresh``: drop and re-create) a collection, the token from ``$NEUROCBIR_MILVUS_TOKEN``;
+        an unreachable server or a refused token is a :class:`StoreUnavailable` with one line."""
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        token = os.environ.get(MILVUS_TOKEN_ENV, "")
+        try:
+            if fresh:
+                client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
+                if client.has_collection(collection):
+                    client.drop_collection(collection)
+                client.close()
+            return cls(uri, collection, dim, checkpoint_sha256, token=token, index_type=index_type)
+        except MilvusException as exc:
+            raise StoreUnavailable(
+                f"Milvus at {uri}: {getattr(exc, 'message', exc)} (is the server up, and ${MILVUS_TOKEN_ENV} right?)"
+            ) from None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         v = _as_f32(vectors, self.dim)
@@ -134,8 +205,12 @@ class MilvusStore:
         k = min(int(k), self.count(), 16384)  # Milvus caps top-k at 16384
         if k < 1:
             raise ValueError("the store is empty")
-        res = self.client.search(self.collection, data=_as_f32(queries, self.dim).tolist(), limit=k,
-                                 search_params={"params": self.search_params})
+        res = self.client.search(
+            self.collection,
+            data=_as_f32(queries, self.dim).tolist(),
+            limit=k,
+            search_params={"params": self.search_params},
+        )
         dist = np.full((len(res), k), np.inf)
         ids = np.full((len(res), k), -1, dtype=np.int64)
         for q, hits in enumerate(res):
@@ -149,7 +224,9 @@ class MilvusStore:
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         ids = [int(i) for i in ids]
-        found = {int(r["id"]) for r in self.client.query(self.collection, ids=ids, output_fields=["id"])} if ids else set()
+        found = (
+            {int(r["id"]) for r in self.client.query(self.collection, ids=ids, output_fields=["id"])} if ids else set()
+        )
         return np.array([i in found for i in ids], dtype=bool)
 
     def count(self) -> int:
@@ -162,9 +239,16 @@ class MilvusStore:
         self.client.close()
 
 
-def deep_search(store: CaseStore, label_of: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
-                n_classes: int, nth: int = 1, group_of: Callable[[np.ndarray], np.ndarray] | None = None,
-                start: int = 64, cap: int = NIR_MAX_DEPTH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def deep_search(
+    store: Searchable,
+    label_of: Callable[[np.ndarray], np.ndarray],
+    queries: np.ndarray,
+    n_classes: int,
+    nth: int = 1,
+    group_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    start: int = 64,
+    cap: int = NIR_MAX_DEPTH,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(distances, ids, labels) deep enough for NIR: the search depth doubles until every class
     has its ``nth`` incorrect retrieval or ``cap`` retrievals were read. ``group_of`` (ids ->
     patient keys) keeps only the closest slice of each patient."""
@@ -194,8 +278,15 @@ def lookup(keys: np.ndarray, values: np.ndarray, missing=-1) -> Callable[[np.nda
     return get
 
 
-def nir_search(store: CaseStore, labels_by_id: dict[int, int], queries: np.ndarray, n_classes: int,
-               nth: int = 1, start: int = 64, cap: int = NIR_MAX_DEPTH) -> np.ndarray:
+def nir_search(
+    store: CaseStore,
+    labels_by_id: dict[int, int],
+    queries: np.ndarray,
+    n_classes: int,
+    nth: int = 1,
+    start: int = 64,
+    cap: int = NIR_MAX_DEPTH,
+) -> np.ndarray:
     """``I_c`` (queries x classes) from a store, searching as deep as :func:`deep_search`."""
     label_of = lookup(np.fromiter(labels_by_id, np.int64), np.fromiter(labels_by_id.values(), np.int64))
     _, _, labels = deep_search(store, label_of, queries, n_classes, nth, start=start, cap=cap)

@@ -46,8 +46,12 @@ def augment(x: torch.Tensor, copy: int, seed: int) -> torch.Tensor:
     if copy == 2:
         return TF.rotate(x, float(rng.uniform(-20, 20)), fill=fill)
     out = TF.affine(
-        x, angle=float(rng.uniform(-25, 25)), translate=[int(rng.integers(-12, 13)), int(rng.integers(-12, 13))],
-        scale=float(rng.uniform(0.9, 1.1)), shear=[0.0, 0.0], fill=fill,
+        x,
+        angle=float(rng.uniform(-25, 25)),
+        translate=[int(rng.integers(-12, 13)), int(rng.integers(-12, 13))],
+        scale=float(rng.uniform(0.9, 1.1)),
+        shear=[0.0, 0.0],
+        fill=fill,
     )
     if rng.random() < 0.5:
         out = TF.horizontal_flip(out)

@@ -37,7 +37,9 @@ def _read_raster(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise UploadError(f"the image is {im.width}x{im.height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels")
+                raise UploadError(
+                    f"the image is {im.width}x{im.height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels"
+                )
             im.load()
             return np.asarray(im.convert("L"))
     except UploadError:
@@ -84,7 +86,9 @@ def _read_mat(data: bytes) -> np.ndarray:
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
             if "cjdata" not in f or "image" not in f["cjdata"]:
-                raise UploadError("the .mat file has no cjdata.image: expected a file of the figshare brain tumor release")
+                raise UploadError(
+                    "the .mat file has no cjdata.image: expected a file of the figshare brain tumor release"
+                )
             ds = f["cjdata"]["image"]
             if int(np.prod(ds.shape)) > MAX_PIXELS:
                 raise UploadError("the .mat image is too large")

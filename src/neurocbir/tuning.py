@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,10 @@ from tqdm import tqdm
 from .classify import NIRClassifier
 from .data import grouped_inner_folds
 from .encoders import pick_device
-from .training import TrainConfig, embed_features, prepare, train_top
+from .files import write_json
+from .inference import embed_features
+from .runs import TrainConfig
+from .training import prepare, train_top
 
 
 def default_grid(loss: str) -> dict[str, list]:
@@ -45,19 +46,29 @@ def grid_search(cfg: TrainConfig, grid: dict[str, list], out: Path, n_splits: in
         c = dataclasses.replace(cfg, **combo)
         kappas = []
         for tr, va in folds:
-            top = train_top(c, encoder, f_train[tr], train.label[tr], seed=0, device=device, progress=False,
-                            groups=train.patient_id[tr])
+            top = train_top(
+                c,
+                encoder,
+                f_train[tr],
+                train.label[tr],
+                seed=0,
+                device=device,
+                progress=False,
+                groups=train.patient_id[tr],
+            )
             a, _ = embed_features(top, f_train[tr], device)
             q, _ = embed_features(top, f_train[va], device, tta=c.tta)
             pred = NIRClassifier().fit(a, train.label[tr]).predict(q)
             kappas.append(float(cohen_kappa_score(train.label[va], pred)))
         results.append({"params": combo, "nir_kappa_mean": float(np.mean(kappas)), "nir_kappa_folds": kappas})
     best = max(results, key=lambda r: r["nir_kappa_mean"])
-    doc = {"loss": cfg.loss, "fold": cfg.fold, "grid": grid, "results": results, "best": best["params"],
-           "best_inner_cv_nir_kappa": best["nir_kappa_mean"]}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "search.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out / "search.json")
+    doc = {
+        "loss": cfg.loss,
+        "fold": cfg.fold,
+        "grid": grid,
+        "results": results,
+        "best": best["params"],
+        "best_inner_cv_nir_kappa": best["nir_kappa_mean"],
+    }
+    write_json(Path(out) / "search.json", doc)
     return doc

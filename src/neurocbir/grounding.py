@@ -1,0 +1,145 @@
+"""Grounding: what report text says, read one way everywhere.
+
+The report parser, the LLM answer check and the Fig. 4 grading all need the same readings:
+sizes with their units (mm² or cm², converted to mm²), tumor-type and plane words with
+their synonyms, references to retrieved reports, and when two sizes are the same. They live
+here once, with the facts computed from a set of reports and the grading of a summary
+against them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+# --- vocabulary -------------------------------------------------------------------------------
+
+#: plane word -> plane (the synonyms that the alternative report style and LLMs use)
+PLANE_WORDS = {
+    "axial": "axial",
+    "transverse": "axial",
+    "transaxial": "axial",
+    "horizontal": "axial",
+    "coronal": "coronal",
+    "frontal": "coronal",
+    "sagittal": "sagittal",
+    "longitudinal": "sagittal",
+}
+#: tumor type -> the stem that any of its names contains ("glial tumor", "meningeal tumor", ...)
+TYPE_STEMS = {"meningioma": "mening", "glioma": "glio|glial", "pituitary": "pituitar"}
+
+_NUM = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:[.,]\d+)?)"  # 1,204.6 | 1204.6 | 12,5 (decimal comma)
+_MM2 = r"(?:mm\s*(?:²|\^\s*2|2)|sq\.?\s*mm|square\s+millimet(?:er|re)s?)"
+_CM2 = r"(?:cm\s*(?:²|\^\s*2|2)|sq\.?\s*cm|square\s+centimet(?:er|re)s?)"
+SIZE_RE = re.compile(rf"{_NUM}\s*(?:({_MM2})|({_CM2}))", re.I)
+RANGE_RE = re.compile(rf"{_NUM}\s*(?:to|-|–|and)\s*\d[\d.,]*\s*(?:({_MM2})|({_CM2}))", re.I)
+REPORT_REF_RE = re.compile(r"\breport\s*#?\s*(\d+)", re.I)
+
+
+def _number(text: str) -> float:
+    if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", text):
+        return float(text.replace(",", ""))
+    return float(text.replace(",", "."))
+
+
+def _mm2(match: re.Match) -> float:
+    v = _number(match.group(1))
+    return v if match.group(2) else v * 100.0
+
+
+def sizes_mm2(text: str, ranges: bool = False) -> list[float]:
+    """Every size stated in ``text``, in mm², in order; ``ranges`` adds the first bound of
+    "150 to 2400 mm²" (whose unit follows only the second)."""
+    out = [_mm2(m) for m in SIZE_RE.finditer(text)]
+    if ranges:
+        out += [_mm2(m) for m in RANGE_RE.finditer(text)]
+    return out
+
+
+def same_size(a: float, b: float) -> bool:
+    """Equal as reported sizes: within rounding (0.6 mm² or 0.5%)."""
+    return abs(a - b) <= max(0.6, 0.005 * abs(b))
+
+
+def report_refs(text: str) -> set[int]:
+    """The report numbers that ``text`` names ("report 3", "report #3")."""
+    return {int(n) for n in REPORT_REF_RE.findall(text)}
+
+
+def types_mentioned(text: str) -> set[str]:
+    return {t for t, stem in TYPE_STEMS.items() if re.search(stem, text, re.I)}
+
+
+def planes_mentioned(text: str) -> set[str]:
+    return {p for w, p in PLANE_WORDS.items() if re.search(w, text, re.I)}
+
+
+# --- facts and grading --------------------------------------------------------------------------
+
+
+def compute_facts(reports: list, query=None) -> dict:
+    """Facts about retrieved reports (:class:`neurocbir.reports.ReportAttributes`; 1-based
+    report numbers), all sizes in mm²."""
+    if not reports:
+        raise ValueError("no reports to summarise")
+    sizes = np.array([r.area_mm2 for r in reports])
+    nums = list(range(1, len(reports) + 1))
+    types: dict[str, list[int]] = {}
+    planes: dict[str, list[int]] = {}
+    for n, r in zip(nums, reports):
+        types.setdefault(r.tumor_type, []).append(n)
+        planes.setdefault(r.plane, []).append(n)
+    facts = {
+        "n_reports": len(reports),
+        "modalities": sorted({r.modality for r in reports}),
+        "techniques": sorted({r.technique for r in reports}),
+        "tumor_types": types,
+        "planes": planes,
+        "size_min_mm2": float(sizes.min()),
+        "size_min_report": int(np.argmin(sizes)) + 1,
+        "size_max_mm2": float(sizes.max()),
+        "size_max_report": int(np.argmax(sizes)) + 1,
+        "size_mean_mm2": round(float(sizes.mean()), 2),
+        "sizes_mm2": {str(n): float(s) for n, s in zip(nums, sizes)},
+    }
+    if query is not None:
+        closest = int(np.argmin(np.abs(sizes - query.area_mm2)))
+        facts["query"] = query.as_dict()
+        facts["same_plane_reports"] = planes.get(query.plane, [])
+        facts["same_type_reports"] = types.get(query.tumor_type, [])
+        facts["closest_size_report"] = closest + 1
+        facts["closest_size_mm2"] = float(sizes[closest])
+    return facts
+
+
+def grade_summary(text: str, truth: list) -> dict:
+    """Accuracy and completeness of a summary on the 5 attributes of the reports ``truth``
+    (size: min 0.25, max 0.25, mean 0.5), the paper's Fig. 4 grading."""
+    f = compute_facts(truth)
+    stated = sizes_mm2(text, ranges=True)
+
+    def said(v: float) -> bool:
+        return any(same_size(s, v) for s in stated)
+
+    said_types, said_planes = types_mentioned(text), planes_mentioned(text)
+    mentions = lambda pattern: re.search(pattern, text, re.I) is not None  # noqa: E731
+    correct = {
+        "modality": float(mentions(r"\bMRI\b|magnetic resonance")),
+        "technique": float(mentions(r"\bT1") and mentions(r"contrast")),
+        "tumor_type": float(said_types == set(f["tumor_types"])),
+        "size": 0.25 * said(f["size_min_mm2"]) + 0.25 * said(f["size_max_mm2"]) + 0.5 * said(f["size_mean_mm2"]),
+        "plane": float(said_planes == set(f["planes"])),
+    }
+    covered = {
+        "modality": correct["modality"],
+        "technique": float(mentions(r"\bT1|contrast")),
+        "tumor_type": float(bool(said_types)),
+        "size": float(bool(stated)),
+        "plane": float(bool(said_planes)),
+    }
+    return {
+        "accuracy": float(np.mean(list(correct.values()))),
+        "completeness": float(np.mean(list(covered.values()))),
+        "per_attribute": correct,
+    }

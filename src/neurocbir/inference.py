@@ -1,0 +1,107 @@
+"""Inference: a trained trial loaded once, and embeddings of new scans or cached features.
+
+The one way the service, the CLI, ``neurocbir add``, the evaluation and the benchmarks get a
+model: :func:`load_model`. Nothing here trains, so the query path never imports training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import CLASS_NAMES
+from .encoders import Encoder, Top, create_encoder
+from .runs import TrainConfig, checkpoint_sha256, first_trial, trial_dir
+
+
+@dataclass
+class Model:
+    """A trial's full encoder: the frozen bottom (``encoder``) and the trained ``top``."""
+
+    run: Path
+    trial: int
+    encoder: Encoder
+    top: Top
+    config: TrainConfig
+    checkpoint_sha256: str
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.encoder.embedding_dim
+
+    def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and trunk descriptors of raw scans: the query and the indexing path."""
+        return embed_images(self.encoder, self.top, images)
+
+
+def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | None = None) -> Model:
+    """Load trial ``trial`` of ``run`` (default: the first trained one) for new images."""
+    run = Path(run)
+    trial = first_trial(run) if trial is None else trial
+    ckpt = trial_dir(run, trial) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{run} has no trial {trial} (no {ckpt})")
+    try:  # weights_only: a checkpoint from someone else's run cannot execute code here
+        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+        cfg = TrainConfig(**blob["config"])
+    except Exception as exc:  # torch raises many types on a corrupt or foreign file
+        raise ValueError(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
+    encoder = encoder or create_encoder(
+        cfg.encoder,
+        pretrained=not cfg.random_init,
+        weights=cfg.weights,
+        embedding_dim=cfg.embedding_dim,
+        head_hidden=cfg.head_hidden,
+        dropout=cfg.dropout,
+    )
+    if encoder.weights.sha256 != blob["weights_sha256"]:
+        raise ValueError(
+            f"{run}: trained on weights {blob['weights_sha256'][:12]}, "
+            f"but the encoder has {encoder.weights.sha256[:12]}"
+        )
+    top = Top(encoder, blob["cut"], len(CLASS_NAMES), with_mlp=cfg.loss == "ce")
+    top.load_state_dict(blob["state"])
+    return Model(run, trial, encoder.eval(), top.eval(), cfg, checkpoint_sha256(run, trial))
+
+
+def trunk_descriptors(feats: np.ndarray) -> np.ndarray:
+    """L2-normalised, spatially averaged frozen-trunk features of view 0: the space in which
+    "is this scan like anything in the archive?" is judged (the trained embedding maps
+    everything, even a photo of a cat, near some tumor class)."""
+    x = np.asarray(feats[:, 0], dtype=np.float32)
+    if x.ndim > 2:
+        x = x.mean(axis=tuple(range(2, x.ndim)))
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def embed_images(encoder: Encoder, top: Top, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and trunk descriptors of raw scans."""
+    from .transforms import preprocess
+
+    x = torch.stack([preprocess(im) for im in images])
+    with torch.inference_mode():
+        feat = encoder.forward_stages(x, 0, top.cut)
+        return top(feat).numpy(), trunk_descriptors(feat.numpy()[:, None])
+
+
+@torch.inference_mode()
+def embed_features(
+    top: Top, feats: np.ndarray, device: torch.device, tta: bool = False, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """L2-normalised embeddings (and CE class probabilities) of cached features (N, views, ...):
+    view 0, or the mean over views with ``tta``."""
+    top.eval()
+    embs, probs = [], []
+    views = range(feats.shape[1]) if tta else [0]
+    for b in range(0, len(feats), batch_size):
+        x = torch.from_numpy(np.asarray(feats[b : b + batch_size], dtype=np.float32)).to(device)
+        raws = [top.raw(x[:, v]) for v in views]
+        e = F.normalize(torch.stack([F.normalize(r, dim=1) for r in raws]).mean(0), dim=1)
+        embs.append(e.cpu().numpy())
+        if top.mlp is not None:
+            probs.append(torch.stack([top.mlp(r).softmax(1) for r in raws]).mean(0).cpu().numpy())
+    return np.concatenate(embs), (np.concatenate(probs) if probs else None)

@@ -1,0 +1,96 @@
+"""What a run is: its configuration and where its files lie.
+
+A run directory (``neurocbir train --out RUN``) holds ``config.json`` and one
+``trial_<seed>/`` per seed with ``checkpoint.pt``, ``embeddings.npz`` (archive and test
+embeddings and trunk descriptors), ``index.faiss`` (+ manifest) and ``log.jsonl``.
+Training writes runs; inference, evaluation and the app read them through this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import DEFAULT_TEST_FOLD
+from .encoders import DEFAULT_ENCODER
+from .files import sha256_file
+
+LOSSES = ("ce", "triplet", "nca", "infonce", "supcon")
+#: Where `neurocbir demo`, `serve` and `query` look for a run when none is given, best first.
+DEFAULT_RUNS = (Path("runs/bench/supcon-fold5"), Path("runs/demo"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as ``config.json`` and in every checkpoint."""
+
+    loss: str = "supcon"
+    encoder: str = DEFAULT_ENCODER
+    weights: str | None = None
+    random_init: bool = False
+    fold: int = DEFAULT_TEST_FOLD
+    trials: int = 5
+    first_seed: int = 0
+    trainable_blocks: int = 2  # last 2 blocks + head on cached block inputs; 0 = head only; -1 = all (GPU)
+    n_copies: int = 2  # augmented copies per case (paper: blur + rotation -> 3x the data)
+    epochs: int = 3  # the training loss reaches its floor in 2-3 epochs; more does not help
+    batch_size: int = 96
+    lr: float = 1e-3
+    lr_trunk: float = 1e-4
+    weight_decay: float = 0.05
+    temperature: float = 0.1  # SupCon / InfoNCE
+    margin: float = 0.1  # triplet
+    embedding_dim: int = 128
+    head_hidden: int = 512
+    dropout: float = 0.5
+    feature_noise: float = 0.3  # Gaussian noise on cached features, x their std
+    tta: bool = False  # average embeddings of the cached augmented views at inference
+    cross_patient_positives: bool = False  # SupCon/triplet: positives only from other patients
+    data: str | None = None
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.trials < 1 or self.epochs < 1 or self.batch_size < 6:
+            raise ValueError("trials and epochs must be >= 1, batch_size >= 6")
+        if self.n_copies < 1 and self.loss == "infonce":
+            raise ValueError("InfoNCE needs n_copies >= 1 (two views of each case)")
+        return self
+
+
+def trial_dir(run: Path | str, seed: int) -> Path:
+    return Path(run) / f"trial_{seed}"
+
+
+def trial_seeds(run: Path | str, needs: str = "index.faiss") -> list[int]:
+    """Seeds of the run's finished trials (those holding ``needs``), in numeric order."""
+    seeds = []
+    for p in Path(run).glob("trial_*"):
+        suffix = p.name.removeprefix("trial_")
+        if suffix.isdigit() and (p / needs).is_file():
+            seeds.append(int(suffix))
+    return sorted(seeds)
+
+
+def first_trial(run: Path | str) -> int:
+    """The trial the app serves: the first trained one (trials differ only by seed)."""
+    if not (Path(run) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{run} is not a run directory (no config.json): run `neurocbir train --out {run}` first"
+        )
+    seeds = trial_seeds(run)
+    if not seeds:
+        raise FileNotFoundError(f"{run} has no trained trial with an index: run `neurocbir train --out {run}` first")
+    return seeds[0]
+
+
+def checkpoint_sha256(run: Path | str, seed: int) -> str:
+    """What ties an index or a case archive to the trial whose encoder embedded it."""
+    return sha256_file(trial_dir(run, seed) / "checkpoint.pt")
+
+
+def find_default_run() -> Path | None:
+    """The best run found in the working folder (see :data:`DEFAULT_RUNS`), or None."""
+    return next((r for r in DEFAULT_RUNS if trial_seeds(r)), None)

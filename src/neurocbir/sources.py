@@ -1,0 +1,243 @@
+"""Case sources: where a query's neighbours, their attributes, reports and images come from.
+
+The service talks to one :class:`CaseSource`; two exist:
+
+* :class:`RunCases`: the training folds indexed by ``neurocbir train`` (the run's own index);
+* :class:`ArchiveCases`: a case archive built by ``neurocbir add`` (SQLite + FAISS or Milvus).
+
+A new source (a PACS, say) implements the same few methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .data import CLASS_NAMES, CaseTable, load_cases, mask_for_image
+from .index import VectorIndex
+from .reports import ReportAttributes, cached_llm_reports, case_attributes, make_report
+from .store import deep_search, lookup
+
+
+class CaseSource(Protocol):
+    """What the service needs of an archive of cases (case ids are the source's own)."""
+
+    classes: np.ndarray  # labels present in the archive (0-based class indices)
+    far_threshold: float  # nearest trunk distance beyond which a query is "unlike the archive"
+
+    def size(self) -> int: ...
+    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distances, case ids, labels) of one query, distance-sorted, deep enough for NIR."""
+        ...
+
+    def nearest_trunk(self, trunk: np.ndarray) -> float | None: ...
+    def describe(self, case_ids: list[int]) -> dict[int, dict]: ...
+    def case(self, case_id: int, style: str) -> dict: ...
+    def reports(self, case_ids: list[int], style: str) -> list[str]: ...
+    def image(self, case_id: int) -> np.ndarray: ...
+    def mask(self, case_id: int) -> np.ndarray: ...
+    def examples(self, per_class: int) -> list[dict]: ...
+
+
+def _far_threshold(nearest: np.ndarray) -> float:
+    """1.1 x the 99.5th percentile of reference nearest-neighbour distances."""
+    nearest = nearest[np.isfinite(nearest)]
+    return float(np.percentile(nearest, 99.5) * 1.1) if len(nearest) else float("inf")
+
+
+def _nearest(index: VectorIndex | None, trunk: np.ndarray) -> float | None:
+    return None if index is None else float(index.search(trunk, 1)[0][0, 0])
+
+
+class RunCases:
+    """The training folds of a run's trial, searched through the run's own exact index."""
+
+    def __init__(
+        self, trial_dir: Path, checkpoint_sha256: str, dim: int, table: CaseTable | None = None, data: str | None = None
+    ):
+        self.table = table if table is not None else load_cases(data)
+        self.index = VectorIndex.load(trial_dir / "index.faiss", checkpoint_sha256=checkpoint_sha256, dim=dim)
+        emb = np.load(trial_dir / "embeddings.npz")
+        self.archive_rows = emb["archive_rows"]
+        if len(self.archive_rows) != len(self.index):
+            raise ValueError(f"{trial_dir}: index and embeddings disagree on the archive size")
+        self.example_rows = emb["test_rows"]
+        labels = self.table.label[self.archive_rows]
+        self.classes = np.unique(labels)
+        rows = np.arange(len(self.archive_rows))
+        self._label_of = lookup(rows, labels)
+        self._group_of = lookup(rows, self.table.patient_id[self.archive_rows], missing="")
+        # "No similar case": farther from every archive case, in frozen-trunk feature space, than
+        # (almost) every held-out case of the run was from its nearest archive case.
+        if "archive_trunk" in emb:
+            self.trunk_index = VectorIndex.build(emb["archive_trunk"])
+            d, _ = self.trunk_index.search(emb["test_trunk"], 1)
+        else:  # runs trained before trunk descriptors were saved: judge in embedding space
+            self.trunk_index = None
+            d, _ = self.index.search(emb["test"], 1)
+        self.far_threshold = _far_threshold(d[:, 0])
+        self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
+        self.llm_reports = cached_llm_reports()
+
+    def size(self) -> int:
+        return len(self.index)
+
+    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # one exact search of the whole (training-fold sized) index: no deepening ever needed
+        dist, rows, labels = deep_search(
+            self.index,
+            self._label_of,
+            query,
+            len(CLASS_NAMES),
+            1,
+            self._group_of if one_per_patient else None,
+            start=self.size(),
+        )
+        valid = rows[0] >= 0
+        return dist[0][valid], self.table.idx[self.archive_rows[rows[0][valid]]], labels[0][valid]
+
+    def nearest_trunk(self, trunk: np.ndarray) -> float | None:
+        return _nearest(self.trunk_index, trunk)
+
+    def _row(self, case_id: int) -> int:
+        if case_id not in self.case_row:
+            raise KeyError(
+                f"no case {case_id} (case ids run from {int(self.table.idx.min())} to {int(self.table.idx.max())})"
+            )
+        return self.case_row[case_id]
+
+    def describe(self, case_ids: list[int]) -> dict[int, dict]:
+        out = {}
+        for c in case_ids:
+            row = self._row(c)
+            out[c] = {
+                "case_id": c,
+                "label": CLASS_NAMES[int(self.table.label[row])],
+                "plane": str(self.table.plane[row]) or None,
+                "area_mm2": round(float(self.table.area_mm2[row]), 2),
+            }
+        return out
+
+    def case(self, case_id: int, style: str = "normal") -> dict:
+        out = {**self.describe([case_id])[case_id], "in_archive": bool(np.isin(self._row(case_id), self.archive_rows))}
+        out["report"] = self.reports([case_id], style)[0] if out["plane"] else None
+        return out
+
+    def reports(self, case_ids: list[int], style: str = "normal") -> list[str]:
+        """Normal reports written by an LLM where `neurocbir write-reports` cached them, else by
+        the offline paraphraser."""
+        llm = self.llm_reports if style == "normal" else {}
+        return [llm.get(c) or make_report(case_attributes(self.table, self._row(c)), style, c) for c in case_ids]
+
+    def image(self, case_id: int) -> np.ndarray:
+        return self.table.load_image(self._row(case_id))
+
+    def mask(self, case_id: int) -> np.ndarray:
+        return self.table.load_mask(self._row(case_id))
+
+    def examples(self, per_class: int = 4) -> list[dict]:
+        """Held-out cases of each class (the run never trained on them) to try the app with."""
+        rng = np.random.default_rng(0)
+        out = []
+        for c in range(len(CLASS_NAMES)):
+            rows = self.example_rows[self.table.label[self.example_rows] == c]
+            for r in rng.choice(rows, min(per_class, len(rows)), replace=False):
+                out.append({"case_id": int(self.table.idx[r]), "label": CLASS_NAMES[c]})
+        return out
+
+
+class ArchiveCases:
+    """A :class:`neurocbir.archive.CaseArchive` built with ``neurocbir add``: any number of
+    cases from any source folder, searched through its FAISS or Milvus store."""
+
+    def __init__(self, root: Path | str, checkpoint_sha256: str, dim: int):
+        from .archive import CaseArchive
+
+        self.archive = CaseArchive.open(root, checkpoint_sha256=checkpoint_sha256, dim=dim)
+        cols = self.archive.columns()
+        if not len(cols["id"]):
+            raise ValueError(
+                f"the archive {root} holds no cases: add some with `neurocbir add FOLDER --archive {root}`"
+            )
+        self._label_of = lookup(cols["id"], cols["label"])
+        self.group_of = lookup(cols["id"], cols["patient_key"], missing="")
+        self.classes = np.unique(cols["label"])
+        trunk = self.archive.trunk_vectors()
+        self.trunk_index = VectorIndex.build(trunk) if trunk is not None and len(trunk) == len(cols["id"]) else None
+        self.far_threshold = self._leave_patient_out_threshold(cols["patient_key"])
+
+    def _leave_patient_out_threshold(self, patient_keys: np.ndarray) -> float:
+        """Nearest trunk distances to another patient's case, for a sample of archive cases."""
+        if self.trunk_index is None:
+            return float("inf")
+        n = len(patient_keys)
+        sample = np.random.default_rng(0).choice(n, min(2000, n), replace=False)
+        d, rows = self.trunk_index.search(self.trunk_index.index.reconstruct_batch(sample), min(50, n))
+        other = patient_keys[rows] != patient_keys[sample][:, None]
+        return _far_threshold(np.where(other.any(1), d[np.arange(len(d)), np.argmax(other, 1)], np.nan))
+
+    def size(self) -> int:
+        return self.archive.store.count()
+
+    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dist, ids, labels = deep_search(
+            self.archive.store, self._label_of, query, len(CLASS_NAMES), 1, self.group_of if one_per_patient else None
+        )
+        valid = ids[0] >= 0
+        return dist[0][valid], ids[0][valid], labels[0][valid]
+
+    def nearest_trunk(self, trunk: np.ndarray) -> float | None:
+        return _nearest(self.trunk_index, trunk)
+
+    def _stored(self, case_ids: list[int]) -> dict[int, dict]:
+        found = self.archive.cases(case_ids)
+        missing = [c for c in case_ids if c not in found]
+        if missing:
+            raise KeyError(f"no case {missing[0]} in the archive")
+        return found
+
+    def describe(self, case_ids: list[int]) -> dict[int, dict]:
+        found = self._stored(case_ids)
+        return {c: {k: found[c][k] for k in ("case_id", "label", "plane", "area_mm2")} for c in case_ids}
+
+    def case(self, case_id: int, style: str = "normal") -> dict:
+        stored = self._stored([case_id])[case_id]
+        out = {k: stored[k] for k in ("case_id", "label", "plane", "area_mm2")} | {"in_archive": True}
+        writable = stored["report"] or (stored["plane"] and stored["area_mm2"] is not None)
+        out["report"] = self.reports([case_id], style)[0] if writable else None
+        return out
+
+    def reports(self, case_ids: list[int], style: str = "normal") -> list[str]:
+        """The report stored with the case (from cases.csv), else one written from its attributes."""
+        found = self._stored(case_ids)
+        out = []
+        for c in case_ids:
+            r = found[c]
+            if r["report"]:
+                out.append(r["report"])
+            elif r["plane"] and r["area_mm2"] is not None:
+                out.append(make_report(ReportAttributes(r["label"], r["plane"], r["area_mm2"]), style, c))
+            else:
+                raise KeyError(f"case {c} has no report and no plane/size to write one from")
+        return out
+
+    def image(self, case_id: int) -> np.ndarray:
+        from .uploads import UploadError, read_scan
+
+        path = Path(self._stored([case_id])[case_id]["image_path"])
+        try:
+            return read_scan(path.read_bytes(), path.name)
+        except (OSError, UploadError) as exc:
+            raise KeyError(f"the image of case {case_id} cannot be read ({exc})") from None
+
+    def mask(self, case_id: int) -> np.ndarray:
+        """The tumor mask where the source layout has one (bundled masks/ or the .mat file)."""
+        mask = mask_for_image(self._stored([case_id])[case_id]["image_path"])
+        if mask is None:
+            raise KeyError(f"case {case_id} has no tumor mask")
+        return mask
+
+    def examples(self, per_class: int = 4) -> list[dict]:
+        return []  # archive cases would only find themselves; the user uploads scans
