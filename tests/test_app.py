@@ -195,7 +195,7 @@ def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, sm
     from that one neighbour list and equal what the scikit-learn estimators compute."""
     from neurocbir.classify import KNNClassifier, NIRClassifier
 
-    index, searches = service.cases.index, []
+    index, searches = service.cases.store, []
     search = index.search
     monkeypatch.setattr(index, "search", lambda q, k: searches.append(k) or search(q, k))
     emb = np.load(service.run / f"trial_{service.trial}" / "embeddings.npz")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neurocbir.classify import NIRClassifier
+from neurocbir.classify import NIRClassifier, nir_positions
 from neurocbir.index import IndexMismatchError
-from neurocbir.store import FaissStore, MilvusStore, nir_search
+from neurocbir.store import FaissStore, MilvusStore, deep_search, lookup
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,12 @@ def test_faiss_and_milvus_agree(real, tmp_path):
     dm, idm = m.search(q, 25)
     assert (idf == idm).mean() > 0.99  # exact on both; ties can swap
     assert np.allclose(df, dm, atol=1e-4)
-    by_id = dict(zip(ids.tolist(), labels.tolist()))
+    label_of = lookup(ids, labels)
     for nth in (1, 10):
         ref = NIRClassifier(nth_incorrect=nth).fit(x, labels).incorrect_positions(q)
-        assert (nir_search(f, by_id, q, 3, nth, start=4) == ref).all()
-        assert (nir_search(m, by_id, q, 3, nth, start=4) == ref).all()
+        for store in (f, m):  # the depth doubles from 4 until every class has its nth incorrect retrieval
+            _, _, found = deep_search(store, label_of, q, 3, nth, start=4)
+            assert (nir_positions(found, 3, nth) == ref).all()
     f.delete(ids[:10])
     m.delete(ids[:10])
     assert f.count() == m.count() == len(x) - 10

@@ -28,21 +28,12 @@ def _fail(msg: str) -> None:
 
 def _guard(fn, *args, **kwargs):
     """Run ``fn``, turning expected user errors into a one-line message and exit code 2."""
-    from .data import DatasetError
     from .encoders import EncoderWeightsError
-    from .index import IndexMismatchError
 
     try:
         return fn(*args, **kwargs)
-    except (
-        DatasetError,
-        EncoderWeightsError,
-        IndexMismatchError,
-        FileNotFoundError,
-        ValueError,
-        NotImplementedError,
-    ) as exc:
-        _fail(str(exc))
+    except (EncoderWeightsError, FileNotFoundError, ValueError, NotImplementedError) as exc:  # DatasetError,
+        _fail(str(exc))  # ArchiveError, IndexMismatchError, ReportParseError... are ValueErrors
 
 
 @app.command()

@@ -10,6 +10,7 @@ A new source (a PACS, say) implements the same few methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -18,7 +19,7 @@ import numpy as np
 from .data import CLASS_NAMES, CaseTable, load_cases, mask_for_image
 from .index import VectorIndex
 from .reports import ReportAttributes, cached_llm_reports, case_attributes, make_report
-from .store import deep_search, lookup
+from .store import Searchable, deep_search, lookup
 
 
 class CaseSource(Protocol):
@@ -47,28 +48,54 @@ def _far_threshold(nearest: np.ndarray) -> float:
     return float(np.percentile(nearest, 99.5) * 1.1) if len(nearest) else float("inf")
 
 
-def _nearest(index: VectorIndex | None, trunk: np.ndarray) -> float | None:
-    return None if index is None else float(index.search(trunk, 1)[0][0, 0])
+class _SearchedCases:
+    """What both sources share: one search of ``store`` deep enough for NIR (ids -> case ids
+    by ``_case_ids``), and the distance to the nearest archive case in trunk space."""
+
+    store: Searchable
+    label_of: Callable[[np.ndarray], np.ndarray]  # store ids -> labels (-1 for padding)
+    group_of: Callable[[np.ndarray], np.ndarray]  # store ids -> patient keys
+    trunk_index: VectorIndex | None
+    first_depth = 64  # deep_search doubles it only when NIR needs more
+
+    def _case_ids(self, ids: np.ndarray) -> np.ndarray:
+        return ids
+
+    def size(self) -> int:
+        return self.store.count()
+
+    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        group_of = self.group_of if one_per_patient else None
+        dist, ids, labels = deep_search(
+            self.store, self.label_of, query, len(CLASS_NAMES), 1, group_of, self.first_depth
+        )
+        valid = ids[0] >= 0
+        return dist[0][valid], self._case_ids(ids[0][valid]), labels[0][valid]
+
+    def nearest_trunk(self, trunk: np.ndarray) -> float | None:
+        return None if self.trunk_index is None else float(self.trunk_index.search(trunk, 1)[0][0, 0])
 
 
-class RunCases:
-    """The training folds of a run's trial, searched through the run's own exact index."""
+class RunCases(_SearchedCases):
+    """The training folds of a run's trial, searched through the run's own exact index (in
+    one search of the whole index: it is training-fold sized)."""
 
     def __init__(
         self, trial_dir: Path, checkpoint_sha256: str, dim: int, table: CaseTable | None = None, data: str | None = None
     ):
         self.table = table if table is not None else load_cases(data)
-        self.index = VectorIndex.load(trial_dir / "index.faiss", checkpoint_sha256=checkpoint_sha256, dim=dim)
+        self.store = VectorIndex.load(trial_dir / "index.faiss", checkpoint_sha256=checkpoint_sha256, dim=dim)
+        self.first_depth = self.store.count()
         emb = np.load(trial_dir / "embeddings.npz")
         self.archive_rows = emb["archive_rows"]
-        if len(self.archive_rows) != len(self.index):
+        if len(self.archive_rows) != self.store.count():
             raise ValueError(f"{trial_dir}: index and embeddings disagree on the archive size")
         self.example_rows = emb["test_rows"]
         labels = self.table.label[self.archive_rows]
         self.classes = np.unique(labels)
         rows = np.arange(len(self.archive_rows))
-        self._label_of = lookup(rows, labels)
-        self._group_of = lookup(rows, self.table.patient_id[self.archive_rows], missing="")
+        self.label_of = lookup(rows, labels)
+        self.group_of = lookup(rows, self.table.patient_id[self.archive_rows], missing="")
         # "No similar case": farther from every archive case, in frozen-trunk feature space, than
         # (almost) every held-out case of the run was from its nearest archive case.
         if "archive_trunk" in emb:
@@ -76,30 +103,13 @@ class RunCases:
             d, _ = self.trunk_index.search(emb["test_trunk"], 1)
         else:  # runs trained before trunk descriptors were saved: judge in embedding space
             self.trunk_index = None
-            d, _ = self.index.search(emb["test"], 1)
+            d, _ = self.store.search(emb["test"], 1)
         self.far_threshold = _far_threshold(d[:, 0])
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
         self.llm_reports = cached_llm_reports()
 
-    def size(self) -> int:
-        return len(self.index)
-
-    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # one exact search of the whole (training-fold sized) index: no deepening ever needed
-        dist, rows, labels = deep_search(
-            self.index,
-            self._label_of,
-            query,
-            len(CLASS_NAMES),
-            1,
-            self._group_of if one_per_patient else None,
-            start=self.size(),
-        )
-        valid = rows[0] >= 0
-        return dist[0][valid], self.table.idx[self.archive_rows[rows[0][valid]]], labels[0][valid]
-
-    def nearest_trunk(self, trunk: np.ndarray) -> float | None:
-        return _nearest(self.trunk_index, trunk)
+    def _case_ids(self, rows: np.ndarray) -> np.ndarray:
+        return self.table.idx[self.archive_rows[rows]]
 
     def _row(self, case_id: int) -> int:
         if case_id not in self.case_row:
@@ -148,7 +158,7 @@ class RunCases:
         return out
 
 
-class ArchiveCases:
+class ArchiveCases(_SearchedCases):
     """A :class:`neurocbir.archive.CaseArchive` built with ``neurocbir add``: any number of
     cases from any source folder, searched through its FAISS or Milvus store."""
 
@@ -161,7 +171,8 @@ class ArchiveCases:
             raise ValueError(
                 f"the archive {root} holds no cases: add some with `neurocbir add FOLDER --archive {root}`"
             )
-        self._label_of = lookup(cols["id"], cols["label"])
+        self.store = self.archive.store
+        self.label_of = lookup(cols["id"], cols["label"])
         self.group_of = lookup(cols["id"], cols["patient_key"], missing="")
         self.classes = np.unique(cols["label"])
         trunk = self.archive.trunk_vectors()
@@ -177,19 +188,6 @@ class ArchiveCases:
         d, rows = self.trunk_index.search(self.trunk_index.index.reconstruct_batch(sample), min(50, n))
         other = patient_keys[rows] != patient_keys[sample][:, None]
         return _far_threshold(np.where(other.any(1), d[np.arange(len(d)), np.argmax(other, 1)], np.nan))
-
-    def size(self) -> int:
-        return self.archive.store.count()
-
-    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        dist, ids, labels = deep_search(
-            self.archive.store, self._label_of, query, len(CLASS_NAMES), 1, self.group_of if one_per_patient else None
-        )
-        valid = ids[0] >= 0
-        return dist[0][valid], ids[0][valid], labels[0][valid]
-
-    def nearest_trunk(self, trunk: np.ndarray) -> float | None:
-        return _nearest(self.trunk_index, trunk)
 
     def _stored(self, case_ids: list[int]) -> dict[int, dict]:
         found = self.archive.cases(case_ids)

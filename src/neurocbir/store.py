@@ -7,7 +7,7 @@ count, persist. Two backends with the same results on exact search:
   a Milvus standalone / cluster (``uri="http://host:19530"``, ``token=...``); its collection's
   lifecycle (create, refuse a mismatch, drop for a rebuild) lives here too.
 
-:func:`nir_search` searches deep enough for NIR / I-NIR (doubling the depth until every
+:func:`deep_search` searches deep enough for NIR / I-NIR (doubling the depth until every
 class has its n-th incorrect retrieval, up to a documented cap).
 """
 
@@ -22,7 +22,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 
-from .classify import compact, first_per_group, nir_positions
+from .classify import compact, first_per_group
 from .index import IndexMismatchError, _as_f32, read_index, write_index
 
 #: Deepest search NIR makes; beyond it a class's I_c is taken as at least the cap.
@@ -276,18 +276,3 @@ def lookup(keys: np.ndarray, values: np.ndarray, missing=-1) -> Callable[[np.nda
         return np.where(found, values[pos], missing)
 
     return get
-
-
-def nir_search(
-    store: CaseStore,
-    labels_by_id: dict[int, int],
-    queries: np.ndarray,
-    n_classes: int,
-    nth: int = 1,
-    start: int = 64,
-    cap: int = NIR_MAX_DEPTH,
-) -> np.ndarray:
-    """``I_c`` (queries x classes) from a store, searching as deep as :func:`deep_search`."""
-    label_of = lookup(np.fromiter(labels_by_id, np.int64), np.fromiter(labels_by_id.values(), np.int64))
-    _, _, labels = deep_search(store, label_of, queries, n_classes, nth, start=start, cap=cap)
-    return nir_positions(labels, n_classes, nth)
