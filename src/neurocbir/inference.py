@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import CLASS_NAMES
-from .encoders import Encoder, Top, create_encoder
+from .encoders import Encoder, Top
 from .runs import TrainConfig, checkpoint_sha256, first_trial, trial_dir
 
 
@@ -50,14 +50,7 @@ def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | Non
         cfg = TrainConfig(**blob["config"])
     except Exception as exc:  # torch raises many types on a corrupt or foreign file
         raise ValueError(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
-    encoder = encoder or create_encoder(
-        cfg.encoder,
-        pretrained=not cfg.random_init,
-        weights=cfg.weights,
-        embedding_dim=cfg.embedding_dim,
-        head_hidden=cfg.head_hidden,
-        dropout=cfg.dropout,
-    )
+    encoder = encoder or cfg.build_encoder()
     if encoder.weights.sha256 != blob["weights_sha256"]:
         raise ValueError(
             f"{run}: trained on weights {blob['weights_sha256'][:12]}, "

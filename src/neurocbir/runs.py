@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DEFAULT_TEST_FOLD
-from .encoders import DEFAULT_ENCODER
+from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .files import sha256_file
 
 LOSSES = ("ce", "triplet", "nca", "infonce", "supcon")
@@ -49,6 +49,17 @@ class TrainConfig:
     data: str | None = None
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def build_encoder(self) -> Encoder:
+        """The encoder this configuration trains (pretrained unless ``random_init``)."""
+        return create_encoder(
+            self.encoder,
+            pretrained=not self.random_init,
+            weights=self.weights,
+            embedding_dim=self.embedding_dim,
+            head_hidden=self.head_hidden,
+            dropout=self.dropout,
+        )
 
     def validate(self) -> TrainConfig:
         if self.loss not in LOSSES:

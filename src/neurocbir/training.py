@@ -22,7 +22,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from tqdm import tqdm
 
 from .data import CLASS_NAMES, CaseTable, load_cases
-from .encoders import Encoder, Top, create_encoder, pick_device
+from .encoders import Encoder, Top, pick_device
 from .features import cached_features
 from .files import atomic_write, sha256_file, write_json
 from .index import VectorIndex
@@ -165,14 +165,7 @@ def train_top(
 def prepare(cfg: TrainConfig, table: CaseTable | None = None, device: torch.device | None = None):
     """Load cases, build the encoder and the feature cache shared by every trial."""
     table = table if table is not None else load_cases(cfg.data)
-    encoder = create_encoder(
-        cfg.encoder,
-        pretrained=not cfg.random_init,
-        weights=cfg.weights,
-        embedding_dim=cfg.embedding_dim,
-        head_hidden=cfg.head_hidden,
-        dropout=cfg.dropout,
-    )
+    encoder = cfg.build_encoder()
     cut = encoder.cut(cfg.trainable_blocks)
     t0 = time.time()
     feats = cached_features(
