@@ -211,3 +211,17 @@ def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, sm
         assert out["nir_positions"] == dict(zip(names, nir.incorrect_positions(q)[0].tolist()))
         assert out["probabilities"] == pytest.approx(dict(zip(names, nir.predict_proba(q)[0])), abs=1e-4)
         assert out["knn_vote"] == pytest.approx(dict(zip(names, knn.predict_proba(q)[0])), abs=1e-4)
+
+
+def test_the_query_path_does_not_import_training():
+    """Service, app and CLI query path load a model through neurocbir.inference only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, neurocbir.app, neurocbir.service, neurocbir.sources, neurocbir.ingest; "
+        "print(sorted(m for m in sys.modules if m in ('neurocbir.training', 'neurocbir.tuning', 'pytorch_metric_learning')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
