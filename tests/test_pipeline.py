@@ -80,6 +80,15 @@ def test_evaluate_json_contract(supcon_run, tmp_path):
     assert 0 <= m["structure"]["anatomical_consistency_top5"] <= 1
     assert set(m["structure"]["tsd_mm2_at_k"]) == {"1", "5", "10", "25"}
     assert (supcon_run / "latent_space.png").stat().st_size > 10_000
+    # calibration on the test fold: ECE before / after per classifier, prediction-set coverage
+    cal = m["calibration"]
+    assert set(cal["classifiers"]) == {"nir", "inir", "knn7"}
+    assert all(0 <= c["ece_after_mean"] <= 1 and c["temperature"] > 0 for c in cal["classifiers"].values())
+    sets = cal["nir_prediction_sets"]
+    assert 1 <= sets["0.9"]["mean_set_size"] <= sets["0.99"]["mean_set_size"] <= 3
+    assert sets["0.9"]["coverage"] <= sets["0.99"]["coverage"]
+    assert (supcon_run / "reliability.png").stat().st_size > 10_000
+    assert "ECE before" in (supcon_run / "metrics.md").read_text()
     assert "| supcon | 5 | 2 |" in (supcon_run / "metrics.md").read_text()
 
 

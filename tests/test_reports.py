@@ -112,7 +112,14 @@ def test_fig4_evaluation_grounded_is_exact_on_all_styles(cases):
         assert cases.patient_id[q] not in set(cases.patient_id[rows])
     result = evaluate_reports(cases, sets, Explainer())
     for style in STYLES:
-        assert result[style] == {"summary_accuracy": 1.0, "summary_completeness": 1.0, "qa_accuracy": 1.0, "n_sets": 20}
+        assert result[style] == {
+            "summary_accuracy": 1.0,
+            "summary_completeness": 1.0,
+            "qa_accuracy": 1.0,
+            "summary_corrected_rate": 0.0,
+            "qa_corrected_rate": 0.0,
+            "n_sets": 20,
+        }
 
 
 def test_grading_catches_wrong_summaries():
@@ -146,3 +153,40 @@ def test_facts_need_reports():
     with pytest.raises(ValueError):
         compute_facts([])
     assert compute_facts([ReportAttributes("glioma", "axial", 10.0)])["size_mean_mm2"] == 10.0
+
+
+@pytest.mark.parametrize(
+    "text, refs",
+    [
+        ("The largest tumor is in report number 5, with a size of 1529.68 mm².", {5}),
+        ("The retrieved reports in the same plane are report numbers 1 and 4.", {1, 4}),
+        ("Reports 1, 2, 3, 4, and 5 are in the same coronal plane as the query.", {1, 2, 3, 4, 5}),
+        ("See reports 2-4.", {2, 3, 4}),
+        ("Reports 1 to 3 show a glioma.", {1, 2, 3}),
+        ("The fifth report shows the largest tumor.", {5}),
+        ("It is the 2nd retrieved report.", {2}),
+        ("Report #3 is closest; report no. 4 is not.", {3, 4}),
+        ("Report five has it.", {5}),
+        ("Report 2, 796 mm², is the largest.", {2}),
+        ("The average tumor size of the 5 reports is 976.48 mm².", set()),
+    ],
+)
+def test_report_references_are_read_in_every_phrasing(text, refs):
+    from neurocbir.grounding import report_refs
+
+    assert report_refs(text) == refs
+
+
+def test_an_answer_that_names_wrong_or_no_reports_is_corrected():
+    from neurocbir.explain import answer_question, check_against
+
+    reports = [
+        make_report(ReportAttributes("glioma", "axial", a), "plain", i) for i, a in enumerate((120.0, 2400.5, 800.0))
+    ]
+    f = compute_facts([parse_report(r) for r in reports])
+    truth = answer_question("Which retrieved report shows the largest tumor?", f)
+    assert check_against("Report 2 shows the largest tumor, 2400.50 mm².", truth, f) == []
+    assert check_against("The second report shows the largest tumor, 2,400.5 mm².", truth, f) == []
+    assert check_against("The largest tumor measures 2400.50 mm².", truth, f)  # names no report
+    assert check_against("Reports 1 and 2 show the largest tumor, 2400.50 mm².", truth, f)
+    assert parse_report("MRI, T1-weighted contrast-enhanced, axial plane: glioma of 1,204.6 mm².").area_mm2 == 1204.6

@@ -5,6 +5,7 @@ injected from ``app.state`` so one app serves whatever source the service was bu
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from importlib import resources
@@ -23,6 +24,7 @@ from .service import DISCLAIMER, RetrievalService
 from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan
 
 log = logging.getLogger("neurocbir.app")
+LLM_TIMEOUT_S = 60.0
 
 
 class CasesRequest(BaseModel):
@@ -103,6 +105,7 @@ async def query(
     case_id: int | None = Form(None),
     k: int = Query(5, ge=1, le=50),
     one_per_patient: bool = Query(False),
+    coverage: float = Query(0.95, ge=0.5, lt=1, description="coverage of the conformal prediction set"),
 ) -> dict:
     if file is None and case_id is None:
         raise HTTPException(422, "send an image as the multipart field 'file' (or an example 'case_id')")
@@ -118,7 +121,7 @@ async def query(
         except KeyError as exc:
             raise _not_found(exc) from None
     try:  # off the event loop: /health and static files stay responsive under load
-        return await run_in_threadpool(service.query, image, k=k, one_per_patient=one_per_patient)
+        return await run_in_threadpool(service.query, image, k=k, one_per_patient=one_per_patient, coverage=coverage)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
 
@@ -135,24 +138,34 @@ def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[st
     return found, query
 
 
-@reports.post("/summary")
-def summary(req: CasesRequest, service: Service, explainer: Explaining) -> dict:
-    texts, query = _case_reports(service, req)
+async def _explain(explainer: Explainer, method: str, *args) -> tuple[object, bool]:
+    """Run ``explainer.<method>`` off the event loop; an LLM that takes longer than
+    :data:`LLM_TIMEOUT_S` is not waited for: the grounded engine answers instead (flagged)."""
     try:
-        out = explainer.summarize(texts, query)
+        if explainer.llm is None:
+            return getattr(explainer, method)(*args), False
+        try:
+            return await asyncio.wait_for(run_in_threadpool(getattr(explainer, method), *args), LLM_TIMEOUT_S), False
+        except TimeoutError:
+            log.warning("the LLM took longer than %s s; answering from the grounded engine", LLM_TIMEOUT_S)
+            return getattr(Explainer(), method)(*args), True
     except (ReportParseError, ValueError) as exc:
         raise HTTPException(400, str(exc)) from None
-    return {"summary": out["summary"], "facts": out["facts"], "source": out["source"], "reports": texts}
+
+
+@reports.post("/summary")
+async def summary(req: CasesRequest, service: Service, explainer: Explaining) -> dict:
+    texts, query = _case_reports(service, req)
+    out, timed_out = await _explain(explainer, "summarize", texts, query)
+    source = "grounded (the LLM timed out)" if timed_out else out["source"]
+    return {"summary": out["summary"], "facts": out["facts"], "source": source, "reports": texts}
 
 
 @reports.post("/ask")
-def ask(req: AskRequest, service: Service, explainer: Explaining) -> dict:
+async def ask(req: AskRequest, service: Service, explainer: Explaining) -> dict:
     texts, query = _case_reports(service, req)
-    try:
-        ans, _ = explainer.answer(req.question, texts, query)
-    except (ReportParseError, ValueError) as exc:
-        raise HTTPException(400, str(exc)) from None
-    return {**ans.as_dict(), "corrected": ans.corrected}
+    (ans, _), timed_out = await _explain(explainer, "answer", req.question, texts, query)
+    return {**ans.as_dict(), "corrected": ans.corrected, "llm_timed_out": timed_out}
 
 
 @cases.get("/cases/{case_id}")
@@ -191,16 +204,6 @@ def examples(service: Service) -> dict:
     return {"examples": service.cases.examples(), "questions": list(PAPER_QUESTIONS), "disclaimer": DISCLAIMER}
 
 
-async def _limit_body(request: Request, call_next):
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_UPLOAD_BYTES + 64 * 1024:
-        return JSONResponse(
-            {"detail": f"the upload is {int(size) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"},
-            status_code=413,
-        )
-    return await call_next(request)
-
-
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a traceback to the client
     log.error("unexpected error on %s: %s", request.url.path, type(exc).__name__)
     return JSONResponse({"detail": "internal error; the server keeps running"}, status_code=500)
@@ -212,10 +215,12 @@ def create_app(service: RetrievalService, explainer: Explainer | None = None) ->
         title="neurocbir",
         version="0.1.0",
         description="Retrieval-based brain tumor MRI decision support. " + DISCLAIMER,
+        # body bytes are counted as they arrive (chunked bodies too); a query takes one file
+        max_body_size=MAX_UPLOAD_BYTES + 64 * 1024,
+        form_limits={"max_files": 1, "max_fields": 8},
     )
     app.state.service, app.state.explainer = service, explainer or Explainer()
     _keep_uploads_in_memory()
-    app.middleware("http")(_limit_body)
     for router in (pages, queries, reports, cases):
         app.include_router(router)
     app.add_exception_handler(Exception, _unexpected)

@@ -275,19 +275,25 @@ def query(
     one_per_patient: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
     archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
+    coverage: float = typer.Option(0.95, min=0.5, max=0.999, help="coverage of the prediction set"),
 ) -> None:
     """Predict the tumor type of a scan from its most similar archive cases."""
     img = _read_image_file(image)
     svc = _service(run, archive)
-    out = _guard(svc.query, img, k=k, one_per_patient=one_per_patient)
+    out = _guard(svc.query, img, k=k, one_per_patient=one_per_patient, coverage=coverage)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
+    kind = "calibrated confidence" if out["calibrated"] else "uncalibrated softmax(I_c)"
     typer.echo(
-        f"{out['prediction']} (NIR confidence {out['confidence']:.1%}; KNN-7 vote "
+        f"{out['prediction']} ({kind} {out['confidence']:.1%}; KNN-7 vote "
         + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items())
         + ")"
     )
+    if out["prediction_set"] is not None:
+        typer.echo(f"{out['coverage']:.0%} prediction set: {' or '.join(out['prediction_set'])}")
+    if out["neighbours_disagree"]:
+        typer.echo("the neighbours disagree: read the evidence below")
     if out["no_similar_case"]:
         typer.secho("warning: no similar case found; the prediction is unreliable", fg=typer.colors.RED)
     for i, r in enumerate(out["retrievals"], 1):

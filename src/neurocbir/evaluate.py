@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
+from . import calibration
+from .calibration import expected_calibration_error, neighbour_logits
 from .classify import KNNClassifier, NIRClassifier, knn_votes, nir_proba
 from .data import CLASS_NAMES, CaseTable, grouped_inner_folds, load_cases
 from .files import write_json, write_text
@@ -60,6 +62,8 @@ def evaluate_run(
     plane_consistency, tsd = [], {k: [] for k in TSD_KS}
     curves, cv_ks = [], []
     y_test = None
+    calibrators = calibration.load(run)
+    calibrated: dict[str, list[np.ndarray]] = {}
     for tdir in _trials(run):
         emb = np.load(tdir / "embeddings.npz")
         a_rows, q_rows = emb["archive_rows"], emb["test_rows"]
@@ -69,7 +73,12 @@ def evaluate_run(
         y_test = y_q
         # one exact search per query; every classifier is scored from the same neighbour list
         clf = NIRClassifier(one_per_patient=one_per_patient).fit(emb["archive"], y_a, groups=table.patient_id[a_rows])
-        results = classifier_probas(clf.neighbour_labels(emb["test"]), len(clf.classes_))
+        neighbour_labels = clf.neighbour_labels(emb["test"])
+        results = classifier_probas(neighbour_labels, len(clf.classes_))
+        for name, cal in (calibrators or {}).items():  # calibration changes no ranking: ECE only
+            calibrated.setdefault(name, []).append(
+                cal.proba(neighbour_logits(name, neighbour_labels, len(clf.classes_)))
+            )
         if "test_mlp_proba" in emb:
             results["mlp"] = emb["test_mlp_proba"]
         for name, p in results.items():
@@ -131,12 +140,20 @@ def evaluate_run(
             "tsd_mm2_at_k": {str(k): float(np.mean(v)) for k, v in tsd.items()},
         },
         "knn_overfit": overfit,
+        "calibration": calibration_report(y_test, probas, calibrated, calibrators),
         "timings": timings,
     }
     write_json(run / "metrics.json", result)
     write_text(run / "metrics.md", markdown_tables([result]))
     if plots:
         make_plots(run, table, result)
+        if calibrators:
+            curves = {
+                f"{n} {kind}": np.mean(src[n], 0)
+                for n in ("nir", "knn7")
+                for kind, src in (("uncalibrated", probas), ("calibrated", calibrated))
+            }
+            reliability_diagram(run / "reliability.png", y_test, curves)
     return result
 
 
@@ -176,7 +193,83 @@ def markdown_tables(results: list[dict]) -> str:
             + f" | {o['best_k_on_test']} ({o['kappa_best_k_on_test']:.3f}) | "
             f"{'/'.join(map(str, o['cv_k_per_trial']))} ({o['kappa_cv_k']:.3f}) | {o['nir_kappa_mean']:.3f} |"
         )
+    cal = [r for r in results if r.get("calibration")]
+    if cal:
+        lines += [
+            "",
+            "| loss | fold | classifier | T | ECE before: mean / ens. | ECE after: mean / ens. |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in cal:
+            for n, c in r["calibration"]["classifiers"].items():
+                lines.append(
+                    f"| {r['loss']} | {r['fold']} | {n} | {c['temperature']:.2f} | "
+                    f"{c['ece_before_mean']:.3f} / {c['ece_before_ensemble']:.3f} | "
+                    f"{c['ece_after_mean']:.3f} / {c['ece_after_ensemble']:.3f} |"
+                )
+        lines += [
+            "",
+            "| loss | fold | NIR prediction set: target coverage | coverage | mean set size |",
+            "|---|---|---|---|---|",
+        ]
+        for r in cal:
+            for target, s in r["calibration"]["nir_prediction_sets"].items():
+                lines.append(
+                    f"| {r['loss']} | {r['fold']} | {target} | {s['coverage']:.3f} | {s['mean_set_size']:.2f} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def calibration_report(
+    y: np.ndarray,
+    probas: dict[str, list[np.ndarray]],
+    calibrated: dict[str, list[np.ndarray]],
+    calibrators: dict | None,
+) -> dict | None:
+    """Test-fold ECE per classifier before / after calibration (mean of trials and soft
+    ensemble) and the coverage and mean size of NIR's prediction sets at each coverage."""
+    if not calibrators:
+        return None
+    out = {}
+    for name, cal in calibrators.items():
+        before, after = probas[name], calibrated[name]
+        out[name] = {
+            "temperature": cal.temperature,
+            "ece_before_mean": float(np.mean([expected_calibration_error(p, y) for p in before])),
+            "ece_after_mean": float(np.mean([expected_calibration_error(p, y) for p in after])),
+            "ece_before_ensemble": expected_calibration_error(np.mean(before, 0), y),
+            "ece_after_ensemble": expected_calibration_error(np.mean(after, 0), y),
+        }
+    sets = {}
+    for coverage in (0.9, 0.95, 0.99):
+        masks = [calibrators["nir"].prediction_set(p, coverage) for p in calibrated["nir"]]
+        sets[str(coverage)] = {
+            "coverage": float(np.mean([m[np.arange(len(y)), y].mean() for m in masks])),
+            "mean_set_size": float(np.mean([m.sum(1).mean() for m in masks])),
+        }
+    return {"classifiers": out, "nir_prediction_sets": sets}
+
+
+def reliability_diagram(path: Path, y: np.ndarray, curves: dict[str, np.ndarray], bins: int = 10) -> None:
+    """Accuracy against confidence per bin, one line per named probability set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
+    for label, p in curves.items():
+        conf, correct = p.max(1), p.argmax(1) == y
+        b = np.minimum((conf * bins).astype(int), bins - 1)
+        xs = [conf[b == i].mean() for i in range(bins) if (b == i).any()]
+        ys = [correct[b == i].mean() for i in range(bins) if (b == i).any()]
+        ax.plot(xs, ys, marker="o", label=f"{label} (ECE {expected_calibration_error(p, y):.3f})")
+    ax.set_xlabel("confidence"), ax.set_ylabel("accuracy"), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def make_plots(run: Path, table: CaseTable, result: dict) -> None:

@@ -160,8 +160,9 @@ def check_against(text: str, expected: Answer, f: dict) -> list[str]:
     refs = report_refs(text)
     if refs - set(range(1, f["n_reports"] + 1)):
         problems.append(f"names reports that do not exist: {sorted(refs - set(range(1, f['n_reports'] + 1)))}")
-    if expected.intent != "mean_size" and expected.reports and refs and refs != set(expected.reports):
-        problems.append(f"names reports {sorted(refs)} instead of {expected.reports}")
+    if expected.intent not in ("mean_size", "unknown") and refs != set(expected.reports):
+        named = f"names reports {sorted(refs)}" if refs else "names no report"
+        problems.append(f"{named} instead of {expected.reports or 'none'}")
     return problems
 
 

@@ -34,7 +34,16 @@ _MM2 = r"(?:mm\s*(?:²|\^\s*2|2)|sq\.?\s*mm|square\s+millimet(?:er|re)s?)"
 _CM2 = r"(?:cm\s*(?:²|\^\s*2|2)|sq\.?\s*cm|square\s+centimet(?:er|re)s?)"
 SIZE_RE = re.compile(rf"{_NUM}\s*(?:({_MM2})|({_CM2}))", re.I)
 RANGE_RE = re.compile(rf"{_NUM}\s*(?:to|-|–|and)\s*\d[\d.,]*\s*(?:({_MM2})|({_CM2}))", re.I)
-REPORT_REF_RE = re.compile(r"\breport\s*#?\s*(\d+)", re.I)
+_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+_WORD_NUMBER = {w: i for words in (_WORDS, _ORDINALS) for i, w in enumerate(words, 1)}
+# a report number: an integer that is no part of a size (so "report 2, 796.65 mm²" names report 2 only)
+_REF = rf"(?:#\s*)?(?:\d+(?![.,]?\d)(?!\s*(?:mm|cm|sq|square))|{'|'.join(_WORDS)})\b"
+_SEP = r"\s*(?:,\s*(?:and|or)?|\band\b|\bor\b|&|\bto\b|\bthrough\b|-|–)\s*"
+#: "report 3", "report #3", "reports 1, 2 and 5", "report numbers 1-3", "report no. 4", "report five"
+REPORT_LIST_RE = re.compile(rf"\breports?\s*(?:numbers?|nos?\.?|#)?\s*({_REF}(?:{_SEP}{_REF})*)", re.I)
+#: "the fifth report", "the 2nd retrieved report"
+ORDINAL_REF_RE = re.compile(rf"\b({'|'.join(_ORDINALS)}|\d+(?:st|nd|rd|th))\s+(?:retrieved\s+)?report\b", re.I)
 
 
 def _number(text: str) -> float:
@@ -62,9 +71,24 @@ def same_size(a: float, b: float) -> bool:
     return abs(a - b) <= max(0.6, 0.005 * abs(b))
 
 
+def _ref_number(token: str) -> int:
+    token = token.strip().lstrip("#").strip().lower()
+    return _WORD_NUMBER[token] if token in _WORD_NUMBER else int(re.sub(r"\D", "", token))
+
+
 def report_refs(text: str) -> set[int]:
-    """The report numbers that ``text`` names ("report 3", "report #3")."""
-    return {int(n) for n in REPORT_REF_RE.findall(text)}
+    """The report numbers that ``text`` names: lists ("reports 1, 2 and 5"), ranges ("reports
+    1-3", "1 to 3"), "number", "no.", "#", number words and ordinals ("the fifth report")."""
+    refs: set[int] = set()
+    for m in REPORT_LIST_RE.finditer(text):
+        chunk = m.group(1)
+        numbers = [_ref_number(t) for t in re.findall(_REF, chunk, re.I)]
+        refs.update(numbers)
+        for a, b in re.findall(rf"({_REF})\s*(?:\bto\b|\bthrough\b|-|–)\s*({_REF})", chunk, re.I):
+            lo, hi = _ref_number(a), _ref_number(b)
+            refs.update(range(lo, hi + 1) if 0 < hi - lo <= 50 else ())
+    refs.update(_ref_number(m.group(1)) for m in ORDINAL_REF_RE.finditer(text))
+    return refs
 
 
 def types_mentioned(text: str) -> set[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from typing import Protocol
 
 SYSTEM = (
@@ -122,9 +123,11 @@ class LlamaCppChat:
         if not path or not os.path.isfile(path):
             raise LLMUnavailable(f"no GGUF model file: set NEUROCBIR_LLM_GGUF (got {path!r})")
         self.llm = Llama(model_path=path, n_ctx=n_ctx, verbose=False)
+        self._lock = threading.Lock()  # one llama.cpp context: never entered by two threads at once
 
     def chat(self, messages: list[dict]) -> str:
-        out = self.llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=300)
+        with self._lock:
+            out = self.llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=300)
         return (out["choices"][0]["message"]["content"] or "").strip()
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     feature_noise: float = 0.3  # Gaussian noise on cached features, x their std
     tta: bool = False  # average embeddings of the cached augmented views at inference
     cross_patient_positives: bool = False  # SupCon/triplet: positives only from other patients
+    calibrate: bool = True  # fit calibrated probabilities and prediction sets by inner CV (3 more trainings)
     data: str | None = None
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)

@@ -2,7 +2,10 @@
 source (the run's own index, or a case archive), answering image -> prediction + evidence.
 
 One query is one CNN pass and one search: NIR, its I_c positions and the KNN vote are all
-scored from the same neighbour list (:mod:`neurocbir.classify`).
+scored from the same neighbour list (:mod:`neurocbir.classify`). The probabilities shown are
+NIR's, calibrated on training patients, with a conformal prediction set
+(:mod:`neurocbir.calibration`); runs trained before calibration show ``softmax(I_c)`` and
+say ``"calibrated": false``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import softmax
 
+from . import calibration
 from .classify import knn_votes, nir_positions
 from .data import CLASS_NAMES, CaseTable
 from .inference import Model, load_model
@@ -33,6 +37,7 @@ class RetrievalService:
 
     def __init__(self, model: Model, cases: CaseSource):
         self.model, self.cases = model, cases
+        self.calibrator = (calibration.load(model.run) or {}).get("nir")
 
     @classmethod
     def from_run(cls, run: Path | str, trial: int | None = None, table: CaseTable | None = None) -> RetrievalService:
@@ -66,16 +71,27 @@ class RetrievalService:
         with _MODEL_LOCK:  # one forward pass at a time: torch already uses every core
             return self.model.embed([image])
 
-    def query(self, image: np.ndarray, k: int = 5, one_per_patient: bool = False) -> dict:
+    def query(
+        self,
+        image: np.ndarray,
+        k: int = 5,
+        one_per_patient: bool = False,
+        coverage: float = calibration.DEFAULT_COVERAGE,
+    ) -> dict:
+        """Prediction, calibrated confidence, prediction set and the evidence for one scan."""
         if not 1 <= k <= 50:
             raise ValueError("k must be between 1 and 50")
+        if not 0.5 <= coverage < 1:
+            raise ValueError("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
         q, trunk = self.embed(image)
         dist, case_ids, labels = self.cases.neighbours(q, one_per_patient)
         classes = self.cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
-        proba = softmax(positions.astype(float))
+        cal = self.calibrator
+        proba = cal.proba(positions) if cal is not None else softmax(positions.astype(float))
         knn = knn_votes(labels[None], len(CLASS_NAMES), KNN_K)[0][classes]
         winner = int(np.argmax(proba))
+        in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
         info = self.cases.describe([int(i) for i in case_ids[:k]])
         retrievals = [{**info[int(i)], "distance": round(float(d), 4)} for d, i in zip(dist[:k], case_ids[:k])]
         nearest = self.cases.nearest_trunk(trunk)
@@ -84,7 +100,11 @@ class RetrievalService:
         return {
             "prediction": names[winner],
             "confidence": round(float(proba[winner]), 4),
+            "calibrated": cal is not None,
             "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
+            "prediction_set": None if in_set is None else [n for n, keep in zip(names, in_set) if keep],
+            "coverage": coverage if cal is not None else None,
+            "neighbours_disagree": bool(int(np.argmax(knn)) != winner or (in_set is not None and in_set.sum() > 1)),
             "nir_positions": {n: int(v) for n, v in zip(names, positions)},
             "knn_vote": {n: round(float(p), 4) for n, p in zip(names, knn)},
             "retrievals": retrievals,

@@ -42,12 +42,6 @@ class CaseSource(Protocol):
     def examples(self, per_class: int) -> list[dict]: ...
 
 
-def _far_threshold(nearest: np.ndarray) -> float:
-    """1.1 x the 99.5th percentile of reference nearest-neighbour distances."""
-    nearest = nearest[np.isfinite(nearest)]
-    return float(np.percentile(nearest, 99.5) * 1.1) if len(nearest) else float("inf")
-
-
 class _SearchedCases:
     """What both sources share: one search of ``store`` deep enough for NIR (ids -> case ids
     by ``_case_ids``), and the distance to the nearest archive case in trunk space."""
@@ -75,6 +69,21 @@ class _SearchedCases:
     def nearest_trunk(self, trunk: np.ndarray) -> float | None:
         return None if self.trunk_index is None else float(self.trunk_index.search(trunk, 1)[0][0, 0])
 
+    def _far_threshold(self, patient_keys: np.ndarray) -> float:
+        """ "No similar case": farther, in frozen-trunk feature space, than 1.1 x the 99.5th
+        percentile of archive cases' distances to their nearest case of another patient.
+        Judged inside the archive (training patients only, never a test fold); a sample of
+        2000 cases is enough for a percentile."""
+        if self.trunk_index is None:
+            return float("inf")
+        n = len(patient_keys)
+        sample = np.random.default_rng(0).choice(n, min(2000, n), replace=False)
+        d, rows = self.trunk_index.search(self.trunk_index.index.reconstruct_batch(sample), min(50, n))
+        other = patient_keys[rows] != patient_keys[sample][:, None]
+        nearest = np.where(other.any(1), d[np.arange(len(d)), np.argmax(other, 1)], np.nan)
+        nearest = nearest[np.isfinite(nearest)]
+        return float(np.percentile(nearest, 99.5) * 1.1) if len(nearest) else float("inf")
+
 
 class RunCases(_SearchedCases):
     """The training folds of a run's trial, searched through the run's own exact index (in
@@ -96,15 +105,8 @@ class RunCases(_SearchedCases):
         rows = np.arange(len(self.archive_rows))
         self.label_of = lookup(rows, labels)
         self.group_of = lookup(rows, self.table.patient_id[self.archive_rows], missing="")
-        # "No similar case": farther from every archive case, in frozen-trunk feature space, than
-        # (almost) every held-out case of the run was from its nearest archive case.
-        if "archive_trunk" in emb:
-            self.trunk_index = VectorIndex.build(emb["archive_trunk"])
-            d, _ = self.trunk_index.search(emb["test_trunk"], 1)
-        else:  # runs trained before trunk descriptors were saved: judge in embedding space
-            self.trunk_index = None
-            d, _ = self.store.search(emb["test"], 1)
-        self.far_threshold = _far_threshold(d[:, 0])
+        self.trunk_index = VectorIndex.build(emb["archive_trunk"]) if "archive_trunk" in emb else None
+        self.far_threshold = self._far_threshold(self.table.patient_id[self.archive_rows])
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
         self.llm_reports = cached_llm_reports()
 
@@ -177,17 +179,7 @@ class ArchiveCases(_SearchedCases):
         self.classes = np.unique(cols["label"])
         trunk = self.archive.trunk_vectors()
         self.trunk_index = VectorIndex.build(trunk) if trunk is not None and len(trunk) == len(cols["id"]) else None
-        self.far_threshold = self._leave_patient_out_threshold(cols["patient_key"])
-
-    def _leave_patient_out_threshold(self, patient_keys: np.ndarray) -> float:
-        """Nearest trunk distances to another patient's case, for a sample of archive cases."""
-        if self.trunk_index is None:
-            return float("inf")
-        n = len(patient_keys)
-        sample = np.random.default_rng(0).choice(n, min(2000, n), replace=False)
-        d, rows = self.trunk_index.search(self.trunk_index.index.reconstruct_batch(sample), min(50, n))
-        other = patient_keys[rows] != patient_keys[sample][:, None]
-        return _far_threshold(np.where(other.any(1), d[np.arange(len(d)), np.argmax(other, 1)], np.nan))
+        self.far_threshold = self._far_threshold(cols["patient_key"])
 
     def _stored(self, case_ids: list[int]) -> dict[int, dict]:
         found = self.archive.cases(case_ids)

@@ -21,7 +21,9 @@ from pytorch_metric_learning import losses, miners, samplers
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from tqdm import tqdm
 
-from .data import CLASS_NAMES, CaseTable, load_cases
+from . import calibration
+from .classify import NIRClassifier
+from .data import CLASS_NAMES, CaseTable, grouped_inner_folds, load_cases
 from .encoders import Encoder, Top, pick_device
 from .features import cached_features
 from .files import atomic_write, sha256_file, write_json
@@ -231,5 +233,42 @@ def train_run(cfg: TrainConfig, out: Path, table: CaseTable | None = None, progr
         atomic_write(tdir / "embeddings.npz", lambda tmp, arrays=arrays: np.savez(tmp, **arrays))
         VectorIndex.build(archive_emb, sha256_file(ckpt)).save(tdir / "index.faiss")
     timings["train_s_total"] = round(sum(timings["trials_s"]), 1)
+    if cfg.calibrate:
+        t0 = time.time()
+        calibration.save(
+            out,
+            calibrate_run(cfg, encoder, train_feats, table.subset(train_rows), device),
+            how=f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
+            f"top retrained per inner fold with seed {cfg.first_seed}",
+        )
+        timings["calibration_s"] = round(time.time() - t0, 1)
     write_json(out / "timings.json", timings)
     return timings
+
+
+def calibrate_run(
+    cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, train: CaseTable, device: torch.device, n_splits: int = 3
+) -> dict:
+    """Calibrators fitted on held-out training patients: for each patient-grouped inner fold,
+    a fresh top is trained on the other inner folds, and the held-out cases are classified
+    from their neighbours among those (see :mod:`neurocbir.calibration`)."""
+    held_out, y, groups = [], [], []
+    for tr, va in grouped_inner_folds(train, n_splits):
+        top = train_top(
+            cfg,
+            encoder,
+            feats[tr],
+            train.label[tr],
+            cfg.first_seed,
+            device,
+            progress=False,
+            groups=train.patient_id[tr],
+        )
+        archive, _ = embed_features(top, feats[tr], device)
+        queries, _ = embed_features(top, feats[va], device, tta=cfg.tta)
+        held_out.append(NIRClassifier().fit(archive, train.label[tr]).neighbour_labels(queries))
+        y.append(train.label[va])
+        groups.append(train.patient_id[va])
+    width = max(h.shape[1] for h in held_out)  # inner archives differ in size: pad with -1
+    labels = np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1])), constant_values=-1) for h in held_out])
+    return calibration.fit_calibrators(labels, np.concatenate(y), np.concatenate(groups), len(CLASS_NAMES))

@@ -12,6 +12,8 @@ import numpy as np
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 25_000_000  # 5000x5000; far beyond any MRI slice, stops decompression bombs
+MAX_DECODED_BYTES = 64 * 1024 * 1024  # one decoded slice (or an inflated DICOM dataset) at most
+MAX_FRAMES = 512  # a multi-frame DICOM larger than any MRI series: upload one slice instead
 
 
 class UploadError(ValueError):
@@ -41,6 +43,8 @@ def _read_raster(data: bytes) -> np.ndarray:
                     f"the image is {im.width}x{im.height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels"
                 )
             im.load()
+            if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grayscale: keep every level
+                return np.asarray(im, dtype=np.float32)
             return np.asarray(im.convert("L"))
     except UploadError:
         raise
@@ -52,31 +56,58 @@ def _read_raster(data: bytes) -> np.ndarray:
         raise UploadError(f"the image file is corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
+def _check_deflated(data: bytes) -> None:
+    """pydicom inflates a deflated dataset whole inside ``dcmread``, before any check: inflate it
+    here first, bounded, so a small file cannot expand to gigabytes."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflate.decompress(data[fp.tell() :], MAX_DECODED_BYTES)
+    if inflate.unconsumed_tail:
+        raise UploadError(f"the deflated DICOM file expands to more than {MAX_DECODED_BYTES // 2**20} MB")
+
+
 def _read_dicom(data: bytes) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import pixel_array
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        _check_deflated(data)
+        ds = pydicom.dcmread(io.BytesIO(data))  # pixel data stays encoded until asked for
+        has_pixels = "PixelData" in ds
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        per_frame = (
+            rows * cols * int(ds.get("SamplesPerPixel", 1) or 1) * max(int(ds.get("BitsAllocated", 8) or 8), 8) // 8
+        )
+        inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+    except UploadError:
+        raise
     except InvalidDicomError as exc:
         raise UploadError(f"not a DICOM file ({exc})") from None
     except Exception as exc:  # truncated or corrupt files raise many types inside pydicom
         raise UploadError(f"the DICOM file is corrupt or truncated ({type(exc).__name__})") from None
-    try:
-        has_pixels = "PixelData" in ds
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    except Exception as exc:  # pydicom parses elements lazily
-        raise UploadError(f"the DICOM file is corrupt ({type(exc).__name__})") from None
     if not has_pixels:
         raise UploadError("the DICOM file has no pixel data (is it a structured report or a header-only file?)")
-    if rows * cols > MAX_PIXELS:
+    if rows * cols > MAX_PIXELS or per_frame > MAX_DECODED_BYTES:
         raise UploadError(f"the DICOM image is {cols}x{rows} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels")
-    try:
-        arr = ds.pixel_array
+    if frames > MAX_FRAMES:
+        raise UploadError(f"the DICOM file holds {frames} frames; upload one slice (at most {MAX_FRAMES} frames)")
+    try:  # decode one frame only: the middle slice of a multi-frame file
+        arr = pixel_array(ds, index=frames // 2 if frames > 1 else None)
     except Exception as exc:  # pydicom raises many types for bad or unsupported pixel data
-        raise UploadError(f"the DICOM pixel data cannot be decoded ({exc})") from None
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
-        arr = arr[arr.shape[0] // 2]  # a multi-frame file: take the middle slice
+        raise UploadError(f"the DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+    if inverted:  # MONOCHROME1: low values are bright
+        arr = arr.max() + arr.min() - arr.astype(np.float32)
     return arr
 
 
@@ -85,13 +116,20 @@ def _read_mat(data: bytes) -> np.ndarray:
 
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
-            if "cjdata" not in f or "image" not in f["cjdata"]:
+            if not isinstance(f.get("cjdata", getlink=True), h5py.HardLink) or not isinstance(
+                f["cjdata"].get("image", getlink=True), h5py.HardLink
+            ):  # an external or soft link would open other files on the server
                 raise UploadError(
                     "the .mat file has no cjdata.image: expected a file of the figshare brain tumor release"
                 )
             ds = f["cjdata"]["image"]
-            if int(np.prod(ds.shape)) > MAX_PIXELS:
-                raise UploadError("the .mat image is too large")
+            if not isinstance(ds, h5py.Dataset) or ds.is_virtual or ds.ndim != 2:
+                raise UploadError("the .mat file's cjdata.image is not a 2-D image stored in the file")
+            if ds.dtype.kind not in "iuf" or ds.size > MAX_PIXELS or ds.size * ds.dtype.itemsize > MAX_DECODED_BYTES:
+                raise UploadError(f"the .mat image ({ds.shape}, {ds.dtype}) is too large or not numeric")
+            unknown = set(ds._filters) - {"gzip", "shuffle", "fletcher32"}  # what MATLAB writes
+            if unknown:
+                raise UploadError(f"the .mat image uses unsupported HDF5 filters {sorted(unknown)}")
             return np.asarray(ds).T
     except UploadError:
         raise

@@ -1,0 +1,91 @@
+"""Calibrated probabilities and conformal prediction sets: the statistics, and the run's own
+calibration (fitted by inner CV on training patients) through the service and the API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from neurocbir.calibration import Calibrator, expected_calibration_error, fit_temperature
+
+
+def _draw(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """I_c-like logits (integers 0..40) whose true class probabilities are softmax(z / T)."""
+    rng = np.random.default_rng(seed)
+    z = rng.integers(0, 40, (n, 3)).astype(float) * rng.random((n, 1))
+    p = softmax(z / temperature, axis=1)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    return z, y, rng.integers(0, n // 8, n)  # ~8 slices per "patient"
+
+
+def test_temperature_recovers_the_scale_and_fixes_ece():
+    z, y, _ = _draw(6000, 4.0, 0)
+    t = fit_temperature(z, y)
+    assert 3.5 < t < 4.6
+    raw, fixed = softmax(z, axis=1), softmax(z / t, axis=1)
+    assert expected_calibration_error(raw, y) > 0.1 > 0.03 > expected_calibration_error(fixed, y)
+    assert (raw.argmax(1) == fixed.argmax(1)).all()  # the ranking (kappa, AUROC) is unchanged
+
+
+def test_conformal_sets_cover_new_patients_at_the_stated_rate():
+    z, y, groups = _draw(4000, 4.0, 1)
+    cal = Calibrator.fit(z, y, groups)
+    zt, yt, _ = _draw(4000, 4.0, 2)
+    p = cal.proba(zt)
+    sizes = {}
+    for coverage in (0.8, 0.9, 0.95):
+        sets = cal.prediction_set(p, coverage)
+        assert sets[np.arange(len(yt)), yt].mean() >= coverage - 0.02
+        assert sets[np.arange(len(yt)), p.argmax(1)].all()  # the prediction is always in its set
+        sizes[coverage] = sets.sum(1).mean()
+    assert 1 <= sizes[0.8] <= sizes[0.9] <= sizes[0.95] < 3
+    with pytest.raises(ValueError, match="coverage"):
+        cal.threshold(1.0)
+
+
+def test_a_run_is_calibrated_on_training_patients_only(small_run):
+    doc = json.loads((small_run / "calibration.json").read_text())
+    assert "training folds" in doc["how"] and "test fold 5 unseen" in doc["how"]
+    assert set(doc["classifiers"]) == {"nir", "inir", "knn7"}
+    nir = doc["classifiers"]["nir"]
+    # softmax(I_c) is overconfident: the fitted temperature spreads it out
+    assert nir["temperature"] > 1 and nir["inner_cv_ece_after"] < nir["inner_cv_ece_before"]
+    assert len(nir["scores"]) > 20 and nir["scores"] == sorted(nir["scores"])
+
+
+def test_query_returns_calibrated_confidence_and_a_prediction_set(small_run, small_cases):
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app import create_app
+    from neurocbir.service import RetrievalService
+
+    svc = RetrievalService.from_run(small_run, table=small_cases)
+    client = TestClient(create_app(svc))
+    rows = svc.cases.example_rows[:8]
+    for row in rows:
+        jpg = small_cases.loader.image_path(int(small_cases.idx[row])).read_bytes()
+        sets = {}
+        for coverage in (0.5, 0.99):
+            r = client.post(f"/query?coverage={coverage}", files={"file": ("q.jpg", jpg, "image/jpeg")})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["calibrated"] and out["coverage"] == coverage
+            assert out["prediction"] in out["prediction_set"]
+            assert sum(out["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+            assert out["confidence"] == max(out["probabilities"].values())
+            sets[coverage] = set(out["prediction_set"])
+        assert sets[0.5] <= sets[0.99]
+        assert out["neighbours_disagree"] == (
+            len(out["prediction_set"]) > 1 or max(out["knn_vote"], key=out["knn_vote"].get) != out["prediction"]
+        )
+    # calibration spreads the probabilities: fewer answers at > 99% than softmax(I_c) gives
+    raw = [
+        max(softmax(np.array(list(svc.query(small_cases.load_image(int(r)))["nir_positions"].values()), float)))
+        for r in rows
+    ]
+    cal = [svc.query(small_cases.load_image(int(r)))["confidence"] for r in rows]
+    assert np.mean(cal) < np.mean(raw)
+    assert client.post("/query?coverage=1.5", files={"file": ("q.jpg", jpg, "image/jpeg")}).status_code == 422
