@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing
 
@@ -103,7 +104,36 @@ def reference(scans, small_run, tmp_path_factory):
     return out
 
 
-def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_path):
+class _Reader(threading.Thread):
+    """A reader (as the app opens an archive) searching over and over while `add` is killed."""
+
+    def __init__(self, archive, queries):
+        super().__init__(daemon=True)
+        self.archive, self.queries, self.stop, self.errors, self.searches = archive, queries, False, [], 0
+
+    def run(self):
+        while not self.stop:
+            if not (self.archive / "archive.db").is_file():
+                time.sleep(0.02)
+                continue
+            try:
+                arch = CaseArchive.open(self.archive, writer=False)
+                try:
+                    indexed = len(arch.columns()["id"])
+                    if arch.store.count() and indexed:
+                        _, ids = arch.store.search(self.queries, 3)
+                        found = arch.cases([int(i) for i in ids.ravel() if i >= 0])
+                        assert len(found) <= len(set(ids.ravel().tolist()) - {-1})
+                        self.searches += 1
+                finally:
+                    arch.close()
+            except Exception as exc:  # noqa: BLE001 - any failure of a reader is what we look for
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("index_every", ["0", "30"])  # index written per batch, and the default
+def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_path, index_every):
     ref = CaseArchive.open(reference)
     ref_ids, ref_emb = ref.embeddings()
     ref_by_hash = {
@@ -112,10 +142,12 @@ def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_
     ref.close()
     archive = tmp_path / "archive"
     rng = np.random.default_rng(int(time.time()))
+    reader = _Reader(archive, np.stack(list(ref_by_hash.values()))[:4])
+    reader.start()
     partial = []
     for target in sorted(rng.choice(np.arange(1, 37), 4, replace=False)):  # leave batches after the last kill
         proc = subprocess.Popen(
-            _add_cmd(scans, archive, small_run, "--batch-size", "4", "--index-every", "0"),
+            _add_cmd(scans, archive, small_run, "--batch-size", "4", "--index-every", index_every),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -133,6 +165,9 @@ def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_
         partial.append(len(arch))
         arch.close()
     assert sum(0 < n < 48 for n in partial) >= 3, partial  # most kills interrupted a run half-way
+    reader.stop = True
+    reader.join(30)
+    assert not reader.errors and reader.searches > 0, (reader.errors[:3], reader.searches)
     done = subprocess.run(_add_cmd(scans, archive, small_run), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     arch = _assert_consistent(archive, set(ref_by_hash))
@@ -185,6 +220,22 @@ def test_every_crash_window_is_repaired_on_reopen(tmp_path, store):
     # re-adding the same content is a no-op; deleted content can come back
     assert arch.add(_records(30)) == 0
     assert arch.add(_records(5, start=40)) == 3
+    arch.close()
+    # a reader (the app) repairs nothing: it sees the indexed cases and writes no file
+    arch = CaseArchive.open(tmp_path / "a", "ck", 8)
+    arch.add(_records(4, start=100), index=False)  # committed, not yet in the store: a crash window
+    pending = arch._ids("pending")
+    arch.close()
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.name.startswith("index")}
+    reader = CaseArchive.open(tmp_path / "a", "ck", 8, writer=False)
+    assert reader.check()["states"] == {"indexed": 45, "pending": 4} and len(reader.columns()["id"]) == 45
+    with pytest.raises(Exception, match="readonly|read-only|query_only"):
+        reader.db.execute("DELETE FROM cases")
+    reader.close()
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.name.startswith("index")}
+    arch = CaseArchive.open(tmp_path / "a", "ck", 8)  # the writer finishes the job
+    assert arch.check()["states"] == {"indexed": 49} and arch.store.count() == 49
+    assert arch.delete(pending) == pending.tolist()  # back to the 45 below
     arch.close()
     if store != "milvus":
         # 4. the store file lost or truncated: rebuilt from the table

@@ -91,22 +91,39 @@ class CaseArchive:
 
     DB = "archive.db"
 
-    def __init__(self, root: Path, db: sqlite3.Connection, meta: dict):
-        self.root, self.db, self.meta = root, db, meta
+    def __init__(self, root: Path, db: sqlite3.Connection, meta: dict, writer: bool = True):
+        self.root, self.db, self.meta, self.writer = root, db, meta, writer
         self._lock = threading.RLock()
         self.dim = int(meta["dim"])
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
         self.store, self._store_stale = self._open_store(fresh=False)
-        self.reconcile()
+        if writer:
+            self.reconcile()
+        elif self._store_stale:  # a reader never writes: it indexes the committed cases in memory
+            self.store = self._memory_store()
 
     # --- opening ------------------------------------------------------------------------
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, writer: bool = True) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
+        if writer:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        else:
+            db.execute("PRAGMA query_only=ON")
         return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One state change of a batch, all or nothing."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     @classmethod
     def create(
@@ -133,6 +150,7 @@ class CaseArchive:
             "milvus_uri": milvus_uri or "",
             "milvus_index": milvus_index,
             "patient_salt": secrets.token_hex(16),
+            "milvus_collection": f"neurocbir_{secrets.token_hex(8)}",  # one collection per archive
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         with atomic_path(root / cls.DB) as tmp:  # the archive exists only once complete
@@ -149,12 +167,17 @@ class CaseArchive:
             raise
 
     @classmethod
-    def open(cls, root: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> CaseArchive:
+    def open(
+        cls, root: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None, writer: bool = True
+    ) -> CaseArchive:
+        """Open an archive. The writer (``neurocbir add`` / ``remove``, under :func:`writer_lock`)
+        repairs what a crash interrupted; a reader (``writer=False``: the app, ``query``)
+        never writes and sees the cases committed as indexed."""
         root = Path(root)
         if not (root / cls.DB).is_file():
             raise FileNotFoundError(f"no case archive at {root} (expected {cls.DB}): create one with `neurocbir add`")
         try:
-            db = cls._connect(root / cls.DB)
+            db = cls._connect(root / cls.DB, writer)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
             raise ArchiveError(f"{root / cls.DB} is not a readable case archive ({exc})") from None
@@ -166,7 +189,7 @@ class CaseArchive:
             )
         if dim is not None and int(meta.get("dim", -1)) != dim:
             raise IndexMismatchError(f"archive {root} holds {meta.get('dim')}-d vectors, the encoder gives {dim}-d")
-        return cls(root, db, meta)
+        return cls(root, db, meta, writer)
 
     def _open_store(self, fresh: bool) -> tuple[CaseStore, bool]:
         """(store, stale): stale when the saved index is lost or unreadable."""
@@ -186,7 +209,7 @@ class CaseArchive:
         try:
             return MilvusStore.connect(
                 uri,
-                MILVUS_COLLECTION,
+                self.meta.get("milvus_collection") or MILVUS_COLLECTION,  # archives made before: the shared name
                 self.dim,
                 self.checkpoint_sha256,
                 index_type=self.meta.get("milvus_index") or "FLAT",
@@ -201,7 +224,7 @@ class CaseArchive:
             [r[0] for r in self.db.execute("SELECT id FROM cases WHERE state = ?", (state,))], dtype=np.int64
         )
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> None:  # the writer only (see open)
         """Bring the store in line with the table after a crash (idempotent, cheap when clean)."""
         indexed = self.db.execute("SELECT COUNT(*) FROM cases WHERE state = 'indexed'").fetchone()[0]
         pending, deleting = self._ids("pending"), self._ids("deleting")
@@ -243,8 +266,16 @@ class CaseArchive:
         if new.any():
             self.store.add(ids[new], vecs[new])
         self.store.save()
-        self.db.executemany("UPDATE cases SET state = 'indexed' WHERE id = ?", [(int(i),) for i in ids])
+        with self._transaction():
+            self.db.executemany("UPDATE cases SET state = 'indexed' WHERE id = ?", [(int(i),) for i in ids])
         return len(ids)
+
+    def _memory_store(self) -> FaissStore:
+        """The indexed cases in an unsaved exact FAISS store (a reader's view of a stale file)."""
+        store = FaissStore(self.root / "index.faiss", self.dim, kind="flat", checkpoint_sha256=self.checkpoint_sha256)
+        for ids, vecs in self._vectors("state = 'indexed'"):
+            store.add(ids, vecs)
+        return store
 
     # --- writing --------------------------------------------------------------------------
     def patient_key(self, patient_id: str) -> str:
@@ -286,17 +317,12 @@ class CaseArchive:
                 )
             )
         before = self.db.total_changes
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self.db.executemany(
                 "INSERT OR IGNORE INTO cases (content_sha256, label, patient_key, plane, area_mm2, image_path, "
                 "source_case, report, embedding, trunk, added) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         new = self.db.total_changes - before
         if index:
             self.index_pending()
@@ -307,9 +333,8 @@ class CaseArchive:
         ids that were in the archive."""
         ids = sorted({int(i) for i in case_ids})
         found = sorted(self.cases(ids))
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.executemany("UPDATE cases SET state = 'deleting' WHERE id = ?", [(i,) for i in found])
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self.db.executemany("UPDATE cases SET state = 'deleting' WHERE id = ?", [(i,) for i in found])
         self.reconcile()
         return found
 

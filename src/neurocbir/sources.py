@@ -167,7 +167,7 @@ class ArchiveCases(_SearchedCases):
     def __init__(self, root: Path | str, checkpoint_sha256: str, dim: int):
         from .archive import CaseArchive
 
-        self.archive = CaseArchive.open(root, checkpoint_sha256=checkpoint_sha256, dim=dim)
+        self.archive = CaseArchive.open(root, checkpoint_sha256=checkpoint_sha256, dim=dim, writer=False)
         cols = self.archive.columns()
         if not len(cols["id"]):
             raise ValueError(

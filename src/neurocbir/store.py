@@ -256,8 +256,10 @@ def deep_search(
     k = min(start, total, cap)
     while True:
         dist, ids = store.search(queries, k)
+        known = label_of(ids) >= 0  # a reader may meet vectors of cases not yet committed as indexed
         if group_of is not None:
-            dist, ids = compact(dist, ids, first_per_group(ids, group_of(ids)))
+            known &= first_per_group(np.where(known, ids, -1), group_of(ids))
+        dist, ids = compact(dist, ids, known)
         labels = label_of(ids)
         done = all((((labels >= 0) & (labels != c)).sum(1) >= nth).all() for c in range(n_classes))
         if done or k >= min(total, cap):
