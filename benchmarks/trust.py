@@ -1,0 +1,172 @@
+"""Trust figures for docs/results.md (issue 10): calibration and prediction sets on the test
+fold, what the API shows for held-out slices, and who gets "no similar case".
+
+    .venv/bin/python benchmarks/trust.py --run runs/bench/supcon-fold5
+
+Everything was fitted on training patients (`neurocbir train` runs the inner CV); the test
+fold is read here once, to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from results_doc import machine, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def not_mri_pictures() -> dict[str, list[bytes]]:
+    """Photos, documents and noise: every one should be flagged."""
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    return {
+        "photos (skimage: astronaut, coffee, chelsea, camera, rocket)": [
+            _png(f()) for f in (data.astronaut, data.coffee, data.chelsea, data.camera, data.rocket)
+        ],
+        "documents (skimage: text, page)": [_png(data.text()), _png(data.page())],
+        "noise and patterns (uniform, Gaussian, checkerboard, blank)": [
+            _png(rng.integers(0, 256, (512, 512), dtype=np.uint8)),
+            _png(np.clip(rng.normal(128, 40, (512, 512)), 0, 255).astype(np.uint8)),
+            _png(data.checkerboard()),
+            _png(np.full((512, 512), 90, np.uint8)),
+        ],
+    }
+
+
+def packaged_mris() -> dict[str, list[tuple[str, bytes]]]:
+    """MRIs that ship inside Python packages (no download): pydicom's MR test files."""
+    import pydicom
+
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    return {
+        "pydicom test MR files (64x64 MR_small*, MR2_*)": [
+            (p.name, p.read_bytes()) for p in sorted(folder.glob("MR*.dcm")) if "truncated" not in p.name
+        ]
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=ROOT / "runs" / "bench" / "supcon-fold5")
+    p.add_argument("--n-api", type=int, default=200, help="held-out slices sent through POST /query")
+    args = p.parse_args()
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app import create_app
+    from neurocbir.calibration import expected_calibration_error
+    from neurocbir.data import CLASS_NAMES
+    from neurocbir.evaluate import evaluate_run
+    from neurocbir.service import RetrievalService
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    metrics = evaluate_run(args.run, plots=True)
+    cal = metrics["calibration"]
+    if cal is None:
+        raise SystemExit(f"{args.run} has no calibration.json: train it again with this version")
+    docs = ROOT / "docs"
+    shutil.copy(args.run / "reliability.png", docs / "reliability-supcon-fold5.png")
+
+    svc = RetrievalService.from_run(args.run)
+    client = TestClient(create_app(svc))
+    table = svc.cases.table
+    rows = np.random.default_rng(0).permutation(svc.cases.example_rows)
+    shown, y, covered, sizes, flagged_mri = [], [], [], [], []
+    for r in rows[: args.n_api]:
+        jpg = table.loader.image_path(int(table.idx[r])).read_bytes()
+        out = client.post("/query", files={"file": ("q.jpg", jpg, "image/jpeg")}).json()
+        shown.append([out["probabilities"].get(c, 0.0) for c in CLASS_NAMES])
+        y.append(int(table.label[r]))
+        covered.append(CLASS_NAMES[int(table.label[r])] in out["prediction_set"])
+        sizes.append(len(out["prediction_set"]))
+    all_rows = svc.cases.example_rows
+    for r in all_rows:  # every held-out slice for the flag rate (in process: same code path)
+        flagged_mri.append(svc.query(table.load_image(int(r)), k=1)["no_similar_case"])
+    shown, y = np.array(shown), np.array(y)
+    api_acc = float((shown.argmax(1) == y).mean())
+
+    flags = [("held-out dataset MRIs (test fold, all slices)", int(np.sum(flagged_mri)), len(flagged_mri), "")]
+    for name, pictures in not_mri_pictures().items():
+        got = [
+            client.post("/query", files={"file": ("x.png", b, "image/png")}).json()["no_similar_case"] for b in pictures
+        ]
+        flags.append((name, int(sum(got)), len(got), ""))
+    for name, files in packaged_mris().items():
+        got, notes = [], []
+        for fname, data in files:
+            r = client.post("/query", files={"file": (fname, data, "application/dicom")})
+            if r.status_code != 200:
+                notes.append(f"{fname}: {r.status_code}")
+                continue
+            got.append(r.json()["no_similar_case"])
+        flags.append((name, int(sum(got)), len(got), "; ".join(notes)))
+
+    cmd = "python benchmarks/trust.py " + " ".join(sys.argv[1:])
+    lines = [
+        "## Trust: calibration, prediction sets, no similar case (issue 10)",
+        "",
+        f"Command: `{cmd}` | machine: {machine()} | {started} | run `{args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run}`"
+        f" ({metrics['trials']} trials, test fold {metrics['fold']}, {metrics['n_test']} slices)",
+        "",
+        "How each choice was made: the temperature and the conformal scores come from `neurocbir train`'s "
+        "3-fold patient-grouped inner CV on the training folds (top retrained per inner fold; half the "
+        "inner-validation patients fit T, the other half give the scores). The no-similar-case threshold is "
+        "1.1 x the 99.5th percentile of training cases' trunk distance to the nearest case of another patient. "
+        "The test fold is read only here.",
+        "",
+        "Test-fold ECE (10 bins, top label), mean of trials / soft ensemble:",
+        "",
+        "| classifier | T | ECE before | ECE after |",
+        "|---|---:|---:|---:|",
+    ]
+    for n, c in cal["classifiers"].items():
+        lines.append(
+            f"| {n} | {c['temperature']:.2f} | {c['ece_before_mean']:.3f} / {c['ece_before_ensemble']:.3f} "
+            f"| {c['ece_after_mean']:.3f} / {c['ece_after_ensemble']:.3f} |"
+        )
+    lines += [
+        "",
+        "NIR prediction sets on the test fold (mean of trials):",
+        "",
+        "| target coverage | coverage | mean set size |",
+        "|---:|---:|---:|",
+    ]
+    for target, s in cal["nir_prediction_sets"].items():
+        lines.append(f"| {target} | {s['coverage']:.3f} | {s['mean_set_size']:.2f} |")
+    lines += [
+        "",
+        f"Through `POST /query` (the served trial, {len(y)} random test-fold slices, default coverage 0.95): "
+        f"accuracy {api_acc:.3f}, ECE of the shown probabilities {expected_calibration_error(shown, y):.3f}, "
+        f"mean confidence {shown.max(1).mean():.3f}, answers above 99% {np.mean(shown.max(1) > 0.99):.1%}, "
+        f"prediction-set coverage {np.mean(covered):.3f}, mean set size {np.mean(sizes):.2f}.",
+        "",
+        "![reliability diagram](reliability-supcon-fold5.png)",
+        "",
+        f"No similar case (threshold {svc.cases.far_threshold:.4f} in trunk space):",
+        "",
+        "| input | flagged | of | note |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {n} | {k} | {t} | {note} |" for n, k, t, note in flags]
+    body = "\n".join(lines)
+    write_section("trust", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
