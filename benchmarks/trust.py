@@ -71,7 +71,7 @@ def main() -> None:
     from neurocbir.app import create_app
     from neurocbir.calibration import expected_calibration_error
     from neurocbir.data import CLASS_NAMES
-    from neurocbir.evaluate import evaluate_run
+    from neurocbir.evaluate import calibration_markdown, evaluate_run
     from neurocbir.service import RetrievalService
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -129,25 +129,9 @@ def main() -> None:
         "1.1 x the 99.5th percentile of training cases' trunk distance to the nearest case of another patient. "
         "The test fold is read only here.",
         "",
-        "Test-fold ECE (10 bins, top label), mean of trials / soft ensemble:",
-        "",
-        "| classifier | T | ECE before | ECE after |",
-        "|---|---:|---:|---:|",
+        "Test-fold ECE (10 bins, top label) and NIR prediction sets:",
     ]
-    for n, c in cal["classifiers"].items():
-        lines.append(
-            f"| {n} | {c['temperature']:.2f} | {c['ece_before_mean']:.3f} / {c['ece_before_ensemble']:.3f} "
-            f"| {c['ece_after_mean']:.3f} / {c['ece_after_ensemble']:.3f} |"
-        )
-    lines += [
-        "",
-        "NIR prediction sets on the test fold (mean of trials):",
-        "",
-        "| target coverage | coverage | mean set size |",
-        "|---:|---:|---:|",
-    ]
-    for target, s in cal["nir_prediction_sets"].items():
-        lines.append(f"| {target} | {s['coverage']:.3f} | {s['mean_set_size']:.2f} |")
+    lines += calibration_markdown([metrics])
     lines += [
         "",
         f"Through `POST /query` (the served trial, {len(y)} random test-fold slices, default coverage 0.95): "

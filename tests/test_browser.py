@@ -77,7 +77,10 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         expect(page.locator("#pred")).to_contain_text("i")  # a class name is shown
         pred = page.locator("#pred").inner_text().strip()
         assert pred in ("meningioma", "glioma", "pituitary")
-        expect(page.locator("#conf")).to_contain_text("confidence")
+        expect(page.locator("#conf")).to_contain_text("calibrated confidence")
+        expect(page.locator("#set")).to_contain_text("95% prediction set:")
+        assert pred in page.locator("#set").inner_text()
+        expect(page.locator("#probs")).to_contain_text("probability (calibrated)")
         expect(page.locator("#summary")).to_contain_text("mm²")
         page.locator("#suggest button").nth(3).click()  # "Which retrieved report shows the largest tumor?"
         expect(page.locator(".answer")).to_contain_text("largest tumor", timeout=15_000)

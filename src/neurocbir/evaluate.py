@@ -193,31 +193,36 @@ def markdown_tables(results: list[dict]) -> str:
             + f" | {o['best_k_on_test']} ({o['kappa_best_k_on_test']:.3f}) | "
             f"{'/'.join(map(str, o['cv_k_per_trial']))} ({o['kappa_cv_k']:.3f}) | {o['nir_kappa_mean']:.3f} |"
         )
-    cal = [r for r in results if r.get("calibration")]
-    if cal:
-        lines += [
-            "",
-            "| loss | fold | classifier | T | ECE before: mean / ens. | ECE after: mean / ens. |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in cal:
-            for n, c in r["calibration"]["classifiers"].items():
-                lines.append(
-                    f"| {r['loss']} | {r['fold']} | {n} | {c['temperature']:.2f} | "
-                    f"{c['ece_before_mean']:.3f} / {c['ece_before_ensemble']:.3f} | "
-                    f"{c['ece_after_mean']:.3f} / {c['ece_after_ensemble']:.3f} |"
-                )
-        lines += [
-            "",
-            "| loss | fold | NIR prediction set: target coverage | coverage | mean set size |",
-            "|---|---|---|---|---|",
-        ]
-        for r in cal:
-            for target, s in r["calibration"]["nir_prediction_sets"].items():
-                lines.append(
-                    f"| {r['loss']} | {r['fold']} | {target} | {s['coverage']:.3f} | {s['mean_set_size']:.2f} |"
-                )
+    lines += calibration_markdown(results)
     return "\n".join(lines) + "\n"
+
+
+def calibration_markdown(results: list[dict]) -> list[str]:
+    """Test-fold ECE before / after per classifier and NIR prediction-set coverage, as tables."""
+    cal = [r for r in results if r.get("calibration")]
+    if not cal:
+        return []
+    lines = [
+        "",
+        "| loss | fold | classifier | T | ECE before: mean / ens. | ECE after: mean / ens. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in cal:
+        for n, c in r["calibration"]["classifiers"].items():
+            lines.append(
+                f"| {r['loss']} | {r['fold']} | {n} | {c['temperature']:.2f} | "
+                f"{c['ece_before_mean']:.3f} / {c['ece_before_ensemble']:.3f} | "
+                f"{c['ece_after_mean']:.3f} / {c['ece_after_ensemble']:.3f} |"
+            )
+    lines += [
+        "",
+        "| loss | fold | NIR prediction set: target coverage | coverage (mean of trials) | mean set size |",
+        "|---|---|---|---|---|",
+    ]
+    for r in cal:
+        for target, st in r["calibration"]["nir_prediction_sets"].items():
+            lines.append(f"| {r['loss']} | {r['fold']} | {target} | {st['coverage']:.3f} | {st['mean_set_size']:.2f} |")
+    return lines
 
 
 def calibration_report(
