@@ -89,3 +89,26 @@ def test_query_returns_calibrated_confidence_and_a_prediction_set(small_run, sma
     cal = [svc.query(small_cases.load_image(int(r)))["confidence"] for r in rows]
     assert np.mean(cal) < np.mean(raw)
     assert client.post("/query?coverage=1.5", files={"file": ("q.jpg", jpg, "image/jpeg")}).status_code == 422
+
+
+def test_calibrate_refits_an_existing_run_reproducibly(small_run, small_data_dir, feature_cache, tmp_path):
+    """`neurocbir calibrate RUN` (runs trained before calibration existed) gives back the same
+    calibration that training wrote: same inner folds, same seed."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from neurocbir.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "calibration.json").unlink()
+    res = CliRunner().invoke(
+        app, ["calibrate", str(run), "--data", str(small_data_dir)], env={"NEUROCBIR_CACHE": str(feature_cache)}
+    )
+    assert res.exit_code == 0, res.output
+    again, first = (json.loads((r / "calibration.json").read_text())["classifiers"] for r in (run, small_run))
+    for name in first:
+        assert again[name]["temperature"] == pytest.approx(first[name]["temperature"], rel=1e-3)
+    bad = CliRunner().invoke(app, ["calibrate", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "not a run directory" in bad.output

@@ -29,7 +29,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from .classify import knn_votes, nir_positions
+from .classify import knn_votes, nir_positions, nir_proba
 from .files import write_json
 
 #: classifier name -> how its logits are made from one neighbour-label list
@@ -39,11 +39,14 @@ FILE = "calibration.json"
 
 
 def neighbour_logits(name: str, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Pre-softmax scores of a classifier: ``I_c`` for NIR / I-NIR, log votes for KNN-7."""
-    if name == "nir":
-        return nir_positions(labels, n_classes, 1).astype(float)
-    if name == "inir":
-        return nir_positions(labels, n_classes, 10).astype(float)
+    """Pre-softmax scores of a classifier: ``log(1 + I_c)`` for NIR / I-NIR, log votes for KNN-7.
+
+    ``I_c`` is a count with a heavy tail (hundreds when the nearest cases are all of one class),
+    so no single temperature fits ``softmax(I_c / T)`` both at 3 and at 300; on the inner CV of
+    the SupCon fold-5 run, ``log(1 + I_c)`` gave cross-fitted ECE 0.044 / 0.052 against 0.073 /
+    0.080 for raw ``I_c`` (docs/results.md, trust section)."""
+    if name in ("nir", "inir"):
+        return np.log1p(nir_positions(labels, n_classes, 1 if name == "nir" else 10).astype(float))
     if name == "knn7":
         return np.log(knn_votes(labels, n_classes, 7) + 1.0 / 14)  # half a vote keeps zero votes finite
     raise ValueError(f"no calibration for classifier {name!r}; choose one of {CALIBRATED}")
@@ -114,13 +117,18 @@ class Calibrator:
 def fit_calibrators(labels: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int) -> dict:
     """Calibrators for every classifier in :data:`CALIBRATED` from held-out neighbour labels,
     with the held-out ECE before and after (what the results document quotes)."""
+    shown_before = {
+        "nir": nir_proba(labels, n_classes, 1),
+        "inir": nir_proba(labels, n_classes, 10),
+        "knn7": knn_votes(labels, n_classes, 7),
+    }  # what the classifiers showed uncalibrated
     out = {}
     for name in CALIBRATED:
         logits = neighbour_logits(name, labels, n_classes)
         cal = Calibrator.fit(logits, y, groups)
         out[name] = {
             **cal.as_dict(),
-            "inner_cv_ece_before": expected_calibration_error(softmax(logits, axis=1), y),
+            "inner_cv_ece_before": expected_calibration_error(shown_before[name], y),
             "inner_cv_ece_after": expected_calibration_error(cal.proba(logits), y),
         }
     return out

@@ -126,6 +126,22 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    run: Path = typer.Argument(..., help="run directory written by `neurocbir train`"),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
+) -> None:
+    """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
+    training patients; for runs trained before calibration existed). The trials stay as they are."""
+    from .data import load_cases
+    from .training import calibrate_existing_run
+
+    if not (run / "config.json").is_file():
+        _fail(f"{run} is not a run directory (no config.json)")
+    seconds = _guard(calibrate_existing_run, run, _guard(load_cases, data) if data else None)
+    typer.echo(f"calibrated {run} in {seconds:.0f} s: {run / 'calibration.json'}")
+
+
+@app.command()
 def search(
     loss: str = typer.Option("supcon"),
     fold: int = typer.Option(5),
