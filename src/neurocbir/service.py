@@ -88,7 +88,10 @@ class RetrievalService:
         classes = self.cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
         cal = self.calibrator
-        proba = cal.proba(positions) if cal is not None else softmax(positions.astype(float))
+        if cal is not None:  # the same logits the calibration was fitted on
+            proba = cal.proba(calibration.neighbour_logits("nir", labels[None], len(CLASS_NAMES))[0][classes])
+        else:
+            proba = softmax(positions.astype(float))
         knn = knn_votes(labels[None], len(CLASS_NAMES), KNN_K)[0][classes]
         winner = int(np.argmax(proba))
         in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
