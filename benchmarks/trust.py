@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,8 +78,6 @@ def main() -> None:
     cal = metrics["calibration"]
     if cal is None:
         raise SystemExit(f"{args.run} has no calibration.json: train it again with this version")
-    docs = ROOT / "docs"
-    shutil.copy(args.run / "reliability.png", docs / "reliability-supcon-fold5.png")
 
     svc = RetrievalService.from_run(args.run)
     client = TestClient(create_app(svc))
@@ -139,7 +136,18 @@ def main() -> None:
         f"mean confidence {shown.max(1).mean():.3f}, answers above 99% {np.mean(shown.max(1) > 0.99):.1%}, "
         f"prediction-set coverage {np.mean(covered):.3f}, mean set size {np.mean(sizes):.2f}.",
         "",
-        "![reliability diagram](reliability-supcon-fold5.png)",
+        "Reliability of NIR on the test fold (soft ensemble of the trials; the run folder also holds "
+        "`reliability.png`, written by `neurocbir evaluate`):",
+        "",
+        "| confidence bin | uncalibrated: confidence / accuracy (n) | calibrated: confidence / accuracy (n) |",
+        "|---|---|---|",
+    ]
+    nir = cal["classifiers"]["nir"]
+    before = {b["bin"]: b for b in nir["reliability_before_ensemble"]}
+    after = {b["bin"]: b for b in nir["reliability_after_ensemble"]}
+    cell = lambda b: f"{b['confidence']:.3f} / {b['accuracy']:.3f} ({b['n']})" if b else "-"  # noqa: E731
+    lines += [f"| {k} | {cell(before.get(k))} | {cell(after.get(k))} |" for k in sorted(set(before) | set(after))]
+    lines += [
         "",
         f"No similar case (threshold {svc.cases.far_threshold:.4f} in trunk space):",
         "",

@@ -61,17 +61,26 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
 
 
+def reliability_bins(proba: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict]:
+    """The reliability diagram as data: per non-empty equal-width bin of top-label confidence,
+    its mean confidence, accuracy and count."""
+    conf, correct = proba.max(1), (proba.argmax(1) == y)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return [
+        {
+            "bin": f"{b / bins:.1f}-{(b + 1) / bins:.1f}",
+            "confidence": float(conf[which == b].mean()),
+            "accuracy": float(correct[which == b].mean()),
+            "n": int((which == b).sum()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
+
+
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     """Top-label ECE: |accuracy - confidence| averaged over equal-width confidence bins."""
-    conf, correct = proba.max(1), (proba.argmax(1) == y)
-    edges = np.minimum((conf * bins).astype(int), bins - 1)
-    return float(
-        sum(
-            abs(correct[edges == b].mean() - conf[edges == b].mean()) * (edges == b).mean()
-            for b in range(bins)
-            if (edges == b).any()
-        )
-    )
+    return float(sum(abs(b["accuracy"] - b["confidence"]) * b["n"] for b in reliability_bins(proba, y, bins)) / len(y))
 
 
 @dataclass

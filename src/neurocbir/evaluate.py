@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from . import calibration
-from .calibration import expected_calibration_error, neighbour_logits
+from .calibration import expected_calibration_error, neighbour_logits, reliability_bins
 from .classify import KNNClassifier, NIRClassifier, knn_votes, nir_proba
 from .data import CLASS_NAMES, CaseTable, grouped_inner_folds, load_cases
 from .files import write_json, write_text
@@ -244,6 +244,8 @@ def calibration_report(
             "ece_after_mean": float(np.mean([expected_calibration_error(p, y) for p in after])),
             "ece_before_ensemble": expected_calibration_error(np.mean(before, 0), y),
             "ece_after_ensemble": expected_calibration_error(np.mean(after, 0), y),
+            "reliability_before_ensemble": reliability_bins(np.mean(before, 0), y),
+            "reliability_after_ensemble": reliability_bins(np.mean(after, 0), y),
         }
     sets = {}
     for coverage in (0.9, 0.95, 0.99):
@@ -265,11 +267,13 @@ def reliability_diagram(path: Path, y: np.ndarray, curves: dict[str, np.ndarray]
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
     for label, p in curves.items():
-        conf, correct = p.max(1), p.argmax(1) == y
-        b = np.minimum((conf * bins).astype(int), bins - 1)
-        xs = [conf[b == i].mean() for i in range(bins) if (b == i).any()]
-        ys = [correct[b == i].mean() for i in range(bins) if (b == i).any()]
-        ax.plot(xs, ys, marker="o", label=f"{label} (ECE {expected_calibration_error(p, y):.3f})")
+        points = reliability_bins(p, y, bins)
+        ax.plot(
+            [b["confidence"] for b in points],
+            [b["accuracy"] for b in points],
+            marker="o",
+            label=f"{label} (ECE {expected_calibration_error(p, y, bins):.3f})",
+        )
     ax.set_xlabel("confidence"), ax.set_ylabel("accuracy"), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
