@@ -75,7 +75,8 @@ def _batches(cfg: TrainConfig, labels: np.ndarray, n_views: int, rng: np.random.
     if cfg.loss == "ce":
         order = rng.permutation(total)
     else:  # balanced batches: m per class
-        m = max(2, cfg.batch_size // len(np.unique(labels)))
+        # m per class; a batch never larger than the data (small sets, inner calibration folds)
+        m = max(2, min(cfg.batch_size, total) // len(np.unique(labels)))
         sampler = samplers.MPerClassSampler(
             item_labels, m=m, batch_size=m * len(np.unique(labels)), length_before_new_iter=total
         )
