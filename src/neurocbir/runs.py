@@ -16,6 +16,13 @@ from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .files import sha256_file
 
 LOSSES = ("ce", "triplet", "nca", "infonce", "supcon")
+#: "cached": the top of the trunk trained on cached features (CPU, minutes);
+#: "lesion": the whole network fine-tuned with a tumor-segmentation decoder (GPU, see neurocbir.finetune)
+RECIPES = ("cached", "lesion")
+#: What ``--recipe lesion`` changes from the cached defaults; set a priori (no selection on any fold)
+LESION_DEFAULTS = dict(
+    loss="supcon", trainable_blocks=-1, epochs=30, batch_size=64, lr=1e-3, lr_trunk=2e-4, dropout=0.3, image_size=256
+)
 #: Where `neurocbir demo`, `serve` and `query` look for a run when none is given, best first.
 DEFAULT_RUNS = (Path("runs/bench/supcon-fold5"), Path("runs/demo"))
 
@@ -24,6 +31,7 @@ DEFAULT_RUNS = (Path("runs/bench/supcon-fold5"), Path("runs/demo"))
 class TrainConfig:
     """Everything that defines a run; saved as ``config.json`` and in every checkpoint."""
 
+    recipe: str = "cached"
     loss: str = "supcon"
     encoder: str = DEFAULT_ENCODER
     weights: str | None = None
@@ -46,6 +54,8 @@ class TrainConfig:
     feature_noise: float = 0.3  # Gaussian noise on cached features, x their std
     tta: bool = False  # average embeddings of the cached augmented views at inference
     cross_patient_positives: bool = False  # SupCon/triplet: positives only from other patients
+    image_size: int = 224  # the network's input side (the cached recipe's features are at 224)
+    seg_weight: float = 1.0  # lesion recipe: weight of the tumor-mask loss beside the metric loss
     calibrate: bool = True  # fit calibrated probabilities and prediction sets by inner CV (3 more trainings)
     data: str | None = None
     cache_dir: str | None = None
@@ -63,6 +73,12 @@ class TrainConfig:
         )
 
     def validate(self) -> TrainConfig:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.recipe == "lesion" and self.loss != "supcon":
+            raise ValueError("the lesion recipe trains with SupCon (--loss supcon)")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be 32..1024, got {self.image_size}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.trials < 1 or self.epochs < 1 or self.batch_size < 6:

@@ -1,0 +1,110 @@
+"""The lesion recipe on one GPU machine, within a time budget: 5 trials on fold 5 (with the
+inner-CV calibration), then the other folds while time remains; metrics of each fold, and
+the served checkpoint (fold 5, first seed: chosen before any test score was seen), land in OUT.
+
+Run through ``benchmarks/gpu_recipe.sh`` (it installs the carried wheels and sets PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neurocbir.data import load_cases
+from neurocbir.evaluate import evaluate_run
+from neurocbir.files import write_json
+from neurocbir.finetune import train_lesion_run
+from neurocbir.runs import LESION_DEFAULTS, TrainConfig, trial_dir
+
+
+def small_subset(table, per_group: int):
+    """``per_group`` slices of each (fold, class), for a smoke run on a CPU."""
+    rows = [
+        np.flatnonzero((table.fold == f) & (table.label == c))[:per_group] for f in set(table.fold) for c in (0, 1, 2)
+    ]
+    return table.subset(np.sort(np.concatenate(rows)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--weights", default=None, help="timm-named EfficientNet-Lite2 weights (default: the package's)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", default=None, help="where the run folders go (default OUT/runs)")
+    ap.add_argument("--folds", default="5,1,2,3,4")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting trainings after this")
+    ap.add_argument("--per-group", type=int, default=0, help="smoke test: slices per (fold, class); 0 = all")
+    for key in ("epochs", "batch_size", "image_size"):
+        ap.add_argument("--" + key.replace("_", "-"), type=int, default=LESION_DEFAULTS[key])
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    start = time.time()
+    deadline = start + args.budget_s
+    out = Path(args.out)
+    table = load_cases(args.data)
+    if args.per_group:
+        table = small_subset(table, args.per_group)
+    folds = [int(f) for f in args.folds.split(",")]
+    summary = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "n_cases": len(table),
+        "data": Path(args.data).name,
+        "settings": {**LESION_DEFAULTS, **{k: getattr(args, k) for k in ("epochs", "batch_size", "image_size")}},
+        "folds": {},
+    }
+    for n, fold in enumerate(folds):
+        if n and time.time() > deadline:
+            break
+        cfg = TrainConfig(
+            **{**LESION_DEFAULTS, "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size},
+            recipe="lesion",
+            fold=fold,
+            trials=args.trials,
+            weights=args.weights,
+            calibrate=n == 0,
+            data=args.data,
+        )
+        run = Path(args.runs or out / "runs") / f"lesion-fold{fold}"
+        timings = train_lesion_run(
+            cfg,
+            run,
+            table,
+            deadline=deadline,
+            progress=False,
+            on_trial=lambda seed, s, fold=fold: print(f"fold {fold} seed {seed}: {s:.1f} s", flush=True),
+        )
+        if not timings["trials_s"]:
+            break
+        metrics = evaluate_run(run, table, plots=False)
+        summary["folds"][str(fold)] = {"timings": timings, "metrics": metrics}
+        cls = metrics["classifiers"]
+        print(
+            f"fold {fold}: {len(timings['trials_s'])} trials in {sum(timings['trials_s']):.0f} s; "
+            f"NIR kappa mean {cls['nir']['kappa_mean']:.3f} ens {cls['nir']['kappa_ensemble']:.3f} "
+            f"AUROC ens {cls['nir']['auroc_ensemble']:.3f}; KNN-7 ens {cls['knn7']['kappa_ensemble']:.3f}; "
+            f"tumor outline {timings['tumor_outline']}",
+            flush=True,
+        )
+        if n == 0:  # the served model
+            tdir = trial_dir(run, cfg.first_seed)
+            shutil.copy(tdir / "checkpoint.pt", out / "checkpoint.pt")
+            for name in ("config.json", "calibration.json"):
+                if (run / name).is_file():
+                    shutil.copy(run / name, out / name)
+        summary["seconds"] = round(time.time() - start, 1)
+        write_json(out / "summary.json", summary)
+    print(json.dumps({"seconds": round(time.time() - start, 1), "folds": list(summary["folds"])}))
+
+
+if __name__ == "__main__":
+    main()

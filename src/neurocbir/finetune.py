@@ -1,0 +1,315 @@
+"""The lesion recipe: full fine-tuning of :class:`~neurocbir.lesion.LesionNet` with fresh random
+augmentation every step, SupCon on the embedding plus Dice + cross-entropy on the tumor mask.
+
+GPU-first (``benchmarks/gpu_recipe.sh``): every slice and mask sits in device memory and is
+augmented there (a random affine per sample, applied to image and mask together, then gamma,
+contrast, brightness and noise), in bfloat16 and channels_last. It runs on a CPU too, slowly.
+The run directory has the layout of :mod:`neurocbir.runs`, so evaluation and the app read it
+as any other run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import calibration
+from .classify import NIRClassifier
+from .data import PIXEL_AREA_MM2_512, CaseTable
+from .encoders import Encoder, pick_device
+from .files import atomic_write, sha256_file, write_json
+from .index import VectorIndex
+from .lesion import LesionNet
+from .runs import TrainConfig, trial_dir
+from .training import seed_everything
+from .transforms import preprocess
+
+
+def load_tensors(table: CaseTable, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slice preprocessed as at query time ((N, 1, size, size) float16 in [-1, 1]) and its
+    tumor mask ((N, 1, size, size) uint8)."""
+    images = torch.empty(len(table), 1, size, size, dtype=torch.float16)
+    masks = torch.empty(len(table), 1, size, size, dtype=torch.uint8)
+    for i in tqdm(range(len(table)), desc=f"loading slices at {size} px", unit="slice", mininterval=5):
+        images[i, 0] = preprocess(table.load_image(i), size)[0]
+        m = torch.from_numpy(np.asarray(table.load_mask(i), dtype=np.float32))[None, None]
+        masks[i] = (F.interpolate(m, size=(size, size), mode="area")[0] >= 0.5).to(torch.uint8)
+    return images, masks
+
+
+def augment_batch(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh random view of each slice and its mask: affine (rotation +-20 deg, scale +-15 %,
+    shift +-8 %, horizontal flip), then gamma, contrast, brightness and noise. In: (B, 1, S, S)
+    in [-1, 1] and 0/1; out: (B, 3, S, S) float32 and (B, 1, S, S) float32."""
+    b, dev = x.shape[0], x.device
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return torch.rand(b, *shape, generator=gen, device=dev) * (hi - lo) + lo
+
+    angle, scale = u(-20, 20) * math.pi / 180, u(0.85, 1.15)
+    flip = torch.where(u(0, 1) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift = u(-0.16, 0.16, 2)  # normalised coordinates span 2: +-8 % of the side
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x01 = F.grid_sample((x.float() + 1) / 2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    mask = (F.grid_sample(m.float(), grid, mode="bilinear", align_corners=False) >= 0.5).float()
+    x01 = x01.clamp(0, 1) ** torch.exp(u(-0.35, 0.35))[:, None, None, None]
+    x01 = (x01 - 0.5) * u(0.8, 1.2)[:, None, None, None] + 0.5 + u(-0.08, 0.08)[:, None, None, None]
+    noisy = (u(0, 1) < 0.3).float()[:, None, None, None]
+    x01 = x01 + noisy * 0.03 * torch.randn(x01.shape, generator=gen, device=dev)
+    return (x01.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last), mask
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.enable_grad()
+def train_lesion(
+    cfg: TrainConfig,
+    encoder: Encoder,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    labels: np.ndarray,
+    seed: int,
+    device: torch.device,
+    log_path: Path | None = None,
+    progress: bool = True,
+) -> LesionNet:
+    """Train a LesionNet from the pretrained encoder on (device-resident) slices and masks."""
+    from monai.losses import DiceCELoss
+    from pytorch_metric_learning import losses
+
+    seed_everything(seed)
+    net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout).to(device)
+    net = net.to(memory_format=torch.channels_last)
+    trunk = [p for mod in (net.trunk, net.neck) for p in mod.parameters()]
+    trunk_ids = {id(p) for p in trunk}
+    rest = [p for p in net.parameters() if id(p) not in trunk_ids]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr": cfg.lr}, {"params": trunk, "lr": cfg.lr_trunk}], weight_decay=cfg.weight_decay
+    )
+    n = len(labels)
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = max(1, n // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[cfg.lr, cfg.lr_trunk], total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    metric_loss = losses.SupConLoss(temperature=cfg.temperature)
+    seg_loss = DiceCELoss(sigmoid=True)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    y_all = torch.as_tensor(labels, device=device)
+    amp = device.type == "cuda" or cfg.extra.get("cpu_bf16", False)
+    log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed below
+    try:
+        for epoch in tqdm(range(cfg.epochs), desc=f"lesion seed {seed}", unit="epoch", disable=not progress):
+            net.train()
+            order = torch.randperm(n, generator=gen, device=device)
+            total = 0.0
+            for s in range(steps_per_epoch):
+                rows = order[s * batch : (s + 1) * batch]
+                x, m = augment_batch(images[rows], masks[rows], gen)
+                with _autocast(device, amp):
+                    emb, _, logits = net(x)
+                    up = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
+                loss = metric_loss(emb, y_all[rows]) + cfg.seg_weight * seg_loss(up, m)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+            if log:
+                log.write(json.dumps({"epoch": epoch + 1, "loss": total / steps_per_epoch}) + "\n")
+                log.flush()
+    finally:
+        if log:
+            log.close()
+    return net.eval()
+
+
+@torch.inference_mode()
+def embed_tensors(
+    net: LesionNet, images: torch.Tensor, device: torch.device, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, descriptors, tumor masks (N, S, S) bool) of preprocessed slices."""
+    net.eval()
+    amp = device.type == "cuda"
+    embs, descs, masks = [], [], []
+    for b in range(0, len(images), batch_size):
+        x = images[b : b + batch_size].to(device).float().expand(-1, 3, -1, -1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            emb, desc, logits = net(x)
+        prob = torch.sigmoid(F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False))
+        embs.append(emb.float().cpu().numpy())
+        descs.append(desc.float().cpu().numpy())
+        masks.append((prob[:, 0] >= 0.5).cpu().numpy())
+    return np.concatenate(embs), np.concatenate(descs), np.concatenate(masks)
+
+
+def mask_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-slice Dice and predicted tumor area in mm^2 (masks on any square grid)."""
+    p, t = pred.reshape(len(pred), -1).astype(bool), true.reshape(len(true), -1).astype(bool)
+    inter = (p & t).sum(1)
+    dice = 2 * inter / np.maximum(p.sum(1) + t.sum(1), 1)
+    px_area = PIXEL_AREA_MM2_512 * (512 / pred.shape[-1]) ** 2
+    return {"dice": dice, "area_mm2": p.sum(1) * px_area}
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, net: LesionNet, weights_sha256: str) -> None:
+    """float16 weights (half the size; the embeddings differ by < 1e-3) and the config."""
+    blob = {
+        "config": dataclasses.asdict(cfg),
+        "cut": 0,
+        "weights_sha256": weights_sha256,
+        "state": {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in net.state_dict().items()},
+    }
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def write_trial(
+    tdir: Path,
+    net: LesionNet,
+    cfg: TrainConfig,
+    encoder: Encoder,
+    images: torch.Tensor,
+    table: CaseTable,
+    device: torch.device,
+) -> dict[str, float]:
+    """Checkpoint, embeddings of archive (training folds) and test cases, index; returns the
+    test fold's tumor-mask scores."""
+    tdir.mkdir(parents=True, exist_ok=True)
+    ckpt = tdir / "checkpoint.pt"
+    save_checkpoint(ckpt, cfg, net, encoder.weights.sha256)
+    emb, desc, pred = embed_tensors(net, images, device)
+    train_rows, test_rows = np.flatnonzero(table.fold != cfg.fold), np.flatnonzero(table.fold == cfg.fold)
+    arrays = dict(
+        archive=emb[train_rows],
+        archive_rows=train_rows,
+        test=emb[test_rows],
+        test_rows=test_rows,
+        archive_trunk=desc[train_rows].astype(np.float16),
+        test_trunk=desc[test_rows].astype(np.float16),
+    )
+    atomic_write(tdir / "embeddings.npz", lambda tmp: np.savez(tmp, **arrays))
+    VectorIndex.build(emb[train_rows], sha256_file(ckpt)).save(tdir / "index.faiss")
+    return pred[test_rows]
+
+
+def calibrate_lesion(
+    cfg: TrainConfig,
+    encoder: Encoder,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    train: CaseTable,
+    train_rows: np.ndarray,
+    device: torch.device,
+    n_splits: int = 3,
+) -> dict:
+    """Calibrators from 3 patient-grouped inner folds of the training patients, a LesionNet
+    retrained on each (see :func:`neurocbir.training.calibrate_run`)."""
+    from .data import grouped_inner_folds
+
+    held_out, y, groups = [], [], []
+    for tr, va in grouped_inner_folds(train, n_splits):
+        net = train_lesion(
+            cfg,
+            encoder,
+            images[train_rows[tr]],
+            masks[train_rows[tr]],
+            train.label[tr],
+            cfg.first_seed,
+            device,
+            progress=False,
+        )
+        emb = embed_tensors(net, images[train_rows], device)[0]
+        held_out.append(NIRClassifier().fit(emb[tr], train.label[tr]).neighbour_labels(emb[va]))
+        y.append(train.label[va])
+        groups.append(train.patient_id[va])
+    width = max(h.shape[1] for h in held_out)
+    labels = np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1])), constant_values=-1) for h in held_out])
+    return calibration.fit_calibrators(labels, np.concatenate(y), np.concatenate(groups), 3)
+
+
+def train_lesion_run(
+    cfg: TrainConfig,
+    out: Path,
+    table: CaseTable,
+    deadline: float | None = None,
+    progress: bool = True,
+    on_trial: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train ``cfg.trials`` seeds (fewer if ``deadline``, a ``time.time()``, would be passed) and
+    write the run; returns timings and the test fold's tumor-outline scores."""
+    cfg.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device()
+    encoder = cfg.build_encoder()
+    t0 = time.time()
+    images, masks = load_tensors(table, cfg.image_size)
+    images, masks = images.to(device), masks.to(device)
+    timings: dict = {"load_s": round(time.time() - t0, 1), "trials_s": []}
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    train_rows, test_rows = np.flatnonzero(table.fold != cfg.fold), np.flatnonzero(table.fold == cfg.fold)
+    if len(test_rows) == 0:
+        raise ValueError(f"fold {cfg.fold} has no cases")
+    tumor: dict = {}
+    for seed in range(cfg.first_seed, cfg.first_seed + cfg.trials):
+        last = timings["trials_s"][-1] if timings["trials_s"] else 0.0
+        if deadline is not None and time.time() + 1.2 * last > deadline:
+            break
+        t1 = time.time()
+        tdir = trial_dir(out, seed)
+        tdir.mkdir(parents=True, exist_ok=True)
+        net = train_lesion(
+            cfg,
+            encoder,
+            images[train_rows],
+            masks[train_rows],
+            table.label[train_rows],
+            seed,
+            device,
+            log_path=tdir / "log.jsonl",
+            progress=progress,
+        )
+        pred = write_trial(tdir, net, cfg, encoder, images, table, device)
+        timings["trials_s"].append(round(time.time() - t1, 1))
+        write_json(out / "timings.json", timings)
+        if on_trial:
+            on_trial(seed, timings["trials_s"][-1])
+        if seed == cfg.first_seed:  # the served trial's outline quality on the test fold
+            s = mask_scores(pred, masks[test_rows, 0].cpu().numpy())
+            true_area = table.area_mm2[test_rows]
+            rel = np.abs(s["area_mm2"] - true_area) / np.maximum(true_area, 1e-6)
+            tumor = {
+                "median_dice": float(np.median(s["dice"])),
+                "mean_dice": float(np.mean(s["dice"])),
+                "median_area_rel_error": float(np.median(rel)),
+                "seed": seed,
+            }
+    if cfg.calibrate and (deadline is None or time.time() + 3.6 * max(timings["trials_s"]) < deadline):
+        t2 = time.time()
+        train = table.subset(train_rows)
+        cals = calibrate_lesion(cfg, encoder, images, masks, train, train_rows, device)
+        how = (
+            f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
+            f"LesionNet retrained per inner fold with seed {cfg.first_seed}"
+        )
+        calibration.save(out, cals, how=how)
+        timings["calibration_s"] = round(time.time() - t2, 1)
+    timings["tumor_outline"] = tumor
+    write_json(out / "timings.json", timings)
+    return timings

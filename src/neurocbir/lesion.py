@@ -1,0 +1,97 @@
+"""Lesion-aware encoder: the whole CNN, a light tumor-segmentation decoder on its feature
+pyramid, and an embedding pooled both over the slice and over the predicted tumor.
+
+Why: a whole-slice embedding matches slice level and anatomy (a posterior meningioma retrieved
+skull-base pituitary slices); what separates the classes is the lesion's own appearance. The
+masks are used only in training (the segmentation loss); at query time the network predicts
+the tumor itself, which also gives the query's outline and area.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .encoders import Encoder
+
+DECODER_CHANNELS = 64
+#: strides of the trunk outputs the decoder reads (the finest sets the mask's resolution)
+TAP_STRIDES = (4, 8, 16, 32)
+
+
+def _taps(stages: nn.ModuleList, size: int = 64) -> tuple[list[int], list[int]]:
+    """Index of the last stage at each stride in TAP_STRIDES, and its channels."""
+    x = torch.zeros(1, 3, size, size)
+    last: dict[int, tuple[int, int]] = {}
+    with torch.no_grad():
+        was_training = stages.training
+        stages.eval()
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            last[size // x.shape[-1]] = (i, x.shape[1])
+        stages.train(was_training)
+    missing = [s for s in TAP_STRIDES if s not in last]
+    if missing:
+        raise ValueError(f"backbone has no stage at stride {missing}")
+    return [last[s][0] for s in TAP_STRIDES], [last[s][1] for s in TAP_STRIDES]
+
+
+class LesionNet(nn.Module):
+    """``forward(x)`` -> (embedding (B, dim) L2-normalised, descriptor (B, C) L2-normalised,
+    tumor logits (B, 1, H/4, W/4)).
+
+    The embedding head reads [mean of the last feature map, its mean weighted by the predicted
+    tumor probability]; the descriptor (the first half) is what "unlike the archive" is judged on.
+    """
+
+    def __init__(self, encoder: Encoder, embedding_dim: int = 128, head_hidden: int = 512, dropout: float = 0.3):
+        super().__init__()
+        import copy
+
+        stages = copy.deepcopy(encoder.stages)
+        self.trunk = nn.ModuleList(stages[:-1])
+        neck = stages[-1]  # conv_head, bn(+act), global pool (EfficientNet); a pool alone (ResNet)
+        self.neck = nn.Sequential(*list(neck.children())[:-1]) if isinstance(neck, nn.Sequential) else nn.Identity()
+        self.taps, channels = _taps(self.trunk)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, DECODER_CHANNELS, 1) for c in channels)
+        self.mask_head = nn.Sequential(
+            nn.Conv2d(DECODER_CHANNELS, DECODER_CHANNELS, 3, padding=1, bias=False),
+            nn.BatchNorm2d(DECODER_CHANNELS),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(DECODER_CHANNELS, 1, 1),
+        )
+        self.num_features = encoder.num_features
+        self.embedding_dim = embedding_dim
+        self.head = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(2 * self.num_features, head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(head_hidden, embedding_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = []
+        for i, stage in enumerate(self.trunk):
+            x = stage(x)
+            if i in self.taps:
+                feats.append(x)
+        fmap = self.neck(x)
+        y = self.lateral[-1](feats[-1])
+        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
+        logits = self.mask_head(y)
+        weight = F.adaptive_avg_pool2d(torch.sigmoid(logits.float()), fmap.shape[-2:]).to(fmap.dtype)
+        context = fmap.mean(dim=(2, 3))
+        lesion = (fmap * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + 1e-3)
+        emb = self.head(torch.cat([context, lesion], dim=1))
+        return F.normalize(emb.float(), dim=1), F.normalize(context.float(), dim=1), logits
+
+    @torch.inference_mode()
+    def tumor_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) tumor probability at the input's resolution."""
+        logits = self.forward(x)[2]
+        return torch.sigmoid(F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False))[
+            :, 0
+        ]
