@@ -108,6 +108,8 @@ def _load_backbone(name: str, pretrained: bool, weights: Path | None) -> tuple[n
         if isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
         missing, unexpected = model.load_state_dict(sd, strict=False)
+        # the ImageNet classifier is never used: a weights file may leave it out (smaller bundles)
+        missing = [k for k in missing if not k.startswith(("classifier.", "fc."))]
         if missing:
             raise EncoderWeightsError(f"{weights} does not fit {arch}: missing {missing[:5]}...")
         return model, WeightsInfo(str(weights), sha256_file(weights))
