@@ -65,3 +65,38 @@ def test_demo_trains_once_then_reuses(tmp_path, small_data_dir, feature_cache):
     proc, _, seconds = _start(tmp_path, env)
     out = _stop(proc)
     assert "training" not in out and seconds < 60
+
+
+def test_demo_serves_the_committed_model_without_training(tmp_path, small_data_dir):
+    """A fresh checkout holds models/lesion-fold5: the first start indexes the data with it
+    (no training), /query answers with its tumor outline, and a second start reuses the index."""
+    import json
+    import shutil
+    import uuid
+
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "models"], cwd=root, capture_output=True, text=True).stdout.split()
+    assert any(p.endswith("checkpoint.pt") for p in tracked), "the committed model is not in git"
+    for p in tracked:  # exactly what a clone gets
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / p, tmp_path / p)
+    env = {**os.environ, "NEUROCBIR_DATA": str(small_data_dir), "PYTHONUNBUFFERED": "1"}
+    proc, port, _ = _start(tmp_path, env)
+    try:
+        ex = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/examples").read())
+        case = ex["examples"][0]["case_id"]
+        boundary = uuid.uuid4().hex
+        body = f'--{boundary}\r\nContent-Disposition: form-data; name="case_id"\r\n\r\n{case}\r\n--{boundary}--\r\n'
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/query",
+            data=body.encode(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        answer = json.loads(urllib.request.urlopen(req).read())
+    finally:
+        out = _stop(proc)
+    assert "First start: indexing" in out and "training" not in out
+    assert answer["query_tumor"] is not None and answer["query_tumor"]["area_mm2"] > 0
+    proc, _, _ = _start(tmp_path, env)
+    out = _stop(proc)
+    assert "indexing" not in out

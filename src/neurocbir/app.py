@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from .explain import PAPER_QUESTIONS, Explainer
 from .reports import STYLES, ReportParseError
 from .service import DISCLAIMER, RetrievalService
-from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan
+from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
 
 log = logging.getLogger("neurocbir.app")
 LLM_TIMEOUT_S = 60.0
@@ -31,6 +31,9 @@ class CasesRequest(BaseModel):
     case_ids: list[int] = Field(..., min_length=1, max_length=50, description="retrieved case ids, in retrieval order")
     query_case_id: int | None = Field(None, description="an archive/example case used as the query, if any")
     query_report: str | None = Field(None, max_length=5000, description="the query scan's report, if known")
+    query_tumor_area_mm2: float | None = Field(
+        None, ge=0, le=100000, description="the query's tumor area estimated by /query (query_tumor), if no report"
+    )
     style: str = Field("normal", description="report style: plain | normal | alternative")
 
 
@@ -112,16 +115,18 @@ async def query(
     if file is not None:
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         try:
-            image = await run_in_threadpool(read_scan, data, file.filename or "")
+            image, spacing = await run_in_threadpool(read_scan_with_spacing, data, file.filename or "")
         except UploadError as exc:
             raise HTTPException(413 if "limit is" in str(exc) and "MB" in str(exc) else 400, str(exc)) from None
     else:
         try:
-            image = await run_in_threadpool(service.cases.image, case_id)
+            image, spacing = await run_in_threadpool(service.cases.image, case_id), None
         except KeyError as exc:
             raise _not_found(exc) from None
     try:  # off the event loop: /health and static files stay responsive under load
-        return await run_in_threadpool(service.query, image, k=k, one_per_patient=one_per_patient, coverage=coverage)
+        return await run_in_threadpool(
+            service.query, image, k=k, one_per_patient=one_per_patient, coverage=coverage, pixel_spacing_mm=spacing
+        )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
 
@@ -156,7 +161,8 @@ async def _explain(explainer: Explainer, method: str, *args) -> tuple[object, bo
 @reports.post("/summary")
 async def summary(req: CasesRequest, service: Service, explainer: Explaining) -> dict:
     texts, query = _case_reports(service, req)
-    out, timed_out = await _explain(explainer, "summarize", texts, query)
+    area = None if query else req.query_tumor_area_mm2
+    out, timed_out = await _explain(explainer, "summarize", texts, query, area)
     source = "grounded (the LLM timed out)" if timed_out else out["source"]
     return {"summary": out["summary"], "facts": out["facts"], "source": source, "reports": texts}
 
@@ -164,7 +170,8 @@ async def summary(req: CasesRequest, service: Service, explainer: Explaining) ->
 @reports.post("/ask")
 async def ask(req: AskRequest, service: Service, explainer: Explaining) -> dict:
     texts, query = _case_reports(service, req)
-    (ans, _), timed_out = await _explain(explainer, "answer", req.question, texts, query)
+    area = None if query else req.query_tumor_area_mm2
+    (ans, _), timed_out = await _explain(explainer, "answer", req.question, texts, query, area)
     return {**ans.as_dict(), "corrected": ans.corrected, "llm_timed_out": timed_out}
 
 

@@ -38,6 +38,9 @@ def _guard(fn, *args, **kwargs):
 
 @app.command()
 def train(
+    recipe: str = typer.Option(
+        "cached", help="cached: top of the trunk on cached features (CPU) | lesion: whole network + tumor decoder (GPU)"
+    ),
     loss: str = typer.Option("supcon", help="ce | triplet | nca | infonce | supcon"),
     fold: int = typer.Option(5, help="test fold (1-5), patient-wise"),
     trials: int = typer.Option(5, help="seeds per configuration (paper: 5)"),
@@ -63,11 +66,12 @@ def train(
     ),
     cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
 ) -> None:
-    """Train an encoder top with one loss over several seeds and index the archive."""
-    from .runs import TrainConfig
+    """Train an encoder with one loss over several seeds and index the archive."""
+    from .runs import LESION_DEFAULTS, TrainConfig
     from .training import train_run
 
     cfg = TrainConfig(
+        recipe=recipe,
         loss=loss,
         fold=fold,
         trials=trials,
@@ -79,6 +83,10 @@ def train(
         data=str(data) if data else None,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
+    if recipe == "lesion":  # its own defaults (the loss stays as given: validate() insists on SupCon)
+        for k, v in LESION_DEFAULTS.items():
+            if k != "loss":
+                setattr(cfg, k, v)
     if params is not None:
         if not params.is_file():
             _fail(f"no such params file: {params}")
@@ -99,11 +107,36 @@ def train(
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
+    if recipe == "lesion":
+        from .data import load_cases
+        from .finetune import train_lesion_run
+
+        table = _guard(load_cases, cfg.data)
+        timings = _guard(train_lesion_run, cfg, out, table)
+        typer.echo(
+            f"trained {len(timings['trials_s'])} lesion trial(s) on fold {cfg.fold} "
+            f"in {sum(timings['trials_s']):.0f} s; run: {out}"
+        )
+        return
     timings = _guard(train_run, cfg, out)
     typer.echo(
         f"trained {cfg.trials} trial(s) of {cfg.loss} on fold {cfg.fold} in {timings['train_s_total']:.0f} s "
         f"(feature cache {timings['feature_cache_s']:.0f} s); run: {out}"
     )
+
+
+@app.command()
+def index(
+    run: Path = typer.Argument(..., help="run directory whose trial has a checkpoint (trained here or elsewhere)"),
+    trial: Optional[int] = typer.Option(None, help="seed of the trial (default: the first)"),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA", help="dataset folder"),
+) -> None:
+    """(Re)build a trial's archive index and embeddings from the dataset with its checkpoint:
+    for a run trained on another machine (a GPU) before serving or evaluating it here."""
+    from .ingest import index_run
+
+    tdir = _guard(index_run, run, data, trial)
+    typer.echo(f"indexed {tdir}")
 
 
 @app.command()
@@ -251,12 +284,13 @@ def eval_reports(
 
 
 def _read_image_file(path: Path):
-    from .uploads import UploadError, read_scan
+    """(pixels, pixel spacing in mm or None) of a scan file, or a clear error."""
+    from .uploads import UploadError, read_scan_with_spacing
 
     if not path.is_file():
         _fail(f"no such file: {path}")
     try:
-        return read_scan(path.read_bytes(), path.name)
+        return read_scan_with_spacing(path.read_bytes(), path.name)
     except UploadError as exc:
         _fail(f"{path}: {exc}")
 
@@ -270,10 +304,26 @@ def _service(run: Optional[Path], archive: Optional[Path] = None):
     return _guard(RetrievalService.from_run, run)
 
 
+def _index_bundled_model() -> None:
+    """First use of the committed model: index the bundled data's training folds with it."""
+    from .ingest import index_run
+    from .runs import BUNDLED_MODEL, trial_seeds
+
+    if trial_seeds(BUNDLED_MODEL, needs="checkpoint.pt") and not trial_seeds(BUNDLED_MODEL):
+        typer.echo(f"First start: indexing the bundled data with the committed model {BUNDLED_MODEL} (about 2 min)...")
+
+        def show(done: int, total: int) -> None:
+            if done == total or done % 512 == 0:
+                typer.echo(f"  {done}/{total} slices")
+
+        _guard(index_run, BUNDLED_MODEL, None, None, 32, show)
+
+
 def default_run() -> Path:
     """The best available run (see ``neurocbir.runs.DEFAULT_RUNS``)."""
     from .runs import find_default_run
 
+    _index_bundled_model()
     run = find_default_run()
     if run is None:
         _fail(
@@ -294,9 +344,9 @@ def query(
     coverage: float = typer.Option(0.95, min=0.5, max=0.999, help="coverage of the prediction set"),
 ) -> None:
     """Predict the tumor type of a scan from its most similar archive cases."""
-    img = _read_image_file(image)
+    img, spacing = _read_image_file(image)
     svc = _service(run, archive)
-    out = _guard(svc.query, img, k=k, one_per_patient=one_per_patient, coverage=coverage)
+    out = _guard(svc.query, img, k=k, one_per_patient=one_per_patient, coverage=coverage, pixel_spacing_mm=spacing)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
@@ -331,11 +381,12 @@ def ask(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Ask a question about the reports of a scan's most similar archive cases."""
-    img = _read_image_file(image)
+    img, spacing = _read_image_file(image)
     svc = _service(run)
-    out = _guard(svc.query, img, k=k)
+    out = _guard(svc.query, img, k=k, pixel_spacing_mm=spacing)
     reports = _guard(svc.cases.reports, [r["case_id"] for r in out["retrievals"]], style)
-    ans, _ = _explain(llm, "grounded", "answer", question, reports)
+    area = out["query_tumor"]["area_mm2"] if out.get("query_tumor") else None
+    ans, _ = _explain(llm, "grounded", "answer", question, reports, None, area)
     typer.echo(json.dumps(ans.as_dict(), indent=2) if as_json else ans.answer)
 
 
@@ -427,11 +478,13 @@ def remove(
 
 @app.command()
 def demo(port: int = typer.Option(8000)) -> None:
-    """The main job: reuse the best trained run, or train a quick one (~5 min), then serve the app."""
+    """The main job: serve the committed model (indexed on first start), else the best trained
+    run, else train a quick one (~5 min) first."""
     from .app import serve as _serve
     from .runs import TrainConfig, find_default_run
     from .training import train_run
 
+    _index_bundled_model()
     run = find_default_run()
     if run is None:
         run = Path("runs/demo")

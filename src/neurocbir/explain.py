@@ -61,7 +61,8 @@ class Answer:
 def answer_question(question: str, f: dict) -> Answer:
     """Deterministic answer from the facts: intent by keywords, values from the facts."""
     q = question.lower()
-    has_query = "query" in f
+    has_query = "plane" in f.get("query", {})  # a query report (an estimate has only a size)
+    has_size = "query" in f
     need_query = "the question compares with the query, so pass the query's report (--query-report)"
     if re.search(r"\b(average|mean)\b", q) and re.search(r"size|area|big|large", q):
         return Answer(
@@ -71,12 +72,15 @@ def answer_question(question: str, f: dict) -> Answer:
             "mean_size",
         )
     if re.search(r"closest|nearest|most similar|similar size", q):
-        if not has_query:
+        if not has_size:
             return Answer(need_query, intent="closest_size")
         n = f["closest_size_report"]
+        a, b = _fmt(f["closest_size_mm2"]), _fmt(f["query"]["area_mm2"])
         return Answer(
-            f"Report {n} has the size closest to the query's ({_fmt(f['closest_size_mm2'])} vs "
-            f"{_fmt(f['query']['area_mm2'])}).",
+            f"Report {n} has the size closest to the query's estimated tumor size ({a} vs {b}, "
+            "estimated from the predicted tumor outline; the query has no report)."
+            if f["query"].get("estimated")
+            else f"Report {n} has the size closest to the query's ({a} vs {b}).",
             [n],
             f["closest_size_mm2"],
             "closest_size",
@@ -181,9 +185,11 @@ class Explainer:
             raise ValueError("mode must be 'grounded' or 'paper'")
         self.llm, self.mode, self.verify = llm, mode, verify
 
-    def summarize(self, reports: list[str], query_report: str | None = None) -> dict:
+    def summarize(
+        self, reports: list[str], query_report: str | None = None, query_area_mm2: float | None = None
+    ) -> dict:
         attrs = [parse_report(r) for r in reports]
-        f = compute_facts(attrs, parse_report(query_report) if query_report else None)
+        f = compute_facts(attrs, parse_report(query_report) if query_report else None, query_area_mm2)
         grounded = render_summary(f)
         if self.llm is None:
             return {"summary": grounded, "facts": f, "source": "grounded"}
@@ -204,11 +210,15 @@ class Explainer:
             }
         return {"summary": text, "facts": f, "source": f"llm ({self.mode})"}
 
-    def answer(self, question: str, reports: list[str], query_report: str | None = None) -> tuple[Answer, dict]:
+    def answer(
+        self, question: str, reports: list[str], query_report: str | None = None, query_area_mm2: float | None = None
+    ) -> tuple[Answer, dict]:
+        """``query_area_mm2``: the query scan's tumor area estimated from its predicted outline,
+        used for size comparisons when there is no query report."""
         if not question or not question.strip():
             raise ValueError("empty question")
         attrs = [parse_report(r) for r in reports]
-        f = compute_facts(attrs, parse_report(query_report) if query_report else None)
+        f = compute_facts(attrs, parse_report(query_report) if query_report else None, query_area_mm2)
         grounded = answer_question(question, f)
         if self.llm is None:
             return grounded, f

@@ -102,9 +102,10 @@ def planes_mentioned(text: str) -> set[str]:
 # --- facts and grading --------------------------------------------------------------------------
 
 
-def compute_facts(reports: list, query=None) -> dict:
+def compute_facts(reports: list, query=None, query_area_estimate_mm2: float | None = None) -> dict:
     """Facts about retrieved reports (:class:`neurocbir.reports.ReportAttributes`; 1-based
-    report numbers), all sizes in mm²."""
+    report numbers), all sizes in mm². Without a query report, a query scan's tumor area
+    estimated from its predicted outline stands in for size comparisons (flagged ``estimated``)."""
     if not reports:
         raise ValueError("no reports to summarise")
     sizes = np.array([r.area_mm2 for r in reports])
@@ -128,10 +129,13 @@ def compute_facts(reports: list, query=None) -> dict:
         "sizes_mm2": {str(n): float(s) for n, s in zip(nums, sizes)},
     }
     if query is not None:
-        closest = int(np.argmin(np.abs(sizes - query.area_mm2)))
         facts["query"] = query.as_dict()
         facts["same_plane_reports"] = planes.get(query.plane, [])
         facts["same_type_reports"] = types.get(query.tumor_type, [])
+    elif query_area_estimate_mm2 is not None:
+        facts["query"] = {"area_mm2": float(query_area_estimate_mm2), "estimated": True}
+    if "query" in facts:
+        closest = int(np.argmin(np.abs(sizes - facts["query"]["area_mm2"])))
         facts["closest_size_report"] = closest + 1
         facts["closest_size_mm2"] = float(sizes[closest])
     return facts

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import CLASS_NAMES
-from .encoders import Encoder, Top
+from .encoders import Encoder, Top, create_encoder
+from .lesion import LesionNet
 from .runs import TrainConfig, checkpoint_sha256, first_trial, trial_dir
 
 
@@ -37,8 +38,47 @@ class Model:
         """Embeddings and trunk descriptors of raw scans: the query and the indexing path."""
         return embed_images(self.encoder, self.top, images)
 
+    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(embedding, descriptor, tumor probability map or None) of one scan; this model
+        has no tumor decoder."""
+        return (*self.embed([image]), None)
 
-def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | None = None) -> Model:
+
+@dataclass
+class LesionModel:
+    """A trial of the lesion recipe: one network gives the embedding, the descriptor and the
+    tumor probability (:class:`~neurocbir.lesion.LesionNet`)."""
+
+    run: Path
+    trial: int
+    net: LesionNet
+    config: TrainConfig
+    checkpoint_sha256: str
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.net.embedding_dim
+
+    @torch.inference_mode()
+    def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        from .transforms import preprocess
+
+        x = torch.stack([preprocess(im, self.config.image_size) for im in images])
+        emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last))
+        return emb.numpy(), desc.numpy(), logits
+
+    def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        emb, desc, _ = self._forward(images)
+        return emb, desc
+
+    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(embedding, descriptor, tumor probability (H, W) at the scan's own pixel size)."""
+        emb, desc, logits = self._forward([image])
+        prob = torch.sigmoid(F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False))
+        return emb, desc, prob[0, 0].numpy()
+
+
+def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | None = None) -> Model | LesionModel:
     """Load trial ``trial`` of ``run`` (default: the first trained one) for new images."""
     run = Path(run)
     trial = first_trial(run) if trial is None else trial
@@ -50,6 +90,12 @@ def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | Non
         cfg = TrainConfig(**blob["config"])
     except Exception as exc:  # torch raises many types on a corrupt or foreign file
         raise ValueError(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
+    if cfg.recipe == "lesion":  # every weight is in the checkpoint: no pretrained weights needed
+        arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
+        net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
+        net = net.eval().to(memory_format=torch.channels_last)
+        return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial))
     encoder = encoder or cfg.build_encoder()
     if encoder.weights.sha256 != blob["weights_sha256"]:
         raise ValueError(

@@ -215,3 +215,55 @@ def ingest(
             return {**out, "store": archive.meta["store"], "check": archive.check()}
         finally:
             archive.close()
+
+
+def index_run(
+    run: Path | str,
+    data: Path | str | None = None,
+    trial: int | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Embed every case of the dataset with a run's trial and write the trial's archive index
+    (training folds) and test embeddings: what a run trained elsewhere (a GPU machine, the
+    bundled model) needs before it can be served or evaluated here. Returns the trial folder."""
+    import torch
+
+    from .files import atomic_write
+    from .index import VectorIndex
+    from .inference import load_model
+    from .runs import trial_dir, trial_seeds
+
+    run = Path(run)
+    if trial is None:
+        seeds = trial_seeds(run, needs="checkpoint.pt")
+        if not seeds:
+            raise FileNotFoundError(f"{run} has no trial with a checkpoint.pt")
+        trial = seeds[0]
+    model = load_model(run, trial)
+    table = load_cases(data if data is not None else model.config.data)
+    embs, descs = [], []
+    with torch.inference_mode():
+        for b in range(0, len(table), batch_size):
+            e, d = model.embed([table.load_image(i) for i in range(b, min(b + batch_size, len(table)))])
+            embs.append(e)
+            descs.append(d)
+            if progress:
+                progress(min(b + batch_size, len(table)), len(table))
+    emb, desc = np.concatenate(embs), np.concatenate(descs)
+    train_rows, test_rows = (
+        np.flatnonzero(table.fold != model.config.fold),
+        np.flatnonzero(table.fold == model.config.fold),
+    )
+    arrays = dict(
+        archive=emb[train_rows],
+        archive_rows=train_rows,
+        test=emb[test_rows],
+        test_rows=test_rows,
+        archive_trunk=desc[train_rows],
+        test_trunk=desc[test_rows],
+    )
+    tdir = trial_dir(run, trial)
+    atomic_write(tdir / "embeddings.npz", lambda tmp: np.savez(tmp, **arrays))
+    VectorIndex.build(emb[train_rows], model.checkpoint_sha256).save(tdir / "index.faiss")
+    return tdir

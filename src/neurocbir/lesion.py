@@ -9,6 +9,7 @@ the tumor itself, which also gives the query's outline and area.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,3 +96,44 @@ class LesionNet(nn.Module):
         return torch.sigmoid(F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False))[
             :, 0
         ]
+
+
+#: In-plane pixel side of the dataset's 512 px slices (Cheng et al. 2015): assumed for scans
+#: that carry no pixel spacing (PNG, JPEG, .mat)
+DATASET_SPACING_MM_AT_512 = 0.49
+MIN_TUMOR_MM2 = 10.0  # smaller predicted regions are noise, not a tumor
+
+
+def tumor_outline(
+    prob: np.ndarray, pixel_spacing_mm: tuple[float, float] | None = None, level: float = 0.5
+) -> dict | None:
+    """The predicted tumor of a scan: outline (x, y in the scan's pixels) and area of the
+    largest connected region where ``prob`` >= ``level``; None when no tumor is found.
+    Without a pixel spacing, the dataset's (0.49 mm at 512 px) is assumed and said so."""
+    from skimage import measure
+
+    assumed = pixel_spacing_mm is None
+    if assumed:
+        side = DATASET_SPACING_MM_AT_512 * 512 / max(prob.shape)
+        pixel_spacing_mm = (side, side)
+    regions = measure.label(prob >= level)
+    if regions.max() == 0:
+        return None
+    sizes = np.bincount(regions.ravel())[1:]
+    largest = regions == 1 + int(np.argmax(sizes))
+    area = float(largest.sum() * pixel_spacing_mm[0] * pixel_spacing_mm[1])
+    if area < MIN_TUMOR_MM2:
+        return None
+    contour = max(measure.find_contours(np.pad(largest, 1).astype(np.float32), 0.5), key=len) - 1
+    contour = measure.approximate_polygon(contour, tolerance=0.75)
+    return {
+        "area_mm2": round(area, 1),
+        "outline": [[round(float(c), 1), round(float(r), 1)] for r, c in contour],
+        "image_size": [int(prob.shape[0]), int(prob.shape[1])],  # rows, columns the outline refers to
+        "pixel_spacing_mm": [round(float(s), 4) for s in pixel_spacing_mm],
+        "spacing_assumed": assumed,
+        "note": "estimated from the predicted tumor outline"
+        + (
+            f"; pixel spacing assumed {pixel_spacing_mm[0]:.3f} mm (the dataset's 0.49 mm at 512 px)" if assumed else ""
+        ),
+    }

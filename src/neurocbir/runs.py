@@ -23,8 +23,11 @@ RECIPES = ("cached", "lesion")
 LESION_DEFAULTS = dict(
     loss="supcon", trainable_blocks=-1, epochs=30, batch_size=64, lr=1e-3, lr_trunk=2e-4, dropout=0.3, image_size=256
 )
+#: The model committed with the code (lesion recipe, trained on folds 1-4; models/*/MODEL_CARD.md);
+#: its archive index is built from the bundled data on first use.
+BUNDLED_MODEL = Path("models/lesion-fold5")
 #: Where `neurocbir demo`, `serve` and `query` look for a run when none is given, best first.
-DEFAULT_RUNS = (Path("runs/bench/supcon-fold5"), Path("runs/demo"))
+DEFAULT_RUNS = (BUNDLED_MODEL, Path("runs/bench/supcon-fold5"), Path("runs/demo"))
 
 
 @dataclass

@@ -19,7 +19,8 @@ from scipy.special import softmax
 from . import calibration
 from .classify import knn_votes, nir_positions
 from .data import CLASS_NAMES, CaseTable
-from .inference import Model, load_model
+from .inference import LesionModel, Model, load_model
+from .lesion import tumor_outline
 from .runs import trial_dir
 from .sources import ArchiveCases, CaseSource, RunCases
 
@@ -35,7 +36,7 @@ class RetrievalService:
     """A model and a case source. Build it with :meth:`from_run` or :meth:`from_archive`;
     what is known about archive cases (attributes, reports, images) comes from ``cases``."""
 
-    def __init__(self, model: Model, cases: CaseSource):
+    def __init__(self, model: Model | LesionModel, cases: CaseSource):
         self.model, self.cases = model, cases
         self.calibrator = (calibration.load(model.run) or {}).get("nir")
 
@@ -66,10 +67,10 @@ class RetrievalService:
     def archive_size(self) -> int:
         return self.cases.size()
 
-    def embed(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(embedding, trunk descriptor) of one image."""
+    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(embedding, trunk descriptor, tumor probability map or None) of one image."""
         with _MODEL_LOCK:  # one forward pass at a time: torch already uses every core
-            return self.model.embed([image])
+            return self.model.analyse(image)
 
     def query(
         self,
@@ -77,13 +78,16 @@ class RetrievalService:
         k: int = 5,
         one_per_patient: bool = False,
         coverage: float = calibration.DEFAULT_COVERAGE,
+        pixel_spacing_mm: tuple[float, float] | None = None,
     ) -> dict:
-        """Prediction, calibrated confidence, prediction set and the evidence for one scan."""
+        """Prediction, calibrated confidence, prediction set and the evidence for one scan,
+        and its predicted tumor outline where the model has a tumor decoder (``pixel_spacing_mm``:
+        the scan's (row, column) spacing, if known, for the area)."""
         if not 1 <= k <= 50:
             raise ValueError("k must be between 1 and 50")
         if not 0.5 <= coverage < 1:
             raise ValueError("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
-        q, trunk = self.embed(image)
+        q, trunk, tumor_prob = self.analyse(image)
         dist, case_ids, labels = self.cases.neighbours(q, one_per_patient)
         classes = self.cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
@@ -113,5 +117,6 @@ class RetrievalService:
             "retrievals": retrievals,
             "no_similar_case": nearest > self.cases.far_threshold,
             "nearest_distance": round(nearest, 4),
+            "query_tumor": None if tumor_prob is None else tumor_outline(tumor_prob, pixel_spacing_mm),
             "disclaimer": DISCLAIMER,
         }

@@ -75,7 +75,7 @@ def _check_deflated(data: bytes) -> None:
         raise UploadError(f"the deflated DICOM file expands to more than {MAX_DECODED_BYTES // 2**20} MB")
 
 
-def _read_dicom(data: bytes) -> np.ndarray:
+def _read_dicom(data: bytes) -> tuple[np.ndarray, tuple[float, float] | None]:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import pixel_array
@@ -90,6 +90,7 @@ def _read_dicom(data: bytes) -> np.ndarray:
             rows * cols * int(ds.get("SamplesPerPixel", 1) or 1) * max(int(ds.get("BitsAllocated", 8) or 8), 8) // 8
         )
         inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+        spacing = _pixel_spacing(ds)
     except UploadError:
         raise
     except InvalidDicomError as exc:
@@ -108,7 +109,21 @@ def _read_dicom(data: bytes) -> np.ndarray:
         raise UploadError(f"the DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
     if inverted:  # MONOCHROME1: low values are bright
         arr = arr.max() + arr.min() - arr.astype(np.float32)
-    return arr
+    return arr, spacing
+
+
+def _pixel_spacing(ds) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from PixelSpacing (or ImagerPixelSpacing); None when absent
+    or implausible."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(tag)
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if 0.01 <= row <= 10 and 0.01 <= col <= 10:
+            return row, col
+    return None
 
 
 def _read_mat(data: bytes) -> np.ndarray:
@@ -141,15 +156,21 @@ def _read_mat(data: bytes) -> np.ndarray:
 
 def read_scan(data: bytes, filename: str = "") -> np.ndarray:
     """Decode an uploaded scan to a float32 (H, W) array."""
+    return read_scan_with_spacing(data, filename)[0]
+
+
+def read_scan_with_spacing(data: bytes, filename: str = "") -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The decoded scan and its (row, column) pixel spacing in mm when the file states one
+    (DICOM); None for PNG, JPEG and .mat."""
     if not data:
         raise UploadError("the uploaded file is empty")
     if len(data) > MAX_UPLOAD_BYTES:
         raise UploadError(f"the file is {len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
     name = filename.lower()
     if name.endswith(".mat") or data[:8] == b"\x89HDF\r\n\x1a\n" or data[512:520] == b"\x89HDF\r\n\x1a\n":
-        arr = _read_mat(data)
+        arr, spacing = _read_mat(data), None
     elif name.endswith((".dcm", ".dicom")) or data[128:132] == b"DICM":
-        arr = _read_dicom(data)
+        arr, spacing = _read_dicom(data)
     else:
-        arr = _read_raster(data)
-    return _check_pixels(np.asarray(arr))
+        arr, spacing = _read_raster(data), None
+    return _check_pixels(np.asarray(arr)), spacing

@@ -1,0 +1,165 @@
+"""The lesion recipe end to end: the GPU script on a CPU (tiny subset), the committed model
+served with its tumor outline, DICOM pixel spacing, and size questions from the estimate."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neurocbir.data import CLASS_NAMES, load_cases
+from neurocbir.lesion import tumor_outline
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "lesion-fold5"
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
+
+
+def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
+    """benchmarks/gpu_recipe.sh as a GPU machine runs it, on 45 slices at 64 px: trials, inner-CV
+    calibration, evaluation and the served checkpoint all land in OUT."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_BUNDLE": str(tmp_path / "no-bundle")}
+    args = ["--data", str(data_dir), "--per-group", "3", "--epochs", "1", "--trials", "2", "--folds", "5,1"]
+    args += ["--batch-size", "16", "--image-size", "64", "--runs", str(tmp_path / "runs")]
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_recipe.sh"), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 45 and set(summary["folds"]) == {"5", "1"}
+    for fold in ("5", "1"):
+        res = summary["folds"][fold]
+        assert len(res["timings"]["trials_s"]) == 2 and res["metrics"]["trials"] == 2
+        nir = res["metrics"]["classifiers"]["nir"]
+        assert -1 <= nir["kappa_ensemble"] <= 1 and 0 <= nir["auroc_ensemble"] <= 1
+        assert 0 <= res["timings"]["tumor_outline"]["median_dice"] <= 1
+    assert "calibration_s" in summary["folds"]["5"]["timings"]  # the first fold is calibrated
+    # the served checkpoint: float16, loadable as a run without any pretrained weights
+    run = tmp_path / "served"
+    (run / "trial_0").mkdir(parents=True)
+    shutil.copy(out / "checkpoint.pt", run / "trial_0" / "checkpoint.pt")
+    shutil.copy(out / "config.json", run / "config.json")
+    blob = torch.load(run / "trial_0" / "checkpoint.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in blob["state"].values() if v.is_floating_point())
+    from neurocbir.inference import load_model
+
+    model = load_model(run, 0)
+    cases = load_cases(data_dir)
+    emb, desc, prob = model.analyse(cases.load_image(0))
+    assert emb.shape == (1, 128) and prob.shape == cases.load_image(0).shape
+    assert (out / "calibration.json").is_file() and (out / "log.txt").is_file()
+
+
+@pytest.fixture(scope="module")
+def bundled_service(tmp_path_factory, small_data_dir):
+    """The committed model over the small dataset's training folds (indexed here, as on a first start)."""
+    from neurocbir.ingest import index_run
+    from neurocbir.service import RetrievalService
+
+    run = tmp_path_factory.mktemp("bundled") / "lesion-fold5"
+    shutil.copytree(BUNDLED, run, ignore=shutil.ignore_patterns("embeddings.npz", "index.faiss*", "metrics.*"))
+    index_run(run, data=small_data_dir)
+    return RetrievalService.from_run(run, table=load_cases(small_data_dir))
+
+
+def test_bundled_model_predicts_and_outlines_unseen_patients(bundled_service, small_cases):
+    """Fold-5 patients (never trained on): the right tumor type and an outline on the tumor."""
+    rows = np.flatnonzero(small_cases.fold == 5)
+    right, dice = 0, []
+    for r in rows:
+        image = small_cases.load_image(r)
+        out = bundled_service.query(image)
+        right += out["prediction"] == CLASS_NAMES[small_cases.label[r]]
+        t = out["query_tumor"]
+        if t is None:
+            dice.append(0.0)
+            continue
+        assert t["spacing_assumed"] and t["image_size"] == list(image.shape)
+        xy = np.array(t["outline"])
+        assert (xy >= -1).all() and (xy[:, 0] <= image.shape[1]).all() and (xy[:, 1] <= image.shape[0]).all()
+        from skimage.draw import polygon
+
+        drawn = np.zeros(image.shape, bool)
+        drawn[polygon(xy[:, 1], xy[:, 0], image.shape)] = True
+        dice.append(_dice(drawn, small_cases.load_mask(r)))
+    assert right / len(rows) >= 0.8, f"{right}/{len(rows)} right"
+    assert np.median(dice) >= 0.6, f"median Dice {np.median(dice):.2f}"
+
+
+def test_dicom_pixel_spacing_sets_the_area(bundled_service, small_cases):
+    """A DICOM's PixelSpacing is used; a PNG gets the dataset's assumed 0.49 mm at 512 px."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from neurocbir.uploads import read_scan_with_spacing
+
+    r = int(np.flatnonzero(small_cases.fold == 5)[0])
+    image = small_cases.load_image(r)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "MR", *image.shape
+    ds.PixelSpacing = [0.98, 0.98]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = image.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    pixels, spacing = read_scan_with_spacing(buf.getvalue(), "slice.dcm")
+    assert spacing == (0.98, 0.98)
+    with_spacing = bundled_service.query(pixels, pixel_spacing_mm=spacing)["query_tumor"]
+    assumed = bundled_service.query(pixels)["query_tumor"]
+    assert not with_spacing["spacing_assumed"] and assumed["spacing_assumed"]
+    assert with_spacing["area_mm2"] == pytest.approx(assumed["area_mm2"] * (0.98 / 0.49) ** 2, rel=0.01)
+
+
+def test_tumor_outline_of_a_disk():
+    """Area and outline of a known shape; nothing for an empty or speck-sized map."""
+    yy, xx = np.mgrid[:512, :512]
+    prob = (((yy - 200) ** 2 + (xx - 300) ** 2) <= 40**2).astype(np.float32)
+    t = tumor_outline(prob)
+    assert t["area_mm2"] == pytest.approx(np.pi * 40**2 * 0.49**2, rel=0.03)
+    xy = np.array(t["outline"])
+    assert np.allclose(np.hypot(xy[:, 0] - 300, xy[:, 1] - 200), 40, atol=1.5)
+    assert tumor_outline(np.zeros((512, 512))) is None
+    speck = np.zeros((512, 512))
+    speck[10:13, 10:13] = 1
+    assert tumor_outline(speck) is None
+
+
+def test_closest_size_question_uses_the_estimate(small_cases):
+    """A scan uploaded without a report: the size question is answered from the estimated area,
+    and says so; without an estimate it asks for the query's report."""
+    from neurocbir.explain import Explainer
+    from neurocbir.reports import case_attributes, make_report
+
+    reports = [make_report(case_attributes(small_cases, r), "normal", int(small_cases.idx[r])) for r in range(5)]
+    areas = small_cases.area_mm2[:5]
+    question = "Which retrieved report has the tumor size closest to the query's tumor?"
+    target = float(areas[3]) + 1.0
+    ans, _ = Explainer().answer(question, reports, None, target)
+    expected = int(np.argmin(np.abs(areas - target))) + 1
+    assert ans.reports == [expected] and "estimated" in ans.answer
+    no_estimate, _ = Explainer().answer(question, reports)
+    assert no_estimate.reports == [] and "query" in no_estimate.answer
