@@ -1,9 +1,11 @@
 """Latency of POST /query (image -> prediction + top-5) on this machine, over loopback.
 
-    .venv/bin/python benchmarks/query_latency.py [--run runs/bench/supcon-fold5] [--n 200]
+    .venv/bin/python benchmarks/query_latency.py [--run models/lesion-fold5 runs/bench/supcon-fold5] [--n 200]
 
-Starts the real app (uvicorn) in this process, sends N sequential requests with real test-fold
-JPEGs, and writes p50 / p95 (and the in-process time of the service alone) to docs/results.md.
+Starts the real app (uvicorn) for each run in this process and sends N sequential requests
+with real test-fold JPEGs to each, interleaved in rounds (this machine's speed drifts, so runs
+are compared within one invocation); writes p50 / p95 (and the in-process time of the service
+alone) to docs/results.md.
 """
 
 from __future__ import annotations
@@ -22,21 +24,11 @@ from results_doc import machine, write_section
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=ROOT / "runs" / "bench" / "supcon-fold5")
-    p.add_argument("--n", type=int, default=200)
-    args = p.parse_args()
-    import httpx
+def _serve(svc):
     import uvicorn
 
     from neurocbir.app import create_app
-    from neurocbir.service import RetrievalService
-    from neurocbir.uploads import read_scan
 
-    svc = RetrievalService.from_run(args.run)
-    table = svc.cases.table
-    files = [table.loader.image_path(int(table.idx[r])).read_bytes() for r in svc.cases.example_rows[: args.n]]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -44,34 +36,65 @@ def main() -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    http, inproc = [], []
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-        for i in range(args.n + 10):
-            data = files[i % len(files)]
-            t = time.perf_counter()
-            r = c.post("/query?k=5", files={"file": ("q.jpg", data, "image/jpeg")})
-            dt = time.perf_counter() - t
-            r.raise_for_status()
-            if i >= 10:  # warm-up excluded
-                http.append(dt * 1000)
-    for i in range(min(args.n, 100)):
-        t = time.perf_counter()
-        svc.query(read_scan(files[i % len(files)], "q.jpg"), k=5)
-        inproc.append((time.perf_counter() - t) * 1000)
-    server.should_exit = True
-    h, s = np.array(http), np.array(inproc)
+    return server, port
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, nargs="+", default=[ROOT / "models" / "lesion-fold5"])
+    p.add_argument("--n", type=int, default=200, help="requests per run")
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    import httpx
+
+    from neurocbir.service import RetrievalService
+    from neurocbir.uploads import read_scan
+
+    services = [RetrievalService.from_run(r) for r in args.run]
+    table = services[0].cases.table
+    files = [table.loader.image_path(int(table.idx[r])).read_bytes() for r in services[0].cases.example_rows[: args.n]]
+    servers = [_serve(s) for s in services]
+    http = {r: [] for r in args.run}
+    inproc = {r: [] for r in args.run}
+    per_round = max(1, args.n // args.rounds)
+    for rnd in range(args.rounds):
+        for run, svc, (_, port) in zip(args.run, services, servers):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                for i in range(per_round + 10):
+                    data = files[(rnd * per_round + i) % len(files)]
+                    t = time.perf_counter()
+                    r = c.post("/query?k=5", files={"file": ("q.jpg", data, "image/jpeg")})
+                    dt = time.perf_counter() - t
+                    r.raise_for_status()
+                    if i >= 10:  # warm-up excluded
+                        http[run].append(dt * 1000)
+            for i in range(per_round // 2):
+                t = time.perf_counter()
+                svc.query(read_scan(files[(rnd * per_round + i) % len(files)], "q.jpg"), k=5)
+                inproc[run].append((time.perf_counter() - t) * 1000)
+    for server, _ in servers:
+        server.should_exit = True
+    rows = []
+    for run, svc in zip(args.run, services):
+        h, s = np.array(http[run]), np.array(inproc[run])
+        rows += [
+            f"| {run.name} ({svc.model.config.recipe}, {svc.model.config.image_size} px) | HTTP POST /query over loopback "
+            f"| {np.percentile(h, 50):.1f} | {np.percentile(h, 95):.1f} | {h.mean():.1f} |",
+            f"| {run.name} | service.query in process (decode + CNN + outline + search + NIR) "
+            f"| {np.percentile(s, 50):.1f} | {np.percentile(s, 95):.1f} | {s.mean():.1f} |",
+        ]
     body = "\n".join(
         [
-            "## Query latency: POST /query, image -> prediction + top-5 (issue 4)",
+            "## Query latency: POST /query, image -> prediction + top-5 (issues 4, 9)",
             "",
             f"Command: `python benchmarks/query_latency.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run {args.run.name}, trial {svc.trial}, "
-            f"{svc.archive_size} archive cases | {len(h)} sequential requests with 512x512 test-fold JPEGs after 10 warm-up",
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {services[0].archive_size} archive cases | "
+            f"{len(http[args.run[0]])} sequential requests per run with 512x512 test-fold JPEGs, runs interleaved in "
+            f"{args.rounds} rounds (10 warm-up requests per round excluded)",
             "",
-            "| path | p50 (ms) | p95 (ms) | mean (ms) |",
-            "|---|---|---|---|",
-            f"| HTTP POST /query over loopback | {np.percentile(h, 50):.1f} | {np.percentile(h, 95):.1f} | {h.mean():.1f} |",
-            f"| service.query in process (decode + CNN + search + NIR) | {np.percentile(s, 50):.1f} | {np.percentile(s, 95):.1f} | {s.mean():.1f} |",
+            "| run | path | p50 (ms) | p95 (ms) | mean (ms) |",
+            "|---|---|---|---|---|",
+            *rows,
         ]
     )
     write_section("latency", body)

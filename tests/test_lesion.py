@@ -63,7 +63,7 @@ def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
     model = load_model(run, 0)
     cases = load_cases(data_dir)
     emb, desc, prob = model.analyse(cases.load_image(0))
-    assert emb.shape == (1, 128) and prob.shape == cases.load_image(0).shape
+    assert emb.shape == (1, 128) and desc.shape == (1, 1280) and prob.shape == (64, 64)
     assert (out / "calibration.json").is_file() and (out / "log.txt").is_file()
 
 
@@ -142,6 +142,9 @@ def test_tumor_outline_of_a_disk():
     assert t["area_mm2"] == pytest.approx(np.pi * 40**2 * 0.49**2, rel=0.03)
     xy = np.array(t["outline"])
     assert np.allclose(np.hypot(xy[:, 0] - 300, xy[:, 1] - 200), 40, atol=1.5)
+    coarse = tumor_outline(prob[::2, ::2], image_shape=(512, 512))  # a map on a coarser grid
+    assert coarse["area_mm2"] == pytest.approx(t["area_mm2"], rel=0.03) and coarse["image_size"] == [512, 512]
+    assert np.allclose(np.hypot(*(np.array(coarse["outline"]) - [300, 200]).T), 40, atol=2.5)
     assert tumor_outline(np.zeros((512, 512))) is None
     speck = np.zeros((512, 512))
     speck[10:13, 10:13] = 1

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .data import CLASS_NAMES
 from .encoders import Encoder, Top, create_encoder
-from .lesion import LesionNet
+from .lesion import LesionNet, fuse_for_inference
 from .runs import TrainConfig, checkpoint_sha256, first_trial, trial_dir
 
 
@@ -72,9 +72,11 @@ class LesionModel:
         return emb, desc
 
     def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(embedding, descriptor, tumor probability (H, W) at the scan's own pixel size)."""
+        """(embedding, descriptor, tumor probability on the network's input grid (S, S); map it
+        to the scan with :func:`neurocbir.lesion.tumor_outline`)."""
         emb, desc, logits = self._forward([image])
-        prob = torch.sigmoid(F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False))
+        size = self.config.image_size
+        prob = torch.sigmoid(F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False))
         return emb, desc, prob[0, 0].numpy()
 
 
@@ -94,7 +96,7 @@ def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | Non
         arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
         net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
-        net = net.eval().to(memory_format=torch.channels_last)
+        net = fuse_for_inference(net).to(memory_format=torch.channels_last)
         return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial))
     encoder = encoder or cfg.build_encoder()
     if encoder.weights.sha256 != blob["weights_sha256"]:

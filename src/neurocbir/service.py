@@ -117,6 +117,6 @@ class RetrievalService:
             "retrievals": retrievals,
             "no_similar_case": nearest > self.cases.far_threshold,
             "nearest_distance": round(nearest, 4),
-            "query_tumor": None if tumor_prob is None else tumor_outline(tumor_prob, pixel_spacing_mm),
+            "query_tumor": None if tumor_prob is None else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm),
             "disclaimer": DISCLAIMER,
         }
