@@ -206,7 +206,7 @@ def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, sm
         searches.clear()
         out = service.query(small_cases.load_image(int(row)), k=5)
         assert len(searches) == 1
-        q, _ = service.embed(small_cases.load_image(int(row)))
+        q, _, _ = service.analyse(small_cases.load_image(int(row)))
         names = [CLASS_NAMES[c] for c in nir.classes_]
         assert out["nir_positions"] == dict(zip(names, nir.incorrect_positions(q)[0].tolist()))
         # (the probabilities shown are calibrated: tests/test_calibration.py checks them)

@@ -127,7 +127,7 @@ def test_the_api_shows_the_probabilities_that_were_evaluated(small_run, small_ca
     nir = NIRClassifier().fit(emb["archive"], small_cases.label[emb["archive_rows"]])
     cal = load(small_run)["nir"]
     for row in svc.cases.example_rows[:5]:
-        q, _ = svc.embed(small_cases.load_image(int(row)))
+        q, _, _ = svc.analyse(small_cases.load_image(int(row)))
         expected = cal.proba(neighbour_logits("nir", nir.neighbour_labels(q), 3))[0]
         shown = svc.query(small_cases.load_image(int(row)))["probabilities"]
         assert [shown[c] for c in CLASS_NAMES] == pytest.approx(expected, abs=1e-4)

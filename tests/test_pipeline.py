@@ -90,6 +90,21 @@ def test_evaluate_json_contract(supcon_run, tmp_path):
     assert (supcon_run / "reliability.png").stat().st_size > 10_000
     assert "ECE before" in (supcon_run / "metrics.md").read_text()
     assert "| supcon | 5 | 2 |" in (supcon_run / "metrics.md").read_text()
+    # the inner-CV scores (tops retrained per inner fold) stand beside the test scores, and the
+    # KNN-overfit K is picked there, never on the test fold
+    inner, overfit = m["inner_cv"], m["knn_overfit"]
+    assert -1 <= inner["kappa"]["nir"] <= 1 and inner["n"] == int((small_cases_of(supcon_run).fold != 5).sum())
+    assert overfit["k_inner_cv_retrained"] == inner["knn_best_k"] in overfit["ks"]
+    best = max(inner["knn_kappa_by_k"].values())
+    assert inner["knn_kappa_by_k"][str(inner["knn_best_k"])] == best
+    assert overfit["kappa_k_inner_cv_retrained"] == overfit["kappa_mean_by_k"][overfit["ks"].index(inner["knn_best_k"])]
+    assert "NIR kappa: inner CV / test" in (supcon_run / "metrics.md").read_text()
+
+
+def small_cases_of(run):
+    from neurocbir.data import load_cases
+
+    return load_cases(json.loads((run / "config.json").read_text())["data"])
 
 
 def test_checkpoint_rebuilds_the_full_encoder(supcon_run, small_cases):

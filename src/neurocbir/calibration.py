@@ -12,7 +12,7 @@ the numbers a clinician reads, both fitted on training patients only:
   separate them).
 
 The held-out logits come from patient-grouped inner CV on the training folds, with the
-encoder top trained afresh on each inner training part (:func:`neurocbir.training.calibrate_run`):
+encoder top trained afresh on each inner training part (:func:`neurocbir.training.inner_cv_neighbours`):
 the run's own embeddings of its training cases are fitted to them and would flatter NIR.
 Half of the inner-validation patients fit ``T``, the other half give the conformal scores.
 The scores are kept (not a fitted MAPIE object) so any coverage can be asked per request and
@@ -143,8 +143,27 @@ def fit_calibrators(labels: np.ndarray, y: np.ndarray, groups: np.ndarray, n_cla
     return out
 
 
-def save(run: Path | str, calibrators: dict, how: str) -> None:
-    write_json(Path(run) / FILE, {"how": how, "classifiers": calibrators})
+def held_out_labels(parts: list[np.ndarray]) -> np.ndarray:
+    """One (n, depth) array of the inner folds' neighbour labels (inner archives differ in
+    size: shorter lists are padded with -1)."""
+    width = max(h.shape[1] for h in parts)
+    return np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1])), constant_values=-1) for h in parts])
+
+
+def save(run: Path | str, calibrators: dict, how: str, inner_cv: dict | None = None) -> None:
+    """``calibration.json``: the calibrators and, with them, the inner-CV scores of the same
+    held-out training patients (what every choice is judged on; never the test fold)."""
+    doc = {"how": how, "classifiers": calibrators, **({"inner_cv": inner_cv} if inner_cv else {})}
+    write_json(Path(run) / FILE, doc)
+
+
+def load_inner_cv(run: Path | str) -> dict | None:
+    """The inner-CV scores saved with the calibration, or None (older runs)."""
+    path = Path(run) / FILE
+    try:
+        return json.loads(path.read_text()).get("inner_cv") if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def load(run: Path | str) -> dict[str, Calibrator] | None:

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import calibration
 from .classify import NIRClassifier
-from .data import PIXEL_AREA_MM2_512, CaseTable
+from .data import CLASS_NAMES, PIXEL_AREA_MM2_512, CaseTable
 from .encoders import Encoder, pick_device
+from .evaluate import fit_calibration
 from .files import atomic_write, sha256_file, write_json
 from .index import VectorIndex
 from .lesion import LesionNet
@@ -208,7 +208,7 @@ def write_trial(
     return pred[test_rows]
 
 
-def calibrate_lesion(
+def lesion_inner_cv_neighbours(
     cfg: TrainConfig,
     encoder: Encoder,
     images: torch.Tensor,
@@ -217,9 +217,9 @@ def calibrate_lesion(
     train_rows: np.ndarray,
     device: torch.device,
     n_splits: int = 3,
-) -> dict:
-    """Calibrators from 3 patient-grouped inner folds of the training patients, a LesionNet
-    retrained on each (see :func:`neurocbir.training.calibrate_run`)."""
+) -> tuple[list, list, list]:
+    """Held-out neighbour labels of 3 patient-grouped inner folds of the training patients, a
+    LesionNet retrained on each (see :func:`neurocbir.training.inner_cv_neighbours`)."""
     from .data import grouped_inner_folds
 
     held_out, y, groups = [], [], []
@@ -238,9 +238,7 @@ def calibrate_lesion(
         held_out.append(NIRClassifier().fit(emb[tr], train.label[tr]).neighbour_labels(emb[va]))
         y.append(train.label[va])
         groups.append(train.patient_id[va])
-    width = max(h.shape[1] for h in held_out)
-    labels = np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1])), constant_values=-1) for h in held_out])
-    return calibration.fit_calibrators(labels, np.concatenate(y), np.concatenate(groups), 3)
+    return held_out, y, groups
 
 
 def train_lesion_run(
@@ -303,12 +301,12 @@ def train_lesion_run(
     if cfg.calibrate and (deadline is None or time.time() + 3.6 * max(timings["trials_s"]) < deadline):
         t2 = time.time()
         train = table.subset(train_rows)
-        cals = calibrate_lesion(cfg, encoder, images, masks, train, train_rows, device)
+        parts = lesion_inner_cv_neighbours(cfg, encoder, images, masks, train, train_rows, device)
         how = (
             f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
             f"LesionNet retrained per inner fold with seed {cfg.first_seed}"
         )
-        calibration.save(out, cals, how=how)
+        fit_calibration(out, *parts, how, len(CLASS_NAMES))
         timings["calibration_s"] = round(time.time() - t2, 1)
     timings["tumor_outline"] = tumor
     write_json(out / "timings.json", timings)

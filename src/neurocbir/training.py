@@ -21,10 +21,10 @@ from pytorch_metric_learning import losses, miners, samplers
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from tqdm import tqdm
 
-from . import calibration
 from .classify import NIRClassifier
 from .data import CLASS_NAMES, CaseTable, grouped_inner_folds, load_cases
 from .encoders import Encoder, Top, pick_device
+from .evaluate import fit_calibration
 from .features import cached_features
 from .files import atomic_write, sha256_file, write_json
 from .index import VectorIndex
@@ -259,16 +259,17 @@ def _calibrate(
         f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
         f"top retrained per inner fold with seed {cfg.first_seed}"
     )
-    calibration.save(out, calibrate_run(cfg, encoder, train_feats, train, device), how=how)
+    fit_calibration(out, *inner_cv_neighbours(cfg, encoder, train_feats, train, device), how, len(CLASS_NAMES))
     return round(time.time() - t0, 1)
 
 
-def calibrate_run(
+def inner_cv_neighbours(
     cfg: TrainConfig, encoder: Encoder, feats: np.ndarray, train: CaseTable, device: torch.device, n_splits: int = 3
-) -> dict:
-    """Calibrators fitted on held-out training patients: for each patient-grouped inner fold,
-    a fresh top is trained on the other inner folds, and the held-out cases are classified
-    from their neighbours among those (see :mod:`neurocbir.calibration`)."""
+) -> tuple[list, list, list]:
+    """Held-out training patients classified honestly: for each patient-grouped inner fold, a
+    fresh top is trained on the other inner folds, and the held-out cases' neighbour labels
+    among those are returned (per fold: labels, true labels, patients). They fit the
+    calibration (:mod:`neurocbir.calibration`) and give the inner-CV scores."""
     held_out, y, groups = [], [], []
     for tr, va in grouped_inner_folds(train, n_splits):
         top = train_top(
@@ -286,6 +287,4 @@ def calibrate_run(
         held_out.append(NIRClassifier().fit(archive, train.label[tr]).neighbour_labels(queries))
         y.append(train.label[va])
         groups.append(train.patient_id[va])
-    width = max(h.shape[1] for h in held_out)  # inner archives differ in size: pad with -1
-    labels = np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1])), constant_values=-1) for h in held_out])
-    return calibration.fit_calibrators(labels, np.concatenate(y), np.concatenate(groups), len(CLASS_NAMES))
+    return held_out, y, groups
