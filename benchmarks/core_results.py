@@ -142,6 +142,7 @@ def main() -> None:
             for f in args.supcon_folds.split(",")
             if f and int(f) not in {j[1] for j in jobs}
         ]
+    jobs.sort(key=lambda j: j[0] != "supcon")  # SupCon on every fold first: the default loss, and the folds' coverage
     results, baselines, cache_s = [], {}, None
     for loss, fold, trials in jobs:
         run = args.out / f"{loss}-fold{fold}"
