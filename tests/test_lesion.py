@@ -166,3 +166,44 @@ def test_closest_size_question_uses_the_estimate(small_cases):
     assert ans.reports == [expected] and "estimated" in ans.answer
     no_estimate, _ = Explainer().answer(question, reports)
     assert no_estimate.reports == [] and "query" in no_estimate.answer
+
+
+def test_similarity_maps_and_contrastive_evidence(bundled_service, small_cases):
+    """POST /similarity: a heat map at the mapped image's own size, hotter on the tumor than off
+    it; /query names the nearest case of another class."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from neurocbir.app import create_app
+    from neurocbir.saliency import mass_inside
+
+    client = TestClient(create_app(bundled_service))
+    rows = np.flatnonzero(small_cases.fold == 5)[:6]
+    hotter = 0
+    for r in rows:
+        path = small_cases.loader.image_path(int(small_cases.idx[r]))
+        files = {"file": (path.name, path.read_bytes(), "image/jpeg")}
+        out = client.post("/query", files=files).json()
+        other = out["nearest_other_class"]
+        assert other["label"] != out["prediction"] and other["rank"] >= 1
+        top = out["retrievals"][0]["case_id"]
+        res = client.post(f"/similarity?case_id={top}", files=files)
+        assert res.status_code == 200 and res.headers["content-type"] == "image/png"
+        heat = np.asarray(Image.open(io.BytesIO(res.content)))
+        image = small_cases.load_image(r)
+        assert heat.shape == (*image.shape, 4)
+        sal = bundled_service.similarity(image, top)
+        share, _ = mass_inside(sal, small_cases.load_mask(r), dilate_px=15)
+        from scipy.ndimage import binary_dilation
+
+        region = binary_dilation(small_cases.load_mask(r), iterations=15)
+        hotter += share > region.mean()  # more of the map on the tumor than its share of the image
+        case_side = client.post(f"/similarity?case_id={top}&side=case", files=files)
+        case_image = bundled_service.cases.image(top)
+        assert np.asarray(Image.open(io.BytesIO(case_side.content))).shape == (*case_image.shape, 4)
+    assert hotter >= len(rows) - 1
+    assert (
+        client.post("/similarity?case_id=999999", data={"query_case_id": str(small_cases.idx[rows[0]])}).status_code
+        == 404
+    )
+    assert client.post("/similarity?case_id=1").status_code == 422

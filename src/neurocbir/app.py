@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from .explain import PAPER_QUESTIONS, Explainer
 from .reports import STYLES, ReportParseError
 from .service import DISCLAIMER, RetrievalService
-from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
+from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan, read_scan_with_spacing
 
 log = logging.getLogger("neurocbir.app")
 LLM_TIMEOUT_S = 60.0
@@ -129,6 +129,35 @@ async def query(
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
+
+
+@queries.post("/similarity", response_class=Response)
+async def similarity(
+    service: Service,
+    case_id: int = Query(..., description="the archive case the query is compared with"),
+    side: str = Query("query", description="query: map over the query scan; case: over the archive case"),
+    file: UploadFile | None = File(None),
+    query_case_id: int | None = Form(None),
+) -> Response:
+    """Why is this case similar? An RGBA PNG heat map at the mapped image's own pixel size, to
+    lay over it (hot = the regions that bring the two scans' embeddings together)."""
+    from .saliency import heat_png
+
+    if file is None and query_case_id is None:
+        raise HTTPException(422, "send the query as the multipart field 'file' (or an example 'query_case_id')")
+    try:
+        if file is not None:
+            image = await run_in_threadpool(read_scan, await file.read(MAX_UPLOAD_BYTES + 1), file.filename or "")
+        else:
+            image = await run_in_threadpool(service.cases.image, query_case_id)
+        sal = await run_in_threadpool(service.similarity, image, case_id, side)
+    except UploadError as exc:
+        raise HTTPException(400, str(exc)) from None
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return Response(heat_png(sal), media_type="image/png")
 
 
 def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[str], str | None]:

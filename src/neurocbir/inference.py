@@ -17,6 +17,7 @@ from .data import CLASS_NAMES
 from .encoders import Encoder, Top, create_encoder
 from .lesion import LesionNet, fuse_for_inference
 from .runs import TrainConfig, checkpoint_sha256, first_trial, trial_dir
+from .transforms import IMAGE_SIZE
 
 
 @dataclass
@@ -42,6 +43,12 @@ class Model:
         """(embedding, descriptor, tumor probability map or None) of one scan; this model
         has no tumor decoder."""
         return (*self.embed([image]), None)
+
+    input_size = IMAGE_SIZE
+
+    def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable embeddings of preprocessed images (for similarity maps)."""
+        return self.top(self.encoder.forward_stages(x, 0, self.top.cut))
 
 
 @dataclass
@@ -70,6 +77,14 @@ class LesionModel:
     def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         emb, desc, _ = self._forward(images)
         return emb, desc
+
+    @property
+    def input_size(self) -> int:
+        return self.config.image_size
+
+    def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable embeddings of preprocessed images (for similarity maps)."""
+        return self.net(x.contiguous(memory_format=torch.channels_last))[0]
 
     def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(embedding, descriptor, tumor probability on the network's input grid (S, S); map it

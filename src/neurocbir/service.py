@@ -104,6 +104,17 @@ class RetrievalService:
         nearest = self.cases.nearest_trunk(trunk)
         nearest = float(dist[0]) if nearest is None else nearest
         names = [CLASS_NAMES[int(c)] for c in classes]
+        other = np.flatnonzero(labels != classes[winner])  # contrastive evidence: the nearest case that is not
+        nearest_other = (
+            {
+                "case_id": int(case_ids[other[0]]),
+                "label": CLASS_NAMES[int(labels[other[0]])],
+                "distance": round(float(dist[other[0]]), 4),
+                "rank": int(other[0]) + 1,
+            }
+            if len(other)
+            else None
+        )
         return {
             "prediction": names[winner],
             "confidence": round(float(proba[winner]), 4),
@@ -115,8 +126,23 @@ class RetrievalService:
             "nir_positions": {n: int(v) for n, v in zip(names, positions)},
             "knn_vote": {n: round(float(p), 4) for n, p in zip(names, knn)},
             "retrievals": retrievals,
+            "nearest_other_class": nearest_other,
             "no_similar_case": nearest > self.cases.far_threshold,
             "nearest_distance": round(nearest, 4),
             "query_tumor": None if tumor_prob is None else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm),
             "disclaimer": DISCLAIMER,
         }
+
+    def similarity(self, image: np.ndarray, case_id: int, side: str = "query") -> np.ndarray:
+        """Similarity map (H, W, in [0, 1]) between a query scan and archive case ``case_id``:
+        over the query (``side="query"``: what in the query looks like the case) or over the
+        case (``side="case"``). See :mod:`neurocbir.saliency`."""
+        from .saliency import similarity_map
+
+        if side not in ("query", "case"):
+            raise ValueError("side must be 'query' or 'case'")
+        case_image = self.cases.image(case_id)  # KeyError for an unknown case
+        with _MODEL_LOCK:
+            if side == "query":
+                return similarity_map(self.model, image, case_image)
+            return similarity_map(self.model, case_image, image)
