@@ -225,3 +225,47 @@ def test_the_query_path_does_not_import_training():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_feedback_is_stored_exported_and_reranks(tmp_path, small_run, small_cases):
+    """POST /feedback stores a mark durably (a new service on the same file sees it), /feedback.csv
+    exports it without patient data, and rerank=true moves marked cases."""
+    from fastapi.testclient import TestClient
+
+    from neurocbir.service import RetrievalService
+
+    db = tmp_path / "feedback.db"
+    svc = RetrievalService.from_run(small_run)
+    svc.feedback_path = db
+    client = TestClient(create_app(svc))
+    row = int(small_cases.fold.tolist().index(5))
+    path = small_cases.loader.image_path(int(small_cases.idx[row]))
+    files = {"file": (path.name, path.read_bytes(), "image/jpeg")}
+    out = client.post("/query?k=5", files=files).json()
+    fp, shown = out["query_fingerprint"], [r["case_id"] for r in out["retrievals"]]
+    assert len(fp) == 32 and [r["rank"] for r in out["retrievals"]] == [1, 2, 3, 4, 5]
+    # the nearest case marked not relevant twice, the fifth relevant twice
+    for case, relevant in ((shown[0], False), (shown[0], False), (shown[4], True), (shown[4], True)):
+        assert client.post("/feedback", json={"query_fingerprint": fp, "case_id": case, "relevant": relevant}).json()[
+            "stored"
+        ]
+    assert (
+        client.post("/feedback", json={"query_fingerprint": fp, "case_id": 10**7, "relevant": True}).status_code == 404
+    )
+    assert (
+        client.post(
+            "/feedback", json={"query_fingerprint": "x" * 32, "case_id": shown[1], "relevant": True}
+        ).status_code
+        == 400
+    )
+    reranked = client.post("/query?k=5&rerank=true", files=files).json()
+    order = [r["case_id"] for r in reranked["retrievals"]]
+    assert reranked["reranked_by_feedback"] and order != shown
+    assert order.index(shown[4]) < 4 and (shown[0] not in order or order.index(shown[0]) > 0)
+    assert reranked["prediction"] == out["prediction"]  # feedback orders the evidence, not the diagnosis
+    csv_text = client.get("/feedback.csv").text.splitlines()
+    assert csv_text[0] == "id,time,query_fingerprint,case_id,relevant" and len(csv_text) == 5
+    assert all(small_cases.patient_id[0] not in line for line in csv_text)
+    again = RetrievalService.from_run(small_run)  # durable: a new process sees the marks
+    again.feedback_path = db
+    assert again.feedback.count() == 4

@@ -37,6 +37,12 @@ class CasesRequest(BaseModel):
     style: str = Field("normal", description="report style: plain | normal | alternative")
 
 
+class FeedbackRequest(BaseModel):
+    query_fingerprint: str = Field(..., min_length=32, max_length=32, description="as returned by /query")
+    case_id: int = Field(..., description="the retrieved case being rated")
+    relevant: bool = Field(..., description="clinically relevant to the query?")
+
+
 class AskRequest(CasesRequest):
     question: str = Field(..., min_length=1, max_length=1000)
 
@@ -109,6 +115,7 @@ async def query(
     k: int = Query(5, ge=1, le=50),
     one_per_patient: bool = Query(False),
     coverage: float = Query(0.95, ge=0.5, lt=1, description="coverage of the conformal prediction set"),
+    rerank: bool = Query(False, description="order the shown retrievals by clinicians' feedback"),
 ) -> dict:
     if file is None and case_id is None:
         raise HTTPException(422, "send an image as the multipart field 'file' (or an example 'case_id')")
@@ -125,7 +132,13 @@ async def query(
             raise _not_found(exc) from None
     try:  # off the event loop: /health and static files stay responsive under load
         return await run_in_threadpool(
-            service.query, image, k=k, one_per_patient=one_per_patient, coverage=coverage, pixel_spacing_mm=spacing
+            service.query,
+            image,
+            k=k,
+            one_per_patient=one_per_patient,
+            coverage=coverage,
+            pixel_spacing_mm=spacing,
+            rerank=rerank,
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
@@ -158,6 +171,29 @@ async def similarity(
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
     return Response(heat_png(sal), media_type="image/png")
+
+
+@queries.post("/feedback")
+def feedback(req: FeedbackRequest, service: Service) -> dict:
+    """A clinician's relevant / not relevant mark on a retrieval, stored durably (SQLite)."""
+    try:
+        service.cases.describe([req.case_id])
+        mark = service.feedback.add(req.query_fingerprint, req.case_id, req.relevant)
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return {"id": mark, "stored": True}
+
+
+@queries.get("/feedback.csv", response_class=Response)
+def feedback_csv(service: Service) -> Response:
+    """Every mark so far (time, query fingerprint, case, relevant), as CSV."""
+    return Response(
+        service.feedback.export_csv(),
+        media_type="text/csv",
+        headers={"Content-Disposition": 'attachment; filename="feedback.csv"'},
+    )
 
 
 def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[str], str | None]:

@@ -19,6 +19,8 @@ from scipy.special import softmax
 from . import calibration
 from .classify import knn_votes, nir_positions
 from .data import CLASS_NAMES, CaseTable
+from .feedback import FILE as FEEDBACK_FILE
+from .feedback import FeedbackStore, fingerprint
 from .inference import LesionModel, Model, load_model
 from .lesion import tumor_outline
 from .runs import trial_dir
@@ -36,9 +38,21 @@ class RetrievalService:
     """A model and a case source. Build it with :meth:`from_run` or :meth:`from_archive`;
     what is known about archive cases (attributes, reports, images) comes from ``cases``."""
 
-    def __init__(self, model: Model | LesionModel, cases: CaseSource):
+    def __init__(self, model: Model | LesionModel, cases: CaseSource, feedback_path: Path | None = None):
+        """``feedback_path``: the clinicians' feedback database (default: ``feedback.db`` in
+        the run folder, or in the archive folder when serving an archive)."""
         self.model, self.cases = model, cases
         self.calibrator = (calibration.load(model.run) or {}).get("nir")
+        self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
+        self._feedback: FeedbackStore | None = None
+
+    @property
+    def feedback(self) -> FeedbackStore:
+        """Opened on first use: serving alone writes nothing."""
+        with _MODEL_LOCK:
+            if self._feedback is None:
+                self._feedback = FeedbackStore(self.feedback_path)
+            return self._feedback
 
     @classmethod
     def from_run(cls, run: Path | str, trial: int | None = None, table: CaseTable | None = None) -> RetrievalService:
@@ -53,7 +67,8 @@ class RetrievalService:
     def from_archive(cls, run: Path | str, archive: Path | str, trial: int | None = None) -> RetrievalService:
         """Serve a run's trial over a case archive built with ``neurocbir add`` by that trial."""
         model = load_model(run, trial)
-        return cls(model, ArchiveCases(archive, model.checkpoint_sha256, model.embedding_dim))
+        cases = ArchiveCases(archive, model.checkpoint_sha256, model.embedding_dim)
+        return cls(model, cases, feedback_path=Path(archive) / FEEDBACK_FILE)
 
     @property
     def run(self) -> Path:
@@ -79,10 +94,13 @@ class RetrievalService:
         one_per_patient: bool = False,
         coverage: float = calibration.DEFAULT_COVERAGE,
         pixel_spacing_mm: tuple[float, float] | None = None,
+        rerank: bool = False,
     ) -> dict:
         """Prediction, calibrated confidence, prediction set and the evidence for one scan,
         and its predicted tumor outline where the model has a tumor decoder (``pixel_spacing_mm``:
-        the scan's (row, column) spacing, if known, for the area)."""
+        the scan's (row, column) spacing, if known, for the area). ``rerank``: order the shown
+        retrievals by clinicians' feedback (among the nearest max(2k, 20); the prediction is not
+        changed by it)."""
         if not 1 <= k <= 50:
             raise ValueError("k must be between 1 and 50")
         if not 0.5 <= coverage < 1:
@@ -99,8 +117,14 @@ class RetrievalService:
         knn = knn_votes(labels[None], len(CLASS_NAMES), KNN_K)[0][classes]
         winner = int(np.argmax(proba))
         in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
-        info = self.cases.describe([int(i) for i in case_ids[:k]])
-        retrievals = [{**info[int(i)], "distance": round(float(d), 4)} for d, i in zip(dist[:k], case_ids[:k])]
+        shown = np.arange(min(k, len(case_ids)))
+        if rerank:
+            pool = min(max(2 * k, 20), len(case_ids))
+            shown = self.feedback.rerank(case_ids[:pool], dist[:pool])[:k]
+        info = self.cases.describe([int(case_ids[j]) for j in shown])
+        retrievals = [
+            {**info[int(case_ids[j])], "distance": round(float(dist[j]), 4), "rank": int(j) + 1} for j in shown
+        ]
         nearest = self.cases.nearest_trunk(trunk)
         nearest = float(dist[0]) if nearest is None else nearest
         names = [CLASS_NAMES[int(c)] for c in classes]
@@ -126,6 +150,8 @@ class RetrievalService:
             "nir_positions": {n: int(v) for n, v in zip(names, positions)},
             "knn_vote": {n: round(float(p), 4) for n, p in zip(names, knn)},
             "retrievals": retrievals,
+            "reranked_by_feedback": rerank,
+            "query_fingerprint": fingerprint(image),
             "nearest_other_class": nearest_other,
             "no_similar_case": nearest > self.cases.far_threshold,
             "nearest_distance": round(nearest, 4),
