@@ -49,8 +49,8 @@ def similarity_map(
     sal = ATTRIBUTIONS[attribution](grad, x).sum(1, keepdim=True).detach()
     sal = F.interpolate(sal, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
     sal = gaussian_filter(sal, sigma * max(image.shape))
-    top = float(np.percentile(sal, 99.5))
-    return np.clip(sal / top, 0, 1) if top > 0 else np.zeros_like(sal)
+    top = float(sal.max())
+    return sal / top if top > 0 else np.zeros_like(sal)
 
 
 def heat_png(sal: np.ndarray) -> bytes:
@@ -58,8 +58,10 @@ def heat_png(sal: np.ndarray) -> bytes:
     from matplotlib import colormaps
     from PIL import Image
 
-    rgba = (colormaps["inferno"](sal) * 255).astype(np.uint8)
-    rgba[..., 3] = (np.clip(sal * 1.4, 0, 1) * 200).astype(np.uint8)
+    top = float(np.percentile(sal, 99.5))  # display stretch: the hottest 0.5 % saturate
+    shown = np.clip(sal / top, 0, 1) if top > 0 else np.zeros_like(sal)
+    rgba = (colormaps["inferno"](shown) * 255).astype(np.uint8)
+    rgba[..., 3] = (np.clip(shown * 1.4, 0, 1) * 200).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
     return buf.getvalue()
