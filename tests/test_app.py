@@ -57,9 +57,9 @@ def test_query_contract(client, test_case, small_cases):
     assert len(out["retrievals"]) == 5
     d = [x["distance"] for x in out["retrievals"]]
     assert d == sorted(d)
-    for x in out["retrievals"]:
-        assert set(x) == {"case_id", "label", "plane", "area_mm2", "distance"}
-        assert x["label"] in CLASS_NAMES
+    for rank, x in enumerate(out["retrievals"], 1):
+        assert set(x) == {"case_id", "label", "plane", "area_mm2", "distance", "rank"}
+        assert x["label"] in CLASS_NAMES and x["rank"] == rank  # no re-ranking asked for
     # NIR confidence is the softmax of I_c: the winner's I_c leading retrievals share its label
     ic = out["nir_positions"][out["prediction"]]
     assert all(x["label"] == out["prediction"] for x in out["retrievals"][: min(ic, 5)])
