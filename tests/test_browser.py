@@ -84,6 +84,22 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         expect(page.locator("#summary")).to_contain_text("mm²")
         page.locator("#suggest button").nth(3).click()  # "Which retrieved report shows the largest tumor?"
         expect(page.locator(".answer")).to_contain_text("largest tumor", timeout=15_000)
+        expect(page.locator("#tumor")).to_have_text("")  # this model has no tumor decoder: nothing claimed
         page.screenshot(path=str(ARTIFACTS / "browser_e2e.png"), full_page=True)
+        # side by side with zoom and window / level, by keyboard
+        page.locator(".retrieval").nth(1).get_by_role("button", name="Compare").click()
+        expect(page.locator("#compare")).to_be_visible()
+        expect(page.locator("#cmpTitle")).to_contain_text("retrieval #2")
+        before = page.locator("#cmpCase").evaluate("c => c.toDataURL()")
+        width = page.locator("#cmpQuery").evaluate("c => c.getBoundingClientRect().width")
+        page.locator("#compare").press("+")
+        page.locator("#compare").press("ArrowDown")
+        expect(page.locator("#cmpZoomV")).to_have_text("1.5x")
+        assert page.locator("#cmpQuery").evaluate("c => c.getBoundingClientRect().width") == 1.5 * width
+        assert page.locator("#cmpCase").evaluate("c => c.toDataURL()") != before  # narrower window, other pixels
+        page.screenshot(path=str(ARTIFACTS / "browser_compare.png"), full_page=True)
+        page.locator("#compare").press("Escape")
+        expect(page.locator("#compare")).to_be_hidden()
         browser.close()
     assert (ARTIFACTS / "browser_e2e.png").stat().st_size > 20_000
+    assert (ARTIFACTS / "browser_compare.png").stat().st_size > 20_000

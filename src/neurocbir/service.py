@@ -156,6 +156,7 @@ class RetrievalService:
             "no_similar_case": nearest > self.cases.far_threshold,
             "nearest_distance": round(nearest, 4),
             "query_tumor": None if tumor_prob is None else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm),
+            "tumor_outlining": tumor_prob is not None,  # does this model outline tumors at all?
             "disclaimer": DISCLAIMER,
         }
 
