@@ -93,6 +93,7 @@ def test_bundled_model_predicts_and_outlines_unseen_patients(bundled_service, sm
             continue
         assert t["spacing_assumed"] and t["image_size"] == list(image.shape)
         xy = np.array(t["outline"])
+        assert 3 <= len(xy) <= 200
         assert (xy >= -1).all() and (xy[:, 0] <= image.shape[1]).all() and (xy[:, 1] <= image.shape[0]).all()
         from skimage.draw import polygon
 

@@ -362,6 +362,14 @@ def query(
         typer.echo("the neighbours disagree: read the evidence below")
     if out["no_similar_case"]:
         typer.secho("warning: no similar case found; the prediction is unreliable", fg=typer.colors.RED)
+    if out.get("query_tumor"):
+        t = out["query_tumor"]
+        typer.echo(f"query tumor: about {t['area_mm2']:.0f} mm² ({t['note']})")
+    if out.get("nearest_other_class"):
+        o = out["nearest_other_class"]
+        typer.echo(
+            f"nearest case of another class: case {o['case_id']}, {o['label']}, distance {o['distance']:.3f} (rank {o['rank']})"
+        )
     for i, r in enumerate(out["retrievals"], 1):
         size = "size unknown" if r["area_mm2"] is None else f"{r['area_mm2']:.1f} mm²"
         typer.echo(

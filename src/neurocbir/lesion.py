@@ -152,7 +152,7 @@ def tumor_outline(
     if area < MIN_TUMOR_MM2:
         return None
     contour = max(measure.find_contours(np.pad(largest, 1).astype(np.float32), 0.5), key=len) - 1
-    contour = contour[:: max(1, len(contour) // MAX_OUTLINE_POINTS)]  # a light polygon for the UI
+    contour = contour[:: -(-len(contour) // MAX_OUTLINE_POINTS)]  # at most MAX_OUTLINE_POINTS points
     return {
         "area_mm2": round(area, 1),
         # cell centres to scan pixel coordinates
