@@ -208,3 +208,22 @@ def test_similarity_maps_and_contrastive_evidence(bundled_service, small_cases):
         == 404
     )
     assert client.post("/similarity?case_id=1").status_code == 422
+
+
+def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_data_dir, small_cases, tmp_path):
+    """`neurocbir add` with the committed model, then serving that archive: same tumor outline
+    and the archive's own cases as evidence."""
+    from neurocbir.ingest import ingest
+    from neurocbir.service import RetrievalService
+
+    run = bundled_service.run
+    out = ingest(small_data_dir, tmp_path / "archive", run, folds=[1, 2, 3, 4])
+    check = out["check"]
+    assert check["integrity"] == "ok" and check["duplicates"] == 0 and check["store_count"] == check["indexed"]
+    svc = RetrievalService.from_archive(run, tmp_path / "archive")
+    assert svc.archive_size == int((small_cases.fold != 5).sum())
+    r = int(np.flatnonzero(small_cases.fold == 5)[0])
+    image = small_cases.load_image(r)
+    a, b = svc.query(image), bundled_service.query(image)
+    assert a["prediction"] == b["prediction"] and a["query_tumor"] == b["query_tumor"]
+    assert a["retrievals"][0]["distance"] == pytest.approx(b["retrievals"][0]["distance"], abs=1e-3)
