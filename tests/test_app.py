@@ -269,3 +269,29 @@ def test_feedback_is_stored_exported_and_reranks(tmp_path, small_run, small_case
     again = RetrievalService.from_run(small_run)  # durable: a new process sees the marks
     again.feedback_path = db
     assert again.feedback.count() == 4
+
+
+def test_filters_show_only_matching_cases_and_keep_the_prediction(client, test_case, small_cases):
+    """Plane, type and size filters on the shown retrievals (inside the index); the prediction is
+    the unfiltered one; bad filters get a 400, an empty match an empty list."""
+    _, jpeg = test_case
+    files = {"file": ("scan.jpg", jpeg, "image/jpeg")}
+    plain = client.post("/query?k=5", files=files).json()
+    areas = sorted(small_cases.area_mm2)
+    lo, hi = float(areas[len(areas) // 4]), float(areas[3 * len(areas) // 4])
+    out = client.post(
+        f"/query?k=5&plane=axial&tumor_type=glioma&min_area_mm2={lo}&max_area_mm2={hi}", files=files
+    ).json()
+    assert out["filters"] == {"plane": "axial", "tumor_type": "glioma", "min_area_mm2": lo, "max_area_mm2": hi}
+    assert out["prediction"] == plain["prediction"] and out["probabilities"] == plain["probabilities"]
+    assert out["retrievals"], "some small-archive case should pass"
+    for r in out["retrievals"]:
+        assert r["plane"] == "axial" and r["label"] == "glioma" and lo <= r["area_mm2"] <= hi
+    assert [r["distance"] for r in out["retrievals"]] == sorted(r["distance"] for r in out["retrievals"])
+    dedup = client.post("/query?k=5&tumor_type=meningioma&one_per_patient=true", files=files).json()
+    keys = [r["case_id"] for r in dedup["retrievals"]]
+    pids = [small_cases.patient_id[list(small_cases.idx).index(c)] for c in keys]
+    assert len(set(pids)) == len(pids) and all(r["label"] == "meningioma" for r in dedup["retrievals"])
+    assert client.post("/query?plane=oblique", files=files).status_code == 400
+    assert client.post("/query?min_area_mm2=500&max_area_mm2=100", files=files).status_code == 400
+    assert client.post("/query?min_area_mm2=1000000", files=files).json()["retrievals"] == []

@@ -66,3 +66,24 @@ def test_milvus_refuses_another_dimension(tmp_path):
     MilvusStore(str(tmp_path / "m.db"), "c", 16)
     with pytest.raises(IndexMismatchError, match="16-d"):
         MilvusStore(str(tmp_path / "m.db"), "c", 128)
+
+
+def test_filtered_search_inside_every_store(real, tmp_path):
+    """A filter (allowed ids) applied inside FAISS flat, FAISS HNSW and Milvus: only allowed
+    cases come back, and they are the exact nearest allowed ones."""
+    x, ids, labels, q = real
+    allowed = ids[labels == 1]  # e.g. "gliomas only"
+    ref = np.argsort(((q[:, None, :] - x[labels == 1][None]) ** 2).sum(-1), axis=1)[:, :5]
+    stores = [
+        FaissStore(tmp_path / "f.faiss", x.shape[1], checkpoint_sha256="ck"),
+        FaissStore(tmp_path / "h.faiss", x.shape[1], kind="hnsw", checkpoint_sha256="ck"),
+        MilvusStore(str(tmp_path / "filter.db"), "cases", x.shape[1], checkpoint_sha256="ck"),
+    ]
+    for s in stores:
+        s.add(ids, x)
+        d, found = s.search(q, 5, allowed=allowed)
+        assert np.isin(found, allowed).all()
+        assert (found == allowed[ref]).mean() > 0.95  # exact (flat, Milvus FLAT) or nearly (HNSW)
+        assert (np.diff(d, axis=1) >= -1e-6).all()
+        _, few = s.search(q[:1], 5, allowed=allowed[:2])  # fewer allowed than asked: -1 pads
+        assert set(few[0][few[0] >= 0]) <= set(allowed[:2].tolist())

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from .explain import PAPER_QUESTIONS, Explainer
 from .reports import STYLES, ReportParseError
 from .service import DISCLAIMER, RetrievalService
+from .sources import CaseFilter
 from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan, read_scan_with_spacing
 
 log = logging.getLogger("neurocbir.app")
@@ -116,9 +117,17 @@ async def query(
     one_per_patient: bool = Query(False),
     coverage: float = Query(0.95, ge=0.5, lt=1, description="coverage of the conformal prediction set"),
     rerank: bool = Query(False, description="order the shown retrievals by clinicians' feedback"),
+    plane: str | None = Query(None, description="show only archive cases in this plane (axial, coronal, sagittal)"),
+    tumor_type: str | None = Query(None, description="show only archive cases of this tumor type"),
+    min_area_mm2: float | None = Query(None, ge=0, description="show only tumors at least this large"),
+    max_area_mm2: float | None = Query(None, ge=0, description="show only tumors at most this large"),
 ) -> dict:
     if file is None and case_id is None:
         raise HTTPException(422, "send an image as the multipart field 'file' (or an example 'case_id')")
+    try:
+        filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
     if file is not None:
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         try:
@@ -139,6 +148,7 @@ async def query(
             coverage=coverage,
             pixel_spacing_mm=spacing,
             rerank=rerank,
+            filters=filters,
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None

@@ -343,14 +343,17 @@ class CaseArchive:
         return int(self.db.execute("SELECT COUNT(*) FROM cases WHERE state != 'deleting'").fetchone()[0])
 
     def columns(self) -> dict[str, np.ndarray]:
-        """id, label, patient_key of every indexed case (what NIR needs in memory)."""
+        """id, label, patient_key, plane and area of every indexed case (what NIR and the
+        retrieval filters need in memory; area NaN where unknown)."""
         rows = self.db.execute(
-            "SELECT id, label, patient_key FROM cases WHERE state = 'indexed' ORDER BY id"
+            "SELECT id, label, patient_key, plane, area_mm2 FROM cases WHERE state = 'indexed' ORDER BY id"
         ).fetchall()
         return {
             "id": np.array([r[0] for r in rows], dtype=np.int64),
             "label": np.array([r[1] for r in rows], dtype=np.int64),
             "patient_key": np.array([r[2] for r in rows]),
+            "plane": np.array([r[3] or "" for r in rows]),
+            "area_mm2": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=float),
         }
 
     def cases(self, case_ids: Iterable[int]) -> dict[int, dict]:

@@ -342,11 +342,26 @@ def query(
     as_json: bool = typer.Option(False, "--json"),
     archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
     coverage: float = typer.Option(0.95, min=0.5, max=0.999, help="coverage of the prediction set"),
+    plane: Optional[str] = typer.Option(None, help="show only archive cases in this plane"),
+    tumor_type: Optional[str] = typer.Option(None, help="show only archive cases of this tumor type"),
+    min_area: Optional[float] = typer.Option(None, help="show only tumors of at least this many mm²"),
+    max_area: Optional[float] = typer.Option(None, help="show only tumors of at most this many mm²"),
 ) -> None:
     """Predict the tumor type of a scan from its most similar archive cases."""
+    from .sources import CaseFilter
+
+    filters = _guard(CaseFilter, plane, tumor_type, min_area, max_area)
     img, spacing = _read_image_file(image)
     svc = _service(run, archive)
-    out = _guard(svc.query, img, k=k, one_per_patient=one_per_patient, coverage=coverage, pixel_spacing_mm=spacing)
+    out = _guard(
+        svc.query,
+        img,
+        k=k,
+        one_per_patient=one_per_patient,
+        coverage=coverage,
+        pixel_spacing_mm=spacing,
+        filters=filters,
+    )
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
@@ -370,6 +385,9 @@ def query(
         typer.echo(
             f"nearest case of another class: case {o['case_id']}, {o['label']}, distance {o['distance']:.3f} (rank {o['rank']})"
         )
+    if out.get("filters"):
+        shown = ", ".join(f"{k}={v}" for k, v in out["filters"].items() if v is not None)
+        typer.echo(f"retrievals filtered ({shown}); the prediction reads the whole archive")
     for i, r in enumerate(out["retrievals"], 1):
         size = "size unknown" if r["area_mm2"] is None else f"{r['area_mm2']:.1f} mm²"
         typer.echo(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +54,15 @@ class VectorIndex:
     def count(self) -> int:  # the vector-store interface (neurocbir.store.CaseStore)
         return len(self)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, ids), each (n_queries, k), sorted by increasing Euclidean distance."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids), each (n_queries, k), sorted by increasing Euclidean distance;
+        ``allowed``: search only these ids (a filter applied inside FAISS; -1 pads the rest)."""
         q = _as_f32(queries, self.dim)
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError("k must be >= 1 and the index must not be empty")
-        d2, ids = self.index.search(q, k)
+        with selector(allowed) as params:
+            d2, ids = faiss_search(self.index, q, k, params)
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
     def save(self, path: Path | str) -> None:
@@ -74,6 +77,29 @@ class VectorIndex:
         """Load an index; refuse it if it was built for another checkpoint or dimension."""
         index, manifest = read_index(path, checkpoint_sha256, dim)
         return cls(index, manifest["checkpoint_sha256"])
+
+
+def faiss_search(index: faiss.Index, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+    """index.search with search parameters. faiss.contrib.torch_utils (imported by
+    pytorch-metric-learning) replaces ``search`` by a wrapper without ``params``; the numpy
+    original stays as ``search_numpy``."""
+    if params is None:
+        return index.search(q, k)
+    return getattr(index, "search_numpy", index.search)(q, k, params=params)
+
+
+@contextmanager
+def selector(allowed: np.ndarray | None, params_type=None, **fields):
+    """FAISS search parameters that keep only the ``allowed`` ids (None: no filter). The
+    selector object must outlive the search, hence a context."""
+    if allowed is None:
+        yield None
+        return
+    sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+    params = (params_type or faiss.SearchParameters)(**fields)
+    params.sel = sel
+    yield params
+    del sel
 
 
 def write_index(index: faiss.Index, path: Path | str, manifest: dict) -> None:

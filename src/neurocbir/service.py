@@ -11,6 +11,7 @@ say ``"calibrated": false``.
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from .feedback import FeedbackStore, fingerprint
 from .inference import LesionModel, Model, load_model
 from .lesion import tumor_outline
 from .runs import trial_dir
-from .sources import ArchiveCases, CaseSource, RunCases
+from .sources import ArchiveCases, CaseFilter, CaseSource, RunCases
 
 _MODEL_LOCK = threading.Lock()
 DISCLAIMER = (
@@ -95,12 +96,14 @@ class RetrievalService:
         coverage: float = calibration.DEFAULT_COVERAGE,
         pixel_spacing_mm: tuple[float, float] | None = None,
         rerank: bool = False,
+        filters: CaseFilter | None = None,
     ) -> dict:
         """Prediction, calibrated confidence, prediction set and the evidence for one scan,
         and its predicted tumor outline where the model has a tumor decoder (``pixel_spacing_mm``:
         the scan's (row, column) spacing, if known, for the area). ``rerank``: order the shown
         retrievals by clinicians' feedback (among the nearest max(2k, 20); the prediction is not
-        changed by it)."""
+        changed by it). ``filters``: show only archive cases of a plane, type or size range
+        (searched inside the vector store; the prediction still reads the whole archive)."""
         if not 1 <= k <= 50:
             raise ValueError("k must be between 1 and 50")
         if not 0.5 <= coverage < 1:
@@ -117,13 +120,19 @@ class RetrievalService:
         knn = knn_votes(labels[None], len(CLASS_NAMES), KNN_K)[0][classes]
         winner = int(np.argmax(proba))
         in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
-        shown = np.arange(min(k, len(case_ids)))
+        filtering = filters is not None and filters.active()
+        pool_dist, pool_ids = (
+            self.cases.filtered(q, filters, max(2 * k, 20) if rerank else k, one_per_patient)
+            if filtering
+            else (dist, case_ids)
+        )
+        shown = np.arange(min(k, len(pool_ids)))
         if rerank:
-            pool = min(max(2 * k, 20), len(case_ids))
-            shown = self.feedback.rerank(case_ids[:pool], dist[:pool])[:k]
-        info = self.cases.describe([int(case_ids[j]) for j in shown])
+            pool = min(max(2 * k, 20), len(pool_ids))
+            shown = self.feedback.rerank(pool_ids[:pool], pool_dist[:pool])[:k]
+        info = self.cases.describe([int(pool_ids[j]) for j in shown])
         retrievals = [
-            {**info[int(case_ids[j])], "distance": round(float(dist[j]), 4), "rank": int(j) + 1} for j in shown
+            {**info[int(pool_ids[j])], "distance": round(float(pool_dist[j]), 4), "rank": int(j) + 1} for j in shown
         ]
         nearest = self.cases.nearest_trunk(trunk)
         nearest = float(dist[0]) if nearest is None else nearest
@@ -151,6 +160,7 @@ class RetrievalService:
             "knn_vote": {n: round(float(p), 4) for n, p in zip(names, knn)},
             "retrievals": retrievals,
             "reranked_by_feedback": rerank,
+            "filters": asdict(filters) if filtering else None,
             "query_fingerprint": fingerprint(image),
             "nearest_other_class": nearest_other,
             "no_similar_case": nearest > self.cases.far_threshold,

@@ -11,15 +11,59 @@ A new source (a PACS, say) implements the same few methods.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .data import CLASS_NAMES, CaseTable, load_cases, mask_for_image
+from .classify import compact, first_per_group
+from .data import CLASS_NAMES, PLANES, CaseTable, load_cases, mask_for_image
 from .index import VectorIndex
 from .reports import ReportAttributes, cached_llm_reports, case_attributes, make_report
 from .store import Searchable, deep_search, lookup
+
+
+@dataclass(frozen=True)
+class CaseFilter:
+    """Which archive cases a user wants to see: plane, tumor type, size range (mm²). Applied
+    inside the vector store (FAISS ID selectors, Milvus filter expressions) to the retrievals
+    shown; the prediction always comes from the whole archive."""
+
+    plane: str | None = None
+    tumor_type: str | None = None
+    min_area_mm2: float | None = None
+    max_area_mm2: float | None = None
+
+    def __post_init__(self):
+        if self.plane is not None and self.plane not in PLANES:
+            raise ValueError(f"plane must be one of {PLANES}, got {self.plane!r}")
+        if self.tumor_type is not None and self.tumor_type not in CLASS_NAMES:
+            raise ValueError(f"tumor_type must be one of {CLASS_NAMES}, got {self.tumor_type!r}")
+        lo, hi = self.min_area_mm2, self.max_area_mm2
+        if (
+            (lo is not None and lo < 0)
+            or (hi is not None and hi < 0)
+            or (lo is not None and hi is not None and lo > hi)
+        ):
+            raise ValueError("the size range must be 0 <= min_area_mm2 <= max_area_mm2")
+
+    def active(self) -> bool:
+        return any(v is not None for v in (self.plane, self.tumor_type, self.min_area_mm2, self.max_area_mm2))
+
+    def mask(self, labels: np.ndarray, planes: np.ndarray, areas: np.ndarray) -> np.ndarray:
+        """Which cases pass (cases of unknown size fail a size bound)."""
+        keep = np.ones(len(labels), bool)
+        if self.plane is not None:
+            keep &= planes == self.plane
+        if self.tumor_type is not None:
+            keep &= labels == CLASS_NAMES.index(self.tumor_type)
+        with np.errstate(invalid="ignore"):
+            if self.min_area_mm2 is not None:
+                keep &= areas >= self.min_area_mm2
+            if self.max_area_mm2 is not None:
+                keep &= areas <= self.max_area_mm2
+        return keep
 
 
 class CaseSource(Protocol):
@@ -31,6 +75,12 @@ class CaseSource(Protocol):
     def size(self) -> int: ...
     def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distances, case ids, labels) of one query, distance-sorted, deep enough for NIR."""
+        ...
+
+    def filtered(
+        self, query: np.ndarray, filters: CaseFilter, k: int, one_per_patient: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, case ids) of the k nearest cases that pass ``filters``."""
         ...
 
     def nearest_trunk(self, trunk: np.ndarray) -> float | None: ...
@@ -49,6 +99,10 @@ class _SearchedCases:
     store: Searchable
     label_of: Callable[[np.ndarray], np.ndarray]  # store ids -> labels (-1 for padding)
     group_of: Callable[[np.ndarray], np.ndarray]  # store ids -> patient keys
+    store_ids: np.ndarray  # every searchable id, with its label, plane and area: the filters' input
+    attr_label: np.ndarray
+    attr_plane: np.ndarray
+    attr_area: np.ndarray
     trunk_index: VectorIndex | None
     first_depth = 64  # deep_search doubles it only when NIR needs more
 
@@ -68,6 +122,21 @@ class _SearchedCases:
 
     def nearest_trunk(self, trunk: np.ndarray) -> float | None:
         return None if self.trunk_index is None else float(self.trunk_index.search(trunk, 1)[0][0, 0])
+
+    def filtered(
+        self, query: np.ndarray, filters: CaseFilter, k: int, one_per_patient: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        allowed = self.store_ids[filters.mask(self.attr_label, self.attr_plane, self.attr_area)]
+        if not len(allowed):
+            return np.zeros(0), np.zeros(0, np.int64)
+        depth = min(len(allowed), max(8 * k, 64) if one_per_patient else k)
+        dist, ids = self.store.search(query, depth, allowed=allowed)
+        known = (ids >= 0) & (self.label_of(ids) >= 0)
+        if one_per_patient:
+            known &= first_per_group(np.where(known, ids, -1), self.group_of(ids))
+        dist, ids = compact(dist, ids, known)
+        valid = ids[0] >= 0
+        return dist[0][valid][:k], self._case_ids(ids[0][valid][:k])
 
     def _far_threshold(self, patient_keys: np.ndarray) -> float:
         """ "No similar case": farther, in frozen-trunk feature space, than 1.1 x the 99.5th
@@ -105,6 +174,8 @@ class RunCases(_SearchedCases):
         rows = np.arange(len(self.archive_rows))
         self.label_of = lookup(rows, labels)
         self.group_of = lookup(rows, self.table.patient_id[self.archive_rows], missing="")
+        self.store_ids, self.attr_label = rows, labels  # what the retrieval filters read
+        self.attr_plane, self.attr_area = self.table.plane[self.archive_rows], self.table.area_mm2[self.archive_rows]
         self.trunk_index = VectorIndex.build(emb["archive_trunk"]) if "archive_trunk" in emb else None
         self.far_threshold = self._far_threshold(self.table.patient_id[self.archive_rows])
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
@@ -176,6 +247,8 @@ class ArchiveCases(_SearchedCases):
         self.store = self.archive.store
         self.label_of = lookup(cols["id"], cols["label"])
         self.group_of = lookup(cols["id"], cols["patient_key"], missing="")
+        self.store_ids, self.attr_label = cols["id"], cols["label"]  # what the retrieval filters read
+        self.attr_plane, self.attr_area = cols["plane"], cols["area_mm2"]
         self.classes = np.unique(cols["label"])
         trunk = self.archive.trunk_vectors()
         self.trunk_index = VectorIndex.build(trunk) if trunk is not None and len(trunk) == len(cols["id"]) else None

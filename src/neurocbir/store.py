@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from .classify import compact, first_per_group
-from .index import IndexMismatchError, _as_f32, read_index, write_index
+from .index import IndexMismatchError, _as_f32, faiss_search, read_index, selector, write_index
 
 #: Deepest search NIR makes; beyond it a class's I_c is taken as at least the cap.
 NIR_MAX_DEPTH = 4096
@@ -37,7 +37,9 @@ class StoreUnavailable(RuntimeError):
 class Searchable(Protocol):
     """Enough of a store for :func:`deep_search` (also :class:`neurocbir.index.VectorIndex`)."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
     def count(self) -> int: ...
 
 
@@ -90,11 +92,14 @@ class FaissStore:
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add_with_ids(_as_f32(vectors, self.dim), np.asarray(ids, dtype=np.int64))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``allowed``: search only these case ids (an ID selector inside FAISS; -1 pads)."""
         k = min(int(k), self.count())
         if k < 1:
             raise ValueError("the store is empty")
-        d2, ids = self.index.search(_as_f32(queries, self.dim), k)
+        hnsw = {"params_type": faiss.SearchParametersHNSW, "efSearch": self.ef_search} if self.kind == "hnsw" else {}
+        with selector(allowed, **hnsw) as params:
+            d2, ids = faiss_search(self.index, _as_f32(queries, self.dim), k, params)
         return np.sqrt(np.maximum(d2, 0)), ids
 
     def delete(self, ids: np.ndarray) -> None:
@@ -201,15 +206,18 @@ class MilvusStore:
         v = _as_f32(vectors, self.dim)
         self.client.upsert(self.collection, [{"id": int(i), "vector": row.tolist()} for i, row in zip(ids, v)])
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``allowed``: search only these case ids (a Milvus filter expression)."""
         k = min(int(k), self.count(), 16384)  # Milvus caps top-k at 16384
         if k < 1:
             raise ValueError("the store is empty")
+        extra = {} if allowed is None else {"filter": f"id in [{','.join(str(int(i)) for i in allowed)}]"}
         res = self.client.search(
             self.collection,
             data=_as_f32(queries, self.dim).tolist(),
             limit=k,
             search_params={"params": self.search_params},
+            **extra,
         )
         dist = np.full((len(res), k), np.inf)
         ids = np.full((len(res), k), -1, dtype=np.int64)
