@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 25
 
 
-def synthetic(real: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` vectors on the real class manifolds (segments between same-class embeddings + noise)."""
+def synthetic(
+    real: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator, sources: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``n`` vectors on the real class manifolds (segments between same-class embeddings + noise);
+    with ``sources``, also the real case each vector starts from (for its attributes)."""
     import faiss
 
     index = faiss.IndexFlatL2(real.shape[1])
@@ -39,6 +42,7 @@ def synthetic(real: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Gener
     d2, _ = index.search(real, 2)
     sigma = float(np.median(np.sqrt(d2[:, 1]))) / np.sqrt(real.shape[1])
     out = np.empty((n, real.shape[1]), np.float32)
+    origin = np.empty(n, np.int64)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for s in range(0, n, 100_000):
         m = min(100_000, n - s)
@@ -47,7 +51,8 @@ def synthetic(real: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Gener
         b = np.array([rng.choice(by_class[c]) for c in cls])
         lam = rng.random((m, 1), dtype=np.float32)
         out[s : s + m] = real[a] + lam * (real[b] - real[a]) + rng.normal(0, sigma, (m, real.shape[1]))
-    return out
+        origin[s : s + m] = a
+    return (out, origin) if sources else out
 
 
 def timed_queries(search, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

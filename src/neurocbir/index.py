@@ -95,11 +95,19 @@ def selector(allowed: np.ndarray | None, params_type=None, **fields):
     if allowed is None:
         yield None
         return
-    sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+    allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+    bitmap = None
+    if len(allowed) and allowed.min() >= 0 and allowed.max() < 1 << 28:  # dense ids: a bitmap, built in ~1 ms at 1M
+        bits = np.zeros(int(allowed.max()) + 1, bool)
+        bits[allowed] = True
+        bitmap = np.packbits(bits, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+    else:
+        sel = faiss.IDSelectorBatch(allowed)
     params = (params_type or faiss.SearchParameters)(**fields)
     params.sel = sel
     yield params
-    del sel
+    del sel, bitmap
 
 
 def write_index(index: faiss.Index, path: Path | str, manifest: dict) -> None:

@@ -97,10 +97,25 @@ class FaissStore:
         k = min(int(k), self.count())
         if k < 1:
             raise ValueError("the store is empty")
-        hnsw = {"params_type": faiss.SearchParametersHNSW, "efSearch": self.ef_search} if self.kind == "hnsw" else {}
+        hnsw = {}
+        if self.kind == "hnsw":  # a filter hides most of the graph: widen the beam as it narrows
+            share = 1.0 if allowed is None else max(len(allowed), 1) / max(self.count(), 1)
+            hnsw = {"params_type": faiss.SearchParametersHNSW, "efSearch": int(min(4096, self.ef_search / share))}
+        q = _as_f32(queries, self.dim)
         with selector(allowed, **hnsw) as params:
-            d2, ids = faiss_search(self.index, _as_f32(queries, self.dim), k, params)
+            d2, ids = faiss_search(self.index, q, k, params)
+        if hnsw and allowed is not None and ((ids >= 0).sum(1) < min(k, len(allowed))).any():
+            d2, ids = self._exact_within(q, k, allowed)  # the graph walk found too few allowed cases
         return np.sqrt(np.maximum(d2, 0)), ids
+
+    def _exact_within(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of the HNSW's own flat storage, restricted to ``allowed`` (a filter far
+        from the query, e.g. another tumor type, leaves HNSW's beam with too few candidates)."""
+        id_map = faiss.vector_to_array(self.index.id_map)
+        storage = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)
+        with selector(np.flatnonzero(np.isin(id_map, allowed))) as params:
+            d2, internal = faiss_search(storage, q, k, params)
+        return d2, np.where(internal >= 0, id_map[np.maximum(internal, 0)], -1)
 
     def delete(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
