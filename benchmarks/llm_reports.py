@@ -173,13 +173,17 @@ def main() -> None:
         "",
         "With an LLM, 'grounded' means the LLM phrases computed facts and wrong numbers are corrected.",
         "",
-        "| mode | backend | report style | query sets | summary accuracy | summary completeness | Q&A accuracy | s per LLM call |",
-        "|---|---|---|---|---|---|---|---|",
+        "Corrected = share of LLM summaries / answers whose text failed verification and was replaced by",
+        "the computed facts (the verified rows); the raw rows show what the LLM wrote before that.",
+        "",
+        "| mode | backend | report style | query sets | summary accuracy | summary completeness | Q&A accuracy | corrected: summaries / answers | s per LLM call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, backend, style, v, sec in rows:
         lines.append(
             f"| {mode} | {backend} | {style} | {v['n_sets']} | {v['summary_accuracy']:.1%} | {v['summary_completeness']:.1%} | "
-            f"{v['qa_accuracy']:.1%} | {'-' if sec is None else f'{sec:.1f}'} |"
+            f"{v['qa_accuracy']:.1%} | {v['summary_corrected_rate']:.0%} / {v['qa_corrected_rate']:.0%} | "
+            f"{'-' if sec is None else f'{sec:.1f}'} |"
         )
     write_section("llm", "\n".join(lines))
     print("\n".join(lines))

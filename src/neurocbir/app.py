@@ -22,7 +22,7 @@ from .explain import PAPER_QUESTIONS, Explainer
 from .reports import STYLES, ReportParseError
 from .service import DISCLAIMER, RetrievalService
 from .sources import CaseFilter
-from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan, read_scan_with_spacing
+from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
 
 log = logging.getLogger("neurocbir.app")
 LLM_TIMEOUT_S = 60.0
@@ -87,6 +87,41 @@ def _not_found(exc: KeyError) -> HTTPException:
     return HTTPException(404, str(exc.args[0]))
 
 
+def _pacs(request: Request) -> str | None:
+    return request.app.state.dicomweb
+
+
+Pacs = Annotated[str | None, Depends(_pacs)]
+
+
+async def _scan(
+    service: RetrievalService, pacs: str | None, file: UploadFile | None, case_id: int | None, instance_uid: str | None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The query scan and its pixel spacing: an upload, an example case, or a PACS instance."""
+    from .dicomweb import PacsError, read_instance
+
+    if sum(x is not None for x in (file, case_id, instance_uid)) != 1:
+        raise HTTPException(
+            422, "send the scan as the multipart field 'file', or an example 'case_id', or a PACS 'instance_uid'"
+        )
+    try:
+        if file is not None:
+            return await run_in_threadpool(
+                read_scan_with_spacing, await file.read(MAX_UPLOAD_BYTES + 1), file.filename or ""
+            )
+        if instance_uid is not None:
+            if pacs is None:
+                raise HTTPException(400, "this server has no PACS: start it with `neurocbir serve --dicomweb URL`")
+            return await run_in_threadpool(read_instance, pacs, instance_uid)
+        return await run_in_threadpool(service.cases.image, case_id), None
+    except PacsError as exc:
+        raise HTTPException(502 if "cannot reach" in str(exc) or "refused" in str(exc) else 404, str(exc)) from None
+    except UploadError as exc:
+        raise HTTPException(413 if "limit is" in str(exc) and "MB" in str(exc) else 400, str(exc)) from None
+    except KeyError as exc:
+        raise _not_found(exc) from None
+
+
 def _check_style(style: str) -> None:
     if style not in STYLES:
         raise HTTPException(422, f"style must be one of {', '.join(STYLES)}")
@@ -99,8 +134,14 @@ pages = APIRouter()
 
 
 @pages.get("/health")
-def health(service: Service) -> dict:
-    return {"status": "ok", "archive_cases": service.archive_size, "run": service.run.name, "trial": service.trial}
+def health(service: Service, pacs: Pacs) -> dict:
+    return {
+        "status": "ok",
+        "archive_cases": service.archive_size,
+        "run": service.run.name,
+        "trial": service.trial,
+        "pacs": pacs is not None,
+    }
 
 
 @pages.get("/", response_class=HTMLResponse)
@@ -111,8 +152,10 @@ def index() -> str:
 @queries.post("/query")
 async def query(
     service: Service,
+    pacs: Pacs,
     file: UploadFile | None = File(None),
     case_id: int | None = Form(None),
+    instance_uid: str | None = Form(None, description="SOP Instance UID of a scan on the server's PACS"),
     k: int = Query(5, ge=1, le=50),
     one_per_patient: bool = Query(False),
     coverage: float = Query(0.95, ge=0.5, lt=1, description="coverage of the conformal prediction set"),
@@ -122,23 +165,11 @@ async def query(
     min_area_mm2: float | None = Query(None, ge=0, description="show only tumors at least this large"),
     max_area_mm2: float | None = Query(None, ge=0, description="show only tumors at most this large"),
 ) -> dict:
-    if file is None and case_id is None:
-        raise HTTPException(422, "send an image as the multipart field 'file' (or an example 'case_id')")
     try:
         filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    if file is not None:
-        data = await file.read(MAX_UPLOAD_BYTES + 1)
-        try:
-            image, spacing = await run_in_threadpool(read_scan_with_spacing, data, file.filename or "")
-        except UploadError as exc:
-            raise HTTPException(413 if "limit is" in str(exc) and "MB" in str(exc) else 400, str(exc)) from None
-    else:
-        try:
-            image, spacing = await run_in_threadpool(service.cases.image, case_id), None
-        except KeyError as exc:
-            raise _not_found(exc) from None
+    image, spacing = await _scan(service, pacs, file, case_id, instance_uid)
     try:  # off the event loop: /health and static files stay responsive under load
         return await run_in_threadpool(
             service.query,
@@ -157,30 +188,34 @@ async def query(
 @queries.post("/similarity", response_class=Response)
 async def similarity(
     service: Service,
+    pacs: Pacs,
     case_id: int = Query(..., description="the archive case the query is compared with"),
     side: str = Query("query", description="query: map over the query scan; case: over the archive case"),
     file: UploadFile | None = File(None),
     query_case_id: int | None = Form(None),
+    instance_uid: str | None = Form(None, description="the query as a SOP Instance UID on the server's PACS"),
 ) -> Response:
     """Why is this case similar? An RGBA PNG heat map at the mapped image's own pixel size, to
     lay over it (hot = the regions that bring the two scans' embeddings together)."""
     from .saliency import heat_png
 
-    if file is None and query_case_id is None:
-        raise HTTPException(422, "send the query as the multipart field 'file' (or an example 'query_case_id')")
+    image, _ = await _scan(service, pacs, file, query_case_id, instance_uid)
     try:
-        if file is not None:
-            image = await run_in_threadpool(read_scan, await file.read(MAX_UPLOAD_BYTES + 1), file.filename or "")
-        else:
-            image = await run_in_threadpool(service.cases.image, query_case_id)
         sal = await run_in_threadpool(service.similarity, image, case_id, side)
-    except UploadError as exc:
-        raise HTTPException(400, str(exc)) from None
     except KeyError as exc:
         raise _not_found(exc) from None
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
     return Response(heat_png(sal), media_type="image/png")
+
+
+@queries.get("/pacs/image.png")
+async def pacs_image(
+    service: Service, pacs: Pacs, instance_uid: str = Query(..., description="SOP Instance UID on the server's PACS")
+) -> Response:
+    """A PACS instance as a PNG at its own pixel size, to show the query the UI fetched by UID."""
+    image, _ = await _scan(service, pacs, None, None, instance_uid)
+    return Response(_png(image, None, size=max(image.shape)), media_type="image/png")
 
 
 @queries.post("/feedback")
@@ -291,8 +326,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # neve
     return JSONResponse({"detail": "internal error; the server keeps running"}, status_code=500)
 
 
-def create_app(service: RetrievalService, explainer: Explainer | None = None) -> FastAPI:
-    """The API and UI over one service (grounded answers unless an LLM explainer is given)."""
+def create_app(service: RetrievalService, explainer: Explainer | None = None, dicomweb: str | None = None) -> FastAPI:
+    """The API and UI over one service (grounded answers unless an LLM explainer is given);
+    ``dicomweb``: a PACS whose instances can be queried by SOP Instance UID."""
     app = FastAPI(
         title="neurocbir",
         version="0.1.0",
@@ -301,7 +337,7 @@ def create_app(service: RetrievalService, explainer: Explainer | None = None) ->
         max_body_size=MAX_UPLOAD_BYTES + 64 * 1024,
         form_limits={"max_files": 1, "max_fields": 8},
     )
-    app.state.service, app.state.explainer = service, explainer or Explainer()
+    app.state.service, app.state.explainer, app.state.dicomweb = service, explainer or Explainer(), dicomweb
     _keep_uploads_in_memory()
     for router in (pages, queries, reports, cases):
         app.include_router(router)
@@ -309,7 +345,9 @@ def create_app(service: RetrievalService, explainer: Explainer | None = None) ->
     return app
 
 
-def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, archive: Path | None = None) -> None:
+def serve(
+    run: Path, host: str = "127.0.0.1", port: int = 8000, archive: Path | None = None, dicomweb: str | None = None
+) -> None:
     import uvicorn
 
     from .llm import LLMUnavailable, llm_from_env
@@ -325,4 +363,6 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, archive: Path | 
         f"at http://{host}:{port}/  (API docs: http://{host}:{port}/docs)",
         flush=True,
     )
-    uvicorn.run(create_app(service, explainer), host=host, port=port, log_level="warning")
+    if dicomweb:
+        print(f"neurocbir: scans can be queried by SOP Instance UID from the PACS at {dicomweb}", flush=True)
+    uvicorn.run(create_app(service, explainer, dicomweb), host=host, port=port, log_level="warning")

@@ -295,6 +295,19 @@ def _read_image_file(path: Path):
         _fail(f"{path}: {exc}")
 
 
+def _read_query_scan(image: Optional[Path], dicomweb: Optional[str], instance: Optional[str]):
+    """The query scan from a file, or from a PACS by SOP Instance UID."""
+    if (image is None) == (instance is None):
+        _fail("give a scan file, or --dicomweb URL --instance UID (not both)")
+    if image is not None:
+        return _read_image_file(image)
+    if dicomweb is None:
+        _fail("--instance needs --dicomweb URL (the PACS's DICOMweb root)")
+    from .dicomweb import read_instance
+
+    return _guard(read_instance, dicomweb, instance)
+
+
 def _service(run: Optional[Path], archive: Optional[Path] = None):
     from .service import RetrievalService
 
@@ -335,7 +348,7 @@ def default_run() -> Path:
 
 @app.command()
 def query(
-    image: Path = typer.Argument(..., help="PNG/JPEG, DICOM or figshare .mat file"),
+    image: Optional[Path] = typer.Argument(None, help="PNG/JPEG, DICOM or figshare .mat file (or use --instance)"),
     run: Optional[Path] = typer.Option(None, help="trained run directory"),
     k: int = typer.Option(5),
     one_per_patient: bool = typer.Option(False),
@@ -346,12 +359,15 @@ def query(
     tumor_type: Optional[str] = typer.Option(None, help="show only archive cases of this tumor type"),
     min_area: Optional[float] = typer.Option(None, help="show only tumors of at least this many mm²"),
     max_area: Optional[float] = typer.Option(None, help="show only tumors of at most this many mm²"),
+    dicomweb: Optional[str] = typer.Option(None, help="DICOMweb server (PACS) to fetch --instance from"),
+    instance: Optional[str] = typer.Option(None, help="SOP Instance UID of the scan on the --dicomweb server"),
 ) -> None:
-    """Predict the tumor type of a scan from its most similar archive cases."""
+    """Predict the tumor type of a scan (a file, or an instance on a PACS) from its most similar
+    archive cases."""
     from .sources import CaseFilter
 
     filters = _guard(CaseFilter, plane, tumor_type, min_area, max_area)
-    img, spacing = _read_image_file(image)
+    img, spacing = _read_query_scan(image, dicomweb, instance)
     svc = _service(run, archive)
     out = _guard(
         svc.query,
@@ -422,16 +438,21 @@ def serve(
     port: int = typer.Option(8000),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
+    dicomweb: Optional[str] = typer.Option(
+        None, help="DICOMweb server (PACS) whose instances can be queried by SOP Instance UID"
+    ),
 ) -> None:
     """Serve the web UI and the HTTP API."""
     from .app import serve as _serve
 
-    _guard(_serve, run or default_run(), host, port, archive)
+    _guard(_serve, run or default_run(), host, port, archive, dicomweb)
 
 
 @app.command()
 def add(
-    folder: Path = typer.Argument(..., help="bundled dataset folder, figshare .mat folder, or scans + cases.csv"),
+    folder: Optional[Path] = typer.Argument(
+        None, help="bundled dataset folder, figshare .mat folder, or scans + cases.csv (or use --dicomweb)"
+    ),
     archive: Path = typer.Option(Path("archive"), help="archive folder (created if missing)"),
     run: Optional[Path] = typer.Option(None, help="trained run whose encoder embeds the scans"),
     store: str = typer.Option("flat", help="vector store: flat (exact FAISS), hnsw (approximate FAISS) or milvus"),
@@ -446,9 +467,16 @@ def add(
     index_every: float = typer.Option(
         30.0, min=0, help="write the vector index at most every N seconds (and at the end)"
     ),
+    dicomweb: Optional[str] = typer.Option(
+        None, help="ingest from this DICOMweb server (PACS), e.g. http://pacs:8042/dicom-web, instead of a folder"
+    ),
+    labels: Optional[Path] = typer.Option(
+        None, help="with --dicomweb: CSV sop_instance_uid,label[,patient_id,plane,area_mm2,report]"
+    ),
+    study: Optional[str] = typer.Option(None, help="with --dicomweb: only this Study Instance UID"),
 ) -> None:
-    """Embed the scans of FOLDER and add them to a case archive; safe to kill and rerun (resumes,
-    never duplicates)."""
+    """Embed the scans of FOLDER (or of a PACS, with --dicomweb) and add them to a case archive;
+    safe to kill and rerun (resumes, never duplicates). Patient names and ids are not stored."""
     from tqdm import tqdm
 
     from .ingest import ingest
@@ -473,6 +501,9 @@ def add(
             batch_size,
             index_every,
             show,
+            dicomweb,
+            labels,
+            study,
         )
     finally:
         if bar is not None:
@@ -481,6 +512,10 @@ def add(
         f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
         f"{out['total']} cases ({out['check']['store_count']} in its {out['store']} index)"
     )
+    if out["unlabelled"]:
+        typer.secho(
+            f"  {out['unlabelled']} instances on the server are not in {labels}: not added", fg=typer.colors.YELLOW
+        )
     for e in out["errors"][:20]:
         typer.secho(f"  skipped {e}", fg=typer.colors.YELLOW)
     if len(out["errors"]) > 20:

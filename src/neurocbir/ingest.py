@@ -1,9 +1,10 @@
-"""Ingestion: folders of scans into a case archive (``neurocbir add``).
+"""Ingestion: folders of scans, or a PACS, into a case archive (``neurocbir add``).
 
 A folder is the bundled dataset layout, the figshare ``.mat`` release, or any folder of
-PNG/JPEG/DICOM/.mat scans with a ``cases.csv``. Files are keyed by content hash, embedded in
-batches and committed one batch at a time (:mod:`neurocbir.archive` makes each step
-crash-safe), so a killed ingest resumes where it stopped.
+PNG/JPEG/DICOM/.mat scans with a ``cases.csv``; a PACS is a DICOMweb server with a labels CSV
+(:mod:`neurocbir.dicomweb`). Cases are keyed by content hash (or SOP Instance UID hash),
+embedded in batches while the next batch is read, and committed one batch at a time
+(:mod:`neurocbir.archive` makes each step crash-safe), so a killed ingest resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,12 @@ class CaseFile:
     source_case: int | None = None
     report: str | None = None
     load: Callable[[], np.ndarray] | None = None
+    key: str | None = None  # the archive's identity of the case; default: the file's SHA-256
+    name: str | None = None  # how messages name it; default: the file name
+
+    @property
+    def shown_name(self) -> str:
+        return self.name or self.path.name
 
     def pixels(self) -> np.ndarray:
         if self.load is not None:
@@ -44,7 +52,7 @@ class CaseFile:
         return read_scan(self.path.read_bytes(), self.path.name)
 
 
-def _label_of(value: str, where: str) -> int:
+def parse_label(value: str, where: str) -> int:
     v = value.strip().lower()
     if v in CLASS_NAMES:
         return CLASS_NAMES.index(v)
@@ -119,7 +127,7 @@ def _scan_csv(folder: Path) -> list[CaseFile]:
         files.append(
             CaseFile(
                 f,
-                _label_of(r["label"], where),
+                parse_label(r["label"], where),
                 (r.get("patient_id") or "").strip() or f.name,
                 plane,
                 area,
@@ -141,7 +149,7 @@ def add_folder(
     (so a killed run resumes where it stopped). The store is written every ``index_every_s``
     seconds and at the end (saving a large index per batch would dominate); committed cases
     not yet in the store are indexed on the next open. Unreadable files are skipped and reported."""
-    hashes = [sha256_file(f.path) for f in files]
+    hashes = [f.key or sha256_file(f.path) for f in files]
     known = archive.known_hashes(hashes)
     todo = [(f, h) for f, h in zip(files, hashes) if h not in known]
     seen: set[str] = set()
@@ -149,37 +157,47 @@ def add_folder(
     added, skipped, errors = 0, len(files) - len(todo), []
     if progress:
         progress(skipped)
-    last_index = time.monotonic()
-    for b in range(0, len(todo), batch_size):
+
+    def read(chunk: list) -> tuple[list, list]:
         batch, images = [], []
-        for f, h in todo[b : b + batch_size]:
+        for f, h in chunk:
             try:
                 images.append(f.pixels())
                 batch.append((f, h))
-            except (ValueError, OSError) as exc:  # UploadError / DatasetError are ValueErrors
-                errors.append(f"{f.path.name}: {exc}")
-        if batch:
-            emb, trunk = embed(images)
-            added += archive.add(
-                [
-                    CaseRecord(
-                        h, f.label, f.patient_id, f.plane, f.area_mm2, str(f.path), e, t, f.source_case, f.report
-                    )
-                    for (f, h), e, t in zip(batch, emb, trunk)
-                ],
-                index=False,
-            )
-        if time.monotonic() - last_index >= index_every_s:
-            archive.index_pending()
-            last_index = time.monotonic()
-        if progress:
-            progress(len(todo[b : b + batch_size]))
+            except (ValueError, OSError) as exc:  # UploadError / DatasetError / PacsError are ValueErrors
+                errors.append(f"{f.shown_name}: {exc}")
+        return batch, images
+
+    chunks = [todo[b : b + batch_size] for b in range(0, len(todo), batch_size)]
+    last_index = time.monotonic()
+    with ThreadPoolExecutor(1) as reader:  # the next batch is read (or downloaded) while this one is embedded
+        pending = reader.submit(read, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            batch, images = pending.result()
+            if i + 1 < len(chunks):
+                pending = reader.submit(read, chunks[i + 1])
+            if batch:
+                emb, trunk = embed(images)
+                added += archive.add(
+                    [
+                        CaseRecord(
+                            h, f.label, f.patient_id, f.plane, f.area_mm2, str(f.path), e, t, f.source_case, f.report
+                        )
+                        for (f, h), e, t in zip(batch, emb, trunk)
+                    ],
+                    index=False,
+                )
+            if time.monotonic() - last_index >= index_every_s:
+                archive.index_pending()
+                last_index = time.monotonic()
+            if progress:
+                progress(len(chunk))
     archive.index_pending()
     return {"added": added, "already_there": skipped, "errors": errors, "total": len(archive)}
 
 
 def ingest(
-    folder: Path | str,
+    folder: Path | str | None,
     archive_root: Path | str,
     run: Path | str,
     store: str = "flat",
@@ -189,15 +207,31 @@ def ingest(
     batch_size: int = 32,
     index_every_s: float = 30.0,
     progress: Callable[[int, int], None] | None = None,
+    dicomweb: str | None = None,
+    labels: Path | str | None = None,
+    study: str | None = None,
 ) -> dict:
-    """``neurocbir add``: embed the new scans of ``folder`` with ``run``'s encoder into the
-    archive at ``archive_root`` (created for that encoder if missing), holding the writer lock.
-    ``progress(done, total)`` is called as files are handled. Returns the counts, the errors
-    and the archive's consistency check."""
+    """``neurocbir add``: embed the new scans of ``folder`` (or of the DICOMweb server
+    ``dicomweb`` that ``labels`` labels, optionally one ``study``) with ``run``'s encoder into
+    the archive at ``archive_root`` (created for that encoder if missing), holding the writer
+    lock. ``progress(done, total)`` is called as files are handled. Returns the counts, the
+    errors and the archive's consistency check."""
     from .inference import load_model
 
+    if (folder is None) == (dicomweb is None):
+        raise ArchiveError("give a folder of scans or a DICOMweb server (--dicomweb URL --labels CSV), not both")
+    if dicomweb is not None and labels is None:
+        raise ArchiveError(
+            "a DICOMweb ingest needs --labels: a CSV with sop_instance_uid,label[,patient_id,plane,area_mm2,report]"
+        )
     with writer_lock(archive_root):  # before the model loads: a second writer stops at once
-        files = scan_folder(folder, folds)
+        unlabelled = 0
+        if dicomweb is not None:
+            from .dicomweb import scan_dicomweb
+
+            files, unlabelled = scan_dicomweb(dicomweb, labels, Path(archive_root) / "images", study)
+        else:
+            files = scan_folder(folder, folds)
         model = load_model(run)
         archive = CaseArchive.create(
             archive_root, model.embedding_dim, model.checkpoint_sha256, store, milvus_uri, str(run), milvus_index
@@ -212,7 +246,7 @@ def ingest(
                     progress(done, len(files))
 
             out = add_folder(archive, files, model.embed, batch_size, step, index_every_s)
-            return {**out, "store": archive.meta["store"], "check": archive.check()}
+            return {**out, "store": archive.meta["store"], "check": archive.check(), "unlabelled": unlabelled}
         finally:
             archive.close()
 

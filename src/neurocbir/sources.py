@@ -287,12 +287,14 @@ class ArchiveCases(_SearchedCases):
         return out
 
     def image(self, case_id: int) -> np.ndarray:
-        from .uploads import UploadError, read_scan
+        from .uploads import read_scan
 
         path = Path(self._stored([case_id])[case_id]["image_path"])
         try:
+            if path.suffix == ".npy":  # the header-free copy of a slice ingested from a PACS
+                return np.load(path, allow_pickle=False).astype(np.float32)
             return read_scan(path.read_bytes(), path.name)
-        except (OSError, UploadError) as exc:
+        except (OSError, ValueError) as exc:  # UploadError is a ValueError, as is a corrupt .npy
             raise KeyError(f"the image of case {case_id} cannot be read ({exc})") from None
 
     def mask(self, case_id: int) -> np.ndarray:

@@ -78,11 +78,25 @@ def _check_deflated(data: bytes) -> None:
 def _read_dicom(data: bytes) -> tuple[np.ndarray, tuple[float, float] | None]:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import pixel_array
 
     try:
         _check_deflated(data)
         ds = pydicom.dcmread(io.BytesIO(data))  # pixel data stays encoded until asked for
+    except UploadError:
+        raise
+    except InvalidDicomError as exc:
+        raise UploadError(f"not a DICOM file ({exc})") from None
+    except Exception as exc:  # truncated or corrupt files raise many types inside pydicom
+        raise UploadError(f"the DICOM file is corrupt or truncated ({type(exc).__name__})") from None
+    return dataset_pixels(ds)
+
+
+def dataset_pixels(ds) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """One slice of a parsed DICOM dataset (a file or a PACS's WADO-RS answer) and its pixel
+    spacing, sizes checked before the pixel data is decoded."""
+    from pydicom.pixels import pixel_array
+
+    try:
         has_pixels = "PixelData" in ds
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -91,11 +105,7 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, tuple[float, float] | None]:
         )
         inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
         spacing = _pixel_spacing(ds)
-    except UploadError:
-        raise
-    except InvalidDicomError as exc:
-        raise UploadError(f"not a DICOM file ({exc})") from None
-    except Exception as exc:  # truncated or corrupt files raise many types inside pydicom
+    except Exception as exc:  # corrupt elements raise many types inside pydicom
         raise UploadError(f"the DICOM file is corrupt or truncated ({type(exc).__name__})") from None
     if not has_pixels:
         raise UploadError("the DICOM file has no pixel data (is it a structured report or a header-only file?)")
@@ -109,7 +119,7 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, tuple[float, float] | None]:
         raise UploadError(f"the DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
     if inverted:  # MONOCHROME1: low values are bright
         arr = arr.max() + arr.min() - arr.astype(np.float32)
-    return arr, spacing
+    return _check_pixels(np.asarray(arr)), spacing
 
 
 def _pixel_spacing(ds) -> tuple[float, float] | None:
