@@ -8,9 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -29,61 +26,21 @@ from neurocbir.archive import CaseArchive
 from neurocbir.cli import app as cli
 from neurocbir.data import CLASS_NAMES
 from neurocbir.dicomweb import PacsError, client, read_instance, to_dicom
+from tests.orthanc import free_port, installed, running_orthanc
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER, PASSWORD = "neurocbir", "pacs-secret"
 N_LABELLED = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """A real Orthanc PACS with its DICOMweb plugin, on loopback, with HTTP basic auth."""
-    if not (os.path.exists(ORTHANC) and os.path.exists(PLUGIN)):
+    if not installed():
         if os.environ.get("CI"):
             pytest.fail("Orthanc is not installed (.ci/run installs Debian's orthanc and orthanc-dicomweb)")
         pytest.skip("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb")
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "neurocbir-test",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if requests.get(f"{base}/system", auth=(USER, PASSWORD), timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-    if proc.poll() is not None:
-        pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
-    yield f"{base}/dicom-web"
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), USER, PASSWORD) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +55,9 @@ def pacs(orthanc, small_cases, tmp_path_factory):
         pid = str(small_cases.patient_id[r])
         study = studies.setdefault(pid, f"1.2.826.0.1.3680043.10.543.{len(studies) + 1}")
         sop = f"{study}.2.{n + 1}"
-        ds = to_dicom(small_cases.load_image(int(r)), f"PAT-{pid}", study, f"{study}.1", sop, patient_name=f"Doe^Jane{n}")
+        ds = to_dicom(
+            small_cases.load_image(int(r)), f"PAT-{pid}", study, f"{study}.1", sop, patient_name=f"Doe^Jane{n}"
+        )
         datasets.append(ds)
         if n < N_LABELLED:
             labels.append(
@@ -271,7 +230,7 @@ def test_dicomweb_query_by_instance_uid_cli_and_http(pacs, pacs_archive, small_r
 
 def test_dicomweb_errors_say_what_to_fix(pacs, small_run, tmp_path, monkeypatch):
     uid = next(iter(pacs["rows"]))
-    closed = f"http://127.0.0.1:{_free_port()}/dicom-web"
+    closed = f"http://127.0.0.1:{free_port()}/dicom-web"
     with pytest.raises(PacsError, match="cannot reach the DICOMweb server"):
         read_instance(closed, uid)
     # wrong credentials: a fresh client reads them from the environment
