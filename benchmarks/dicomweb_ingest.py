@@ -32,13 +32,13 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=ROOT / "models" / "lesion-fold5")
     args = p.parse_args()
     import numpy as np
+    from tests.orthanc import running_orthanc
 
     from neurocbir.archive import CaseArchive
     from neurocbir.data import CLASS_NAMES, default_data_dir, load_cases
     from neurocbir.dicomweb import client, fetch_dataset, list_instances, to_dicom
     from neurocbir.inference import load_model
     from neurocbir.ingest import add_folder, ingest, scan_folder
-    from tests.orthanc import running_orthanc
 
     table = load_cases(default_data_dir())
     rows = np.random.default_rng(0).choice(len(table), args.n, replace=False)

@@ -4,9 +4,11 @@ vector store, on a synthetic archive of up to 1M cases built on the real embeddi
     .venv/bin/python benchmarks/filtered_search.py [--run models/lesion-fold5] [--sizes 100000 1000000]
 
 Each vector starts from a real archive case and takes its label, plane and tumor size. The
-timed path is what a filtered query does after its CNN pass (``_SearchedCases.filtered``): the
-filter's mask over the case attributes, the FAISS ID selector, the search (k = 5). Exact
-(flat) and HNSW stores; recall@5 of HNSW against the exact filtered answer.
+stores are partitioned by tumor type and plane, as an archive's are. The timed path is what a
+filtered query does after its CNN pass (``ArchiveCases.filtered``, called as is): pick the
+partitions of the type and plane, and for a size range the mask over the sizes and the FAISS
+ID selector; the search (k = 5). Exact (flat) and HNSW stores; recall@5 of HNSW against the
+exact filtered answer.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def main() -> None:
     args = p.parse_args()
     from neurocbir.data import load_cases
     from neurocbir.runs import first_trial
-    from neurocbir.sources import CaseFilter
-    from neurocbir.store import FaissStore
+    from neurocbir.sources import ArchiveCases, CaseFilter
+    from neurocbir.store import FaissStore, group_keys, lookup
 
     table = load_cases()
     emb = np.load(args.run / f"trial_{first_trial(args.run)}" / "embeddings.npz")
@@ -54,24 +56,31 @@ def main() -> None:
         labels, planes = table.label[rows][origin], table.plane[rows][origin]
         areas = table.area_mm2[rows][origin] * rng.uniform(0.9, 1.1, n)
         ids = np.arange(1, n + 1, dtype=np.int64)
+        groups = group_keys(labels, planes)
         with tempfile.TemporaryDirectory() as tmp:
             stores = {}
             for kind in ("flat", "hnsw"):
                 t0 = time.perf_counter()
                 s = FaissStore(Path(tmp) / f"{kind}.faiss", x.shape[1], kind=kind)
                 for b in range(0, n, 100_000):
-                    s.add(ids[b : b + 100_000], x[b : b + 100_000])
-                stores[kind] = (s, time.perf_counter() - t0)
+                    s.add(ids[b : b + 100_000], x[b : b + 100_000], groups[b : b + 100_000])
+                source = ArchiveCases.__new__(ArchiveCases)  # the archive's own search, without a 1M-row SQLite
+                source.store, source.store_ids, source.label_of = s, ids, lookup(ids, labels)
+                source.attr_label, source.attr_plane, source.attr_area = labels, planes, areas
+                stores[kind] = (source, time.perf_counter() - t0)
             for name, spec in FILTERS.items():
                 f = CaseFilter(**spec)
                 results = {}
-                for kind, (store, _) in stores.items():
+                for kind, (source, _) in stores.items():
                     found, times = [], []
                     for q in queries:
                         t = time.perf_counter()
-                        allowed = ids[f.mask(labels, planes, areas)] if f.active() else None
-                        found.append(store.search(q[None], 5, allowed=allowed)[1][0])
+                        if f.active():
+                            got = source.filtered(q[None], f, 5, one_per_patient=False)[1]
+                        else:
+                            got = source.store.search(q[None], 5)[1][0]
                         times.append((time.perf_counter() - t) * 1000)
+                        found.append(np.pad(got, (0, 5 - len(got)), constant_values=-1))
                     results[kind] = (np.array(found), np.array(times))
                 share = f.mask(labels, planes, areas).mean()
                 exact = results["flat"][0]
@@ -88,8 +97,8 @@ def main() -> None:
             f"Command: `python benchmarks/filtered_search.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | synthetic archives on the embedding manifold of "
             f"`{args.run.name}` (each vector takes a real case's label, plane and size, the size x U(0.9, 1.1)) | "
-            f"{len(queries)} test-fold queries, k = 5, one query per call; the time includes the filter's mask and "
-            "the FAISS ID selector (a bitmap over the case ids)",
+            f"{len(queries)} test-fold queries, k = 5, one query per call; stores partitioned by tumor type and plane; "
+            "the time includes picking the partitions and, for a size range, the mask and the FAISS ID selector",
             "",
             "| cases | filter | share of cases passing | flat p50 (ms) | HNSW p50 (ms) | HNSW p95 (ms) | HNSW recall@5 vs exact |",
             "|---:|---|---:|---:|---:|---:|---:|",

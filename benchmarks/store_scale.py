@@ -121,7 +121,7 @@ def bench_size(x: np.ndarray, queries: np.ndarray, milvus: bool, tmp: Path, ef_v
     for b in range(0, n, 50_000):
         hnsw.add(ids[b : b + 50_000], x[b : b + 50_000])
     build = time.perf_counter() - t
-    base = faiss.downcast_index(hnsw.index.index)
+    base = faiss.downcast_index(hnsw.parts[""].index)  # one partition: no group keys given
     for ef in ef_values:
         base.hnsw.efSearch = ef
         found, times = timed_queries(lambda q: hnsw.search(q, K)[1], queries)

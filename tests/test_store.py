@@ -93,3 +93,45 @@ def test_filtered_search_inside_every_store(real, tmp_path):
         assert (np.diff(d, axis=1) >= -1e-6).all()
         _, few = s.search(q[:1], 5, allowed=allowed[:2])  # fewer allowed than asked: -1 pads
         assert set(few[0][few[0] >= 0]) <= set(allowed[:2].tolist())
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "milvus"])
+def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_cases, tmp_path, kind):
+    """Stores partitioned by tumor type and plane (an archive's group_keys): a search limited to
+    some groups returns the nearest cases of those groups only, however far they lie from the
+    query, and saves and reopens whole; with no groups named, all partitions are searched."""
+    from neurocbir.sources import CaseFilter
+    from neurocbir.store import group_keys
+
+    x, ids, labels, q = real
+    rows = np.searchsorted(small_cases.idx, ids)
+    groups = group_keys(labels, small_cases.plane[rows])
+    if kind == "milvus":
+        store = MilvusStore(str(tmp_path / "g.db"), "cases", x.shape[1], checkpoint_sha256="ck")
+    else:
+        store = FaissStore(tmp_path / "g.faiss", x.shape[1], kind=kind, checkpoint_sha256="ck")
+    for b in range(0, len(x), 50):
+        store.add(ids[b : b + 50], x[b : b + 50], groups[b : b + 50])
+    if kind != "milvus":
+        assert len(store.parts) == len(set(groups))
+        store.save()
+        store = FaissStore.open(tmp_path / "g.faiss", checkpoint_sha256="ck", dim=x.shape[1])
+    for f in (CaseFilter(tumor_type="pituitary"), CaseFilter(plane="coronal", tumor_type="meningioma")):
+        keep = np.isin(groups, f.groups())
+        assert keep.any() and not keep.all()
+        ref = ids[keep][np.argsort(((q[:, None, :] - x[keep][None]) ** 2).sum(-1), axis=1)[:, :5]]
+        d, found = store.search(q, 5, groups=f.groups())
+        assert np.isin(found, ids[keep]).all()
+        assert (found == ref).mean() > 0.97  # exact within the partitions (HNSW: nearly)
+        assert (np.diff(d, axis=1) >= -1e-6).all()
+        sized = CaseFilter(tumor_type="glioma", min_area_mm2=800.0)  # a size range still goes by ids
+        allowed = ids[sized.size_mask(small_cases.area_mm2[rows])]
+        _, found = store.search(q, 5, allowed=allowed, groups=sized.groups())
+        ok = np.isin(found, allowed) & np.isin(found, ids[np.isin(groups, sized.groups())])
+        assert ok[found >= 0].all()
+    everything = store.search(q, 10)[1]
+    assert (everything == exact_ids(x, ids, q, 10)).mean() > 0.97
+
+
+def exact_ids(x, ids, q, k):  # the reference answer, by brute force
+    return ids[np.argsort(((q[:, None, :] - x[None]) ** 2).sum(-1), axis=1)[:, :k]]

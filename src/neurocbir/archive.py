@@ -34,7 +34,7 @@ import numpy as np
 from .data import CLASS_NAMES
 from .files import atomic_path
 from .index import IndexMismatchError
-from .store import CaseStore, FaissStore, MilvusStore, StoreUnavailable
+from .store import CaseStore, FaissStore, MilvusStore, StaleCollection, StoreUnavailable, group_keys
 
 STORE_KINDS = ("flat", "hnsw", "milvus")
 MILVUS_COLLECTION = "neurocbir_cases"
@@ -195,7 +195,12 @@ class CaseArchive:
         """(store, stale): stale when the saved index is lost or unreadable."""
         kind = self.meta["store"]
         if kind == "milvus":
-            return self._open_milvus(fresh), False
+            try:
+                return self._open_milvus(fresh), False
+            except StaleCollection:
+                if not self.writer:
+                    return self._memory_store(), False
+                return self._open_milvus(fresh=True), True
         path = self.root / "index.faiss"
         if not fresh:
             try:
@@ -242,17 +247,19 @@ class CaseArchive:
         """Re-create the store from the table (the table is the source of truth)."""
         self.db.execute("DELETE FROM cases WHERE state = 'deleting'")
         self.store, self._store_stale = self._open_store(fresh=True)
-        for ids, vecs in self._vectors("state IN ('indexed', 'pending')"):
-            self.store.add(ids, vecs)
+        for ids, vecs, groups in self._vectors("state IN ('indexed', 'pending')"):
+            self.store.add(ids, vecs, groups)
         self.store.save()
         self.db.execute("UPDATE cases SET state = 'indexed' WHERE state = 'pending'")
 
-    def _vectors(self, where: str, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        cur = self.db.execute(f"SELECT id, embedding FROM cases WHERE {where} ORDER BY id")
+    def _vectors(self, where: str, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, embeddings, store partition keys) of the cases ``where`` says, in chunks."""
+        cur = self.db.execute(f"SELECT id, embedding, label, plane FROM cases WHERE {where} ORDER BY id")
         while rows := cur.fetchmany(chunk):
             yield (
                 np.array([r[0] for r in rows], dtype=np.int64),
                 np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
+                group_keys(np.array([r[2] for r in rows]), np.array([r[3] or "" for r in rows])),
             )
 
     def index_pending(self) -> int:
@@ -262,9 +269,10 @@ class CaseArchive:
             return 0
         ids = np.concatenate([p[0] for p in pending])
         vecs = np.concatenate([p[1] for p in pending])
+        groups = np.concatenate([p[2] for p in pending])
         new = ~self.store.contains(ids)  # a crash after the store was saved: those are in already
         if new.any():
-            self.store.add(ids[new], vecs[new])
+            self.store.add(ids[new], vecs[new], groups[new])
         self.store.save()
         with self._transaction():
             self.db.executemany("UPDATE cases SET state = 'indexed' WHERE id = ?", [(int(i),) for i in ids])
@@ -273,8 +281,8 @@ class CaseArchive:
     def _memory_store(self) -> FaissStore:
         """The indexed cases in an unsaved exact FAISS store (a reader's view of a stale file)."""
         store = FaissStore(self.root / "index.faiss", self.dim, kind="flat", checkpoint_sha256=self.checkpoint_sha256)
-        for ids, vecs in self._vectors("state = 'indexed'"):
-            store.add(ids, vecs)
+        for ids, vecs, groups in self._vectors("state = 'indexed'"):
+            store.add(ids, vecs, groups)
         return store
 
     # --- writing --------------------------------------------------------------------------

@@ -112,16 +112,20 @@ def selector(allowed: np.ndarray | None, params_type=None, **fields):
 
 def write_index(index: faiss.Index, path: Path | str, manifest: dict) -> None:
     """Write a FAISS index and its JSON manifest, each atomically (temp file + rename)."""
+    write_manifested(path, lambda tmp: faiss.write_index(index, str(tmp)), {**manifest, "count": int(index.ntotal)})
+
+
+def write_manifested(path: Path | str, write, manifest: dict) -> None:
+    """``write(tmp)`` the index file atomically, then its JSON manifest beside it."""
     path = Path(path)
-    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
-    manifest = {**manifest, "count": int(index.ntotal), "metric": "l2", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write(path, write)
+    manifest = {**manifest, "metric": "l2", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(path.with_name(path.name + ".json"), manifest)
 
 
-def read_index(
-    path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None
-) -> tuple[faiss.Index, dict]:
-    """Read an index written by :func:`write_index`, refusing another checkpoint or dimension."""
+def read_manifest(path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> dict:
+    """The manifest of an index written by :func:`write_manifested`, refusing another
+    checkpoint or dimension."""
     path = Path(path)
     mpath = path.with_name(path.name + ".json")
     if not path.is_file() or not mpath.is_file():
@@ -138,6 +142,14 @@ def read_index(
         )
     if dim is not None and manifest["dim"] != dim:
         raise IndexMismatchError(f"index {path} holds {manifest['dim']}-d vectors, the encoder gives {dim}-d")
+    return manifest
+
+
+def read_index(
+    path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None
+) -> tuple[faiss.Index, dict]:
+    """Read an index written by :func:`write_index`, refusing another checkpoint or dimension."""
+    manifest = read_manifest(path, checkpoint_sha256, dim)
     index = faiss.read_index(str(path))
     if index.ntotal != manifest["count"]:
         raise IndexMismatchError(f"index {path} holds {index.ntotal} vectors, its manifest says {manifest['count']}")

@@ -21,7 +21,7 @@ from .classify import compact, first_per_group
 from .data import CLASS_NAMES, PLANES, CaseTable, load_cases, mask_for_image
 from .index import VectorIndex
 from .reports import ReportAttributes, cached_llm_reports, case_attributes, make_report
-from .store import Searchable, deep_search, lookup
+from .store import Searchable, deep_search, group_keys, lookup
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,33 @@ class CaseFilter:
 
     def mask(self, labels: np.ndarray, planes: np.ndarray, areas: np.ndarray) -> np.ndarray:
         """Which cases pass (cases of unknown size fail a size bound)."""
-        keep = np.ones(len(labels), bool)
+        keep = self.size_mask(areas)
         if self.plane is not None:
             keep &= planes == self.plane
         if self.tumor_type is not None:
             keep &= labels == CLASS_NAMES.index(self.tumor_type)
+        return keep
+
+    def sized(self) -> bool:
+        return self.min_area_mm2 is not None or self.max_area_mm2 is not None
+
+    def size_mask(self, areas: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(areas), bool)
         with np.errstate(invalid="ignore"):
             if self.min_area_mm2 is not None:
                 keep &= areas >= self.min_area_mm2
             if self.max_area_mm2 is not None:
                 keep &= areas <= self.max_area_mm2
         return keep
+
+    def groups(self) -> list[str] | None:
+        """The store partitions (:func:`neurocbir.store.group_keys`) the type and plane allow;
+        None when neither is set."""
+        if self.plane is None and self.tumor_type is None:
+            return None
+        types = [CLASS_NAMES.index(self.tumor_type)] if self.tumor_type else list(range(len(CLASS_NAMES)))
+        planes = [self.plane] if self.plane else [*PLANES, ""]
+        return group_keys(np.repeat(types, len(planes)), np.tile(planes, len(types))).tolist()
 
 
 class CaseSource(Protocol):
@@ -105,6 +121,7 @@ class _SearchedCases:
     attr_area: np.ndarray
     trunk_index: VectorIndex | None
     first_depth = 64  # deep_search doubles it only when NIR needs more
+    partitioned = False  # the store is split by tumor type and plane (group_keys): filters pick partitions
 
     def _case_ids(self, ids: np.ndarray) -> np.ndarray:
         return ids
@@ -126,11 +143,17 @@ class _SearchedCases:
     def filtered(
         self, query: np.ndarray, filters: CaseFilter, k: int, one_per_patient: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        allowed = self.store_ids[filters.mask(self.attr_label, self.attr_plane, self.attr_area)]
-        if not len(allowed):
+        extra = {}
+        if self.partitioned:  # type and plane pick the store's partitions; only a size range needs ids
+            extra["groups"] = filters.groups()
+            allowed = self.store_ids[filters.size_mask(self.attr_area)] if filters.sized() else None
+        else:
+            allowed = self.store_ids[filters.mask(self.attr_label, self.attr_plane, self.attr_area)]
+        if allowed is not None and not len(allowed):
             return np.zeros(0), np.zeros(0, np.int64)
-        depth = min(len(allowed), max(8 * k, 64) if one_per_patient else k)
-        dist, ids = self.store.search(query, depth, allowed=allowed)
+        depth = max(8 * k, 64) if one_per_patient else k
+        depth = min(depth, self.size() if allowed is None else len(allowed))
+        dist, ids = self.store.search(query, depth, allowed=allowed, **extra)
         known = (ids >= 0) & (self.label_of(ids) >= 0)
         if one_per_patient:
             known &= first_per_group(np.where(known, ids, -1), self.group_of(ids))
@@ -234,6 +257,8 @@ class RunCases(_SearchedCases):
 class ArchiveCases(_SearchedCases):
     """A :class:`neurocbir.archive.CaseArchive` built with ``neurocbir add``: any number of
     cases from any source folder, searched through its FAISS or Milvus store."""
+
+    partitioned = True
 
     def __init__(self, root: Path | str, checkpoint_sha256: str, dim: int):
         from .archive import CaseArchive
