@@ -64,7 +64,14 @@ def ensure_llama_cpp() -> None:
         import llama_cpp.server  # noqa: F401
     except ImportError:
         print("installing llama-cpp-python[server] (compiles, ~10 minutes on 2 cores)...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python[server]==0.3.36"], check=True)
+        # a native build may use AMX, which cpuid reports but a VM need not enable ("Illegal
+        # instruction" at the first token): build for AVX2 / FMA / F16C, which every x86-64-v3 runs
+        env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"}
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", "llama-cpp-python[server]==0.3.36"],
+            check=True,
+            env=env,
+        )
 
 
 def serve(model: Path) -> tuple[subprocess.Popen, str]:

@@ -61,7 +61,8 @@ class VectorIndex:
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError("k must be >= 1 and the index must not be empty")
-        with selector(allowed) as params:
+        with id_selector(allowed) as sel:
+            params = search_params(sel)
             d2, ids = faiss_search(self.index, q, k, params)
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
@@ -89,9 +90,9 @@ def faiss_search(index: faiss.Index, q: np.ndarray, k: int, params=None) -> tupl
 
 
 @contextmanager
-def selector(allowed: np.ndarray | None, params_type=None, **fields):
-    """FAISS search parameters that keep only the ``allowed`` ids (None: no filter). The
-    selector object must outlive the search, hence a context."""
+def id_selector(allowed: np.ndarray | None):
+    """A FAISS ID selector that keeps only the ``allowed`` ids (None: no filter), for every
+    search in the block (the selector must outlive them, hence a context)."""
     if allowed is None:
         yield None
         return
@@ -104,10 +105,17 @@ def selector(allowed: np.ndarray | None, params_type=None, **fields):
         sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
     else:
         sel = faiss.IDSelectorBatch(allowed)
+    yield sel
+    del sel, bitmap
+
+
+def search_params(sel, params_type=None, **fields):
+    """FAISS search parameters with the selector ``sel`` (None when there is no filter)."""
+    if sel is None:
+        return None
     params = (params_type or faiss.SearchParameters)(**fields)
     params.sel = sel
-    yield params
-    del sel, bitmap
+    return params
 
 
 def write_index(index: faiss.Index, path: Path | str, manifest: dict) -> None:
