@@ -363,6 +363,38 @@ def test_archive_service_matches_the_run(small_run, small_cases, training_archiv
         svc.cases.case(10**9)
 
 
+def test_partitioned_archive_filters_find_the_exact_nearest_passing_cases(small_run, small_cases, training_archive):
+    """The archive's store is partitioned by tumor type and plane; type / plane filters pick
+    partitions and size ranges are over-fetched and checked (or, when too few pass, an ID
+    selector): every filter returns exactly the nearest passing cases of a brute-force search."""
+    from neurocbir.archive import CaseArchive
+    from neurocbir.sources import ArchiveCases, CaseFilter
+
+    cases = ArchiveCases(training_archive, CaseArchive.open(training_archive, writer=False).checkpoint_sha256, 128)
+    assert len(cases.store.parts) > 3  # type x plane
+    ids, emb = cases.archive.embeddings()
+    areas = sorted(cases.attr_area)
+    lo, mid, hi = (float(areas[int(q * (len(areas) - 1))]) for q in (0.25, 0.5, 0.95))
+    filters = [
+        CaseFilter(tumor_type="glioma"),
+        CaseFilter(plane="sagittal"),
+        CaseFilter(plane="axial", tumor_type="pituitary"),
+        CaseFilter(min_area_mm2=lo, max_area_mm2=mid),  # about a quarter: over-fetched and checked
+        CaseFilter(min_area_mm2=hi),  # 5 %: the over-fetch falls short, the ID selector answers
+        CaseFilter(plane="coronal", tumor_type="meningioma", max_area_mm2=mid),
+    ]
+    for q in emb[:: max(1, len(emb) // 6)][:6] + 0.05:
+        for f in filters:
+            dist, found = cases.filtered(q[None], f, 5, one_per_patient=False)
+            passing = f.mask(cases.attr_label, cases.attr_plane, cases.attr_area)
+            d = np.linalg.norm(emb[passing] - q, axis=1)
+            ref = ids[passing][np.argsort(d)[:5]]
+            assert len(found) == min(5, passing.sum())
+            # HNSW partitions: nearly exact; the distances are the true ones, sorted
+            assert len(set(found.tolist()) & set(ref.tolist())) >= len(found) - 1, f
+            assert np.allclose(np.sort(dist), dist) and (dist >= np.sort(d)[0] - 1e-4).all()
+
+
 def test_http_api_over_an_archive(small_run, small_cases, training_archive):
     from fastapi.testclient import TestClient
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -143,23 +144,49 @@ class _SearchedCases:
     def filtered(
         self, query: np.ndarray, filters: CaseFilter, k: int, one_per_patient: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        extra = {}
-        if self.partitioned:  # type and plane pick the store's partitions; only a size range needs ids
-            extra["groups"] = filters.groups()
-            allowed = self.store_ids[filters.size_mask(self.attr_area)] if filters.sized() else None
+        depth = max(8 * k, 64) if one_per_patient else k
+        if self.partitioned:  # type and plane pick the store's partitions; a size range is checked after
+            dist, ids = self._partitioned_search(query, filters, depth)
         else:
             allowed = self.store_ids[filters.mask(self.attr_label, self.attr_plane, self.attr_area)]
-        if allowed is not None and not len(allowed):
-            return np.zeros(0), np.zeros(0, np.int64)
-        depth = max(8 * k, 64) if one_per_patient else k
-        depth = min(depth, self.size() if allowed is None else len(allowed))
-        dist, ids = self.store.search(query, depth, allowed=allowed, **extra)
+            if not len(allowed):
+                return np.zeros(0), np.zeros(0, np.int64)
+            dist, ids = self.store.search(query, min(depth, len(allowed)), allowed=allowed)
         known = (ids >= 0) & (self.label_of(ids) >= 0)
         if one_per_patient:
             known &= first_per_group(np.where(known, ids, -1), self.group_of(ids))
         dist, ids = compact(dist, ids, known)
         valid = ids[0] >= 0
         return dist[0][valid][:k], self._case_ids(ids[0][valid][:k])
+
+    @cached_property
+    def _sorted_areas(self) -> np.ndarray:  # a size range's share of the archive in O(log n)
+        return np.sort(self.attr_area[np.isfinite(self.attr_area)])
+
+    @cached_property
+    def _area_of(self) -> Callable[[np.ndarray], np.ndarray]:
+        return lookup(self.store_ids, self.attr_area, missing=np.nan)
+
+    def _partitioned_search(self, query: np.ndarray, filters: CaseFilter, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the partitions of the filter's type and plane. A size range: over-fetch by
+        its share of the archive and keep the cases in range (no 1M-case mask per query); only
+        when too few pass, an ID selector over the cases in range."""
+        groups = filters.groups()
+        if not filters.sized():
+            return self.store.search(query, min(depth, self.size()), groups=groups)
+        lo = -np.inf if filters.min_area_mm2 is None else filters.min_area_mm2
+        hi = np.inf if filters.max_area_mm2 is None else filters.max_area_mm2
+        n_in = np.searchsorted(self._sorted_areas, hi, "right") - np.searchsorted(self._sorted_areas, lo, "left")
+        if n_in == 0:
+            return np.zeros((1, 0)), np.zeros((1, 0), np.int64)
+        want = int(np.ceil(3 * depth * len(self.attr_area) / n_in))
+        if want <= 1024:
+            dist, ids = self.store.search(query, min(want, self.size()), groups=groups)
+            keep = (ids >= 0) & filters.size_mask(self._area_of(ids).ravel()).reshape(ids.shape)
+            if keep.sum(1).min() >= depth or want >= self.size():
+                return compact(dist, ids, keep)
+        allowed = self.store_ids[filters.size_mask(self.attr_area)]
+        return self.store.search(query, min(depth, len(allowed)), allowed=allowed, groups=groups)
 
     def _far_threshold(self, patient_keys: np.ndarray) -> float:
         """ "No similar case": farther, in frozen-trunk feature space, than 1.1 x the 99.5th
