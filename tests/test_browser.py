@@ -20,32 +20,50 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
+def launch(playwright):
+    """Debian's chromium, headless, with no background network traffic (the machine has none)."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium")
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
+
+
+def serve_in_thread(app) -> tuple[str, object]:
+    """Serve ``app`` with uvicorn on a free loopback port; returns (base URL, server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.1)
+    return f"http://127.0.0.1:{port}", server
+
+
 @pytest.fixture(scope="module")
 def base_url(small_run, small_cases):
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
         pytest.skip("Debian's chromium is not installed: apt-get install chromium")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(RetrievalService.from_run(small_run, table=small_cases)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    url, server = serve_in_thread(create_app(RetrievalService.from_run(small_run, table=small_cases)))
+    yield url
     server.should_exit = True
-    thread.join(10)
 
 
 def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
@@ -55,19 +73,7 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
     scan = small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg"
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(base_url)
         expect(page.locator("#disclaimer")).to_contain_text("not a diagnosis")

@@ -266,3 +266,37 @@ def test_dicomweb_errors_say_what_to_fix(pacs, small_run, tmp_path, monkeypatch)
     assert r.exit_code == 2 and "none of the 1 instances" in r.output
     r = runner.invoke(cli, ["query", "--instance", uid, "--run", str(small_run)])
     assert r.exit_code == 2 and "--dicomweb" in r.output
+
+
+def test_dicomweb_the_ui_opens_a_scan_by_instance_uid(pacs, pacs_archive, small_run):
+    """In a real browser: the PACS field appears when the server has a PACS; a SOP Instance UID
+    typed there is fetched, shown and answered like an upload."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from neurocbir.app import create_app
+    from neurocbir.service import RetrievalService
+    from tests.test_browser import ARTIFACTS, launch, serve_in_thread
+
+    url, server = serve_in_thread(
+        create_app(RetrievalService.from_archive(small_run, pacs_archive), dicomweb=pacs["url"])
+    )
+    uid = next(iter(pacs["rows"]))
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            expect(page.locator("#pacsRow")).to_be_visible()
+            page.fill("#pacsUid", uid)
+            page.click("#run")
+            expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+            expect(page.locator(".retrieval").first).to_contain_text("distance 0.000")  # the slice itself
+            assert page.locator("#queryImg").evaluate("i => i.naturalWidth") > 0  # the PACS image is shown
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "browser_pacs.png"), full_page=True)
+            page.fill("#pacsUid", "1.2.3.4.5.6.7")
+            page.click("#run")
+            expect(page.locator("#error")).to_contain_text("no instance 1.2.3.4.5.6.7")
+            browser.close()
+    finally:
+        server.should_exit = True
