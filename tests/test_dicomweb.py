@@ -292,6 +292,15 @@ def test_dicomweb_the_ui_opens_a_scan_by_instance_uid(pacs, pacs_archive, small_
             expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
             expect(page.locator(".retrieval").first).to_contain_text("distance 0.000")  # the slice itself
             assert page.locator("#queryImg").evaluate("i => i.naturalWidth") > 0  # the PACS image is shown
+            page.wait_for_function("[...document.querySelectorAll('.retrieval img')].every(i => i.complete)")
+            widths = page.locator(".retrieval img:not(.heat)").evaluate_all("l => l.map(i => i.naturalWidth)")
+            assert widths and min(widths) > 0  # the archive's copies show, with no mask to outline
+            if page.locator("#disagree").is_visible():  # says which disagreement it is
+                vote = page.locator("#probs tr").evaluate_all("rows => rows.slice(1).map(r => r.cells[3].innerText)")
+                top = ["meningioma", "glioma", "pituitary"][max(range(3), key=lambda i: float(vote[i].rstrip("%")))]
+                pred = page.locator("#pred").inner_text().strip()
+                text = page.locator("#disagree").inner_text()
+                assert text.startswith("The neighbours disagree" if top != pred else "The evidence does not single out")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "browser_pacs.png"), full_page=True)
             page.fill("#pacsUid", "1.2.3.4.5.6.7")

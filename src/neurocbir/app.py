@@ -6,6 +6,7 @@ injected from ``app.state`` so one app serves whatever source the service was bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 from importlib import resources
@@ -301,9 +302,12 @@ def case_image(
 ) -> Response:
     try:
         img = service.cases.image(case_id)
-        mask = service.cases.mask(case_id) if outline else None
     except KeyError as exc:
         raise _not_found(exc) from None
+    mask = None
+    if outline:
+        with contextlib.suppress(KeyError):  # no mask for this case (e.g. ingested from a PACS): no outline
+            mask = service.cases.mask(case_id)
     return Response(_png(img, mask, size), media_type="image/png")
 
 
