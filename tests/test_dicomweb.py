@@ -127,20 +127,7 @@ def test_dicomweb_ingest_is_faithful_and_deidentified(pacs, pacs_archive, small_
         n_patients = db.execute("SELECT COUNT(DISTINCT patient_key) FROM cases").fetchone()[0]
     assert n_patients == len({str(pacs["datasets"][i].PatientID) for i in range(N_LABELLED)})
     # a rerun downloads nothing: every instance is known by its UID's hash
-    r = CliRunner().invoke(
-        cli,
-        [
-            "add",
-            "--dicomweb",
-            pacs["url"],
-            "--labels",
-            str(pacs["labels"]),
-            "--archive",
-            str(pacs_archive),
-            "--run",
-            str(small_run),
-        ],
-    )
+    r = CliRunner().invoke(cli, _add(pacs, pacs_archive, small_run)[3:])  # in process, without `python -m`
     assert r.exit_code == 0, r.output
     assert f"0 cases added, {N_LABELLED} already there" in r.output
 

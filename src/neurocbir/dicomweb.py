@@ -18,7 +18,6 @@ Credentials, when the server asks for them: ``$NEUROCBIR_DICOMWEB_USER`` and
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-
-from .data import PLANES
 
 SOP_UID, STUDY_UID, SERIES_UID, PATIENT_ID = "00080018", "0020000D", "0020000E", "00100020"
 LABEL_COLUMNS = "sop_instance_uid,label[,patient_id,plane,area_mm2,report]"
@@ -152,44 +149,19 @@ def read_instance(url: str, sop_uid: str) -> tuple[np.ndarray, tuple[float, floa
     return dataset_pixels(fetch_dataset(url, find_instance(url, sop_uid)))
 
 
-def _read_labels(path: Path) -> dict[str, dict]:
-    from .archive import ArchiveError
-
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"sop_instance_uid", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise ArchiveError(f"{path} lacks columns {sorted(missing)} (expected {LABEL_COLUMNS})")
-            rows = list(reader)
-    except OSError as exc:
-        raise ArchiveError(f"cannot read the labels file {path} ({exc.strerror})") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ArchiveError(f"{path} is not a UTF-8 CSV file ({exc})") from None
-    out = {}
-    for n, r in enumerate(rows, 2):
-        uid = (r.get("sop_instance_uid") or "").strip()
-        if not uid or r.get("label") is None:
-            raise ArchiveError(f"{path}, line {n}: a SOP Instance UID and a label are required")
-        plane = (r.get("plane") or "").strip().lower()
-        if plane and plane not in PLANES:
-            raise ArchiveError(f"{path}, line {n}: plane {plane!r} is not one of {', '.join(PLANES)}")
-        out[uid] = {**r, "plane": plane, "where": f"{path}, line {n}"}
-    return out
-
-
 def scan_dicomweb(url: str, labels: Path | str, copies: Path | str, study: str | None = None) -> tuple[list, int]:
     """The server's instances that ``labels`` (a CSV keyed by SOP Instance UID) labels, as
     case files whose pixels are fetched when the ingest reaches them and kept, header-free, in
     ``copies``. Returns (case files, number of instances on the server without a label)."""
     from .archive import ArchiveError
-    from .ingest import CaseFile, parse_label
+    from .ingest import CaseFile, read_rows, row_attributes
 
-    table = _read_labels(Path(labels))
+    table = {}
+    for where, r in read_rows(Path(labels), {"sop_instance_uid", "label"}, LABEL_COLUMNS):
+        table[r["sop_instance_uid"].strip()] = (row_attributes(r, where), (r.get("patient_id") or "").strip())
     refs = list_instances(url, study)
     on_server = {r.sop for r in refs}
-    absent = [uid for uid in table if uid not in on_server]
-    if absent and len(absent) == len(table):
+    if table and not on_server & set(table):
         raise ArchiveError(
             f"none of the {len(table)} instances in {labels} is on the DICOMweb server at {url}"
             + (f" in study {study}" if study else "")
@@ -197,21 +169,17 @@ def scan_dicomweb(url: str, labels: Path | str, copies: Path | str, study: str |
     copies = Path(copies)
     files = []
     for ref in refs:
-        row = table.get(ref.sop)
-        if row is None:
+        if ref.sop not in table:
             continue
-        try:
-            area = float(row["area_mm2"]) if (row.get("area_mm2") or "").strip() else None
-        except ValueError:
-            raise ArchiveError(f"{row['where']}: area_mm2 {row['area_mm2']!r} is not a number") from None
+        (label, plane, area, report), patient_id = table[ref.sop]
         files.append(
             CaseFile(
                 copies / f"{ref.key}.npy",
-                parse_label(row["label"], row["where"]),
-                (row.get("patient_id") or "").strip() or ref.patient_id or ref.study,
-                row["plane"],
+                label,
+                patient_id or ref.patient_id or ref.study,
+                plane,
                 area,
-                report=(row.get("report") or None),
+                report=report,
                 load=lambda r=ref: _fetch_and_keep(url, r, copies),
                 key=ref.key,
                 name=f"instance {ref.sop}",

@@ -95,45 +95,51 @@ def scan_folder(folder: Path | str, folds: Iterable[int] | None = None) -> list[
     return files
 
 
-def _scan_csv(folder: Path) -> list[CaseFile]:
-    path = folder / "cases.csv"
+def read_rows(path: Path, required: set[str], columns: str) -> list[tuple[str, dict]]:
+    """(where, row) for each line of a UTF-8 CSV that has the ``required`` columns."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            missing = {"file", "label"} - set(reader.fieldnames or [])
+            missing = required - set(reader.fieldnames or [])
             if missing:
-                raise ArchiveError(f"{path} lacks columns {sorted(missing)}")
+                raise ArchiveError(f"{path} lacks columns {sorted(missing)} (expected {columns})")
             rows = list(reader)
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {path} ({exc.strerror})") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ArchiveError(f"{path} is not a UTF-8 CSV file ({exc})") from None
-    files = []
+    out = []
     for n, r in enumerate(rows, 2):
         where = f"{path}, line {n}"
-        if r.get("file") is None or r.get("label") is None:
+        if any(r.get(c) is None for c in required):
             raise ArchiveError(f"{where}: fewer values than columns")
+        out.append((where, r))
+    return out
+
+
+def row_attributes(r: dict, where: str) -> tuple[int, str, float | None, str | None]:
+    """The label, plane, tumor area and report of a CSV row, checked."""
+    plane = (r.get("plane") or "").strip().lower()
+    if plane and plane not in PLANES:
+        raise ArchiveError(f"{where}: plane {plane!r} is not one of {', '.join(PLANES)}")
+    try:
+        area = float(r["area_mm2"]) if (r.get("area_mm2") or "").strip() else None
+    except ValueError:
+        raise ArchiveError(f"{where}: area_mm2 {r['area_mm2']!r} is not a number") from None
+    return parse_label(r["label"], where), plane, area, r.get("report") or None
+
+
+def _scan_csv(folder: Path) -> list[CaseFile]:
+    files = []
+    for where, r in read_rows(folder / "cases.csv", {"file", "label"}, "file,label[,patient_id,plane,area_mm2,report]"):
         try:
             f = (folder / r["file"]).resolve()
         except (ValueError, OSError):  # e.g. a NUL in the name
             raise ArchiveError(f"{where}: {r['file']!r} is not a file name") from None
         if not f.is_relative_to(folder.resolve()) or not f.is_file():
             raise ArchiveError(f"{where}: no file {r['file']!r} in {folder}")
-        plane = (r.get("plane") or "").strip().lower()
-        if plane and plane not in PLANES:
-            raise ArchiveError(f"{where}: plane {plane!r} is not one of {', '.join(PLANES)}")
-        try:
-            area = float(r["area_mm2"]) if (r.get("area_mm2") or "").strip() else None
-        except ValueError:
-            raise ArchiveError(f"{where}: area_mm2 {r['area_mm2']!r} is not a number") from None
-        files.append(
-            CaseFile(
-                f,
-                parse_label(r["label"], where),
-                (r.get("patient_id") or "").strip() or f.name,
-                plane,
-                area,
-                report=(r.get("report") or None),
-            )
-        )
+        label, plane, area, report = row_attributes(r, where)
+        files.append(CaseFile(f, label, (r.get("patient_id") or "").strip() or f.name, plane, area, report=report))
     return files
 
 
