@@ -248,6 +248,50 @@ def test_every_crash_window_is_repaired_on_reopen(tmp_path, store):
         arch.close()
 
 
+@pytest.mark.parametrize("store", ["flat", "milvus"])
+def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store):
+    """An archive whose store predates the tumor type / plane partitions (a single FAISS index
+    file, or a Milvus collection without the group field) is rebuilt from the table by the
+    writer; a reader searches an in-memory copy meanwhile. Filters then pick partitions."""
+    import json
+
+    import faiss
+
+    from neurocbir.index import write_index
+    from neurocbir.sources import CaseFilter
+
+    records = _records(30)
+    arch = CaseArchive.create(tmp_path / "a", 8, "ck", store=store)
+    arch.add(records)
+    collection = arch.meta.get("milvus_collection")
+    arch.close()
+    vecs = np.stack([r.embedding for r in records])
+    if store == "flat":  # the old format: one FAISS index file
+        old = faiss.IndexIDMap2(faiss.IndexFlatL2(8))
+        old.add_with_ids(vecs, np.arange(1, 31, dtype=np.int64))
+        write_index(old, tmp_path / "a" / "index.faiss", {"checkpoint_sha256": "ck", "dim": 8, "kind": "flat"})
+    else:  # the old collection: no group field, its manifest without "groups"
+        from pymilvus import MilvusClient
+
+        client = MilvusClient(str(tmp_path / "a" / "milvus.db"))
+        client.drop_collection(collection)
+        client.create_collection(
+            collection, dimension=8, metric_type="L2", auto_id=False, id_type="int",
+            description=json.dumps({"checkpoint_sha256": "ck", "dim": 8}),
+        )  # fmt: skip
+        client.upsert(collection, [{"id": i + 1, "vector": v.tolist()} for i, v in enumerate(vecs)])
+        client.close()
+    reader = CaseArchive.open(tmp_path / "a", "ck", 8, writer=False)
+    assert reader.store.count() == 30  # an in-memory copy, nothing written
+    reader.close()
+    arch = CaseArchive.open(tmp_path / "a", "ck", 8)
+    groups = CaseFilter(tumor_type="glioma").groups()
+    _, found = arch.store.search(vecs, 3, groups=groups)
+    labels = {i + 1: r.label for i, r in enumerate(records)}
+    assert all(labels[int(i)] == 1 for i in found.ravel() if i >= 0) and (found >= 0).all()
+    arch.close()
+
+
 def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans):
     CaseArchive.create(tmp_path / "a", 8, "ck").close()
     with pytest.raises(IndexMismatchError, match="checkpoint"):
