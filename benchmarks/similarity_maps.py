@@ -48,7 +48,7 @@ def main() -> None:
     from neurocbir.data import load_cases
     from neurocbir.inference import load_model
     from neurocbir.runs import first_trial
-    from neurocbir.saliency import ATTRIBUTION, ATTRIBUTIONS, SMOOTH_SIGMA
+    from neurocbir.saliency import ATTRIBUTION, ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, SMOOTH_SIGMA
 
     model = load_model(args.run)
     table = load_cases(model.config.data)
@@ -62,10 +62,29 @@ def main() -> None:
         q = rng.choice(len(a_rows), 30, replace=False)
         _, ids = clf.kneighbors(emb["archive"][q], 1, groups=table.patient_id[a_rows][q])
         pairs = list(zip(a_rows[q], a_rows[ids[:, 0]]))
-        for name in ATTRIBUTIONS:
+        rows = []
+        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS]:
             for sigma in (5 / 512, 10 / 512):
                 share, hit, _ = score(model, table, pairs, name, sigma)
-                print(f"{name:34s} sigma {sigma * 512:.0f} px: share {share:.3f}, pointing {hit:.3f}")
+                where = "last feature map" if name in FEATURE_ATTRIBUTIONS else "pixels"
+                rows.append(f"| {name.replace('_', ' ')} | {where} | {sigma * 512:.0f} | {share:.3f} | {hit:.3f} |")
+                print(rows[-1], flush=True)
+        write_section(
+            "similarity_select",
+            "\n".join(
+                [
+                    "## Similarity maps: choosing the attribution on training patients (issue 12)",
+                    "",
+                    f"Command: `python benchmarks/similarity_maps.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run `{args.run.name}` | 30 training-patient "
+                    "queries, each mapped towards its nearest case of another patient; the best pointing game is used",
+                    "",
+                    "| attribution | on | smoothing sigma (px at 512) | share inside tumor + 15 px | pointing game |",
+                    "|---|---|---|---|---|",
+                    *rows,
+                ]
+            ),
+        )
         return
     q = rng.choice(len(emb["test_rows"]), min(args.n, len(emb["test_rows"])), replace=False)
     _, ids = NIRClassifier().fit(emb["archive"], table.label[a_rows]).kneighbors(emb["test"][q], 1)

@@ -210,6 +210,21 @@ def test_similarity_maps_and_contrastive_evidence(bundled_service, small_cases):
     assert client.post("/similarity?case_id=1").status_code == 422
 
 
+def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundled_service, small_run, small_cases):
+    """The attributions `benchmarks/similarity_maps.py --select` chooses among, on the pixels
+    and on the last feature map, give a [0, 1] map at the scan's own size for the lesion model
+    and the cached recipe's model; a scan compared with itself has nothing to attribute."""
+    from neurocbir.inference import load_model
+    from neurocbir.saliency import ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, similarity_map
+
+    a, b = (small_cases.load_image(int(r)) for r in np.flatnonzero(small_cases.label == 0)[:2])
+    for model in (bundled_service.model, load_model(small_run)):
+        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS]:
+            sal = similarity_map(model, a, b, name)
+            assert sal.shape == a.shape and sal.min() >= 0 and sal.max() == pytest.approx(1.0), name
+        assert not similarity_map(model, a, a, "gradcam").any()  # zero distance: zero gradient
+
+
 def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_data_dir, small_cases, tmp_path):
     """`neurocbir add` with the committed model, then serving that archive: same tumor outline
     and the archive's own cases as evidence."""

@@ -50,6 +50,10 @@ class Model:
         """Differentiable embeddings of preprocessed images (for similarity maps)."""
         return self.top(self.encoder.forward_stages(x, 0, self.top.cut))
 
+    def feature_layers(self) -> list[torch.nn.Module]:
+        """The network's stages in order (feature-level maps read the last spatial output)."""
+        return [*self.encoder.stages[: self.top.cut], *self.top.stages]
+
 
 @dataclass
 class LesionModel:
@@ -85,6 +89,10 @@ class LesionModel:
     def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable embeddings of preprocessed images (for similarity maps)."""
         return self.net(x.contiguous(memory_format=torch.channels_last))[0]
+
+    def feature_layers(self) -> list[torch.nn.Module]:
+        """The module whose output is the last spatial feature map (feature-level maps)."""
+        return [self.net.neck]
 
     def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(embedding, descriptor, tumor probability on the network's input grid (S, S); map it

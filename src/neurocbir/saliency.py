@@ -1,12 +1,12 @@
 """Why is this case similar? A similarity map: which pixels of a scan bring its embedding
 closer to another case's (X-MIR's similarity-based saliency, by gradients).
 
-The map is |gradient x (input - black)| of the negative squared embedding distance, summed
-over the colour channels, smoothed and scaled to [0, 1], at the scan's own pixel size: one
-forward and one backward pass. The attribution (|gradient|, |gradient x input|, |gradient x
-(input - black)|, its positive part) and the smoothing (5 or 10 px at 512) were chosen on 30
-training-patient queries and their nearest case of another patient, by the pointing game
-(``benchmarks/similarity_maps.py --select``); the test fold only reports.
+The map is an attribution of the negative squared embedding distance, smoothed and scaled to
+[0, 1], at the scan's own pixel size: one forward and one backward pass. The attribution, on
+the pixels (|gradient|, |gradient x input|, |gradient x (input - black)|, its positive part) or
+on the last feature map (Grad-CAM, gradient x activation), and the smoothing (5 or 10 px at
+512) are chosen on 30 training-patient queries and their nearest case of another patient, by
+the pointing game (``benchmarks/similarity_maps.py --select``); the test fold only reports.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ ATTRIBUTIONS = {
     "grad_x_input_from_black": lambda g, x: (g * (x + 1)).abs(),  # black (-1) contributes nothing
     "positive_grad_x_input_from_black": lambda g, x: (g * (x + 1)).clamp(min=0),
 }
+# on the network's last feature map (stride 32) instead of the pixels: coarser, and about where
+# the embedding reads (Grad-CAM, and gradient x activation, for a distance instead of a class)
+FEATURE_ATTRIBUTIONS = {
+    "gradcam": lambda g, a: (g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True).clamp(min=0),
+    "grad_x_activation": lambda g, a: (g * a).sum(1, keepdim=True).clamp(min=0),
+}
 ATTRIBUTION = "grad_x_input_from_black"
 
 
@@ -42,11 +48,25 @@ def similarity_map(
     with torch.inference_mode():
         target = model.embed_tensor(preprocess(other, size)[None]).clone()
     x = preprocess(image, size)[None].clone().requires_grad_(True)
-    with torch.enable_grad():
-        emb = model.embed_tensor(x)
-        closeness = -((emb - target) ** 2).sum()
-        (grad,) = torch.autograd.grad(closeness, x)
-    sal = ATTRIBUTIONS[attribution](grad, x).sum(1, keepdim=True).detach()
+    features: list[torch.Tensor] = []  # the outputs of the network's stages; the last 4-D one is the map
+
+    def keep(module, inputs, out):
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            features.append(out)
+
+    hooks = [m.register_forward_hook(keep) for m in model.feature_layers()]
+    try:
+        with torch.enable_grad():
+            emb = model.embed_tensor(x)
+            closeness = -((emb - target) ** 2).sum()
+            grad, fgrad = torch.autograd.grad(closeness, [x, features[-1]])
+    finally:
+        for h in hooks:
+            h.remove()
+    if attribution in FEATURE_ATTRIBUTIONS:
+        sal = FEATURE_ATTRIBUTIONS[attribution](fgrad.float(), features[-1].detach().float())
+    else:
+        sal = ATTRIBUTIONS[attribution](grad, x).sum(1, keepdim=True).detach()
     sal = F.interpolate(sal, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
     sal = gaussian_filter(sal, sigma * max(image.shape))
     top = float(sal.max())
