@@ -80,6 +80,23 @@ class VectorIndex:
         return cls(index, manifest["checkpoint_sha256"])
 
 
+def numpy_search_takes_params() -> None:
+    """pytorch-metric-learning imports ``faiss.contrib.torch_utils``, which replaces every
+    index's ``search`` by a torch wrapper that refuses ``params`` (search parameters, ID
+    selectors) even for numpy input; every other FAISS user in the process then fails (Milvus
+    Lite's filtered search did). Send numpy calls back to FAISS's own method. Idempotent."""
+    for name in dir(faiss):
+        cls = getattr(faiss, name)
+        if not (isinstance(cls, type) and "search_numpy" in cls.__dict__) or getattr(cls.search, "_numpy_ok", False):
+            continue
+
+        def search(self, x, k, *args, _torch=cls.search, _numpy=cls.search_numpy, **kwargs):
+            return (_numpy if isinstance(x, np.ndarray) else _torch)(self, x, k, *args, **kwargs)
+
+        search._numpy_ok = True
+        cls.search = search
+
+
 def faiss_search(index: faiss.Index, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
     """index.search with search parameters. faiss.contrib.torch_utils (imported by
     pytorch-metric-learning) replaces ``search`` by a wrapper without ``params``; the numpy

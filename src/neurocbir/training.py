@@ -27,9 +27,11 @@ from .encoders import Encoder, Top, pick_device
 from .evaluate import fit_calibration
 from .features import cached_features
 from .files import atomic_write, sha256_file, write_json
-from .index import VectorIndex
+from .index import VectorIndex, numpy_search_takes_params
 from .inference import embed_features, trunk_descriptors
 from .runs import TrainConfig, trial_dir
+
+numpy_search_takes_params()  # pytorch-metric-learning's import patched FAISS's search (see there)
 
 
 def seed_everything(seed: int) -> None:
