@@ -49,22 +49,23 @@ def similarity_map(
         target = model.embed_tensor(preprocess(other, size)[None]).clone()
     x = preprocess(image, size)[None].clone().requires_grad_(True)
     features: list[torch.Tensor] = []  # the outputs of the network's stages; the last 4-D one is the map
+    on_features = attribution in FEATURE_ATTRIBUTIONS
 
     def keep(module, inputs, out):
         if isinstance(out, torch.Tensor) and out.ndim == 4:
             features.append(out)
 
-    hooks = [m.register_forward_hook(keep) for m in model.feature_layers()]
+    hooks = [m.register_forward_hook(keep) for m in model.feature_layers()] if on_features else []
     try:
         with torch.enable_grad():
             emb = model.embed_tensor(x)
             closeness = -((emb - target) ** 2).sum()
-            grad, fgrad = torch.autograd.grad(closeness, [x, features[-1]])
+            (grad,) = torch.autograd.grad(closeness, [features[-1] if on_features else x])
     finally:
         for h in hooks:
             h.remove()
-    if attribution in FEATURE_ATTRIBUTIONS:
-        sal = FEATURE_ATTRIBUTIONS[attribution](fgrad.float(), features[-1].detach().float())
+    if on_features:
+        sal = FEATURE_ATTRIBUTIONS[attribution](grad.float(), features[-1].detach().float())
     else:
         sal = ATTRIBUTIONS[attribution](grad, x).sum(1, keepdim=True).detach()
     sal = F.interpolate(sal, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
