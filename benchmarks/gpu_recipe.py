@@ -41,6 +41,11 @@ def main() -> None:
     ap.add_argument("--folds", default="5,1,2,3,4")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting trainings after this")
+    ap.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="metrics only (more folds for an earlier run): no inner-CV calibration, no served checkpoint",
+    )
     ap.add_argument("--per-group", type=int, default=0, help="smoke test: slices per (fold, class); 0 = all")
     for key in ("epochs", "batch_size", "image_size"):
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=LESION_DEFAULTS[key])
@@ -71,7 +76,7 @@ def main() -> None:
             fold=fold,
             trials=args.trials,
             weights=args.weights,
-            calibrate=n == 0,
+            calibrate=n == 0 and not args.no_serve,
             data=args.data,
         )
         run = Path(args.runs or out / "runs") / f"lesion-fold{fold}"
@@ -95,7 +100,7 @@ def main() -> None:
             f"tumor outline {timings['tumor_outline']}",
             flush=True,
         )
-        if n == 0:  # the served model
+        if n == 0 and not args.no_serve:  # the served model
             tdir = trial_dir(run, cfg.first_seed)
             shutil.copy(tdir / "checkpoint.pt", out / "checkpoint.pt")
             for name in ("config.json", "calibration.json"):
