@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cpu_runtime import compile_net
 from .data import CLASS_NAMES
 from .encoders import Encoder, Top, create_encoder
 from .lesion import LesionNet, fuse_for_inference
@@ -70,12 +71,16 @@ class LesionModel:
     def embedding_dim(self) -> int:
         return self.net.embedding_dim
 
-    @torch.inference_mode()
     def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         from .transforms import preprocess
 
         x = torch.stack([preprocess(im, self.config.image_size) for im in images])
-        emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last))
+        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256)
+        if compiled is not None:
+            emb, desc, logits = compiled(x.numpy())
+            return emb, desc, torch.from_numpy(logits)
+        with torch.inference_mode():
+            emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last))
         return emb.numpy(), desc.numpy(), logits
 
     def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

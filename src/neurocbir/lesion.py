@@ -38,6 +38,15 @@ def _taps(stages: nn.ModuleList, size: int = 64) -> tuple[list[int], list[int]]:
     return [last[s][0] for s in TAP_STRIDES], [last[s][1] for s in TAP_STRIDES]
 
 
+def _pool_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Adaptive average pooling to ``size``; a plain average pool when the sizes divide (the same
+    numbers, and exportable to ONNX with a constant kernel)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if h % size[0] == 0 and w % size[1] == 0:
+        return F.avg_pool2d(x, (h // int(size[0]), w // int(size[1])))
+    return F.adaptive_avg_pool2d(x, size)
+
+
 class LesionNet(nn.Module):
     """``forward(x)`` -> (embedding (B, dim) L2-normalised, descriptor (B, C) L2-normalised,
     tumor logits (B, 1, H/4, W/4)).
@@ -83,7 +92,7 @@ class LesionNet(nn.Module):
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
         logits = self.mask_head(y)
-        weight = F.adaptive_avg_pool2d(torch.sigmoid(logits.float()), fmap.shape[-2:]).to(fmap.dtype)
+        weight = _pool_to(torch.sigmoid(logits.float()), fmap.shape[-2:]).to(fmap.dtype)
         context = fmap.mean(dim=(2, 3))
         lesion = (fmap * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + 1e-3)
         emb = self.head(torch.cat([context, lesion], dim=1))

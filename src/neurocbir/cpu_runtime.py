@@ -1,0 +1,103 @@
+"""The lesion network compiled for this CPU by OpenVINO, at float32.
+
+Why: PyTorch runs EfficientNet's depthwise convolutions one kernel at a time; OpenVINO fuses
+them, which is what `neurocbir add` and each query spend their time on (benchmarks/bulk_add.py,
+benchmarks/cpu_precision.py). The outputs equal PyTorch's to ~1e-6, so the neighbours do not
+change (bfloat16 did change them). The network is exported to ONNX in memory once per process
+and checkpoint; PyTorch stays the fallback (``NEUROCBIR_BACKEND=torch``, or OpenVINO missing)
+and serves the gradients of the similarity maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: (embedding, descriptor, tumor logits) of a float32 batch (B, 3, S, S)
+Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+_compiled: dict[tuple[str, int], Forward | None] = {}
+_lock = threading.Lock()
+
+
+def backend() -> str:
+    """``openvino`` (the default) or ``torch``, from ``NEUROCBIR_BACKEND``."""
+    name = os.environ.get("NEUROCBIR_BACKEND", "openvino").strip().lower()
+    if name not in ("openvino", "torch"):
+        raise ValueError(f"NEUROCBIR_BACKEND={name!r}: use 'openvino' or 'torch'")
+    return name
+
+
+def _import_openvino():
+    # `import openvino` sends a usage event to Google Analytics through openvino-telemetry
+    # unless that package is missing; a clinical tool makes no such calls, so it is made missing.
+    sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+
+    return openvino
+
+
+def compile_net(net: torch.nn.Module, image_size: int, key: str) -> Forward | None:
+    """``net`` (eval mode, three outputs) compiled for this CPU, or None to stay on PyTorch.
+    Cached per (``key``, size): one export per process and checkpoint."""
+    if backend() == "torch":
+        return None
+    with _lock:
+        if (key, image_size) in _compiled:
+            return _compiled[(key, image_size)]
+        try:
+            ov = _import_openvino()
+        except ImportError:
+            log.warning("OpenVINO is not installed: the CNN runs on PyTorch (about 2x slower)")
+            return None
+        try:
+            forward = _compile(ov, net, image_size)
+        except Exception as exc:  # an exporter or compiler gap: stay correct, only slower
+            log.warning("OpenVINO could not compile the network (%s): the CNN runs on PyTorch", exc)
+            forward = None
+        _compiled[(key, image_size)] = forward
+        return forward
+
+
+def _compile(ov, net: torch.nn.Module, image_size: int) -> Forward:
+    """Export to ONNX (a temporary file), compile for the CPU at float32, one request per thread."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        path = Path(tmp) / "net.onnx"
+        torch.onnx.export(
+            net,
+            (torch.zeros(2, 3, image_size, image_size),),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["embedding", "descriptor", "tumor_logits"],
+            dynamic_axes={"image": {0: "batch"}},
+            opset_version=17,
+        )
+        core = ov.Core()
+        compiled = core.compile_model(
+            core.read_model(str(path)),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},  # never bf16: same neighbours
+        )
+    local = threading.local()  # an infer request serves one call at a time
+
+    def forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
+        out = request.infer(np.ascontiguousarray(x, dtype=np.float32))  # copies the outputs
+        return out[0], out[1], out[2]
+
+    return forward

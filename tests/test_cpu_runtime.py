@@ -1,0 +1,68 @@
+"""The OpenVINO-compiled lesion network (neurocbir.cpu_runtime) against PyTorch, on real slices:
+the same embeddings, descriptors and tumor maps, hence the same neighbours; and no usage pings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neurocbir import cpu_runtime
+from neurocbir.inference import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    return load_model(ROOT / "models" / "lesion-fold5")
+
+
+def _embed_with(monkeypatch, model, backend: str, images):
+    monkeypatch.setenv("NEUROCBIR_BACKEND", backend)
+    return model.embed(images), model.analyse(images[0])[2]
+
+
+def test_openvino_matches_pytorch_and_retrieves_the_same_neighbours(served, small_cases, monkeypatch):
+    rows = np.arange(len(small_cases))[:48]
+    images = [small_cases.load_image(r) for r in rows]
+    (emb_ov, desc_ov), prob_ov = _embed_with(monkeypatch, served, "openvino", images)
+    assert cpu_runtime._compiled[(served.checkpoint_sha256, served.config.image_size)] is not None, "not compiled"
+    (emb_pt, desc_pt), prob_pt = _embed_with(monkeypatch, served, "torch", images)
+    np.testing.assert_allclose(emb_ov, emb_pt, atol=2e-5)
+    np.testing.assert_allclose(desc_ov, desc_pt, atol=2e-5)
+    np.testing.assert_allclose(prob_ov, prob_pt, atol=1e-4)
+    # the first 8 slices as queries against the other 40: the same five neighbours, in order
+    d_ov = ((emb_ov[:8, None] - emb_ov[None, 8:]) ** 2).sum(-1)
+    d_pt = ((emb_pt[:8, None] - emb_pt[None, 8:]) ** 2).sum(-1)
+    assert (np.argsort(d_ov, axis=1)[:, :5] == np.argsort(d_pt, axis=1)[:, :5]).all()
+    # a batch of one (a query) gives what the batch gave
+    (one, _), _ = _embed_with(monkeypatch, served, "openvino", images[:1])
+    np.testing.assert_allclose(one[0], emb_ov[0], atol=2e-5)
+
+
+def test_backend_is_checked(monkeypatch, served):
+    monkeypatch.setenv("NEUROCBIR_BACKEND", "torch")
+    assert cpu_runtime.compile_net(served.net, served.config.image_size, "any") is None
+    monkeypatch.setenv("NEUROCBIR_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="NEUROCBIR_BACKEND"):
+        cpu_runtime.backend()
+
+
+def test_openvino_sends_no_usage_event(tmp_path):
+    """`import openvino` alone writes a client id under ~/intel and queues an analytics event;
+    through neurocbir it does neither."""
+    for name, code, pings in (
+        ("plain", "import openvino; openvino.Core()", True),  # the premise, so this test can fail
+        ("ours", "from neurocbir.cpu_runtime import _import_openvino; _import_openvino().Core()", False),
+    ):
+        home = tmp_path / name
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}  # CI: no pings
+        env["HOME"] = str(home)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+        assert (home / "intel").exists() == pings, name
