@@ -1,17 +1,19 @@
-"""bfloat16 on this CPU for the served model (issue 9): speed, and whether it retrieves the
-same neighbours as float32.
+"""The served model's CNN on this CPU (issue 9): PyTorch float32, PyTorch bfloat16 and
+OpenVINO float32 (the default runtime, neurocbir.cpu_runtime); speed, and whether each
+retrieves the same neighbours as PyTorch float32.
 
     .venv/bin/python benchmarks/cpu_precision.py [--run models/lesion-fold5]
 
-Embeds every slice in float32 and under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (batches
-of 32), times single-image queries both ways, and compares the test fold's nearest neighbours
-and NIR kappa with float32 archive and queries, bf16 for both, and a bf16 archive with float32
-queries (what indexing in bf16 while querying in float32 would give).
+Embeds every slice each way (batches of 32), times single-image queries, and compares the test
+fold's nearest neighbours and NIR kappa with PyTorch float32 archive and queries: each variant for
+both, and a variant's archive with PyTorch float32 queries (an archive indexed one way, queried
+another).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +39,14 @@ def main() -> None:
     table = load_cases(model.config.data)
     a_rows, q_rows = np.flatnonzero(table.fold != model.config.fold), np.flatnonzero(table.fold == model.config.fold)
     embs, speed = {}, {}
-    for name, bf16 in (("float32", False), ("bfloat16", True)):
+    variants = {
+        "PyTorch float32": ("torch", False),
+        "PyTorch bfloat16": ("torch", True),
+        "OpenVINO float32": ("openvino", False),
+    }
+    for name, (backend, bf16) in variants.items():
+        os.environ["NEUROCBIR_BACKEND"] = backend
+        model.embed([table.load_image(0)])  # OpenVINO compiles on the first call: not timed
         out, t0 = [], time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for b in range(0, len(table), 32):
@@ -52,11 +61,12 @@ def main() -> None:
                     times.append(time.perf_counter() - t1)
             speed[name].append(1000 * float(np.median(times)))
     y = table.label
-    combos = {
-        "float32 archive, float32 queries": ("float32", "float32"),
-        "bfloat16 archive, bfloat16 queries": ("bfloat16", "bfloat16"),
-        "bfloat16 archive, float32 queries": ("bfloat16", "float32"),
-    }
+    ref = "PyTorch float32"
+    combos = {f"{ref} archive and queries": (ref, ref)}
+    for name in variants:
+        if name != ref:
+            combos[f"{name} archive and queries"] = (name, name)
+            combos[f"{name} archive, {ref} queries"] = (name, ref)
     ref_ids, rows, agreement = None, [], []
     for label, (a, q) in combos.items():
         clf = NIRClassifier().fit(embs[a][a_rows], y[a_rows])
@@ -68,30 +78,34 @@ def main() -> None:
         top5 = float(np.mean([len(set(i) & set(j)) / 5 for i, j in zip(ids, ref_ids)]))
         rows.append(f"| {label} | {top1:.3f} | {top5:.3f} | {kappa:.3f} |")
         agreement.append(top1)
-    same = min(agreement) >= 0.95
-    verdict = (
-        "bfloat16 retrieves the same nearest neighbours as float32 (>= 95 % same top-1)."
-        if same
-        else "bfloat16 changes the nearest neighbours (the archive holds many near-equidistant slices of one "
-        "patient), so the app and `neurocbir add` stay in float32: a bf16 index would not retrieve what the "
-        "evaluated float32 model retrieves."
-    )
+    verdicts = []
+    for name in variants:
+        if name == ref:
+            continue
+        top1 = min(a for label, a in zip(combos, agreement) if label.startswith(name))
+        verdicts.append(
+            f"{name}: the same nearest neighbours as {ref} ({100 * top1:.1f} % same top-1 at worst)."
+            if top1 >= 0.95
+            else f"{name} changes the nearest neighbours ({100 * top1:.1f} % same top-1 at worst; the archive "
+            "holds many near-equidistant slices of one patient): not used, since its index would not retrieve "
+            "what the evaluated model retrieves."
+        )
     body = "\n".join(
         [
-            "## bfloat16 on the CPU: speed and neighbours (issue 9)",
+            "## The CNN on the CPU: runtimes, precision, neighbours (issue 9)",
             "",
             f"Command: `python benchmarks/cpu_precision.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run `{args.run.name}`, {len(table)} slices",
             "",
-            "| precision | embedding throughput, batches of 32 (slices/s, JPEG decoding included) | one query's CNN pass, p50 (ms) |",
+            "| runtime and precision | embedding throughput, batches of 32 (slices/s, JPEG decoding included) | one query's CNN pass, p50 (ms) |",
             "|---|---|---|",
             *(f"| {n} | {v[0]:.1f} | {v[1]:.1f} |" for n, v in speed.items()),
             "",
-            "| archive / queries | same top-1 as float32 | top-5 overlap with float32 | NIR kappa (test fold) |",
+            "| archive / queries | same top-1 as PyTorch float32 | top-5 overlap | NIR kappa (test fold) |",
             "|---|---|---|---|",
             *rows,
             "",
-            verdict,
+            "\n\n".join(verdicts),
         ]
     )
     write_section("precision", body)
