@@ -1,6 +1,7 @@
 """Reports in three styles for every case, the parser, and grounded summaries / answers."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -190,3 +191,67 @@ def test_an_answer_that_names_wrong_or_no_reports_is_corrected():
     assert check_against("The largest tumor measures 2400.50 mm².", truth, f)  # names no report
     assert check_against("Reports 1 and 2 show the largest tumor, 2400.50 mm².", truth, f)
     assert parse_report("MRI, T1-weighted contrast-enhanced, axial plane: glioma of 1,204.6 mm².").area_mm2 == 1204.6
+
+
+@pytest.mark.parametrize(
+    "text, subjects",
+    [
+        ("Report 3 (734.23 mm²) has the size closest to the query's (798.57 mm²).", [(3, 734.23), ("query", 798.57)]),
+        (
+            "Report 2 has the tumor size closest to 4948.70 mm² compared to the query's 2546.02 mm².",
+            [(2, 4948.70), ("query", 2546.02)],
+        ),
+        ("The fifth report shows the largest tumor, 2,400.5 mm².", [(5, 2400.5)]),
+        ("Reports 1 and 2 are 120 mm² and 800 mm².", []),  # a list: no single subject
+        ("The average tumor size is 976.48 mm².", []),
+    ],
+)
+def test_sizes_are_given_to_the_subject_named_before_them(text, subjects):
+    from neurocbir.grounding import attributed_sizes
+
+    assert [(s, round(v, 2)) for s, v in attributed_sizes(text)] == subjects
+
+
+class _Replay:
+    """An LLM backend that gives one recorded reply."""
+
+    def __init__(self, reply: str):
+        self.reply = reply
+
+    def chat(self, messages) -> str:
+        return self.reply
+
+
+def test_real_llm_answers_with_swapped_sizes_are_corrected():
+    """Recorded grounded-mode replies that state only real sizes, but the query's as a report's:
+    the verifier of 2026-11-26 showed them; now they are replaced by the computed answer."""
+    from neurocbir.explain import answer_question, read_answer
+    from neurocbir.report_eval import grade_answer
+
+    recorded = json.loads((Path(__file__).parent / "data" / "llm_swapped_sizes.json").read_text())["exchanges"]
+    assert len(recorded) == 3
+    for ex in recorded:
+        f = compute_facts([parse_report(r) for r in ex["reports"]], parse_report(ex["query_report"]))
+        truth = answer_question(ex["question"], f)
+        assert grade_answer(read_answer(ex["reply"], truth.intent), truth) == 0  # the reply is wrong as read
+
+        shown, info = Explainer(_Replay(ex["reply"])).answer(ex["question"], ex["reports"], ex["query_report"])
+        assert shown.corrected and shown.answer == truth.answer, info.get("llm_problems")
+        assert any("gives" in p for p in info["llm_problems"])
+
+
+def test_computed_answers_pass_their_own_verification(cases):
+    """Every computed answer (a query report, or only an estimated query size) over 60 Fig. 4
+    sets in every report style is shown as computed: the verifier never flags the truth."""
+    from neurocbir.explain import answer_question, check_against
+
+    questions = (*PAPER_QUESTIONS, "Which report shows the smallest tumor?")
+    for q, rows in query_sets(cases, 60):
+        for style in STYLES:
+            texts = [make_report(case_attributes(cases, r), style, int(cases.idx[r])) for r in rows]
+            query = parse_report(make_report(case_attributes(cases, q), style, int(cases.idx[q])))
+            attrs = [parse_report(t) for t in texts]
+            for f in (compute_facts(attrs, query), compute_facts(attrs, None, query.area_mm2 * 1.1)):
+                for question in questions:
+                    a = answer_question(question, f)
+                    assert check_against(a.answer, a, f) == [], a.answer

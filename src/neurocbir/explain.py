@@ -12,7 +12,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .grounding import PLANE_WORDS, TYPE_STEMS, compute_facts, grade_summary, report_refs, same_size, sizes_mm2
+from .grounding import (
+    PLANE_WORDS,
+    TYPE_STEMS,
+    attributed_sizes,
+    compute_facts,
+    grade_summary,
+    report_refs,
+    same_size,
+    sizes_mm2,
+)
 from .reports import TYPE_PHRASE, parse_report
 
 PAPER_QUESTIONS = (
@@ -77,10 +86,10 @@ def answer_question(question: str, f: dict) -> Answer:
         n = f["closest_size_report"]
         a, b = _fmt(f["closest_size_mm2"]), _fmt(f["query"]["area_mm2"])
         return Answer(
-            f"Report {n} has the size closest to the query's estimated tumor size ({a} vs {b}, "
+            f"Report {n} ({a}) has the size closest to the query's estimated tumor size ({b}, "
             "estimated from the predicted tumor outline; the query has no report)."
             if f["query"].get("estimated")
-            else f"Report {n} has the size closest to the query's ({a} vs {b}).",
+            else f"Report {n} ({a}) has the size closest to the query's ({b}).",
             [n],
             f["closest_size_mm2"],
             "closest_size",
@@ -161,6 +170,11 @@ def check_against(text: str, expected: Answer, f: dict) -> list[str]:
             problems.append(f"size {v:g} mm² matches no report")
     if expected.value_mm2 is not None and not any(same_size(v, expected.value_mm2) for v in vals):
         problems.append(f"does not state the correct value {_fmt(expected.value_mm2)}")
+    for subject, v in attributed_sizes(text):
+        true = (f.get("query") or {}).get("area_mm2") if subject == "query" else f["sizes_mm2"].get(str(subject))
+        if true is not None and not same_size(v, true):
+            whose = "the query" if subject == "query" else f"report {subject}"
+            problems.append(f"gives {v:g} mm² to {whose}, whose size is {_fmt(true)}")
     refs = report_refs(text)
     if refs - set(range(1, f["n_reports"] + 1)):
         problems.append(f"names reports that do not exist: {sorted(refs - set(range(1, f['n_reports'] + 1)))}")

@@ -91,6 +91,33 @@ def report_refs(text: str) -> set[int]:
     return refs
 
 
+#: a mention of the query scan ("the query", "the query's tumor")
+QUERY_RE = re.compile(r"\bquery(?:'s|’s)?\b", re.I)
+
+
+def attributed_sizes(text: str) -> list[tuple[int | str, float]]:
+    """The sizes that ``text`` gives to one subject, as (report number or "query", mm²).
+
+    A size belongs to the nearest mention before it (one report, or the query) with no other size
+    in between: "Report 3 (734.23 mm²) is closest to the query's (798.57 mm²)" gives
+    [(3, 734.23), ("query", 798.57)]. Sizes after a list of reports, or with no mention before
+    them, are left out. This is what catches an answer whose numbers are all real but swapped."""
+    mentions: list[tuple[int, int | str | None]] = []
+    for m in REPORT_LIST_RE.finditer(text):
+        refs = report_refs(m.group(0))
+        mentions.append((m.end(), next(iter(refs)) if len(refs) == 1 else None))
+    mentions += [(m.end(), _ref_number(m.group(1))) for m in ORDINAL_REF_RE.finditer(text)]
+    mentions += [(m.end(), "query") for m in QUERY_RE.finditer(text)]
+    mentions.sort(key=lambda x: x[0])
+    out, previous_end = [], 0
+    for m in SIZE_RE.finditer(text):
+        before = [subject for end, subject in mentions if previous_end <= end <= m.start()]
+        if before and before[-1] is not None:
+            out.append((before[-1], _mm2(m)))
+        previous_end = m.end()
+    return out
+
+
 def types_mentioned(text: str) -> set[str]:
     return {t for t, stem in TYPE_STEMS.items() if re.search(stem, text, re.I)}
 
