@@ -25,7 +25,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from neurocbir.files import atomic_path
+from neurocbir.files import atomic_path, write_json
 from results_doc import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,36 +108,64 @@ def serve(model: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("llama.cpp server did not start")
 
 
-class Recorder:
-    """Wraps a backend and keeps the exchanges (prompts and replies) for the replay test."""
+REPLY_CACHE = MODEL_DIR.parent / "llm_replies" / f"{GGUF_SHA256[:16]}.json"
 
-    replies: dict[str, str] = {}  # the same prompt at temperature 0 gets the same reply: asked once per run
+
+class Recorder:
+    """Wraps a backend and keeps the exchanges (prompts and replies) for the replay test.
+
+    At temperature 0 the same prompt gets the same reply, so each prompt is asked once: replies
+    (with the seconds they took) are kept in ``REPLY_CACHE`` across runs, and a change to the
+    verification or the grading is measured again without asking the model again."""
+
+    replies: dict[str, dict] = {}
 
     def __init__(self, backend, keep: int = 12):
         self.backend, self.keep, self.exchanges = backend, keep, []
-        self.calls, self.seconds = 0, 0.0
+        self.calls, self.seconds, self.cached = 0, 0.0, 0
+        if not Recorder.replies and REPLY_CACHE.is_file():
+            Recorder.replies.update(json.loads(REPLY_CACHE.read_text()))
 
     def chat(self, messages):
         key = json.dumps(messages, sort_keys=True)
-        if key in self.replies:
-            return self.replies[key]
-        t = time.time()
-        reply = self.backend.chat(messages)
-        self.seconds += time.time() - t
+        hit = self.replies.get(key)
+        if hit is None:
+            t = time.time()
+            hit = {"reply": self.backend.chat(messages), "seconds": time.time() - t}
+            self.replies[key] = hit
+            if len(self.replies) % 10 == 0:
+                self.save()
+        else:
+            self.cached += 1
+        self.seconds += hit["seconds"]
         self.calls += 1
-        self.replies[key] = reply
         if len(self.exchanges) < self.keep:
-            self.exchanges.append({"messages": messages, "reply": reply})
-        return reply
+            self.exchanges.append({"messages": messages, "reply": hit["reply"]})
+        return hit["reply"]
+
+    @classmethod
+    def save(cls) -> None:
+        REPLY_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        write_json(REPLY_CACHE, cls.replies, indent=None)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-sets", type=int, default=50, help="query sets for the deterministic engine")
+    p.add_argument(
+        "--modes",
+        default="paper,grounded",
+        help="LLM modes to run; without both, the rows go to their own section (e.g. a grounded-only rerun "
+        "after a change to the verification) and tests/data/llm_exchanges.json is kept",
+    )
     p.add_argument("--n-llm-sets", type=int, default=5, help="query sets for the LLM (each costs 15 calls x 3 modes)")
     p.add_argument("--run", type=Path, default=None, help="take query sets from this trained run's index")
     p.add_argument("--no-llm", action="store_true", help="only the deterministic engine")
     args = p.parse_args()
+    modes = set(args.modes.split(","))
+    if not modes or modes - {"paper", "grounded"}:
+        raise SystemExit("--modes: a comma-separated subset of paper,grounded")
+    full = modes == {"paper", "grounded"}
     from neurocbir.data import load_cases
     from neurocbir.explain import Explainer
     from neurocbir.llm import OpenAIChat
@@ -145,7 +173,7 @@ def main() -> None:
 
     table = load_cases()
     sets = query_sets(table, args.n_sets, run=args.run)
-    rows, recorded = [], []
+    rows, recorded, asked, reused = [], [], 0, 0
     grounded = evaluate_reports(table, sets, Explainer())
     rows += [("grounded, no LLM", "deterministic engine", s, v, None) for s, v in grounded.items()]
     proc = None
@@ -154,7 +182,8 @@ def main() -> None:
             model = assemble_gguf()
             ensure_llama_cpp()
             proc, url = serve(model)
-        for mode, verify in [] if args.no_llm else [("paper", False), ("grounded", False), ("grounded", True)]:
+        runs = [("paper", False), ("grounded", False), ("grounded", True)]
+        for mode, verify in [] if args.no_llm else [r for r in runs if r[0] in modes]:
             rec = Recorder(OpenAIChat(base_url=url, model="qwen2.5-coder-1.5b", timeout=600))
             res = evaluate_reports(table, sets[: args.n_llm_sets], Explainer(rec, mode=mode, verify=verify))
             label = f"{mode}, {'verified' if verify else 'raw LLM text'}"
@@ -168,11 +197,16 @@ def main() -> None:
                 )
                 for s, v in res.items()
             ]
-            recorded += [{"mode": mode, **e} for e in rec.exchanges]
+            if not verify:  # the verified rows check these same replies
+                recorded += [{"mode": mode, **e} for e in rec.exchanges]
+                asked += rec.calls - rec.cached
+                reused += rec.cached
     finally:
         if proc is not None:
             proc.terminate()
-    if recorded:
+        if Recorder.replies:
+            Recorder.save()
+    if recorded and full:
         data = ROOT / "tests" / "data"
         data.mkdir(parents=True, exist_ok=True)
         (data / "llm_exchanges.json").write_text(
@@ -182,13 +216,21 @@ def main() -> None:
             )
         )
     lines = [
-        "## Reports and LLM: the paper's Fig. 4 (issue 3)",
+        "## Reports and LLM: the paper's Fig. 4 (issue 3)"
+        if full
+        else f"## Reports and LLM: Fig. 4 rerun, {' and '.join(sorted(modes))} mode only (issue 10)",
         "",
         f"Command: `python benchmarks/llm_reports.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | query sets: "
         f"{'top-5 retrievals of test-fold queries from ' + str(args.run) if args.run else 'patient-wise neighbour sets'}; "
         f"{args.n_sets} for the deterministic engine, {0 if args.no_llm else args.n_llm_sets} for the LLM; "
-        f"a summary and the paper's 4 questions each" + ("" if args.no_llm else f"; GGUF sha256 {GGUF_SHA256[:16]}…"),
+        f"a summary and the paper's 4 questions each"
+        + (
+            ""
+            if args.no_llm
+            else f"; GGUF sha256 {GGUF_SHA256[:16]}…; LLM replies asked in this run: {asked}, from earlier runs' "
+            f"cache (same GGUF, temperature 0, same prompt): {reused}"
+        ),
         "",
         "With an LLM, 'grounded' means the LLM phrases computed facts and wrong numbers are corrected. "
         "The verified rows check the very replies of the raw grounded rows (temperature 0: each prompt is asked once).",
@@ -205,7 +247,7 @@ def main() -> None:
             f"{v['qa_accuracy']:.1%} | {v['summary_corrected_rate']:.0%} / {v['qa_corrected_rate']:.0%} | "
             f"{'-' if sec is None else f'{sec:.1f}'} |"
         )
-    write_section("llm", "\n".join(lines))
+    write_section("llm" if full else "llm-" + "-".join(sorted(modes)), "\n".join(lines))
     print("\n".join(lines))
 
 
