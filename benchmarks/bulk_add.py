@@ -42,6 +42,9 @@ def main() -> None:
         cnn[0] += time.perf_counter() - t
         return out
 
+    t = time.perf_counter()
+    model.embed([files[0].pixels()])  # the first call compiles the network (OpenVINO): timed apart
+    warmup = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         arch = CaseArchive.create(Path(tmp) / "archive", model.embedding_dim, model.checkpoint_sha256, store=args.store)
         t = time.perf_counter()
@@ -60,7 +63,8 @@ def main() -> None:
             "",
             f"Command: `python benchmarks/bulk_add.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run {args.run.name} (trial {model.trial}), "
-            f"{args.store} store, batches of {args.batch_size}",
+            f"{args.store} store, batches of {args.batch_size}; before the timed add, the model's first call "
+            f"(which compiles the network for the CPU, once per process) took {warmup:.1f} s",
             "",
             "| scans | total s | images/s | CNN s (share) | other s (read, decode, hash, SQLite, index) | rerun with all present s |",
             "|---:|---:|---:|---:|---:|---:|",
