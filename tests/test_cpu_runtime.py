@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def served():
-    return load_model(ROOT / "models" / "lesion-fold5")
+    return load_model(ROOT / "models" / "lesion-fold5", trial=0)  # a fresh clone has no index yet
 
 
 def _embed_with(monkeypatch, model, backend: str, images):
