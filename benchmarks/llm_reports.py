@@ -232,6 +232,16 @@ def main() -> None:
             f"cache (same GGUF, temperature 0, same prompt): {reused}"
         ),
         "",
+        *(
+            []
+            if full
+            else [
+                "A partial rerun after a change to the verification. Its query sets are the ones whose failures "
+                "prompted that change (a general rule, not tuned to them), so it shows those failures caught; "
+                "it is not an independent estimate. The full run stays in the section above.",
+                "",
+            ]
+        ),
         "With an LLM, 'grounded' means the LLM phrases computed facts and wrong numbers are corrected. "
         "The verified rows check the very replies of the raw grounded rows (temperature 0: each prompt is asked once).",
         "",

@@ -3,8 +3,8 @@
 Why: PyTorch runs EfficientNet's depthwise convolutions one kernel at a time; OpenVINO fuses
 them, which is what `neurocbir add` and each query spend their time on (benchmarks/bulk_add.py,
 benchmarks/cpu_precision.py). The outputs equal PyTorch's to ~1e-6, so the neighbours do not
-change (bfloat16 did change them). The network is exported to ONNX in memory once per process
-and checkpoint; PyTorch stays the fallback (``NEUROCBIR_BACKEND=torch``, or OpenVINO missing)
+change (bfloat16 did change them). The network is exported to ONNX (a temporary file) and compiled once per
+process and checkpoint, on the first scan; PyTorch stays the fallback (``NEUROCBIR_BACKEND=torch``, or OpenVINO missing)
 and serves the gradients of the similarity maps.
 """
 
