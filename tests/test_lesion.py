@@ -242,3 +242,71 @@ def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_dat
     a, b = svc.query(image), bundled_service.query(image)
     assert a["prediction"] == b["prediction"] and a["query_tumor"] == b["query_tumor"]
     assert a["retrievals"][0]["distance"] == pytest.approx(b["retrievals"][0]["distance"], abs=1e-3)
+
+
+def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp_path, small_data_dir, small_cases):
+    """`neurocbir train --recipe lesion` on a CPU: the CPU preset (frozen early stages, one
+    trial, calibration on training patients held out of training), a run the app can serve."""
+    from typer.testing import CliRunner
+
+    from neurocbir.cli import app as cli
+    from neurocbir.inference import load_model
+    from neurocbir.runs import LESION_CPU_DEFAULTS, TrainConfig
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--recipe",
+            "lesion",
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--data",
+            str(small_data_dir),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((run / "config.json").read_text())
+    for k in ("image_size", "frozen_stages", "holdout_patients", "trials"):
+        assert cfg[k] == LESION_CPU_DEFAULTS[k]
+    assert sorted(p.name for p in run.glob("trial_*")) == ["trial_0"]
+    cal = json.loads((run / "calibration.json").read_text())
+    assert "held out of training" in cal["how"] and cal["classifiers"]["nir"]["temperature"] > 0
+    # the archive holds every training patient, the held-out ones included; the test fold none
+    arrays = np.load(run / "trial_0" / "embeddings.npz")
+    assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
+    # frozen stages keep their pretrained weights; the next stage has trained
+    state = torch.load(run / "trial_0" / "checkpoint.pt", weights_only=True)["state"]
+    pretrained = TrainConfig(recipe="lesion").build_encoder().stages
+    n = cfg["frozen_stages"]
+    for i in (0, n - 1, n):
+        before = pretrained[i].state_dict()
+        same = all(
+            torch.equal(state[f"trunk.{i}.{k}"], v.half())  # saved as float16
+            for k, v in before.items()
+            if v.is_floating_point()
+        )
+        assert same == (i < n), f"stage {i}"
+    model = load_model(run, 0)
+    emb, _, prob = model.analyse(small_cases.load_image(0))
+    assert emb.shape == (1, 128) and prob.shape == (224, 224)
+    # the outline level, chosen on the held-out patients, is the one the app outlines at
+    from neurocbir.finetune import TUMOR_LEVELS
+    from neurocbir.service import RetrievalService
+
+    level = json.loads((run / "tumor_level.json").read_text())
+    assert level["level"] in TUMOR_LEVELS and len(level["held_out_median_area_error"]) == len(TUMOR_LEVELS)
+    assert RetrievalService.from_run(run, table=small_cases).tumor_level == level["level"]
+    # `neurocbir calibrate` refits both from the run's files alone, to the same result
+    before = (run / "calibration.json").read_text()
+    (run / "calibration.json").unlink()
+    (run / "tumor_level.json").unlink()
+    res = CliRunner().invoke(cli, ["calibrate", str(run), "--data", str(small_data_dir)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "calibration.json").read_text()) == json.loads(before)
+    assert json.loads((run / "tumor_level.json").read_text()) == level

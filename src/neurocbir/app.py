@@ -357,6 +357,8 @@ def serve(
     from .llm import LLMUnavailable, llm_from_env
 
     service = RetrievalService.from_archive(run, archive) if archive is not None else RetrievalService.from_run(run)
+    # compile the CPU runtime now (about a second), so that the first clinician's scan does not wait for it
+    service.model.embed([np.zeros((64, 64), np.float32)])
     try:
         explainer = Explainer(llm_from_env())
         print("neurocbir: answers are phrased by the configured LLM and checked against the reports", flush=True)

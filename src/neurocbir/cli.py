@@ -43,7 +43,7 @@ def train(
     ),
     loss: str = typer.Option("supcon", help="ce | triplet | nca | infonce | supcon"),
     fold: int = typer.Option(5, help="test fold (1-5), patient-wise"),
-    trials: int = typer.Option(5, help="seeds per configuration (paper: 5)"),
+    trials: Optional[int] = typer.Option(None, help="seeds per configuration (paper: 5; default 5, lesion on a CPU 1)"),
     first_seed: int = typer.Option(0, help="train seeds first_seed .. first_seed + trials - 1"),
     out: Path = typer.Option(..., help="run directory to write"),
     encoder: str = typer.Option("efficientnet_lite2", help="efficientnet_lite2 | efficientnet_b2 | resnet50"),
@@ -60,6 +60,8 @@ def train(
     feature_noise: Optional[float] = typer.Option(None),
     weight_decay: Optional[float] = typer.Option(None),
     tta: Optional[bool] = typer.Option(None, help="average the embeddings of augmented views at test time"),
+    image_size: Optional[int] = typer.Option(None, help="network input side in px (lesion: 256 GPU, 224 CPU)"),
+    frozen_stages: Optional[int] = typer.Option(None, help="lesion: first trunk stages kept pretrained (CPU: 8)"),
     params: Optional[Path] = typer.Option(None, help="JSON of hyper-parameters (e.g. from `neurocbir search`)"),
     data: Optional[Path] = typer.Option(
         None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"
@@ -67,14 +69,13 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
 ) -> None:
     """Train an encoder with one loss over several seeds and index the archive."""
-    from .runs import LESION_DEFAULTS, TrainConfig
+    from .runs import LESION_CPU_DEFAULTS, LESION_DEFAULTS, TrainConfig
     from .training import train_run
 
     cfg = TrainConfig(
         recipe=recipe,
         loss=loss,
         fold=fold,
-        trials=trials,
         first_seed=first_seed,
         encoder=encoder,
         weights=str(weights) if weights else None,
@@ -84,7 +85,10 @@ def train(
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     if recipe == "lesion":  # its own defaults (the loss stays as given: validate() insists on SupCon)
-        for k, v in LESION_DEFAULTS.items():
+        from .encoders import pick_device
+
+        preset = LESION_DEFAULTS if pick_device().type == "cuda" else LESION_CPU_DEFAULTS
+        for k, v in preset.items():
             if k != "loss":
                 setattr(cfg, k, v)
     if params is not None:
@@ -103,6 +107,9 @@ def train(
         feature_noise=feature_noise,
         weight_decay=weight_decay,
         tta=tta,
+        trials=trials,
+        image_size=image_size,
+        frozen_stages=frozen_stages,
     )
     for k, v in overrides.items():
         if v is not None:
@@ -164,7 +171,8 @@ def calibrate(
     data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
 ) -> None:
     """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
-    training patients; for runs trained before calibration existed). The trials stay as they are."""
+    training patients; for runs trained before calibration existed; a CPU lesion run: its held-out
+    training patients, with the tumor outline level). The trials stay as they are."""
     from .data import load_cases
     from .training import calibrate_existing_run
 

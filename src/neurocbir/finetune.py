@@ -28,10 +28,12 @@ from .encoders import Encoder, pick_device
 from .evaluate import fit_calibration
 from .files import atomic_write, sha256_file, write_json
 from .index import VectorIndex
-from .lesion import LesionNet
+from .lesion import TUMOR_LEVEL_FILE, LesionNet
 from .runs import TrainConfig, trial_dir
 from .training import seed_everything
 from .transforms import preprocess
+
+TUMOR_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
 def load_tensors(table: CaseTable, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +97,9 @@ def train_lesion(
     seed_everything(seed)
     net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout).to(device)
     net = net.to(memory_format=torch.channels_last)
-    trunk = [p for mod in (net.trunk, net.neck) for p in mod.parameters()]
+    frozen = net.trunk[: cfg.frozen_stages]
+    frozen.requires_grad_(False)  # no backward pass through them: the cost of a CPU step nearly halves
+    trunk = [p for mod in (net.trunk, net.neck) for p in mod.parameters() if p.requires_grad]
     trunk_ids = {id(p) for p in trunk}
     rest = [p for p in net.parameters() if id(p) not in trunk_ids]
     opt = torch.optim.AdamW(
@@ -116,6 +120,7 @@ def train_lesion(
     try:
         for epoch in tqdm(range(cfg.epochs), desc=f"lesion seed {seed}", unit="epoch", disable=not progress):
             net.train()
+            frozen.eval()  # their batch-norm statistics stay pretrained too
             order = torch.randperm(n, generator=gen, device=device)
             total = 0.0
             for s in range(steps_per_epoch):
@@ -187,9 +192,9 @@ def write_trial(
     images: torch.Tensor,
     table: CaseTable,
     device: torch.device,
-) -> dict[str, float]:
+) -> np.ndarray:
     """Checkpoint, embeddings of archive (training folds) and test cases, index; returns the
-    test fold's tumor-mask scores."""
+    test fold's predicted tumor masks."""
     tdir.mkdir(parents=True, exist_ok=True)
     ckpt = tdir / "checkpoint.pt"
     save_checkpoint(ckpt, cfg, net, encoder.weights.sha256)
@@ -206,6 +211,72 @@ def write_trial(
     atomic_write(tdir / "embeddings.npz", lambda tmp: np.savez(tmp, **arrays))
     VectorIndex.build(emb[train_rows], sha256_file(ckpt)).save(tdir / "index.faiss")
     return pred[test_rows]
+
+
+def holdout_split(cfg: TrainConfig, table: CaseTable) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the encoder trains on, training patients' rows held out of training to calibrate
+    on): patient-grouped, ``cfg.holdout_patients`` of the training folds; none when it is 0."""
+    from .data import grouped_inner_folds
+
+    train_rows = np.flatnonzero(table.fold != cfg.fold)
+    if cfg.holdout_patients <= 0:
+        return train_rows, train_rows[:0]
+    n_splits = max(2, round(1 / cfg.holdout_patients))
+    fit, cal = grouped_inner_folds(table.subset(train_rows), n_splits, seed=cfg.first_seed)[0]
+    return train_rows[fit], train_rows[cal]
+
+
+def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
+    """Calibrated probabilities, prediction sets and the outline level of a run whose encoder
+    never saw some training patients (``holdout_patients``): those patients are queried against
+    the other training patients with the first trial's embeddings. One training instead of the
+    three of inner CV: what makes calibration affordable on a CPU."""
+    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    fit_rows, cal_rows = holdout_split(cfg, table)
+    if not len(cal_rows):
+        raise ValueError(f"{run} holds no training patients out of training (holdout_patients = 0)")
+    arrays = np.load(trial_dir(run, cfg.first_seed) / "embeddings.npz")
+    where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
+    emb = arrays["archive"]
+    fit, cal = emb[[where[r] for r in fit_rows]], emb[[where[r] for r in cal_rows]]
+    held_out = NIRClassifier().fit(fit, table.label[fit_rows]).neighbour_labels(cal)
+    how = (
+        f"{len(np.unique(table.patient_id[cal_rows]))} training patients ({len(cal_rows)} slices, "
+        f"1/{round(1 / cfg.holdout_patients)} of folds != {cfg.fold}, patient-grouped) held out of training, "
+        f"queried against the other training patients with seed {cfg.first_seed}'s encoder (test fold unseen)"
+    )
+    y, groups = table.label[cal_rows], table.patient_id[cal_rows]
+    fit_calibration(Path(run), [held_out], [y], [groups], how, len(CLASS_NAMES))
+    fit_tumor_level(Path(run), table)
+
+
+def fit_tumor_level(run: Path, table: CaseTable) -> dict:
+    """The probability level at which the app outlines the query's tumor, chosen on the training
+    patients held out of training (the level whose outline area has the smallest median relative
+    error, through the app's own path); written as the run's ``tumor_level.json``."""
+    from .inference import load_model
+    from .lesion import tumor_outline
+
+    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    _, cal_rows = holdout_split(cfg, table)
+    if not len(cal_rows):
+        raise ValueError(f"{run} holds no training patients out of training (holdout_patients = 0)")
+    model = load_model(run, cfg.first_seed)
+    errors: dict[float, list[float]] = {level: [] for level in TUMOR_LEVELS}
+    for r in cal_rows:
+        image = table.load_image(r)
+        prob = model.analyse(image)[2]
+        for level in TUMOR_LEVELS:
+            t = tumor_outline(prob, image.shape[:2], None, level)
+            errors[level].append(abs((t["area_mm2"] if t else 0.0) - table.area_mm2[r]) / table.area_mm2[r])
+    median = {level: float(np.median(e)) for level, e in errors.items()}
+    doc = {
+        "level": min(median, key=median.get),
+        "how": f"median relative area error on {len(cal_rows)} slices of training patients held out of training",
+        "held_out_median_area_error": {str(k): round(v, 4) for k, v in median.items()},
+    }
+    write_json(Path(run) / TUMOR_LEVEL_FILE, doc)
+    return doc
 
 
 def lesion_inner_cv_neighbours(
@@ -251,6 +322,7 @@ def train_lesion_run(
 ) -> dict:
     """Train ``cfg.trials`` seeds (fewer if ``deadline``, a ``time.time()``, would be passed) and
     write the run; returns timings and the test fold's tumor-outline scores."""
+    t_start = time.time()
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +336,7 @@ def train_lesion_run(
     train_rows, test_rows = np.flatnonzero(table.fold != cfg.fold), np.flatnonzero(table.fold == cfg.fold)
     if len(test_rows) == 0:
         raise ValueError(f"fold {cfg.fold} has no cases")
+    fit_rows, cal_rows = holdout_split(cfg, table)
     tumor: dict = {}
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.trials):
         last = timings["trials_s"][-1] if timings["trials_s"] else 0.0
@@ -275,15 +348,17 @@ def train_lesion_run(
         net = train_lesion(
             cfg,
             encoder,
-            images[train_rows],
-            masks[train_rows],
-            table.label[train_rows],
+            images[fit_rows],
+            masks[fit_rows],
+            table.label[fit_rows],
             seed,
             device,
             log_path=tdir / "log.jsonl",
             progress=progress,
         )
         pred = write_trial(tdir, net, cfg, encoder, images, table, device)
+        if seed == cfg.first_seed and cfg.calibrate and len(cal_rows):
+            calibrate_on_holdout(out, table)
         timings["trials_s"].append(round(time.time() - t1, 1))
         write_json(out / "timings.json", timings)
         if on_trial:
@@ -298,7 +373,11 @@ def train_lesion_run(
                 "median_area_rel_error": float(np.median(rel)),
                 "seed": seed,
             }
-    if cfg.calibrate and (deadline is None or time.time() + 3.6 * max(timings["trials_s"]) < deadline):
+    if (
+        cfg.calibrate
+        and not len(cal_rows)
+        and (deadline is None or time.time() + 3.6 * max(timings["trials_s"]) < deadline)
+    ):
         t2 = time.time()
         train = table.subset(train_rows)
         parts = lesion_inner_cv_neighbours(cfg, encoder, images, masks, train, train_rows, device)
@@ -309,5 +388,6 @@ def train_lesion_run(
         fit_calibration(out, *parts, how, len(CLASS_NAMES))
         timings["calibration_s"] = round(time.time() - t2, 1)
     timings["tumor_outline"] = tumor
+    timings["total_s"] = round(time.time() - t_start, 1)  # weights, data, training, index, calibration
     write_json(out / "timings.json", timings)
     return timings

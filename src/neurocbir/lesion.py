@@ -9,6 +9,9 @@ the tumor itself, which also gives the query's outline and area.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -132,6 +135,16 @@ def fuse_for_inference(net: LesionNet) -> LesionNet:
 DATASET_SPACING_MM_AT_512 = 0.49
 MIN_TUMOR_MM2 = 10.0  # smaller predicted regions are noise, not a tumor
 MAX_OUTLINE_POINTS = 200
+TUMOR_LEVEL_FILE = "tumor_level.json"  # a run's outline level, chosen on held-out training patients
+
+
+def tumor_level(run: Path | str) -> float:
+    """The run's outline level (0.5 unless chosen on held-out training patients)."""
+    path = Path(run) / TUMOR_LEVEL_FILE
+    try:
+        return float(json.loads(path.read_text())["level"]) if path.is_file() else 0.5
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is corrupt: delete it to outline at probability 0.5") from None
 
 
 def tumor_outline(

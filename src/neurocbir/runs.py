@@ -23,6 +23,20 @@ RECIPES = ("cached", "lesion")
 LESION_DEFAULTS = dict(
     loss="supcon", trainable_blocks=-1, epochs=30, batch_size=64, lr=1e-3, lr_trunk=2e-4, dropout=0.3, image_size=256
 )
+#: The lesion recipe sized for a 2-core CPU (<= 30 min, everything included), set a priori from the
+#: measured training speed, not from any fold's scores: the stride-4/8 stages stay pretrained
+#: (their backward pass is most of the cost at full resolution), bf16 autocast, 224 px, one trial,
+#: and calibration on held-out training patients instead of 3 inner-CV trainings.
+LESION_CPU_DEFAULTS = dict(
+    LESION_DEFAULTS,
+    image_size=224,
+    epochs=10,
+    batch_size=32,
+    frozen_stages=8,
+    trials=1,
+    holdout_patients=0.15,
+    extra={"cpu_bf16": True},
+)
 #: The model committed with the code (lesion recipe, trained on folds 1-4; models/*/MODEL_CARD.md);
 #: its archive index is built from the bundled data on first use.
 BUNDLED_MODEL = Path("models/lesion-fold5")
@@ -59,6 +73,9 @@ class TrainConfig:
     cross_patient_positives: bool = False  # SupCon/triplet: positives only from other patients
     image_size: int = 224  # the network's input side (the cached recipe's features are at 224)
     seg_weight: float = 1.0  # lesion recipe: weight of the tumor-mask loss beside the metric loss
+    frozen_stages: int = 0  # lesion recipe: first trunk stages kept at their pretrained weights
+    holdout_patients: float = 0.0  # lesion recipe: share of training patients kept out of training to
+    # calibrate on (one training); 0 = calibrate by 3-fold inner CV (3 more trainings)
     calibrate: bool = True  # fit calibrated probabilities and prediction sets by inner CV (3 more trainings)
     data: str | None = None
     cache_dir: str | None = None
@@ -84,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"image_size must be 32..1024, got {self.image_size}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.holdout_patients <= 0.5:
+            raise ValueError(f"holdout_patients must be 0..0.5, got {self.holdout_patients}")
+        if self.frozen_stages < 0:
+            raise ValueError(f"frozen_stages must be >= 0, got {self.frozen_stages}")
         if self.trials < 1 or self.epochs < 1 or self.batch_size < 6:
             raise ValueError("trials and epochs must be >= 1, batch_size >= 6")
         if self.n_copies < 1 and self.loss == "infonce":

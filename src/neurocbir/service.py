@@ -23,7 +23,7 @@ from .data import CLASS_NAMES, CaseTable
 from .feedback import FILE as FEEDBACK_FILE
 from .feedback import FeedbackStore, fingerprint
 from .inference import LesionModel, Model, load_model
-from .lesion import tumor_outline
+from .lesion import tumor_level, tumor_outline
 from .runs import trial_dir
 from .sources import ArchiveCases, CaseFilter, CaseSource, RunCases
 
@@ -44,6 +44,7 @@ class RetrievalService:
         the run folder, or in the archive folder when serving an archive)."""
         self.model, self.cases = model, cases
         self.calibrator = (calibration.load(model.run) or {}).get("nir")
+        self.tumor_level = tumor_level(model.run)
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()
@@ -166,7 +167,9 @@ class RetrievalService:
             "nearest_other_class": nearest_other,
             "no_similar_case": nearest > self.cases.far_threshold,
             "nearest_distance": round(nearest, 4),
-            "query_tumor": None if tumor_prob is None else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm),
+            "query_tumor": None
+            if tumor_prob is None
+            else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level),
             "tumor_outlining": tumor_prob is not None,  # does this model outline tumors at all?
             "disclaimer": DISCLAIMER,
         }

@@ -247,6 +247,13 @@ def calibrate_existing_run(run: Path | str, table: CaseTable | None = None) -> f
     another calibration method; returns the seconds it took. The trials are left as they are."""
     run = Path(run)
     cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    if cfg.recipe == "lesion":
+        from .data import load_cases
+        from .finetune import calibrate_on_holdout
+
+        t0 = time.time()
+        calibrate_on_holdout(run, table if table is not None else load_cases(cfg.data))
+        return round(time.time() - t0, 1)
     device = pick_device()
     table, encoder, _, feats, _ = prepare(cfg, table, device)
     train_rows = np.flatnonzero(table.fold != cfg.fold)

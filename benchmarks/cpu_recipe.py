@@ -1,0 +1,137 @@
+"""The lesion recipe on this CPU (issue 9): which setting becomes `neurocbir train`'s default,
+chosen on training patients only, then read on the test fold once.
+
+Each candidate is the lesion recipe's CPU preset (``neurocbir.runs.LESION_CPU_DEFAULTS``: the
+trunk stages up to stride 8 pretrained and frozen, bf16 autocast, batch 32, one trial,
+calibration on 1/7 of the training patients held out of training) with one backbone and
+resolution, and as many epochs as fit about 20 minutes of training on 2 cores at the speed
+measured before any run (no score involved). The candidate with the best NIR kappa on the
+held-out training patients is the default; only its test-fold figures are read and shown.
+
+    .venv/bin/python benchmarks/cpu_recipe.py                     # trains what is missing (~25 min each)
+    .venv/bin/python benchmarks/cpu_recipe.py --configs efficientnet_lite2@224:10:8
+
+Run it with nothing else on the machine: the wall time is part of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lesion_results import app_path
+from results_doc import machine, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+#: encoder@px:epochs:frozen stages (the stages up to stride 8 of each backbone)
+CANDIDATES = (
+    "efficientnet_lite2@224:10:8",
+    "efficientnet_lite2@192:14:8",
+    "efficientnet_lite2@256:7:8",
+    "mobilenetv2@224:25:7",
+)
+
+
+def parse(spec: str) -> tuple[str, int, int, int]:
+    encoder, rest = spec.split("@")
+    size, epochs, frozen = map(int, rest.split(":"))
+    return encoder, size, epochs, frozen
+
+
+def train(run: Path, spec: str, fold: int) -> None:
+    encoder, size, epochs, frozen = parse(spec)
+    cmd = [sys.executable, "-m", "neurocbir.cli", "train", "--recipe", "lesion", "--fold", str(fold)]
+    cmd += ["--encoder", encoder, "--image-size", str(size), "--epochs", str(epochs)]
+    cmd += ["--frozen-stages", str(frozen), "--out", str(run)]
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    (run / "wall.json").write_text(json.dumps({"wall_s": round(time.time() - t0, 1), "machine": machine()}))
+
+
+def minutes(run: Path) -> float:
+    """`neurocbir train` start to end; runs trained before wall.json existed: their timings."""
+    if (run / "wall.json").is_file():
+        return json.loads((run / "wall.json").read_text())["wall_s"] / 60
+    t = json.loads((run / "timings.json").read_text())
+    return (t.get("total_s") or t["load_s"] + sum(t["trials_s"]) + t.get("calibration_s", 0)) / 60
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CANDIDATES), help="encoder@px:epochs:frozen-stages")
+    p.add_argument("--fold", type=int, default=5)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "cpu")
+    p.add_argument("--train-only", action="store_true", help="train the missing candidates, read nothing")
+    args = p.parse_args()
+    rows = []
+    for spec in args.configs:
+        encoder, size, epochs, frozen = parse(spec)
+        run = args.runs / f"lesion-fold{args.fold}-{encoder}-{size}px-{epochs}ep"
+        if not (run / "calibration.json").is_file():
+            train(run, spec, args.fold)
+        inner = json.loads((run / "calibration.json").read_text())["inner_cv"]
+        rows.append(dict(spec=spec, encoder=encoder, size=size, epochs=epochs, run=run, inner=inner))
+    if args.train_only:
+        return
+    best = max(rows, key=lambda r: r["inner"]["kappa"]["nir"])  # training patients only
+    t0 = time.time()
+    served_rows, served = app_path(best["run"], "fitted on the held-out training patients")  # the test fold, once
+    level = (
+        json.loads((best["run"] / "tumor_level.json").read_text())
+        if (best["run"] / "tumor_level.json").is_file()
+        else None
+    )
+    table = [
+        "| backbone | px | epochs | `neurocbir train`, everything included (min) | NIR kappa on held-out training "
+        "patients (slices) | test fold: NIR accuracy / kappa / AUROC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        test = (
+            f"**{served['accuracy']:.3f} / {served['nir_kappa']:.3f} / {served['nir_auroc']:.3f}**"
+            if r is best
+            else "not read"
+        )
+        table.append(
+            f"| {r['encoder']}{' (chosen)' if r is best else ''} | {r['size']} | {r['epochs']} | {minutes(r['run']):.1f} "
+            f"| {r['inner']['kappa']['nir']:.3f} ({r['inner']['n']}) | {test} |"
+        )
+    cal = json.loads((best["run"] / "calibration.json").read_text())["how"]
+    body = [
+        "## Lesion recipe on the CPU: the default `neurocbir train` (issue 9)",
+        "",
+        f"Command: `python benchmarks/cpu_recipe.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | test fold {args.fold} | evaluation {time.time() - t0:.0f} s",
+        "",
+        "The lesion recipe (SupCon + tumor decoder, fresh random augmentation every step) sized for 2 cores: "
+        "the trunk stages up to stride 8 stay pretrained and frozen, bf16 autocast, batch 32, one trial (seed 0). "
+        "Candidates differ in backbone and resolution, each with the epochs that fit about 20 minutes of training "
+        "at the speed measured before any run. Choice: the best NIR kappa on training patients held out of "
+        f"training ({cal}); the test fold is read for the chosen candidate only, through the app's own path "
+        "(OpenVINO, full-resolution slices, calibrated NIR). Time: `neurocbir train` from start to end (weights, "
+        "data, training, archive index, calibration, outline level).",
+        "",
+        *table,
+        "",
+        *(
+            [
+                f"Tumor outline level {level['level']}, chosen on the held-out training patients (median relative "
+                f"area error there by level: {', '.join(f'{k}: {v:.2f}' for k, v in level['held_out_median_area_error'].items())})."
+            ]
+            if level
+            else []
+        ),
+        "",
+        *served_rows,
+    ]
+    write_section("cpu-recipe", "\n".join(body))
+    print("\n".join(body))
+    print(json.dumps(served))
+
+
+if __name__ == "__main__":
+    main()
