@@ -110,7 +110,8 @@ def main() -> None:
         "The lesion recipe (SupCon + tumor decoder, fresh random augmentation every step) sized for 2 cores: "
         "the trunk stages up to stride 8 stay pretrained and frozen, bf16 autocast, batch 32, one trial (seed 0). "
         "Candidates differ in backbone and resolution, each with the epochs that fit about 20 minutes of training "
-        "at the speed measured before any run. Choice: the best NIR kappa on training patients held out of "
+        "at the speed measured on synthetic batches before any run (MobileNetV2's real epochs came out 1.3x slower "
+        "than that measure, so it trained about 25 minutes). Choice: the best NIR kappa on training patients held out of "
         f"training ({cal}); the test fold is read for the chosen candidate only, through the app's own path "
         "(OpenVINO, full-resolution slices, calibrated NIR). Time: `neurocbir train` from start to end (weights, "
         "data, training, archive index, calibration, outline level).",

@@ -48,7 +48,7 @@ def main() -> None:
     from neurocbir.data import load_cases
     from neurocbir.inference import load_model
     from neurocbir.runs import first_trial
-    from neurocbir.saliency import ATTRIBUTION, ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, SMOOTH_SIGMA
+    from neurocbir.saliency import ATTRIBUTION, ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, SMOOTH_SIGMA
 
     model = load_model(args.run)
     table = load_cases(model.config.data)
@@ -63,11 +63,15 @@ def main() -> None:
         _, ids = clf.kneighbors(emb["archive"][q], 1, groups=table.patient_id[a_rows][q])
         pairs = list(zip(a_rows[q], a_rows[ids[:, 0]]))
         rows = []
-        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS]:
+        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS, OCCLUSION]:
             for sigma in (5 / 512, 10 / 512):
-                share, hit, _ = score(model, table, pairs, name, sigma)
-                where = "last feature map" if name in FEATURE_ATTRIBUTIONS else "pixels"
-                rows.append(f"| {name.replace('_', ' ')} | {where} | {sigma * 512:.0f} | {share:.3f} | {hit:.3f} |")
+                share, hit, sec = score(model, table, pairs, name, sigma)
+                where = {OCCLUSION: "pixels, hidden"}.get(
+                    name, "last feature map" if name in FEATURE_ATTRIBUTIONS else "pixels"
+                )
+                rows.append(
+                    f"| {name.replace('_', ' ')} | {where} | {sigma * 512:.0f} | {share:.3f} | {hit:.3f} | {sec:.2f} |"
+                )
                 print(rows[-1], flush=True)
         write_section(
             "similarity_select",
@@ -79,8 +83,8 @@ def main() -> None:
                     f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run `{args.run.name}` | 30 training-patient "
                     "queries, each mapped towards its nearest case of another patient; the best pointing game is used",
                     "",
-                    "| attribution | on | smoothing sigma (px at 512) | share inside tumor + 15 px | pointing game |",
-                    "|---|---|---|---|---|",
+                    "| attribution | on | smoothing sigma (px at 512) | share inside tumor + 15 px | pointing game | s per map |",
+                    "|---|---|---|---|---|---|",
                     *rows,
                 ]
             ),

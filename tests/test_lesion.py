@@ -215,14 +215,34 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
     and on the last feature map, give a [0, 1] map at the scan's own size for the lesion model
     and the cached recipe's model; a scan compared with itself has nothing to attribute."""
     from neurocbir.inference import load_model
-    from neurocbir.saliency import ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, similarity_map
+    from neurocbir.saliency import ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, similarity_map
 
     a, b = (small_cases.load_image(int(r)) for r in np.flatnonzero(small_cases.label == 0)[:2])
     for model in (bundled_service.model, load_model(small_run)):
-        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS]:
+        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS, OCCLUSION]:
             sal = similarity_map(model, a, b, name)
             assert sal.shape == a.shape and sal.min() >= 0 and sal.max() == pytest.approx(1.0), name
         assert not similarity_map(model, a, a, "gradcam").any()  # zero distance: zero gradient
+
+
+def test_occlusion_map_finds_what_two_scans_share(bundled_service, small_cases):
+    """A scan mapped towards a black image that shows only one square of it (around the tumor):
+    hiding that square takes away all they share (farther: hot), hiding anything else makes the
+    scan more like the black image (nearer: cold). The map is hottest on the square."""
+    from neurocbir.saliency import OCCLUSION, mass_inside, similarity_map
+
+    r = int(np.flatnonzero(small_cases.fold == 5)[0])
+    image, mask = small_cases.load_image(r).astype(np.float32), small_cases.load_mask(r)
+    rows, cols = np.nonzero(mask)
+    side = image.shape[0] // 4
+    r0 = int(np.clip(rows.mean() - side // 2, 0, image.shape[0] - side))
+    c0 = int(np.clip(cols.mean() - side // 2, 0, image.shape[1] - side))
+    square = np.zeros(image.shape, bool)
+    square[r0 : r0 + side, c0 : c0 + side] = True
+    shown = np.where(square, image, image.min())
+    sal = similarity_map(bundled_service.model, image, shown, OCCLUSION)
+    share, hottest_inside = mass_inside(sal, square, dilate_px=0)
+    assert hottest_inside and share > 2 * square.mean()
 
 
 def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_data_dir, small_cases, tmp_path):
@@ -272,7 +292,7 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     )
     assert res.exit_code == 0, res.output
     cfg = json.loads((run / "config.json").read_text())
-    for k in ("image_size", "frozen_stages", "holdout_patients", "trials"):
+    for k in ("encoder", "image_size", "frozen_stride", "holdout_patients", "trials"):
         assert cfg[k] == LESION_CPU_DEFAULTS[k]
     assert sorted(p.name for p in run.glob("trial_*")) == ["trial_0"]
     cal = json.loads((run / "calibration.json").read_text())
@@ -282,8 +302,9 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
     # frozen stages keep their pretrained weights; the next stage has trained
     state = torch.load(run / "trial_0" / "checkpoint.pt", weights_only=True)["state"]
-    pretrained = TrainConfig(recipe="lesion").build_encoder().stages
-    n = cfg["frozen_stages"]
+    pretrained = TrainConfig(encoder=cfg["encoder"]).build_encoder().stages
+    n = load_model(run, 0).net.frozen_stages(cfg["frozen_stride"])  # the stages up to stride 8
+    assert 0 < n < len(pretrained) - 1
     for i in (0, n - 1, n):
         before = pretrained[i].state_dict()
         same = all(

@@ -27,6 +27,8 @@ def supcon_run(tmp_path_factory, small_data_dir, feature_cache):
         app,
         [
             "train",
+            "--recipe",
+            "cached",
             "--loss",
             "supcon",
             "--trials",
@@ -145,6 +147,10 @@ def test_cli_errors_are_clear(tmp_path, small_data_dir):
         app, ["train", "--loss", "arcface", "--out", str(tmp_path / "r"), "--data", str(small_data_dir)]
     )
     assert res.exit_code == 2 and "loss must be one of" in res.output
+    res = runner.invoke(
+        app, ["train", "--loss", "triplet", "--out", str(tmp_path / "r"), "--data", str(small_data_dir)]
+    )
+    assert res.exit_code == 2 and "--recipe cached" in res.output  # the default (lesion) recipe is SupCon's
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "none")])
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["info", "--data", str(small_data_dir)])
@@ -191,6 +197,8 @@ def test_search_uses_patient_grouped_inner_cv_and_feeds_train(small_data_dir, fe
         app,
         [
             "train",
+            "--recipe",
+            "cached",
             "--loss",
             "triplet",
             "--trials",

@@ -39,14 +39,18 @@ def _guard(fn, *args, **kwargs):
 @app.command()
 def train(
     recipe: str = typer.Option(
-        "cached", help="cached: top of the trunk on cached features (CPU) | lesion: whole network + tumor decoder (GPU)"
+        "lesion",
+        help="lesion: CNN + tumor decoder, fresh augmentation (SupCon; CPU preset ~25 min on 2 cores, GPU preset "
+        "5 trials) | cached: top of the trunk on cached features (any loss; quick option)",
     ),
     loss: str = typer.Option("supcon", help="ce | triplet | nca | infonce | supcon"),
     fold: int = typer.Option(5, help="test fold (1-5), patient-wise"),
     trials: Optional[int] = typer.Option(None, help="seeds per configuration (paper: 5; default 5, lesion on a CPU 1)"),
     first_seed: int = typer.Option(0, help="train seeds first_seed .. first_seed + trials - 1"),
     out: Path = typer.Option(..., help="run directory to write"),
-    encoder: str = typer.Option("efficientnet_lite2", help="efficientnet_lite2 | efficientnet_b2 | resnet50"),
+    encoder: Optional[str] = typer.Option(
+        None, help="efficientnet_lite2 (default) | mobilenetv2 (lesion on a CPU) | efficientnet_b2 | resnet50"
+    ),
     weights: Optional[Path] = typer.Option(None, help="local ImageNet weights file for efficientnet_b2/resnet50"),
     random_init: bool = typer.Option(False, help="allow a randomly initialised trunk (no pretrained weights)"),
     trainable_blocks: int = typer.Option(2, help="0 = head only on cached features, k = last k blocks, -1 = all"),
@@ -61,7 +65,9 @@ def train(
     weight_decay: Optional[float] = typer.Option(None),
     tta: Optional[bool] = typer.Option(None, help="average the embeddings of augmented views at test time"),
     image_size: Optional[int] = typer.Option(None, help="network input side in px (lesion: 256 GPU, 224 CPU)"),
-    frozen_stages: Optional[int] = typer.Option(None, help="lesion: first trunk stages kept pretrained (CPU: 8)"),
+    frozen_stages: Optional[int] = typer.Option(
+        None, help="lesion: first trunk stages kept pretrained (CPU preset: those up to stride 8)"
+    ),
     params: Optional[Path] = typer.Option(None, help="JSON of hyper-parameters (e.g. from `neurocbir search`)"),
     data: Optional[Path] = typer.Option(
         None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"
@@ -77,7 +83,6 @@ def train(
         loss=loss,
         fold=fold,
         first_seed=first_seed,
-        encoder=encoder,
         weights=str(weights) if weights else None,
         random_init=random_init,
         trainable_blocks=trainable_blocks,
@@ -108,12 +113,15 @@ def train(
         weight_decay=weight_decay,
         tta=tta,
         trials=trials,
+        encoder=encoder,
         image_size=image_size,
         frozen_stages=frozen_stages,
     )
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
+    if frozen_stages is not None:  # a count given replaces the preset's "up to stride 8"
+        cfg.frozen_stride = 0
     if recipe == "lesion":
         from .data import load_cases
         from .finetune import train_lesion_run
@@ -559,7 +567,7 @@ def demo(port: int = typer.Option(8000)) -> None:
         run = Path("runs/demo")
         typer.echo(
             "No trained run yet: training a quick SupCon model (head only, no augmented copies, 1 trial). "
-            "For the full model run `neurocbir train --loss supcon --out runs/supcon` (about 25 min)."
+            "For the lesion model run `neurocbir train --out runs/mine` (about 25 min on 2 cores)."
         )
         cfg = TrainConfig(loss="supcon", trials=1, trainable_blocks=0, n_copies=0, epochs=20)
         _guard(train_run, cfg, run)

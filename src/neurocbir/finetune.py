@@ -97,7 +97,7 @@ def train_lesion(
     seed_everything(seed)
     net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout).to(device)
     net = net.to(memory_format=torch.channels_last)
-    frozen = net.trunk[: cfg.frozen_stages]
+    frozen = net.trunk[: net.frozen_stages(cfg.frozen_stride) if cfg.frozen_stride else cfg.frozen_stages]
     frozen.requires_grad_(False)  # no backward pass through them: the cost of a CPU step nearly halves
     trunk = [p for mod in (net.trunk, net.neck) for p in mod.parameters() if p.requires_grad]
     trunk_ids = {id(p) for p in trunk}
@@ -222,7 +222,8 @@ def holdout_split(cfg: TrainConfig, table: CaseTable) -> tuple[np.ndarray, np.nd
     if cfg.holdout_patients <= 0:
         return train_rows, train_rows[:0]
     n_splits = max(2, round(1 / cfg.holdout_patients))
-    fit, cal = grouped_inner_folds(table.subset(train_rows), n_splits, seed=cfg.first_seed)[0]
+    # a fixed split (not the seed's): a seed's trial is the same trained alone or after others
+    fit, cal = grouped_inner_folds(table.subset(train_rows), n_splits, seed=0)[0]
     return train_rows[fit], train_rows[cal]
 
 
@@ -247,21 +248,17 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     )
     y, groups = table.label[cal_rows], table.patient_id[cal_rows]
     fit_calibration(Path(run), [held_out], [y], [groups], how, len(CLASS_NAMES))
-    fit_tumor_level(Path(run), table)
+    fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
 
 
-def fit_tumor_level(run: Path, table: CaseTable) -> dict:
-    """The probability level at which the app outlines the query's tumor, chosen on the training
-    patients held out of training (the level whose outline area has the smallest median relative
-    error, through the app's own path); written as the run's ``tumor_level.json``."""
+def fit_tumor_level(run: Path, table: CaseTable, cal_rows: np.ndarray, seed: int) -> dict:
+    """The probability level at which the app outlines the query's tumor, chosen on training
+    patients held out of training (``cal_rows``): the level whose outline area has the smallest
+    median relative error, through the app's own path; written as the run's ``tumor_level.json``."""
     from .inference import load_model
     from .lesion import tumor_outline
 
-    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
-    _, cal_rows = holdout_split(cfg, table)
-    if not len(cal_rows):
-        raise ValueError(f"{run} holds no training patients out of training (holdout_patients = 0)")
-    model = load_model(run, cfg.first_seed)
+    model = load_model(run, seed)
     errors: dict[float, list[float]] = {level: [] for level in TUMOR_LEVELS}
     for r in cal_rows:
         image = table.load_image(r)

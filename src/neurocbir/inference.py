@@ -51,6 +51,11 @@ class Model:
         """Differentiable embeddings of preprocessed images (for similarity maps)."""
         return self.top(self.encoder.forward_stages(x, 0, self.top.cut))
 
+    def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
+        """Embeddings of a batch of preprocessed images, no gradients (occlusion maps)."""
+        with torch.inference_mode():
+            return self.embed_tensor(x).numpy()
+
     def feature_layers(self) -> list[torch.nn.Module]:
         """The network's stages in order (feature-level maps read the last spatial output)."""
         return [*self.encoder.stages[: self.top.cut], *self.top.stages]
@@ -94,6 +99,14 @@ class LesionModel:
     def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable embeddings of preprocessed images (for similarity maps)."""
         return self.net(x.contiguous(memory_format=torch.channels_last))[0]
+
+    def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
+        """Embeddings of a batch of preprocessed images through the CPU runtime (occlusion maps)."""
+        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256)
+        if compiled is not None:
+            return compiled(x.numpy())[0]
+        with torch.inference_mode():
+            return self.net(x.contiguous(memory_format=torch.channels_last))[0].numpy()
 
     def feature_layers(self) -> list[torch.nn.Module]:
         """The module whose output is the last spatial feature map (feature-level maps)."""

@@ -84,6 +84,10 @@ class LesionNet(nn.Module):
             nn.Linear(head_hidden, embedding_dim),
         )
 
+    def frozen_stages(self, stride: int) -> int:
+        """How many trunk stages end at or before output ``stride`` (0 for stride 0)."""
+        return self.taps[TAP_STRIDES.index(stride)] + 1 if stride else 0
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feats = []
         for i, stage in enumerate(self.trunk):

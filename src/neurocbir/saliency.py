@@ -32,7 +32,34 @@ FEATURE_ATTRIBUTIONS = {
     "gradcam": lambda g, a: (g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True).clamp(min=0),
     "grad_x_activation": lambda g, a: (g * a).sum(1, keepdim=True).clamp(min=0),
 }
+#: occlusion (X-MIR's other family): a black square slid over the scan; a pixel's value is how
+#: much farther from the other case the scan gets, on average, while it is hidden. One forward
+#: pass per position (batched through the CPU runtime), no gradients.
+OCCLUSION = "occlusion"
+OCCLUSION_PATCH, OCCLUSION_STRIDE = 1 / 7, 1 / 14  # of the network's input side
 ATTRIBUTION = "grad_x_input_from_black"
+
+
+def occlusion_map(model, x: torch.Tensor, target: np.ndarray, batch: int = 32) -> torch.Tensor:
+    """(1, 1, S, S) occlusion map of a preprocessed scan ``x`` (1, 3, S, S) towards ``target``."""
+    size = x.shape[-1]
+    patch, stride = max(1, round(size * OCCLUSION_PATCH)), max(1, round(size * OCCLUSION_STRIDE))
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    corners = [(r, c) for r in starts for c in starts]
+    base = float(((model.embed_preprocessed(x) - target) ** 2).sum())
+    heat, count = torch.zeros(size, size), torch.zeros(size, size)
+    for b in range(0, len(corners), batch):
+        chunk = corners[b : b + batch]
+        xs = x.repeat(len(chunk), 1, 1, 1)
+        for i, (r, c) in enumerate(chunk):
+            xs[i, :, r : r + patch, c : c + patch] = -1.0  # black
+        farther = ((model.embed_preprocessed(xs) - target) ** 2).sum(1) - base
+        for (r, c), d in zip(chunk, farther):
+            heat[r : r + patch, c : c + patch] += max(float(d), 0.0)
+            count[r : r + patch, c : c + patch] += 1
+    return (heat / count.clamp(min=1))[None, None]
 
 
 def similarity_map(
@@ -40,11 +67,13 @@ def similarity_map(
 ) -> np.ndarray:
     """(H, W) map in [0, 1] over ``image``: where it looks like ``other`` to ``model``
     (a :class:`neurocbir.inference.Model` or ``LesionModel``)."""
-    from scipy.ndimage import gaussian_filter
-
     from .transforms import preprocess
 
     size = model.input_size
+    if attribution == OCCLUSION:
+        target = model.embed_preprocessed(preprocess(other, size)[None])
+        sal = occlusion_map(model, preprocess(image, size)[None], target)
+        return _to_scan(sal, image.shape[:2], sigma)
     with torch.inference_mode():
         target = model.embed_tensor(preprocess(other, size)[None]).clone()
     x = preprocess(image, size)[None].clone().requires_grad_(True)
@@ -68,8 +97,15 @@ def similarity_map(
         sal = FEATURE_ATTRIBUTIONS[attribution](grad.float(), features[-1].detach().float())
     else:
         sal = ATTRIBUTIONS[attribution](grad, x).sum(1, keepdim=True).detach()
-    sal = F.interpolate(sal, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
-    sal = gaussian_filter(sal, sigma * max(image.shape))
+    return _to_scan(sal, image.shape[:2], sigma)
+
+
+def _to_scan(sal: torch.Tensor, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """A (1, 1, s, s) map at the scan's own size, smoothed, scaled to [0, 1]."""
+    from scipy.ndimage import gaussian_filter
+
+    sal = F.interpolate(sal.float(), size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    sal = gaussian_filter(sal, sigma * max(shape))
     top = float(sal.max())
     return sal / top if top > 0 else np.zeros_like(sal)
 
