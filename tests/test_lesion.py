@@ -225,24 +225,26 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
         assert not similarity_map(model, a, a, "gradcam").any()  # zero distance: zero gradient
 
 
-def test_occlusion_map_finds_what_two_scans_share(bundled_service, small_cases):
-    """A scan mapped towards a black image that shows only one square of it (around the tumor):
-    hiding that square takes away all they share (farther: hot), hiding anything else makes the
-    scan more like the black image (nearer: cold). The map is hottest on the square."""
+def test_occlusion_map_is_hot_exactly_where_the_embedding_reads():
+    """A model whose embedding reads only the top-left quadrant of the scan: hiding anything
+    there moves the embedding, hiding anything else does not; the occlusion map says so."""
     from neurocbir.saliency import OCCLUSION, mass_inside, similarity_map
 
-    r = int(np.flatnonzero(small_cases.fold == 5)[0])
-    image, mask = small_cases.load_image(r).astype(np.float32), small_cases.load_mask(r)
-    rows, cols = np.nonzero(mask)
-    side = image.shape[0] // 4
-    r0 = int(np.clip(rows.mean() - side // 2, 0, image.shape[0] - side))
-    c0 = int(np.clip(cols.mean() - side // 2, 0, image.shape[1] - side))
-    square = np.zeros(image.shape, bool)
-    square[r0 : r0 + side, c0 : c0 + side] = True
-    shown = np.where(square, image, image.min())
-    sal = similarity_map(bundled_service.model, image, shown, OCCLUSION)
-    share, hottest_inside = mass_inside(sal, square, dilate_px=0)
-    assert hottest_inside and share > 2 * square.mean()
+    class QuadrantModel:
+        input_size = 112
+
+        def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
+            return x[:, 0, :56, :56].reshape(len(x), -1).numpy()
+
+    rng = np.random.default_rng(0)
+    scan, other = rng.uniform(0, 255, (224, 224)), rng.uniform(0, 255, (224, 224))
+    sal = similarity_map(QuadrantModel(), scan, other, OCCLUSION, sigma=0.0)
+    quadrant = np.zeros(scan.shape, bool)
+    quadrant[:112, :112] = True
+    share, hottest_inside = mass_inside(sal, quadrant, dilate_px=0)
+    assert hottest_inside and share > 0.9 and sal.shape == scan.shape
+    # nothing beyond one occluder's side (1/7 of the scan) of the quadrant
+    assert mass_inside(sal, quadrant, dilate_px=224 // 7 + 2)[0] == pytest.approx(1.0)
 
 
 def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_data_dir, small_cases, tmp_path):
