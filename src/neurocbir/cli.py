@@ -53,7 +53,7 @@ def train(
     ),
     weights: Optional[Path] = typer.Option(None, help="local ImageNet weights file for efficientnet_b2/resnet50"),
     random_init: bool = typer.Option(False, help="allow a randomly initialised trunk (no pretrained weights)"),
-    trainable_blocks: int = typer.Option(2, help="0 = head only on cached features, k = last k blocks, -1 = all"),
+    trainable_blocks: int = typer.Option(2, help="cached recipe: 0 = head only on cached features, k = last k blocks, -1 = all"),
     epochs: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     temperature: Optional[float] = typer.Option(None),
