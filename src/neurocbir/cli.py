@@ -40,7 +40,7 @@ def _guard(fn, *args, **kwargs):
 def train(
     recipe: str = typer.Option(
         "lesion",
-        help="lesion: CNN + tumor decoder, fresh augmentation (SupCon; CPU preset ~25 min on 2 cores, GPU preset "
+        help="lesion: CNN + tumor decoder, fresh augmentation (SupCon; CPU preset ~27 min on 2 cores, GPU preset "
         "5 trials) | cached: top of the trunk on cached features (any loss; quick option)",
     ),
     loss: str = typer.Option("supcon", help="ce | triplet | nca | infonce | supcon"),
@@ -53,7 +53,9 @@ def train(
     ),
     weights: Optional[Path] = typer.Option(None, help="local ImageNet weights file for efficientnet_b2/resnet50"),
     random_init: bool = typer.Option(False, help="allow a randomly initialised trunk (no pretrained weights)"),
-    trainable_blocks: int = typer.Option(2, help="cached recipe: 0 = head only on cached features, k = last k blocks, -1 = all"),
+    trainable_blocks: int = typer.Option(
+        2, help="cached recipe: 0 = head only on cached features, k = last k blocks, -1 = all"
+    ),
     epochs: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     temperature: Optional[float] = typer.Option(None),
