@@ -317,7 +317,7 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
         assert same == (i < n), f"stage {i}"
     model = load_model(run, 0)
     emb, _, prob = model.analyse(small_cases.load_image(0))
-    assert emb.shape == (1, 128) and prob.shape == (224, 224)
+    assert emb.shape == (1, 128) and prob.shape == (cfg["image_size"],) * 2
     # the outline level, chosen on the held-out patients, is the one the app outlines at
     from neurocbir.finetune import TUMOR_LEVELS
     from neurocbir.service import RetrievalService
