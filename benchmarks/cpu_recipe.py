@@ -70,19 +70,14 @@ def nir_probas(run: Path, table) -> tuple[np.ndarray, np.ndarray]:
     """Uncalibrated NIR probabilities (softmax of I_c) of the run's first trial: its held-out
     training patients against the other training patients, and the test fold against the archive."""
     from neurocbir.classify import NIRClassifier
-    from neurocbir.finetune import holdout_split
-    from neurocbir.runs import TrainConfig, trial_dir
+    from neurocbir.finetune import holdout_embeddings
+    from neurocbir.runs import trial_dir
 
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    cfg, fit_rows, _, fit, cal = holdout_embeddings(run, table)
     arrays = np.load(trial_dir(run, cfg.first_seed) / "embeddings.npz")
-    where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
-    fit_rows, cal_rows = holdout_split(cfg, table)
-    emb = arrays["archive"]
-    held_out = NIRClassifier().fit(emb[[where[r] for r in fit_rows]], table.label[fit_rows])
-    y_archive = table.label[arrays["archive_rows"]]
     return (
-        held_out.predict_proba(emb[[where[r] for r in cal_rows]]),
-        NIRClassifier().fit(emb, y_archive).predict_proba(arrays["test"]),
+        NIRClassifier().fit(fit, table.label[fit_rows]).predict_proba(cal),
+        NIRClassifier().fit(arrays["archive"], table.label[arrays["archive_rows"]]).predict_proba(arrays["test"]),
     )
 
 

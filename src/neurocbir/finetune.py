@@ -227,11 +227,11 @@ def holdout_split(cfg: TrainConfig, table: CaseTable) -> tuple[np.ndarray, np.nd
     return train_rows[fit], train_rows[cal]
 
 
-def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
-    """Calibrated probabilities, prediction sets and the outline level of a run whose encoder
-    never saw some training patients (``holdout_patients``): those patients are queried against
-    the other training patients with the first trial's embeddings. One training instead of the
-    three of inner CV: what makes calibration affordable on a CPU."""
+def holdout_embeddings(
+    run: Path | str, table: CaseTable
+) -> tuple[TrainConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(config, fit rows, held-out rows, their first-trial embeddings) of a run trained with
+    ``holdout_patients``."""
     cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
     fit_rows, cal_rows = holdout_split(cfg, table)
     if not len(cal_rows):
@@ -239,7 +239,15 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     arrays = np.load(trial_dir(run, cfg.first_seed) / "embeddings.npz")
     where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
     emb = arrays["archive"]
-    fit, cal = emb[[where[r] for r in fit_rows]], emb[[where[r] for r in cal_rows]]
+    return cfg, fit_rows, cal_rows, emb[[where[r] for r in fit_rows]], emb[[where[r] for r in cal_rows]]
+
+
+def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
+    """Calibrated probabilities, prediction sets and the outline level of a run whose encoder
+    never saw some training patients (``holdout_patients``): those patients are queried against
+    the other training patients with the first trial's embeddings. One training instead of the
+    three of inner CV: what makes calibration affordable on a CPU."""
+    cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
     held_out = NIRClassifier().fit(fit, table.label[fit_rows]).neighbour_labels(cal)
     how = (
         f"{len(np.unique(table.patient_id[cal_rows]))} training patients ({len(cal_rows)} slices, "
