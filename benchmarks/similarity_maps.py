@@ -24,18 +24,23 @@ from results_doc import machine, write_section
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def score(model, table, pairs, attribution, sigma) -> tuple[float, float, float]:
-    from neurocbir.saliency import mass_inside, similarity_map
+def score(model, table, pairs, attribution, sigmas) -> list[tuple[float, float, float]]:
+    """(mean share inside, pointing game, median seconds per map) for each smoothing in ``sigmas``:
+    the attribution is computed once per query and smoothed each way."""
+    from neurocbir.saliency import attribution_map, mass_inside, scan_map
 
-    shares, hits, secs = [], [], []
-    for q, a in pairs:
+    shares, hits, secs = np.zeros((len(sigmas), len(pairs))), np.zeros((len(sigmas), len(pairs))), []
+    for i, (q, a) in enumerate(pairs):
+        image = table.load_image(q)
         t0 = time.perf_counter()
-        sal = similarity_map(model, table.load_image(q), table.load_image(a), attribution, sigma)
+        raw = attribution_map(model, image, table.load_image(a), attribution)
         secs.append(time.perf_counter() - t0)
-        share, hit = mass_inside(sal, table.load_mask(q))
-        shares.append(share)
-        hits.append(hit)
-    return float(np.mean(shares)), float(np.mean(hits)), float(np.median(secs))
+        for j, sigma in enumerate(sigmas):
+            t0 = time.perf_counter()
+            shares[j, i], hits[j, i] = mass_inside(scan_map(raw, image.shape[:2], sigma), table.load_mask(q))
+            if j == 0:
+                secs[-1] += time.perf_counter() - t0
+    return [(float(shares[j].mean()), float(hits[j].mean()), float(np.median(secs))) for j in range(len(sigmas))]
 
 
 def main() -> None:
@@ -43,12 +48,13 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=ROOT / "models" / "lesion-fold5")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--select", action="store_true")
+    p.add_argument("--select-n", type=int, default=60, help="training-patient queries for --select")
     args = p.parse_args()
     from neurocbir.classify import NIRClassifier
     from neurocbir.data import load_cases
     from neurocbir.inference import load_model
     from neurocbir.runs import first_trial
-    from neurocbir.saliency import ATTRIBUTION, ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, SMOOTH_SIGMA
+    from neurocbir.saliency import ATTRIBUTION, ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, SMOOTH_SIGMA, SMOOTHGRAD
 
     model = load_model(args.run)
     table = load_cases(model.config.data)
@@ -59,13 +65,13 @@ def main() -> None:
         clf = NIRClassifier(exclude_same_patient=True).fit(
             emb["archive"], table.label[a_rows], table.patient_id[a_rows]
         )
-        q = rng.choice(len(a_rows), 30, replace=False)
+        q = rng.choice(len(a_rows), args.select_n, replace=False)
         _, ids = clf.kneighbors(emb["archive"][q], 1, groups=table.patient_id[a_rows][q])
         pairs = list(zip(a_rows[q], a_rows[ids[:, 0]]))
         rows = []
-        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS, OCCLUSION]:
-            for sigma in (5 / 512, 10 / 512):
-                share, hit, sec = score(model, table, pairs, name, sigma)
+        sigmas = (5 / 512, 10 / 512)
+        for name in [*ATTRIBUTIONS, *SMOOTHGRAD, *FEATURE_ATTRIBUTIONS, OCCLUSION]:
+            for sigma, (share, hit, sec) in zip(sigmas, score(model, table, pairs, name, sigmas)):
                 where = {OCCLUSION: "pixels, hidden"}.get(
                     name, "last feature map" if name in FEATURE_ATTRIBUTIONS else "pixels"
                 )
@@ -80,7 +86,7 @@ def main() -> None:
                     "## Similarity maps: choosing the attribution on training patients (issue 12)",
                     "",
                     f"Command: `python benchmarks/similarity_maps.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run `{args.run.name}` | 30 training-patient "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run `{args.run.name}` | {args.select_n} training-patient "
                     "queries, each mapped towards its nearest case of another patient; the best pointing game is used",
                     "",
                     "| attribution | on | smoothing sigma (px at 512) | share inside tumor + 15 px | pointing game | s per map |",
@@ -93,7 +99,7 @@ def main() -> None:
     q = rng.choice(len(emb["test_rows"]), min(args.n, len(emb["test_rows"])), replace=False)
     _, ids = NIRClassifier().fit(emb["archive"], table.label[a_rows]).kneighbors(emb["test"][q], 1)
     pairs = list(zip(emb["test_rows"][q], a_rows[ids[:, 0]]))
-    share, hit, sec = score(model, table, pairs, ATTRIBUTION, SMOOTH_SIGMA)
+    ((share, hit, sec),) = score(model, table, pairs, ATTRIBUTION, [SMOOTH_SIGMA])
     body = "\n".join(
         [
             "## Similarity maps: why is this case similar? (issue 12)",
@@ -103,8 +109,8 @@ def main() -> None:
             f"test-fold queries, each mapped towards its nearest archive case",
             "",
             f"Method: {ATTRIBUTION.replace('_', ' ')} of the negative squared embedding distance, smoothed "
-            f"(sigma {SMOOTH_SIGMA * 512:.0f} px at 512); chosen by `--select` on 30 training-patient queries "
-            "(pointing game), not on the test fold.",
+            f"(sigma {SMOOTH_SIGMA * 512:.0f} px at 512); chosen by `--select` on training-patient queries "
+            "(pointing game; section below), not on the test fold.",
             "",
             "| metric | value | target |",
             "|---|---|---|",

@@ -215,30 +215,41 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
     and on the last feature map, give a [0, 1] map at the scan's own size for the lesion model
     and the cached recipe's model; a scan compared with itself has nothing to attribute."""
     from neurocbir.inference import load_model
-    from neurocbir.saliency import ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, similarity_map
+    from neurocbir.saliency import ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, SMOOTHGRAD, similarity_map
 
     a, b = (small_cases.load_image(int(r)) for r in np.flatnonzero(small_cases.label == 0)[:2])
     for model in (bundled_service.model, load_model(small_run)):
-        for name in [*ATTRIBUTIONS, *FEATURE_ATTRIBUTIONS, OCCLUSION]:
+        for name in [*ATTRIBUTIONS, *SMOOTHGRAD, *FEATURE_ATTRIBUTIONS, OCCLUSION]:
             sal = similarity_map(model, a, b, name)
             assert sal.shape == a.shape and sal.min() >= 0 and sal.max() == pytest.approx(1.0), name
         assert not similarity_map(model, a, a, "gradcam").any()  # zero distance: zero gradient
+        smooth = next(iter(SMOOTHGRAD))  # noisy copies from a fixed seed: the same map every time,
+        once = similarity_map(model, a, b, smooth)  # and not the plain gradient's
+        assert np.array_equal(once, similarity_map(model, a, b, smooth))
+        assert not np.allclose(once, similarity_map(model, a, b, "grad_x_input_from_black"), atol=1e-3)
 
 
-def test_occlusion_map_is_hot_exactly_where_the_embedding_reads():
+@pytest.mark.parametrize("attribution", ["occlusion", "grad_x_input_from_black", "smoothgrad_x_input_from_black_noise_0.1"])
+def test_similarity_map_is_hot_exactly_where_the_embedding_reads(attribution):
     """A model whose embedding reads only the top-left quadrant of the scan: hiding anything
-    there moves the embedding, hiding anything else does not; the occlusion map says so."""
-    from neurocbir.saliency import OCCLUSION, mass_inside, similarity_map
+    there moves the embedding, hiding anything else does not, and only pixels there have a
+    gradient; the map says so, for occlusion and for the gradient attributions."""
+    from neurocbir.saliency import SMOOTHGRAD, mass_inside, similarity_map
+
+    assert attribution in SMOOTHGRAD or attribution in {"occlusion", "grad_x_input_from_black"}
 
     class QuadrantModel:
         input_size = 112
 
+        def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, 0, :56, :56].reshape(len(x), -1)
+
         def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
-            return x[:, 0, :56, :56].reshape(len(x), -1).numpy()
+            return self.embed_tensor(x).numpy()
 
     rng = np.random.default_rng(0)
     scan, other = rng.uniform(0, 255, (224, 224)), rng.uniform(0, 255, (224, 224))
-    sal = similarity_map(QuadrantModel(), scan, other, OCCLUSION, sigma=0.0)
+    sal = similarity_map(QuadrantModel(), scan, other, attribution, sigma=0.0)
     quadrant = np.zeros(scan.shape, bool)
     quadrant[:112, :112] = True
     share, hottest_inside = mass_inside(sal, quadrant, dilate_px=0)

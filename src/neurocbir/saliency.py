@@ -2,11 +2,12 @@
 closer to another case's (X-MIR's similarity-based saliency, by gradients).
 
 The map is an attribution of the negative squared embedding distance, smoothed and scaled to
-[0, 1], at the scan's own pixel size: one forward and one backward pass. The attribution, on
-the pixels (|gradient|, |gradient x input|, |gradient x (input - black)|, its positive part) or
-on the last feature map (Grad-CAM, gradient x activation), and the smoothing (5 or 10 px at
-512) are chosen on 30 training-patient queries and their nearest case of another patient, by
-the pointing game (``benchmarks/similarity_maps.py --select``); the test fold only reports.
+[0, 1], at the scan's own pixel size. The attribution, on the pixels (|gradient|, |gradient x
+input|, |gradient x (input - black)|, its positive part, the last with SmoothGrad's gradient
+averaged over noisy copies of the scan) or on the last feature map (Grad-CAM, gradient x
+activation), or occlusion, and the smoothing (5 or 10 px at 512) are chosen on training-patient
+queries and their nearest case of another patient, by the pointing game
+(``benchmarks/similarity_maps.py --select``); the test fold only reports.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ FEATURE_ATTRIBUTIONS = {
 #: pass per position (batched through the CPU runtime), no gradients.
 OCCLUSION = "occlusion"
 OCCLUSION_PATCH, OCCLUSION_STRIDE = 1 / 7, 1 / 14  # of the network's input side
+#: SmoothGrad (Smilkov et al. 2017): the gradient averaged over copies of the scan with Gaussian
+#: noise (this standard deviation, on the [-1, 1] input), then x (input - black). One batched
+#: forward and backward pass of SMOOTHGRAD_SAMPLES copies; a fixed seed, so a map is reproducible.
+SMOOTHGRAD = {f"smoothgrad_x_input_from_black_noise_{n}": n for n in (0.05, 0.1, 0.2)}
+SMOOTHGRAD_SAMPLES = 8
 ATTRIBUTION = "grad_x_input_from_black"
 
 
@@ -67,16 +73,26 @@ def similarity_map(
 ) -> np.ndarray:
     """(H, W) map in [0, 1] over ``image``: where it looks like ``other`` to ``model``
     (a :class:`neurocbir.inference.Model` or ``LesionModel``)."""
+    return scan_map(attribution_map(model, image, other, attribution), image.shape[:2], sigma)
+
+
+def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: str = ATTRIBUTION) -> torch.Tensor:
+    """The raw (1, 1, s, s) attribution on the network's grid, before smoothing and scaling."""
     from .transforms import preprocess
 
     size = model.input_size
+    x = preprocess(image, size)[None]
     if attribution == OCCLUSION:
-        target = model.embed_preprocessed(preprocess(other, size)[None])
-        sal = occlusion_map(model, preprocess(image, size)[None], target)
-        return _to_scan(sal, image.shape[:2], sigma)
+        return occlusion_map(model, x, model.embed_preprocessed(preprocess(other, size)[None]))
     with torch.inference_mode():
         target = model.embed_tensor(preprocess(other, size)[None]).clone()
-    x = preprocess(image, size)[None].clone().requires_grad_(True)
+    noise = SMOOTHGRAD.get(attribution)
+    if noise is None:
+        xs = x.clone()
+    else:
+        shape = (SMOOTHGRAD_SAMPLES, *x.shape[1:])
+        xs = (x + noise * torch.randn(shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    xs.requires_grad_(True)
     features: list[torch.Tensor] = []  # the outputs of the network's stages; the last 4-D one is the map
     on_features = attribution in FEATURE_ATTRIBUTIONS
 
@@ -87,20 +103,20 @@ def similarity_map(
     hooks = [m.register_forward_hook(keep) for m in model.feature_layers()] if on_features else []
     try:
         with torch.enable_grad():
-            emb = model.embed_tensor(x)
+            emb = model.embed_tensor(xs)
             closeness = -((emb - target) ** 2).sum()
-            (grad,) = torch.autograd.grad(closeness, [features[-1] if on_features else x])
+            (grad,) = torch.autograd.grad(closeness, [features[-1] if on_features else xs])
     finally:
         for h in hooks:
             h.remove()
     if on_features:
-        sal = FEATURE_ATTRIBUTIONS[attribution](grad.float(), features[-1].detach().float())
-    else:
-        sal = ATTRIBUTIONS[attribution](grad, x).sum(1, keepdim=True).detach()
-    return _to_scan(sal, image.shape[:2], sigma)
+        return FEATURE_ATTRIBUTIONS[attribution](grad.float(), features[-1].detach().float())
+    if noise is not None:
+        grad, attribution = grad.mean(0, keepdim=True), "grad_x_input_from_black"
+    return ATTRIBUTIONS[attribution](grad, x).sum(1, keepdim=True).detach()
 
 
-def _to_scan(sal: torch.Tensor, shape: tuple[int, int], sigma: float) -> np.ndarray:
+def scan_map(sal: torch.Tensor, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """A (1, 1, s, s) map at the scan's own size, smoothed, scaled to [0, 1]."""
     from scipy.ndimage import gaussian_filter
 
