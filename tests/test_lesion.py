@@ -229,7 +229,9 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
         assert not np.allclose(once, similarity_map(model, a, b, "grad_x_input_from_black"), atol=1e-3)
 
 
-@pytest.mark.parametrize("attribution", ["occlusion", "grad_x_input_from_black", "smoothgrad_x_input_from_black_noise_0.1"])
+@pytest.mark.parametrize(
+    "attribution", ["occlusion", "grad_x_input_from_black", "smoothgrad_x_input_from_black_noise_0.1"]
+)
 def test_similarity_map_is_hot_exactly_where_the_embedding_reads(attribution):
     """A model whose embedding reads only the top-left quadrant of the scan: hiding anything
     there moves the embedding, hiding anything else does not, and only pixels there have a
