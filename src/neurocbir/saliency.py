@@ -43,7 +43,7 @@ OCCLUSION_PATCH, OCCLUSION_STRIDE = 1 / 7, 1 / 14  # of the network's input side
 #: forward and backward pass of SMOOTHGRAD_SAMPLES copies; a fixed seed, so a map is reproducible.
 SMOOTHGRAD = {f"smoothgrad_x_input_from_black_noise_{n}": n for n in (0.05, 0.1, 0.2)}
 SMOOTHGRAD_SAMPLES = 8
-ATTRIBUTION = "grad_x_input_from_black"
+ATTRIBUTION = "smoothgrad_x_input_from_black_noise_0.1"
 
 
 def occlusion_map(model, x: torch.Tensor, target: np.ndarray, batch: int = 32) -> torch.Tensor:
