@@ -106,6 +106,13 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "browser_compare.png"), full_page=True)
         page.locator("#compare").press("Escape")
         expect(page.locator("#compare")).to_be_hidden()
+        # why similar: a heat map over the query and over the retrieval, on demand
+        page.locator(".retrieval").nth(0).get_by_role("button", name="Why similar?").click()
+        expect(page.locator("#heatNote")).to_contain_text("retrieval #1 (case", timeout=30_000)
+        expect(page.locator("#heatQuery")).to_be_visible()
+        expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "browser_similarity.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "browser_e2e.png").stat().st_size > 20_000
     assert (ARTIFACTS / "browser_compare.png").stat().st_size > 20_000
+    assert (ARTIFACTS / "browser_similarity.png").stat().st_size > 20_000
