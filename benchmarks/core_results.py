@@ -5,7 +5,10 @@
 
 Each (loss, fold) is trained with `neurocbir.training.train_run` and evaluated with
 `neurocbir.evaluate.evaluate_run` into runs/bench/<loss>-fold<k>; the results section of
-docs/results.md is rewritten after every finished run, so a partial benchmark still lands.
+docs/results.md is rewritten after every finished run, so a partial benchmark still lands. A run
+that is redone (more trials, a newer config) trains into <run>.partial and replaces the old one
+only once evaluated, so a benchmark cut short keeps the old rows; run the same command again to
+go on (finished runs are reused), e.g. `--extra-fold-trials 5` over several sessions.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ import numpy as np
 from neurocbir import calibration
 from neurocbir.data import load_cases
 from neurocbir.evaluate import evaluate_run, markdown_tables
+from neurocbir.files import write_json
 from neurocbir.runs import TrainConfig
 from neurocbir.training import train_run
 from results_doc import machine, write_section
@@ -143,7 +148,14 @@ def main() -> None:
             if f and int(f) not in {j[1] for j in jobs}
         ]
     jobs.sort(key=lambda j: j[0] != "supcon")  # SupCon on every fold first: the default loss, and the folds' coverage
-    results, baselines, cache_s = [], {}, None
+    # a run being redone (other trials, newer config) trains into <run>.partial and replaces the
+    # old run only when evaluated: a benchmark cut short keeps every old row in the doc
+    finished = {
+        job: json.loads((args.out / f"{job[0]}-fold{job[1]}" / "metrics.json").read_text())
+        for job in jobs
+        if (args.out / f"{job[0]}-fold{job[1]}" / "metrics.json").is_file()
+    }
+    baselines, cache_s = {}, None
     for loss, fold, trials in jobs:
         run = args.out / f"{loss}-fold{fold}"
         cfg = TrainConfig(loss=loss, fold=fold, trials=trials, cache_dir=args.cache_dir)
@@ -155,17 +167,23 @@ def main() -> None:
             and calibration.load_inner_cv(run) is not None  # runs from before the inner-CV scores: redo
         ):
             print(f"== {loss} fold {fold}: already done, reusing {done}", flush=True)
-            results.append(json.loads(done.read_text()))
         else:
             print(f"== {loss} fold {fold}", flush=True)
-            train_run(cfg, run, table=table)
-            results.append(evaluate_run(run, table=table))
+            partial = run.with_name(run.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            train_run(cfg, partial, table=table)
+            evaluate_run(partial, table=table)
+            shutil.rmtree(run, ignore_errors=True)
+            partial.rename(run)
+            write_json(done, {**json.loads(done.read_text()), "run": str(run)})
+        finished[(loss, fold, trials)] = json.loads(done.read_text())
         if fold not in baselines:
             baselines[fold] = baseline(table, fold, args.cache_dir)
         metas = sorted(
             (Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "neurocbir").glob("features/*.json")
         )
         cache_s = max((json.loads(m.read_text()).get("seconds", 0) for m in metas), default=None)
+        results = [finished[j] for j in jobs if j in finished]
         write_section("core", render(results, baselines, args, started, cache_s), args.doc)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {args.doc}")
