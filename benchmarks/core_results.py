@@ -136,7 +136,8 @@ def main() -> None:
         f"n_copies={defaults.n_copies}, temperature {defaults.temperature}, margin {defaults.margin}, "
         f"dropout {defaults.dropout}, tta={defaults.tta}, "
         f"cross_patient_positives={defaults.cross_patient_positives}); {args.trials} trials (seeds 0..{args.trials - 1}) "
-        f"per loss on fold(s) {args.folds}, {args.extra_fold_trials} for SupCon's other folds"
+        f"per loss on fold(s) {args.folds}, {args.extra_fold_trials} for SupCon's other folds (the trials "
+        "column says what each row has: a run not yet redone keeps its earlier count)"
     )
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     table = load_cases()
