@@ -156,7 +156,8 @@ def main() -> None:
         for job in jobs
         if (args.out / f"{job[0]}-fold{job[1]}" / "metrics.json").is_file()
     }
-    baselines, cache_s = {}, None
+    baselines = {fold: baseline(table, fold, args.cache_dir) for fold in sorted({j[1] for j in jobs})}
+    cache_s = None
     for loss, fold, trials in jobs:
         run = args.out / f"{loss}-fold{fold}"
         cfg = TrainConfig(loss=loss, fold=fold, trials=trials, cache_dir=args.cache_dir)
@@ -178,8 +179,6 @@ def main() -> None:
             partial.rename(run)
             write_json(done, {**json.loads(done.read_text()), "run": str(run)})
         finished[(loss, fold, trials)] = json.loads(done.read_text())
-        if fold not in baselines:
-            baselines[fold] = baseline(table, fold, args.cache_dir)
         metas = sorted(
             (Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "neurocbir").glob("features/*.json")
         )
