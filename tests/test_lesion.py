@@ -152,6 +152,32 @@ def test_tumor_outline_of_a_disk():
     assert tumor_outline(speck) is None
 
 
+@pytest.mark.parametrize("decoder_stride", [4, 2])
+def test_lesion_net_tumor_map_stride_and_fused_inference(decoder_stride):
+    """The tumor map has the configured stride; folding the batch norms for inference keeps the
+    outputs; a stride the decoder cannot make is refused by name."""
+    from neurocbir.encoders import create_encoder
+    from neurocbir.lesion import LesionNet, fuse_for_inference
+
+    encoder = create_encoder("mobilenetv2")
+    torch.manual_seed(0)
+    net = LesionNet(encoder, decoder_stride=decoder_stride)
+    for m in net.modules():  # batch norms with statistics of their own, so folding is not a no-op
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        emb, desc, logits = net(x)
+        assert logits.shape == (2, 1, 96 // decoder_stride, 96 // decoder_stride)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+        fused = fuse_for_inference(net)(x)
+    for a, b in zip((emb, desc, logits), fused):
+        assert torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="decoder_stride"):
+        LesionNet(encoder, decoder_stride=8)
+
+
 def test_closest_size_question_uses_the_estimate(small_cases):
     """A scan uploaded without a report: the size question is answered from the estimated area,
     and says so; without an estimate it asks for the query's report."""

@@ -70,6 +70,9 @@ def train(
     frozen_stages: Optional[int] = typer.Option(
         None, help="lesion: first trunk stages kept pretrained (CPU preset: those up to stride 8)"
     ),
+    decoder_stride: Optional[int] = typer.Option(
+        None, help="lesion: stride of the predicted tumor map, 4 or 2 (finer outlines of small tumors)"
+    ),
     params: Optional[Path] = typer.Option(None, help="JSON of hyper-parameters (e.g. from `neurocbir search`)"),
     data: Optional[Path] = typer.Option(
         None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"
@@ -118,6 +121,7 @@ def train(
         encoder=encoder,
         image_size=image_size,
         frozen_stages=frozen_stages,
+        decoder_stride=decoder_stride,
     )
     for k, v in overrides.items():
         if v is not None:

@@ -95,7 +95,7 @@ def train_lesion(
     from pytorch_metric_learning import losses
 
     seed_everything(seed)
-    net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout).to(device)
+    net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride).to(device)
     net = net.to(memory_format=torch.channels_last)
     frozen = net.trunk[: net.frozen_stages(cfg.frozen_stride) if cfg.frozen_stride else cfg.frozen_stages]
     frozen.requires_grad_(False)  # no backward pass through them: the cost of a CPU step nearly halves

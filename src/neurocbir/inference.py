@@ -135,7 +135,7 @@ def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | Non
         raise ValueError(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
     if cfg.recipe == "lesion":  # every weight is in the checkpoint: no pretrained weights needed
         arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
-        net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout)
+        net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
         net = fuse_for_inference(net).to(memory_format=torch.channels_last)
         return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial))

@@ -20,12 +20,15 @@ import torch.nn.functional as F
 from .encoders import Encoder
 
 DECODER_CHANNELS = 64
+FINE_CHANNELS = 16  # the stride-2 refinement: few channels, as it runs on 4x the cells
 #: strides of the trunk outputs the decoder reads (the finest sets the mask's resolution)
 TAP_STRIDES = (4, 8, 16, 32)
+#: strides the tumor map can have: 4 (the feature pyramid) or 2 (plus the stride-2 refinement)
+DECODER_STRIDES = (4, 2)
 
 
-def _taps(stages: nn.ModuleList, size: int = 64) -> tuple[list[int], list[int]]:
-    """Index of the last stage at each stride in TAP_STRIDES, and its channels."""
+def _taps(stages: nn.ModuleList, strides: tuple[int, ...], size: int = 64) -> tuple[list[int], list[int]]:
+    """Index of the last stage at each of ``strides``, and its channels."""
     x = torch.zeros(1, 3, size, size)
     last: dict[int, tuple[int, int]] = {}
     with torch.no_grad():
@@ -35,10 +38,10 @@ def _taps(stages: nn.ModuleList, size: int = 64) -> tuple[list[int], list[int]]:
             x = stage(x)
             last[size // x.shape[-1]] = (i, x.shape[1])
         stages.train(was_training)
-    missing = [s for s in TAP_STRIDES if s not in last]
+    missing = [s for s in strides if s not in last]
     if missing:
         raise ValueError(f"backbone has no stage at stride {missing}")
-    return [last[s][0] for s in TAP_STRIDES], [last[s][1] for s in TAP_STRIDES]
+    return [last[s][0] for s in strides], [last[s][1] for s in strides]
 
 
 def _pool_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -52,13 +55,23 @@ def _pool_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 class LesionNet(nn.Module):
     """``forward(x)`` -> (embedding (B, dim) L2-normalised, descriptor (B, C) L2-normalised,
-    tumor logits (B, 1, H/4, W/4)).
+    tumor logits (B, 1, H/s, W/s), s = ``decoder_stride``).
+
+    With ``decoder_stride`` 2 the stride-4 pyramid output is refined with the stride-2 trunk
+    features (a few channels), so small tumors (a few stride-4 cells) get sharper outlines.
 
     The embedding head reads [mean of the last feature map, its mean weighted by the predicted
     tumor probability]; the descriptor (the first half) is what "unlike the archive" is judged on.
     """
 
-    def __init__(self, encoder: Encoder, embedding_dim: int = 128, head_hidden: int = 512, dropout: float = 0.3):
+    def __init__(
+        self,
+        encoder: Encoder,
+        embedding_dim: int = 128,
+        head_hidden: int = 512,
+        dropout: float = 0.3,
+        decoder_stride: int = 4,
+    ):
         super().__init__()
         import copy
 
@@ -66,14 +79,33 @@ class LesionNet(nn.Module):
         self.trunk = nn.ModuleList(stages[:-1])
         neck = stages[-1]  # conv_head, bn(+act), global pool (EfficientNet); a pool alone (ResNet)
         self.neck = nn.Sequential(*list(neck.children())[:-1]) if isinstance(neck, nn.Sequential) else nn.Identity()
-        self.taps, channels = _taps(self.trunk)
+        if decoder_stride not in DECODER_STRIDES:
+            raise ValueError(f"decoder_stride must be one of {DECODER_STRIDES}, got {decoder_stride}")
+        self.taps, channels = _taps(self.trunk, TAP_STRIDES)
+        self.fine_tap: int | None = None  # the trunk stage the stride-2 refinement reads
         self.lateral = nn.ModuleList(nn.Conv2d(c, DECODER_CHANNELS, 1) for c in channels)
-        self.mask_head = nn.Sequential(
-            nn.Conv2d(DECODER_CHANNELS, DECODER_CHANNELS, 3, padding=1, bias=False),
-            nn.BatchNorm2d(DECODER_CHANNELS),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(DECODER_CHANNELS, 1, 1),
-        )
+        if decoder_stride == 4:  # the module layout of the checkpoints trained before stride 2 existed
+            self.mask_head = nn.Sequential(
+                nn.Conv2d(DECODER_CHANNELS, DECODER_CHANNELS, 3, padding=1, bias=False),
+                nn.BatchNorm2d(DECODER_CHANNELS),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(DECODER_CHANNELS, 1, 1),
+            )
+        else:
+            (self.fine_tap,), (fine_channels,) = _taps(self.trunk, (2,))
+            self.mask_head = nn.Sequential(
+                nn.Conv2d(DECODER_CHANNELS, DECODER_CHANNELS, 3, padding=1, bias=False),
+                nn.BatchNorm2d(DECODER_CHANNELS),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(DECODER_CHANNELS, FINE_CHANNELS, 1),  # before upsampling: 4x fewer cells
+            )
+            self.fine_lateral = nn.Conv2d(fine_channels, FINE_CHANNELS, 1)
+            self.fine_head = nn.Sequential(
+                nn.Conv2d(FINE_CHANNELS, FINE_CHANNELS, 3, padding=1, bias=False),
+                nn.BatchNorm2d(FINE_CHANNELS),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(FINE_CHANNELS, 1, 1),
+            )
         self.num_features = encoder.num_features
         self.embedding_dim = embedding_dim
         self.head = nn.Sequential(
@@ -89,9 +121,11 @@ class LesionNet(nn.Module):
         return self.taps[TAP_STRIDES.index(stride)] + 1 if stride else 0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats = []
+        feats, fine = [], None
         for i, stage in enumerate(self.trunk):
             x = stage(x)
+            if i == self.fine_tap:
+                fine = x
             if i in self.taps:
                 feats.append(x)
         fmap = self.neck(x)
@@ -99,6 +133,9 @@ class LesionNet(nn.Module):
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
         logits = self.mask_head(y)
+        if fine is not None:  # the stride-4 output is features here, refined at stride 2
+            up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            logits = self.fine_head(up + self.fine_lateral(fine))
         weight = _pool_to(torch.sigmoid(logits.float()), fmap.shape[-2:]).to(fmap.dtype)
         context = fmap.mean(dim=(2, 3))
         lesion = (fmap * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + 1e-3)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .data import DEFAULT_TEST_FOLD
 from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .files import sha256_file
+from .lesion import DECODER_STRIDES
 
 LOSSES = ("ce", "triplet", "nca", "infonce", "supcon")
 #: "cached": the top of the trunk trained on cached features (CPU, minutes);
@@ -77,6 +78,7 @@ class TrainConfig:
     seg_weight: float = 1.0  # lesion recipe: weight of the tumor-mask loss beside the metric loss
     frozen_stages: int = 0  # lesion recipe: first trunk stages kept at their pretrained weights
     frozen_stride: int = 0  # lesion recipe: or every trunk stage up to this output stride (4, 8, 16)
+    decoder_stride: int = 4  # lesion recipe: the tumor map's stride (2 adds a light stride-2 refinement)
     holdout_patients: float = 0.0  # lesion recipe: share of training patients kept out of training to
     # calibrate on (one training); 0 = calibrate by 3-fold inner CV (3 more trainings)
     calibrate: bool = True  # fit calibrated probabilities and prediction sets by inner CV (3 more trainings)
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"frozen_stages must be >= 0, got {self.frozen_stages}")
         if self.frozen_stride not in (0, 4, 8, 16):
             raise ValueError(f"frozen_stride must be 0 (none), 4, 8 or 16, got {self.frozen_stride}")
+        if self.decoder_stride not in DECODER_STRIDES:
+            raise ValueError(f"decoder_stride must be one of {DECODER_STRIDES}, got {self.decoder_stride}")
         if self.trials < 1 or self.epochs < 1 or self.batch_size < 6:
             raise ValueError("trials and epochs must be >= 1, batch_size >= 6")
         if self.n_copies < 1 and self.loss == "infonce":
