@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--per-group", type=int, default=0, help="smoke test: slices per (fold, class); 0 = all")
     for key in ("epochs", "batch_size", "image_size"):
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=LESION_DEFAULTS[key])
+    ap.add_argument("--decoder-stride", type=int, default=4, help="the tumor map's stride: 4, or 2 (finer outlines)")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     start = time.time()
@@ -64,7 +65,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "n_cases": len(table),
         "data": Path(args.data).name,
-        "settings": {**LESION_DEFAULTS, **{k: getattr(args, k) for k in ("epochs", "batch_size", "image_size")}},
+        "settings": {
+            **LESION_DEFAULTS,
+            **{k: getattr(args, k) for k in ("epochs", "batch_size", "image_size", "decoder_stride")},
+        },
         "folds": {},
     }
     for n, fold in enumerate(folds):
@@ -72,6 +76,7 @@ def main() -> None:
             break
         cfg = TrainConfig(
             **{**LESION_DEFAULTS, "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size},
+            decoder_stride=args.decoder_stride,
             recipe="lesion",
             fold=fold,
             trials=args.trials,
