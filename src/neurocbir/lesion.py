@@ -84,21 +84,15 @@ class LesionNet(nn.Module):
         self.taps, channels = _taps(self.trunk, TAP_STRIDES)
         self.fine_tap: int | None = None  # the trunk stage the stride-2 refinement reads
         self.lateral = nn.ModuleList(nn.Conv2d(c, DECODER_CHANNELS, 1) for c in channels)
-        if decoder_stride == 4:  # the module layout of the checkpoints trained before stride 2 existed
-            self.mask_head = nn.Sequential(
-                nn.Conv2d(DECODER_CHANNELS, DECODER_CHANNELS, 3, padding=1, bias=False),
-                nn.BatchNorm2d(DECODER_CHANNELS),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(DECODER_CHANNELS, 1, 1),
-            )
-        else:
+        # with stride 2 the head's output is features for the refinement (before upsampling: 4x fewer cells)
+        self.mask_head = nn.Sequential(
+            nn.Conv2d(DECODER_CHANNELS, DECODER_CHANNELS, 3, padding=1, bias=False),
+            nn.BatchNorm2d(DECODER_CHANNELS),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(DECODER_CHANNELS, 1 if decoder_stride == 4 else FINE_CHANNELS, 1),
+        )
+        if decoder_stride == 2:
             (self.fine_tap,), (fine_channels,) = _taps(self.trunk, (2,))
-            self.mask_head = nn.Sequential(
-                nn.Conv2d(DECODER_CHANNELS, DECODER_CHANNELS, 3, padding=1, bias=False),
-                nn.BatchNorm2d(DECODER_CHANNELS),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(DECODER_CHANNELS, FINE_CHANNELS, 1),  # before upsampling: 4x fewer cells
-            )
             self.fine_lateral = nn.Conv2d(fine_channels, FINE_CHANNELS, 1)
             self.fine_head = nn.Sequential(
                 nn.Conv2d(FINE_CHANNELS, FINE_CHANNELS, 3, padding=1, bias=False),
