@@ -24,6 +24,13 @@ from results_doc import machine, write_section
 ROOT = Path(__file__).resolve().parents[1]
 
 
+METHODS = {
+    "similarity_decomposition": "the similarity of the two embeddings split over the scan's locations by the "
+    "network's structure, its positive part",
+    None: "of the negative squared embedding distance",
+}
+
+
 def score(model, table, pairs, attribution, sigmas) -> list[tuple[float, float, float]]:
     """(mean share inside, pointing game, median seconds per map) for each smoothing in ``sigmas``:
     the attribution is computed once per query and smoothed each way."""
@@ -54,7 +61,15 @@ def main() -> None:
     from neurocbir.data import load_cases
     from neurocbir.inference import load_model
     from neurocbir.runs import first_trial
-    from neurocbir.saliency import ATTRIBUTION, ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, SMOOTH_SIGMA, SMOOTHGRAD
+    from neurocbir.saliency import (
+        ATTRIBUTIONS,
+        DECOMPOSITION,
+        FEATURE_ATTRIBUTIONS,
+        OCCLUSION,
+        SMOOTH_SIGMA,
+        SMOOTHGRAD,
+        default_attribution,
+    )
 
     model = load_model(args.run)
     table = load_cases(model.config.data)
@@ -70,9 +85,12 @@ def main() -> None:
         pairs = list(zip(a_rows[q], a_rows[ids[:, 0]]))
         rows, scores = [], []
         sigmas = (5 / 512, 10 / 512)
-        for name in [*ATTRIBUTIONS, *SMOOTHGRAD, *FEATURE_ATTRIBUTIONS, OCCLUSION]:
+        names = [*ATTRIBUTIONS, *SMOOTHGRAD, *FEATURE_ATTRIBUTIONS, OCCLUSION]
+        if hasattr(model, "similarity_contributions"):
+            names.append(DECOMPOSITION)
+        for name in names:
             for sigma, (share, hit, sec) in zip(sigmas, score(model, table, pairs, name, sigmas)):
-                where = {OCCLUSION: "pixels, hidden"}.get(
+                where = {OCCLUSION: "pixels, hidden", DECOMPOSITION: "tumor map grid"}.get(
                     name, "last feature map" if name in FEATURE_ATTRIBUTIONS else "pixels"
                 )
                 rows.append(
@@ -90,9 +108,9 @@ def main() -> None:
                     f"Command: `python benchmarks/similarity_maps.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
                     f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run `{args.run.name}` | {args.select_n} training-patient "
                     "queries, each mapped towards its nearest case of another patient; the best pointing game is used "
-                    "(a tie goes to the larger share). The SmoothGrad candidates were added after the test fold had "
-                    "been read for an earlier choice (grad x input from black, chosen on 30 queries); this selection "
-                    "uses the same rule.",
+                    "(a tie goes to the larger share). Candidates were added twice after the test fold had been read "
+                    "for an earlier choice: SmoothGrad (after grad x input from black, chosen on 30 queries), then "
+                    "the similarity decomposition (after SmoothGrad); each selection uses the same rule and queries.",
                     "",
                     f"Chosen: **{name.replace('_', ' ')}**, smoothing sigma {sigma * 512:.0f} px (pointing game "
                     f"{hit:.3f}, share {share:.3f}); `neurocbir.saliency.ATTRIBUTION` and `SMOOTH_SIGMA` must name it.",
@@ -107,7 +125,8 @@ def main() -> None:
     q = rng.choice(len(emb["test_rows"]), min(args.n, len(emb["test_rows"])), replace=False)
     _, ids = NIRClassifier().fit(emb["archive"], table.label[a_rows]).kneighbors(emb["test"][q], 1)
     pairs = list(zip(emb["test_rows"][q], a_rows[ids[:, 0]]))
-    ((share, hit, sec),) = score(model, table, pairs, ATTRIBUTION, [SMOOTH_SIGMA])
+    attribution = default_attribution(model)
+    ((share, hit, sec),) = score(model, table, pairs, attribution, [SMOOTH_SIGMA])
     body = "\n".join(
         [
             "## Similarity maps: why is this case similar? (issue 12)",
@@ -116,7 +135,7 @@ def main() -> None:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | run `{args.run.name}` | {len(pairs)} random "
             f"test-fold queries, each mapped towards its nearest archive case",
             "",
-            f"Method: {ATTRIBUTION.replace('_', ' ')} of the negative squared embedding distance, smoothed "
+            f"Method: {attribution.replace('_', ' ')} ({METHODS.get(attribution, METHODS[None])}), smoothed "
             f"(sigma {SMOOTH_SIGMA * 512:.0f} px at 512); chosen by `--select` on training-patient queries "
             "(pointing game; section below), not on the test fold.",
             "",

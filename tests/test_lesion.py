@@ -241,7 +241,15 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
     and on the last feature map, give a [0, 1] map at the scan's own size for the lesion model
     and the cached recipe's model; a scan compared with itself has nothing to attribute."""
     from neurocbir.inference import load_model
-    from neurocbir.saliency import ATTRIBUTIONS, FEATURE_ATTRIBUTIONS, OCCLUSION, SMOOTHGRAD, similarity_map
+    from neurocbir.saliency import (
+        ATTRIBUTIONS,
+        DECOMPOSITION,
+        FALLBACK_ATTRIBUTION,
+        FEATURE_ATTRIBUTIONS,
+        OCCLUSION,
+        SMOOTHGRAD,
+        similarity_map,
+    )
 
     a, b = (small_cases.load_image(int(r)) for r in np.flatnonzero(small_cases.label == 0)[:2])
     for model in (bundled_service.model, load_model(small_run)):
@@ -253,6 +261,40 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
         once = similarity_map(model, a, b, smooth)  # and not the plain gradient's
         assert np.array_equal(once, similarity_map(model, a, b, smooth))
         assert not np.allclose(once, similarity_map(model, a, b, "grad_x_input_from_black"), atol=1e-3)
+    sal = similarity_map(bundled_service.model, a, b, DECOMPOSITION)  # the lesion model's default
+    assert sal.shape == a.shape and sal.max() == pytest.approx(1.0)
+    assert np.array_equal(sal, similarity_map(bundled_service.model, a, b))
+    cached = load_model(small_run)
+    with pytest.raises(ValueError, match="lesion model"):
+        similarity_map(cached, a, b, DECOMPOSITION)
+    assert np.array_equal(similarity_map(cached, a, b), similarity_map(cached, a, b, FALLBACK_ATTRIBUTION))
+
+
+def test_similarity_decomposition_splits_the_similarity_exactly(bundled_service, small_cases):
+    """The lesion model's map sums to the similarity head(z) . target less the biases' part
+    (computed here by hand from the head's weights and its active ReLUs), on the tumor map's
+    grid, and depends on the other case."""
+    from neurocbir.lesion import similarity_contributions
+    from neurocbir.transforms import preprocess
+
+    net = bundled_service.model.net
+    size = bundled_service.model.input_size
+    rows = np.flatnonzero(small_cases.fold == 5)[:3]
+    x, y, w = (preprocess(small_cases.load_image(int(r)), size)[None] for r in rows)
+    with torch.no_grad():
+        target = net(y)[0]
+        fmap, logits = net.features(x)
+        context, lesion, _ = net.pool(fmap, logits)
+        lin1, lin2 = net.head[1], net.head[4]
+        pre = lin1(torch.cat([context, lesion], 1))
+        similarity = float((lin2(pre.relu()) * target).sum())
+        bias_part = float((((pre > 0) * lin1.bias) @ lin2.weight.T + lin2.bias) @ target[0])
+    contrib = similarity_contributions(net, x, target)
+    assert contrib.shape[-2:] == logits.shape[-2:]
+    assert float(contrib.sum()) == pytest.approx(similarity - bias_part, rel=1e-4, abs=1e-3)
+    with torch.no_grad():
+        other = similarity_contributions(net, x, net(w)[0])
+    assert not torch.allclose(contrib, other, atol=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,13 @@ class LesionNet(nn.Module):
         return self.taps[TAP_STRIDES.index(stride)] + 1 if stride else 0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fmap, logits = self.features(x)
+        context, lesion, _ = self.pool(fmap, logits)
+        emb = self.head(torch.cat([context, lesion], dim=1))
+        return F.normalize(emb.float(), dim=1), F.normalize(context.float(), dim=1), logits
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last feature map (B, C, H/32, W/32), tumor logits (B, 1, H/s, W/s))."""
         feats, fine = [], None
         for i, stage in enumerate(self.trunk):
             x = stage(x)
@@ -130,11 +137,46 @@ class LesionNet(nn.Module):
         if fine is not None:  # the stride-4 output is features here, refined at stride 2
             up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
             logits = self.fine_head(up + self.fine_lateral(fine))
+        return fmap, logits
+
+    @staticmethod
+    def pool(fmap: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context: the feature map's mean, lesion: its mean weighted by the tumor probability
+        pooled to the feature map's cells, that weight's sum + 1e-3 (the lesion mean's divisor))."""
         weight = _pool_to(torch.sigmoid(logits.float()), fmap.shape[-2:]).to(fmap.dtype)
-        context = fmap.mean(dim=(2, 3))
-        lesion = (fmap * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + 1e-3)
-        emb = self.head(torch.cat([context, lesion], dim=1))
-        return F.normalize(emb.float(), dim=1), F.normalize(context.float(), dim=1), logits
+        total = weight.sum(dim=(2, 3)) + 1e-3
+        return fmap.mean(dim=(2, 3)), (fmap * weight).sum(dim=(2, 3)) / total, total
+
+
+def similarity_contributions(net: LesionNet, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(1, 1, H/s, W/s): how much each cell of the tumor map's grid adds to the similarity of the
+    scan ``x`` (1, 3, H, W) with the embedding ``target`` (1, D), by the network's own structure.
+
+    Why: the embedding is a ReLU MLP on [mean of the feature map, its tumor-weighted mean], so on
+    the scan's linear piece the similarity ``head(z) . target`` is ``g . z`` plus biases, with
+    ``g`` its gradient in ``z``. ``g . z`` splits exactly over locations (Stylianou et al. 2019's
+    similarity decomposition for pooled embeddings): the context half over the feature map's
+    cells (each spread over the pixels it covers), the lesion half over the tumor map's cells in
+    proportion to their tumor probability. Unlike a gradient of the distance, which is about what
+    would make two near cases nearer, this says where their similarity comes from; the sum of the
+    map is the (unnormalised) similarity less the biases' part."""
+    with torch.no_grad():
+        fmap, logits = net.features(x)
+        fmap, prob = fmap.float(), torch.sigmoid(logits.float())
+        context, lesion, total = net.pool(fmap, logits)
+    z = torch.cat([context, lesion], dim=1).requires_grad_(True)
+    target = target.clone()  # an inference-mode tensor cannot be saved for backward; its copy here can
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad((net.head(z) * target).sum(), z)
+    g_context, g_lesion = grad.split(fmap.shape[1], dim=1)
+    cells = fmap.shape[-2] * fmap.shape[-1]
+    per_cell_context = torch.einsum("bc,bchw->bhw", g_context, fmap)[:, None] / cells
+    per_cell_lesion = torch.einsum("bc,bchw->bhw", g_lesion, fmap)[:, None]
+    size = prob.shape[-2:]
+    pixels_per_cell = (size[0] * size[1]) / cells
+    spread = lambda v: F.interpolate(v, size=size, mode="nearest") / pixels_per_cell  # noqa: E731
+    # the pooled weight of a cell is its pixels' mean probability: pixel k carries p_k / pixels_per_cell
+    return spread(per_cell_context) + prob * spread(per_cell_lesion) / total[:, :, None, None]
 
 
 def fuse_for_inference(net: LesionNet) -> LesionNet:

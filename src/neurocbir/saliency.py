@@ -1,14 +1,17 @@
-"""Why is this case similar? A similarity map: which pixels of a scan bring its embedding
-closer to another case's (X-MIR's similarity-based saliency, by gradients).
+"""Why is this case similar? A similarity map: which parts of a scan bring its embedding
+close to another case's (X-MIR's similarity-based saliency).
 
-The map is an attribution of the negative squared embedding distance, smoothed and scaled to
-[0, 1], at the scan's own pixel size. The attribution, on the pixels (|gradient|, |gradient x
-input|, |gradient x (input - black)|, its positive part, the last with SmoothGrad's gradient
-averaged over noisy copies of the scan) or on the last feature map (Grad-CAM, gradient x
-activation), or occlusion, and the smoothing (5 or 10 px at 512) are chosen on training-patient
-queries and their nearest case of another patient, by the pointing game
-(``benchmarks/similarity_maps.py --select``); the test fold only reports.
-"""
+For lesion models the default is the similarity itself split over the scan's locations by the
+network's structure (:func:`neurocbir.lesion.similarity_contributions`, after Stylianou et al.
+2019): exact, one forward pass, and it says where the similarity comes from. The alternatives,
+kept for models without a tumor map and for the comparison: attributions of the negative
+squared embedding distance on the pixels (|gradient|, |gradient x input|, |gradient x (input -
+black)|, its positive part, the last with SmoothGrad's gradient averaged over noisy copies of
+the scan), on the last feature map (Grad-CAM, gradient x activation), or occlusion. The
+attribution and the smoothing (5 or 10 px at 512) are chosen on training-patient queries and
+their nearest case of another patient, by the pointing game
+(``benchmarks/similarity_maps.py --select``); the test fold only reports. Every map is smoothed
+and scaled to [0, 1] at the scan's own pixel size."""
 
 from __future__ import annotations
 
@@ -43,7 +46,17 @@ OCCLUSION_PATCH, OCCLUSION_STRIDE = 1 / 7, 1 / 14  # of the network's input side
 #: forward and backward pass of SMOOTHGRAD_SAMPLES copies; a fixed seed, so a map is reproducible.
 SMOOTHGRAD = {f"smoothgrad_x_input_from_black_noise_{n}": n for n in (0.05, 0.1, 0.2)}
 SMOOTHGRAD_SAMPLES = 8
-ATTRIBUTION = "smoothgrad_x_input_from_black_noise_0.1"
+#: the similarity itself split over locations by the network's structure (lesion models only:
+#: :func:`neurocbir.lesion.similarity_contributions`); its positive part, on the tumor map's grid
+DECOMPOSITION = "similarity_decomposition"
+#: for models that pool over no tumor map (the cached recipe), and the lesion models' runner-up
+FALLBACK_ATTRIBUTION = "smoothgrad_x_input_from_black_noise_0.1"
+ATTRIBUTION = DECOMPOSITION  # lesion models
+
+
+def default_attribution(model) -> str:
+    """The attribution chosen on training patients, when ``model`` can give it."""
+    return ATTRIBUTION if hasattr(model, "similarity_contributions") else FALLBACK_ATTRIBUTION
 
 
 def occlusion_map(model, x: torch.Tensor, target: np.ndarray, batch: int = 32) -> torch.Tensor:
@@ -69,14 +82,16 @@ def occlusion_map(model, x: torch.Tensor, target: np.ndarray, batch: int = 32) -
 
 
 def similarity_map(
-    model, image: np.ndarray, other: np.ndarray, attribution: str = ATTRIBUTION, sigma: float = SMOOTH_SIGMA
+    model, image: np.ndarray, other: np.ndarray, attribution: str | None = None, sigma: float = SMOOTH_SIGMA
 ) -> np.ndarray:
     """(H, W) map in [0, 1] over ``image``: where it looks like ``other`` to ``model``
-    (a :class:`neurocbir.inference.Model` or ``LesionModel``)."""
+    (a :class:`neurocbir.inference.Model` or ``LesionModel``); ``attribution`` defaults to
+    :func:`default_attribution`."""
+    attribution = attribution or default_attribution(model)
     return scan_map(attribution_map(model, image, other, attribution), image.shape[:2], sigma)
 
 
-def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: str = ATTRIBUTION) -> torch.Tensor:
+def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: str) -> torch.Tensor:
     """The raw (1, 1, s, s) attribution on the network's grid, before smoothing and scaling."""
     from .transforms import preprocess
 
@@ -86,6 +101,10 @@ def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: st
         return occlusion_map(model, x, model.embed_preprocessed(preprocess(other, size)[None]))
     with torch.inference_mode():
         target = model.embed_tensor(preprocess(other, size)[None]).clone()
+    if attribution == DECOMPOSITION:
+        if not hasattr(model, "similarity_contributions"):
+            raise ValueError(f"{DECOMPOSITION} needs a lesion model (its embedding pools over the tumor map)")
+        return model.similarity_contributions(x, target).clamp(min=0)
     noise = SMOOTHGRAD.get(attribution)
     if noise is None:
         xs = x.clone()
