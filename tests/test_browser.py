@@ -91,6 +91,12 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         page.locator("#suggest button").nth(3).click()  # "Which retrieved report shows the largest tumor?"
         expect(page.locator(".answer")).to_contain_text("largest tumor", timeout=15_000)
         expect(page.locator("#tumor")).to_have_text("")  # this model has no tumor decoder: nothing claimed
+        # contrastive evidence: the nearest case of another class, named beside the prediction
+        expect(page.locator("#contrast")).to_contain_text("Nearest case of another class: case ")
+        assert pred not in page.locator("#contrast").inner_text().split(", a ")[1]
+        # a clinician's mark on a retrieval reaches the server and is confirmed
+        page.locator(".retrieval").nth(2).get_by_role("button", name="Not relevant").click()
+        expect(page.locator(".retrieval").nth(2)).to_contain_text("marked not relevant", timeout=10_000)
         page.screenshot(path=str(ARTIFACTS / "browser_e2e.png"), full_page=True)
         # side by side with zoom and window / level, by keyboard
         page.locator(".retrieval").nth(1).get_by_role("button", name="Compare").click()
