@@ -65,6 +65,13 @@ def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
     emb, desc, prob = model.analyse(cases.load_image(0))
     assert emb.shape == (1, 128) and desc.shape == (1, 1280) and prob.shape == (64, 64)
     assert (out / "calibration.json").is_file() and (out / "log.txt").is_file()
+    # the outline level of the served model, chosen on the inner folds' held-out patients
+    from neurocbir.finetune import TUMOR_LEVELS
+
+    level = json.loads((out / "tumor_level.json").read_text())
+    assert level["level"] in TUMOR_LEVELS and "inner fold" in level["how"]
+    errors = level["held_out_median_area_error"]
+    assert len(errors) == len(TUMOR_LEVELS) and errors[str(level["level"])] == min(errors.values())
 
 
 @pytest.fixture(scope="module")

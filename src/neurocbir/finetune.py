@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +146,10 @@ def train_lesion(
 
 @torch.inference_mode()
 def embed_tensors(
-    net: LesionNet, images: torch.Tensor, device: torch.device, batch_size: int = 128
+    net: LesionNet, images: torch.Tensor, device: torch.device, batch_size: int = 128, level: float | None = 0.5
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings, descriptors, tumor masks (N, S, S) bool) of preprocessed slices."""
+    """(embeddings, descriptors, tumor masks (N, S, S): bool at probability ``level``, or the
+    probabilities as float16 when it is None) of preprocessed slices."""
     net.eval()
     amp = device.type == "cuda"
     embs, descs, masks = [], [], []
@@ -160,7 +161,7 @@ def embed_tensors(
         prob = torch.sigmoid(F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False))
         embs.append(emb.float().cpu().numpy())
         descs.append(desc.float().cpu().numpy())
-        masks.append((prob[:, 0] >= 0.5).cpu().numpy())
+        masks.append((prob[:, 0] >= level if level is not None else prob[:, 0].half()).cpu().numpy())
     return np.concatenate(embs), np.concatenate(descs), np.concatenate(masks)
 
 
@@ -261,24 +262,35 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
 
 def fit_tumor_level(run: Path, table: CaseTable, cal_rows: np.ndarray, seed: int) -> dict:
     """The probability level at which the app outlines the query's tumor, chosen on training
-    patients held out of training (``cal_rows``): the level whose outline area has the smallest
-    median relative error, through the app's own path; written as the run's ``tumor_level.json``."""
+    patients held out of training (``cal_rows``), through the app's own path (full-resolution
+    slices); written as the run's ``tumor_level.json``."""
     from .inference import load_model
-    from .lesion import tumor_outline
 
     model = load_model(run, seed)
-    errors: dict[float, list[float]] = {level: [] for level in TUMOR_LEVELS}
-    for r in cal_rows:
-        image = table.load_image(r)
-        prob = model.analyse(image)[2]
-        for level in TUMOR_LEVELS:
-            t = tumor_outline(prob, image.shape[:2], None, level)
-            errors[level].append(abs((t["area_mm2"] if t else 0.0) - table.area_mm2[r]) / table.area_mm2[r])
-    median = {level: float(np.median(e)) for level, e in errors.items()}
+    probs = ((model.analyse(image)[2], image.shape[:2]) for image in map(table.load_image, cal_rows))
+    how = f"median relative area error on {len(cal_rows)} slices of training patients held out of training"
+    return write_tumor_level(run, outline_area_errors(probs, table.area_mm2[cal_rows]), how)
+
+
+def outline_area_errors(probs: Iterable[tuple[np.ndarray, tuple[int, int]]], true_area: np.ndarray) -> np.ndarray:
+    """(slices, TUMOR_LEVELS) relative error of the outlined area at each level: ``probs`` gives
+    each slice's tumor probability map and the shape of the scan it covers."""
+    from .lesion import tumor_outline
+
+    areas = [
+        [(t["area_mm2"] if (t := tumor_outline(prob, shape, None, level)) else 0.0) for level in TUMOR_LEVELS]
+        for prob, shape in probs
+    ]
+    return np.abs(np.asarray(areas) - true_area[:, None]) / true_area[:, None]
+
+
+def write_tumor_level(run: Path, errors: np.ndarray, how: str) -> dict:
+    """``tumor_level.json``: the level of :data:`TUMOR_LEVELS` with the smallest median error."""
+    median = np.median(errors, axis=0)
     doc = {
-        "level": min(median, key=median.get),
-        "how": f"median relative area error on {len(cal_rows)} slices of training patients held out of training",
-        "held_out_median_area_error": {str(k): round(v, 4) for k, v in median.items()},
+        "level": TUMOR_LEVELS[int(np.argmin(median))],
+        "how": how,
+        "held_out_median_area_error": {str(k): round(float(v), 4) for k, v in zip(TUMOR_LEVELS, median)},
     }
     write_json(Path(run) / TUMOR_LEVEL_FILE, doc)
     return doc
@@ -293,12 +305,14 @@ def lesion_inner_cv_neighbours(
     train_rows: np.ndarray,
     device: torch.device,
     n_splits: int = 3,
-) -> tuple[list, list, list]:
+) -> tuple[list, list, list, np.ndarray]:
     """Held-out neighbour labels of 3 patient-grouped inner folds of the training patients, a
-    LesionNet retrained on each (see :func:`neurocbir.training.inner_cv_neighbours`)."""
+    LesionNet retrained on each (see :func:`neurocbir.training.inner_cv_neighbours`), and the
+    held-out slices' outline area errors at each level (:func:`outline_area_errors`)."""
     from .data import grouped_inner_folds
 
-    held_out, y, groups = [], [], []
+    held_out, y, groups, area_errors = [], [], [], []
+    grid = (cfg.image_size, cfg.image_size)
     for tr, va in grouped_inner_folds(train, n_splits):
         net = train_lesion(
             cfg,
@@ -310,11 +324,12 @@ def lesion_inner_cv_neighbours(
             device,
             progress=False,
         )
-        emb = embed_tensors(net, images[train_rows], device)[0]
+        emb, _, prob = embed_tensors(net, images[train_rows], device, level=None)
         held_out.append(NIRClassifier().fit(emb[tr], train.label[tr]).neighbour_labels(emb[va]))
         y.append(train.label[va])
         groups.append(train.patient_id[va])
-    return held_out, y, groups
+        area_errors.append(outline_area_errors(((prob[i].astype(np.float32), grid) for i in va), train.area_mm2[va]))
+    return held_out, y, groups, np.concatenate(area_errors)
 
 
 def train_lesion_run(
@@ -385,12 +400,13 @@ def train_lesion_run(
     ):
         t2 = time.time()
         train = table.subset(train_rows)
-        parts = lesion_inner_cv_neighbours(cfg, encoder, images, masks, train, train_rows, device)
+        *parts, area_errors = lesion_inner_cv_neighbours(cfg, encoder, images, masks, train, train_rows, device)
         how = (
             f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
             f"LesionNet retrained per inner fold with seed {cfg.first_seed}"
         )
         fit_calibration(out, *parts, how, len(CLASS_NAMES))
+        write_tumor_level(out, area_errors, f"median relative area error on {len(area_errors)} slices: {how}")
         timings["calibration_s"] = round(time.time() - t2, 1)
     timings["tumor_outline"] = tumor
     timings["total_s"] = round(time.time() - t_start, 1)  # weights, data, training, index, calibration
