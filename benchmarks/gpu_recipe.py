@@ -92,6 +92,7 @@ def main() -> None:
             deadline=deadline,
             progress=False,
             on_trial=lambda seed, s, fold=fold: print(f"fold {fold} seed {seed}: {s:.1f} s", flush=True),
+            score_test_outline=True,  # each fold's test scores are this run's report
         )
         if not timings["trials_s"]:
             break

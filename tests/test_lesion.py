@@ -385,6 +385,7 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     for k in ("encoder", "image_size", "frozen_stride", "holdout_patients", "trials"):
         assert cfg[k] == LESION_CPU_DEFAULTS[k]
     assert sorted(p.name for p in run.glob("trial_*")) == ["trial_0"]
+    assert "tumor_outline" not in json.loads((run / "timings.json").read_text())  # the test fold: not scored
     cal = json.loads((run / "calibration.json").read_text())
     assert "held out of training" in cal["how"] and cal["classifiers"]["nir"]["temperature"] > 0
     # the archive holds every training patient, the held-out ones included; the test fold none
