@@ -159,7 +159,8 @@ def similarity_contributions(net: LesionNet, x: torch.Tensor, target: torch.Tens
     cells (each spread over the pixels it covers), the lesion half over the tumor map's cells in
     proportion to their tumor probability. Unlike a gradient of the distance, which is about what
     would make two near cases nearer, this says where their similarity comes from; the sum of the
-    map is the (unnormalised) similarity less the biases' part."""
+    map is the (unnormalised) similarity less the biases' part (exactly when the tumor map's side
+    is a multiple of the feature map's, as at 224 and 256 px; about, otherwise)."""
     with torch.no_grad():
         fmap, logits = net.features(x)
         fmap, prob = fmap.float(), torch.sigmoid(logits.float())
@@ -172,9 +173,11 @@ def similarity_contributions(net: LesionNet, x: torch.Tensor, target: torch.Tens
     cells = fmap.shape[-2] * fmap.shape[-1]
     per_cell_context = torch.einsum("bc,bchw->bhw", g_context, fmap)[:, None] / cells
     per_cell_lesion = torch.einsum("bc,bchw->bhw", g_lesion, fmap)[:, None]
-    size = prob.shape[-2:]
-    pixels_per_cell = (size[0] * size[1]) / cells
-    spread = lambda v: F.interpolate(v, size=size, mode="nearest") / pixels_per_cell  # noqa: E731
+    pixels_per_cell = prob.shape[-2] * prob.shape[-1] / cells
+
+    def spread(per_cell: torch.Tensor) -> torch.Tensor:  # a cell's part, shared by the pixels it covers
+        return F.interpolate(per_cell, size=prob.shape[-2:], mode="nearest") / pixels_per_cell
+
     # the pooled weight of a cell is its pixels' mean probability: pixel k carries p_k / pixels_per_cell
     return spread(per_cell_context) + prob * spread(per_cell_lesion) / total[:, :, None, None]
 
