@@ -186,12 +186,18 @@ def calibrate(
 ) -> None:
     """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
     training patients; for runs trained before calibration existed; a CPU lesion run: its held-out
-    training patients, with the tumor outline level). The trials stay as they are."""
+    training patients), and a lesion run's tumor outline level. The trials stay as they are."""
     from .data import load_cases
     from .training import calibrate_existing_run
 
     if not (run / "config.json").is_file():
         _fail(f"{run} is not a run directory (no config.json)")
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except ValueError:
+        _fail(f"{run / 'config.json'} is corrupt (not JSON): train the run again")
+    if cfg.get("recipe") == "lesion" and not cfg.get("holdout_patients"):
+        typer.echo("this run holds no training patients out: refitting by inner CV trains the network 3 more times")
     seconds = _guard(calibrate_existing_run, run, _guard(load_cases, data) if data else None)
     typer.echo(f"calibrated {run} in {seconds:.0f} s: {run / 'calibration.json'}")
 

@@ -332,6 +332,42 @@ def lesion_inner_cv_neighbours(
     return held_out, y, groups, np.concatenate(area_errors)
 
 
+def calibrate_by_inner_cv(
+    cfg: TrainConfig,
+    run: Path,
+    table: CaseTable,
+    encoder: Encoder,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    device: torch.device,
+) -> None:
+    """``calibration.json`` and ``tumor_level.json`` of a run that holds no training patients out
+    (the GPU preset), from 3 patient-grouped inner folds of its training patients, a LesionNet
+    retrained on each: 3 more trainings."""
+    train_rows = np.flatnonzero(table.fold != cfg.fold)
+    *parts, area_errors = lesion_inner_cv_neighbours(
+        cfg, encoder, images, masks, table.subset(train_rows), train_rows, device
+    )
+    how = (
+        f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
+        f"LesionNet retrained per inner fold with seed {cfg.first_seed}"
+    )
+    fit_calibration(run, *parts, how, len(CLASS_NAMES))
+    write_tumor_level(run, area_errors, f"median relative area error on {len(area_errors)} slices: {how}")
+
+
+def recalibrate_lesion_run(run: Path, table: CaseTable) -> None:
+    """Refit a lesion run's calibration and outline level from its files: on its held-out training
+    patients (the CPU preset; no training), or by inner CV (3 trainings; a GPU is advised)."""
+    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    if cfg.holdout_patients > 0:
+        calibrate_on_holdout(run, table)
+        return
+    device = pick_device()
+    images, masks = load_tensors(table, cfg.image_size)
+    calibrate_by_inner_cv(cfg, run, table, cfg.build_encoder(), images.to(device), masks.to(device), device)
+
+
 def train_lesion_run(
     cfg: TrainConfig,
     out: Path,
@@ -356,7 +392,7 @@ def train_lesion_run(
     images, masks = images.to(device), masks.to(device)
     timings: dict = {"load_s": round(time.time() - t0, 1), "trials_s": []}
     write_json(out / "config.json", dataclasses.asdict(cfg))
-    train_rows, test_rows = np.flatnonzero(table.fold != cfg.fold), np.flatnonzero(table.fold == cfg.fold)
+    test_rows = np.flatnonzero(table.fold == cfg.fold)
     if len(test_rows) == 0:
         raise ValueError(f"fold {cfg.fold} has no cases")
     fit_rows, cal_rows = holdout_split(cfg, table)
@@ -402,14 +438,7 @@ def train_lesion_run(
         and (deadline is None or time.time() + 3.6 * max(timings["trials_s"]) < deadline)
     ):
         t2 = time.time()
-        train = table.subset(train_rows)
-        *parts, area_errors = lesion_inner_cv_neighbours(cfg, encoder, images, masks, train, train_rows, device)
-        how = (
-            f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
-            f"LesionNet retrained per inner fold with seed {cfg.first_seed}"
-        )
-        fit_calibration(out, *parts, how, len(CLASS_NAMES))
-        write_tumor_level(out, area_errors, f"median relative area error on {len(area_errors)} slices: {how}")
+        calibrate_by_inner_cv(cfg, out, table, encoder, images, masks, device)
         timings["calibration_s"] = round(time.time() - t2, 1)
     if score_test_outline:
         timings["tumor_outline"] = tumor

@@ -249,10 +249,10 @@ def calibrate_existing_run(run: Path | str, table: CaseTable | None = None) -> f
     cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
     if cfg.recipe == "lesion":
         from .data import load_cases
-        from .finetune import calibrate_on_holdout
+        from .finetune import recalibrate_lesion_run
 
         t0 = time.time()
-        calibrate_on_holdout(run, table if table is not None else load_cases(cfg.data))
+        recalibrate_lesion_run(run, table if table is not None else load_cases(cfg.data))
         return round(time.time() - t0, 1)
     device = pick_device()
     table, encoder, _, feats, _ = prepare(cfg, table, device)
