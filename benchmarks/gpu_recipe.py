@@ -8,6 +8,7 @@ Run through ``benchmarks/gpu_recipe.sh`` (it installs the carried wheels and set
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -20,7 +21,7 @@ import torch
 from neurocbir.data import load_cases
 from neurocbir.evaluate import evaluate_run
 from neurocbir.files import write_json
-from neurocbir.finetune import train_lesion_run
+from neurocbir.finetune import recalibrate_lesion_run, train_lesion_run
 from neurocbir.runs import LESION_DEFAULTS, TrainConfig, trial_dir
 
 
@@ -46,6 +47,11 @@ def main() -> None:
         action="store_true",
         help="metrics only (more folds for an earlier run): no inner-CV calibration, no served checkpoint",
     )
+    ap.add_argument(
+        "--recalibrate",
+        default=None,
+        help="only refit this lesion run's calibration and outline level by inner CV (3 trainings), into OUT",
+    )
     ap.add_argument("--per-group", type=int, default=0, help="smoke test: slices per (fold, class); 0 = all")
     for key in ("epochs", "batch_size", "image_size"):
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=LESION_DEFAULTS[key])
@@ -58,6 +64,13 @@ def main() -> None:
     table = load_cases(args.data)
     if args.per_group:
         table = small_subset(table, args.per_group)
+    if args.recalibrate:  # e.g. the committed model, trained before the outline level was fitted by inner CV
+        config = json.loads((Path(args.recalibrate) / "config.json").read_text())
+        cfg = TrainConfig(**{**config, "data": args.data, "weights": args.weights})
+        write_json(out / "config.json", dataclasses.asdict(cfg))
+        recalibrate_lesion_run(out, table, cfg)
+        print(json.dumps({"seconds": round(time.time() - start, 1), "recalibrated": args.recalibrate}))
+        return
     folds = [int(f) for f in args.folds.split(",")]
     summary = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",

@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_bundle.sh          # -> gpu/: data at 256 px, wheels, fp16 weights
 # then on the machine, from the checkout's root:
 #   OUT=/some/folder bash benchmarks/gpu_recipe.sh [gpu_recipe.py options]
+# Only the inner-CV calibration and outline level of an existing run (3 trainings), into OUT:
+#   OUT=/some/folder bash benchmarks/gpu_recipe.sh --recalibrate models/lesion-fold5
 # A CPU smoke run (what the tests do): OUT=/tmp/x bash benchmarks/gpu_recipe.sh --per-group 3 --epochs 1 ...
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -72,22 +72,27 @@ def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
     assert level["level"] in TUMOR_LEVELS and "inner fold" in level["how"]
     errors = level["held_out_median_area_error"]
     assert len(errors) == len(TUMOR_LEVELS) and errors[str(level["level"])] == min(errors.values())
-    # `neurocbir calibrate` (calibrate_existing_run) refits both for such a run (no held-out
-    # patients) from its files: the same inner CV again, on the same slices
-    import importlib.util
-
-    from neurocbir.training import calibrate_existing_run
-
-    spec = importlib.util.spec_from_file_location("gpu_recipe", ROOT / "benchmarks" / "gpu_recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    fold5 = tmp_path / "runs" / "lesion-fold5"
-    calibration = json.loads((fold5 / "calibration.json").read_text())
-    for name in ("calibration.json", "tumor_level.json"):
-        (fold5 / name).unlink()
-    calibrate_existing_run(fold5, recipe.small_subset(load_cases(data_dir), 3))
-    assert json.loads((fold5 / "tumor_level.json").read_text()) == level
-    assert json.loads((fold5 / "calibration.json").read_text()) == calibration
+    # `--recalibrate RUN` refits both for a run that holds no patients out (as `neurocbir calibrate`
+    # does), from its files alone: the same inner CV again, on the same slices, the same result
+    again = tmp_path / "again"
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu_recipe.sh"),
+            *args,
+            "--recalibrate",
+            str(tmp_path / "runs" / "lesion-fold5"),
+        ],
+        env={**env, "OUT": str(again)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((again / "tumor_level.json").read_text()) == level
+    assert json.loads((again / "calibration.json").read_text()) == json.loads((out / "calibration.json").read_text())
+    assert not (again / "summary.json").exists()  # nothing trained beyond the inner folds
 
 
 @pytest.fixture(scope="module")

@@ -356,10 +356,11 @@ def calibrate_by_inner_cv(
     write_tumor_level(run, area_errors, f"median relative area error on {len(area_errors)} slices: {how}")
 
 
-def recalibrate_lesion_run(run: Path, table: CaseTable) -> None:
+def recalibrate_lesion_run(run: Path, table: CaseTable, cfg: TrainConfig | None = None) -> None:
     """Refit a lesion run's calibration and outline level from its files: on its held-out training
-    patients (the CPU preset; no training), or by inner CV (3 trainings; a GPU is advised)."""
-    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    patients (the CPU preset; no training), or by inner CV (3 trainings; a GPU is advised).
+    ``cfg``: the run's config with other data or weights paths (default: its config.json)."""
+    cfg = cfg or TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
     if cfg.holdout_patients > 0:
         calibrate_on_holdout(run, table)
         return
