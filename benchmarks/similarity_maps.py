@@ -31,6 +31,24 @@ METHODS = {
 }
 
 
+def lesion_half_share(model, table, pairs) -> float:
+    """Median over the pairs of the lesion half's part of the decomposed similarity (signed sums):
+    how much of what the map shows comes from the tumor-weighted pooling, not the whole slice."""
+    import torch
+
+    from neurocbir.lesion import similarity_contributions
+    from neurocbir.transforms import preprocess
+
+    size, parts = model.input_size, []
+    for q, a in pairs:
+        x, other = (preprocess(table.load_image(r), size)[None] for r in (q, a))
+        with torch.inference_mode():
+            target = model.embed_tensor(other).clone()
+        context, lesion = similarity_contributions(model.net, x, target, halves=True)
+        parts.append(float(lesion.sum()) / float(context.sum() + lesion.sum()))
+    return float(np.median(parts))
+
+
 def score(model, table, pairs, attribution, sigmas) -> list[tuple[float, float, float]]:
     """(mean share inside, pointing game, median seconds per map) for each smoothing in ``sigmas``:
     the attribution is computed once per query and smoothed each way."""
@@ -127,6 +145,7 @@ def main() -> None:
     pairs = list(zip(emb["test_rows"][q], a_rows[ids[:, 0]]))
     attribution = default_attribution(model)
     ((share, hit, sec),) = score(model, table, pairs, attribution, [SMOOTH_SIGMA])
+    lesion_part = lesion_half_share(model, table, pairs) if attribution == DECOMPOSITION else None
     body = "\n".join(
         [
             "## Similarity maps: why is this case similar? (issue 12)",
@@ -144,6 +163,14 @@ def main() -> None:
             f"| share of the map inside the tumor dilated by 15 px | {share:.3f} | >= 0.5 |",
             f"| pointing game (hottest pixel inside) | {hit:.3f} | >= 0.8 |",
             f"| seconds per map (median, this CPU) | {sec:.2f} | |",
+            *(
+                [
+                    "| the similarity's part from the embedding's tumor-weighted half (median; the rest is "
+                    f"the whole-slice half) | {lesion_part:.2f} | |"
+                ]
+                if lesion_part is not None
+                else []
+            ),
         ]
     )
     write_section("similarity", body)

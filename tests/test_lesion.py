@@ -319,6 +319,13 @@ def test_similarity_decomposition_splits_the_similarity_exactly(bundled_service,
         bias_part = float((((pre > 0) * lin1.bias) @ lin2.weight.T + lin2.bias) @ target[0])
     contrib = similarity_contributions(net, x, target)
     assert contrib.shape[-2:] == logits.shape[-2:]
+    context_half, lesion_half = similarity_contributions(net, x, target, halves=True)
+    assert torch.allclose(context_half + lesion_half, contrib)
+    # the whole-slice half is one value per feature-map cell; the lesion half follows the tumor map
+    cell = contrib.shape[-1] // fmap.shape[-1]
+    assert torch.equal(
+        context_half[..., ::cell, ::cell].repeat_interleave(cell, -2).repeat_interleave(cell, -1), context_half
+    )
     assert float(contrib.sum()) == pytest.approx(similarity - bias_part, rel=1e-4, abs=1e-3)
     with torch.no_grad():
         other = similarity_contributions(net, x, net(w)[0])

@@ -148,9 +148,12 @@ class LesionNet(nn.Module):
         return fmap.mean(dim=(2, 3)), (fmap * weight).sum(dim=(2, 3)) / total, total
 
 
-def similarity_contributions(net: LesionNet, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def similarity_contributions(
+    net: LesionNet, x: torch.Tensor, target: torch.Tensor, halves: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(1, 1, H/s, W/s): how much each cell of the tumor map's grid adds to the similarity of the
-    scan ``x`` (1, 3, H, W) with the embedding ``target`` (1, D), by the network's own structure.
+    scan ``x`` (1, 3, H, W) with the embedding ``target`` (1, D), by the network's own structure;
+    with ``halves``, the context half's and the lesion half's maps apart (their sum is the map).
 
     Why: the embedding is a ReLU MLP on [mean of the feature map, its tumor-weighted mean], so on
     the scan's linear piece the similarity ``head(z) . target`` is ``g . z`` plus biases, with
@@ -179,7 +182,8 @@ def similarity_contributions(net: LesionNet, x: torch.Tensor, target: torch.Tens
         return F.interpolate(per_cell, size=prob.shape[-2:], mode="nearest") / pixels_per_cell
 
     # the pooled weight of a cell is its pixels' mean probability: pixel k carries p_k / pixels_per_cell
-    return spread(per_cell_context) + prob * spread(per_cell_lesion) / total[:, :, None, None]
+    context_map, lesion_map = spread(per_cell_context), prob * spread(per_cell_lesion) / total[:, :, None, None]
+    return (context_map, lesion_map) if halves else context_map + lesion_map
 
 
 def fuse_for_inference(net: LesionNet) -> LesionNet:
