@@ -31,24 +31,6 @@ METHODS = {
 }
 
 
-def lesion_half_share(model, table, pairs) -> float:
-    """Median over the pairs of the lesion half's part of the decomposed similarity (signed sums):
-    how much of what the map shows comes from the tumor-weighted pooling, not the whole slice."""
-    import torch
-
-    from neurocbir.lesion import similarity_contributions
-    from neurocbir.transforms import preprocess
-
-    size, parts = model.input_size, []
-    for q, a in pairs:
-        x, other = (preprocess(table.load_image(r), size)[None] for r in (q, a))
-        with torch.inference_mode():
-            target = model.embed_tensor(other).clone()
-        context, lesion = similarity_contributions(model.net, x, target, halves=True)
-        parts.append(float(lesion.sum()) / float(context.sum() + lesion.sum()))
-    return float(np.median(parts))
-
-
 def score(model, table, pairs, attribution, sigmas) -> list[tuple[float, float, float]]:
     """(mean share inside, pointing game, median seconds per map) for each smoothing in ``sigmas``:
     the attribution is computed once per query and smoothed each way."""
@@ -87,6 +69,7 @@ def main() -> None:
         SMOOTH_SIGMA,
         SMOOTHGRAD,
         default_attribution,
+        lesion_share,
     )
 
     model = load_model(args.run)
@@ -145,7 +128,11 @@ def main() -> None:
     pairs = list(zip(emb["test_rows"][q], a_rows[ids[:, 0]]))
     attribution = default_attribution(model)
     ((share, hit, sec),) = score(model, table, pairs, attribution, [SMOOTH_SIGMA])
-    lesion_part = lesion_half_share(model, table, pairs) if attribution == DECOMPOSITION else None
+    lesion_part = (
+        float(np.median([lesion_share(model, table.load_image(q), table.load_image(a)) for q, a in pairs]))
+        if attribution == DECOMPOSITION
+        else None
+    )
     body = "\n".join(
         [
             "## Similarity maps: why is this case similar? (issue 12)",

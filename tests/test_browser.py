@@ -115,6 +115,7 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         # why similar: a heat map over the query and over the retrieval, on demand
         page.locator(".retrieval").nth(0).get_by_role("button", name="Why similar?").click()
         expect(page.locator("#heatNote")).to_contain_text("retrieval #1 (case", timeout=30_000)
+        assert "% of this similarity" not in page.locator("#heatNote").inner_text()  # no tumor map: not claimed
         expect(page.locator("#heatQuery")).to_be_visible()
         expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "browser_similarity.png"), full_page=True)

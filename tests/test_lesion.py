@@ -244,6 +244,9 @@ def test_similarity_maps_and_contrastive_evidence(bundled_service, small_cases):
         top = out["retrievals"][0]["case_id"]
         res = client.post(f"/similarity?case_id={top}", files=files)
         assert res.status_code == 200 and res.headers["content-type"] == "image/png"
+        share = float(res.headers["X-Lesion-Share"])  # how much of the similarity is the tumor's
+        assert 0 <= share <= 1
+        assert share == pytest.approx(bundled_service.lesion_share(small_cases.load_image(r), top), abs=1e-3)
         heat = np.asarray(Image.open(io.BytesIO(res.content)))
         image = small_cases.load_image(r)
         assert heat.shape == (*image.shape, 4)

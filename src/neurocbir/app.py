@@ -197,17 +197,21 @@ async def similarity(
     instance_uid: str | None = Form(None, description="the query as a SOP Instance UID on the server's PACS"),
 ) -> Response:
     """Why is this case similar? An RGBA PNG heat map at the mapped image's own pixel size, to
-    lay over it (hot = the regions that bring the two scans' embeddings together)."""
+    lay over it (hot = the regions that bring the two scans' embeddings together). For a lesion
+    model, the header ``X-Lesion-Share`` says how much of the similarity comes from the
+    tumor-weighted half of the embedding (the rest: the whole slice)."""
     from .saliency import heat_png
 
     image, _ = await _scan(service, pacs, file, query_case_id, instance_uid)
     try:
         sal = await run_in_threadpool(service.similarity, image, case_id, side)
+        share = await run_in_threadpool(service.lesion_share, image, case_id, side)
     except KeyError as exc:
         raise _not_found(exc) from None
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    return Response(heat_png(sal), media_type="image/png")
+    headers = {"X-Lesion-Share": f"{share:.3f}"} if share is not None else {}
+    return Response(heat_png(sal), media_type="image/png", headers=headers)
 
 
 @queries.get("/pacs/image.png")

@@ -112,11 +112,11 @@ class LesionModel:
         """The module whose output is the last spatial feature map (feature-level maps)."""
         return [self.net.neck]
 
-    def similarity_contributions(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def similarity_contributions(self, x: torch.Tensor, target: torch.Tensor, halves: bool = False):
         """Each tumor-map cell's part of the similarity of ``x`` with ``target`` (similarity maps)."""
         from .lesion import similarity_contributions
 
-        return similarity_contributions(self.net, x.contiguous(memory_format=torch.channels_last), target)
+        return similarity_contributions(self.net, x.contiguous(memory_format=torch.channels_last), target, halves)
 
     def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(embedding, descriptor, tumor probability on the network's input grid (S, S); map it

@@ -91,6 +91,23 @@ def similarity_map(
     return scan_map(attribution_map(model, image, other, attribution), image.shape[:2], sigma)
 
 
+def lesion_share(model, image: np.ndarray, other: np.ndarray) -> float | None:
+    """The part of ``image``'s similarity with ``other`` that comes from the embedding's
+    tumor-weighted half (the rest: its whole-slice half), in [0, 1]; None for a model without a
+    tumor map, or when the two are not similar at all (nothing to split). Tells a reader whether a
+    match is about the lesion or about the slice around it."""
+    from .transforms import preprocess
+
+    if not hasattr(model, "similarity_contributions"):
+        return None
+    size = model.input_size
+    with torch.inference_mode():
+        target = model.embed_tensor(preprocess(other, size)[None]).clone()
+    context, lesion = model.similarity_contributions(preprocess(image, size)[None], target, halves=True)
+    total = float(context.sum() + lesion.sum())
+    return min(max(float(lesion.sum()) / total, 0.0), 1.0) if total > 0 else None
+
+
 def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: str) -> torch.Tensor:
     """The raw (1, 1, s, s) attribution on the network's grid, before smoothing and scaling."""
     from .transforms import preprocess

@@ -180,10 +180,18 @@ class RetrievalService:
         case (``side="case"``). See :mod:`neurocbir.saliency`."""
         from .saliency import similarity_map
 
+        return self._compare(similarity_map, image, case_id, side)
+
+    def lesion_share(self, image: np.ndarray, case_id: int, side: str = "query") -> float | None:
+        """How much of that similarity comes from the tumor-weighted half of the embedding
+        (:func:`neurocbir.saliency.lesion_share`); None for a model without a tumor map."""
+        from .saliency import lesion_share
+
+        return self._compare(lesion_share, image, case_id, side)
+
+    def _compare(self, fn, image: np.ndarray, case_id: int, side: str):
         if side not in ("query", "case"):
             raise ValueError("side must be 'query' or 'case'")
         case_image = self.cases.image(case_id)  # KeyError for an unknown case
         with _MODEL_LOCK:
-            if side == "query":
-                return similarity_map(self.model, image, case_image)
-            return similarity_map(self.model, case_image, image)
+            return fn(self.model, image, case_image) if side == "query" else fn(self.model, case_image, image)
