@@ -246,11 +246,11 @@ def test_similarity_maps_and_contrastive_evidence(bundled_service, small_cases):
         assert res.status_code == 200 and res.headers["content-type"] == "image/png"
         share = float(res.headers["X-Lesion-Share"])  # how much of the similarity is the tumor's
         assert 0 <= share <= 1
-        assert share == pytest.approx(bundled_service.lesion_share(small_cases.load_image(r), top), abs=1e-3)
+        assert share == pytest.approx(bundled_service.similarity(small_cases.load_image(r), top)[1], abs=1e-3)
         heat = np.asarray(Image.open(io.BytesIO(res.content)))
         image = small_cases.load_image(r)
         assert heat.shape == (*image.shape, 4)
-        sal = bundled_service.similarity(image, top)
+        sal, _ = bundled_service.similarity(image, top)
         share, _ = mass_inside(sal, small_cases.load_mask(r), dilate_px=15)
         from scipy.ndimage import binary_dilation
 
@@ -279,6 +279,7 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
         FEATURE_ATTRIBUTIONS,
         OCCLUSION,
         SMOOTHGRAD,
+        explain_similarity,
         similarity_map,
     )
 
@@ -295,6 +296,7 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
     sal = similarity_map(bundled_service.model, a, b, DECOMPOSITION)  # the lesion model's default
     assert sal.shape == a.shape and sal.max() == pytest.approx(1.0)
     assert np.array_equal(sal, similarity_map(bundled_service.model, a, b))
+    assert np.array_equal(explain_similarity(bundled_service.model, a, b)[0], sal)  # the app's one-pass path
     cached = load_model(small_run)
     with pytest.raises(ValueError, match="lesion model"):
         similarity_map(cached, a, b, DECOMPOSITION)

@@ -204,8 +204,7 @@ async def similarity(
 
     image, _ = await _scan(service, pacs, file, query_case_id, instance_uid)
     try:
-        sal = await run_in_threadpool(service.similarity, image, case_id, side)
-        share = await run_in_threadpool(service.lesion_share, image, case_id, side)
+        sal, share = await run_in_threadpool(service.similarity, image, case_id, side)
     except KeyError as exc:
         raise _not_found(exc) from None
     except ValueError as exc:

@@ -91,21 +91,42 @@ def similarity_map(
     return scan_map(attribution_map(model, image, other, attribution), image.shape[:2], sigma)
 
 
+def similarity_halves(model, image: np.ndarray, other: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decomposed similarity of ``image`` with ``other`` on the tumor map's grid, as its
+    whole-slice half and its tumor-weighted half ((1, 1, s, s) each; lesion models only)."""
+    from .transforms import preprocess
+
+    if not hasattr(model, "similarity_contributions"):
+        raise ValueError(f"{DECOMPOSITION} needs a lesion model (its embedding pools over the tumor map)")
+    size = model.input_size
+    with torch.inference_mode():
+        target = model.embed_tensor(preprocess(other, size)[None]).clone()
+    return model.similarity_contributions(preprocess(image, size)[None], target, halves=True)
+
+
+def _lesion_part(context: torch.Tensor, lesion: torch.Tensor) -> float | None:
+    total = float(context.sum() + lesion.sum())
+    return min(max(float(lesion.sum()) / total, 0.0), 1.0) if total > 0 else None
+
+
 def lesion_share(model, image: np.ndarray, other: np.ndarray) -> float | None:
     """The part of ``image``'s similarity with ``other`` that comes from the embedding's
     tumor-weighted half (the rest: its whole-slice half), in [0, 1]; None for a model without a
     tumor map, or when the two are not similar at all (nothing to split). Tells a reader whether a
     match is about the lesion or about the slice around it."""
-    from .transforms import preprocess
-
     if not hasattr(model, "similarity_contributions"):
         return None
-    size = model.input_size
-    with torch.inference_mode():
-        target = model.embed_tensor(preprocess(other, size)[None]).clone()
-    context, lesion = model.similarity_contributions(preprocess(image, size)[None], target, halves=True)
-    total = float(context.sum() + lesion.sum())
-    return min(max(float(lesion.sum()) / total, 0.0), 1.0) if total > 0 else None
+    return _lesion_part(*similarity_halves(model, image, other))
+
+
+def explain_similarity(model, image: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """(:func:`similarity_map` with the default attribution, :func:`lesion_share`), from one
+    pass through the network where the map is the decomposed similarity."""
+    if default_attribution(model) != DECOMPOSITION:
+        return similarity_map(model, image, other), None
+    context, lesion = similarity_halves(model, image, other)
+    sal = scan_map((context + lesion).clamp(min=0), image.shape[:2], SMOOTH_SIGMA)
+    return sal, _lesion_part(context, lesion)
 
 
 def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: str) -> torch.Tensor:
@@ -113,15 +134,14 @@ def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: st
     from .transforms import preprocess
 
     size = model.input_size
+    if attribution == DECOMPOSITION:
+        context, lesion = similarity_halves(model, image, other)
+        return (context + lesion).clamp(min=0)
     x = preprocess(image, size)[None]
     if attribution == OCCLUSION:
         return occlusion_map(model, x, model.embed_preprocessed(preprocess(other, size)[None]))
     with torch.inference_mode():
         target = model.embed_tensor(preprocess(other, size)[None]).clone()
-    if attribution == DECOMPOSITION:
-        if not hasattr(model, "similarity_contributions"):
-            raise ValueError(f"{DECOMPOSITION} needs a lesion model (its embedding pools over the tumor map)")
-        return model.similarity_contributions(x, target).clamp(min=0)
     noise = SMOOTHGRAD.get(attribution)
     if noise is None:
         xs = x.clone()

@@ -174,24 +174,17 @@ class RetrievalService:
             "disclaimer": DISCLAIMER,
         }
 
-    def similarity(self, image: np.ndarray, case_id: int, side: str = "query") -> np.ndarray:
+    def similarity(self, image: np.ndarray, case_id: int, side: str = "query") -> tuple[np.ndarray, float | None]:
         """Similarity map (H, W, in [0, 1]) between a query scan and archive case ``case_id``:
         over the query (``side="query"``: what in the query looks like the case) or over the
-        case (``side="case"``). See :mod:`neurocbir.saliency`."""
-        from .saliency import similarity_map
+        case (``side="case"``), and how much of the similarity is the tumor's (None for a model
+        without a tumor map). See :func:`neurocbir.saliency.explain_similarity`."""
+        from .saliency import explain_similarity
 
-        return self._compare(similarity_map, image, case_id, side)
-
-    def lesion_share(self, image: np.ndarray, case_id: int, side: str = "query") -> float | None:
-        """How much of that similarity comes from the tumor-weighted half of the embedding
-        (:func:`neurocbir.saliency.lesion_share`); None for a model without a tumor map."""
-        from .saliency import lesion_share
-
-        return self._compare(lesion_share, image, case_id, side)
-
-    def _compare(self, fn, image: np.ndarray, case_id: int, side: str):
         if side not in ("query", "case"):
             raise ValueError("side must be 'query' or 'case'")
         case_image = self.cases.image(case_id)  # KeyError for an unknown case
         with _MODEL_LOCK:
-            return fn(self.model, image, case_image) if side == "query" else fn(self.model, case_image, image)
+            if side == "query":
+                return explain_similarity(self.model, image, case_image)
+            return explain_similarity(self.model, case_image, image)
