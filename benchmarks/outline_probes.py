@@ -185,20 +185,20 @@ def main() -> None:
     rng = np.random.default_rng(0)
     (fine_tap,), (fine_channels,) = _taps(net.trunk, (2,))
 
+    fine: list[torch.Tensor] = []  # the stride-2 trunk output, caught during the one pass
+    net.trunk[fine_tap].register_forward_hook(lambda _m, _i, out: fine.append(out))
+
     def net_inputs(image: np.ndarray) -> tuple[torch.Tensor, ...]:
         """(image at stride 2, stride-2 trunk features, stride-4 logits) of one slice."""
         x = preprocess(image, size)[None].contiguous(memory_format=torch.channels_last)
+        fine.clear()  # a PyTorch-path analyse() runs the trunk too
         with torch.inference_mode():
-            h = x
-            for stage in net.trunk[: fine_tap + 1]:
-                h = stage(h)
             logits = net.features(x)[1]
-        return F.avg_pool2d(x[:, :1], 2).half(), h.half(), logits.half()
+        return F.avg_pool2d(x[:, :1], 2).half(), fine.pop().half(), logits.half()
 
     def scaled(image: np.ndarray) -> torch.Tensor:
-        im = image.astype(np.float32)
-        lo, hi = im.min(), im.max()
-        return torch.from_numpy((im - lo) / max(hi - lo, 1e-6) * 2 - 1)
+        """The slice in [-1, 1] at its own resolution (the crops are cut from it)."""
+        return preprocess(image, image.shape[0])[0]
 
     print(f"{len(cal_rows)} held-out slices, {len(fit_rows)} training slices", flush=True)
     errors: dict[str, dict[tuple, np.ndarray]] = {m: {} for m in ("base", "flip", "zoom", "refine", "crop")}
