@@ -28,6 +28,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, Python {platform.python_version()}{tv}"
 
 
+def read_section(name: str, doc: Path = DOC) -> str | None:
+    """The body of a generated section as the document holds it now (None when absent)."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    found = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), doc.read_text() if doc.is_file() else "", re.S)
+    return found.group(1) if found else None
+
+
 def write_section(name: str, body: str, doc: Path = DOC) -> None:
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     text = (

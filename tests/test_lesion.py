@@ -415,7 +415,7 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     )
     assert res.exit_code == 0, res.output
     cfg = json.loads((run / "config.json").read_text())
-    for k in ("encoder", "image_size", "frozen_stride", "holdout_patients", "trials"):
+    for k in ("encoder", "image_size", "frozen_stride", "decoder_stride", "holdout_patients", "trials"):
         assert cfg[k] == LESION_CPU_DEFAULTS[k]
     assert sorted(p.name for p in run.glob("trial_*")) == ["trial_0"]
     assert "tumor_outline" not in json.loads((run / "timings.json").read_text())  # the test fold: not scored

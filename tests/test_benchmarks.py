@@ -1,0 +1,45 @@
+"""The benchmark scripts' bookkeeping that a fresh checkout relies on (no runs/ there)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+cpu_recipe = pytest.importorskip("cpu_recipe")
+
+
+def test_cpu_recipe_finds_every_candidate_in_the_results_doc():
+    """benchmarks/cpu_recipe.py rebuilds its section from the rows docs/results.md recorded when a
+    candidate's run is not on the machine: every candidate must be found there, with its figures,
+    and exactly one of them is the choice, whose test fold was read."""
+    rows = cpu_recipe.recorded_rows(5)
+    for spec in cpu_recipe.CANDIDATES:
+        row = rows[cpu_recipe.run_name(spec, 5)]
+        encoder, size, epochs, _, stride = cpu_recipe.parse(spec)
+        assert (row["encoder"], row["size"], row["epochs"], row["stride"]) == (encoder, size, epochs, stride)
+        assert 0.5 < row["kappa"] <= 1 and row["n"] > 100
+        assert 0 < row["area"] < 1 and 10 < row["minutes"] < 60
+        assert row["run"] is None and row["trained"].startswith("20")
+    chosen = [r for name, r in rows.items() if name != "ensemble" and r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["test"]
+    accuracy, kappa, auroc = (float(x) for x in chosen[0]["test"].split(" / "))
+    assert 0.8 < accuracy <= 1 and 0.7 < kappa <= 1 and 0.9 < auroc <= 1
+    assert rows["ensemble"].startswith("| ensemble of the two best") and rows["ensemble"].count("|") == 10
+
+
+def test_cpu_recipe_time_is_the_median_of_every_measurement(tmp_path):
+    """A candidate timed several times (the machine is noisy) is judged on the median, counting the
+    times recorded before its run existed on this machine."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cpu_recipe.record_timing(run, walls_s=[1650.0], trained="2026-11-27")
+    assert cpu_recipe.minutes(run) == pytest.approx(27.5)
+    cpu_recipe.record_timing(run, earlier_min=[32.4])
+    cpu_recipe.record_timing(run, walls_s=[1650.0, 1680.0])
+    assert cpu_recipe.minutes(run) == pytest.approx(28.0)
+    assert cpu_recipe.timings(run)["trained"] == "2026-11-27"
