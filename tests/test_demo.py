@@ -67,19 +67,50 @@ def test_demo_trains_once_then_reuses(tmp_path, small_data_dir, feature_cache):
     assert "training" not in out and seconds < 60
 
 
-def test_demo_serves_the_committed_model_without_training(tmp_path, small_data_dir):
-    """A fresh checkout holds models/lesion-fold5: the first start indexes the data with it
-    (no training), /query answers with its tumor outline, and a second start reuses the index."""
-    import json
+def _clone_models(dest: Path) -> None:
+    """The committed models, exactly as a clone gets them (no archive index yet)."""
     import shutil
-    import uuid
 
     root = Path(__file__).resolve().parents[1]
     tracked = subprocess.run(["git", "ls-files", "models"], cwd=root, capture_output=True, text=True).stdout.split()
     assert any(p.endswith("checkpoint.pt") for p in tracked), "the committed model is not in git"
-    for p in tracked:  # exactly what a clone gets
-        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / p, tmp_path / p)
+    for p in tracked:
+        (dest / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / p, dest / p)
+
+
+def test_committed_model_named_by_run_is_indexed_on_first_use(tmp_path, small_data_dir, small_cases):
+    """`neurocbir query --run models/lesion-fold5` on a fresh clone answers (indexing first), and a
+    run with weights but no index is told to index, not to train over its weights."""
+    import json
+
+    _clone_models(tmp_path)
+    env = {**os.environ, "NEUROCBIR_DATA": str(small_data_dir), "PYTHONUNBUFFERED": "1"}
+    weights = tmp_path / "elsewhere"
+    for p in (tmp_path / "models" / "lesion-fold5").rglob("*"):
+        if p.is_file():
+            (weights / p.relative_to(tmp_path / "models" / "lesion-fold5")).parent.mkdir(parents=True, exist_ok=True)
+            (weights / p.relative_to(tmp_path / "models" / "lesion-fold5")).write_bytes(p.read_bytes())
+    image = small_data_dir / "images" / f"{int(small_cases.idx[0])}.jpg"
+    cli = [sys.executable, "-m", "neurocbir.cli", "query", str(image), "--json", "--run"]
+    other = subprocess.run([*cli, str(weights)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert other.returncode != 0 and f"neurocbir index {weights}" in other.stderr + other.stdout
+    assert "Traceback" not in other.stderr
+    res = subprocess.run([*cli, "models/lesion-fold5"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "First start: indexing" in res.stdout + res.stderr
+    answer = json.loads(res.stdout[res.stdout.index("{") :])
+    assert answer["prediction"] in ("meningioma", "glioma", "pituitary") and answer["query_tumor"] is not None
+    assert (tmp_path / "models" / "lesion-fold5" / "trial_0" / "index.faiss").is_file()
+
+
+def test_demo_serves_the_committed_model_without_training(tmp_path, small_data_dir):
+    """A fresh checkout holds models/lesion-fold5: the first start indexes the data with it
+    (no training), /query answers with its tumor outline, and a second start reuses the index."""
+    import json
+    import uuid
+
+    _clone_models(tmp_path)
     env = {**os.environ, "NEUROCBIR_DATA": str(small_data_dir), "PYTHONUNBUFFERED": "1"}
     proc, port, _ = _start(tmp_path, env)
     try:

@@ -339,7 +339,7 @@ def _read_query_scan(image: Optional[Path], dicomweb: Optional[str], instance: O
 def _service(run: Optional[Path], archive: Optional[Path] = None):
     from .service import RetrievalService
 
-    run = run or default_run()
+    run = resolve_run(run)
     if archive is not None:
         return _guard(RetrievalService.from_archive, run, archive)
     return _guard(RetrievalService.from_run, run)
@@ -358,6 +358,18 @@ def _index_bundled_model() -> None:
                 typer.echo(f"  {done}/{total} slices")
 
         _guard(index_run, BUNDLED_MODEL, None, None, 32, show)
+
+
+def resolve_run(run: Optional[Path]) -> Path:
+    """The run a command serves: the one given (the committed model is indexed on first use, as
+    when it is found by default), else the best available one."""
+    from .runs import BUNDLED_MODEL
+
+    if run is None:
+        return default_run()
+    if run.resolve() == BUNDLED_MODEL.resolve():
+        _index_bundled_model()
+    return run
 
 
 def default_run() -> Path:
@@ -473,7 +485,7 @@ def serve(
     """Serve the web UI and the HTTP API."""
     from .app import serve as _serve
 
-    _guard(_serve, run or default_run(), host, port, archive, dicomweb)
+    _guard(_serve, resolve_run(run), host, port, archive, dicomweb)
 
 
 @app.command()
@@ -521,7 +533,7 @@ def add(
             ingest,
             folder,
             archive,
-            run or default_run(),
+            resolve_run(run),
             store,
             milvus_uri,
             milvus_index,

@@ -145,6 +145,8 @@ def first_trial(run: Path | str) -> int:
             f"{run} is not a run directory (no config.json): run `neurocbir train --out {run}` first"
         )
     seeds = trial_seeds(run)
+    if not seeds and trial_seeds(run, needs="checkpoint.pt"):  # trained elsewhere, or committed: not indexed yet
+        raise FileNotFoundError(f"{run} has trained weights but no archive index: run `neurocbir index {run}` first")
     if not seeds:
         raise FileNotFoundError(f"{run} has no trained trial with an index: run `neurocbir train --out {run}` first")
     return seeds[0]
