@@ -177,10 +177,34 @@ def recorded_rows(fold: int) -> dict[str, dict]:
             test=None if test == "not read" else test.split(" (read")[0],
             chosen=cells[0].endswith(" (chosen)"),
         )
+    for key, table in test_tables(body, fold).items():  # the test-fold table of each choice, current or former
+        chosen = [n for n, r in rows.items() if r["chosen"]] if key is None else [key]
+        for name in chosen:
+            if name in rows:
+                rows[name]["test_table"] = table
     ensemble = next((line for line in body.splitlines() if line.startswith("| ensemble of the two best")), None)
     if ensemble and ensemble.count("|") == 9:  # recorded before the trained column
         ensemble += f" {written.group(1)} |"
     return {**rows, "ensemble": ensemble}
+
+
+FORMER = re.compile(r"^Former choice: (\S+) (\d+) px, (\d+) epochs, tumor map stride (\d+)")
+
+
+def test_tables(body: str, fold: int) -> dict[str | None, list[str]]:
+    """The app-path test-fold tables of a cpu-recipe section, by run name (None: the current choice's)."""
+    tables, key, table = {}, None, None
+    for line in [*body.splitlines(), ""]:
+        if (m := FORMER.match(line)) is not None:
+            encoder, size, epochs, stride = m.group(1), m.group(2), m.group(3), int(m.group(4))
+            key = run_name(f"{encoder}@{size}:{epochs}:0" + (f":s{stride}" if stride != 4 else ""), fold)
+        elif line.startswith(("| served model (seed 0)", "| former choice (seed 0)")):
+            table = [line.replace("| served model (seed 0)", "| former choice (seed 0)")]
+        elif table is not None and line.startswith("|"):
+            table.append(line)
+        elif table is not None:
+            tables[key], key, table = table, None, None
+    return tables
 
 
 def measured_row(spec: str, run: Path) -> dict:
@@ -252,6 +276,7 @@ def main() -> None:
             )
         row = measured_row(spec, run)
         row["test"] = old["test"] if old else None
+        row["test_table"] = old.get("test_table") if old else None
         rows.append(row)
     if args.train_only:
         return
@@ -351,6 +376,18 @@ def main() -> None:
         ),
         "",
         *served_rows,
+        *[
+            line
+            for r in rows
+            if r is not best and r.get("test_table")
+            for line in (
+                "",
+                f"Former choice: {r['encoder']} {r['size']} px, {r['epochs']} epochs, tumor map stride {r['stride']} "
+                f"(trained {r['trained']}; its test fold read when it was the choice, through the same app path):",
+                "",
+                *r["test_table"],
+            )
+        ],
     ]
     write_section("cpu-recipe", "\n".join(body))
     print("\n".join(body))

@@ -29,6 +29,10 @@ def test_cpu_recipe_finds_every_candidate_in_the_results_doc():
     assert len(chosen) == 1 and chosen[0]["test"]
     accuracy, kappa, auroc = (float(x) for x in chosen[0]["test"].split(" / "))
     assert 0.8 < accuracy <= 1 and 0.7 < kappa <= 1 and 0.9 < auroc <= 1
+    # every choice's test-fold table is kept, a former one's too, and says the same accuracy as its row
+    for row in (r for name, r in rows.items() if name != "ensemble" and r["test"]):
+        table = "\n".join(row["test_table"])
+        assert "query tumor area" in table and f"| NIR accuracy | {row['test'].split(' / ')[0]} |" in table
     assert rows["ensemble"].startswith("| ensemble of the two best") and rows["ensemble"].count("|") == 10
 
 
