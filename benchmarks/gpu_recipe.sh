@@ -19,6 +19,7 @@ if compgen -G "$BUNDLE/wheels/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 args=()
+[ ! -d "$BUNDLE/data" ] && [ -f "$BUNDLE/data.tgz" ] && tar xzf "$BUNDLE/data.tgz" -C "$BUNDLE"
 [ -d "$BUNDLE/data" ] && args+=(--data "$BUNDLE/data")
 [ -f "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors" ] && args+=(--weights "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors")
 "$PY" benchmarks/gpu_recipe.py --out "$OUT" "${args[@]}" "$@" 2>&1 | tee "$OUT/log.txt"

@@ -35,3 +35,30 @@ def test_bad_vectors():
         idx.search(np.zeros((1, 5), np.float32), 1)
     with pytest.raises(ValueError, match="NaN"):
         VectorIndex.build(np.full((2, 4), np.nan))
+
+
+def test_without_faiss_the_numpy_search_gives_faiss_answers(tmp_path, monkeypatch):
+    """Where FAISS is missing (a borrowed GPU machine trains and evaluates there), the index is
+    exact in NumPy: the same ids and distances as FAISS's flat index, the same filter, and a saved
+    file that loads back, there and here."""
+    import neurocbir.index as index_module
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 32)).astype(np.float32)
+    q = rng.normal(size=(9, 32)).astype(np.float32)
+    allowed = rng.choice(300, 40, replace=False)
+    with_faiss = VectorIndex.build(x, "abc")
+    refs = [with_faiss.search(q, 10), with_faiss.search(q, 10, allowed=allowed)]
+    monkeypatch.setattr(index_module, "faiss", None)
+    without = VectorIndex.build(x, "abc")
+    assert isinstance(without.index, index_module.ExactL2)
+    for (d_ref, ids_ref), kw in zip(refs, ({}, {"allowed": allowed})):
+        d, ids = without.search(q, 10, **kw)
+        assert (ids == ids_ref).all() and d == pytest.approx(d_ref, rel=1e-4, abs=1e-4)
+    assert (without.search(q, 50, allowed=allowed[:5])[1][:, 5:] == -1).all()  # fewer allowed than k: padded
+    without.save(tmp_path / "i.faiss")
+    assert (
+        VectorIndex.load(tmp_path / "i.faiss", checkpoint_sha256="abc", dim=32).search(q, 10)[1] == refs[0][1]
+    ).all()
+    monkeypatch.undo()  # FAISS is back: the NumPy file still loads
+    assert (VectorIndex.load(tmp_path / "i.faiss").search(q, 10)[1] == refs[0][1]).all()

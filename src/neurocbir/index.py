@@ -1,5 +1,6 @@
 """Vector index of archive embeddings (FAISS, exact L2 by default), saved with a manifest
-that ties it to the checkpoint that made the embeddings."""
+that ties it to the checkpoint that made the embeddings. Without FAISS (a borrowed GPU
+machine that trains and evaluates, never serves) the search is exact in NumPy instead."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError:  # training and evaluation still work (ExactL2); serving and the case store need FAISS
+    faiss = None
 
 from .files import atomic_write, write_json
 
@@ -30,16 +35,39 @@ def _as_f32(x: np.ndarray, dim: int | None = None) -> np.ndarray:
     return x
 
 
+class ExactL2:
+    """Exact Euclidean search in NumPy: the part of FAISS's flat index that training and
+    evaluation use, for machines without FAISS. Its saved file is a NumPy array, which only
+    this class reads back; `neurocbir index RUN` builds the FAISS index a server needs."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.d = x.shape[1]
+        self.ntotal = len(x)
+
+    def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        d2 = (q * q).sum(1)[:, None] - 2 * q @ self.x.T + (self.x * self.x).sum(1)[None]
+        if allowed is not None:
+            keep = np.zeros(self.ntotal, bool)
+            keep[np.asarray(allowed, np.int64)[(allowed >= 0) & (allowed < self.ntotal)]] = True
+            d2[:, ~keep] = np.inf
+        ids = np.argsort(d2, axis=1, kind="stable")[:, :k]
+        d2 = np.take_along_axis(d2, ids, 1).astype(np.float32)
+        return d2, np.where(np.isinf(d2), -1, ids)
+
+
 @dataclass
 class VectorIndex:
     """Euclidean nearest-neighbour search over ``n`` vectors of dimension ``dim``."""
 
-    index: faiss.Index
+    index: faiss.Index | ExactL2
     checkpoint_sha256: str = ""
 
     @classmethod
     def build(cls, embeddings: np.ndarray, checkpoint_sha256: str = "") -> VectorIndex:
         x = _as_f32(embeddings)
+        if faiss is None:
+            return cls(ExactL2(x), checkpoint_sha256)
         index = faiss.IndexFlatL2(x.shape[1])
         index.add(x)
         return cls(index, checkpoint_sha256)
@@ -61,12 +89,24 @@ class VectorIndex:
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError("k must be >= 1 and the index must not be empty")
+        if isinstance(self.index, ExactL2):
+            d2, ids = self.index.search(q, k, allowed)
+            return np.sqrt(np.maximum(d2, 0.0)), ids
         with id_selector(allowed) as sel:
             params = search_params(sel)
             d2, ids = faiss_search(self.index, q, k, params)
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
     def save(self, path: Path | str) -> None:
+        if isinstance(self.index, ExactL2):
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, self.index.x)
+
+            manifest = {"checkpoint_sha256": self.checkpoint_sha256, "dim": self.dim, "kind": "numpy"}
+            write_manifested(path, write, {**manifest, "count": len(self)})
+            return
         write_index(
             self.index,
             path,
@@ -76,6 +116,10 @@ class VectorIndex:
     @classmethod
     def load(cls, path: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None) -> VectorIndex:
         """Load an index; refuse it if it was built for another checkpoint or dimension."""
+        manifest = read_manifest(path, checkpoint_sha256, dim)
+        if manifest.get("kind") == "numpy":  # written where FAISS was missing (ExactL2)
+            with open(path, "rb") as fh:
+                return cls(ExactL2(_as_f32(np.load(fh), manifest["dim"])), manifest["checkpoint_sha256"])
         index, manifest = read_index(path, checkpoint_sha256, dim)
         return cls(index, manifest["checkpoint_sha256"])
 
@@ -85,7 +129,7 @@ def numpy_search_takes_params() -> None:
     index's ``search`` by a torch wrapper that refuses ``params`` (search parameters, ID
     selectors) even for numpy input; every other FAISS user in the process then fails (Milvus
     Lite's filtered search did). Send numpy calls back to FAISS's own method. Idempotent."""
-    for name in dir(faiss):
+    for name in dir(faiss) if faiss is not None else ():
         cls = getattr(faiss, name)
         if not (isinstance(cls, type) and "search_numpy" in cls.__dict__) or getattr(cls.search, "_numpy_ok", False):
             continue
@@ -175,6 +219,8 @@ def read_index(
 ) -> tuple[faiss.Index, dict]:
     """Read an index written by :func:`write_index`, refusing another checkpoint or dimension."""
     manifest = read_manifest(path, checkpoint_sha256, dim)
+    if faiss is None:
+        raise ImportError(f"reading the index {path} needs FAISS: pip install faiss-cpu")
     index = faiss.read_index(str(path))
     if index.ntotal != manifest["count"]:
         raise IndexMismatchError(f"index {path} holds {index.ntotal} vectors, its manifest says {manifest['count']}")
