@@ -65,6 +65,11 @@ def parse(spec: str) -> tuple[str, int, int, int, int]:
 
 def run_name(spec: str, fold: int) -> str:
     encoder, size, epochs, _, stride = parse(spec)
+    return candidate_name(encoder, size, epochs, stride, fold)
+
+
+def candidate_name(encoder: str, size: int, epochs: int, stride: int, fold: int) -> str:
+    """The run folder of a candidate (what its table row identifies)."""
     return f"lesion-fold{fold}-{encoder}-{size}px-{epochs}ep" + (f"-s{stride}" if stride != 4 else "")
 
 
@@ -93,10 +98,15 @@ def timings(run: Path) -> dict:
     return {"walls_s": [total], "earlier_min": []}
 
 
+def all_minutes(run: Path) -> list[float]:
+    """Every measured time of the candidate, in minutes: those recorded before its run, then its own."""
+    t = timings(run)
+    return [*(t["earlier_min"] or []), *(w / 60 for w in t["walls_s"])]
+
+
 def minutes(run: Path) -> float:
     """`neurocbir train` start to end: the median of the candidate's measured times (the machine is noisy)."""
-    t = timings(run)
-    return float(np.median([*(t["earlier_min"] or []), *(w / 60 for w in t["walls_s"])]))
+    return float(np.median(all_minutes(run)))
 
 
 def record_timing(run: Path, **changes) -> None:
@@ -159,10 +169,9 @@ def recorded_rows(fold: int) -> dict[str, dict]:
             continue
         encoder = cells[0].removesuffix(" (chosen)")
         size, epochs, stride = int(cells[1]), int(cells[2]), int(cells[3])
-        spec = f"{encoder}@{size}:{epochs}:0" + (f":s{stride}" if stride != 4 else "")
         kappa, n = re.match(r"([\d.]+) \((\d+)\)", cells[5]).groups()
         test = cells[7].strip("*")
-        rows[run_name(spec, fold)] = dict(
+        rows[candidate_name(encoder, size, epochs, stride, fold)] = dict(
             encoder=encoder,
             size=size,
             epochs=epochs,
@@ -196,8 +205,7 @@ def test_tables(body: str, fold: int) -> dict[str | None, list[str]]:
     tables, key, table = {}, None, None
     for line in [*body.splitlines(), ""]:
         if (m := FORMER.match(line)) is not None:
-            encoder, size, epochs, stride = m.group(1), m.group(2), m.group(3), int(m.group(4))
-            key = run_name(f"{encoder}@{size}:{epochs}:0" + (f":s{stride}" if stride != 4 else ""), fold)
+            key = candidate_name(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)), fold)
         elif line.startswith(("| served model (seed 0)", "| former choice (seed 0)")):
             table = [line.replace("| served model (seed 0)", "| former choice (seed 0)")]
         elif table is not None and line.startswith("|"):
@@ -213,8 +221,7 @@ def measured_row(spec: str, run: Path) -> dict:
     inner = json.loads((run / "calibration.json").read_text())["inner_cv"]
     level = run / "tumor_level.json"
     area = min(json.loads(level.read_text())["held_out_median_area_error"].values()) if level.is_file() else None
-    t = timings(run)
-    times = [*(t["earlier_min"] or []), *(w / 60 for w in t["walls_s"])]
+    t, times = timings(run), all_minutes(run)
     return dict(
         encoder=encoder,
         size=size,
@@ -224,8 +231,8 @@ def measured_row(spec: str, run: Path) -> dict:
         kappa=inner["kappa"]["nir"],
         n=inner["n"],
         area=area,
-        minutes=minutes(run),
-        minutes_cell=f"{minutes(run):.1f}"
+        minutes=float(np.median(times)),
+        minutes_cell=f"{np.median(times):.1f}"
         + (f" (median of {', '.join(f'{m:.1f}' for m in times)})" if len(times) > 1 else ""),
         trained=t.get("trained") or time.strftime("%Y-%m-%d", time.gmtime((run / "config.json").stat().st_mtime)),
         again=t.get("again", []),
