@@ -9,17 +9,8 @@
 # A CPU smoke run (what the tests do): OUT=/tmp/x bash benchmarks/gpu_recipe.sh --per-group 3 --epochs 1 ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE=${GPU_BUNDLE:-gpu}
 : "${OUT:?set OUT to the folder that receives metrics and the checkpoint}"
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if compgen -G "$BUNDLE/wheels/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/neurocbir-site "$BUNDLE"/wheels/*.whl
-  export PYTHONPATH=/tmp/neurocbir-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-args=()
-[ ! -d "$BUNDLE/data" ] && [ -f "$BUNDLE/data.tgz" ] && tar xzf "$BUNDLE/data.tgz" -C "$BUNDLE"
-[ -d "$BUNDLE/data" ] && args+=(--data "$BUNDLE/data")
-[ -f "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors" ] && args+=(--weights "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors")
-"$PY" benchmarks/gpu_recipe.py --out "$OUT" "${args[@]}" "$@" 2>&1 | tee "$OUT/log.txt"
+# shellcheck source=benchmarks/gpu_setup.sh
+source benchmarks/gpu_setup.sh
+"$PY" benchmarks/gpu_recipe.py --out "$OUT" "${GPU_ARGS[@]}" "$@" 2>&1 | tee "$OUT/log.txt"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Several benchmarks/gpu_recipe.py jobs at once on one GPU machine. One lesion training keeps an
+# H100 only partly busy (about 55 s a trial alone, bound by kernel launches at batch 64), so
+# concurrent jobs finish more trainings within a short lease. Each argument holds one job's
+# gpu_recipe.py options; job N works in $WORK/jobN. Its small files (summary, metrics, calibration,
+# outline level, config, logs: no checkpoints) are packed into $OUT/results.tgz every 20 s and at
+# the end, so what comes back stays one file, also when the lease ends first.
+#   OUT=/some/folder bash benchmarks/gpu_parallel.sh "--recalibrate models/lesion-fold5" \
+#       "--no-serve --folds 1 --trials 5 --budget-s 420" "--no-serve --folds 2 --trials 5 --budget-s 420"
+# Unpack here with: mkdir -p runs/X && tar xzf results.tgz -C runs/X
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder that receives results.tgz}"
+[ "$#" -ge 1 ] || { echo "give each job's gpu_recipe.py options as one argument" >&2; exit 2; }
+WORK=${WORK:-/tmp/neurocbir-gpu-jobs}
+LIMIT_S=${LIMIT_S:-520}  # each job is stopped after this; its own --budget-s should end it well before
+mkdir -p "$OUT" "$WORK"
+# shellcheck source=benchmarks/gpu_setup.sh
+source benchmarks/gpu_setup.sh
+pack() {
+  (cd "$WORK" && find . -size -4M \( -name '*.json' -o -name '*.jsonl' -o -name '*.txt' \) -print0 |
+    tar czf "$WORK.tgz.part" --null -T -) && mv -f "$WORK.tgz.part" "$OUT/results.tgz"
+}
+threads=$(($(nproc) / $# > 0 ? $(nproc) / $# : 1))
+pids=()
+n=0
+for opts in "$@"; do
+  n=$((n + 1))
+  mkdir -p "$WORK/job$n"
+  echo "job$n: $opts" | tee "$WORK/job$n/options.txt"
+  # shellcheck disable=SC2086 # each job's options are split into words on purpose
+  OMP_NUM_THREADS=$threads timeout "$LIMIT_S" "$PY" benchmarks/gpu_recipe.py --out "$WORK/job$n" \
+    "${GPU_ARGS[@]}" $opts >"$WORK/job$n/log.txt" 2>&1 &
+  pids+=("$!")
+done
+(while sleep 20; do pack || true; done) &
+packer=$!
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+kill "$packer" 2>/dev/null || true
+pack
+for log in "$WORK"/job*/log.txt; do echo "== $log"; tail -n 4 "$log"; done
+echo "$failed of $n jobs failed"
+[ "$failed" -eq 0 ]
