@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 [ "$#" -ge 1 ] || { echo "give each job's gpu_recipe.py options as one argument" >&2; exit 2; }
 WORK=${WORK:-/tmp/neurocbir-gpu-jobs}
 LIMIT_S=${LIMIT_S:-520}  # each job is stopped after this; its own --budget-s should end it well before
+rm -rf "$WORK"  # a warm machine keeps the last call's jobs: they would be packed again
 mkdir -p "$OUT" "$WORK"
 # shellcheck source=benchmarks/gpu_setup.sh
 source benchmarks/gpu_setup.sh

@@ -1,14 +1,16 @@
 # Sourced by benchmarks/gpu_recipe.sh and gpu_parallel.sh, from the checkout's root: installs the
-# carried wheels (once), unpacks the carried data (once) and sets PYTHONPATH, PY and GPU_ARGS
-# (--data, --weights for gpu_recipe.py).
+# carried wheels, unpacks the carried data and sets PYTHONPATH, PY and GPU_ARGS (gpu_recipe.py's
+# --data and --weights where the bundle has them).
 BUNDLE=${GPU_BUNDLE:-gpu}
 PY=${PYTHON:-python3}
-if [ -z "${NEUROCBIR_GPU_READY:-}" ] && compgen -G "$BUNDLE/wheels/*.whl" >/dev/null; then
+if compgen -G "$BUNDLE/wheels/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/neurocbir-site "$BUNDLE"/wheels/*.whl
+  export PYTHONPATH=/tmp/neurocbir-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-[ -d /tmp/neurocbir-site ] && export PYTHONPATH=/tmp/neurocbir-site${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NEUROCBIR_GPU_READY=1
-[ ! -d "$BUNDLE/data" ] && [ -f "$BUNDLE/data.tgz" ] && tar xzf "$BUNDLE/data.tgz" -C "$BUNDLE"
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ ! -d "$BUNDLE/data" ] && [ -f "$BUNDLE/data.tgz" ]; then tar xzf "$BUNDLE/data.tgz" -C "$BUNDLE"; fi
 GPU_ARGS=()
-[ -d "$BUNDLE/data" ] && GPU_ARGS+=(--data "$BUNDLE/data")
-[ -f "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors" ] && GPU_ARGS+=(--weights "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors")
+if [ -d "$BUNDLE/data" ]; then GPU_ARGS+=(--data "$BUNDLE/data"); fi
+if [ -f "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors" ]; then
+  GPU_ARGS+=(--weights "$BUNDLE/tf_efficientnet_lite2.fp16.safetensors")
+fi

@@ -5,8 +5,12 @@ the dataset's masks on fold 5.
 
     OUT=runs/gpu bash benchmarks/gpu_recipe.sh                 # on a GPU machine (see its header)
     OUT=runs/gpu2 bash benchmarks/gpu_recipe.sh --folds 2,3,4 --no-serve   # more folds, later (optional)
+    OUT=runs/gpu3 bash benchmarks/gpu_parallel.sh "--no-serve --folds 1" "--no-serve --folds 2"   # jobs at once
     .venv/bin/python benchmarks/lesion_results.py --summary runs/gpu/summary.json [runs/gpu2/summary.json ...] \
         [--model models/lesion-fold5]
+    # on a checkout without the earlier runs' summaries: keep their rows, add later runs (one argument
+    # per run; the jobs of one gpu_parallel.sh call joined by commas)
+    .venv/bin/python benchmarks/lesion_results.py --keep-recorded --summary runs/gpu3/job1/summary.json,runs/gpu3/job2/summary.json
 
 Nothing here is tuned: the recipe's settings were fixed before training, the served trial is
 seed 0, and the test fold (5) is read once per reported configuration.
@@ -16,59 +20,102 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from results_doc import machine, write_section
+from results_doc import machine, read_section, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def device_table(summaries: list[dict]) -> list[str]:
+HEADER = [
+    "| run | test fold | trials | NIR kappa mean ± sd / ens. | NIR AUROC ens. | I-NIR kappa ens. | KNN-7 kappa ens. "
+    "| KNN-K by inner CV: kappa | tumor Dice median / mean (seed 0) | area error median (seed 0) | s per trial |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
+NUMBERS = ("nir_mean", "nir_ens", "auroc", "inir", "knn7", "knnk", "dice_med", "dice_mean", "area")
+
+
+def fold_record(run: str, fold: str, res: dict) -> dict:
+    """One (run, test fold) of a summary.json as a table row's values."""
+    m, t = res["metrics"], res["timings"]
+    c, tum = m["classifiers"], t.get("tumor_outline", {})
+    return {
+        "run": run,
+        "fold": fold,
+        "trials": m["trials"],
+        "nir_mean": c["nir"]["kappa_mean"],
+        "nir_sd": c["nir"]["kappa_std"],
+        "nir_ens": c["nir"]["kappa_ensemble"],
+        "auroc": c["nir"]["auroc_ensemble"],
+        "inir": c["inir"]["kappa_ensemble"],
+        "knn7": c["knn7"]["kappa_ensemble"],
+        "knnk": m["knn_overfit"]["kappa_cv_k"],
+        "ks": ",".join(map(str, m["knn_overfit"]["cv_k_per_trial"])),
+        "dice_med": tum.get("median_dice", float("nan")),
+        "dice_mean": tum.get("mean_dice", float("nan")),
+        "area": tum.get("median_area_rel_error", float("nan")),
+        "s_trial": float(np.median(t["trials_s"])),
+    }
+
+
+def recorded_records(body: str) -> list[dict]:
+    """The (run, fold) rows as the lesion section of docs/results.md last recorded them: a new
+    checkout has no earlier run's summary.json (they stay on the machine that ran them)."""
+    out = []
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 11 or not re.fullmatch(r"[a-z]", cells[0]):
+            continue
+        nir = re.fullmatch(r"([\d.]+) ± ([\d.]+) / ([\d.]+)", cells[3])
+        knnk = re.fullmatch(r"([\d.]+) \(K ([\d,]+)\)", cells[7])
+        dice = cells[8].split(" / ")
+        out.append(
+            {
+                "run": cells[0],
+                "fold": cells[1],
+                "trials": int(cells[2]),
+                "nir_mean": float(nir[1]),
+                "nir_sd": float(nir[2]),
+                "nir_ens": float(nir[3]),
+                "auroc": float(cells[4]),
+                "inir": float(cells[5]),
+                "knn7": float(cells[6]),
+                "knnk": float(knnk[1]),
+                "ks": knnk[2],
+                "dice_med": float(dice[0]),
+                "dice_mean": float(dice[1]),
+                "area": float(cells[9].removesuffix(" %")) / 100,
+                "s_trial": float(cells[10]),
+            }
+        )
+    return out
+
+
+def device_table(records: list[dict]) -> list[str]:
     """One row per (GPU run, test fold), and the mean over folds of each fold's first run with the
     most trials (a rule fixed before any score was seen, never the best score)."""
-    rows = [
-        "| run | test fold | trials | NIR kappa mean ± sd / ens. | NIR AUROC ens. | I-NIR kappa ens. | KNN-7 kappa ens. "
-        "| KNN-K by inner CV: kappa | tumor Dice median / mean (seed 0) | area error median (seed 0) | s per trial |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = list(HEADER)
     chosen: dict[str, dict] = {}
-    entries = sorted(
-        ((fold, n, res) for n, summary in enumerate(summaries) for fold, res in summary["folds"].items()),
-        key=lambda e: (int(e[0]) % 5, e[1]),  # fold 5 first, as the runs were planned
-    )
-    for fold, n, res in entries:
-        m, t = res["metrics"], res["timings"]
-        c = m["classifiers"]
-        tum = t.get("tumor_outline", {})
-        if fold not in chosen or m["trials"] > chosen[fold]["metrics"]["trials"]:
-            chosen[fold] = res
+    for r in sorted(records, key=lambda r: (int(r["fold"]) % 5, r["run"])):  # fold 5 first, as the runs were planned
+        if r["fold"] not in chosen or r["trials"] > chosen[r["fold"]]["trials"]:
+            chosen[r["fold"]] = r
         rows.append(
-            f"| {chr(ord('a') + n)} | {fold} | {m['trials']} | {c['nir']['kappa_mean']:.3f} ± {c['nir']['kappa_std']:.3f} / "
-            f"{c['nir']['kappa_ensemble']:.3f} | {c['nir']['auroc_ensemble']:.3f} | {c['inir']['kappa_ensemble']:.3f} "
-            f"| {c['knn7']['kappa_ensemble']:.3f} | {m['knn_overfit']['kappa_cv_k']:.3f} "
-            f"(K {','.join(map(str, m['knn_overfit']['cv_k_per_trial']))}) "
-            f"| {tum.get('median_dice', float('nan')):.3f} / {tum.get('mean_dice', float('nan')):.3f} "
-            f"| {100 * tum.get('median_area_rel_error', float('nan')):.0f} % | {np.median(t['trials_s']):.0f} |"
+            f"| {r['run']} | {r['fold']} | {r['trials']} | {r['nir_mean']:.3f} ± {r['nir_sd']:.3f} / {r['nir_ens']:.3f} "
+            f"| {r['auroc']:.3f} | {r['inir']:.3f} | {r['knn7']:.3f} | {r['knnk']:.3f} (K {r['ks']}) "
+            f"| {r['dice_med']:.3f} / {r['dice_mean']:.3f} | {100 * r['area']:.0f} % | {r['s_trial']:.0f} |"
         )
     if len(chosen) > 1:
-
-        def mean(get) -> float:
-            return float(np.mean([get(r) for r in chosen.values()]))
-
-        cls = lambda r: r["metrics"]["classifiers"]  # noqa: E731
-        tum = lambda r: r["timings"].get("tumor_outline", {})  # noqa: E731
+        mean = {k: float(np.mean([r[k] for r in chosen.values()])) for k in NUMBERS}
+        runs = ", ".join(f"{f}: {chosen[f]['run']}" for f in sorted(chosen))
         rows.append(
-            f"| mean of {len(chosen)} folds | {','.join(sorted(chosen))} | | {mean(lambda r: cls(r)['nir']['kappa_mean']):.3f} / "
-            f"{mean(lambda r: cls(r)['nir']['kappa_ensemble']):.3f} | {mean(lambda r: cls(r)['nir']['auroc_ensemble']):.3f} "
-            f"| {mean(lambda r: cls(r)['inir']['kappa_ensemble']):.3f} | {mean(lambda r: cls(r)['knn7']['kappa_ensemble']):.3f} "
-            f"| {mean(lambda r: r['metrics']['knn_overfit']['kappa_cv_k']):.3f} "
-            f"| {mean(lambda r: tum(r).get('median_dice', float('nan'))):.3f} / "
-            f"{mean(lambda r: tum(r).get('mean_dice', float('nan'))):.3f} "
-            f"| {100 * mean(lambda r: tum(r).get('median_area_rel_error', float('nan'))):.0f} % | |"
+            f"| mean of {len(chosen)} folds ({runs}) | {','.join(sorted(chosen))} | | {mean['nir_mean']:.3f} / "
+            f"{mean['nir_ens']:.3f} | {mean['auroc']:.3f} | {mean['inir']:.3f} | {mean['knn7']:.3f} | {mean['knnk']:.3f} "
+            f"| {mean['dice_med']:.3f} / {mean['dice_mean']:.3f} | {100 * mean['area']:.0f} % | |"
         )
     return rows
 
@@ -136,49 +183,101 @@ def app_path(model: Path, calibration_note: str = "fitted by inner CV on folds 1
     return rows, out
 
 
+def run_sentence(letter: str, jobs: list[dict]) -> str:
+    """How a later run (one summary.json, or the jobs of one benchmarks/gpu_parallel.sh call) was made."""
+    first = jobs[0]
+    folds = [f for job in jobs for f in job["folds"]]
+    how = (
+        f"{len(jobs)} jobs at once on the one GPU (`benchmarks/gpu_parallel.sh`, so its s per trial is a shared "
+        "GPU's), "
+        if len(jobs) > 1
+        else ""
+    )
+    return (
+        f"Run {letter}, {first['date']} on {first['device']}: the same recipe with `--no-serve` (no calibration, "
+        f"no served checkpoint), {how}folds {', '.join(folds)}, {max(j['seconds'] for j in jobs):.0f} s. "
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--summary",
-        type=Path,
-        nargs="+",
-        required=True,
+        nargs="*",
+        default=[],
         help="summary.json of benchmarks/gpu_recipe.sh runs: the first trained the served model, later ones "
-        "(--no-serve) more folds",
+        "(--no-serve) more folds. Join with commas the summaries of the jobs of one gpu_parallel.sh call.",
+    )
+    p.add_argument(
+        "--keep-recorded",
+        action="store_true",
+        help="keep the runs this section of docs/results.md recorded (their summary.json files are not on this "
+        "checkout); the given summaries are later runs",
     )
     p.add_argument("--model", type=Path, default=ROOT / "models" / "lesion-fold5")
     args = p.parse_args()
-    summaries = [json.loads(path.read_text()) for path in args.summary]
-    summary = summaries[0]
+    groups = [[json.loads(Path(path).read_text()) for path in arg.split(",")] for arg in args.summary]
+    records: list[dict] = []
+    if args.keep_recorded:
+        body = read_section("lesion") or ""
+        records = recorded_records(body)
+        first_paragraph = re.search(r"\*\*GPU run\.\*\* .*?(?= Each run reads)", body)
+        if not records or not first_paragraph:
+            sys.exit("docs/results.md has no lesion section to keep: give the first run's summary.json instead")
+        intro = first_paragraph.group(0) + " "
+    else:
+        if not groups:
+            sys.exit("give the GPU runs' summary.json files (--summary), or --keep-recorded")
+        summary = groups.pop(0)[0]
+        s = summary["settings"]
+        intro = (
+            f"**GPU run.** Command: `OUT=... bash benchmarks/gpu_recipe.sh` on {summary['device']} (torch "
+            f"{summary['torch']}), {summary['date']}, data `{summary['data']}` (the 256 px copy; {summary['n_cases']} "
+            f"slices), {summary['seconds']:.0f} s in all. Settings, fixed before training and not tuned on any fold: "
+            f"{s['epochs']} epochs, batch {s['batch_size']}, {s['image_size']} px, lr {s['lr']} (head, decoder) / "
+            f"{s['lr_trunk']} (trunk), dropout {s['dropout']}, SupCon + Dice/CE on the mask, fresh random augmentation "
+            "every step. Fold 5 first with 5 trials (and its 3 inner-CV trainings for calibration), then the other "
+            "folds while the 9-minute budget lasted (run a). "
+        )
+        records = [fold_record("a", fold, res) for fold, res in summary["folds"].items()]
+    letter = chr(max((ord(r["run"]) for r in records), default=ord("a") - 1) + 1)
+    for jobs in groups:
+        intro += run_sentence(letter, jobs)
+        records += [fold_record(letter, fold, res) for job in jobs for fold, res in job["folds"].items()]
+        letter = chr(ord(letter) + 1)
     t0 = time.time()
     served_rows, served = app_path(args.model)
-    s = summary["settings"]
+    level = (
+        json.loads((args.model / "tumor_level.json").read_text())
+        if (args.model / "tumor_level.json").is_file()
+        else None
+    )
     body = [
         "## Lesion recipe: whole network + tumor decoder, fine-tuned on a GPU (issue 9)",
         "",
-        f"**GPU run.** Command: `OUT=... bash benchmarks/gpu_recipe.sh` on {summary['device']} (torch "
-        f"{summary['torch']}), {summary['date']}, data `{summary['data']}` (the 256 px copy; {summary['n_cases']} "
-        f"slices), {summary['seconds']:.0f} s in all. Settings, fixed before training and not tuned on any fold: "
-        f"{s['epochs']} epochs, batch {s['batch_size']}, {s['image_size']} px, lr {s['lr']} (head, decoder) / "
-        f"{s['lr_trunk']} (trunk), dropout {s['dropout']}, SupCon + Dice/CE on the mask, fresh random augmentation "
-        "every step. Fold 5 first with 5 trials (and its 3 inner-CV trainings for calibration), then the other "
-        "folds while the 9-minute budget lasted (run a). "
-        + "".join(
-            f"Run {chr(ord('a') + n)}, {later['date']} on {later['device']}: the same recipe with `--no-serve` "
-            f"(no calibration, no served checkpoint), folds {', '.join(later['folds'])}, {later['seconds']:.0f} s. "
-            for n, later in enumerate(summaries[1:], start=1)
-        )
-        + "Each run reads its test folds once, to report. A fold in several runs is the same configuration "
+        intro + "Each run reads its test folds once, to report. A fold in several runs is the same configuration "
         "trained again, so its rows show the run-to-run spread of GPU training; the mean row takes, for each "
         "fold, the first run with the most trials (a fixed rule, never the better score). The KNN K column "
         "is the KNN kappa with K picked by patient-grouped CV inside the training folds, per trial (K 1 decides "
-        "as NIR does: the nearest case's class).",
+        "as NIR does: the nearest case's class)."
+        + (
+            " Rows of runs whose summary.json is not on this checkout are carried from this section's previous "
+            "version, so the mean row averages figures rounded to 3 decimals."
+            if args.keep_recorded
+            else ""
+        ),
         "",
-        *device_table(summaries),
+        *device_table(records),
         "",
         f"**The model the app serves** (`{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}`"
-        ", fold 5's seed-0 trial of the run above, float16): indexed and evaluated here from the full-resolution "
-        f"bundled data. Command: `python benchmarks/lesion_results.py {' '.join(sys.argv[1:])}` | machine: "
+        ", fold 5's seed-0 trial of run a, float16): indexed and evaluated here from the full-resolution "
+        "bundled data. "
+        + (
+            f"Its tumor outline is drawn at probability {level['level']} ({level['how']}). "
+            if level
+            else "Its tumor outline is drawn at probability 0.5 (no outline level fitted). "
+        )
+        + f"Command: `python benchmarks/lesion_results.py {' '.join(sys.argv[1:])}` | machine: "
         f"{machine()} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {time.time() - t0:.0f} s",
         "",
         *served_rows,

@@ -47,3 +47,26 @@ def test_cpu_recipe_time_is_the_median_of_every_measurement(tmp_path):
     cpu_recipe.record_timing(run, walls_s=[1650.0, 1680.0])
     assert cpu_recipe.minutes(run) == pytest.approx(28.0)
     assert cpu_recipe.timings(run)["trained"] == "2026-11-27"
+
+
+def test_lesion_results_carries_the_recorded_gpu_rows_unchanged():
+    """benchmarks/lesion_results.py --keep-recorded rebuilds the GPU table from the rows
+    docs/results.md recorded (the runs' summary.json files stay on the machines that ran them):
+    every (run, fold) row is found, and written again it reads exactly as before."""
+    lesion_results = pytest.importorskip("lesion_results")
+    body = lesion_results.read_section("lesion")
+    records = lesion_results.recorded_records(body)
+    assert {r["fold"] for r in records} == {"1", "2", "3", "4", "5"}
+    assert any(r["fold"] == "5" and r["run"] == "a" and r["trials"] == 5 for r in records)
+    written = lesion_results.device_table(records)
+    row_lines = [
+        line for line in body.splitlines() if line.startswith("| ") and line[2:3].isalpha() and line[3:4] == " "
+    ]
+    assert written[2:-1] == row_lines  # one row per record, in the document's order, digit for digit
+    # the mean row takes each fold's first run with the most trials, never the better score
+    mean_row = written[-1]
+    assert mean_row.startswith("| mean of 5 folds (") and mean_row in body
+    for fold in "12345":
+        most = max(r["trials"] for r in records if r["fold"] == fold)
+        first = min(r["run"] for r in records if r["fold"] == fold and r["trials"] == most)
+        assert f"{fold}: {first}" in mean_row

@@ -100,6 +100,34 @@ def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
     assert not (again / "summary.json").exists()  # nothing trained beyond the inner folds
 
 
+def test_gpu_parallel_runs_jobs_at_once_and_packs_their_small_files(tmp_path, data_dir):
+    """benchmarks/gpu_parallel.sh: each argument is one gpu_recipe.py job, all run at once; what
+    comes back from the device is one results.tgz with each job's summary and logs, and no
+    checkpoint (the device returns few, small files)."""
+    import tarfile
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable}
+    env["GPU_BUNDLE"] = str(tmp_path / "no-bundle")
+    tiny = f"--data {data_dir} --per-group 3 --epochs 1 --batch-size 16 --image-size 64 --no-serve --trials 1"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_parallel.sh"), f"{tiny} --folds 1", f"{tiny} --folds 2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [p.name for p in out.iterdir()] == ["results.tgz"]
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+        summaries = {n: json.load(tar.extractfile(n)) for n in names if n.endswith("summary.json")}
+    assert not [n for n in names if n.endswith((".pt", ".npz", ".npy"))]
+    assert sorted(summaries) == ["./job1/summary.json", "./job2/summary.json"]
+    assert [list(summaries[f"./job{n}/summary.json"]["folds"]) for n in (1, 2)] == [["1"], ["2"]]
+    assert "./job1/options.txt" in names and "./job2/log.txt" in names
+
+
 @pytest.fixture(scope="module")
 def bundled_service(tmp_path_factory, small_data_dir):
     """The committed model over the small dataset's training folds (indexed here, as on a first start)."""
