@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Several benchmarks/gpu_recipe.py jobs at once on one GPU machine. One lesion training keeps an
-# H100 only partly busy (about 55 s a trial alone, bound by kernel launches at batch 64), so
-# concurrent jobs finish more trainings within a short lease. Each argument holds one job's
+# Several benchmarks/gpu_recipe.py jobs at once on one GPU machine, e.g. a --recalibrate job beside
+# fold jobs, each with its own --budget-s, in one call of a short lease. It does not buy throughput:
+# on an H100, five jobs at once took about 250 s a trial each, against about 55 s for one job alone
+# (docs/results.md, lesion section, run d). Each argument holds one job's
 # gpu_recipe.py options; job N works in $WORK/jobN. Its small files (summary, metrics, calibration,
 # outline level, config, logs: no checkpoints) are packed into $OUT/results.tgz every 20 s and at
 # the end, so what comes back stays one file, also when the lease ends first.

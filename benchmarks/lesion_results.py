@@ -183,16 +183,21 @@ def app_path(model: Path, calibration_note: str = "fitted by inner CV on folds 1
     return rows, out
 
 
-def run_sentence(letter: str, jobs: list[dict]) -> str:
+def run_sentence(letter: str, jobs: list[dict], paths: list[Path]) -> str:
     """How a later run (one summary.json, or the jobs of one benchmarks/gpu_parallel.sh call) was made."""
     first = jobs[0]
     folds = [f for job in jobs for f in job["folds"]]
-    how = (
-        f"{len(jobs)} jobs at once on the one GPU (`benchmarks/gpu_parallel.sh`, so its s per trial is a shared "
-        "GPU's), "
-        if len(jobs) > 1
-        else ""
-    )
+    # the call's every job left its options beside its folder, those without a summary.json too
+    options = sorted({o for p in paths for o in p.parent.parent.glob("job*/options.txt")})
+    how = ""
+    if len(options) > 1:
+        others = [
+            o.read_text().split(": ", 1)[-1].strip() for o in options if not (o.parent / "summary.json").is_file()
+        ]
+        how = (
+            f"{len(options)} jobs at once on the one GPU (`benchmarks/gpu_parallel.sh`, so its s per trial is a "
+            "shared GPU's" + "".join(f"; beside them `{o}`" for o in others) + "), "
+        )
     return (
         f"Run {letter}, {first['date']} on {first['device']}: the same recipe with `--no-serve` (no calibration, "
         f"no served checkpoint), {how}folds {', '.join(folds)}, {max(j['seconds'] for j in jobs):.0f} s. "
@@ -216,7 +221,8 @@ def main() -> None:
     )
     p.add_argument("--model", type=Path, default=ROOT / "models" / "lesion-fold5")
     args = p.parse_args()
-    groups = [[json.loads(Path(path).read_text()) for path in arg.split(",")] for arg in args.summary]
+    paths = [[Path(path) for path in arg.split(",")] for arg in args.summary]
+    groups = [[json.loads(path.read_text()) for path in group] for group in paths]
     records: list[dict] = []
     if args.keep_recorded:
         body = read_section("lesion") or ""
@@ -241,8 +247,8 @@ def main() -> None:
         )
         records = [fold_record("a", fold, res) for fold, res in summary["folds"].items()]
     letter = chr(max((ord(r["run"]) for r in records), default=ord("a") - 1) + 1)
-    for jobs in groups:
-        intro += run_sentence(letter, jobs)
+    for jobs, job_paths in zip(groups, paths[len(paths) - len(groups) :]):
+        intro += run_sentence(letter, jobs, job_paths)
         records += [fold_record(letter, fold, res) for job in jobs for fold, res in job["folds"].items()]
         letter = chr(ord(letter) + 1)
     t0 = time.time()
