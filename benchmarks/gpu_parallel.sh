@@ -2,10 +2,11 @@
 # Several benchmarks/gpu_recipe.py jobs at once on one GPU machine, e.g. a --recalibrate job beside
 # fold jobs, each with its own --budget-s, in one call of a short lease. It does not buy throughput:
 # on an H100, five jobs at once took about 250 s a trial each, against about 55 s for one job alone
-# (docs/results.md, lesion section, run d). Each argument holds one job's
-# gpu_recipe.py options; job N works in $WORK/jobN. Its small files (summary, metrics, calibration,
-# outline level, config, logs: no checkpoints) are packed into $OUT/results.tgz every 20 s and at
-# the end, so what comes back stays one file, also when the lease ends first.
+# (docs/results.md, lesion section, run d). Each argument holds one job's gpu_recipe.py options;
+# job N works in $WORK/jobN. Its small files (summary, metrics, calibration, outline level, config,
+# logs, each trial's evaluation.npz; no checkpoints, no embeddings) are packed into
+# $OUT/results.tgz every 20 s and at the end, so what comes back stays one file, also when the
+# lease ends first. benchmarks/merge_gpu_runs.py ensembles one fold's trials from several leases.
 #   OUT=/some/folder bash benchmarks/gpu_parallel.sh "--recalibrate models/lesion-fold5" \
 #       "--no-serve --folds 1 --trials 5 --budget-s 420" "--no-serve --folds 2 --trials 5 --budget-s 420"
 # Unpack here with: mkdir -p runs/X && tar xzf results.tgz -C runs/X
@@ -20,7 +21,7 @@ mkdir -p "$OUT" "$WORK"
 # shellcheck source=benchmarks/gpu_setup.sh
 source benchmarks/gpu_setup.sh
 pack() {
-  (cd "$WORK" && find . -size -4M \( -name '*.json' -o -name '*.jsonl' -o -name '*.txt' \) -print0 |
+  (cd "$WORK" && find . -size -4M \( -name '*.json' -o -name '*.jsonl' -o -name '*.txt' -o -name evaluation.npz \) -print0 |
     tar czf "$WORK.tgz.part" --null -T -) && mv -f "$WORK.tgz.part" "$OUT/results.tgz"
 }
 threads=$(($(nproc) / $# > 0 ? $(nproc) / $# : 1))

@@ -41,6 +41,13 @@ def main() -> None:
     ap.add_argument("--runs", default=None, help="where the run folders go (default OUT/runs)")
     ap.add_argument("--folds", default="5,1,2,3,4")
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="train seeds S..S+trials-1: more trials for a fold begun in an earlier lease "
+        "(benchmarks/merge_gpu_runs.py ensembles them)",
+    )
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting trainings after this")
     ap.add_argument(
         "--no-serve",
@@ -93,6 +100,7 @@ def main() -> None:
             recipe="lesion",
             fold=fold,
             trials=args.trials,
+            first_seed=args.first_seed,
             weights=args.weights,
             calibrate=n == 0 and not args.no_serve,
             data=args.data,

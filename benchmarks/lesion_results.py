@@ -198,6 +198,9 @@ def run_sentence(letter: str, jobs: list[dict], paths: list[Path]) -> str:
             f"{len(options)} jobs at once on the one GPU (`benchmarks/gpu_parallel.sh`, so its s per trial is a "
             "shared GPU's" + "".join(f"; beside them `{o}`" for o in others) + "), "
         )
+    if "merged_from" in first:  # one fold's trials from several leases (benchmarks/merge_gpu_runs.py)
+        parts = "; ".join(f"seeds {','.join(map(str, m['seeds']))} on {m['date']}" for m in first["merged_from"])
+        how += f"trials of several leases ensembled by `benchmarks/merge_gpu_runs.py` ({parts}), "
     return (
         f"Run {letter}, {first['date']} on {first['device']}: the same recipe with `--no-serve` (no calibration, "
         f"no served checkpoint), {how}folds {', '.join(folds)}, {max(j['seconds'] for j in jobs):.0f} s. "

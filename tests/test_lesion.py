@@ -128,6 +128,52 @@ def test_gpu_parallel_runs_jobs_at_once_and_packs_their_small_files(tmp_path, da
     assert "./job1/options.txt" in names and "./job2/log.txt" in names
 
 
+def test_trials_of_two_leases_ensemble_as_if_trained_in_one(tmp_path, data_dir):
+    """A fold's trials trained in two GPU leases (``--first-seed``), merged from their small
+    evaluation.npz files alone by benchmarks/merge_gpu_runs.py, score exactly as the same trials
+    evaluated together from their embeddings; a seed given twice is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    merge_gpu_runs = pytest.importorskip("merge_gpu_runs")
+    from neurocbir.data import load_cases
+    from neurocbir.evaluate import evaluate_run
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_BUNDLE": str(tmp_path / "no-bundle")}
+    tiny = ["--data", str(data_dir), "--per-group", "4", "--epochs", "1", "--batch-size", "16", "--image-size", "64"]
+    tiny += ["--no-serve", "--folds", "1"]
+    leases = {"a": ["--trials", "2"], "b": ["--trials", "1", "--first-seed", "2"]}
+    for name, extra in leases.items():
+        proc = subprocess.run(
+            ["bash", str(ROOT / "benchmarks" / "gpu_recipe.sh"), *tiny, *extra],
+            env={**env, "OUT": str(tmp_path / name)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # what comes back from a lease: no checkpoints, no embeddings
+    back = {}
+    for name in leases:
+        back[name] = tmp_path / "back" / name
+        shutil.copytree(tmp_path / name, back[name], ignore=shutil.ignore_patterns("*.pt", "embeddings.npz", "index*"))
+    merged = merge_gpu_runs.merge(1, [back["a"], back["b"]], tmp_path / "merged", str(data_dir))
+    got = merged["folds"]["1"]["metrics"]
+    # the same three trials, evaluated together from their embeddings
+    together = tmp_path / "together"
+    shutil.copytree(tmp_path / "a" / "runs" / "lesion-fold1", together)
+    shutil.copytree(tmp_path / "b" / "runs" / "lesion-fold1" / "trial_2", together / "trial_2")
+    for ev in together.glob("trial_*/evaluation.npz"):
+        ev.unlink()  # scored again from the embeddings
+    gpu_recipe = pytest.importorskip("gpu_recipe")
+    want = evaluate_run(together, gpu_recipe.small_subset(load_cases(data_dir), 4), plots=False)
+    assert got["trials"] == want["trials"] == 3
+    assert got["classifiers"] == want["classifiers"] and got["knn_overfit"] == want["knn_overfit"]
+    assert got["structure"] == want["structure"]
+    assert [m["seeds"] for m in merged["merged_from"]] == [[0, 1], [2]]
+    assert merged["folds"]["1"]["timings"]["tumor_outline"]["seed"] == 0
+    with pytest.raises(ValueError, match="seed 0 of fold 1 is in both"):
+        merge_gpu_runs.merge(1, [back["a"], back["a"]], tmp_path / "twice", str(data_dir))
+
+
 @pytest.fixture(scope="module")
 def bundled_service(tmp_path_factory, small_data_dir):
     """The committed model over the small dataset's training folds (indexed here, as on a first start)."""

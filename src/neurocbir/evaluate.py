@@ -13,7 +13,7 @@ from . import calibration
 from .calibration import expected_calibration_error, neighbour_logits, reliability_bins
 from .classify import KNNClassifier, NIRClassifier, knn_votes, nir_proba
 from .data import CLASS_NAMES, CaseTable, grouped_inner_folds, load_cases
-from .files import write_json, write_text
+from .files import atomic_write, write_json, write_text
 from .runs import trial_dir, trial_seeds
 
 KNN_KS = (5, 7, 25)
@@ -57,11 +57,15 @@ def scores(y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
     return float(cohen_kappa_score(y, pred)), float(roc_auc_score(y, proba, multi_class="ovr", average="macro"))
 
 
+TRIAL_EVALUATION = "evaluation.npz"  # a trial's test-fold figures, kept beside its embeddings
+
+
 def _trials(run: Path) -> list[Path]:
-    trials = [trial_dir(run, s) for s in trial_seeds(run, needs="embeddings.npz")]
-    if not trials:
+    """Trials with embeddings, or with only their evaluation (runs merged from several GPU leases)."""
+    seeds = sorted(set(trial_seeds(run, needs="embeddings.npz")) | set(trial_seeds(run, needs=TRIAL_EVALUATION)))
+    if not seeds:
         raise FileNotFoundError(f"{run} has no trained trials (trial_*/embeddings.npz): run `neurocbir train` first")
-    return trials
+    return [trial_dir(run, s) for s in seeds]
 
 
 def knn_kappa_curve(
@@ -71,6 +75,57 @@ def knn_kappa_curve(
     labels = clf.neighbour_labels(queries)
     votes = [knn_votes(labels, len(clf.classes_), k) for k in ks]
     return np.array([cohen_kappa_score(y_q, clf.classes_[np.argmax(v, 1)]) for v in votes])
+
+
+def evaluate_trial(
+    tdir: Path, table: CaseTable, one_per_patient: bool = False, calibrators: dict | None = None
+) -> dict[str, np.ndarray]:
+    """One trial's test-fold figures from its embeddings: each classifier's probabilities (and the
+    calibrated ones), plane consistency, tumor-size differences, the KNN kappa curve and the K that
+    inner CV picks. Saved as ``evaluation.npz`` beside the embeddings, so trials trained on
+    different machines can be ensembled without their embeddings; read back from there only when
+    the embeddings are absent."""
+    path = tdir / TRIAL_EVALUATION
+    if not (tdir / "embeddings.npz").is_file():
+        with np.load(path) as saved:
+            ev = dict(saved)
+        if bool(ev["one_per_patient"]) != one_per_patient:
+            raise ValueError(f"{path} was computed with one_per_patient={bool(ev['one_per_patient'])}")
+        return ev
+    emb = np.load(tdir / "embeddings.npz")
+    a_rows, q_rows = emb["archive_rows"], emb["test_rows"]
+    y_a, y_q = table.label[a_rows], table.label[q_rows]
+    # one exact search per query; every classifier is scored from the same neighbour list
+    clf = NIRClassifier(one_per_patient=one_per_patient).fit(emb["archive"], y_a, groups=table.patient_id[a_rows])
+    neighbour_labels = clf.neighbour_labels(emb["test"])
+    ev: dict[str, np.ndarray] = {"y_test": y_q, "test_rows": q_rows, "one_per_patient": np.array(one_per_patient)}
+    results = classifier_probas(neighbour_labels, len(clf.classes_))
+    if "test_mlp_proba" in emb:
+        results["mlp"] = emb["test_mlp_proba"]
+    ev.update({"proba_" + name: p for name, p in results.items()})
+    for name, cal in (calibrators or {}).items():  # calibration changes no ranking: ECE only
+        ev["calibrated_" + name] = cal.proba(neighbour_logits(name, neighbour_labels, len(clf.classes_)))
+    # latent structure of the retrievals
+    _, ids = NIRClassifier().fit(emb["archive"], y_a).kneighbors(emb["test"], max(TSD_KS))
+    planes_q, planes_a = table.plane[q_rows], table.plane[a_rows]
+    ev["plane_consistency"] = np.array(
+        float((planes_a[ids[:, :5]] == planes_q[:, None]).mean()) if (planes_q != "").all() else np.nan
+    )
+    area_q, area_a = table.area_mm2[q_rows], table.area_mm2[a_rows]
+    ev["tsd"] = np.array([np.abs(area_a[ids[:, :k]] - area_q[:, None]).mean() for k in TSD_KS])
+    # KNN overfit: K picked on the test fold vs by patient-grouped CV on the archive
+    ev["knn_curve"] = knn_kappa_curve(emb["archive"], y_a, emb["test"], y_q)
+    inner = table.subset(a_rows)
+    cv = np.mean(
+        [
+            knn_kappa_curve(emb["archive"][tr], y_a[tr], emb["archive"][va], y_a[va])
+            for tr, va in grouped_inner_folds(inner, 3, seed=0)
+        ],
+        axis=0,
+    )
+    ev["knn_cv_k"] = np.array(int(np.argmax(cv)))
+    atomic_write(path, lambda tmp: np.savez(tmp, **ev))
+    return ev
 
 
 def evaluate_run(
@@ -87,44 +142,21 @@ def evaluate_run(
     calibrators = calibration.load(run)
     calibrated: dict[str, list[np.ndarray]] = {}
     for tdir in _trials(run):
-        emb = np.load(tdir / "embeddings.npz")
-        a_rows, q_rows = emb["archive_rows"], emb["test_rows"]
-        y_a, y_q = table.label[a_rows], table.label[q_rows]
-        if y_test is not None and not np.array_equal(y_test, y_q):
+        ev = evaluate_trial(tdir, table, one_per_patient, calibrators)
+        if y_test is not None and not np.array_equal(y_test, ev["y_test"]):
             raise ValueError(f"{tdir}: test cases differ between trials")
-        y_test = y_q
-        # one exact search per query; every classifier is scored from the same neighbour list
-        clf = NIRClassifier(one_per_patient=one_per_patient).fit(emb["archive"], y_a, groups=table.patient_id[a_rows])
-        neighbour_labels = clf.neighbour_labels(emb["test"])
-        results = classifier_probas(neighbour_labels, len(clf.classes_))
-        for name, cal in (calibrators or {}).items():  # calibration changes no ranking: ECE only
-            calibrated.setdefault(name, []).append(
-                cal.proba(neighbour_logits(name, neighbour_labels, len(clf.classes_)))
-            )
-        if "test_mlp_proba" in emb:
-            results["mlp"] = emb["test_mlp_proba"]
-        for name, p in results.items():
-            per_trial.setdefault(name, []).append(scores(y_q, p))
-            probas.setdefault(name, []).append(p)
-        # latent structure of the retrievals
-        _, ids = NIRClassifier().fit(emb["archive"], y_a).kneighbors(emb["test"], max(TSD_KS))
-        planes_q, planes_a = table.plane[q_rows], table.plane[a_rows]
-        if (planes_q != "").all():
-            plane_consistency.append(float((planes_a[ids[:, :5]] == planes_q[:, None]).mean()))
-        area_q, area_a = table.area_mm2[q_rows], table.area_mm2[a_rows]
-        for k in TSD_KS:
-            tsd[k].append(float(np.abs(area_a[ids[:, :k]] - area_q[:, None]).mean()))
-        # KNN overfit: K picked on the test fold vs by patient-grouped CV on the archive
-        curves.append(knn_kappa_curve(emb["archive"], y_a, emb["test"], y_q))
-        inner = table.subset(a_rows)
-        cv = np.mean(
-            [
-                knn_kappa_curve(emb["archive"][tr], y_a[tr], emb["archive"][va], y_a[va])
-                for tr, va in grouped_inner_folds(inner, 3, seed=0)
-            ],
-            axis=0,
-        )
-        cv_ks.append(int(np.argmax(cv)))
+        y_test = ev["y_test"]
+        for name in (n.removeprefix("proba_") for n in ev if n.startswith("proba_")):
+            per_trial.setdefault(name, []).append(scores(y_test, ev["proba_" + name]))
+            probas.setdefault(name, []).append(ev["proba_" + name])
+        for name in (n.removeprefix("calibrated_") for n in ev if n.startswith("calibrated_")):
+            calibrated.setdefault(name, []).append(ev["calibrated_" + name])
+        if not np.isnan(ev["plane_consistency"]):
+            plane_consistency.append(float(ev["plane_consistency"]))
+        for k, v in zip(TSD_KS, ev["tsd"]):
+            tsd[k].append(float(v))
+        curves.append(ev["knn_curve"])
+        cv_ks.append(int(ev["knn_cv_k"]))
     out_cls = {}
     for name, vals in per_trial.items():
         k_ens, a_ens = scores(y_test, np.mean(probas[name], axis=0))
