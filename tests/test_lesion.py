@@ -102,8 +102,8 @@ def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
 
 def test_gpu_parallel_runs_jobs_at_once_and_packs_their_small_files(tmp_path, data_dir):
     """benchmarks/gpu_parallel.sh: each argument is one gpu_recipe.py job, all run at once; what
-    comes back from the device is one results.tgz with each job's summary and logs, and no
-    checkpoint (the device returns few, small files)."""
+    comes back from the device is one results.tgz with each job's summary, logs and trial
+    evaluations, and no checkpoint or embeddings (the device returns few, small files)."""
     import tarfile
 
     out, work = tmp_path / "out", tmp_path / "work"
@@ -122,7 +122,11 @@ def test_gpu_parallel_runs_jobs_at_once_and_packs_their_small_files(tmp_path, da
     with tarfile.open(out / "results.tgz") as tar:
         names = tar.getnames()
         summaries = {n: json.load(tar.extractfile(n)) for n in names if n.endswith("summary.json")}
-    assert not [n for n in names if n.endswith((".pt", ".npz", ".npy"))]
+    assert not [n for n in names if n.endswith((".pt", ".npy", "embeddings.npz", ".faiss"))]
+    # each trial's test-fold evaluation comes back (a fold can be ensembled across leases)
+    assert sorted(n for n in names if n.endswith(".npz")) == [
+        f"./job{n}/runs/lesion-fold{n}/trial_0/evaluation.npz" for n in (1, 2)
+    ]
     assert sorted(summaries) == ["./job1/summary.json", "./job2/summary.json"]
     assert [list(summaries[f"./job{n}/summary.json"]["folds"]) for n in (1, 2)] == [["1"], ["2"]]
     assert "./job1/options.txt" in names and "./job2/log.txt" in names
