@@ -117,7 +117,7 @@ def main() -> None:
         )
         if not timings["trials_s"]:
             break
-        metrics = evaluate_run(run, table, plots=False)
+        metrics = evaluate_run(run, table, plots=False, keep_trial_evaluations=True)  # for merge_gpu_runs.py
         summary["folds"][str(fold)] = {"timings": timings, "metrics": metrics}
         cls = metrics["classifiers"]
         print(

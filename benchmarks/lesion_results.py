@@ -237,6 +237,7 @@ def main() -> None:
     else:
         if not groups:
             sys.exit("give the GPU runs' summary.json files (--summary), or --keep-recorded")
+        paths.pop(0)
         summary = groups.pop(0)[0]
         s = summary["settings"]
         intro = (
@@ -250,7 +251,7 @@ def main() -> None:
         )
         records = [fold_record("a", fold, res) for fold, res in summary["folds"].items()]
     letter = chr(max((ord(r["run"]) for r in records), default=ord("a") - 1) + 1)
-    for jobs, job_paths in zip(groups, paths[len(paths) - len(groups) :]):
+    for jobs, job_paths in zip(groups, paths):
         intro += run_sentence(letter, jobs, job_paths)
         records += [fold_record(letter, fold, res) for job in jobs for fold, res in job["folds"].items()]
         letter = chr(ord(letter) + 1)

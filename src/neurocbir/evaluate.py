@@ -78,13 +78,13 @@ def knn_kappa_curve(
 
 
 def evaluate_trial(
-    tdir: Path, table: CaseTable, one_per_patient: bool = False, calibrators: dict | None = None
+    tdir: Path, table: CaseTable, one_per_patient: bool = False, calibrators: dict | None = None, keep: bool = False
 ) -> dict[str, np.ndarray]:
     """One trial's test-fold figures from its embeddings: each classifier's probabilities (and the
     calibrated ones), plane consistency, tumor-size differences, the KNN kappa curve and the K that
-    inner CV picks. Saved as ``evaluation.npz`` beside the embeddings, so trials trained on
-    different machines can be ensembled without their embeddings; read back from there only when
-    the embeddings are absent."""
+    inner CV picks. With ``keep`` they are saved as ``evaluation.npz`` beside the embeddings, so
+    trials trained on different machines can be ensembled without their embeddings; they are read
+    back from there only when the embeddings are absent."""
     path = tdir / TRIAL_EVALUATION
     if not (tdir / "embeddings.npz").is_file():
         with np.load(path) as saved:
@@ -124,12 +124,17 @@ def evaluate_trial(
         axis=0,
     )
     ev["knn_cv_k"] = np.array(int(np.argmax(cv)))
-    atomic_write(path, lambda tmp: np.savez(tmp, **ev))
+    if keep:
+        atomic_write(path, lambda tmp: np.savez(tmp, **ev))
     return ev
 
 
 def evaluate_run(
-    run: Path | str, table: CaseTable | None = None, one_per_patient: bool = False, plots: bool = True
+    run: Path | str,
+    table: CaseTable | None = None,
+    one_per_patient: bool = False,
+    plots: bool = True,
+    keep_trial_evaluations: bool = False,
 ) -> dict:
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
@@ -142,7 +147,7 @@ def evaluate_run(
     calibrators = calibration.load(run)
     calibrated: dict[str, list[np.ndarray]] = {}
     for tdir in _trials(run):
-        ev = evaluate_trial(tdir, table, one_per_patient, calibrators)
+        ev = evaluate_trial(tdir, table, one_per_patient, calibrators, keep=keep_trial_evaluations)
         if y_test is not None and not np.array_equal(y_test, ev["y_test"]):
             raise ValueError(f"{tdir}: test cases differ between trials")
         y_test = ev["y_test"]
