@@ -63,6 +63,11 @@ def main() -> None:
     for key in ("epochs", "batch_size", "image_size"):
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=LESION_DEFAULTS[key])
     ap.add_argument("--decoder-stride", type=int, default=4, help="the tumor map's stride: 4, or 2 (finer outlines)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile (fewer, fused kernels; trials fall back to eager if it fails)",
+    )
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     start = time.time()
@@ -75,7 +80,7 @@ def main() -> None:
         config = json.loads((Path(args.recalibrate) / "config.json").read_text())
         cfg = TrainConfig(**{**config, "data": args.data, "weights": args.weights})
         write_json(out / "config.json", dataclasses.asdict(cfg))
-        recalibrate_lesion_run(out, table, cfg)
+        recalibrate_lesion_run(out, table, cfg, compile_net=args.compile)
         print(json.dumps({"seconds": round(time.time() - start, 1), "recalibrated": args.recalibrate}))
         return
     folds = [int(f) for f in args.folds.split(",")]
@@ -85,6 +90,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "n_cases": len(table),
         "data": Path(args.data).name,
+        "compiled": args.compile,
         "settings": {
             **LESION_DEFAULTS,
             **{k: getattr(args, k) for k in ("epochs", "batch_size", "image_size", "decoder_stride")},
@@ -114,6 +120,7 @@ def main() -> None:
             progress=False,
             on_trial=lambda seed, s, fold=fold: print(f"fold {fold} seed {seed}: {s:.1f} s", flush=True),
             score_test_outline=True,  # each fold's test scores are this run's report
+            compile_net=args.compile,
         )
         if not timings["trials_s"]:
             break

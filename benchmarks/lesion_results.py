@@ -198,6 +198,8 @@ def run_sentence(letter: str, jobs: list[dict], paths: list[Path]) -> str:
             f"{len(options)} jobs at once on the one GPU (`benchmarks/gpu_parallel.sh`, so its s per trial is a "
             "shared GPU's" + "".join(f"; beside them `{o}`" for o in others) + "), "
         )
+    if any(job.get("compiled") for job in jobs):
+        how += "trained through `torch.compile` (`--compile`; the same recipe, fused kernels), "
     if "merged_from" in first:  # one fold's trials from several leases (benchmarks/merge_gpu_runs.py)
         parts = "; ".join(f"seeds {','.join(map(str, m['seeds']))} on {m['date']}" for m in first["merged_from"])
         how += f"trials of several leases ensembled by `benchmarks/merge_gpu_runs.py` ({parts}), "

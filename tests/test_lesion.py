@@ -538,3 +538,39 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     assert res.exit_code == 0, res.output
     assert json.loads((run / "calibration.json").read_text()) == json.loads(before)
     assert json.loads((run / "tumor_level.json").read_text()) == level
+
+
+def test_lesion_training_goes_on_uncompiled_when_the_compiler_fails(small_cases, monkeypatch, caplog):
+    """``compile_net`` (gpu_recipe.py --compile): a compiler that fails in the first step costs no
+    trial. Training goes on uncompiled from the same batch, so the trial is exactly the uncompiled
+    one, says so, and later trials do not try the compiler again."""
+    from neurocbir import finetune
+    from neurocbir.encoders import create_encoder
+    from neurocbir.runs import LESION_DEFAULTS, TrainConfig
+
+    cfg = TrainConfig(**{**LESION_DEFAULTS, "epochs": 2, "batch_size": 8, "image_size": 64}, recipe="lesion")
+    encoder = create_encoder("mobilenetv2")
+    images, masks = finetune.load_tensors(small_cases.subset(np.arange(24)), 64)
+    labels = small_cases.label[:24]
+    device = torch.device("cpu")
+    want = finetune.train_lesion(cfg, encoder, images, masks, labels, 0, device, progress=False).state_dict()
+    calls = []
+
+    def broken_compiler(net):
+        calls.append(net)
+
+        def fails(x):
+            raise RuntimeError("no C compiler on this machine")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compiler)
+    monkeypatch.setattr(finetune, "_compile_failed", False)
+    with caplog.at_level("WARNING", logger="neurocbir.finetune"):
+        got = finetune.train_lesion(
+            cfg, encoder, images, masks, labels, 0, device, progress=False, compile_net=True
+        ).state_dict()
+    assert len(calls) == 1 and "torch.compile failed (RuntimeError: no C compiler" in caplog.text
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    finetune.train_lesion(cfg, encoder, images, masks, labels, 1, device, progress=False, compile_net=True)
+    assert len(calls) == 1  # the next trial trains uncompiled straight away

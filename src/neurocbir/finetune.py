@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,8 @@ from .runs import TrainConfig, trial_dir
 from .training import seed_everything
 from .transforms import preprocess
 
+log_warning = logging.getLogger(__name__).warning
+_compile_failed = False  # once torch.compile has failed here, later trials do not try again
 TUMOR_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
@@ -89,8 +92,14 @@ def train_lesion(
     device: torch.device,
     log_path: Path | None = None,
     progress: bool = True,
+    compile_net: bool = False,
 ) -> LesionNet:
-    """Train a LesionNet from the pretrained encoder on (device-resident) slices and masks."""
+    """Train a LesionNet from the pretrained encoder on (device-resident) slices and masks.
+
+    ``compile_net``: run the network's training passes through ``torch.compile`` (on a GPU, where
+    one step of this small network is mostly kernel launches); should the compiler fail in the
+    first step, training goes on uncompiled from the same batch (this trial and later ones) and
+    says so."""
     from monai.losses import DiceCELoss
     from pytorch_metric_learning import losses
 
@@ -116,27 +125,47 @@ def train_lesion(
     gen = torch.Generator(device=device).manual_seed(seed)
     y_all = torch.as_tensor(labels, device=device)
     amp = device.type == "cuda" or cfg.extra.get("cpu_bf16", False)
+    global _compile_failed
+    step_net = torch.compile(net) if compile_net and not _compile_failed else net
+
+    def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            emb, _, logits = model(x)
+            up = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
+        loss = metric_loss(emb, y) + cfg.seg_weight * seg_loss(up, m)
+        loss.backward()
+        return loss.detach()
+
     log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed below
     try:
         for epoch in tqdm(range(cfg.epochs), desc=f"lesion seed {seed}", unit="epoch", disable=not progress):
+            t0 = time.time()
             net.train()
             frozen.eval()  # their batch-norm statistics stay pretrained too
             order = torch.randperm(n, generator=gen, device=device)
-            total = 0.0
+            total = torch.zeros((), device=device)  # summed on the device: no host sync per step
             for s in range(steps_per_epoch):
                 rows = order[s * batch : (s + 1) * batch]
                 x, m = augment_batch(images[rows], masks[rows], gen)
-                with _autocast(device, amp):
-                    emb, _, logits = net(x)
-                    up = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
-                loss = metric_loss(emb, y_all[rows]) + cfg.seg_weight * seg_loss(up, m)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss = backward(step_net, x, m, y_all[rows])
+                except Exception as exc:  # noqa: BLE001 - any compiler failure: train on without it
+                    if step_net is net or epoch or s:
+                        raise
+                    log_warning("torch.compile failed (%s: %s); training uncompiled", type(exc).__name__, exc)
+                    _compile_failed, step_net = True, net
+                    loss = backward(net, x, m, y_all[rows])
                 opt.step()
                 sched.step()
-                total += float(loss.detach())
+                total += loss
             if log:
-                log.write(json.dumps({"epoch": epoch + 1, "loss": total / steps_per_epoch}) + "\n")
+                epoch_log = {
+                    "epoch": epoch + 1,
+                    "loss": float(total) / steps_per_epoch,
+                    "s": round(time.time() - t0, 2),
+                }
+                log.write(json.dumps(epoch_log) + "\n")
                 log.flush()
     finally:
         if log:
@@ -305,6 +334,7 @@ def lesion_inner_cv_neighbours(
     train_rows: np.ndarray,
     device: torch.device,
     n_splits: int = 3,
+    compile_net: bool = False,
 ) -> tuple[list, list, list, np.ndarray]:
     """Held-out neighbour labels of 3 patient-grouped inner folds of the training patients, a
     LesionNet retrained on each (see :func:`neurocbir.training.inner_cv_neighbours`), and the
@@ -323,6 +353,7 @@ def lesion_inner_cv_neighbours(
             cfg.first_seed,
             device,
             progress=False,
+            compile_net=compile_net,
         )
         emb, _, prob = embed_tensors(net, images[train_rows], device, level=None)
         held_out.append(NIRClassifier().fit(emb[tr], train.label[tr]).neighbour_labels(emb[va]))
@@ -340,13 +371,14 @@ def calibrate_by_inner_cv(
     images: torch.Tensor,
     masks: torch.Tensor,
     device: torch.device,
+    compile_net: bool = False,
 ) -> None:
     """``calibration.json`` and ``tumor_level.json`` of a run that holds no training patients out
     (the GPU preset), from 3 patient-grouped inner folds of its training patients, a LesionNet
     retrained on each: 3 more trainings."""
     train_rows = np.flatnonzero(table.fold != cfg.fold)
     *parts, area_errors = lesion_inner_cv_neighbours(
-        cfg, encoder, images, masks, table.subset(train_rows), train_rows, device
+        cfg, encoder, images, masks, table.subset(train_rows), train_rows, device, compile_net=compile_net
     )
     how = (
         f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
@@ -356,7 +388,9 @@ def calibrate_by_inner_cv(
     write_tumor_level(run, area_errors, f"median relative area error on {len(area_errors)} slices: {how}")
 
 
-def recalibrate_lesion_run(run: Path, table: CaseTable, cfg: TrainConfig | None = None) -> None:
+def recalibrate_lesion_run(
+    run: Path, table: CaseTable, cfg: TrainConfig | None = None, compile_net: bool = False
+) -> None:
     """Refit a lesion run's calibration and outline level from its files: on its held-out training
     patients (the CPU preset; no training), or by inner CV (3 trainings; a GPU is advised).
     ``cfg``: the run's config with other data or weights paths (default: its config.json)."""
@@ -366,7 +400,8 @@ def recalibrate_lesion_run(run: Path, table: CaseTable, cfg: TrainConfig | None 
         return
     device = pick_device()
     images, masks = load_tensors(table, cfg.image_size)
-    calibrate_by_inner_cv(cfg, run, table, cfg.build_encoder(), images.to(device), masks.to(device), device)
+    encoder = cfg.build_encoder()
+    calibrate_by_inner_cv(cfg, run, table, encoder, images.to(device), masks.to(device), device, compile_net)
 
 
 def train_lesion_run(
@@ -377,6 +412,7 @@ def train_lesion_run(
     progress: bool = True,
     on_trial: Callable[[int, float], None] | None = None,
     score_test_outline: bool = False,
+    compile_net: bool = False,
 ) -> dict:
     """Train ``cfg.trials`` seeds (fewer if ``deadline``, a ``time.time()``, would be passed) and
     write the run; returns timings, and with ``score_test_outline`` the first trial's tumor-outline
@@ -415,6 +451,7 @@ def train_lesion_run(
             device,
             log_path=tdir / "log.jsonl",
             progress=progress,
+            compile_net=compile_net,
         )
         pred = write_trial(tdir, net, cfg, encoder, images, table, device)
         if seed == cfg.first_seed and cfg.calibrate and len(cal_rows):
@@ -439,7 +476,7 @@ def train_lesion_run(
         and (deadline is None or time.time() + 3.6 * max(timings["trials_s"]) < deadline)
     ):
         t2 = time.time()
-        calibrate_by_inner_cv(cfg, out, table, encoder, images, masks, device)
+        calibrate_by_inner_cv(cfg, out, table, encoder, images, masks, device, compile_net)
         timings["calibration_s"] = round(time.time() - t2, 1)
     if score_test_outline:
         timings["tumor_outline"] = tumor
