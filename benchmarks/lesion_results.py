@@ -201,7 +201,10 @@ def run_sentence(letter: str, jobs: list[dict], paths: list[Path]) -> str:
     if any(job.get("compiled") for job in jobs):
         how += "trained through `torch.compile` (`--compile`; the same recipe, fused kernels), "
     if "merged_from" in first:  # one fold's trials from several leases (benchmarks/merge_gpu_runs.py)
-        parts = "; ".join(f"seeds {','.join(map(str, m['seeds']))} on {m['date']}" for m in first["merged_from"])
+        parts = "; ".join(
+            f"seeds {','.join(map(str, m['seeds']))} on {m['date']}{' (compiled)' if m.get('compiled') else ''}"
+            for m in first["merged_from"]
+        )
         how += f"trials of several leases ensembled by `benchmarks/merge_gpu_runs.py` ({parts}), "
     return (
         f"Run {letter}, {first['date']} on {first['device']}: the same recipe with `--no-serve` (no calibration, "

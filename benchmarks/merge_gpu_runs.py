@@ -75,8 +75,14 @@ def merge(fold: int, sources: list[Path], out: Path, data: str | None = None) ->
         **{k: summaries[0][k] for k in ("device", "torch", "n_cases", "data", "settings")},
         "date": max(s["date"] for s in summaries),
         "seconds": sum(s["seconds"] for s in summaries),
+        "compiled": any(s.get("compiled") for s in summaries),
         "merged_from": [
-            {"source": str(src), "date": s["date"], "seeds": sorted(k for k, v in seen.items() if v == src)}
+            {
+                "source": str(src),
+                "date": s["date"],
+                "seeds": sorted(k for k, v in seen.items() if v == src),
+                "compiled": bool(s.get("compiled")),
+            }
             for src, s in zip(sources, summaries)
         ],
         "folds": {str(fold): {"timings": timings, "metrics": metrics}},

@@ -70,3 +70,19 @@ def test_lesion_results_carries_the_recorded_gpu_rows_unchanged():
         most = max(r["trials"] for r in records if r["fold"] == fold)
         first = min(r["run"] for r in records if r["fold"] == fold and r["trials"] == most)
         assert f"{fold}: {first}" in mean_row
+
+
+def test_lesion_results_says_which_runs_were_compiled(tmp_path):
+    """A run trained through torch.compile (gpu_recipe.py --compile) says so in its sentence, and
+    a fold merged from several leases says which lease's trials were compiled."""
+    lesion_results = pytest.importorskip("lesion_results")
+    job = {"date": "2026-11-28", "device": "NVIDIA H100 80GB HBM3", "folds": ["2"], "seconds": 300.0}
+    path = tmp_path / "job1" / "summary.json"
+    assert "torch.compile" not in lesion_results.run_sentence("f", [job], [path])
+    assert "trained through `torch.compile`" in lesion_results.run_sentence("f", [{**job, "compiled": True}], [path])
+    leases = [
+        {"date": "2026-11-27", "seeds": [0, 1], "compiled": False},
+        {"date": "2026-11-28", "seeds": [2, 3, 4], "compiled": True},
+    ]
+    merged = lesion_results.run_sentence("g", [{**job, "compiled": True, "merged_from": leases}], [path])
+    assert "seeds 0,1 on 2026-11-27; seeds 2,3,4 on 2026-11-28 (compiled)" in merged
