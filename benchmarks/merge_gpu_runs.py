@@ -75,7 +75,6 @@ def merge(fold: int, sources: list[Path], out: Path, data: str | None = None) ->
         **{k: summaries[0][k] for k in ("device", "torch", "n_cases", "data", "settings")},
         "date": max(s["date"] for s in summaries),
         "seconds": sum(s["seconds"] for s in summaries),
-        "compiled": any(s.get("compiled") for s in summaries),
         "merged_from": [
             {
                 "source": str(src),

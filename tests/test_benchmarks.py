@@ -84,5 +84,5 @@ def test_lesion_results_says_which_runs_were_compiled(tmp_path):
         {"date": "2026-11-27", "seeds": [0, 1], "compiled": False},
         {"date": "2026-11-28", "seeds": [2, 3, 4], "compiled": True},
     ]
-    merged = lesion_results.run_sentence("g", [{**job, "compiled": True, "merged_from": leases}], [path])
+    merged = lesion_results.run_sentence("g", [{**job, "merged_from": leases}], [path])
     assert "seeds 0,1 on 2026-11-27; seeds 2,3,4 on 2026-11-28 (compiled)" in merged
