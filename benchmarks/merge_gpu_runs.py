@@ -30,9 +30,18 @@ SAME_RECIPE_EXCEPT = {"trials", "first_seed", "data", "weights"}  # what may dif
 
 def merge(fold: int, sources: list[Path], out: Path, data: str | None = None) -> dict:
     """Copy the fold's trial evaluations of every source into ``out``, score them together and
-    return the merged summary (also written as ``out/summary.json``)."""
+    return the merged summary (also written as ``out/summary.json``). If anything fails, ``out``
+    is removed again, so a rerun never meets a half-written folder."""
     if out.exists():
         raise FileExistsError(f"{out} exists: give a new folder")
+    try:
+        return _merge(fold, sources, out, data)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _merge(fold: int, sources: list[Path], out: Path, data: str | None) -> dict:
     runs, summaries, seen = [], [], {}
     for src in sources:
         run = src / "runs" / f"lesion-fold{fold}"

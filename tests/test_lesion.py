@@ -132,7 +132,7 @@ def test_gpu_parallel_runs_jobs_at_once_and_packs_their_small_files(tmp_path, da
     assert "./job1/options.txt" in names and "./job2/log.txt" in names
 
 
-def test_trials_of_two_leases_ensemble_as_if_trained_in_one(tmp_path, data_dir):
+def test_trials_of_two_leases_ensemble_as_if_trained_in_one(tmp_path, data_dir, monkeypatch):
     """A fold's trials trained in two GPU leases (``--first-seed``), merged from their small
     evaluation.npz files alone by benchmarks/merge_gpu_runs.py, score exactly as the same trials
     evaluated together from their embeddings; a seed given twice is refused."""
@@ -176,6 +176,18 @@ def test_trials_of_two_leases_ensemble_as_if_trained_in_one(tmp_path, data_dir):
     assert merged["folds"]["1"]["timings"]["tumor_outline"]["seed"] == 0
     with pytest.raises(ValueError, match="seed 0 of fold 1 is in both"):
         merge_gpu_runs.merge(1, [back["a"], back["a"]], tmp_path / "twice", str(data_dir))
+    # scoring that fails part-way leaves no half-written folder behind
+    (back["b"] / "runs" / "lesion-fold1" / "trial_2" / "evaluation.npz").write_bytes(b"not an npz")
+    real_evaluate = merge_gpu_runs.evaluate_run
+
+    def evaluate_then_fail(run, *args, **kwargs):
+        assert (Path(run) / "trial_2" / "evaluation.npz").is_file()  # the folder was being filled
+        real_evaluate(run, *args, **kwargs)
+
+    monkeypatch.setattr(merge_gpu_runs, "evaluate_run", evaluate_then_fail)
+    with pytest.raises(ValueError):
+        merge_gpu_runs.merge(1, [back["a"], back["b"]], tmp_path / "broken", str(data_dir))
+    assert not (tmp_path / "broken").exists()
 
 
 @pytest.fixture(scope="module")
