@@ -83,7 +83,7 @@ def main() -> None:
     client = TestClient(create_app(svc))
     table = svc.cases.table
     rows = np.random.default_rng(0).permutation(svc.cases.example_rows)
-    shown, y, covered, sizes, flagged_mri = [], [], [], [], []
+    shown, y, covered, sizes, flagged_mri, api_flagged = [], [], [], [], [], 0
     for r in rows[: args.n_api]:
         jpg = table.loader.image_path(int(table.idx[r])).read_bytes()
         out = client.post("/query", files={"file": ("q.jpg", jpg, "image/jpeg")}).json()
@@ -91,6 +91,7 @@ def main() -> None:
         y.append(int(table.label[r]))
         covered.append(CLASS_NAMES[int(table.label[r])] in out["prediction_set"])
         sizes.append(len(out["prediction_set"]))
+        api_flagged += out["no_similar_case"]  # shown with every class in its set, no confidence
     all_rows = svc.cases.example_rows
     for r in all_rows:  # every held-out slice for the flag rate (in process: same code path)
         flagged_mri.append(svc.query(table.load_image(int(r)), k=1)["no_similar_case"])
@@ -134,7 +135,9 @@ def main() -> None:
         f"Through `POST /query` (the served trial, {len(y)} random test-fold slices, default coverage 0.95): "
         f"accuracy {api_acc:.3f}, ECE of the shown probabilities {expected_calibration_error(shown, y):.3f}, "
         f"mean confidence {shown.max(1).mean():.3f}, answers above 99% {np.mean(shown.max(1) > 0.99):.1%}, "
-        f"prediction-set coverage {np.mean(covered):.3f}, mean set size {np.mean(sizes):.2f}.",
+        f"prediction-set coverage {np.mean(covered):.3f}, mean set size {np.mean(sizes):.2f} "
+        f"({api_flagged} flagged no similar case: the app shows them with no confidence and every class in the set; "
+        "the figures count their API probabilities as shown).",
         "",
         "Reliability of NIR on the test fold (soft ensemble of the trials; the run folder also holds "
         "`reliability.png`, written by `neurocbir evaluate`):",

@@ -184,10 +184,23 @@ def test_a_scan_unlike_any_archive_case_is_flagged(client, test_case):
     from skimage import data
 
     r = client.post("/query", files={"file": ("mri.jpg", test_case[1], "image/jpeg")}).json()
-    assert r["no_similar_case"] is False
+    assert r["no_similar_case"] is False and r["calibrated"] and r["calibration_applies"]
     for photo in (data.chelsea(), data.camera()):
         r = client.post("/query", files={"file": ("photo.png", _png(photo), "image/png")}).json()
         assert r["no_similar_case"] is True and r["nearest_distance"] > 0
+        # the calibration was fitted on scans like the archive's: for this one no class is ruled out
+        assert r["calibration_applies"] is False and r["prediction_set"] == list(r["probabilities"])
+
+
+def test_the_cli_shows_no_confidence_for_a_scan_unlike_the_archive(small_run, tmp_path):
+    from skimage import data
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(_png(data.chelsea()))
+    res = CliRunner().invoke(cli, ["query", str(photo), "--run", str(small_run)])
+    assert res.exit_code == 0, res.output
+    assert "confidence withheld" in res.output and "calibrated confidence" not in res.output
+    assert "no similar case found" in res.output
 
 
 def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, small_cases, monkeypatch):

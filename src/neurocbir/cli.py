@@ -421,9 +421,13 @@ def query(
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    kind = "calibrated confidence" if out["calibrated"] else "uncalibrated softmax(I_c)"
+    if out["no_similar_case"]:  # a calibrated probability would not hold for this scan
+        shown = "confidence withheld: no similar archive case"
+    else:
+        kind = "calibrated confidence" if out["calibrated"] else "uncalibrated softmax(I_c)"
+        shown = f"{kind} {out['confidence']:.1%}"
     typer.echo(
-        f"{out['prediction']} ({kind} {out['confidence']:.1%}; KNN-7 vote "
+        f"{out['prediction']} ({shown}; KNN-7 vote "
         + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items())
         + ")"
     )

@@ -122,6 +122,14 @@ class RetrievalService:
         knn = knn_votes(labels[None], len(CLASS_NAMES), KNN_K)[0][classes]
         winner = int(np.argmax(proba))
         in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
+        disagree = bool(int(np.argmax(knn)) != winner or (in_set is not None and in_set.sum() > 1))
+        nearest = self.cases.nearest_trunk(trunk)
+        nearest = float(dist[0]) if nearest is None else nearest
+        far = nearest > self.cases.far_threshold
+        if far and in_set is not None:
+            # The calibration and the set's coverage hold for scans like the calibration cases;
+            # for one unlike every archive case no class is ruled out.
+            in_set = np.ones_like(in_set)
         filtering = filters is not None and filters.active()
         pool_dist, pool_ids = (
             self.cases.filtered(q, filters, max(2 * k, 20) if rerank else k, one_per_patient)
@@ -136,8 +144,6 @@ class RetrievalService:
         retrievals = [
             {**info[int(pool_ids[j])], "distance": round(float(pool_dist[j]), 4), "rank": int(j) + 1} for j in shown
         ]
-        nearest = self.cases.nearest_trunk(trunk)
-        nearest = float(dist[0]) if nearest is None else nearest
         names = [CLASS_NAMES[int(c)] for c in classes]
         other = np.flatnonzero(labels != classes[winner])  # contrastive evidence: the nearest case that is not
         nearest_other = (
@@ -154,10 +160,12 @@ class RetrievalService:
             "prediction": names[winner],
             "confidence": round(float(proba[winner]), 4),
             "calibrated": cal is not None,
+            # False when no similar case is found: the confidence is then no calibrated probability
+            "calibration_applies": cal is not None and not far,
             "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
             "prediction_set": None if in_set is None else [n for n, keep in zip(names, in_set) if keep],
             "coverage": coverage if cal is not None else None,
-            "neighbours_disagree": bool(int(np.argmax(knn)) != winner or (in_set is not None and in_set.sum() > 1)),
+            "neighbours_disagree": disagree,
             "nir_positions": {n: int(v) for n, v in zip(names, positions)},
             "knn_vote": {n: round(float(p), 4) for n, p in zip(names, knn)},
             "retrievals": retrievals,
@@ -165,7 +173,7 @@ class RetrievalService:
             "filters": asdict(filters) if filtering else None,
             "query_fingerprint": fingerprint(image),
             "nearest_other_class": nearest_other,
-            "no_similar_case": nearest > self.cases.far_threshold,
+            "no_similar_case": far,
             "nearest_distance": round(nearest, 4),
             "query_tumor": None
             if tumor_prob is None
