@@ -201,6 +201,11 @@ def test_the_cli_shows_no_confidence_for_a_scan_unlike_the_archive(small_run, tm
     assert res.exit_code == 0, res.output
     assert "confidence withheld" in res.output and "calibrated confidence" not in res.output
     assert "no similar case found" in res.output
+    res = CliRunner().invoke(
+        cli, ["ask", str(photo), "What is the average tumor size?", "--run", str(small_run), "--json"]
+    )
+    assert res.exit_code == 0 and "no similar case found" in res.stderr
+    assert json.loads(res.stdout)["value_mm2"] > 0  # the reports are still answered for
 
 
 def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, small_cases, monkeypatch):

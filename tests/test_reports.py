@@ -86,6 +86,18 @@ def test_grounded_answers_to_the_papers_questions():
     assert ans.reports == [4] and ans.value_mm2 == 150.25
 
 
+def test_a_question_about_the_query_without_its_report_says_what_is_unknown():
+    """An uploaded scan has no report: the web UI's and `neurocbir ask`'s questions that compare
+    with the query say which of its facts is missing (no CLI flag in a browser), and claim nothing."""
+    e = Explainer()
+    for q, missing in zip(PAPER_QUESTIONS[1:3], ("plane", "tumor size")):
+        ans, _ = e.answer(q, REPORTS)
+        assert f"the query's {missing} is unknown" in ans.answer and "--" not in ans.answer
+        assert ans.reports == [] and ans.value_mm2 is None
+    ans, _ = e.answer(PAPER_QUESTIONS[2], REPORTS, None, 900.0)  # with the outline's estimate instead
+    assert ans.reports == [3] and "estimated" in ans.answer
+
+
 def test_grounded_summary_is_complete_and_exact():
     out = Explainer().summarize(REPORTS, QUERY)
     f = out["facts"]

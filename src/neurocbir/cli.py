@@ -470,6 +470,8 @@ def ask(
     img, spacing = _read_image_file(image)
     svc = _service(run)
     out = _guard(svc.query, img, k=k, pixel_spacing_mm=spacing)
+    if out["no_similar_case"]:  # on stderr, so that --json stays one document
+        typer.secho("warning: no similar case found; these reports are of dissimilar scans", fg="red", err=True)
     reports = _guard(svc.cases.reports, [r["case_id"] for r in out["retrievals"]], style)
     area = out["query_tumor"]["area_mm2"] if out.get("query_tumor") else None
     ans, _ = _explain(llm, "grounded", "answer", question, reports, None, area)

@@ -72,7 +72,7 @@ def answer_question(question: str, f: dict) -> Answer:
     q = question.lower()
     has_query = "plane" in f.get("query", {})  # a query report (an estimate has only a size)
     has_size = "query" in f
-    need_query = "the question compares with the query, so pass the query's report (--query-report)"
+    unknown = "This question compares with the query, but the query's {} is unknown: it has no report{}."
     if re.search(r"\b(average|mean)\b", q) and re.search(r"size|area|big|large", q):
         return Answer(
             f"The average tumor size of the {f['n_reports']} reports is {_fmt(f['size_mean_mm2'])}.",
@@ -82,7 +82,7 @@ def answer_question(question: str, f: dict) -> Answer:
         )
     if re.search(r"closest|nearest|most similar|similar size", q):
         if not has_size:
-            return Answer(need_query, intent="closest_size")
+            return Answer(unknown.format("tumor size", " and no tumor was outlined on it"), intent="closest_size")
         n = f["closest_size_report"]
         a, b = _fmt(f["closest_size_mm2"]), _fmt(f["query"]["area_mm2"])
         return Answer(
@@ -106,7 +106,7 @@ def answer_question(question: str, f: dict) -> Answer:
         )
     if "same" in q and re.search(r"plane|view|orientation|section", q):
         if not has_query:
-            return Answer(need_query, intent="same_plane")
+            return Answer(unknown.format("plane", ""), intent="same_plane")
         nums = f["same_plane_reports"]
         return Answer(
             f"{_refs(nums).capitalize()} {'is' if len(nums) == 1 else 'are'} in the query's "
@@ -117,7 +117,7 @@ def answer_question(question: str, f: dict) -> Answer:
         )
     if "same" in q and re.search(r"type|diagnos|tumou?r|class|kind", q):
         if not has_query:
-            return Answer(need_query, intent="same_type")
+            return Answer(unknown.format("tumor type", ""), intent="same_type")
         nums = f["same_type_reports"]
         return Answer(
             f"{_refs(nums).capitalize()} show{'s' if len(nums) == 1 else ''} the query's tumor type "
