@@ -123,3 +123,28 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
     assert (ARTIFACTS / "browser_e2e.png").stat().st_size > 20_000
     assert (ARTIFACTS / "browser_compare.png").stat().st_size > 20_000
     assert (ARTIFACTS / "browser_similarity.png").stat().st_size > 20_000
+
+
+def test_a_photo_is_shown_with_no_confidence_in_a_browser(base_url, tmp_path):
+    """A scan unlike every archive case: the warning, every class in the set, and no probability
+    (the calibration holds only for scans like the archive's)."""
+    from playwright.sync_api import expect, sync_playwright
+    from skimage import data, io
+
+    photo = tmp_path / "cat.png"
+    io.imsave(photo, data.chelsea())
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(base_url)
+        page.set_input_files("#file", str(photo))
+        page.click("#run")
+        expect(page.locator("#far")).to_be_visible(timeout=30_000)
+        expect(page.locator("#conf")).to_contain_text("confidence withheld")
+        expect(page.locator("#set")).to_contain_text("meningioma or glioma or pituitary")
+        rows = page.locator("#probs tr")
+        expect(rows).to_have_count(4)
+        assert [rows.nth(i).locator("td").nth(1).inner_text() for i in (1, 2, 3)] == ["—"] * 3
+        # the warning comes before the numbers
+        assert page.locator("#far").bounding_box()["y"] < page.locator("#conf").bounding_box()["y"]
+        browser.close()
