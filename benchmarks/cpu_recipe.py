@@ -231,8 +231,8 @@ def measured_row(spec: str, run: Path) -> dict:
         kappa=inner["kappa"]["nir"],
         n=inner["n"],
         area=area,
-        minutes=float(np.median(times)),
-        minutes_cell=f"{np.median(times):.1f}"
+        minutes=minutes(run),
+        minutes_cell=f"{minutes(run):.1f}"
         + (f" (median of {', '.join(f'{m:.1f}' for m in times)})" if len(times) > 1 else ""),
         trained=t.get("trained") or time.strftime("%Y-%m-%d", time.gmtime((run / "config.json").stat().st_mtime)),
         again=t.get("again", []),

@@ -20,7 +20,6 @@ PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 PIXEL_AREA_MM2_512 = 0.49 * 0.49
 DATA_ENV = "NEUROCBIR_DATA"
 DEFAULT_TEST_FOLD = 5
-N_FOLDS = 5
 
 
 class DatasetError(ValueError):

@@ -22,6 +22,7 @@ from .archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
 from .data import CLASS_NAMES, PLANES, DatasetError, load_cases
 from .files import sha256_file
 
+# images -> (embeddings, trunk descriptors): a model's embedding function, as `add_folder` calls it
 Embedder = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
@@ -146,7 +147,7 @@ def _scan_csv(folder: Path) -> list[CaseFile]:
 def add_folder(
     archive: CaseArchive,
     files: list[CaseFile],
-    embed: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
+    embed: Embedder,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     index_every_s: float = 30.0,

@@ -18,7 +18,6 @@ import numpy as np
 from .grounding import PLANE_WORDS, sizes_mm2, types_mentioned
 
 STYLES = ("plain", "normal", "alternative")
-TUMOR_TYPES = ("meningioma", "glioma", "pituitary")
 PLANES = ("axial", "coronal", "sagittal")
 MODALITY = "MRI"
 TECHNIQUE = "T1-weighted contrast-enhanced"

@@ -222,7 +222,7 @@ def train_run(cfg: TrainConfig, out: Path, table: CaseTable | None = None, progr
             "state": {k: v.cpu() for k, v in top.state_dict().items()},
         }
         atomic_write(ckpt, lambda tmp, blob=blob: torch.save(blob, tmp))
-        archive_emb, archive_prob = embed_features(top, train_feats, device, tta=False)
+        archive_emb, _ = embed_features(top, train_feats, device, tta=False)
         test_emb, test_prob = embed_features(top, np.asarray(feats[test_rows]), device, tta=cfg.tta)
         arrays = dict(
             archive=archive_emb,
