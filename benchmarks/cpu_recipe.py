@@ -221,7 +221,7 @@ def measured_row(spec: str, run: Path) -> dict:
     inner = json.loads((run / "calibration.json").read_text())["inner_cv"]
     level = run / "tumor_level.json"
     area = min(json.loads(level.read_text())["held_out_median_area_error"].values()) if level.is_file() else None
-    t, times = timings(run), all_minutes(run)
+    t, times, median = timings(run), all_minutes(run), minutes(run)
     return dict(
         encoder=encoder,
         size=size,
@@ -231,8 +231,8 @@ def measured_row(spec: str, run: Path) -> dict:
         kappa=inner["kappa"]["nir"],
         n=inner["n"],
         area=area,
-        minutes=minutes(run),
-        minutes_cell=f"{minutes(run):.1f}"
+        minutes=median,
+        minutes_cell=f"{median:.1f}"
         + (f" (median of {', '.join(f'{m:.1f}' for m in times)})" if len(times) > 1 else ""),
         trained=t.get("trained") or time.strftime("%Y-%m-%d", time.gmtime((run / "config.json").stat().st_mtime)),
         again=t.get("again", []),

@@ -180,11 +180,11 @@ def test_trials_of_two_leases_ensemble_as_if_trained_in_one(tmp_path, data_dir, 
     (back["b"] / "runs" / "lesion-fold1" / "trial_2" / "evaluation.npz").write_bytes(b"not an npz")
     real_evaluate = merge_gpu_runs.evaluate_run
 
-    def evaluate_then_fail(run, *args, **kwargs):
+    def evaluate_after_copying(run, *args, **kwargs):
         assert (Path(run) / "trial_2" / "evaluation.npz").is_file()  # the folder was being filled
         real_evaluate(run, *args, **kwargs)
 
-    monkeypatch.setattr(merge_gpu_runs, "evaluate_run", evaluate_then_fail)
+    monkeypatch.setattr(merge_gpu_runs, "evaluate_run", evaluate_after_copying)
     with pytest.raises(ValueError):
         merge_gpu_runs.merge(1, [back["a"], back["b"]], tmp_path / "broken", str(data_dir))
     assert not (tmp_path / "broken").exists()
