@@ -148,3 +148,31 @@ def test_a_photo_is_shown_with_no_confidence_in_a_browser(base_url, tmp_path):
         # the warning comes before the numbers
         assert page.locator("#far").bounding_box()["y"] < page.locator("#conf").bounding_box()["y"]
         browser.close()
+
+
+@pytest.mark.parametrize("width", [1024, 390])
+def test_nothing_is_wider_than_a_laptop_or_phone_screen(base_url, small_cases, width):
+    """A 1024 px laptop window or a 390 px phone: the page never scrolls sideways, and the
+    side-by-side comparison shows both scans whole at 1x, each at the pixels the server sent."""
+    from playwright.sync_api import expect, sync_playwright
+
+    row = int((small_cases.fold == 5).nonzero()[0][0])
+    scan = small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg"
+    overflow = "() => document.documentElement.scrollWidth - window.innerWidth"
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": width, "height": 800})
+        page.goto(base_url)
+        page.set_input_files("#file", str(scan))
+        page.click("#run")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        assert page.evaluate(overflow) <= 0
+        page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
+        expect(page.locator("#compare")).to_be_visible()
+        assert page.evaluate(overflow) <= 0
+        for pane in ("#paneQ", "#paneC"):  # the scan fits its pane: nothing hidden at 1x
+            inner = page.locator(pane).evaluate("p => [p.scrollWidth - p.clientWidth, p.scrollHeight - p.clientHeight]")
+            assert inner == [0, 0], (pane, inner)
+        case_px = page.locator("#cmpCase").evaluate("c => c.width")
+        assert case_px == 512  # the case image is served at 512 px: drawn at that, not at a blurred 256
+        browser.close()
