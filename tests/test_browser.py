@@ -176,3 +176,21 @@ def test_nothing_is_wider_than_a_laptop_or_phone_screen(base_url, small_cases, w
         case_px = page.locator("#cmpCase").evaluate("c => c.width")
         assert case_px == 512  # the case image is served at 512 px: drawn at that, not at a blurred 256
         browser.close()
+
+
+def test_api_docs_render_with_no_outside_request(base_url):
+    """The API docs page works on a hospital network with no internet, and the browser never
+    contacts another host (FastAPI's default pages load Swagger UI from a public CDN)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page()
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(f"{base_url}/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("neurocbir", timeout=15_000)
+        expect(page.locator(".swagger-ui")).to_contain_text("/query")
+        browser.close()
+    outside = [u for u in requested if not u.startswith((base_url, "data:", "blob:"))]
+    assert not outside, outside

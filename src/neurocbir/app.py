@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from .explain import PAPER_QUESTIONS, Explainer
@@ -336,7 +337,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # neve
 def create_app(service: RetrievalService, explainer: Explainer | None = None, dicomweb: str | None = None) -> FastAPI:
     """The API and UI over one service (grounded answers unless an LLM explainer is given);
     ``dicomweb``: a PACS whose instances can be queried by SOP Instance UID."""
-    app = FastAPI(
+    # the API docs (/docs) with their scripts served from here: they work with no internet, and a
+    # browser on a hospital network contacts no outside host (no ReDoc: it fetches a logo from its CDN)
+    app = FastAPIOffline(
+        redoc_url=None,
         title="neurocbir",
         version="0.1.0",
         description="Retrieval-based brain tumor MRI decision support. " + DISCLAIMER,
