@@ -75,6 +75,8 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
         page.goto(base_url)
         expect(page.locator("#disclaimer")).to_contain_text("not a diagnosis")
         page.set_input_files("#file", str(scan))
@@ -120,6 +122,7 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "browser_similarity.png"), full_page=True)
         browser.close()
+    assert not [u for u in requested if not u.startswith((base_url, "data:", "blob:"))]  # nothing from outside
     assert (ARTIFACTS / "browser_e2e.png").stat().st_size > 20_000
     assert (ARTIFACTS / "browser_compare.png").stat().st_size > 20_000
     assert (ARTIFACTS / "browser_similarity.png").stat().st_size > 20_000
