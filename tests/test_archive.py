@@ -497,3 +497,51 @@ def test_add_a_figshare_release_folder(figshare_dir, small_run, tmp_path):
     assert 2 not in [r["case_id"] for r in after["retrievals"]]
     missing = CliRunner().invoke(cli, ["remove", "1", "--archive", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no case archive" in missing.output and not (tmp_path / "nowhere").exists()
+
+
+def test_a_served_archive_follows_add_and_remove_without_a_restart(scans, small_run, reference, tmp_path):
+    """The app keeps serving while `neurocbir remove` and `add` change its archive: a removed
+    (say, mislabelled) case stops being evidence at once, an added one becomes evidence, and no
+    query fails on a case that left after the app loaded its view."""
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app import create_app
+    from neurocbir.service import RetrievalService
+
+    archive = tmp_path / "archive"
+    shutil.copytree(reference, archive)
+    svc = RetrievalService.from_archive(small_run, archive)
+    client = TestClient(create_app(svc))
+    scan = sorted(scans.glob("scan_*.jpg"))[5]
+
+    def query() -> dict:
+        r = client.post("/query?k=3", files={"file": ("q.jpg", scan.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    before = query()
+    itself = before["retrievals"][0]
+    assert itself["distance"] < 1e-3  # the scan is in the archive: it finds itself
+    size = client.get("/health").json()["archive_cases"]
+    assert not svc.refresh_cases()  # nothing changed yet
+
+    res = CliRunner().invoke(cli, ["remove", str(itself["case_id"]), "--archive", str(archive)])
+    assert res.exit_code == 0, res.output
+    after = query()  # the view loaded before the removal holds the case: it must not come back
+    assert itself["case_id"] not in [r["case_id"] for r in after["retrievals"]]
+    assert after["retrievals"][0]["distance"] > 1e-3
+    svc.refresh_cases(wait_s=None)
+    assert client.get("/health").json()["archive_cases"] == size - 1
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(scan, folder / "again.jpg")
+    with open(folder / "cases.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["file", "label"], ["again.jpg", itself["label"]]])
+    r = subprocess.run(_add_cmd(folder, archive, small_run), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    back = query()
+    top = back["retrievals"][0]
+    assert top["distance"] < 1e-3 and top["case_id"] != itself["case_id"]  # the new case, with its new id
+    assert top["label"] == itself["label"]
+    assert client.get("/health").json()["archive_cases"] == size

@@ -96,6 +96,9 @@ class CaseArchive:
         self._lock = threading.RLock()
         self.dim = int(meta["dim"])
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
+        # read before the store: a commit while this view loads counts as a change
+        # (a served view reloads when the version moves: sources.ArchiveCases.changed)
+        self.opened_version = self.data_version()
         self.store, self._store_stale = self._open_store(fresh=False)
         if writer:
             self.reconcile()
@@ -347,6 +350,12 @@ class CaseArchive:
         return found
 
     # --- reading --------------------------------------------------------------------------
+    def data_version(self) -> int:
+        """Changes whenever another connection (an `add` or `remove`) commits: SQLite's
+        ``PRAGMA data_version``, a cheap way for a long-lived reader to notice."""
+        with self._lock:
+            return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     def __len__(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM cases WHERE state != 'deleting'").fetchone()[0])
 

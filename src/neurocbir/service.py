@@ -10,6 +10,7 @@ say ``"calibrated": false``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -27,12 +28,14 @@ from .lesion import tumor_level, tumor_outline
 from .runs import trial_dir
 from .sources import ArchiveCases, CaseFilter, CaseSource, RunCases
 
+log = logging.getLogger(__name__)
 _MODEL_LOCK = threading.Lock()
 DISCLAIMER = (
     "Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
     "and must be reviewed by a qualified clinician."
 )
 KNN_K = 7  # the KNN vote shown beside NIR, for comparison
+RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (see refresh_cases)
 
 
 class RetrievalService:
@@ -48,6 +51,8 @@ class RetrievalService:
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._reloading: threading.Thread | None = None
 
     @property
     def feedback(self) -> FeedbackStore:
@@ -83,7 +88,35 @@ class RetrievalService:
 
     @property
     def archive_size(self) -> int:
+        self.refresh_cases()  # not waited for: /health answers at once
         return self.cases.size()
+
+    def refresh_cases(self, wait_s: float | None = 0.0) -> bool:
+        """Pick up what `neurocbir add` or `remove` committed to the served archive since its view
+        was loaded: a new view loads in a background thread and replaces the old one when ready.
+        Waits at most ``wait_s`` seconds for it (None: until it serves); a query that comes sooner
+        reads the previous view. Returns whether the archive had changed. A run's own index never
+        changes."""
+        cases = self.cases
+        if not isinstance(cases, ArchiveCases) or not cases.changed():
+            return False
+        with self._reload_lock:
+            if self._reloading is None or not self._reloading.is_alive():
+                self._reloading = threading.Thread(target=self._reload, args=(cases,), name="archive-reload")
+                self._reloading.daemon = True
+                self._reloading.start()
+            thread = self._reloading
+        if wait_s is None or wait_s > 0:
+            thread.join(wait_s)
+        return True
+
+    def _reload(self, old: ArchiveCases) -> None:
+        version = old.archive.data_version()
+        try:
+            self.cases = old.reopened()
+        except (ValueError, OSError) as exc:  # e.g. every case removed: keep the last view, say why
+            log.warning("the case archive changed but cannot be served (%s); serving its previous view", exc)
+            old.version = version  # not tried again until the archive changes again
 
     def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(embedding, trunk descriptor, tumor probability map or None) of one image."""
@@ -111,8 +144,40 @@ class RetrievalService:
         if not 0.5 <= coverage < 1:
             raise ValueError("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
         q, trunk, tumor_prob = self.analyse(image)
-        dist, case_ids, labels = self.cases.neighbours(q, one_per_patient)
-        classes = self.cases.classes  # classes absent from the archive get no column
+        # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
+        # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
+        self.refresh_cases(wait_s=RELOAD_WAIT_S)
+        search = (q, trunk, k, one_per_patient, coverage, rerank, filters)
+        try:
+            evidence = self._evidence(self.cases, *search)
+        except KeyError:  # a retrieval removed since this view loaded: the evidence is read again
+            if not self.refresh_cases(wait_s=None):
+                raise
+            evidence = self._evidence(self.cases, *search)
+        return {
+            **evidence,
+            "query_fingerprint": fingerprint(image),
+            "query_tumor": None
+            if tumor_prob is None
+            else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level),
+            "tumor_outlining": tumor_prob is not None,  # does this model outline tumors at all?
+            "disclaimer": DISCLAIMER,
+        }
+
+    def _evidence(
+        self,
+        cases: CaseSource,
+        q: np.ndarray,
+        trunk: np.ndarray,
+        k: int,
+        one_per_patient: bool,
+        coverage: float,
+        rerank: bool,
+        filters: CaseFilter | None,
+    ) -> dict:
+        """The prediction and its evidence from one view of the cases (one search, one NIR)."""
+        dist, case_ids, labels = cases.neighbours(q, one_per_patient)
+        classes = cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
         cal = self.calibrator
         if cal is not None:  # the same logits the calibration was fitted on
@@ -123,16 +188,16 @@ class RetrievalService:
         winner = int(np.argmax(proba))
         in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
         disagree = bool(int(np.argmax(knn)) != winner or (in_set is not None and in_set.sum() > 1))
-        nearest = self.cases.nearest_trunk(trunk)
+        nearest = cases.nearest_trunk(trunk)
         nearest = float(dist[0]) if nearest is None else nearest
-        far = nearest > self.cases.far_threshold
+        far = nearest > cases.far_threshold
         if far and in_set is not None:
             # The calibration and the set's coverage hold for scans like the calibration cases;
             # for one unlike every archive case no class is ruled out.
             in_set = np.ones_like(in_set)
         filtering = filters is not None and filters.active()
         pool_dist, pool_ids = (
-            self.cases.filtered(q, filters, max(2 * k, 20) if rerank else k, one_per_patient)
+            cases.filtered(q, filters, max(2 * k, 20) if rerank else k, one_per_patient)
             if filtering
             else (dist, case_ids)
         )
@@ -140,7 +205,7 @@ class RetrievalService:
         if rerank:
             pool = min(max(2 * k, 20), len(pool_ids))
             shown = self.feedback.rerank(pool_ids[:pool], pool_dist[:pool])[:k]
-        info = self.cases.describe([int(pool_ids[j]) for j in shown])
+        info = cases.describe([int(pool_ids[j]) for j in shown])
         retrievals = [
             {**info[int(pool_ids[j])], "distance": round(float(pool_dist[j]), 4), "rank": int(j) + 1} for j in shown
         ]
@@ -171,15 +236,9 @@ class RetrievalService:
             "retrievals": retrievals,
             "reranked_by_feedback": rerank,
             "filters": asdict(filters) if filtering else None,
-            "query_fingerprint": fingerprint(image),
             "nearest_other_class": nearest_other,
             "no_similar_case": far,
             "nearest_distance": round(nearest, 4),
-            "query_tumor": None
-            if tumor_prob is None
-            else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level),
-            "tumor_outlining": tumor_prob is not None,  # does this model outline tumors at all?
-            "disclaimer": DISCLAIMER,
         }
 
     def similarity(self, image: np.ndarray, case_id: int, side: str = "query") -> tuple[np.ndarray, float | None]:
@@ -191,6 +250,7 @@ class RetrievalService:
 
         if side not in ("query", "case"):
             raise ValueError("side must be 'query' or 'case'")
+        self.refresh_cases()
         case_image = self.cases.image(case_id)  # KeyError for an unknown case
         with _MODEL_LOCK:
             if side == "query":

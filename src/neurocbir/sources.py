@@ -290,7 +290,9 @@ class ArchiveCases(_SearchedCases):
     def __init__(self, root: Path | str, checkpoint_sha256: str, dim: int):
         from .archive import CaseArchive
 
+        self.root, self.checkpoint_sha256, self.dim = Path(root), checkpoint_sha256, dim
         self.archive = CaseArchive.open(root, checkpoint_sha256=checkpoint_sha256, dim=dim, writer=False)
+        self.version = self.archive.opened_version  # what this view holds (see changed())
         cols = self.archive.columns()
         if not len(cols["id"]):
             raise ValueError(
@@ -305,6 +307,14 @@ class ArchiveCases(_SearchedCases):
         trunk = self.archive.trunk_vectors()
         self.trunk_index = VectorIndex.build(trunk) if trunk is not None and len(trunk) == len(cols["id"]) else None
         self.far_threshold = self._far_threshold(cols["patient_key"])
+
+    def changed(self) -> bool:
+        """Has `neurocbir add` or `remove` changed the archive since this view was loaded?"""
+        return self.archive.data_version() != self.version
+
+    def reopened(self) -> ArchiveCases:
+        """A new view of the archive as it is now (this one stays usable meanwhile)."""
+        return ArchiveCases(self.root, self.checkpoint_sha256, self.dim)
 
     def _stored(self, case_ids: list[int]) -> dict[int, dict]:
         found = self.archive.cases(case_ids)
