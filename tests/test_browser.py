@@ -4,6 +4,7 @@ scan, see a prediction and five retrievals, ask a question, get an answer."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -197,3 +198,45 @@ def test_api_docs_render_with_no_outside_request(base_url):
         browser.close()
     outside = [u for u in requested if not u.startswith((base_url, "data:", "blob:"))]
     assert not outside, outside
+
+
+def test_the_scan_chosen_last_is_the_query_and_a_dropped_scan_runs(base_url, small_cases):
+    """A file, then an example: the example is queried (not the file still in the file box).
+    Dropping a scan on the query panel makes it the query and runs it."""
+    import base64
+
+    from playwright.sync_api import expect, sync_playwright
+
+    row = int((small_cases.fold == 5).nonzero()[0][1])
+    scan = small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg"
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(base_url)
+        page.set_input_files("#file", str(scan))
+        page.click("#run")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        assert page.locator("#queryImg").get_attribute("src").startswith("blob:")
+        page.select_option("#example", index=1)
+        case = page.locator("#example").input_value()
+        page.click("#run")
+        expect(page.locator("#queryImg")).to_have_attribute("src", f"/cases/{case}/image.png?size=512")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        assert page.locator("#file").evaluate("f => f.files.length") == 0
+        # drag and drop: the dropped scan is the query, queried at once
+        page.locator("#example").select_option(index=1)
+        dropped = page.evaluate_handle(
+            """(b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+                return dt;
+            }""",
+            base64.b64encode(scan.read_bytes()).decode(),
+        )
+        page.dispatch_event("#queryPanel", "drop", {"dataTransfer": dropped})
+        expect(page.locator("#queryImg")).to_have_attribute("src", re.compile("^blob:"), timeout=30_000)
+        expect(page.locator("#example")).to_have_value("")
+        assert page.locator("#file").evaluate("f => f.files[0].name") == "dropped.jpg"
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        browser.close()
