@@ -240,3 +240,29 @@ def test_the_scan_chosen_last_is_the_query_and_a_dropped_scan_runs(base_url, sma
         assert page.locator("#file").evaluate("f => f.files[0].name") == "dropped.jpg"
         expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
         browser.close()
+
+
+def test_a_failed_query_leaves_no_earlier_result_on_screen(base_url, tmp_path):
+    """After a good query, a file the server rejects shows its error alone: the earlier scan's
+    prediction, cases, summary, outline and comparison would now read as this file's."""
+    from playwright.sync_api import expect, sync_playwright
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(base_url)
+        page.select_option("#example", index=1)
+        page.click("#run")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
+        expect(page.locator("#compare")).to_be_visible()
+        page.set_input_files("#file", str(bad))
+        page.click("#run")
+        expect(page.locator("#error")).not_to_be_empty(timeout=30_000)
+        for box in ("#predBox", "#galleryBox", "#summaryBox", "#chatBox", "#compare"):
+            expect(page.locator(box)).to_be_hidden()
+        expect(page.locator("#tumorSvg polygon")).to_have_count(0)
+        expect(page.locator("#tumor")).to_have_text("")
+        browser.close()
