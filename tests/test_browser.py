@@ -266,3 +266,44 @@ def test_a_failed_query_leaves_no_earlier_result_on_screen(base_url, tmp_path):
         expect(page.locator("#tumorSvg polygon")).to_have_count(0)
         expect(page.locator("#tumor")).to_have_text("")
         browser.close()
+
+
+def test_only_the_latest_query_is_shown(base_url):
+    """Two queries in a row, the first answered last: the screen shows the second scan's result
+    only (not the first's, nor a mix of both galleries)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(base_url)
+        cases = [page.locator("#example option").nth(i).get_attribute("value") for i in (1, 2)]
+        expected = [
+            [
+                r["case_id"]
+                for r in page.request.post(f"{base_url}/query?k=5", multipart={"case_id": c}).json()["retrievals"]
+            ]
+            for c in cases
+        ]
+        assert expected[0] != expected[1]  # else the test could not tell them apart
+        held = []
+        page.route("**/query?*", lambda route: held.append(route) if not held else route.continue_())
+        page.select_option("#example", cases[0])
+        page.click("#run")
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the first query never reached the network"
+        page.select_option("#example", cases[1])
+        page.click("#run")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        held[0].continue_()  # the first query's answer arrives last
+        page.wait_for_timeout(1500)
+        expect(page.locator("#queryImg")).to_have_attribute("src", f"/cases/{cases[1]}/image.png?size=512")
+        shown = page.locator(".retrieval img:not(.heat)").evaluate_all(
+            "imgs => imgs.map(i => Number(new URL(i.src).pathname.split('/')[2]))"
+        )
+        assert shown == expected[1]
+        expect(page.locator("#status")).to_have_text("")
+        browser.close()
