@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from neurocbir.app import create_app
+from neurocbir.data import CLASS_NAMES
 from neurocbir.service import RetrievalService
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -307,3 +308,48 @@ def test_only_the_latest_query_is_shown(base_url):
         assert shown == expected[1]
         expect(page.locator("#status")).to_have_text("")
         browser.close()
+
+
+def test_an_app_over_a_case_archive_answers_in_a_browser(small_run, small_cases, tmp_path):
+    """`neurocbir serve --archive`: no empty example list (an archive has no held-out examples),
+    and an uploaded scan that is in the archive finds itself first."""
+    import csv
+    import shutil
+
+    import numpy as np
+    from playwright.sync_api import expect, sync_playwright
+
+    from neurocbir.archive import CaseArchive
+    from neurocbir.inference import load_model
+    from neurocbir.ingest import add_folder, scan_folder
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    rows = np.flatnonzero(small_cases.fold != 5)[::8][:12]
+    with open(folder / "cases.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "patient_id", "plane", "area_mm2"])
+        for r in rows:
+            name = f"{int(small_cases.idx[r])}.jpg"
+            shutil.copy(small_cases.loader.root / "images" / name, folder / name)
+            w.writerow([name, int(small_cases.label[r]) + 1, small_cases.patient_id[r], small_cases.plane[r], 500.0])
+    model = load_model(small_run)
+    archive = CaseArchive.create(tmp_path / "archive", model.embedding_dim, model.checkpoint_sha256)
+    assert add_folder(archive, scan_folder(folder), model.embed)["added"] == len(rows)
+    archive.close()
+    url, server = serve_in_thread(create_app(RetrievalService.from_archive(small_run, tmp_path / "archive")))
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            expect(page.locator("#disclaimer")).to_contain_text("not a diagnosis")
+            expect(page.locator("#example")).to_be_hidden()  # its row: an empty list is not shown
+            page.set_input_files("#file", str(folder / f"{int(small_cases.idx[rows[3]])}.jpg"))
+            page.click("#run")
+            expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+            expect(page.locator(".retrieval").nth(0)).to_contain_text("distance 0.000")
+            expect(page.locator(".retrieval").nth(0)).to_contain_text(CLASS_NAMES[int(small_cases.label[rows[3]])])
+            browser.close()
+    finally:
+        server.should_exit = True
