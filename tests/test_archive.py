@@ -545,3 +545,13 @@ def test_a_served_archive_follows_add_and_remove_without_a_restart(scans, small_
     assert top["distance"] < 1e-3 and top["case_id"] != itself["case_id"]  # the new case, with its new id
     assert top["label"] == itself["label"]
     assert client.get("/health").json()["archive_cases"] == size
+
+    # every case removed: a clear 503 (no evidence left), not a crash; an add serves again
+    ids = [str(i) for i in CaseArchive.open(archive, writer=False).columns()["id"]]
+    assert CliRunner().invoke(cli, ["remove", *ids, "--archive", str(archive)]).exit_code == 0
+    empty = client.post("/query?k=3", files={"file": ("q.jpg", scan.read_bytes(), "image/jpeg")})
+    assert empty.status_code == 503 and "holds no cases" in empty.json()["detail"]
+    r = subprocess.run(_add_cmd(folder, archive, small_run), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert query()["retrievals"][0]["distance"] < 1e-3
+    assert client.get("/health").json()["archive_cases"] == 1

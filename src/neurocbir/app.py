@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from .explain import PAPER_QUESTIONS, Explainer
 from .reports import STYLES, ReportParseError
-from .service import DISCLAIMER, RetrievalService
+from .service import DISCLAIMER, ArchiveUnavailable, RetrievalService
 from .sources import CaseFilter
 from .uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
 
@@ -185,6 +185,8 @@ async def query(
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
+    except ArchiveUnavailable as exc:
+        raise HTTPException(503, str(exc)) from None
 
 
 @queries.post("/similarity", response_class=Response)

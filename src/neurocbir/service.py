@@ -38,6 +38,10 @@ KNN_K = 7  # the KNN vote shown beside NIR, for comparison
 RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (see refresh_cases)
 
 
+class ArchiveUnavailable(RuntimeError):
+    """The served archive changed into one that cannot be served (e.g. every case removed)."""
+
+
 class RetrievalService:
     """A model and a case source. Build it with :meth:`from_run` or :meth:`from_archive`;
     what is known about archive cases (attributes, reports, images) comes from ``cases``."""
@@ -53,6 +57,7 @@ class RetrievalService:
         self._feedback_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._reloading: threading.Thread | None = None
+        self._unservable: str | None = None  # why the archive's latest state could not be loaded
 
     @property
     def feedback(self) -> FeedbackStore:
@@ -113,9 +118,10 @@ class RetrievalService:
     def _reload(self, old: ArchiveCases) -> None:
         version = old.archive.data_version()
         try:
-            self.cases = old.reopened()
+            self.cases, self._unservable = old.reopened(), None
         except (ValueError, OSError) as exc:  # e.g. every case removed: keep the last view, say why
-            log.warning("the case archive changed but cannot be served (%s); serving its previous view", exc)
+            self._unservable = f"the case archive changed and cannot be served: {exc}"
+            log.warning("%s; serving its previous view", self._unservable)
             old.version = version  # not tried again until the archive changes again
 
     def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -152,6 +158,8 @@ class RetrievalService:
             evidence = self._evidence(self.cases, *search)
         except KeyError:  # a retrieval removed since this view loaded: the evidence is read again
             if not self.refresh_cases(wait_s=None):
+                if self._unservable:
+                    raise ArchiveUnavailable(self._unservable) from None
                 raise
             evidence = self._evidence(self.cases, *search)
         return {
