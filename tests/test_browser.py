@@ -299,8 +299,9 @@ def test_only_the_latest_query_is_shown(base_url):
         page.select_option("#example", cases[1])
         page.click("#run")
         expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
-        held[0].continue_()  # the first query's answer arrives last
-        page.wait_for_timeout(1500)
+        with page.expect_response(lambda r: "/query?" in r.url, timeout=30_000):
+            held[0].continue_()  # the first query's answer arrives last
+        page.wait_for_timeout(1000)  # the page's handler has run
         expect(page.locator("#queryImg")).to_have_attribute("src", f"/cases/{cases[1]}/image.png?size=512")
         shown = page.locator(".retrieval img:not(.heat)").evaluate_all(
             "imgs => imgs.map(i => Number(new URL(i.src).pathname.split('/')[2]))"
@@ -353,3 +354,43 @@ def test_an_app_over_a_case_archive_answers_in_a_browser(small_run, small_cases,
             browser.close()
     finally:
         server.should_exit = True
+
+
+def test_similarity_maps_are_drawn_only_over_the_scan_they_explain(base_url):
+    """ "Why similar?" answered after a new query started: its maps are dropped, not laid over the
+    new scan. Two clicks: one pair of maps at a time."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(base_url)
+        page.select_option("#example", index=1)
+        page.click("#run")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        page.locator(".retrieval").nth(0).get_by_role("button", name="Why similar?").click()
+        expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_visible(timeout=30_000)
+        page.locator(".retrieval").nth(1).get_by_role("button", name="Why similar?").click()
+        expect(page.locator("#heatNote")).to_contain_text("retrieval #2", timeout=30_000)
+        expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_hidden()
+        expect(page.locator(".retrieval").nth(1).locator("img.heat")).to_be_visible()
+
+        held = []
+        page.route("**/similarity?*", lambda route: held.append(route))
+        page.locator(".retrieval").nth(2).get_by_role("button", name="Why similar?").click()
+        for _ in range(100):
+            if len(held) == 2:
+                break
+            page.wait_for_timeout(50)
+        assert len(held) == 2, "the maps were never requested"
+        page.select_option("#example", index=2)
+        page.click("#run")
+        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        for route in held:  # the old scan's maps arrive now
+            with page.expect_response(lambda r: "/similarity?" in r.url, timeout=30_000):
+                route.continue_()
+        page.wait_for_timeout(1000)  # the page's handler has run
+        expect(page.locator("#heatQuery")).to_be_hidden()
+        expect(page.locator("#heatNote")).to_have_text("")
+        expect(page.locator(".retrieval img.heat:visible")).to_have_count(0)
+        browser.close()
