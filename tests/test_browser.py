@@ -356,7 +356,7 @@ def test_an_app_over_a_case_archive_answers_in_a_browser(small_run, small_cases,
         server.should_exit = True
 
 
-def test_similarity_maps_are_drawn_only_over_the_scan_they_explain(base_url):
+def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
     """ "Why similar?" answered after a new query started: its maps are dropped, not laid over the
     new scan. Two clicks: one pair of maps at a time."""
     from playwright.sync_api import expect, sync_playwright
@@ -393,4 +393,21 @@ def test_similarity_maps_are_drawn_only_over_the_scan_they_explain(base_url):
         expect(page.locator("#heatQuery")).to_be_hidden()
         expect(page.locator("#heatNote")).to_have_text("")
         expect(page.locator(".retrieval img.heat:visible")).to_have_count(0)
+
+        # the same for an answer about the earlier scan's cases: not shown in the new scan's chat
+        held.clear()
+        page.route("**/ask", lambda route: held.append(route))
+        page.locator("#suggest button").nth(3).click()
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the question was never sent"
+        page.select_option("#example", index=1)
+        page.click("#run")
+        expect(page.locator("#chatBox")).to_be_visible(timeout=30_000)
+        with page.expect_response(lambda r: r.url.endswith("/ask"), timeout=30_000):
+            held[0].continue_()
+        page.wait_for_timeout(1000)  # the page's handler has run
+        expect(page.locator("#chatLog")).to_be_empty()
         browser.close()
