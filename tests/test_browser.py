@@ -357,8 +357,8 @@ def test_an_app_over_a_case_archive_answers_in_a_browser(small_run, small_cases,
 
 
 def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
-    """ "Why similar?" answered after a new query started: its maps are dropped, not laid over the
-    new scan. Two clicks: one pair of maps at a time."""
+    """Maps ("Why similar?") or an answer that arrive after a new query started are dropped,
+    not laid over the new scan or put in its chat. Two map clicks: one pair of maps at a time."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
