@@ -57,6 +57,24 @@ def serve_in_thread(app) -> tuple[str, object]:
     return f"http://127.0.0.1:{port}", server
 
 
+def query_example(page, index: int) -> None:
+    """Pick the example case at ``index`` in the list and query it; wait for its 5 retrievals."""
+    from playwright.sync_api import expect
+
+    page.select_option("#example", index=index)
+    page.click("#run")
+    expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+
+
+def wait_held(page, held: list, n: int = 1) -> None:
+    """Wait until ``n`` requests were caught (and held back) by a route handler."""
+    for _ in range(100):
+        if len(held) >= n:
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError(f"{n} request(s) expected, {len(held)} sent")
+
+
 @pytest.fixture(scope="module")
 def base_url(small_run, small_cases):
     if not os.path.exists(CHROMIUM):
@@ -254,9 +272,7 @@ def test_a_failed_query_leaves_no_earlier_result_on_screen(base_url, tmp_path):
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(base_url)
-        page.select_option("#example", index=1)
-        page.click("#run")
-        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        query_example(page, 1)
         page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
         expect(page.locator("#compare")).to_be_visible()
         page.set_input_files("#file", str(bad))
@@ -291,11 +307,7 @@ def test_only_the_latest_query_is_shown(base_url):
         page.route("**/query?*", lambda route: held.append(route) if not held else route.continue_())
         page.select_option("#example", cases[0])
         page.click("#run")
-        for _ in range(100):
-            if held:
-                break
-            page.wait_for_timeout(50)
-        assert held, "the first query never reached the network"
+        wait_held(page, held)
         page.select_option("#example", cases[1])
         page.click("#run")
         expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
@@ -365,9 +377,7 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(base_url)
-        page.select_option("#example", index=1)
-        page.click("#run")
-        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        query_example(page, 1)
         page.locator(".retrieval").nth(0).get_by_role("button", name="Why similar?").click()
         expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_visible(timeout=30_000)
         page.locator(".retrieval").nth(1).get_by_role("button", name="Why similar?").click()
@@ -378,14 +388,8 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
         held = []
         page.route("**/similarity?*", lambda route: held.append(route))
         page.locator(".retrieval").nth(2).get_by_role("button", name="Why similar?").click()
-        for _ in range(100):
-            if len(held) == 2:
-                break
-            page.wait_for_timeout(50)
-        assert len(held) == 2, "the maps were never requested"
-        page.select_option("#example", index=2)
-        page.click("#run")
-        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        wait_held(page, held, 2)
+        query_example(page, 2)
         for route in held:  # the old scan's maps arrive now
             with page.expect_response(lambda r: "/similarity?" in r.url, timeout=30_000):
                 route.continue_()
@@ -398,11 +402,7 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
         held.clear()
         page.route("**/ask", lambda route: held.append(route))
         page.locator("#suggest button").nth(3).click()
-        for _ in range(100):
-            if held:
-                break
-            page.wait_for_timeout(50)
-        assert held, "the question was never sent"
+        wait_held(page, held)
         page.select_option("#example", index=1)
         page.click("#run")
         expect(page.locator("#chatBox")).to_be_visible(timeout=30_000)
