@@ -551,7 +551,17 @@ def test_a_served_archive_follows_add_and_remove_without_a_restart(scans, small_
     assert CliRunner().invoke(cli, ["remove", *ids, "--archive", str(archive)]).exit_code == 0
     empty = client.post("/query?k=3", files={"file": ("q.jpg", scan.read_bytes(), "image/jpeg")})
     assert empty.status_code == 503 and "holds no cases" in empty.json()["detail"]
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["archive_cases"] == 0
+    assert "holds no cases" in health.json()["archive_problem"]
     r = subprocess.run(_add_cmd(folder, archive, small_run), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert query()["retrievals"][0]["distance"] < 1e-3
-    assert client.get("/health").json()["archive_cases"] == 1
+    assert client.get("/health").json() | {"run": None, "trial": None} == {
+        "status": "ok",
+        "archive_cases": 1,
+        "archive_problem": None,
+        "run": None,
+        "trial": None,
+        "pacs": False,
+    }

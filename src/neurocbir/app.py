@@ -136,14 +136,19 @@ pages = APIRouter()
 
 
 @pages.get("/health")
-def health(service: Service, pacs: Pacs) -> dict:
-    return {
-        "status": "ok",
-        "archive_cases": service.archive_size,
+def health(service: Service, pacs: Pacs) -> JSONResponse:
+    """200 while queries can be answered; 503, with the reason, while the served archive's
+    latest state cannot be (e.g. every case removed), so that a load balancer notices."""
+    size, problem = service.archive_size, service.archive_problem
+    body = {
+        "status": "ok" if problem is None else "archive unavailable",
+        "archive_cases": size,
+        "archive_problem": problem,
         "run": service.run.name,
         "trial": service.trial,
         "pacs": pacs is not None,
     }
+    return JSONResponse(body, status_code=200 if problem is None else 503)
 
 
 @pages.get("/", response_class=HTMLResponse)

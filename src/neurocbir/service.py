@@ -93,8 +93,14 @@ class RetrievalService:
 
     @property
     def archive_size(self) -> int:
+        """Cases the answers read (0 while the archive's latest state cannot be served)."""
         self.refresh_cases()  # not waited for: /health answers at once
-        return self.cases.size()
+        return 0 if self._unservable else self.cases.size()
+
+    @property
+    def archive_problem(self) -> str | None:
+        """Why the archive, as it is now, cannot be served (None when it can)."""
+        return self._unservable
 
     def refresh_cases(self, wait_s: float | None = 0.0) -> bool:
         """Pick up what `neurocbir add` or `remove` committed to the served archive since its view
