@@ -369,8 +369,9 @@ def test_an_app_over_a_case_archive_answers_in_a_browser(small_run, small_cases,
 
 
 def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
-    """Maps ("Why similar?") or an answer that arrive after a new query started are dropped,
-    not laid over the new scan or put in its chat. Two map clicks: one pair of maps at a time."""
+    """Maps ("Why similar?"), an answer or a comparison's image that arrive after a new query
+    started are dropped, not laid over the new scan, put in its chat or opened beside it. Two
+    map clicks: one pair of maps at a time."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -410,4 +411,16 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
             held[0].continue_()
         page.wait_for_timeout(1000)  # the page's handler has run
         expect(page.locator("#chatLog")).to_be_empty()
+
+        # and for a comparison whose images arrive after a new query started
+        held.clear()
+        page.route("**/cases/*/image.png?size=512", lambda route: held.append(route))
+        page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
+        wait_held(page, held)  # the retrieval's image (the query's comes from the browser's cache)
+        query_example(page, 2)
+        page.unroute("**/cases/*/image.png?size=512")
+        for route in list(held):  # the comparison's images arrive now (and the new query's own)
+            route.continue_()
+        page.wait_for_timeout(1500)  # the page's handlers have run
+        expect(page.locator("#compare")).to_be_hidden()
         browser.close()
