@@ -57,6 +57,29 @@ def serve_in_thread(app) -> tuple[str, object]:
     return f"http://127.0.0.1:{port}", server
 
 
+def open_app(playwright, url: str, width: int = 1400, height: int = 1100):
+    """(browser, page) with the app at ``url`` open in a window of ``width`` x ``height``."""
+    browser = launch(playwright)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    return browser, page
+
+
+def query_file(page, path) -> None:
+    """Upload the scan at ``path`` and query it; wait for its 5 retrievals."""
+    from playwright.sync_api import expect
+
+    page.set_input_files("#file", str(path))
+    page.click("#run")
+    expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+
+
+def fold5_scan(cases, i: int = 0):
+    """The JPEG of the i-th held-out (fold 5) slice of the small data set."""
+    row = int((cases.fold == 5).nonzero()[0][i])
+    return cases.loader.root / "images" / f"{int(cases.idx[row])}.jpg"
+
+
 def query_example(page, index: int) -> None:
     """Pick the example case at ``index`` in the list and query it; wait for its 5 retrievals."""
     from playwright.sync_api import expect
@@ -89,8 +112,7 @@ def base_url(small_run, small_cases):
 def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    row = int((small_cases.fold == 5).nonzero()[0][0])
-    scan = small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg"
+    scan = fold5_scan(small_cases)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = launch(p)
@@ -99,9 +121,7 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         page.on("request", lambda r: requested.append(r.url))
         page.goto(base_url)
         expect(page.locator("#disclaimer")).to_contain_text("not a diagnosis")
-        page.set_input_files("#file", str(scan))
-        page.click("#run")
-        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        query_file(page, scan)
         expect(page.locator("#pred")).to_contain_text("i")  # a class name is shown
         pred = page.locator("#pred").inner_text().strip()
         assert pred in ("meningioma", "glioma", "pituitary")
@@ -157,9 +177,7 @@ def test_a_photo_is_shown_with_no_confidence_in_a_browser(base_url, tmp_path):
     photo = tmp_path / "cat.png"
     io.imsave(photo, data.chelsea())
     with sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(base_url)
+        browser, page = open_app(p, base_url)
         page.set_input_files("#file", str(photo))
         page.click("#run")
         expect(page.locator("#far")).to_be_visible(timeout=30_000)
@@ -179,16 +197,11 @@ def test_nothing_is_wider_than_a_laptop_or_phone_screen(base_url, small_cases, w
     side-by-side comparison shows both scans whole at 1x, each at the pixels the server sent."""
     from playwright.sync_api import expect, sync_playwright
 
-    row = int((small_cases.fold == 5).nonzero()[0][0])
-    scan = small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg"
+    scan = fold5_scan(small_cases)
     overflow = "() => document.documentElement.scrollWidth - window.innerWidth"
     with sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": width, "height": 800})
-        page.goto(base_url)
-        page.set_input_files("#file", str(scan))
-        page.click("#run")
-        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        browser, page = open_app(p, base_url, width, 800)
+        query_file(page, scan)
         assert page.evaluate(overflow) <= 0
         page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
         expect(page.locator("#compare")).to_be_visible()
@@ -226,15 +239,10 @@ def test_the_scan_chosen_last_is_the_query_and_a_dropped_scan_runs(base_url, sma
 
     from playwright.sync_api import expect, sync_playwright
 
-    row = int((small_cases.fold == 5).nonzero()[0][1])
-    scan = small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg"
+    scan = fold5_scan(small_cases, 1)
     with sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(base_url)
-        page.set_input_files("#file", str(scan))
-        page.click("#run")
-        expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        browser, page = open_app(p, base_url)
+        query_file(page, scan)
         assert page.locator("#queryImg").get_attribute("src").startswith("blob:")
         page.select_option("#example", index=1)
         case = page.locator("#example").input_value()
@@ -269,9 +277,7 @@ def test_a_failed_query_leaves_no_earlier_result_on_screen(base_url, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     with sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(base_url)
+        browser, page = open_app(p, base_url)
         query_example(page, 1)
         page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
         expect(page.locator("#compare")).to_be_visible()
@@ -291,9 +297,7 @@ def test_only_the_latest_query_is_shown(base_url):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(base_url)
+        browser, page = open_app(p, base_url)
         cases = [page.locator("#example option").nth(i).get_attribute("value") for i in (1, 2)]
         expected = [
             [
@@ -353,14 +357,10 @@ def test_an_app_over_a_case_archive_answers_in_a_browser(small_run, small_cases,
     url, server = serve_in_thread(create_app(RetrievalService.from_archive(small_run, tmp_path / "archive")))
     try:
         with sync_playwright() as p:
-            browser = launch(p)
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(url)
+            browser, page = open_app(p, url)
             expect(page.locator("#disclaimer")).to_contain_text("not a diagnosis")
             expect(page.locator("#example")).to_be_hidden()  # its row: an empty list is not shown
-            page.set_input_files("#file", str(folder / f"{int(small_cases.idx[rows[3]])}.jpg"))
-            page.click("#run")
-            expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+            query_file(page, folder / f"{int(small_cases.idx[rows[3]])}.jpg")
             expect(page.locator(".retrieval").nth(0)).to_contain_text("distance 0.000")
             expect(page.locator(".retrieval").nth(0)).to_contain_text(CLASS_NAMES[int(small_cases.label[rows[3]])])
             browser.close()
@@ -375,9 +375,7 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(base_url)
+        browser, page = open_app(p, base_url)
         query_example(page, 1)
         page.locator(".retrieval").nth(0).get_by_role("button", name="Why similar?").click()
         expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_visible(timeout=30_000)
