@@ -278,7 +278,9 @@ def test_dicomweb_the_ui_opens_a_scan_by_instance_uid(pacs, pacs_archive, small_
             page.click("#run")
             expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
             expect(page.locator(".retrieval").first).to_contain_text("distance 0.000")  # the slice itself
-            assert page.locator("#queryImg").evaluate("i => i.naturalWidth") > 0  # the PACS image is shown
+            # the PACS image is shown (it loads beside the query, and may come after the answer)
+            page.wait_for_function("() => document.querySelector('#queryImg').complete", timeout=30_000)
+            assert page.locator("#queryImg").evaluate("i => i.naturalWidth") > 0
             page.wait_for_function("[...document.querySelectorAll('.retrieval img')].every(i => i.complete)")
             widths = page.locator(".retrieval img:not(.heat)").evaluate_all("l => l.map(i => i.naturalWidth)")
             assert widths and min(widths) > 0  # the archive's copies show, with no mask to outline
