@@ -22,8 +22,8 @@ test: setup
 
 # Style: ruff lint and format check (configured in pyproject.toml); CI runs it before the tests.
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
 
 # The results document: all five losses on fold 5 (and SupCon on every fold). Slow.
 bench-core: setup

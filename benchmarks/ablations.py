@@ -44,11 +44,11 @@ def main() -> None:
     import torch
     from sklearn.metrics import cohen_kappa_score
 
-    from neurocbir.classify import KNNClassifier, NIRClassifier
-    from neurocbir.data import load_cases
-    from neurocbir.inference import embed_features
-    from neurocbir.runs import TrainConfig
-    from neurocbir.training import prepare, train_top
+    from neurocbir.classify.neighbors import KNNClassifier, NIRClassifier
+    from neurocbir.data.cases import load_cases
+    from neurocbir.models.inference import embed_features
+    from neurocbir.models.runs import TrainConfig
+    from neurocbir.training.cached import prepare, train_top
 
     table = load_cases()
     tr, te = np.flatnonzero(table.fold != args.fold), np.flatnonzero(table.fold == args.fold)

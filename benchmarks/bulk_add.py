@@ -27,10 +27,11 @@ def main() -> None:
     p.add_argument("--store", default="flat")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
-    from neurocbir.archive import CaseArchive
-    from neurocbir.data import default_data_dir
-    from neurocbir.inference import load_model
-    from neurocbir.ingest import add_folder, scan_folder
+    from neurocbir.data.cases import default_data_dir
+    from neurocbir.models.inference import load_model
+    from neurocbir.retrieval.archive import CaseArchive
+    from neurocbir.retrieval.casefiles import scan_folder
+    from neurocbir.retrieval.ingest import add_folder
 
     model = load_model(args.run)
     files = scan_folder(default_data_dir())[: args.limit]

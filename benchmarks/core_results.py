@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/core_results.py                      # 5 losses on fold 5, SupCon on folds 1-4
     .venv/bin/python benchmarks/core_results.py --losses supcon --folds 5 --trials 1   # quick
 
-Each (loss, fold) is trained with `neurocbir.training.train_run` and evaluated with
-`neurocbir.evaluate.evaluate_run` into runs/bench/<loss>-fold<k>; the results section of
+Each (loss, fold) is trained with `neurocbir.training.cached.train_run` and evaluated with
+`neurocbir.evaluate.run.evaluate_run` into runs/bench/<loss>-fold<k>; the results section of
 docs/results.md is rewritten after every finished run, so a partial benchmark still lands. A run
 that is redone (more trials, a newer config) trains into <run>.partial and replaces the old one
 only once evaluated, so a benchmark cut short keeps the old rows; run the same command again to
@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from neurocbir import calibration
-from neurocbir.data import load_cases
-from neurocbir.evaluate import evaluate_run, markdown_tables
+from neurocbir.classify import calibration
+from neurocbir.data.cases import load_cases
+from neurocbir.evaluate.run import evaluate_run
+from neurocbir.evaluate.tables import markdown_tables
 from neurocbir.files import write_json
-from neurocbir.runs import TrainConfig
-from neurocbir.training import train_run
+from neurocbir.models.runs import TrainConfig
+from neurocbir.training.cached import train_run
 from results_doc import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +41,9 @@ def baseline(table, fold: int, cache_dir: str | None) -> dict:
     from sklearn.metrics import cohen_kappa_score
     from sklearn.preprocessing import StandardScaler
 
-    from neurocbir.classify import KNNClassifier, NIRClassifier
-    from neurocbir.encoders import create_encoder
-    from neurocbir.features import cached_features
+    from neurocbir.classify.neighbors import KNNClassifier, NIRClassifier
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.training.features import cached_features
 
     enc = create_encoder()
     f = cached_features(table, enc, [enc.cut(0)], n_copies=2, cache_dir=Path(cache_dir) if cache_dir else None)[

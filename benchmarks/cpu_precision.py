@@ -1,5 +1,5 @@
 """The served model's CNN on this CPU (issue 9): PyTorch float32, PyTorch bfloat16 and
-OpenVINO float32 (the default runtime, neurocbir.cpu_runtime); speed, and whether each
+OpenVINO float32 (the default runtime, neurocbir.models.cpu_runtime); speed, and whether each
 retrieves the same neighbours as PyTorch float32.
 
     .venv/bin/python benchmarks/cpu_precision.py [--run models/lesion-fold5]
@@ -30,10 +30,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=ROOT / "models" / "lesion-fold5")
     args = p.parse_args()
-    from neurocbir.classify import NIRClassifier
-    from neurocbir.data import load_cases
-    from neurocbir.evaluate import classifier_probas, scores
-    from neurocbir.inference import load_model
+    from neurocbir.classify.neighbors import NIRClassifier
+    from neurocbir.data.cases import load_cases
+    from neurocbir.evaluate.metrics import classifier_probas, scores
+    from neurocbir.models.inference import load_model
 
     model = load_model(args.run)
     table = load_cases(model.config.data)

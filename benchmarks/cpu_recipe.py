@@ -1,7 +1,7 @@
 """The lesion recipe on this CPU (issue 9): which setting becomes `neurocbir train`'s default,
 chosen on training patients only, then read on the test fold once.
 
-Each candidate is the lesion recipe's CPU preset (``neurocbir.runs.LESION_CPU_DEFAULTS``: the
+Each candidate is the lesion recipe's CPU preset (``neurocbir.models.runs.LESION_CPU_DEFAULTS``: the
 trunk stages up to stride 8 pretrained and frozen, bf16 autocast, batch 32, one trial,
 calibration on 1/7 of the training patients held out of training) with one backbone and
 resolution, and as many epochs as fit about 20 minutes of training on 2 cores at the speed
@@ -116,9 +116,9 @@ def record_timing(run: Path, **changes) -> None:
 def nir_probas(run: Path, table) -> tuple[np.ndarray, np.ndarray]:
     """Uncalibrated NIR probabilities (softmax of I_c) of the run's first trial: its held-out
     training patients against the other training patients, and the test fold against the archive."""
-    from neurocbir.classify import NIRClassifier
-    from neurocbir.finetune import holdout_embeddings
-    from neurocbir.runs import trial_dir
+    from neurocbir.classify.neighbors import NIRClassifier
+    from neurocbir.models.runs import trial_dir
+    from neurocbir.training.lesion_run import holdout_embeddings
 
     cfg, fit_rows, _, fit, cal = holdout_embeddings(run, table)
     arrays = np.load(trial_dir(run, cfg.first_seed) / "embeddings.npz")
@@ -133,9 +133,9 @@ def ensemble_row(pair: list[dict], fold: int) -> str:
     probabilities averaged (the paper's E-CK across backbones): held-out and test kappa."""
     from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-    from neurocbir.data import load_cases
-    from neurocbir.finetune import holdout_split
-    from neurocbir.runs import TrainConfig
+    from neurocbir.data.cases import load_cases
+    from neurocbir.models.runs import TrainConfig
+    from neurocbir.training.lesion_run import holdout_split
 
     table = load_cases(json.loads((pair[0]["run"] / "config.json").read_text()).get("data"))
     parts = [nir_probas(r["run"], table) for r in pair]

@@ -34,11 +34,12 @@ def main() -> None:
     import numpy as np
     from tests.orthanc import running_orthanc
 
-    from neurocbir.archive import CaseArchive
-    from neurocbir.data import CLASS_NAMES, default_data_dir, load_cases
-    from neurocbir.dicomweb import client, fetch_dataset, list_instances, to_dicom
-    from neurocbir.inference import load_model
-    from neurocbir.ingest import add_folder, ingest, scan_folder
+    from neurocbir.data.cases import CLASS_NAMES, default_data_dir, load_cases
+    from neurocbir.models.inference import load_model
+    from neurocbir.retrieval.archive import CaseArchive
+    from neurocbir.retrieval.casefiles import scan_folder
+    from neurocbir.retrieval.dicomweb import client, fetch_dataset, list_instances, to_dicom
+    from neurocbir.retrieval.ingest import add_folder, ingest
 
     table = load_cases(default_data_dir())
     rows = np.random.default_rng(0).choice(len(table), args.n, replace=False)

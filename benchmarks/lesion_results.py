@@ -3,13 +3,13 @@ summary.json), and the committed model on the app's path here (full-resolution b
 float16 weights, CPU): kappa, AUROC, accuracy, calibration, and the query tumor outline against
 the dataset's masks on fold 5.
 
-    OUT=runs/gpu bash benchmarks/gpu_recipe.sh                 # on a GPU machine (see its header)
-    OUT=runs/gpu2 bash benchmarks/gpu_recipe.sh --folds 2,3,4 --no-serve   # more folds, later (optional)
-    OUT=runs/gpu3 bash benchmarks/gpu_parallel.sh "--no-serve --folds 1" "--no-serve --folds 2"   # jobs at once
+    OUT=runs/gpu bash tools/remote-gpu/recipe.sh                 # on a GPU machine (see its header)
+    OUT=runs/gpu2 bash tools/remote-gpu/recipe.sh --folds 2,3,4 --no-serve   # more folds, later (optional)
+    OUT=runs/gpu3 bash tools/remote-gpu/parallel.sh "--no-serve --folds 1" "--no-serve --folds 2"   # jobs at once
     .venv/bin/python benchmarks/lesion_results.py --summary runs/gpu/summary.json [runs/gpu2/summary.json ...] \
         [--model models/lesion-fold5]
     # on a checkout without the earlier runs' summaries: keep their rows, add later runs (one argument
-    # per run; the jobs of one gpu_parallel.sh call joined by commas)
+    # per run; the jobs of one parallel.sh call joined by commas)
     .venv/bin/python benchmarks/lesion_results.py --keep-recorded --summary runs/gpu3/job1/summary.json,runs/gpu3/job2/summary.json
 
 Nothing here is tuned: the recipe's settings were fixed before training, the served trial is
@@ -124,11 +124,11 @@ def app_path(model: Path, calibration_note: str = "fitted by inner CV on folds 1
     """The committed model as the app serves it: indexed from the full-resolution data here."""
     from skimage.draw import polygon
 
-    from neurocbir.classify import NIRClassifier
-    from neurocbir.evaluate import evaluate_run
-    from neurocbir.ingest import index_run
-    from neurocbir.runs import trial_seeds
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.classify.neighbors import NIRClassifier
+    from neurocbir.evaluate.run import evaluate_run
+    from neurocbir.models.runs import trial_seeds
+    from neurocbir.retrieval.ingest import index_run
 
     if not trial_seeds(model):
         index_run(model)
@@ -176,7 +176,7 @@ def app_path(model: Path, calibration_note: str = "fitted by inner CV on folds 1
         f"{100 * out['tumor_median_area_error']:.0f} % |",
         f"| slices with no tumor outlined | {none} of {len(dice)} |",
     ]
-    from neurocbir.evaluate import calibration_markdown
+    from neurocbir.evaluate.tables import calibration_markdown
 
     rows += ["", f"Calibration of the served model ({calibration_note}; ECE on fold 5, 10 bins):"]
     rows += calibration_markdown([result]) or ["", "(the model has no calibration.json)"]
@@ -184,7 +184,7 @@ def app_path(model: Path, calibration_note: str = "fitted by inner CV on folds 1
 
 
 def run_sentence(letter: str, jobs: list[dict], paths: list[Path]) -> str:
-    """How a later run (one summary.json, or the jobs of one benchmarks/gpu_parallel.sh call) was made."""
+    """How a later run (one summary.json, or the jobs of one tools/remote-gpu/parallel.sh call) was made."""
     first = jobs[0]
     folds = [f for job in jobs for f in job["folds"]]
     # the call's every job left its options beside its folder, those without a summary.json too
@@ -195,17 +195,17 @@ def run_sentence(letter: str, jobs: list[dict], paths: list[Path]) -> str:
             o.read_text().split(": ", 1)[-1].strip() for o in options if not (o.parent / "summary.json").is_file()
         ]
         how = (
-            f"{len(options)} jobs at once on the one GPU (`benchmarks/gpu_parallel.sh`, so its s per trial is a "
+            f"{len(options)} jobs at once on the one GPU (`tools/remote-gpu/parallel.sh`, so its s per trial is a "
             "shared GPU's" + "".join(f"; beside them `{o}`" for o in others) + "), "
         )
     if any(job.get("compiled") for job in jobs):
         how += "trained through `torch.compile` (`--compile`; the same recipe, fused kernels), "
-    if "merged_from" in first:  # one fold's trials from several leases (benchmarks/merge_gpu_runs.py)
+    if "merged_from" in first:  # one fold's trials from several leases (tools/remote-gpu/merge_runs.py)
         parts = "; ".join(
             f"seeds {','.join(map(str, m['seeds']))} on {m['date']}{' (compiled)' if m.get('compiled') else ''}"
             for m in first["merged_from"]
         )
-        how += f"trials of several leases ensembled by `benchmarks/merge_gpu_runs.py` ({parts}), "
+        how += f"trials of several leases ensembled by `tools/remote-gpu/merge_runs.py` ({parts}), "
     return (
         f"Run {letter}, {first['date']} on {first['device']}: the same recipe with `--no-serve` (no calibration, "
         f"no served checkpoint), {how}folds {', '.join(folds)}, {max(j['seconds'] for j in jobs):.0f} s. "
@@ -218,8 +218,8 @@ def main() -> None:
         "--summary",
         nargs="*",
         default=[],
-        help="summary.json of benchmarks/gpu_recipe.sh runs: the first trained the served model, later ones "
-        "(--no-serve) more folds. Join with commas the summaries of the jobs of one gpu_parallel.sh call.",
+        help="summary.json of tools/remote-gpu/recipe.sh runs: the first trained the served model, later ones "
+        "(--no-serve) more folds. Join with commas the summaries of the jobs of one parallel.sh call.",
     )
     p.add_argument(
         "--keep-recorded",
@@ -246,7 +246,7 @@ def main() -> None:
         summary = groups.pop(0)[0]
         s = summary["settings"]
         intro = (
-            f"**GPU run.** Command: `OUT=... bash benchmarks/gpu_recipe.sh` on {summary['device']} (torch "
+            f"**GPU run.** Command: `OUT=... bash tools/remote-gpu/recipe.sh` on {summary['device']} (torch "
             f"{summary['torch']}), {summary['date']}, data `{summary['data']}` (the 256 px copy; {summary['n_cases']} "
             f"slices), {summary['seconds']:.0f} s in all. Settings, fixed before training and not tuned on any fold: "
             f"{s['epochs']} epochs, batch {s['batch_size']}, {s['image_size']} px, lr {s['lr']} (head, decoder) / "

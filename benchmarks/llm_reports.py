@@ -166,10 +166,10 @@ def main() -> None:
     if not modes or modes - {"paper", "grounded"}:
         raise SystemExit("--modes: a comma-separated subset of paper,grounded")
     full = modes == {"paper", "grounded"}
-    from neurocbir.data import load_cases
-    from neurocbir.explain import Explainer
-    from neurocbir.llm import OpenAIChat
-    from neurocbir.report_eval import evaluate_reports, query_sets
+    from neurocbir.data.cases import load_cases
+    from neurocbir.reports.evaluation import evaluate_reports, query_sets
+    from neurocbir.reports.explain import Explainer
+    from neurocbir.reports.llm import OpenAIChat
 
     table = load_cases()
     sets = query_sets(table, args.n_sets, run=args.run)

@@ -97,7 +97,7 @@ def main() -> None:
     args = p.parse_args()
     import httpx
 
-    from neurocbir.data import load_cases
+    from neurocbir.data.cases import load_cases
 
     table = load_cases()
     test = np.flatnonzero(table.fold == 5)

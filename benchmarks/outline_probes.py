@@ -34,12 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from skimage import measure
 
-from neurocbir.data import load_cases
-from neurocbir.finetune import TUMOR_LEVELS, holdout_split
-from neurocbir.inference import load_model
-from neurocbir.lesion import _taps, tumor_outline
-from neurocbir.runs import TrainConfig
-from neurocbir.transforms import preprocess
+from neurocbir.data.cases import load_cases
+from neurocbir.data.transforms import preprocess
+from neurocbir.models.inference import load_model
+from neurocbir.models.lesion import _taps, tumor_outline
+from neurocbir.models.runs import TrainConfig
+from neurocbir.training.lesion_run import TUMOR_LEVELS, holdout_split
 from results_doc import machine, write_section
 
 SPACING = 0.49  # mm per pixel at 512 px (the dataset's)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _serve(svc):
     import uvicorn
 
-    from neurocbir.app import create_app
+    from neurocbir.app.api import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,8 +47,8 @@ def main() -> None:
     args = p.parse_args()
     import httpx
 
-    from neurocbir.service import RetrievalService
-    from neurocbir.uploads import read_scan
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.data.uploads import read_scan
 
     services = [RetrievalService.from_run(r) for r in args.run]
     table = services[0].cases.table

@@ -6,7 +6,7 @@
 For each query, the map of the query towards its nearest archive case: the share of the map's
 mass inside the tumor dilated by 15 px (at 512 px), and the pointing game (is the hottest pixel
 in that region). ``--select`` scores every attribution and smoothing on training-patient queries
-(nearest case of another patient) and prints them; the default of ``neurocbir.saliency`` is the
+(nearest case of another patient) and prints them; the default of ``neurocbir.models.saliency`` is the
 best by pointing game there. The report reads the test fold once with that default.
 """
 
@@ -34,7 +34,7 @@ METHODS = {
 def score(model, table, pairs, attribution, sigmas) -> list[tuple[float, float, float]]:
     """(mean share inside, pointing game, median seconds per map) for each smoothing in ``sigmas``:
     the attribution is computed once per query and smoothed each way."""
-    from neurocbir.saliency import attribution_map, mass_inside, scan_map
+    from neurocbir.models.saliency import attribution_map, mass_inside, scan_map
 
     shares, hits, secs = np.zeros((len(sigmas), len(pairs))), np.zeros((len(sigmas), len(pairs))), []
     for i, (q, a) in enumerate(pairs):
@@ -57,11 +57,11 @@ def main() -> None:
     p.add_argument("--select", action="store_true")
     p.add_argument("--select-n", type=int, default=60, help="training-patient queries for --select")
     args = p.parse_args()
-    from neurocbir.classify import NIRClassifier
-    from neurocbir.data import load_cases
-    from neurocbir.inference import load_model
-    from neurocbir.runs import first_trial
-    from neurocbir.saliency import (
+    from neurocbir.classify.neighbors import NIRClassifier
+    from neurocbir.data.cases import load_cases
+    from neurocbir.models.inference import load_model
+    from neurocbir.models.runs import first_trial
+    from neurocbir.models.saliency import (
         ATTRIBUTIONS,
         DECOMPOSITION,
         FEATURE_ATTRIBUTIONS,
@@ -114,7 +114,7 @@ def main() -> None:
                     "the similarity decomposition (after SmoothGrad); each selection uses the same rule and queries.",
                     "",
                     f"Chosen: **{name.replace('_', ' ')}**, smoothing sigma {sigma * 512:.0f} px (pointing game "
-                    f"{hit:.3f}, share {share:.3f}); `neurocbir.saliency.ATTRIBUTION` and `SMOOTH_SIGMA` must name it.",
+                    f"{hit:.3f}, share {share:.3f}); `neurocbir.models.saliency.ATTRIBUTION` and `SMOOTH_SIGMA` must name it.",
                     "",
                     "| attribution | on | smoothing sigma (px at 512) | share inside tumor + 15 px | pointing game | s per map |",
                     "|---|---|---|---|---|---|",

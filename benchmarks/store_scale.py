@@ -82,7 +82,8 @@ def recall(found: np.ndarray, truth: np.ndarray, x: np.ndarray, queries: np.ndar
 def bench_size(x: np.ndarray, queries: np.ndarray, milvus: bool, tmp: Path, ef_values, nprobe_values) -> list[dict]:
     import faiss
 
-    from neurocbir.store import FaissStore, MilvusStore
+    from neurocbir.retrieval.milvus import MilvusStore
+    from neurocbir.retrieval.store import FaissStore
 
     n, dim = x.shape
     ids = np.arange(n, dtype=np.int64)
@@ -163,7 +164,7 @@ def bench_size(x: np.ndarray, queries: np.ndarray, milvus: bool, tmp: Path, ef_v
 
 def milvus_lite_index(tmp: Path, x: np.ndarray, index_type: str, params: dict) -> str:
     """The index Milvus Lite builds when asked for ``index_type`` (its describe_index answer)."""
-    from neurocbir.store import MilvusStore
+    from neurocbir.retrieval.milvus import MilvusStore
 
     m = MilvusStore(
         str(tmp / f"probe_{index_type}.db"), "probe", x.shape[1], index_type=index_type, index_params=params
@@ -188,7 +189,7 @@ def main() -> None:
     emb_file = args.run / "trial_0" / "embeddings.npz"
     if not emb_file.is_file():
         sys.exit(f"{emb_file} not found: train a run first (python benchmarks/core_results.py) or pass --run")
-    from neurocbir.data import load_cases
+    from neurocbir.data.cases import load_cases
 
     emb = np.load(emb_file)
     table = load_cases()

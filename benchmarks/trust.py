@@ -67,11 +67,12 @@ def main() -> None:
     args = p.parse_args()
     from fastapi.testclient import TestClient
 
-    from neurocbir.app import create_app
-    from neurocbir.calibration import expected_calibration_error
-    from neurocbir.data import CLASS_NAMES
-    from neurocbir.evaluate import calibration_markdown, evaluate_run
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.classify.calibration import expected_calibration_error
+    from neurocbir.data.cases import CLASS_NAMES
+    from neurocbir.evaluate.run import evaluate_run
+    from neurocbir.evaluate.tables import calibration_markdown
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     metrics = evaluate_run(args.run, plots=True)

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from neurocbir.data import default_data_dir, load_cases
+from neurocbir.data.cases import default_data_dir, load_cases
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +66,8 @@ def feature_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, small_cases, feature_cache) -> Path:
     """A real trained run (SupCon, 1 trial, last 2 blocks + head) on the small subset."""
-    from neurocbir.runs import TrainConfig
-    from neurocbir.training import train_run
+    from neurocbir.models.runs import TrainConfig
+    from neurocbir.training.cached import train_run
 
     out = tmp_path_factory.mktemp("small_run")
     cfg = TrainConfig(

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from neurocbir.app import create_app
+from neurocbir.app.api import create_app
+from neurocbir.app.service import RetrievalService
 from neurocbir.cli import app as cli
-from neurocbir.data import CLASS_NAMES
-from neurocbir.service import RetrievalService
+from neurocbir.data.cases import CLASS_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_the_cli_shows_no_confidence_for_a_scan_unlike_the_archive(small_run, tm
 def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, small_cases, monkeypatch):
     """A query embeds once and searches the archive once; NIR, I_c and the KNN vote all come
     from that one neighbour list and equal what the scikit-learn estimators compute."""
-    from neurocbir.classify import KNNClassifier, NIRClassifier
+    from neurocbir.classify.neighbors import KNNClassifier, NIRClassifier
 
     index, searches = service.cases.store, []
     search = index.search
@@ -232,13 +232,14 @@ def test_one_search_per_query_scores_nir_and_knn_like_the_estimators(service, sm
 
 
 def test_the_query_path_does_not_import_training():
-    """Service, app and CLI query path load a model through neurocbir.inference only."""
+    """Service, app and CLI query path load a model through neurocbir.models.inference only."""
     import subprocess
     import sys
 
     code = (
-        "import sys, neurocbir.app, neurocbir.service, neurocbir.sources, neurocbir.ingest; "
-        "print(sorted(m for m in sys.modules if m in ('neurocbir.training', 'neurocbir.tuning', 'pytorch_metric_learning')))"
+        "import sys, neurocbir.app.api, neurocbir.app.service, neurocbir.app.sources, neurocbir.retrieval.ingest, "
+        "neurocbir.cli.querying, neurocbir.cli.archive; "
+        "print(sorted(m for m in sys.modules if m.startswith('neurocbir.training') or m == 'pytorch_metric_learning'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -250,7 +251,7 @@ def test_feedback_is_stored_exported_and_reranks(tmp_path, small_run, small_case
     exports it without patient data, and rerank=true moves marked cases."""
     from fastapi.testclient import TestClient
 
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
 
     db = tmp_path / "feedback.db"
     svc = RetrievalService.from_run(small_run)

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from neurocbir.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
 from neurocbir.cli import app as cli
-from neurocbir.index import IndexMismatchError
-from neurocbir.ingest import scan_folder
-from neurocbir.reports import parse_report
-from neurocbir.runs import checkpoint_sha256
+from neurocbir.models.runs import checkpoint_sha256
+from neurocbir.reports.text import parse_report
+from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
+from neurocbir.retrieval.casefiles import scan_folder
+from neurocbir.retrieval.index import IndexMismatchError
 
 
 def _sha(run):
@@ -257,8 +257,8 @@ def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store):
 
     import faiss
 
-    from neurocbir.index import write_index
-    from neurocbir.sources import CaseFilter
+    from neurocbir.app.sources import CaseFilter
+    from neurocbir.retrieval.index import write_index
 
     records = _records(30)
     arch = CaseArchive.create(tmp_path / "a", 8, "ck", store=store)
@@ -378,7 +378,7 @@ def training_archive(small_run, small_data_dir, tmp_path_factory):
 def test_archive_service_matches_the_run(small_run, small_cases, training_archive):
     """An archive built by `neurocbir add` from the run's training folds gives the same NIR
     prediction as the run's own index for held-out scans, and serves evidence with reports."""
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
 
     run_svc = RetrievalService.from_run(small_run, table=small_cases)
     svc = RetrievalService.from_archive(small_run, training_archive)
@@ -411,8 +411,8 @@ def test_partitioned_archive_filters_find_the_exact_nearest_passing_cases(small_
     """The archive's store is partitioned by tumor type and plane; type / plane filters pick
     partitions and size ranges are over-fetched and checked (or, when too few pass, an ID
     selector): every filter returns exactly the nearest passing cases of a brute-force search."""
-    from neurocbir.archive import CaseArchive
-    from neurocbir.sources import ArchiveCases, CaseFilter
+    from neurocbir.app.sources import ArchiveCases, CaseFilter
+    from neurocbir.retrieval.archive import CaseArchive
 
     cases = ArchiveCases(training_archive, CaseArchive.open(training_archive, writer=False).checkpoint_sha256, 128)
     assert len(cases.store.parts) > 3  # type x plane
@@ -442,8 +442,8 @@ def test_partitioned_archive_filters_find_the_exact_nearest_passing_cases(small_
 def test_http_api_over_an_archive(small_run, small_cases, training_archive):
     from fastapi.testclient import TestClient
 
-    from neurocbir.app import create_app
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
 
     svc = RetrievalService.from_archive(small_run, training_archive)
     client = TestClient(create_app(svc))
@@ -466,8 +466,8 @@ def test_http_api_over_an_archive(small_run, small_cases, training_archive):
 
 def test_add_a_figshare_release_folder(figshare_dir, small_run, tmp_path):
     """The original .mat release goes into an archive too; the image and mask come back from the .mat."""
-    from neurocbir.inference import load_model
-    from neurocbir.ingest import add_folder
+    from neurocbir.models.inference import load_model
+    from neurocbir.retrieval.ingest import add_folder
 
     model = load_model(small_run)
     files = scan_folder(figshare_dir)
@@ -479,7 +479,7 @@ def test_add_a_figshare_release_folder(figshare_dir, small_run, tmp_path):
     assert [c["label"] for c in cases.values()] == ["meningioma", "glioma", "pituitary", "meningioma"]
     assert cases[3]["area_mm2"] == pytest.approx(200 * 4 * 0.49 * 0.49)  # 256 grid scaled to 512
     arch.close()
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
 
     svc = RetrievalService.from_archive(small_run, tmp_path / "a")
     assert svc.cases.image(3).shape == (256, 256) and svc.cases.mask(3).sum() == 200
@@ -505,8 +505,8 @@ def test_a_served_archive_follows_add_and_remove_without_a_restart(scans, small_
     query fails on a case that left after the app loaded its view."""
     from fastapi.testclient import TestClient
 
-    from neurocbir.app import create_app
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
 
     archive = tmp_path / "archive"
     shutil.copytree(reference, archive)

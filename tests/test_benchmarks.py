@@ -73,7 +73,7 @@ def test_lesion_results_carries_the_recorded_gpu_rows_unchanged():
 
 
 def test_lesion_results_says_which_runs_were_compiled(tmp_path):
-    """A run trained through torch.compile (gpu_recipe.py --compile) says so in its sentence, and
+    """A run trained through torch.compile (recipe.py --compile) says so in its sentence, and
     a fold merged from several leases says which lease's trials were compiled."""
     lesion_results = pytest.importorskip("lesion_results")
     job = {"date": "2026-11-28", "device": "NVIDIA H100 80GB HBM3", "folds": ["2"], "seconds": 300.0}

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from neurocbir.uploads import UploadError, read_scan
+from neurocbir.data.uploads import UploadError, read_scan
 
 
 def _image_dataset(rows: int, cols: int, frames: int = 1, photometric: str = "MONOCHROME2") -> Dataset:
@@ -117,7 +117,7 @@ def test_each_bomb_is_refused_fast_with_little_memory(tmp_path):
         path.write_bytes(data)
         code = textwrap.dedent(f"""
             import resource, time
-            from neurocbir.uploads import UploadError, read_scan
+            from neurocbir.data.uploads import UploadError, read_scan
             data = open({str(path)!r}, "rb").read()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             t = time.perf_counter()
@@ -140,8 +140,8 @@ def test_each_bomb_is_refused_fast_with_little_memory(tmp_path):
 def test_bombs_get_4xx_from_the_api_and_uploads_are_one_file_of_bounded_size(small_run, small_cases, tmp_path):
     from fastapi.testclient import TestClient
 
-    from neurocbir.app import create_app
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
 
     client = TestClient(create_app(RetrievalService.from_run(small_run, table=small_cases)))
     for name, (fname, data, message) in bombs(tmp_path).items():
@@ -195,7 +195,7 @@ def test_mri_files_shipped_with_pydicom_read(monkeypatch):
 
 
 def test_the_page_never_puts_server_strings_into_html():
-    page = (Path(__file__).resolve().parents[1] / "src" / "neurocbir" / "static" / "index.html").read_text()
+    page = (Path(__file__).resolve().parents[1] / "src" / "neurocbir" / "app" / "static" / "index.html").read_text()
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "outerHTML" not in page
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from neurocbir.app import create_app
-from neurocbir.data import CLASS_NAMES
-from neurocbir.service import RetrievalService
+from neurocbir.app.api import create_app
+from neurocbir.app.service import RetrievalService
+from neurocbir.data.cases import CLASS_NAMES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -336,9 +336,10 @@ def test_an_app_over_a_case_archive_answers_in_a_browser(small_run, small_cases,
     import numpy as np
     from playwright.sync_api import expect, sync_playwright
 
-    from neurocbir.archive import CaseArchive
-    from neurocbir.inference import load_model
-    from neurocbir.ingest import add_folder, scan_folder
+    from neurocbir.models.inference import load_model
+    from neurocbir.retrieval.archive import CaseArchive
+    from neurocbir.retrieval.casefiles import scan_folder
+    from neurocbir.retrieval.ingest import add_folder
 
     folder = tmp_path / "scans"
     folder.mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from neurocbir.calibration import Calibrator, expected_calibration_error, fit_temperature
+from neurocbir.classify.calibration import Calibrator, expected_calibration_error, fit_temperature
 
 
 def _draw(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,8 +59,8 @@ def test_a_run_is_calibrated_on_training_patients_only(small_run):
 def test_query_returns_calibrated_confidence_and_a_prediction_set(small_run, small_cases):
     from fastapi.testclient import TestClient
 
-    from neurocbir.app import create_app
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
 
     svc = RetrievalService.from_run(small_run, table=small_cases)
     client = TestClient(create_app(svc))
@@ -117,10 +117,10 @@ def test_calibrate_refits_an_existing_run_reproducibly(small_run, small_data_dir
 def test_the_api_shows_the_probabilities_that_were_evaluated(small_run, small_cases):
     """The served confidence is the calibrated probability the evaluation measured (same
     logits, same temperature), not a second formula."""
-    from neurocbir.calibration import load, neighbour_logits
-    from neurocbir.classify import NIRClassifier
-    from neurocbir.data import CLASS_NAMES
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.classify.calibration import load, neighbour_logits
+    from neurocbir.classify.neighbors import NIRClassifier
+    from neurocbir.data.cases import CLASS_NAMES
 
     svc = RetrievalService.from_run(small_run, table=small_cases)
     emb = np.load(small_run / "trial_0" / "embeddings.npz")

@@ -6,7 +6,7 @@ from scipy.special import softmax
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from neurocbir.classify import KNNClassifier, NIRClassifier, nir_positions
+from neurocbir.classify.neighbors import KNNClassifier, NIRClassifier, nir_positions
 
 
 def test_nir_positions_by_hand():

@@ -1,4 +1,4 @@
-"""The OpenVINO-compiled lesion network (neurocbir.cpu_runtime) against PyTorch, on real slices:
+"""The OpenVINO-compiled lesion network (neurocbir.models.cpu_runtime) against PyTorch, on real slices:
 the same embeddings, descriptors and tumor maps, hence the same neighbours; and no usage pings."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neurocbir import cpu_runtime
-from neurocbir.inference import load_model
+from neurocbir.models import cpu_runtime
+from neurocbir.models.inference import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_openvino_sends_no_usage_event(tmp_path):
     through neurocbir it does neither."""
     for name, code, pings in (
         ("plain", "import openvino; openvino.Core()", True),  # the premise, so this test can fail
-        ("ours", "from neurocbir.cpu_runtime import _import_openvino; _import_openvino().Core()", False),
+        ("ours", "from neurocbir.models.cpu_runtime import _import_openvino; _import_openvino().Core()", False),
     ):
         home = tmp_path / name
         home.mkdir()

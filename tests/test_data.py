@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from neurocbir.data import CLASS_NAMES, DatasetError, FigshareSource, grouped_inner_folds, load_cases
+from neurocbir.data.cases import CLASS_NAMES, DatasetError, FigshareSource, grouped_inner_folds, load_cases
 
 
 def test_bundled_dataset_matches_its_readme(cases):

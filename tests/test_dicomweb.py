@@ -22,10 +22,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from neurocbir.archive import CaseArchive
 from neurocbir.cli import app as cli
-from neurocbir.data import CLASS_NAMES
-from neurocbir.dicomweb import PacsError, client, read_instance, to_dicom
+from neurocbir.data.cases import CLASS_NAMES
+from neurocbir.retrieval.archive import CaseArchive
+from neurocbir.retrieval.dicomweb import PacsError, client, read_instance, to_dicom
 from tests.orthanc import free_port, installed, running_orthanc
 
 USER, PASSWORD = "neurocbir", "pacs-secret"
@@ -99,7 +99,7 @@ def pacs_archive(pacs, small_run, tmp_path_factory):
 
 
 def test_dicomweb_ingest_is_faithful_and_deidentified(pacs, pacs_archive, small_run, small_cases):
-    from neurocbir.inference import load_model
+    from neurocbir.models.inference import load_model
 
     arch = CaseArchive.open(pacs_archive, writer=False)
     ids, emb = arch.embeddings()
@@ -108,7 +108,7 @@ def test_dicomweb_ingest_is_faithful_and_deidentified(pacs, pacs_archive, small_
     model = load_model(small_run)
     stored = arch.cases(ids.tolist())
     by_key = {Path(c["image_path"]).stem: c for c in stored.values()}
-    from neurocbir.dicomweb import InstanceRef
+    from neurocbir.retrieval.dicomweb import InstanceRef
 
     for uid, r in list(pacs["rows"].items())[:8]:
         case = by_key[InstanceRef("", "", uid).key]
@@ -172,8 +172,8 @@ def _count(archive: Path) -> int:
 
 
 def test_dicomweb_query_by_instance_uid_cli_and_http(pacs, pacs_archive, small_run, small_cases, tmp_path):
-    from neurocbir.app import create_app
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
 
     uid, row = next(iter(pacs["rows"].items()))
     # CLI: the scan straight from the PACS finds itself in the archive built from the PACS
@@ -260,8 +260,8 @@ def test_dicomweb_the_ui_opens_a_scan_by_instance_uid(pacs, pacs_archive, small_
     typed there is fetched, shown and answered like an upload."""
     from playwright.sync_api import expect, sync_playwright
 
-    from neurocbir.app import create_app
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
     from tests.test_browser import ARTIFACTS, launch, serve_in_thread
 
     url, server = serve_in_thread(

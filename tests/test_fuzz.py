@@ -11,8 +11,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neurocbir.reports import ReportParseError, parse_report
-from neurocbir.uploads import UploadError, read_scan
+from neurocbir.data.uploads import UploadError, read_scan
+from neurocbir.reports.text import ReportParseError, parse_report
 
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -70,7 +70,7 @@ def test_report_parser_on_random_text(text):
 
 
 def test_report_parser_on_mutated_reports(cases):
-    from neurocbir.reports import case_attributes, make_report
+    from neurocbir.reports.text import case_attributes, make_report
 
     rng = np.random.default_rng(1)
     for i in range(0, 300, 3):
@@ -85,8 +85,8 @@ def test_report_parser_on_mutated_reports(cases):
 @given(text=st.one_of(st.binary(max_size=600), st.text(max_size=600).map(str.encode)))
 def test_cases_csv_reader_on_random_input(tmp_path_factory, text):
     """`neurocbir add`'s cases.csv reader: a clear ArchiveError or valid cases."""
-    from neurocbir.archive import ArchiveError
-    from neurocbir.ingest import scan_folder
+    from neurocbir.retrieval.archive import ArchiveError
+    from neurocbir.retrieval.casefiles import scan_folder
 
     folder = tmp_path_factory.mktemp("csv")
     (folder / "a.jpg").write_bytes(b"x")
@@ -105,8 +105,8 @@ def _scan_ok_or_clear(folder, scan_folder, error) -> None:
 
 
 def test_cases_csv_reader_on_mutated_files(tmp_path):
-    from neurocbir.archive import ArchiveError
-    from neurocbir.ingest import scan_folder
+    from neurocbir.retrieval.archive import ArchiveError
+    from neurocbir.retrieval.casefiles import scan_folder
 
     (tmp_path / "a.jpg").write_bytes(b"x")
     good = b'file,label,patient_id,plane,area_mm2,report\na.jpg,glioma,P1,axial,812.5,"T1 contrast MRI ..."\n'

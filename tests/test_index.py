@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from neurocbir.index import IndexMismatchError, VectorIndex
+from neurocbir.retrieval.index import IndexMismatchError, VectorIndex
 
 
 def test_exact_search_matches_numpy():
@@ -41,7 +41,7 @@ def test_without_faiss_the_numpy_search_gives_faiss_answers(tmp_path, monkeypatc
     """Where FAISS is missing (a borrowed GPU machine trains and evaluates there), the index is
     exact in NumPy: the same ids and distances as FAISS's flat index, the same filter, and a saved
     file that loads back, there and here."""
-    import neurocbir.index as index_module
+    import neurocbir.retrieval.index as index_module
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(300, 32)).astype(np.float32)

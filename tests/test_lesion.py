@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from neurocbir.data import CLASS_NAMES, load_cases
-from neurocbir.lesion import tumor_outline
+from neurocbir.data.cases import CLASS_NAMES, load_cases
+from neurocbir.models.lesion import tumor_outline
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "lesion-fold5"
@@ -26,175 +23,11 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
 
 
-def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
-    """benchmarks/gpu_recipe.sh as a GPU machine runs it, on 45 slices at 64 px, and without FAISS
-    (the bundle leaves its 19 MB wheel out, to fit the 64 MiB transfer): trials, inner-CV
-    calibration, evaluation and the served checkpoint all land in OUT."""
-    out = tmp_path / "out"
-    no_faiss = tmp_path / "no-faiss"
-    no_faiss.mkdir()
-    (no_faiss / "faiss.py").write_text("raise ModuleNotFoundError('FAISS is not installed on the GPU machine')\n")
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_BUNDLE": str(tmp_path / "no-bundle")}
-    env["PYTHONPATH"] = str(no_faiss)
-    args = ["--data", str(data_dir), "--per-group", "3", "--epochs", "1", "--trials", "2", "--folds", "5,1"]
-    args += ["--batch-size", "16", "--image-size", "64", "--runs", str(tmp_path / "runs")]
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_recipe.sh"), *args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_cases"] == 45 and set(summary["folds"]) == {"5", "1"}
-    for fold in ("5", "1"):
-        res = summary["folds"][fold]
-        assert len(res["timings"]["trials_s"]) == 2 and res["metrics"]["trials"] == 2
-        nir = res["metrics"]["classifiers"]["nir"]
-        assert -1 <= nir["kappa_ensemble"] <= 1 and 0 <= nir["auroc_ensemble"] <= 1
-        assert 0 <= res["timings"]["tumor_outline"]["median_dice"] <= 1
-    assert "calibration_s" in summary["folds"]["5"]["timings"]  # the first fold is calibrated
-    # the served checkpoint: float16, loadable as a run without any pretrained weights
-    run = tmp_path / "served"
-    (run / "trial_0").mkdir(parents=True)
-    shutil.copy(out / "checkpoint.pt", run / "trial_0" / "checkpoint.pt")
-    shutil.copy(out / "config.json", run / "config.json")
-    blob = torch.load(run / "trial_0" / "checkpoint.pt", weights_only=True)
-    assert all(v.dtype == torch.float16 for v in blob["state"].values() if v.is_floating_point())
-    from neurocbir.inference import load_model
-
-    model = load_model(run, 0)
-    cases = load_cases(data_dir)
-    emb, desc, prob = model.analyse(cases.load_image(0))
-    assert emb.shape == (1, 128) and desc.shape == (1, 1280) and prob.shape == (64, 64)
-    assert (out / "calibration.json").is_file() and (out / "log.txt").is_file()
-    # the outline level of the served model, chosen on the inner folds' held-out patients
-    from neurocbir.finetune import TUMOR_LEVELS
-
-    level = json.loads((out / "tumor_level.json").read_text())
-    assert level["level"] in TUMOR_LEVELS and "inner fold" in level["how"]
-    errors = level["held_out_median_area_error"]
-    assert len(errors) == len(TUMOR_LEVELS) and errors[str(level["level"])] == min(errors.values())
-    # `--recalibrate RUN` refits both for a run that holds no patients out (as `neurocbir calibrate`
-    # does), from its files alone: the same inner CV again, on the same slices, the same result
-    again = tmp_path / "again"
-    proc = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "benchmarks" / "gpu_recipe.sh"),
-            *args,
-            "--recalibrate",
-            str(tmp_path / "runs" / "lesion-fold5"),
-        ],
-        env={**env, "OUT": str(again)},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((again / "tumor_level.json").read_text()) == level
-    assert json.loads((again / "calibration.json").read_text()) == json.loads((out / "calibration.json").read_text())
-    assert not (again / "summary.json").exists()  # nothing trained beyond the inner folds
-
-
-def test_gpu_parallel_runs_jobs_at_once_and_packs_their_small_files(tmp_path, data_dir):
-    """benchmarks/gpu_parallel.sh: each argument is one gpu_recipe.py job, all run at once; what
-    comes back from the device is one results.tgz with each job's summary, logs and trial
-    evaluations, and no checkpoint or embeddings (the device returns few, small files)."""
-    import tarfile
-
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable}
-    env["GPU_BUNDLE"] = str(tmp_path / "no-bundle")
-    tiny = f"--data {data_dir} --per-group 3 --epochs 1 --batch-size 16 --image-size 64 --no-serve --trials 1"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_parallel.sh"), f"{tiny} --folds 1", f"{tiny} --folds 2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [p.name for p in out.iterdir()] == ["results.tgz"]
-    with tarfile.open(out / "results.tgz") as tar:
-        names = tar.getnames()
-        summaries = {n: json.load(tar.extractfile(n)) for n in names if n.endswith("summary.json")}
-    assert not [n for n in names if n.endswith((".pt", ".npy", "embeddings.npz", ".faiss"))]
-    # each trial's test-fold evaluation comes back (a fold can be ensembled across leases)
-    assert sorted(n for n in names if n.endswith(".npz")) == [
-        f"./job{n}/runs/lesion-fold{n}/trial_0/evaluation.npz" for n in (1, 2)
-    ]
-    assert sorted(summaries) == ["./job1/summary.json", "./job2/summary.json"]
-    assert [list(summaries[f"./job{n}/summary.json"]["folds"]) for n in (1, 2)] == [["1"], ["2"]]
-    assert "./job1/options.txt" in names and "./job2/log.txt" in names
-
-
-def test_trials_of_two_leases_ensemble_as_if_trained_in_one(tmp_path, data_dir, monkeypatch):
-    """A fold's trials trained in two GPU leases (``--first-seed``), merged from their small
-    evaluation.npz files alone by benchmarks/merge_gpu_runs.py, score exactly as the same trials
-    evaluated together from their embeddings; a seed given twice is refused."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    merge_gpu_runs = pytest.importorskip("merge_gpu_runs")
-    from neurocbir.data import load_cases
-    from neurocbir.evaluate import evaluate_run
-
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_BUNDLE": str(tmp_path / "no-bundle")}
-    tiny = ["--data", str(data_dir), "--per-group", "4", "--epochs", "1", "--batch-size", "16", "--image-size", "64"]
-    tiny += ["--no-serve", "--folds", "1"]
-    leases = {"a": ["--trials", "2"], "b": ["--trials", "1", "--first-seed", "2"]}
-    for name, extra in leases.items():
-        proc = subprocess.run(
-            ["bash", str(ROOT / "benchmarks" / "gpu_recipe.sh"), *tiny, *extra],
-            env={**env, "OUT": str(tmp_path / name)},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # what comes back from a lease: no checkpoints, no embeddings
-    back = {}
-    for name in leases:
-        back[name] = tmp_path / "back" / name
-        shutil.copytree(tmp_path / name, back[name], ignore=shutil.ignore_patterns("*.pt", "embeddings.npz", "index*"))
-    merged = merge_gpu_runs.merge(1, [back["a"], back["b"]], tmp_path / "merged", str(data_dir))
-    got = merged["folds"]["1"]["metrics"]
-    # the same three trials, evaluated together from their embeddings
-    together = tmp_path / "together"
-    shutil.copytree(tmp_path / "a" / "runs" / "lesion-fold1", together)
-    shutil.copytree(tmp_path / "b" / "runs" / "lesion-fold1" / "trial_2", together / "trial_2")
-    for ev in together.glob("trial_*/evaluation.npz"):
-        ev.unlink()  # scored again from the embeddings
-    gpu_recipe = pytest.importorskip("gpu_recipe")
-    want = evaluate_run(together, gpu_recipe.small_subset(load_cases(data_dir), 4), plots=False)
-    assert got["trials"] == want["trials"] == 3
-    assert got["classifiers"] == want["classifiers"] and got["knn_overfit"] == want["knn_overfit"]
-    assert got["structure"] == want["structure"]
-    assert [m["seeds"] for m in merged["merged_from"]] == [[0, 1], [2]]
-    assert merged["folds"]["1"]["timings"]["tumor_outline"]["seed"] == 0
-    with pytest.raises(ValueError, match="seed 0 of fold 1 is in both"):
-        merge_gpu_runs.merge(1, [back["a"], back["a"]], tmp_path / "twice", str(data_dir))
-    # scoring that fails part-way leaves no half-written folder behind
-    (back["b"] / "runs" / "lesion-fold1" / "trial_2" / "evaluation.npz").write_bytes(b"not an npz")
-    real_evaluate = merge_gpu_runs.evaluate_run
-
-    def evaluate_after_copying(run, *args, **kwargs):
-        assert (Path(run) / "trial_2" / "evaluation.npz").is_file()  # the folder was being filled
-        real_evaluate(run, *args, **kwargs)
-
-    monkeypatch.setattr(merge_gpu_runs, "evaluate_run", evaluate_after_copying)
-    with pytest.raises(ValueError):
-        merge_gpu_runs.merge(1, [back["a"], back["b"]], tmp_path / "broken", str(data_dir))
-    assert not (tmp_path / "broken").exists()
-
-
 @pytest.fixture(scope="module")
 def bundled_service(tmp_path_factory, small_data_dir):
     """The committed model over the small dataset's training folds (indexed here, as on a first start)."""
-    from neurocbir.ingest import index_run
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.retrieval.ingest import index_run
 
     run = tmp_path_factory.mktemp("bundled") / "lesion-fold5"
     shutil.copytree(BUNDLED, run, ignore=shutil.ignore_patterns("embeddings.npz", "index.faiss*", "metrics.*"))
@@ -233,7 +66,7 @@ def test_dicom_pixel_spacing_sets_the_area(bundled_service, small_cases):
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from neurocbir.uploads import read_scan_with_spacing
+    from neurocbir.data.uploads import read_scan_with_spacing
 
     r = int(np.flatnonzero(small_cases.fold == 5)[0])
     image = small_cases.load_image(r)
@@ -279,8 +112,8 @@ def test_tumor_outline_of_a_disk():
 def test_lesion_net_tumor_map_stride_and_fused_inference(decoder_stride):
     """The tumor map has the configured stride; folding the batch norms for inference keeps the
     outputs; a stride the decoder cannot make is refused by name."""
-    from neurocbir.encoders import create_encoder
-    from neurocbir.lesion import LesionNet, fuse_for_inference
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.lesion import LesionNet, fuse_for_inference
 
     encoder = create_encoder("mobilenetv2")
     torch.manual_seed(0)
@@ -304,8 +137,8 @@ def test_lesion_net_tumor_map_stride_and_fused_inference(decoder_stride):
 def test_closest_size_question_uses_the_estimate(small_cases):
     """A scan uploaded without a report: the size question is answered from the estimated area,
     and says so; without an estimate it asks for the query's report."""
-    from neurocbir.explain import Explainer
-    from neurocbir.reports import case_attributes, make_report
+    from neurocbir.reports.explain import Explainer
+    from neurocbir.reports.text import case_attributes, make_report
 
     reports = [make_report(case_attributes(small_cases, r), "normal", int(small_cases.idx[r])) for r in range(5)]
     areas = small_cases.area_mm2[:5]
@@ -324,8 +157,8 @@ def test_similarity_maps_and_contrastive_evidence(bundled_service, small_cases):
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from neurocbir.app import create_app
-    from neurocbir.saliency import mass_inside
+    from neurocbir.app.api import create_app
+    from neurocbir.models.saliency import mass_inside
 
     client = TestClient(create_app(bundled_service))
     rows = np.flatnonzero(small_cases.fold == 5)[:6]
@@ -366,8 +199,8 @@ def test_every_similarity_attribution_maps_the_query_for_both_model_kinds(bundle
     """The attributions `benchmarks/similarity_maps.py --select` chooses among, on the pixels
     and on the last feature map, give a [0, 1] map at the scan's own size for the lesion model
     and the cached recipe's model; a scan compared with itself has nothing to attribute."""
-    from neurocbir.inference import load_model
-    from neurocbir.saliency import (
+    from neurocbir.models.inference import load_model
+    from neurocbir.models.saliency import (
         ATTRIBUTIONS,
         DECOMPOSITION,
         FALLBACK_ATTRIBUTION,
@@ -402,8 +235,8 @@ def test_similarity_decomposition_splits_the_similarity_exactly(bundled_service,
     """The lesion model's map sums to the similarity head(z) . target less the biases' part
     (computed here by hand from the head's weights and its active ReLUs), on the tumor map's
     grid, and depends on the other case."""
-    from neurocbir.lesion import similarity_contributions
-    from neurocbir.transforms import preprocess
+    from neurocbir.data.transforms import preprocess
+    from neurocbir.models.lesion import similarity_contributions
 
     net = bundled_service.model.net
     size = bundled_service.model.input_size
@@ -439,7 +272,7 @@ def test_similarity_map_is_hot_exactly_where_the_embedding_reads(attribution):
     """A model whose embedding reads only the top-left quadrant of the scan: hiding anything
     there moves the embedding, hiding anything else does not, and only pixels there have a
     gradient; the map says so, for occlusion and for the gradient attributions."""
-    from neurocbir.saliency import SMOOTHGRAD, mass_inside, similarity_map
+    from neurocbir.models.saliency import SMOOTHGRAD, mass_inside, similarity_map
 
     assert attribution in SMOOTHGRAD or attribution in {"occlusion", "grad_x_input_from_black"}
 
@@ -466,8 +299,8 @@ def test_similarity_map_is_hot_exactly_where_the_embedding_reads(attribution):
 def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_data_dir, small_cases, tmp_path):
     """`neurocbir add` with the committed model, then serving that archive: same tumor outline
     and the archive's own cases as evidence."""
-    from neurocbir.ingest import ingest
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.retrieval.ingest import ingest
 
     run = bundled_service.run
     out = ingest(small_data_dir, tmp_path / "archive", run, folds=[1, 2, 3, 4])
@@ -488,8 +321,8 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     from typer.testing import CliRunner
 
     from neurocbir.cli import app as cli
-    from neurocbir.inference import load_model
-    from neurocbir.runs import LESION_CPU_DEFAULTS, TrainConfig
+    from neurocbir.models.inference import load_model
+    from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
 
     run = tmp_path / "run"
     res = CliRunner().invoke(
@@ -536,8 +369,8 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     emb, _, prob = model.analyse(small_cases.load_image(0))
     assert emb.shape == (1, 128) and prob.shape == (cfg["image_size"],) * 2
     # the outline level, chosen on the held-out patients, is the one the app outlines at
-    from neurocbir.finetune import TUMOR_LEVELS
-    from neurocbir.service import RetrievalService
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.training.lesion_run import TUMOR_LEVELS
 
     level = json.loads((run / "tumor_level.json").read_text())
     assert level["level"] in TUMOR_LEVELS and len(level["held_out_median_area_error"]) == len(TUMOR_LEVELS)
@@ -553,12 +386,12 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
 
 
 def test_lesion_training_goes_on_uncompiled_when_the_compiler_fails(small_cases, monkeypatch, caplog):
-    """``compile_net`` (gpu_recipe.py --compile): a compiler that fails in the first step costs no
+    """``compile_net`` (recipe.py --compile): a compiler that fails in the first step costs no
     trial. Training goes on uncompiled from the same batch, so the trial is exactly the uncompiled
     one, says so, and later trials do not try the compiler again."""
-    from neurocbir import finetune
-    from neurocbir.encoders import create_encoder
-    from neurocbir.runs import LESION_DEFAULTS, TrainConfig
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
+    from neurocbir.training import lesion as finetune
 
     cfg = TrainConfig(**{**LESION_DEFAULTS, "epochs": 2, "batch_size": 8, "image_size": 64}, recipe="lesion")
     encoder = create_encoder("mobilenetv2")
@@ -578,7 +411,7 @@ def test_lesion_training_goes_on_uncompiled_when_the_compiler_fails(small_cases,
 
     monkeypatch.setattr(torch, "compile", broken_compiler)
     monkeypatch.setattr(finetune, "_compile_failed", False)
-    with caplog.at_level("WARNING", logger="neurocbir.finetune"):
+    with caplog.at_level("WARNING", logger="neurocbir.training.lesion"):
         got = finetune.train_lesion(
             cfg, encoder, images, masks, labels, 0, device, progress=False, compile_net=True
         ).state_dict()

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from neurocbir.explain import PAPER_QUESTIONS, Explainer
-from neurocbir.llm import OpenAIChat, scrub
+from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
+from neurocbir.reports.llm import OpenAIChat, scrub
 
 from .test_reports import QUERY, REPORTS
 
@@ -122,9 +122,9 @@ def test_scrub():
 
 
 def test_unverified_mode_measures_the_llm_itself(server, llm):
-    from neurocbir.explain import answer_question, compute_facts
-    from neurocbir.report_eval import grade_answer
-    from neurocbir.reports import parse_report
+    from neurocbir.reports.evaluation import grade_answer
+    from neurocbir.reports.explain import answer_question, compute_facts
+    from neurocbir.reports.text import parse_report
 
     truth = answer_question(PAPER_QUESTIONS[3], compute_facts([parse_report(r) for r in REPORTS], parse_report(QUERY)))
     server.reply = "The largest tumor is in report 1, measuring 2400 mm²."
@@ -136,7 +136,7 @@ def test_unverified_mode_measures_the_llm_itself(server, llm):
 
 
 def test_llm_written_normal_reports_are_checked_and_cached(server, llm, small_cases, tmp_path):
-    from neurocbir.reports import case_attributes, llm_normal_reports, parse_report
+    from neurocbir.reports.text import case_attributes, llm_normal_reports, parse_report
 
     rows = [0, 1]
     a0 = case_attributes(small_cases, 0)
@@ -161,7 +161,7 @@ def test_write_reports_command_caches_for_the_app(server, monkeypatch, small_dat
     from typer.testing import CliRunner
 
     from neurocbir.cli import app
-    from neurocbir.reports import cached_llm_reports, case_attributes
+    from neurocbir.reports.text import cached_llm_reports, case_attributes
 
     a = case_attributes(small_cases, 0)
     server.reply = (

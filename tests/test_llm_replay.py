@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from neurocbir.explain import Explainer, answer_question, check_against, compute_facts, read_answer
-from neurocbir.report_eval import grade_answer
-from neurocbir.reports import parse_report
+from neurocbir.reports.evaluation import grade_answer
+from neurocbir.reports.explain import Explainer, answer_question, check_against, compute_facts, read_answer
+from neurocbir.reports.text import parse_report
 
 from .test_llm import _Server
 
@@ -44,7 +44,7 @@ def test_recording_exists_and_is_real():
 
 @pytest.mark.parametrize("i", range(len(_paper_questions())))
 def test_replayed_paper_answers_are_verified(i, server, monkeypatch):
-    from neurocbir.llm import OpenAIChat
+    from neurocbir.reports.llm import OpenAIChat
 
     ex = _paper_questions()[i]
     prompt = ex["messages"][-1]["content"]

@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from neurocbir.cli import app
-from neurocbir.index import VectorIndex
-from neurocbir.inference import load_model
-from neurocbir.runs import TrainConfig
-from neurocbir.training import train_run
-from neurocbir.transforms import preprocess
+from neurocbir.data.transforms import preprocess
+from neurocbir.models.inference import load_model
+from neurocbir.models.runs import TrainConfig
+from neurocbir.retrieval.index import VectorIndex
+from neurocbir.training.cached import train_run
 
 runner = CliRunner()
 
@@ -104,7 +104,7 @@ def test_evaluate_json_contract(supcon_run, tmp_path):
 
 
 def small_cases_of(run):
-    from neurocbir.data import load_cases
+    from neurocbir.data.cases import load_cases
 
     return load_cases(json.loads((run / "config.json").read_text())["data"])
 

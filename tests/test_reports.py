@@ -7,9 +7,16 @@ import pytest
 from typer.testing import CliRunner
 
 from neurocbir.cli import app
-from neurocbir.explain import PAPER_QUESTIONS, Explainer, compute_facts
-from neurocbir.report_eval import evaluate_reports, grade_summary, query_sets
-from neurocbir.reports import STYLES, ReportAttributes, ReportParseError, case_attributes, make_report, parse_report
+from neurocbir.reports.evaluation import evaluate_reports, grade_summary, query_sets
+from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer, compute_facts
+from neurocbir.reports.text import (
+    STYLES,
+    ReportAttributes,
+    ReportParseError,
+    case_attributes,
+    make_report,
+    parse_report,
+)
 
 runner = CliRunner()
 
@@ -185,13 +192,13 @@ def test_facts_need_reports():
     ],
 )
 def test_report_references_are_read_in_every_phrasing(text, refs):
-    from neurocbir.grounding import report_refs
+    from neurocbir.reports.grounding import report_refs
 
     assert report_refs(text) == refs
 
 
 def test_an_answer_that_names_wrong_or_no_reports_is_corrected():
-    from neurocbir.explain import answer_question, check_against
+    from neurocbir.reports.explain import answer_question, check_against
 
     reports = [
         make_report(ReportAttributes("glioma", "axial", a), "plain", i) for i, a in enumerate((120.0, 2400.5, 800.0))
@@ -219,7 +226,7 @@ def test_an_answer_that_names_wrong_or_no_reports_is_corrected():
     ],
 )
 def test_sizes_are_given_to_the_subject_named_before_them(text, subjects):
-    from neurocbir.grounding import attributed_sizes
+    from neurocbir.reports.grounding import attributed_sizes
 
     assert [(s, round(v, 2)) for s, v in attributed_sizes(text)] == subjects
 
@@ -237,8 +244,8 @@ class _Replay:
 def test_real_llm_answers_with_swapped_sizes_are_corrected():
     """Recorded grounded-mode replies that state only real sizes, but the query's as a report's:
     the verifier of 2026-11-26 showed them; now they are replaced by the computed answer."""
-    from neurocbir.explain import answer_question, read_answer
-    from neurocbir.report_eval import grade_answer
+    from neurocbir.reports.evaluation import grade_answer
+    from neurocbir.reports.explain import answer_question, read_answer
 
     recorded = json.loads((Path(__file__).parent / "data" / "llm_swapped_sizes.json").read_text())["exchanges"]
     assert len(recorded) == 3
@@ -255,7 +262,7 @@ def test_real_llm_answers_with_swapped_sizes_are_corrected():
 def test_computed_answers_pass_their_own_verification(cases):
     """Every computed answer (a query report, or only an estimated query size) over 60 Fig. 4
     sets in every report style is shown as computed: the verifier never flags the truth."""
-    from neurocbir.explain import answer_question, check_against
+    from neurocbir.reports.explain import answer_question, check_against
 
     questions = (*PAPER_QUESTIONS, "Which report shows the smallest tumor?")
     for q, rows in query_sets(cases, 60):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neurocbir.classify import NIRClassifier, nir_positions
-from neurocbir.index import IndexMismatchError
-from neurocbir.store import FaissStore, MilvusStore, deep_search, lookup
+from neurocbir.classify.neighbors import NIRClassifier, nir_positions
+from neurocbir.retrieval.index import IndexMismatchError
+from neurocbir.retrieval.milvus import MilvusStore
+from neurocbir.retrieval.store import FaissStore, deep_search, lookup
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_case
     """Stores partitioned by tumor type and plane (an archive's group_keys): a search limited to
     some groups returns the nearest cases of those groups only, however far they lie from the
     query, and saves and reopens whole; with no groups named, all partitions are searched."""
-    from neurocbir.sources import CaseFilter
-    from neurocbir.store import group_keys
+    from neurocbir.app.sources import CaseFilter
+    from neurocbir.retrieval.store import group_keys
 
     x, ids, labels, q = real
     rows = np.searchsorted(small_cases.idx, ids)

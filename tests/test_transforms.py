@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurocbir.transforms import augment, preprocess
+from neurocbir.data.transforms import augment, preprocess
 
 
 def test_preprocess_as_the_paper(cases):

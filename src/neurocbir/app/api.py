@@ -1,0 +1,388 @@
+"""HTTP API (FastAPI, OpenAPI at /docs) and the web UI, over one RetrievalService.
+
+Routers by concern (pages, queries, reports, cases); the service and the explainer are
+injected from ``app.state`` so one app serves whatever source the service was built on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, Field
+
+from neurocbir.app.service import DISCLAIMER, ArchiveUnavailable, RetrievalService
+from neurocbir.app.sources import CaseFilter
+from neurocbir.data.uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
+from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
+from neurocbir.reports.text import STYLES, ReportParseError
+
+log = logging.getLogger("neurocbir.app.api")
+LLM_TIMEOUT_S = 60.0
+
+
+class CasesRequest(BaseModel):
+    case_ids: list[int] = Field(..., min_length=1, max_length=50, description="retrieved case ids, in retrieval order")
+    query_case_id: int | None = Field(None, description="an archive/example case used as the query, if any")
+    query_report: str | None = Field(None, max_length=5000, description="the query scan's report, if known")
+    query_tumor_area_mm2: float | None = Field(
+        None, ge=0, le=100000, description="the query's tumor area estimated by /query (query_tumor), if no report"
+    )
+    style: str = Field("normal", description="report style: plain | normal | alternative")
+
+
+class FeedbackRequest(BaseModel):
+    query_fingerprint: str = Field(..., min_length=32, max_length=32, description="as returned by /query")
+    case_id: int = Field(..., description="the retrieved case being rated")
+    relevant: bool = Field(..., description="clinically relevant to the query?")
+
+
+class AskRequest(CasesRequest):
+    question: str = Field(..., min_length=1, max_length=1000)
+
+
+def _png(img: np.ndarray, mask: np.ndarray | None = None, size: int = 256) -> bytes:
+    from PIL import Image
+    from scipy.ndimage import binary_erosion
+
+    a = img.astype(np.float32)
+    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
+    rgb = np.repeat(a.astype(np.uint8)[..., None], 3, axis=2)
+    if mask is not None and mask.shape == img.shape:
+        edge = mask & ~binary_erosion(mask, iterations=3)
+        rgb[edge] = (255, 40, 40)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).resize((size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _keep_uploads_in_memory() -> None:
+    """Starlette spools multipart files over 1 MB to the system temp dir; keep uploads (capped
+    at MAX_UPLOAD_BYTES by the middleware below) in memory so nothing is written to disk."""
+    from starlette.formparsers import MultiPartParser
+
+    MultiPartParser.spool_max_size = MAX_UPLOAD_BYTES + 1024 * 1024
+
+
+def _service(request: Request) -> RetrievalService:
+    return request.app.state.service
+
+
+def _explainer(request: Request) -> Explainer:
+    return request.app.state.explainer
+
+
+Service = Annotated[RetrievalService, Depends(_service)]
+Explaining = Annotated[Explainer, Depends(_explainer)]
+
+
+def _not_found(exc: KeyError) -> HTTPException:
+    return HTTPException(404, str(exc.args[0]))
+
+
+def _pacs(request: Request) -> str | None:
+    return request.app.state.dicomweb
+
+
+Pacs = Annotated[str | None, Depends(_pacs)]
+
+
+async def _scan(
+    service: RetrievalService, pacs: str | None, file: UploadFile | None, case_id: int | None, instance_uid: str | None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The query scan and its pixel spacing: an upload, an example case, or a PACS instance."""
+    from neurocbir.retrieval.dicomweb import PacsError, read_instance
+
+    if sum(x is not None for x in (file, case_id, instance_uid)) != 1:
+        raise HTTPException(
+            422, "send the scan as the multipart field 'file', or an example 'case_id', or a PACS 'instance_uid'"
+        )
+    try:
+        if file is not None:
+            return await run_in_threadpool(
+                read_scan_with_spacing, await file.read(MAX_UPLOAD_BYTES + 1), file.filename or ""
+            )
+        if instance_uid is not None:
+            if pacs is None:
+                raise HTTPException(400, "this server has no PACS: start it with `neurocbir serve --dicomweb URL`")
+            return await run_in_threadpool(read_instance, pacs, instance_uid)
+        return await run_in_threadpool(service.cases.image, case_id), None
+    except PacsError as exc:
+        raise HTTPException(502 if "cannot reach" in str(exc) or "refused" in str(exc) else 404, str(exc)) from None
+    except UploadError as exc:
+        raise HTTPException(413 if "limit is" in str(exc) and "MB" in str(exc) else 400, str(exc)) from None
+    except KeyError as exc:
+        raise _not_found(exc) from None
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise HTTPException(422, f"style must be one of {', '.join(STYLES)}")
+
+
+queries = APIRouter(tags=["query"])
+reports = APIRouter(tags=["reports"])
+cases = APIRouter(tags=["cases"])
+pages = APIRouter()
+
+
+@pages.get("/health")
+def health(service: Service, pacs: Pacs) -> JSONResponse:
+    """200 while queries can be answered; 503, with the reason, while the served archive's
+    latest state cannot be (e.g. every case removed), so that a load balancer notices."""
+    size, problem = service.archive_size, service.archive_problem
+    body = {
+        "status": "ok" if problem is None else "archive unavailable",
+        "archive_cases": size,
+        "archive_problem": problem,
+        "run": service.run.name,
+        "trial": service.trial,
+        "pacs": pacs is not None,
+    }
+    return JSONResponse(body, status_code=200 if problem is None else 503)
+
+
+@pages.get("/", response_class=HTMLResponse)
+def index() -> str:
+    return resources.files("neurocbir.app").joinpath("static/index.html").read_text()
+
+
+@queries.post("/query")
+async def query(
+    service: Service,
+    pacs: Pacs,
+    file: UploadFile | None = File(None),
+    case_id: int | None = Form(None),
+    instance_uid: str | None = Form(None, description="SOP Instance UID of a scan on the server's PACS"),
+    k: int = Query(5, ge=1, le=50),
+    one_per_patient: bool = Query(False),
+    coverage: float = Query(0.95, ge=0.5, lt=1, description="coverage of the conformal prediction set"),
+    rerank: bool = Query(False, description="order the shown retrievals by clinicians' feedback"),
+    plane: str | None = Query(None, description="show only archive cases in this plane (axial, coronal, sagittal)"),
+    tumor_type: str | None = Query(None, description="show only archive cases of this tumor type"),
+    min_area_mm2: float | None = Query(None, ge=0, description="show only tumors at least this large"),
+    max_area_mm2: float | None = Query(None, ge=0, description="show only tumors at most this large"),
+) -> dict:
+    try:
+        filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    image, spacing = await _scan(service, pacs, file, case_id, instance_uid)
+    try:  # off the event loop: /health and static files stay responsive under load
+        return await run_in_threadpool(
+            service.query,
+            image,
+            k=k,
+            one_per_patient=one_per_patient,
+            coverage=coverage,
+            pixel_spacing_mm=spacing,
+            rerank=rerank,
+            filters=filters,
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    except ArchiveUnavailable as exc:
+        raise HTTPException(503, str(exc)) from None
+
+
+@queries.post("/similarity", response_class=Response)
+async def similarity(
+    service: Service,
+    pacs: Pacs,
+    case_id: int = Query(..., description="the archive case the query is compared with"),
+    side: str = Query("query", description="query: map over the query scan; case: over the archive case"),
+    file: UploadFile | None = File(None),
+    query_case_id: int | None = Form(None),
+    instance_uid: str | None = Form(None, description="the query as a SOP Instance UID on the server's PACS"),
+) -> Response:
+    """Why is this case similar? An RGBA PNG heat map at the mapped image's own pixel size, to
+    lay over it (hot = the regions that bring the two scans' embeddings together). For a lesion
+    model, the header ``X-Lesion-Share`` says how much of the similarity comes from the
+    tumor-weighted half of the embedding (the rest: the whole slice)."""
+    from neurocbir.models.saliency import heat_png
+
+    image, _ = await _scan(service, pacs, file, query_case_id, instance_uid)
+    try:
+        sal, share = await run_in_threadpool(service.similarity, image, case_id, side)
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    headers = {"X-Lesion-Share": f"{share:.3f}"} if share is not None else {}
+    return Response(heat_png(sal), media_type="image/png", headers=headers)
+
+
+@queries.get("/pacs/image.png")
+async def pacs_image(
+    service: Service, pacs: Pacs, instance_uid: str = Query(..., description="SOP Instance UID on the server's PACS")
+) -> Response:
+    """A PACS instance as a PNG at its own pixel size, to show the query the UI fetched by UID."""
+    image, _ = await _scan(service, pacs, None, None, instance_uid)
+    return Response(_png(image, None, size=max(image.shape)), media_type="image/png")
+
+
+@queries.post("/feedback")
+def feedback(req: FeedbackRequest, service: Service) -> dict:
+    """A clinician's relevant / not relevant mark on a retrieval, stored durably (SQLite)."""
+    try:
+        service.cases.describe([req.case_id])
+        mark = service.feedback.add(req.query_fingerprint, req.case_id, req.relevant)
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return {"id": mark, "stored": True}
+
+
+@queries.get("/feedback.csv", response_class=Response)
+def feedback_csv(service: Service) -> Response:
+    """Every mark so far (time, query fingerprint, case, relevant), as CSV."""
+    return Response(
+        service.feedback.export_csv(),
+        media_type="text/csv",
+        headers={"Content-Disposition": 'attachment; filename="feedback.csv"'},
+    )
+
+
+def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[str], str | None]:
+    _check_style(req.style)
+    try:
+        found = service.cases.reports(req.case_ids, req.style)
+        query = req.query_report
+        if query is None and req.query_case_id is not None:
+            query = service.cases.reports([req.query_case_id], req.style)[0]
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    return found, query
+
+
+async def _explain(explainer: Explainer, method: str, *args) -> tuple[object, bool]:
+    """Run ``explainer.<method>`` off the event loop; an LLM that takes longer than
+    :data:`LLM_TIMEOUT_S` is not waited for: the grounded engine answers instead (flagged)."""
+    try:
+        if explainer.llm is None:
+            return getattr(explainer, method)(*args), False
+        try:
+            return await asyncio.wait_for(run_in_threadpool(getattr(explainer, method), *args), LLM_TIMEOUT_S), False
+        except TimeoutError:
+            log.warning("the LLM took longer than %s s; answering from the grounded engine", LLM_TIMEOUT_S)
+            return getattr(Explainer(), method)(*args), True
+    except (ReportParseError, ValueError) as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+@reports.post("/summary")
+async def summary(req: CasesRequest, service: Service, explainer: Explaining) -> dict:
+    texts, query = _case_reports(service, req)
+    area = None if query else req.query_tumor_area_mm2
+    out, timed_out = await _explain(explainer, "summarize", texts, query, area)
+    source = "grounded (the LLM timed out)" if timed_out else out["source"]
+    return {"summary": out["summary"], "facts": out["facts"], "source": source, "reports": texts}
+
+
+@reports.post("/ask")
+async def ask(req: AskRequest, service: Service, explainer: Explaining) -> dict:
+    texts, query = _case_reports(service, req)
+    area = None if query else req.query_tumor_area_mm2
+    (ans, _), timed_out = await _explain(explainer, "answer", req.question, texts, query, area)
+    return {**ans.as_dict(), "corrected": ans.corrected, "llm_timed_out": timed_out}
+
+
+@cases.get("/cases/{case_id}")
+def case(case_id: int, service: Service, style: str = "normal") -> dict:
+    _check_style(style)
+    try:
+        out = service.cases.case(case_id, style)
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    return {**out, "image_url": f"/cases/{case_id}/image.png", "mask_url": f"/cases/{case_id}/mask.png"}
+
+
+@cases.get("/cases/{case_id}/image.png")
+def case_image(
+    case_id: int, service: Service, outline: bool = False, size: int = Query(256, ge=32, le=512)
+) -> Response:
+    try:
+        img = service.cases.image(case_id)
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    mask = None
+    if outline:
+        with contextlib.suppress(KeyError):  # no mask for this case (e.g. ingested from a PACS): no outline
+            mask = service.cases.mask(case_id)
+    return Response(_png(img, mask, size), media_type="image/png")
+
+
+@cases.get("/cases/{case_id}/mask.png")
+def case_mask(case_id: int, service: Service) -> Response:
+    try:
+        mask = service.cases.mask(case_id)
+    except KeyError as exc:
+        raise _not_found(exc) from None
+    return Response(_png(mask.astype(np.float32), None, 512), media_type="image/png")
+
+
+@cases.get("/examples")
+def examples(service: Service) -> dict:
+    return {"examples": service.cases.examples(), "questions": list(PAPER_QUESTIONS), "disclaimer": DISCLAIMER}
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a traceback to the client
+    log.error("unexpected error on %s: %s", request.url.path, type(exc).__name__)
+    return JSONResponse({"detail": "internal error; the server keeps running"}, status_code=500)
+
+
+def create_app(service: RetrievalService, explainer: Explainer | None = None, dicomweb: str | None = None) -> FastAPI:
+    """The API and UI over one service (grounded answers unless an LLM explainer is given);
+    ``dicomweb``: a PACS whose instances can be queried by SOP Instance UID."""
+    # the API docs (/docs) with their scripts served from here: they work with no internet, and a
+    # browser on a hospital network contacts no outside host (no ReDoc: it fetches a logo from its CDN)
+    app = FastAPIOffline(
+        redoc_url=None,
+        title="neurocbir",
+        version="0.1.0",
+        description="Retrieval-based brain tumor MRI decision support. " + DISCLAIMER,
+        # body bytes are counted as they arrive (chunked bodies too); a query takes one file
+        max_body_size=MAX_UPLOAD_BYTES + 64 * 1024,
+        form_limits={"max_files": 1, "max_fields": 8},
+    )
+    app.state.service, app.state.explainer, app.state.dicomweb = service, explainer or Explainer(), dicomweb
+    _keep_uploads_in_memory()
+    for router in (pages, queries, reports, cases):
+        app.include_router(router)
+    app.add_exception_handler(Exception, _unexpected)
+    return app
+
+
+def serve(
+    run: Path, host: str = "127.0.0.1", port: int = 8000, archive: Path | None = None, dicomweb: str | None = None
+) -> None:
+    import uvicorn
+
+    from neurocbir.reports.llm import LLMUnavailable, llm_from_env
+
+    service = RetrievalService.from_archive(run, archive) if archive is not None else RetrievalService.from_run(run)
+    # compile the CPU runtime now (about a second), so that the first clinician's scan does not wait for it
+    service.model.embed([np.zeros((64, 64), np.float32)])
+    try:
+        explainer = Explainer(llm_from_env())
+        print("neurocbir: answers are phrased by the configured LLM and checked against the reports", flush=True)
+    except LLMUnavailable:
+        explainer = Explainer()
+    print(
+        f"neurocbir: serving run {run} (trial {service.trial}, {service.archive_size} archive cases) "
+        f"at http://{host}:{port}/  (API docs: http://{host}:{port}/docs)",
+        flush=True,
+    )
+    if dicomweb:
+        print(f"neurocbir: scans can be queried by SOP Instance UID from the PACS at {dicomweb}", flush=True)
+    uvicorn.run(create_app(service, explainer, dicomweb), host=host, port=port, log_level="warning")

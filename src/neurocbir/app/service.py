@@ -1,0 +1,272 @@
+"""The query service behind the CLI, the HTTP API and the UI: one trained model and one case
+source (the run's own index, or a case archive), answering image -> prediction + evidence.
+
+One query is one CNN pass and one search: NIR, its I_c positions and the KNN vote are all
+scored from the same neighbour list (:mod:`neurocbir.classify.neighbors`). The probabilities shown are
+NIR's, calibrated on training patients, with a conformal prediction set
+(:mod:`neurocbir.classify.calibration`); runs trained before calibration show ``softmax(I_c)`` and
+say ``"calibrated": false``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from scipy.special import softmax
+
+from neurocbir.app.feedback import FILE as FEEDBACK_FILE
+from neurocbir.app.feedback import FeedbackStore, fingerprint
+from neurocbir.app.sources import ArchiveCases, CaseFilter, CaseSource, RunCases
+from neurocbir.classify import calibration
+from neurocbir.classify.neighbors import knn_votes, nir_positions
+from neurocbir.data.cases import CLASS_NAMES, CaseTable
+from neurocbir.models.inference import LesionModel, Model, load_model
+from neurocbir.models.lesion import tumor_level, tumor_outline
+from neurocbir.models.runs import trial_dir
+
+log = logging.getLogger(__name__)
+_MODEL_LOCK = threading.Lock()
+DISCLAIMER = (
+    "Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
+    "and must be reviewed by a qualified clinician."
+)
+KNN_K = 7  # the KNN vote shown beside NIR, for comparison
+RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (see refresh_cases)
+
+
+class ArchiveUnavailable(RuntimeError):
+    """The served archive changed into one that cannot be served (e.g. every case removed)."""
+
+
+class RetrievalService:
+    """A model and a case source. Build it with :meth:`from_run` or :meth:`from_archive`;
+    what is known about archive cases (attributes, reports, images) comes from ``cases``."""
+
+    def __init__(self, model: Model | LesionModel, cases: CaseSource, feedback_path: Path | None = None):
+        """``feedback_path``: the clinicians' feedback database (default: ``feedback.db`` in
+        the run folder, or in the archive folder when serving an archive)."""
+        self.model, self.cases = model, cases
+        self.calibrator = (calibration.load(model.run) or {}).get("nir")
+        self.tumor_level = tumor_level(model.run)
+        self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
+        self._feedback: FeedbackStore | None = None
+        self._feedback_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._reloading: threading.Thread | None = None
+        self._unservable: str | None = None  # why the archive's latest state could not be loaded
+
+    @property
+    def feedback(self) -> FeedbackStore:
+        """Opened on first use: serving alone writes nothing."""
+        with self._feedback_lock:  # not the model's lock: a mark need not wait for a forward pass
+            if self._feedback is None:
+                self._feedback = FeedbackStore(self.feedback_path)
+            return self._feedback
+
+    @classmethod
+    def from_run(cls, run: Path | str, trial: int | None = None, table: CaseTable | None = None) -> RetrievalService:
+        """Serve a run's trial over the run's own archive (its training folds)."""
+        model = load_model(run, trial)
+        cases = RunCases(
+            trial_dir(run, model.trial), model.checkpoint_sha256, model.embedding_dim, table, data=model.config.data
+        )
+        return cls(model, cases)
+
+    @classmethod
+    def from_archive(cls, run: Path | str, archive: Path | str, trial: int | None = None) -> RetrievalService:
+        """Serve a run's trial over a case archive built with ``neurocbir add`` by that trial."""
+        model = load_model(run, trial)
+        cases = ArchiveCases(archive, model.checkpoint_sha256, model.embedding_dim)
+        return cls(model, cases, feedback_path=Path(archive) / FEEDBACK_FILE)
+
+    @property
+    def run(self) -> Path:
+        return self.model.run
+
+    @property
+    def trial(self) -> int:
+        return self.model.trial
+
+    @property
+    def archive_size(self) -> int:
+        """Cases the answers read (0 while the archive's latest state cannot be served)."""
+        self.refresh_cases()  # not waited for: /health answers at once
+        return 0 if self._unservable else self.cases.size()
+
+    @property
+    def archive_problem(self) -> str | None:
+        """Why the archive, as it is now, cannot be served (None when it can)."""
+        return self._unservable
+
+    def refresh_cases(self, wait_s: float | None = 0.0) -> bool:
+        """Pick up what `neurocbir add` or `remove` committed to the served archive since its view
+        was loaded: a new view loads in a background thread and replaces the old one when ready.
+        Waits at most ``wait_s`` seconds for it (None: until it serves); a query that comes sooner
+        reads the previous view. Returns whether the archive had changed. A run's own index never
+        changes."""
+        cases = self.cases
+        if not isinstance(cases, ArchiveCases) or not cases.changed():
+            return False
+        with self._reload_lock:
+            if self._reloading is None or not self._reloading.is_alive():
+                self._reloading = threading.Thread(target=self._reload, args=(cases,), name="archive-reload")
+                self._reloading.daemon = True
+                self._reloading.start()
+            thread = self._reloading
+        if wait_s is None or wait_s > 0:
+            thread.join(wait_s)
+        return True
+
+    def _reload(self, old: ArchiveCases) -> None:
+        version = old.archive.data_version()
+        try:
+            self.cases, self._unservable = old.reopened(), None
+        except (ValueError, OSError) as exc:  # e.g. every case removed: keep the last view, say why
+            self._unservable = f"the case archive changed and cannot be served: {exc}"
+            log.warning("%s; serving its previous view", self._unservable)
+            old.version = version  # not tried again until the archive changes again
+
+    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(embedding, trunk descriptor, tumor probability map or None) of one image."""
+        with _MODEL_LOCK:  # one forward pass at a time: torch already uses every core
+            return self.model.analyse(image)
+
+    def query(
+        self,
+        image: np.ndarray,
+        k: int = 5,
+        one_per_patient: bool = False,
+        coverage: float = calibration.DEFAULT_COVERAGE,
+        pixel_spacing_mm: tuple[float, float] | None = None,
+        rerank: bool = False,
+        filters: CaseFilter | None = None,
+    ) -> dict:
+        """Prediction, calibrated confidence, prediction set and the evidence for one scan,
+        and its predicted tumor outline where the model has a tumor decoder (``pixel_spacing_mm``:
+        the scan's (row, column) spacing, if known, for the area). ``rerank``: order the shown
+        retrievals by clinicians' feedback (among the nearest max(2k, 20); the prediction is not
+        changed by it). ``filters``: show only archive cases of a plane, type or size range
+        (searched inside the vector store; the prediction still reads the whole archive)."""
+        if not 1 <= k <= 50:
+            raise ValueError("k must be between 1 and 50")
+        if not 0.5 <= coverage < 1:
+            raise ValueError("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
+        q, trunk, tumor_prob = self.analyse(image)
+        # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
+        # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
+        self.refresh_cases(wait_s=RELOAD_WAIT_S)
+        search = (q, trunk, k, one_per_patient, coverage, rerank, filters)
+        try:
+            evidence = self._evidence(self.cases, *search)
+        except KeyError:  # a retrieval removed since this view loaded: the evidence is read again
+            if not self.refresh_cases(wait_s=None):
+                if self._unservable:
+                    raise ArchiveUnavailable(self._unservable) from None
+                raise
+            evidence = self._evidence(self.cases, *search)
+        return {
+            **evidence,
+            "query_fingerprint": fingerprint(image),
+            "query_tumor": None
+            if tumor_prob is None
+            else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level),
+            "tumor_outlining": tumor_prob is not None,  # does this model outline tumors at all?
+            "disclaimer": DISCLAIMER,
+        }
+
+    def _evidence(
+        self,
+        cases: CaseSource,
+        q: np.ndarray,
+        trunk: np.ndarray,
+        k: int,
+        one_per_patient: bool,
+        coverage: float,
+        rerank: bool,
+        filters: CaseFilter | None,
+    ) -> dict:
+        """The prediction and its evidence from one view of the cases (one search, one NIR)."""
+        dist, case_ids, labels = cases.neighbours(q, one_per_patient)
+        classes = cases.classes  # classes absent from the archive get no column
+        positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
+        cal = self.calibrator
+        if cal is not None:  # the same logits the calibration was fitted on
+            proba = cal.proba(calibration.neighbour_logits("nir", labels[None], len(CLASS_NAMES))[0][classes])
+        else:
+            proba = softmax(positions.astype(float))
+        knn = knn_votes(labels[None], len(CLASS_NAMES), KNN_K)[0][classes]
+        winner = int(np.argmax(proba))
+        in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
+        disagree = bool(int(np.argmax(knn)) != winner or (in_set is not None and in_set.sum() > 1))
+        nearest = cases.nearest_trunk(trunk)
+        nearest = float(dist[0]) if nearest is None else nearest
+        far = nearest > cases.far_threshold
+        if far and in_set is not None:
+            # The calibration and the set's coverage hold for scans like the calibration cases;
+            # for one unlike every archive case no class is ruled out.
+            in_set = np.ones_like(in_set)
+        filtering = filters is not None and filters.active()
+        pool_dist, pool_ids = (
+            cases.filtered(q, filters, max(2 * k, 20) if rerank else k, one_per_patient)
+            if filtering
+            else (dist, case_ids)
+        )
+        shown = np.arange(min(k, len(pool_ids)))
+        if rerank:
+            pool = min(max(2 * k, 20), len(pool_ids))
+            shown = self.feedback.rerank(pool_ids[:pool], pool_dist[:pool])[:k]
+        info = cases.describe([int(pool_ids[j]) for j in shown])
+        retrievals = [
+            {**info[int(pool_ids[j])], "distance": round(float(pool_dist[j]), 4), "rank": int(j) + 1} for j in shown
+        ]
+        names = [CLASS_NAMES[int(c)] for c in classes]
+        other = np.flatnonzero(labels != classes[winner])  # contrastive evidence: the nearest case that is not
+        nearest_other = (
+            {
+                "case_id": int(case_ids[other[0]]),
+                "label": CLASS_NAMES[int(labels[other[0]])],
+                "distance": round(float(dist[other[0]]), 4),
+                "rank": int(other[0]) + 1,
+            }
+            if len(other)
+            else None
+        )
+        return {
+            "prediction": names[winner],
+            "confidence": round(float(proba[winner]), 4),
+            "calibrated": cal is not None,
+            # False when no similar case is found: the confidence is then no calibrated probability
+            "calibration_applies": cal is not None and not far,
+            "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
+            "prediction_set": None if in_set is None else [n for n, keep in zip(names, in_set) if keep],
+            "coverage": coverage if cal is not None else None,
+            "neighbours_disagree": disagree,
+            "nir_positions": {n: int(v) for n, v in zip(names, positions)},
+            "knn_vote": {n: round(float(p), 4) for n, p in zip(names, knn)},
+            "retrievals": retrievals,
+            "reranked_by_feedback": rerank,
+            "filters": asdict(filters) if filtering else None,
+            "nearest_other_class": nearest_other,
+            "no_similar_case": far,
+            "nearest_distance": round(nearest, 4),
+        }
+
+    def similarity(self, image: np.ndarray, case_id: int, side: str = "query") -> tuple[np.ndarray, float | None]:
+        """Similarity map (H, W, in [0, 1]) between a query scan and archive case ``case_id``:
+        over the query (``side="query"``: what in the query looks like the case) or over the
+        case (``side="case"``), and how much of the similarity is the tumor's (None for a model
+        without a tumor map). See :func:`neurocbir.models.saliency.explain_similarity`."""
+        from neurocbir.models.saliency import explain_similarity
+
+        if side not in ("query", "case"):
+            raise ValueError("side must be 'query' or 'case'")
+        self.refresh_cases()
+        case_image = self.cases.image(case_id)  # KeyError for an unknown case
+        with _MODEL_LOCK:
+            if side == "query":
+                return explain_similarity(self.model, image, case_image)
+            return explain_similarity(self.model, case_image, image)

@@ -1,0 +1,97 @@
+"""The case archive: ``add`` (folders or a PACS) and ``remove``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from neurocbir.cli._common import _guard, resolve_run
+
+
+def add(
+    folder: Optional[Path] = typer.Argument(
+        None, help="bundled dataset folder, figshare .mat folder, or scans + cases.csv (or use --dicomweb)"
+    ),
+    archive: Path = typer.Option(Path("archive"), help="archive folder (created if missing)"),
+    run: Optional[Path] = typer.Option(None, help="trained run whose encoder embeds the scans"),
+    store: str = typer.Option("flat", help="vector store: flat (exact FAISS), hnsw (approximate FAISS) or milvus"),
+    milvus_uri: Optional[str] = typer.Option(
+        None, help="Milvus server (http://host:19530) or Milvus Lite .db file; token from $NEUROCBIR_MILVUS_TOKEN"
+    ),
+    milvus_index: str = typer.Option(
+        "FLAT", help="index type of a new Milvus collection (FLAT exact; IVF_FLAT, HNSW... on a Milvus server)"
+    ),
+    fold: Optional[list[int]] = typer.Option(None, help="only these folds of a dataset folder (repeatable)"),
+    batch_size: int = typer.Option(32, min=1, max=1024),
+    index_every: float = typer.Option(
+        30.0, min=0, help="write the vector index at most every N seconds (and at the end)"
+    ),
+    dicomweb: Optional[str] = typer.Option(
+        None, help="ingest from this DICOMweb server (PACS), e.g. http://pacs:8042/dicom-web, instead of a folder"
+    ),
+    labels: Optional[Path] = typer.Option(
+        None, help="with --dicomweb: CSV sop_instance_uid,label[,patient_id,plane,area_mm2,report]"
+    ),
+    study: Optional[str] = typer.Option(None, help="with --dicomweb: only this Study Instance UID"),
+) -> None:
+    """Embed the scans of FOLDER (or of a PACS, with --dicomweb) and add them to a case archive;
+    safe to kill and rerun (resumes, never duplicates). Patient names and ids are not stored."""
+    from tqdm import tqdm
+
+    from neurocbir.retrieval.ingest import ingest
+
+    bar = None
+
+    def show(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc="adding cases", unit="scan")
+        bar.update(done - bar.n)
+
+    try:
+        out = _guard(
+            ingest,
+            folder,
+            archive,
+            resolve_run(run),
+            store,
+            milvus_uri,
+            milvus_index,
+            fold,
+            batch_size,
+            index_every,
+            show,
+            dicomweb,
+            labels,
+            study,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    typer.echo(
+        f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
+        f"{out['total']} cases ({out['check']['store_count']} in its {out['store']} index)"
+    )
+    if out["unlabelled"]:
+        typer.secho(
+            f"  {out['unlabelled']} instances on the server are not in {labels}: not added", fg=typer.colors.YELLOW
+        )
+    for e in out["errors"][:20]:
+        typer.secho(f"  skipped {e}", fg=typer.colors.YELLOW)
+    if len(out["errors"]) > 20:
+        typer.secho(f"  ... and {len(out['errors']) - 20} more unreadable files", fg=typer.colors.YELLOW)
+
+
+def remove(
+    case_ids: list[int] = typer.Argument(..., help="archive case ids (as `query` and the app show them)"),
+    archive: Path = typer.Option(Path("archive"), help="archive folder"),
+) -> None:
+    """Remove cases from a case archive (a withdrawn or mislabelled scan); crash-safe like `add`."""
+    from neurocbir.retrieval.archive import remove_cases
+
+    removed, left = _guard(remove_cases, archive, case_ids)
+    missing = sorted(set(case_ids) - set(removed))
+    typer.echo(f"{len(removed)} case(s) removed; the archive at {archive} holds {left} cases")
+    if missing:
+        typer.secho(f"  not in the archive: {', '.join(map(str, missing))}", fg=typer.colors.YELLOW)

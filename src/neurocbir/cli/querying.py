@@ -1,0 +1,144 @@
+"""Queries and the app: ``query``, ``ask``, ``serve``, ``demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from neurocbir.cli._common import (
+    _explain,
+    _guard,
+    _index_bundled_model,
+    _read_image_file,
+    _read_query_scan,
+    _service,
+    resolve_run,
+)
+
+
+def query(
+    image: Optional[Path] = typer.Argument(None, help="PNG/JPEG, DICOM or figshare .mat file (or use --instance)"),
+    run: Optional[Path] = typer.Option(None, help="trained run directory"),
+    k: int = typer.Option(5),
+    one_per_patient: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+    archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
+    coverage: float = typer.Option(0.95, min=0.5, max=0.999, help="coverage of the prediction set"),
+    plane: Optional[str] = typer.Option(None, help="show only archive cases in this plane"),
+    tumor_type: Optional[str] = typer.Option(None, help="show only archive cases of this tumor type"),
+    min_area: Optional[float] = typer.Option(None, help="show only tumors of at least this many mm²"),
+    max_area: Optional[float] = typer.Option(None, help="show only tumors of at most this many mm²"),
+    dicomweb: Optional[str] = typer.Option(None, help="DICOMweb server (PACS) to fetch --instance from"),
+    instance: Optional[str] = typer.Option(None, help="SOP Instance UID of the scan on the --dicomweb server"),
+) -> None:
+    """Predict the tumor type of a scan (a file, or an instance on a PACS) from its most similar
+    archive cases."""
+    from neurocbir.app.sources import CaseFilter
+
+    filters = _guard(CaseFilter, plane, tumor_type, min_area, max_area)
+    img, spacing = _read_query_scan(image, dicomweb, instance)
+    svc = _service(run, archive)
+    out = _guard(
+        svc.query,
+        img,
+        k=k,
+        one_per_patient=one_per_patient,
+        coverage=coverage,
+        pixel_spacing_mm=spacing,
+        filters=filters,
+    )
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if out["no_similar_case"]:  # a calibrated probability would not hold for this scan
+        shown = "confidence withheld: no similar archive case"
+    else:
+        kind = "calibrated confidence" if out["calibrated"] else "uncalibrated softmax(I_c)"
+        shown = f"{kind} {out['confidence']:.1%}"
+    typer.echo(
+        f"{out['prediction']} ({shown}; KNN-7 vote "
+        + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items())
+        + ")"
+    )
+    if out["prediction_set"] is not None:
+        typer.echo(f"{out['coverage']:.0%} prediction set: {' or '.join(out['prediction_set'])}")
+    if out["neighbours_disagree"]:
+        typer.echo("the neighbours disagree: read the evidence below")
+    if out["no_similar_case"]:
+        typer.secho("warning: no similar case found; the prediction is unreliable", fg=typer.colors.RED)
+    if out.get("query_tumor"):
+        t = out["query_tumor"]
+        typer.echo(f"query tumor: about {t['area_mm2']:.0f} mm² ({t['note']})")
+    if out.get("nearest_other_class"):
+        o = out["nearest_other_class"]
+        typer.echo(
+            f"nearest case of another class: case {o['case_id']}, {o['label']}, distance {o['distance']:.3f} (rank {o['rank']})"
+        )
+    if out.get("filters"):
+        shown = ", ".join(f"{k}={v}" for k, v in out["filters"].items() if v is not None)
+        typer.echo(f"retrievals filtered ({shown}); the prediction reads the whole archive")
+    for i, r in enumerate(out["retrievals"], 1):
+        size = "size unknown" if r["area_mm2"] is None else f"{r['area_mm2']:.1f} mm²"
+        typer.echo(
+            f"  {i}. case {r['case_id']}: {r['label']}, {r['plane'] or 'plane unknown'}, {size}, distance {r['distance']:.3f}"
+        )
+    typer.echo(out["disclaimer"])
+
+
+def ask(
+    image: Path = typer.Argument(...),
+    question: str = typer.Argument(...),
+    run: Optional[Path] = typer.Option(None),
+    k: int = typer.Option(5),
+    style: str = typer.Option("normal"),
+    llm: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Ask a question about the reports of a scan's most similar archive cases."""
+    img, spacing = _read_image_file(image)
+    svc = _service(run)
+    out = _guard(svc.query, img, k=k, pixel_spacing_mm=spacing)
+    if out["no_similar_case"]:  # on stderr, so that --json stays one document
+        typer.secho("warning: no similar case found; these reports are of dissimilar scans", fg="red", err=True)
+    reports = _guard(svc.cases.reports, [r["case_id"] for r in out["retrievals"]], style)
+    area = out["query_tumor"]["area_mm2"] if out.get("query_tumor") else None
+    ans, _ = _explain(llm, "grounded", "answer", question, reports, None, area)
+    typer.echo(json.dumps(ans.as_dict(), indent=2) if as_json else ans.answer)
+
+
+def serve(
+    run: Optional[Path] = typer.Option(None),
+    port: int = typer.Option(8000),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
+    dicomweb: Optional[str] = typer.Option(
+        None, help="DICOMweb server (PACS) whose instances can be queried by SOP Instance UID"
+    ),
+) -> None:
+    """Serve the web UI and the HTTP API."""
+    from neurocbir.app.api import serve as _serve
+
+    _guard(_serve, resolve_run(run), host, port, archive, dicomweb)
+
+
+def demo(port: int = typer.Option(8000)) -> None:
+    """The main job: serve the committed model (indexed on first start), else the best trained
+    run, else train a quick one (~5 min) first."""
+    from neurocbir.app.api import serve as _serve
+    from neurocbir.models.runs import TrainConfig, find_default_run
+    from neurocbir.training.cached import train_run
+
+    _index_bundled_model()
+    run = find_default_run()
+    if run is None:
+        run = Path("runs/demo")
+        typer.echo(
+            "No trained run yet: training a quick SupCon model (head only, no augmented copies, 1 trial). "
+            "For the lesion model run `neurocbir train --out runs/mine` (about 25 min on 2 cores)."
+        )
+        cfg = TrainConfig(loss="supcon", trials=1, trainable_blocks=0, n_copies=0, epochs=20)
+        _guard(train_run, cfg, run)
+    _guard(_serve, run, "127.0.0.1", port)

@@ -1,0 +1,206 @@
+"""Data and training: ``info``, ``train``, ``search``, ``evaluate``, ``calibrate``, ``index``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from neurocbir.cli._common import _fail, _guard
+
+
+def train(
+    recipe: str = typer.Option(
+        "lesion",
+        help="lesion: CNN + tumor decoder, fresh augmentation (SupCon; CPU preset ~27 min on 2 cores, GPU preset "
+        "5 trials) | cached: top of the trunk on cached features (any loss; quick option)",
+    ),
+    loss: str = typer.Option("supcon", help="ce | triplet | nca | infonce | supcon"),
+    fold: int = typer.Option(5, help="test fold (1-5), patient-wise"),
+    trials: Optional[int] = typer.Option(None, help="seeds per configuration (paper: 5; default 5, lesion on a CPU 1)"),
+    first_seed: int = typer.Option(0, help="train seeds first_seed .. first_seed + trials - 1"),
+    out: Path = typer.Option(..., help="run directory to write"),
+    encoder: Optional[str] = typer.Option(
+        None, help="efficientnet_lite2 (default) | mobilenetv2 (lesion on a CPU) | efficientnet_b2 | resnet50"
+    ),
+    weights: Optional[Path] = typer.Option(None, help="local ImageNet weights file for efficientnet_b2/resnet50"),
+    random_init: bool = typer.Option(False, help="allow a randomly initialised trunk (no pretrained weights)"),
+    trainable_blocks: int = typer.Option(
+        2, help="cached recipe: 0 = head only on cached features, k = last k blocks, -1 = all"
+    ),
+    epochs: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    temperature: Optional[float] = typer.Option(None),
+    margin: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    n_copies: Optional[int] = typer.Option(None),
+    dropout: Optional[float] = typer.Option(None),
+    feature_noise: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None),
+    tta: Optional[bool] = typer.Option(None, help="average the embeddings of augmented views at test time"),
+    image_size: Optional[int] = typer.Option(None, help="network input side in px (lesion: 256 GPU, 224 CPU)"),
+    frozen_stages: Optional[int] = typer.Option(
+        None, help="lesion: first trunk stages kept pretrained (CPU preset: those up to stride 8)"
+    ),
+    decoder_stride: Optional[int] = typer.Option(
+        None, help="lesion: stride of the predicted tumor map, 4 or 2 (finer outlines of small tumors)"
+    ),
+    params: Optional[Path] = typer.Option(None, help="JSON of hyper-parameters (e.g. from `neurocbir search`)"),
+    data: Optional[Path] = typer.Option(
+        None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"
+    ),
+    cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
+) -> None:
+    """Train an encoder with one loss over several seeds and index the archive."""
+    from neurocbir.models.runs import LESION_CPU_DEFAULTS, LESION_DEFAULTS, TrainConfig
+    from neurocbir.training.cached import train_run
+
+    cfg = TrainConfig(
+        recipe=recipe,
+        loss=loss,
+        fold=fold,
+        first_seed=first_seed,
+        weights=str(weights) if weights else None,
+        random_init=random_init,
+        trainable_blocks=trainable_blocks,
+        data=str(data) if data else None,
+        cache_dir=str(cache_dir) if cache_dir else None,
+    )
+    if recipe == "lesion":  # its own defaults (the loss stays as given: validate() insists on SupCon)
+        from neurocbir.models.encoders import pick_device
+
+        preset = LESION_DEFAULTS if pick_device().type == "cuda" else LESION_CPU_DEFAULTS
+        for k, v in preset.items():
+            if k != "loss":
+                setattr(cfg, k, v)
+    if params is not None:
+        if not params.is_file():
+            _fail(f"no such params file: {params}")
+        for k, v in json.loads(params.read_text()).get("best", {}).items():
+            setattr(cfg, k, v)
+    overrides = dict(
+        epochs=epochs,
+        lr=lr,
+        temperature=temperature,
+        margin=margin,
+        batch_size=batch_size,
+        n_copies=n_copies,
+        dropout=dropout,
+        feature_noise=feature_noise,
+        weight_decay=weight_decay,
+        tta=tta,
+        trials=trials,
+        encoder=encoder,
+        image_size=image_size,
+        frozen_stages=frozen_stages,
+        decoder_stride=decoder_stride,
+    )
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if frozen_stages is not None:  # a count given replaces the preset's "up to stride 8"
+        cfg.frozen_stride = 0
+    if recipe == "lesion":
+        from neurocbir.data.cases import load_cases
+        from neurocbir.training.lesion_run import train_lesion_run
+
+        table = _guard(load_cases, cfg.data)
+        timings = _guard(train_lesion_run, cfg, out, table)
+        typer.echo(
+            f"trained {len(timings['trials_s'])} lesion trial(s) on fold {cfg.fold} "
+            f"in {sum(timings['trials_s']):.0f} s; run: {out}"
+        )
+        return
+    timings = _guard(train_run, cfg, out)
+    typer.echo(
+        f"trained {cfg.trials} trial(s) of {cfg.loss} on fold {cfg.fold} in {timings['train_s_total']:.0f} s "
+        f"(feature cache {timings['feature_cache_s']:.0f} s); run: {out}"
+    )
+
+
+def index(
+    run: Path = typer.Argument(..., help="run directory whose trial has a checkpoint (trained here or elsewhere)"),
+    trial: Optional[int] = typer.Option(None, help="seed of the trial (default: the first)"),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA", help="dataset folder"),
+) -> None:
+    """(Re)build a trial's archive index and embeddings from the dataset with its checkpoint:
+    for a run trained on another machine (a GPU) before serving or evaluating it here."""
+    from neurocbir.retrieval.ingest import index_run
+
+    tdir = _guard(index_run, run, data, trial)
+    typer.echo(f"indexed {tdir}")
+
+
+def evaluate(
+    run: Path = typer.Argument(..., help="run directory written by `neurocbir train`"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics JSON here"),
+    one_per_patient: bool = typer.Option(False, help="keep one slice per archive patient among retrievals"),
+    plots: bool = typer.Option(True, help="write latent_space.png and knn_overfit.png"),
+) -> None:
+    """AUROC and Cohen's kappa (per trial and ensemble), structure metrics, KNN overfit."""
+    from neurocbir.evaluate.run import evaluate_run
+
+    if not (run / "config.json").is_file():
+        _fail(f"{run} is not a run directory (no config.json): run `neurocbir train --out {run}` first")
+    result = _guard(evaluate_run, run, one_per_patient=one_per_patient, plots=plots)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+    typer.echo((run / "metrics.md").read_text())
+
+
+def calibrate(
+    run: Path = typer.Argument(..., help="run directory written by `neurocbir train`"),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
+) -> None:
+    """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
+    training patients; for runs trained before calibration existed; a CPU lesion run: its held-out
+    training patients), and a lesion run's tumor outline level. The trials stay as they are."""
+    from neurocbir.data.cases import load_cases
+    from neurocbir.training.recalibrate import calibrate_existing_run
+
+    if not (run / "config.json").is_file():
+        _fail(f"{run} is not a run directory (no config.json)")
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except ValueError:
+        _fail(f"{run / 'config.json'} is corrupt (not JSON): train the run again")
+    if cfg.get("recipe") == "lesion" and not cfg.get("holdout_patients"):
+        typer.echo("this run holds no training patients out: refitting by inner CV trains the network 3 more times")
+    seconds = _guard(calibrate_existing_run, run, _guard(load_cases, data) if data else None)
+    typer.echo(f"calibrated {run} in {seconds:.0f} s: {run / 'calibration.json'}")
+
+
+def search(
+    loss: str = typer.Option("supcon"),
+    fold: int = typer.Option(5),
+    out: Path = typer.Option(...),
+    grid: Optional[str] = typer.Option(None, help='JSON grid, e.g. \'{"lr": [1e-3, 3e-4], "epochs": [10, 30]}\''),
+    data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
+    cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE"),
+) -> None:
+    """Hyper-parameter search by 3-fold patient-grouped CV inside the training folds."""
+    from neurocbir.models.runs import TrainConfig
+    from neurocbir.training.tuning import default_grid, grid_search
+
+    cfg = TrainConfig(
+        loss=loss, fold=fold, data=str(data) if data else None, cache_dir=str(cache_dir) if cache_dir else None
+    )
+    g = json.loads(grid) if grid else default_grid(loss)
+    result = _guard(grid_search, cfg, g, out)
+    typer.echo(json.dumps(result["best"], indent=2))
+
+
+def info(data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA")) -> None:
+    """Describe the dataset: cases, patients, folds (no patient ids are printed)."""
+    from neurocbir.data.cases import CLASS_NAMES, load_cases
+
+    t = _guard(load_cases, data)
+    typer.echo(f"{len(t)} cases, {len(set(t.patient_id.tolist()))} patients")
+    for c, n in enumerate(CLASS_NAMES):
+        typer.echo(f"  {n}: {(t.label == c).sum()}")
+    for f in sorted(set(t.fold.tolist())):
+        sel = t.fold == f
+        typer.echo(f"  fold {f}: {sel.sum()} cases, {len(set(t.patient_id[sel].tolist()))} patients")

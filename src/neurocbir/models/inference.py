@@ -1,0 +1,195 @@
+"""Inference: a trained trial loaded once, and embeddings of new scans or cached features.
+
+The one way the service, the CLI, ``neurocbir add``, the evaluation and the benchmarks get a
+model: :func:`load_model`. Nothing here trains, so the query path never imports training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurocbir.data.cases import CLASS_NAMES
+from neurocbir.data.transforms import IMAGE_SIZE
+from neurocbir.models.cpu_runtime import compile_net
+from neurocbir.models.encoders import Encoder, Top, create_encoder
+from neurocbir.models.lesion import LesionNet, fuse_for_inference
+from neurocbir.models.runs import TrainConfig, checkpoint_sha256, first_trial, trial_dir
+
+
+@dataclass
+class Model:
+    """A trial's full encoder: the frozen bottom (``encoder``) and the trained ``top``."""
+
+    run: Path
+    trial: int
+    encoder: Encoder
+    top: Top
+    config: TrainConfig
+    checkpoint_sha256: str
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.encoder.embedding_dim
+
+    def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and trunk descriptors of raw scans: the query and the indexing path."""
+        return embed_images(self.encoder, self.top, images)
+
+    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(embedding, descriptor, tumor probability map or None) of one scan; this model
+        has no tumor decoder."""
+        return (*self.embed([image]), None)
+
+    input_size = IMAGE_SIZE
+
+    def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable embeddings of preprocessed images (for similarity maps)."""
+        return self.top(self.encoder.forward_stages(x, 0, self.top.cut))
+
+    def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
+        """Embeddings of a batch of preprocessed images, no gradients (occlusion maps)."""
+        with torch.inference_mode():
+            return self.embed_tensor(x).numpy()
+
+    def feature_layers(self) -> list[torch.nn.Module]:
+        """The network's stages in order (feature-level maps read the last spatial output)."""
+        return [*self.encoder.stages[: self.top.cut], *self.top.stages]
+
+
+@dataclass
+class LesionModel:
+    """A trial of the lesion recipe: one network gives the embedding, the descriptor and the
+    tumor probability (:class:`~neurocbir.models.lesion.LesionNet`)."""
+
+    run: Path
+    trial: int
+    net: LesionNet
+    config: TrainConfig
+    checkpoint_sha256: str
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.net.embedding_dim
+
+    def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        from neurocbir.data.transforms import preprocess
+
+        x = torch.stack([preprocess(im, self.config.image_size) for im in images])
+        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256)
+        if compiled is not None:
+            emb, desc, logits = compiled(x.numpy())
+            return emb, desc, torch.from_numpy(logits)
+        with torch.inference_mode():
+            emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last))
+        return emb.numpy(), desc.numpy(), logits
+
+    def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        emb, desc, _ = self._forward(images)
+        return emb, desc
+
+    @property
+    def input_size(self) -> int:
+        return self.config.image_size
+
+    def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable embeddings of preprocessed images (for similarity maps)."""
+        return self.net(x.contiguous(memory_format=torch.channels_last))[0]
+
+    def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
+        """Embeddings of a batch of preprocessed images through the CPU runtime (occlusion maps)."""
+        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256)
+        if compiled is not None:
+            return compiled(x.numpy())[0]
+        with torch.inference_mode():
+            return self.net(x.contiguous(memory_format=torch.channels_last))[0].numpy()
+
+    def feature_layers(self) -> list[torch.nn.Module]:
+        """The module whose output is the last spatial feature map (feature-level maps)."""
+        return [self.net.neck]
+
+    def similarity_contributions(self, x: torch.Tensor, target: torch.Tensor, halves: bool = False):
+        """Each tumor-map cell's part of the similarity of ``x`` with ``target`` (similarity maps)."""
+        from neurocbir.models.lesion import similarity_contributions
+
+        return similarity_contributions(self.net, x.contiguous(memory_format=torch.channels_last), target, halves)
+
+    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(embedding, descriptor, tumor probability on the network's input grid (S, S); map it
+        to the scan with :func:`neurocbir.models.lesion.tumor_outline`)."""
+        emb, desc, logits = self._forward([image])
+        size = self.config.image_size
+        prob = torch.sigmoid(F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False))
+        return emb, desc, prob[0, 0].numpy()
+
+
+def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | None = None) -> Model | LesionModel:
+    """Load trial ``trial`` of ``run`` (default: the first trained one) for new images."""
+    run = Path(run)
+    trial = first_trial(run) if trial is None else trial
+    ckpt = trial_dir(run, trial) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{run} has no trial {trial} (no {ckpt})")
+    try:  # weights_only: a checkpoint from someone else's run cannot execute code here
+        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+        cfg = TrainConfig(**blob["config"])
+    except Exception as exc:  # torch raises many types on a corrupt or foreign file
+        raise ValueError(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
+    if cfg.recipe == "lesion":  # every weight is in the checkpoint: no pretrained weights needed
+        arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
+        net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
+        net = fuse_for_inference(net).to(memory_format=torch.channels_last)
+        return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial))
+    encoder = encoder or cfg.build_encoder()
+    if encoder.weights.sha256 != blob["weights_sha256"]:
+        raise ValueError(
+            f"{run}: trained on weights {blob['weights_sha256'][:12]}, "
+            f"but the encoder has {encoder.weights.sha256[:12]}"
+        )
+    top = Top(encoder, blob["cut"], len(CLASS_NAMES), with_mlp=cfg.loss == "ce")
+    top.load_state_dict(blob["state"])
+    return Model(run, trial, encoder.eval(), top.eval(), cfg, checkpoint_sha256(run, trial))
+
+
+def trunk_descriptors(feats: np.ndarray) -> np.ndarray:
+    """L2-normalised, spatially averaged frozen-trunk features of view 0: the space in which
+    "is this scan like anything in the archive?" is judged (the trained embedding maps
+    everything, even a photo of a cat, near some tumor class)."""
+    x = np.asarray(feats[:, 0], dtype=np.float32)
+    if x.ndim > 2:
+        x = x.mean(axis=tuple(range(2, x.ndim)))
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def embed_images(encoder: Encoder, top: Top, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and trunk descriptors of raw scans."""
+    from neurocbir.data.transforms import preprocess
+
+    x = torch.stack([preprocess(im) for im in images])
+    with torch.inference_mode():
+        feat = encoder.forward_stages(x, 0, top.cut)
+        return top(feat).numpy(), trunk_descriptors(feat.numpy()[:, None])
+
+
+@torch.inference_mode()
+def embed_features(
+    top: Top, feats: np.ndarray, device: torch.device, tta: bool = False, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """L2-normalised embeddings (and CE class probabilities) of cached features (N, views, ...):
+    view 0, or the mean over views with ``tta``."""
+    top.eval()
+    embs, probs = [], []
+    views = range(feats.shape[1]) if tta else [0]
+    for b in range(0, len(feats), batch_size):
+        x = torch.from_numpy(np.asarray(feats[b : b + batch_size], dtype=np.float32)).to(device)
+        raws = [top.raw(x[:, v]) for v in views]
+        e = F.normalize(torch.stack([F.normalize(r, dim=1) for r in raws]).mean(0), dim=1)
+        embs.append(e.cpu().numpy())
+        if top.mlp is not None:
+            probs.append(torch.stack([top.mlp(r).softmax(1) for r in raws]).mean(0).cpu().numpy())
+    return np.concatenate(embs), (np.concatenate(probs) if probs else None)

@@ -1,0 +1,455 @@
+"""The case archive: SQLite holds every case (metadata, report, embedding) and is the source
+of truth; the vector store (a FAISS file or a Milvus collection) is derived from it.
+
+Why SQLite: one file, transactions, and a UNIQUE content hash make "add this folder" safe to
+kill and rerun. The protocol, each step crash-safe:
+
+1. a batch of new cases goes into the table in one transaction, ``state='pending'``
+   (re-adding a file is a no-op: its SHA-256 is already there);
+2. the pending vectors go into the store, which is persisted;
+3. one transaction marks them ``'indexed'``.
+
+Deletes run the other way (``'deleting'`` -> store -> rows removed). On open,
+:meth:`CaseArchive.reconcile` finishes whatever a crash interrupted, and rebuilds the store
+from the table when the store cannot be explained by it (lost or stale file).
+
+Patient ids are stored only as salted hashes (``patient_key``): enough to keep one slice per
+patient, never shown or logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neurocbir.data.cases import CLASS_NAMES
+from neurocbir.files import atomic_path
+from neurocbir.retrieval.index import IndexMismatchError
+from neurocbir.retrieval.milvus import MilvusStore
+from neurocbir.retrieval.store import CaseStore, FaissStore, StaleCollection, StoreUnavailable, group_keys
+
+STORE_KINDS = ("flat", "hnsw", "milvus")
+MILVUS_COLLECTION = "neurocbir_cases"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    content_sha256 TEXT NOT NULL UNIQUE,
+    label INTEGER NOT NULL,
+    patient_key TEXT NOT NULL,
+    plane TEXT NOT NULL DEFAULT '',
+    area_mm2 REAL,
+    image_path TEXT NOT NULL,
+    source_case INTEGER,
+    report TEXT,
+    embedding BLOB NOT NULL,
+    trunk BLOB,
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'indexed', 'deleting')),
+    added TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cases_state ON cases(state);
+"""
+
+
+class ArchiveError(ValueError):
+    """The archive cannot be opened or a case cannot be added."""
+
+
+@dataclass
+class CaseRecord:
+    """One case ready to be stored: file identity, labels and its vectors."""
+
+    content_sha256: str
+    label: int
+    patient_id: str
+    plane: str
+    area_mm2: float | None
+    image_path: str
+    embedding: np.ndarray
+    trunk: np.ndarray | None = None
+    source_case: int | None = None
+    report: str | None = None
+
+
+class CaseArchive:
+    """Cases in SQLite + their vectors in a :class:`neurocbir.retrieval.store.CaseStore`.
+
+    Create with :meth:`create`, reopen with :meth:`open` (which refuses another encoder).
+    ``store``: ``"flat"`` (exact FAISS, default), ``"hnsw"`` (approximate FAISS) or
+    ``"milvus"`` (``milvus_uri``: a Milvus Lite ``.db`` path, default inside the archive, or a
+    server ``http://host:19530``; token from ``$NEUROCBIR_MILVUS_TOKEN``; ``milvus_index``:
+    the collection's index type, e.g. FLAT, IVF_FLAT, HNSW, for a server).
+    """
+
+    DB = "archive.db"
+
+    def __init__(self, root: Path, db: sqlite3.Connection, meta: dict, writer: bool = True):
+        self.root, self.db, self.meta, self.writer = root, db, meta, writer
+        self._lock = threading.RLock()
+        self.dim = int(meta["dim"])
+        self.checkpoint_sha256 = meta["checkpoint_sha256"]
+        # read before the store: a commit while this view loads counts as a change
+        # (a served view reloads when the version moves: sources.ArchiveCases.changed)
+        self.opened_version = self.data_version()
+        self.store, self._store_stale = self._open_store(fresh=False)
+        if writer:
+            self.reconcile()
+        elif self._store_stale:  # a reader never writes: it indexes the committed cases in memory
+            self.store = self._memory_store()
+
+    # --- opening ------------------------------------------------------------------------
+    @staticmethod
+    def _connect(path: Path, writer: bool = True) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        if writer:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        else:
+            db.execute("PRAGMA query_only=ON")
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One state change of a batch, all or nothing."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    @classmethod
+    def create(
+        cls,
+        root: Path | str,
+        dim: int,
+        checkpoint_sha256: str,
+        store: str = "flat",
+        milvus_uri: str | None = None,
+        run: str = "",
+        milvus_index: str = "FLAT",
+    ) -> CaseArchive:
+        """Open the archive at ``root``, creating it for this encoder if it does not exist."""
+        root = Path(root)
+        if (root / cls.DB).is_file():
+            return cls.open(root, checkpoint_sha256, dim)
+        if store not in STORE_KINDS:
+            raise ArchiveError(f"unknown store {store!r}; choose one of {', '.join(STORE_KINDS)}")
+        meta = {
+            "dim": str(dim),
+            "checkpoint_sha256": checkpoint_sha256,
+            "store": store,
+            "run": run,
+            "milvus_uri": milvus_uri or "",
+            "milvus_index": milvus_index,
+            "patient_salt": secrets.token_hex(16),
+            "milvus_collection": f"neurocbir_{secrets.token_hex(8)}",  # one collection per archive
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        with atomic_path(root / cls.DB) as tmp:  # the archive exists only once complete
+            db = cls._connect(tmp)
+            db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            db.close()
+        db = cls._connect(root / cls.DB)
+        try:
+            return cls(root, db, meta)
+        except ArchiveError:  # e.g. Milvus unreachable: leave no half-made archive behind
+            db.close()
+            for suffix in ("", "-wal", "-shm"):
+                (root / (cls.DB + suffix)).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def open(
+        cls, root: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None, writer: bool = True
+    ) -> CaseArchive:
+        """Open an archive. The writer (``neurocbir add`` / ``remove``, under :func:`writer_lock`)
+        repairs what a crash interrupted; a reader (``writer=False``: the app, ``query``)
+        never writes and sees the cases committed as indexed."""
+        root = Path(root)
+        if not (root / cls.DB).is_file():
+            raise FileNotFoundError(f"no case archive at {root} (expected {cls.DB}): create one with `neurocbir add`")
+        try:
+            db = cls._connect(root / cls.DB, writer)
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise ArchiveError(f"{root / cls.DB} is not a readable case archive ({exc})") from None
+        if checkpoint_sha256 is not None and meta.get("checkpoint_sha256") != checkpoint_sha256:
+            raise IndexMismatchError(
+                f"archive {root} was embedded by checkpoint {meta.get('checkpoint_sha256', '?')[:12]} "
+                f"(run {meta.get('run') or '?'}), not {checkpoint_sha256[:12]}: pass that --run, "
+                "or use a new archive folder for this encoder"
+            )
+        if dim is not None and int(meta.get("dim", -1)) != dim:
+            raise IndexMismatchError(f"archive {root} holds {meta.get('dim')}-d vectors, the encoder gives {dim}-d")
+        return cls(root, db, meta, writer)
+
+    def _open_store(self, fresh: bool) -> tuple[CaseStore, bool]:
+        """(store, stale): stale when the saved index is lost or unreadable."""
+        kind = self.meta["store"]
+        if kind == "milvus":
+            try:
+                return self._open_milvus(fresh), False
+            except StaleCollection:
+                if not self.writer:
+                    return self._memory_store(), False
+                return self._open_milvus(fresh=True), True
+        path = self.root / "index.faiss"
+        if not fresh:
+            try:
+                return FaissStore.open(path, self.checkpoint_sha256, self.dim), False
+            except (FileNotFoundError, IndexMismatchError, RuntimeError):
+                pass  # lost or stale: reconcile() rebuilds it from the table
+        return FaissStore(path, self.dim, kind=kind, checkpoint_sha256=self.checkpoint_sha256), not fresh
+
+    def _open_milvus(self, fresh: bool) -> CaseStore:
+        uri = self.meta["milvus_uri"] or str(self.root / "milvus.db")
+        try:
+            return MilvusStore.connect(
+                uri,
+                self.meta.get("milvus_collection") or MILVUS_COLLECTION,  # archives made before: the shared name
+                self.dim,
+                self.checkpoint_sha256,
+                index_type=self.meta.get("milvus_index") or "FLAT",
+                fresh=fresh,
+            )
+        except StoreUnavailable as exc:
+            raise ArchiveError(str(exc)) from None
+
+    # --- durability -----------------------------------------------------------------------
+    def _ids(self, state: str) -> np.ndarray:
+        return np.array(
+            [r[0] for r in self.db.execute("SELECT id FROM cases WHERE state = ?", (state,))], dtype=np.int64
+        )
+
+    def reconcile(self) -> None:  # the writer only (see open)
+        """Bring the store in line with the table after a crash (idempotent, cheap when clean)."""
+        indexed = self.db.execute("SELECT COUNT(*) FROM cases WHERE state = 'indexed'").fetchone()[0]
+        pending, deleting = self._ids("pending"), self._ids("deleting")
+        n = self.store.count()
+        if self._store_stale or not indexed <= n <= indexed + len(pending) + len(deleting):
+            self.rebuild_store()
+            return
+        if len(deleting):
+            self.store.delete(deleting)
+            self.store.save()
+            self.db.execute("DELETE FROM cases WHERE state = 'deleting'")
+        self.index_pending()
+
+    def rebuild_store(self) -> None:
+        """Re-create the store from the table (the table is the source of truth)."""
+        self.db.execute("DELETE FROM cases WHERE state = 'deleting'")
+        self.store, self._store_stale = self._open_store(fresh=True)
+        for ids, vecs, groups in self._vectors("state IN ('indexed', 'pending')"):
+            self.store.add(ids, vecs, groups)
+        self.store.save()
+        self.db.execute("UPDATE cases SET state = 'indexed' WHERE state = 'pending'")
+
+    def _vectors(self, where: str, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, embeddings, store partition keys) of the cases ``where`` says, in chunks."""
+        cur = self.db.execute(f"SELECT id, embedding, label, plane FROM cases WHERE {where} ORDER BY id")
+        while rows := cur.fetchmany(chunk):
+            yield (
+                np.array([r[0] for r in rows], dtype=np.int64),
+                np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
+                group_keys(np.array([r[2] for r in rows]), np.array([r[3] or "" for r in rows])),
+            )
+
+    def index_pending(self) -> int:
+        """Put committed-but-pending cases into the store, save it, mark them indexed."""
+        pending = list(self._vectors("state = 'pending'"))
+        if not pending:
+            return 0
+        ids = np.concatenate([p[0] for p in pending])
+        vecs = np.concatenate([p[1] for p in pending])
+        groups = np.concatenate([p[2] for p in pending])
+        new = ~self.store.contains(ids)  # a crash after the store was saved: those are in already
+        if new.any():
+            self.store.add(ids[new], vecs[new], groups[new])
+        self.store.save()
+        with self._transaction():
+            self.db.executemany("UPDATE cases SET state = 'indexed' WHERE id = ?", [(int(i),) for i in ids])
+        return len(ids)
+
+    def _memory_store(self) -> FaissStore:
+        """The indexed cases in an unsaved exact FAISS store (a reader's view of a stale file)."""
+        store = FaissStore(self.root / "index.faiss", self.dim, kind="flat", checkpoint_sha256=self.checkpoint_sha256)
+        for ids, vecs, groups in self._vectors("state = 'indexed'"):
+            store.add(ids, vecs, groups)
+        return store
+
+    # --- writing --------------------------------------------------------------------------
+    def patient_key(self, patient_id: str) -> str:
+        return hashlib.sha256((self.meta["patient_salt"] + str(patient_id)).encode()).hexdigest()[:32]
+
+    def known_hashes(self, hashes: Iterable[str]) -> set[str]:
+        hashes = list(hashes)
+        found: set[str] = set()
+        for b in range(0, len(hashes), 500):
+            chunk = hashes[b : b + 500]
+            q = f"SELECT content_sha256 FROM cases WHERE content_sha256 IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self.db.execute(q, chunk))
+        return found
+
+    def add(self, records: list[CaseRecord], index: bool = True) -> int:
+        """Insert new cases in one transaction (already-known content is skipped), then index
+        them. Returns how many were new."""
+        rows = []
+        for r in records:
+            e = np.asarray(r.embedding, dtype=np.float32).ravel()
+            if e.shape[0] != self.dim or not np.isfinite(e).all():
+                raise ArchiveError(f"{r.image_path}: embedding must be {self.dim} finite values")
+            if not 0 <= int(r.label) < len(CLASS_NAMES):
+                raise ArchiveError(f"{r.image_path}: label {r.label} is not one of 0..{len(CLASS_NAMES) - 1}")
+            trunk = None if r.trunk is None else np.asarray(r.trunk, dtype=np.float32).ravel().tobytes()
+            rows.append(
+                (
+                    r.content_sha256,
+                    int(r.label),
+                    self.patient_key(r.patient_id),
+                    r.plane or "",
+                    None if r.area_mm2 is None else float(r.area_mm2),
+                    str(r.image_path),
+                    r.source_case,
+                    r.report,
+                    e.tobytes(),
+                    trunk,
+                    time.strftime("%Y-%m-%dT%H:%M:%S"),
+                )
+            )
+        before = self.db.total_changes
+        with self._transaction():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO cases (content_sha256, label, patient_key, plane, area_mm2, image_path, "
+                "source_case, report, embedding, trunk, added) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+        new = self.db.total_changes - before
+        if index:
+            self.index_pending()
+        return new
+
+    def delete(self, case_ids: Iterable[int]) -> list[int]:
+        """Remove cases (table marks them, the store drops them, then the rows go); returns the
+        ids that were in the archive."""
+        ids = sorted({int(i) for i in case_ids})
+        found = sorted(self.cases(ids))
+        with self._transaction():
+            self.db.executemany("UPDATE cases SET state = 'deleting' WHERE id = ?", [(i,) for i in found])
+        self.reconcile()
+        return found
+
+    # --- reading --------------------------------------------------------------------------
+    def data_version(self) -> int:
+        """Changes whenever another connection (an `add` or `remove`) commits: SQLite's
+        ``PRAGMA data_version``, a cheap way for a long-lived reader to notice."""
+        with self._lock:
+            return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM cases WHERE state != 'deleting'").fetchone()[0])
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """id, label, patient_key, plane and area of every indexed case (what NIR and the
+        retrieval filters need in memory; area NaN where unknown)."""
+        rows = self.db.execute(
+            "SELECT id, label, patient_key, plane, area_mm2 FROM cases WHERE state = 'indexed' ORDER BY id"
+        ).fetchall()
+        return {
+            "id": np.array([r[0] for r in rows], dtype=np.int64),
+            "label": np.array([r[1] for r in rows], dtype=np.int64),
+            "patient_key": np.array([r[2] for r in rows]),
+            "plane": np.array([r[3] or "" for r in rows]),
+            "area_mm2": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=float),
+        }
+
+    def cases(self, case_ids: Iterable[int]) -> dict[int, dict]:
+        ids = [int(i) for i in case_ids]
+        out = {}
+        for b in range(0, len(ids), 500):
+            chunk = ids[b : b + 500]
+            q = (
+                f"SELECT id, label, plane, area_mm2, image_path, source_case, report FROM cases "
+                f"WHERE state = 'indexed' AND id IN ({','.join('?' * len(chunk))})"
+            )
+            with self._lock:  # the app reads from several threads
+                rows = self.db.execute(q, chunk).fetchall()
+            for r in rows:
+                out[r[0]] = {
+                    "case_id": r[0],
+                    "label": CLASS_NAMES[r[1]],
+                    "plane": r[2] or None,
+                    "area_mm2": None if r[3] is None else round(r[3], 2),
+                    "image_path": r[4],
+                    "source_case": r[5],
+                    "report": r[6],
+                }
+        return out
+
+    def trunk_vectors(self) -> np.ndarray | None:
+        rows = self.db.execute(
+            "SELECT trunk FROM cases WHERE state = 'indexed' AND trunk IS NOT NULL ORDER BY id"
+        ).fetchall()
+        return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else None
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = list(self._vectors("state = 'indexed'"))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def check(self) -> dict:
+        """Consistency report: table integrity, duplicates, store == table."""
+        integrity = self.db.execute("PRAGMA integrity_check").fetchone()[0]
+        dups = self.db.execute("SELECT COUNT(*) - COUNT(DISTINCT content_sha256) FROM cases").fetchone()[0]
+        states = dict(self.db.execute("SELECT state, COUNT(*) FROM cases GROUP BY state").fetchall())
+        return {
+            "integrity": integrity,
+            "duplicates": int(dups),
+            "states": states,
+            "store_count": self.store.count(),
+            "indexed": int(states.get("indexed", 0)),
+        }
+
+    def close(self) -> None:
+        if hasattr(self.store, "close"):
+            self.store.close()
+        self.db.close()
+
+
+def remove_cases(root: Path | str, case_ids: Iterable[int]) -> tuple[list[int], int]:
+    """``neurocbir remove``: (ids removed, cases left), holding the writer lock."""
+    if not (Path(root) / CaseArchive.DB).is_file():
+        raise FileNotFoundError(f"no case archive at {root} (expected {CaseArchive.DB})")
+    with writer_lock(root):
+        archive = CaseArchive.open(root)
+        try:
+            return archive.delete(case_ids), len(archive)
+        finally:
+            archive.close()
+
+
+@contextmanager
+def writer_lock(root: Path | str) -> Iterator[None]:
+    """One writer (`neurocbir add`) per archive at a time; readers (the app) need no lock."""
+    import fcntl
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "writer.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArchiveError(f"another `neurocbir add` is writing to {root}; wait for it to finish") from None
+        yield

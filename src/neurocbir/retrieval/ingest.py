@@ -1,0 +1,191 @@
+"""Ingestion: folders of scans, or a PACS, into a case archive (``neurocbir add``).
+
+A folder is the bundled dataset layout, the figshare ``.mat`` release, or any folder of
+PNG/JPEG/DICOM/.mat scans with a ``cases.csv``; a PACS is a DICOMweb server with a labels CSV
+(:mod:`neurocbir.retrieval.dicomweb`). Cases are keyed by content hash (or SOP Instance UID hash),
+embedded in batches while the next batch is read, and committed one batch at a time
+(:mod:`neurocbir.retrieval.archive` makes each step crash-safe), so a killed ingest resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from neurocbir.data.cases import load_cases
+from neurocbir.files import sha256_file
+from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
+from neurocbir.retrieval.casefiles import CaseFile, scan_folder
+
+# images -> (embeddings, trunk descriptors): a model's embedding function, as `add_folder` calls it
+Embedder = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
+def add_folder(
+    archive: CaseArchive,
+    files: list[CaseFile],
+    embed: Embedder,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    index_every_s: float = 30.0,
+) -> dict:
+    """Embed and add the files the archive does not hold yet, one committed batch at a time
+    (so a killed run resumes where it stopped). The store is written every ``index_every_s``
+    seconds and at the end (saving a large index per batch would dominate); committed cases
+    not yet in the store are indexed on the next open. Unreadable files are skipped and reported."""
+    hashes = [f.key or sha256_file(f.path) for f in files]
+    known = archive.known_hashes(hashes)
+    todo = [(f, h) for f, h in zip(files, hashes) if h not in known]
+    seen: set[str] = set()
+    todo = [(f, h) for f, h in todo if not (h in seen or seen.add(h))]  # the same file twice in one folder
+    added, skipped, errors = 0, len(files) - len(todo), []
+    if progress:
+        progress(skipped)
+
+    def read(chunk: list) -> tuple[list, list]:
+        batch, images = [], []
+        for f, h in chunk:
+            try:
+                images.append(f.pixels())
+                batch.append((f, h))
+            except (ValueError, OSError) as exc:  # UploadError / DatasetError / PacsError are ValueErrors
+                errors.append(f"{f.shown_name}: {exc}")
+        return batch, images
+
+    chunks = [todo[b : b + batch_size] for b in range(0, len(todo), batch_size)]
+    last_index = time.monotonic()
+    with ThreadPoolExecutor(1) as reader:  # the next batch is read (or downloaded) while this one is embedded
+        pending = reader.submit(read, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            batch, images = pending.result()
+            if i + 1 < len(chunks):
+                pending = reader.submit(read, chunks[i + 1])
+            if batch:
+                emb, trunk = embed(images)
+                added += archive.add(
+                    [
+                        CaseRecord(
+                            h, f.label, f.patient_id, f.plane, f.area_mm2, str(f.path), e, t, f.source_case, f.report
+                        )
+                        for (f, h), e, t in zip(batch, emb, trunk)
+                    ],
+                    index=False,
+                )
+            if time.monotonic() - last_index >= index_every_s:
+                archive.index_pending()
+                last_index = time.monotonic()
+            if progress:
+                progress(len(chunk))
+    archive.index_pending()
+    return {"added": added, "already_there": skipped, "errors": errors, "total": len(archive)}
+
+
+def ingest(
+    folder: Path | str | None,
+    archive_root: Path | str,
+    run: Path | str,
+    store: str = "flat",
+    milvus_uri: str | None = None,
+    milvus_index: str = "FLAT",
+    folds: Iterable[int] | None = None,
+    batch_size: int = 32,
+    index_every_s: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+    dicomweb: str | None = None,
+    labels: Path | str | None = None,
+    study: str | None = None,
+) -> dict:
+    """``neurocbir add``: embed the new scans of ``folder`` (or of the DICOMweb server
+    ``dicomweb`` that ``labels`` labels, optionally one ``study``) with ``run``'s encoder into
+    the archive at ``archive_root`` (created for that encoder if missing), holding the writer
+    lock. ``progress(done, total)`` is called as files are handled. Returns the counts, the
+    errors and the archive's consistency check."""
+    from neurocbir.models.inference import load_model
+
+    if (folder is None) == (dicomweb is None):
+        raise ArchiveError("give a folder of scans or a DICOMweb server (--dicomweb URL --labels CSV), not both")
+    if dicomweb is not None and labels is None:
+        raise ArchiveError(
+            "a DICOMweb ingest needs --labels: a CSV with sop_instance_uid,label[,patient_id,plane,area_mm2,report]"
+        )
+    with writer_lock(archive_root):  # before the model loads: a second writer stops at once
+        unlabelled = 0
+        if dicomweb is not None:
+            from neurocbir.retrieval.dicomweb import scan_dicomweb
+
+            files, unlabelled = scan_dicomweb(dicomweb, labels, Path(archive_root) / "images", study)
+        else:
+            files = scan_folder(folder, folds)
+        model = load_model(run)
+        archive = CaseArchive.create(
+            archive_root, model.embedding_dim, model.checkpoint_sha256, store, milvus_uri, str(run), milvus_index
+        )
+        try:
+            done = 0
+
+            def step(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(done, len(files))
+
+            out = add_folder(archive, files, model.embed, batch_size, step, index_every_s)
+            return {**out, "store": archive.meta["store"], "check": archive.check(), "unlabelled": unlabelled}
+        finally:
+            archive.close()
+
+
+def index_run(
+    run: Path | str,
+    data: Path | str | None = None,
+    trial: int | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Embed every case of the dataset with a run's trial and write the trial's archive index
+    (training folds) and test embeddings: what a run trained elsewhere (a GPU machine, the
+    bundled model) needs before it can be served or evaluated here. Returns the trial folder."""
+    import torch
+
+    from neurocbir.files import atomic_write
+    from neurocbir.models.inference import load_model
+    from neurocbir.models.runs import trial_dir, trial_seeds
+    from neurocbir.retrieval.index import VectorIndex
+
+    run = Path(run)
+    if trial is None:
+        seeds = trial_seeds(run, needs="checkpoint.pt")
+        if not seeds:
+            raise FileNotFoundError(f"{run} has no trial with a checkpoint.pt")
+        trial = seeds[0]
+    model = load_model(run, trial)
+    table = load_cases(data if data is not None else model.config.data)
+    embs, descs = [], []
+    with torch.inference_mode():
+        for b in range(0, len(table), batch_size):
+            e, d = model.embed([table.load_image(i) for i in range(b, min(b + batch_size, len(table)))])
+            embs.append(e)
+            descs.append(d)
+            if progress:
+                progress(min(b + batch_size, len(table)), len(table))
+    emb, desc = np.concatenate(embs), np.concatenate(descs)
+    train_rows, test_rows = (
+        np.flatnonzero(table.fold != model.config.fold),
+        np.flatnonzero(table.fold == model.config.fold),
+    )
+    arrays = dict(
+        archive=emb[train_rows],
+        archive_rows=train_rows,
+        test=emb[test_rows],
+        test_rows=test_rows,
+        archive_trunk=desc[train_rows],
+        test_trunk=desc[test_rows],
+    )
+    tdir = trial_dir(run, trial)
+    atomic_write(tdir / "embeddings.npz", lambda tmp: np.savez(tmp, **arrays))
+    VectorIndex.build(emb[train_rows], model.checkpoint_sha256).save(tdir / "index.faiss")
+    return tdir

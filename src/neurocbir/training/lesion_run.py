@@ -1,0 +1,266 @@
+"""A lesion run: its trials, their calibration (on held-out training patients, or by inner CV)
+and the outline level at which the app draws the query's tumor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neurocbir.classify.neighbors import NIRClassifier
+from neurocbir.data.cases import CLASS_NAMES, CaseTable
+from neurocbir.files import write_json
+from neurocbir.models.encoders import Encoder, pick_device
+from neurocbir.models.lesion import TUMOR_LEVEL_FILE
+from neurocbir.models.runs import TrainConfig, trial_dir
+from neurocbir.training.common import fit_calibration
+from neurocbir.training.lesion import embed_tensors, load_tensors, mask_scores, train_lesion, write_trial
+
+TUMOR_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+def holdout_split(cfg: TrainConfig, table: CaseTable) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the encoder trains on, training patients' rows held out of training to calibrate
+    on): patient-grouped, ``cfg.holdout_patients`` of the training folds; none when it is 0."""
+    from neurocbir.data.cases import grouped_inner_folds
+
+    train_rows = np.flatnonzero(table.fold != cfg.fold)
+    if cfg.holdout_patients <= 0:
+        return train_rows, train_rows[:0]
+    n_splits = max(2, round(1 / cfg.holdout_patients))
+    # a fixed split (not the seed's): a seed's trial is the same trained alone or after others
+    fit, cal = grouped_inner_folds(table.subset(train_rows), n_splits, seed=0)[0]
+    return train_rows[fit], train_rows[cal]
+
+
+def holdout_embeddings(
+    run: Path | str, table: CaseTable
+) -> tuple[TrainConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(config, fit rows, held-out rows, their first-trial embeddings) of a run trained with
+    ``holdout_patients``."""
+    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    fit_rows, cal_rows = holdout_split(cfg, table)
+    if not len(cal_rows):
+        raise ValueError(f"{run} holds no training patients out of training (holdout_patients = 0)")
+    arrays = np.load(trial_dir(run, cfg.first_seed) / "embeddings.npz")
+    where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
+    emb = arrays["archive"]
+    return cfg, fit_rows, cal_rows, emb[[where[r] for r in fit_rows]], emb[[where[r] for r in cal_rows]]
+
+
+def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
+    """Calibrated probabilities, prediction sets and the outline level of a run whose encoder
+    never saw some training patients (``holdout_patients``): those patients are queried against
+    the other training patients with the first trial's embeddings. One training instead of the
+    three of inner CV: what makes calibration affordable on a CPU."""
+    cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
+    held_out = NIRClassifier().fit(fit, table.label[fit_rows]).neighbour_labels(cal)
+    how = (
+        f"{len(np.unique(table.patient_id[cal_rows]))} training patients ({len(cal_rows)} slices, "
+        f"1/{round(1 / cfg.holdout_patients)} of folds != {cfg.fold}, patient-grouped) held out of training, "
+        f"queried against the other training patients with seed {cfg.first_seed}'s encoder (test fold unseen)"
+    )
+    y, groups = table.label[cal_rows], table.patient_id[cal_rows]
+    fit_calibration(Path(run), [held_out], [y], [groups], how, len(CLASS_NAMES))
+    fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
+
+
+def fit_tumor_level(run: Path, table: CaseTable, cal_rows: np.ndarray, seed: int) -> dict:
+    """The probability level at which the app outlines the query's tumor, chosen on training
+    patients held out of training (``cal_rows``), through the app's own path (full-resolution
+    slices); written as the run's ``tumor_level.json``."""
+    from neurocbir.models.inference import load_model
+
+    model = load_model(run, seed)
+    probs = ((model.analyse(image)[2], image.shape[:2]) for image in map(table.load_image, cal_rows))
+    how = f"median relative area error on {len(cal_rows)} slices of training patients held out of training"
+    return write_tumor_level(run, outline_area_errors(probs, table.area_mm2[cal_rows]), how)
+
+
+def outline_area_errors(probs: Iterable[tuple[np.ndarray, tuple[int, int]]], true_area: np.ndarray) -> np.ndarray:
+    """(slices, TUMOR_LEVELS) relative error of the outlined area at each level: ``probs`` gives
+    each slice's tumor probability map and the shape of the scan it covers."""
+    from neurocbir.models.lesion import tumor_outline
+
+    areas = [
+        [(t["area_mm2"] if (t := tumor_outline(prob, shape, None, level)) else 0.0) for level in TUMOR_LEVELS]
+        for prob, shape in probs
+    ]
+    return np.abs(np.asarray(areas) - true_area[:, None]) / true_area[:, None]
+
+
+def write_tumor_level(run: Path, errors: np.ndarray, how: str) -> dict:
+    """``tumor_level.json``: the level of :data:`TUMOR_LEVELS` with the smallest median error."""
+    median = np.median(errors, axis=0)
+    doc = {
+        "level": TUMOR_LEVELS[int(np.argmin(median))],
+        "how": how,
+        "held_out_median_area_error": {str(k): round(float(v), 4) for k, v in zip(TUMOR_LEVELS, median)},
+    }
+    write_json(Path(run) / TUMOR_LEVEL_FILE, doc)
+    return doc
+
+
+def lesion_inner_cv_neighbours(
+    cfg: TrainConfig,
+    encoder: Encoder,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    train: CaseTable,
+    train_rows: np.ndarray,
+    device: torch.device,
+    n_splits: int = 3,
+    compile_net: bool = False,
+) -> tuple[list, list, list, np.ndarray]:
+    """Held-out neighbour labels of 3 patient-grouped inner folds of the training patients, a
+    LesionNet retrained on each (see :func:`neurocbir.training.cached.inner_cv_neighbours`), and the
+    held-out slices' outline area errors at each level (:func:`outline_area_errors`)."""
+    from neurocbir.data.cases import grouped_inner_folds
+
+    held_out, y, groups, area_errors = [], [], [], []
+    grid = (cfg.image_size, cfg.image_size)
+    for tr, va in grouped_inner_folds(train, n_splits):
+        net = train_lesion(
+            cfg,
+            encoder,
+            images[train_rows[tr]],
+            masks[train_rows[tr]],
+            train.label[tr],
+            cfg.first_seed,
+            device,
+            progress=False,
+            compile_net=compile_net,
+        )
+        emb, _, prob = embed_tensors(net, images[train_rows], device, level=None)
+        held_out.append(NIRClassifier().fit(emb[tr], train.label[tr]).neighbour_labels(emb[va]))
+        y.append(train.label[va])
+        groups.append(train.patient_id[va])
+        area_errors.append(outline_area_errors(((prob[i].astype(np.float32), grid) for i in va), train.area_mm2[va]))
+    return held_out, y, groups, np.concatenate(area_errors)
+
+
+def calibrate_by_inner_cv(
+    cfg: TrainConfig,
+    run: Path,
+    table: CaseTable,
+    encoder: Encoder,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    device: torch.device,
+    compile_net: bool = False,
+) -> None:
+    """``calibration.json`` and ``tumor_level.json`` of a run that holds no training patients out
+    (the GPU preset), from 3 patient-grouped inner folds of its training patients, a LesionNet
+    retrained on each: 3 more trainings."""
+    train_rows = np.flatnonzero(table.fold != cfg.fold)
+    *parts, area_errors = lesion_inner_cv_neighbours(
+        cfg, encoder, images, masks, table.subset(train_rows), train_rows, device, compile_net=compile_net
+    )
+    how = (
+        f"3-fold patient-grouped CV inside the training folds (test fold {cfg.fold} unseen), "
+        f"LesionNet retrained per inner fold with seed {cfg.first_seed}"
+    )
+    fit_calibration(run, *parts, how, len(CLASS_NAMES))
+    write_tumor_level(run, area_errors, f"median relative area error on {len(area_errors)} slices: {how}")
+
+
+def recalibrate_lesion_run(
+    run: Path, table: CaseTable, cfg: TrainConfig | None = None, compile_net: bool = False
+) -> None:
+    """Refit a lesion run's calibration and outline level from its files: on its held-out training
+    patients (the CPU preset; no training), or by inner CV (3 trainings; a GPU is advised).
+    ``cfg``: the run's config with other data or weights paths (default: its config.json)."""
+    cfg = cfg or TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    if cfg.holdout_patients > 0:
+        calibrate_on_holdout(run, table)
+        return
+    device = pick_device()
+    images, masks = load_tensors(table, cfg.image_size)
+    encoder = cfg.build_encoder()
+    calibrate_by_inner_cv(cfg, run, table, encoder, images.to(device), masks.to(device), device, compile_net)
+
+
+def train_lesion_run(
+    cfg: TrainConfig,
+    out: Path,
+    table: CaseTable,
+    deadline: float | None = None,
+    progress: bool = True,
+    on_trial: Callable[[int, float], None] | None = None,
+    score_test_outline: bool = False,
+    compile_net: bool = False,
+) -> dict:
+    """Train ``cfg.trials`` seeds (fewer if ``deadline``, a ``time.time()``, would be passed) and
+    write the run; returns timings, and with ``score_test_outline`` the first trial's tumor-outline
+    scores on the test fold: a report, for where the test fold is read anyway (the GPU recipe), never
+    for a run among candidates still to be chosen from."""
+    t_start = time.time()
+    cfg.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device()
+    encoder = cfg.build_encoder()
+    t0 = time.time()
+    images, masks = load_tensors(table, cfg.image_size)
+    images, masks = images.to(device), masks.to(device)
+    timings: dict = {"load_s": round(time.time() - t0, 1), "trials_s": []}
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    test_rows = np.flatnonzero(table.fold == cfg.fold)
+    if len(test_rows) == 0:
+        raise ValueError(f"fold {cfg.fold} has no cases")
+    fit_rows, cal_rows = holdout_split(cfg, table)
+    tumor: dict = {}
+    for seed in range(cfg.first_seed, cfg.first_seed + cfg.trials):
+        last = timings["trials_s"][-1] if timings["trials_s"] else 0.0
+        if deadline is not None and time.time() + 1.2 * last > deadline:
+            break
+        t1 = time.time()
+        tdir = trial_dir(out, seed)
+        tdir.mkdir(parents=True, exist_ok=True)
+        net = train_lesion(
+            cfg,
+            encoder,
+            images[fit_rows],
+            masks[fit_rows],
+            table.label[fit_rows],
+            seed,
+            device,
+            log_path=tdir / "log.jsonl",
+            progress=progress,
+            compile_net=compile_net,
+        )
+        pred = write_trial(tdir, net, cfg, encoder, images, table, device)
+        if seed == cfg.first_seed and cfg.calibrate and len(cal_rows):
+            calibrate_on_holdout(out, table)
+        timings["trials_s"].append(round(time.time() - t1, 1))
+        write_json(out / "timings.json", timings)
+        if on_trial:
+            on_trial(seed, timings["trials_s"][-1])
+        if seed == cfg.first_seed and score_test_outline:  # the served trial's outline quality on the test fold
+            s = mask_scores(pred, masks[test_rows, 0].cpu().numpy())
+            true_area = table.area_mm2[test_rows]
+            rel = np.abs(s["area_mm2"] - true_area) / np.maximum(true_area, 1e-6)
+            tumor = {
+                "median_dice": float(np.median(s["dice"])),
+                "mean_dice": float(np.mean(s["dice"])),
+                "median_area_rel_error": float(np.median(rel)),
+                "seed": seed,
+            }
+    if (
+        cfg.calibrate
+        and not len(cal_rows)
+        and (deadline is None or time.time() + 3.6 * max(timings["trials_s"]) < deadline)
+    ):
+        t2 = time.time()
+        calibrate_by_inner_cv(cfg, out, table, encoder, images, masks, device, compile_net)
+        timings["calibration_s"] = round(time.time() - t2, 1)
+    if score_test_outline:
+        timings["tumor_outline"] = tumor
+    timings["total_s"] = round(time.time() - t_start, 1)  # weights, data, training, index, calibration
+    write_json(out / "timings.json", timings)
+    return timings
