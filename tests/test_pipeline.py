@@ -101,6 +101,18 @@ def test_evaluate_json_contract(supcon_run, tmp_path):
     assert inner["knn_kappa_by_k"][str(inner["knn_best_k"])] == best
     assert overfit["kappa_k_inner_cv_retrained"] == overfit["kappa_mean_by_k"][overfit["ks"].index(inner["knn_best_k"])]
     assert "NIR kappa: inner CV / test" in (supcon_run / "metrics.md").read_text()
+    # retrieval as the papers report it: mAP and P@k, the ensemble's at the top level
+    r = m["retrieval"]
+    assert (
+        r["map"] == r["ensemble"]["slices"]["map"]
+        and r["precision_at_10"] == r["ensemble"]["slices"]["precision_at_10"]
+    )
+    for kind in ("slices", "one_per_patient"):
+        for scores in (r["ensemble"][kind], r["trials_mean"][kind]):
+            assert set(scores) == {"map", "precision_at_1", "precision_at_5", "precision_at_10"}
+            assert all(0 <= v <= 1 for v in scores.values())
+    assert r["ensemble"]["slices"]["precision_at_10"] > 1 / 3 + 0.1  # above chance for three types
+    assert "one slice per patient" in (supcon_run / "metrics.md").read_text()
 
 
 def small_cases_of(run):
