@@ -104,17 +104,46 @@ def test_committed_model_named_by_run_is_indexed_on_first_use(tmp_path, small_da
     assert (tmp_path / "models" / "lesion-fold5" / "trial_0" / "index.faiss").is_file()
 
 
+def _small_external(dest: Path, per_kind: int = 40) -> Path:
+    """Other hospitals' slices, the first ``per_kind`` with and without a tumor, in their layout."""
+    import csv
+    import shutil
+
+    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external"
+    with open(src / "metadata.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = [r for r in rows if r["label_name"] == "notumor"][:per_kind] + [
+        r for r in rows if r["label_name"] != "notumor"
+    ][:per_kind]
+    (dest / "images").mkdir(parents=True)
+    with open(dest / "metadata.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image_file", "label_name", "group"])
+        w.writeheader()
+        for r in keep:
+            shutil.copy(src / r["image_file"], dest / r["image_file"])
+            w.writerow(r)
+    return dest
+
+
 def test_demo_serves_the_committed_model_without_training(tmp_path, small_data_dir):
-    """A fresh checkout holds models/lesion-fold5: the first start indexes the data with it
-    (no training), /query answers with its tumor outline, and a second start reuses the index."""
+    """A fresh checkout holds models/lesion-fold5: the first start builds the demo archive with it
+    (no training) from the dataset and other hospitals' slices, its examples include slices with
+    no tumor, /query answers with the tumor outline, and a second start reuses the archive."""
     import json
     import uuid
 
     _clone_models(tmp_path)
-    env = {**os.environ, "NEUROCBIR_DATA": str(small_data_dir), "PYTHONUNBUFFERED": "1"}
+    external = _small_external(tmp_path / "external")
+    env = {
+        **os.environ,
+        "NEUROCBIR_DATA": str(small_data_dir),
+        "NEUROCBIR_EXTERNAL": str(external),
+        "PYTHONUNBUFFERED": "1",
+    }
     proc, port, _ = _start(tmp_path, env)
     try:
         ex = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/examples").read())
+        assert {"meningioma", "glioma", "pituitary", "notumor"} == {e["label"] for e in ex["examples"]}
         case = ex["examples"][0]["case_id"]
         boundary = uuid.uuid4().hex
         body = f'--{boundary}\r\nContent-Disposition: form-data; name="case_id"\r\n\r\n{case}\r\n--{boundary}--\r\n'
@@ -128,6 +157,8 @@ def test_demo_serves_the_committed_model_without_training(tmp_path, small_data_d
         out = _stop(proc)
     assert "First start: indexing" in out and "training" not in out
     assert answer["query_tumor"] is not None and answer["query_tumor"]["area_mm2"] > 0
+    assert answer["tumor_found"] is True and answer["prediction"] in ("meningioma", "glioma", "pituitary")
+    assert "other hospitals' slices: the development part" in out
     proc, _, _ = _start(tmp_path, env)
     out = _stop(proc)
     assert "indexing" not in out

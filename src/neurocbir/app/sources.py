@@ -18,8 +18,10 @@ from typing import Protocol
 
 import numpy as np
 
-from neurocbir.data.cases import CLASS_NAMES, PLANES, CaseTable, load_cases, mask_for_image
+from neurocbir.classify.presence import TumorPresence, fit_presence
+from neurocbir.data.cases import CLASS_NAMES, NO_TUMOR, PLANES, CaseTable, load_cases, mask_for_image
 from neurocbir.reports.text import ReportAttributes, cached_llm_reports, case_attributes, make_report
+from neurocbir.retrieval.examples import find_example, list_examples
 from neurocbir.retrieval.index import VectorIndex
 from neurocbir.retrieval.neighbours import compact, first_per_group
 from neurocbir.retrieval.store import Searchable, deep_search, group_keys, lookup
@@ -101,6 +103,15 @@ class CaseSource(Protocol):
         ...
 
     def nearest_trunk(self, trunk: np.ndarray) -> float | None: ...
+    def tumor_presence(self, trunk: np.ndarray) -> float | None:
+        """P(no tumor) of a scan from its descriptor, or None where the source cannot tell (it
+        holds no cases without a tumor)."""
+        ...
+
+    def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, case ids) of the k nearest cases of any label, no-tumor ones included."""
+        ...
+
     def describe(self, case_ids: list[int]) -> dict[int, dict]: ...
     def case(self, case_id: int, style: str) -> dict: ...
     def reports(self, case_ids: list[int], style: str) -> list[str]: ...
@@ -123,6 +134,7 @@ class _SearchedCases:
     trunk_index: VectorIndex | None
     first_depth = 64  # deep_search doubles it only when NIR needs more
     partitioned = False  # the store is split by tumor type and plane (group_keys): filters pick partitions
+    presence: TumorPresence | None = None  # fitted on the source's tumor and no-tumor cases, if it has both
 
     def _case_ids(self, ids: np.ndarray) -> np.ndarray:
         return ids
@@ -140,6 +152,17 @@ class _SearchedCases:
 
     def nearest_trunk(self, trunk: np.ndarray) -> float | None:
         return None if self.trunk_index is None else float(self.trunk_index.search(trunk, 1)[0][0, 0])
+
+    def tumor_presence(self, trunk: np.ndarray) -> float | None:
+        return None if self.presence is None else float(self.presence.proba_no_tumor(trunk)[0])
+
+    def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        dist, ids = self.store.search(query, min(k, self.size()))
+        known = (ids[0] >= 0) & (self.any_label_of(ids[0]) >= 0)  # a reader may meet uncommitted vectors
+        return dist[0][known], self._case_ids(ids[0][known])
+
+    def any_label_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.label_of(ids)
 
     def filtered(
         self, query: np.ndarray, filters: CaseFilter, k: int, one_per_patient: bool
@@ -299,13 +322,19 @@ class ArchiveCases(_SearchedCases):
                 f"the archive {root} holds no cases: add some with `neurocbir add FOLDER --archive {root}`"
             )
         self.store = self.archive.store
-        self.label_of = lookup(cols["id"], cols["label"])
+        tumor = cols["label"] < len(CLASS_NAMES)  # no-tumor cases are never tumor-type evidence:
+        self.label_of = lookup(cols["id"], np.where(tumor, cols["label"], -1))  # NIR skips them
+        self.any_label_of = lookup(cols["id"], cols["label"])
         self.group_of = lookup(cols["id"], cols["patient_key"], missing="")
         self.store_ids, self.attr_label = cols["id"], cols["label"]  # what the retrieval filters read
         self.attr_plane, self.attr_area = cols["plane"], cols["area_mm2"]
-        self.classes = np.unique(cols["label"])
+        if not tumor.any():
+            raise ValueError(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
+        self.classes = np.unique(cols["label"][tumor])
         trunk = self.archive.trunk_vectors()
-        self.trunk_index = VectorIndex.build(trunk) if trunk is not None and len(trunk) == len(cols["id"]) else None
+        complete = trunk is not None and len(trunk) == len(cols["id"])
+        self.trunk_index = VectorIndex.build(trunk) if complete else None
+        self.presence = fit_presence(trunk if complete else None, tumor)
         self.far_threshold = self._far_threshold(cols["patient_key"])
 
     def changed(self) -> bool:
@@ -318,6 +347,9 @@ class ArchiveCases(_SearchedCases):
 
     def _stored(self, case_ids: list[int]) -> dict[int, dict]:
         found = self.archive.cases(case_ids)
+        for c in case_ids:
+            if c not in found and (example := find_example(self.archive, c)) is not None:
+                found[c] = {**example, "plane": None, "area_mm2": None, "report": None, "example": True}
         missing = [c for c in case_ids if c not in found]
         if missing:
             raise KeyError(f"no case {missing[0]} in the archive")
@@ -329,7 +361,9 @@ class ArchiveCases(_SearchedCases):
 
     def case(self, case_id: int, style: str = "normal") -> dict:
         stored = self._stored([case_id])[case_id]
-        out = {k: stored[k] for k in ("case_id", "label", "plane", "area_mm2")} | {"in_archive": True}
+        out = {k: stored[k] for k in ("case_id", "label", "plane", "area_mm2")} | {
+            "in_archive": "example" not in stored
+        }
         writable = stored["report"] or (stored["plane"] and stored["area_mm2"] is not None)
         out["report"] = self.reports([case_id], style)[0] if writable else None
         return out
@@ -342,6 +376,8 @@ class ArchiveCases(_SearchedCases):
             r = found[c]
             if r["report"]:
                 out.append(r["report"])
+            elif r["label"] == NO_TUMOR:
+                raise KeyError(f"case {c} shows no tumor and has no report")
             elif r["plane"] and r["area_mm2"] is not None:
                 out.append(make_report(ReportAttributes(r["label"], r["plane"], r["area_mm2"]), style, c))
             else:
@@ -367,4 +403,6 @@ class ArchiveCases(_SearchedCases):
         return mask
 
     def examples(self, per_class: int = 4) -> list[dict]:
-        return []  # archive cases would only find themselves; the user uploads scans
+        """The held-out examples stored beside the archive (`neurocbir add --examples`), a few per
+        label; none unless some were added (an archive case would only find itself)."""
+        return list_examples(self.archive, per_class)

@@ -35,6 +35,12 @@ def add(
         None, help="with --dicomweb: CSV sop_instance_uid,label[,patient_id,plane,area_mm2,report]"
     ),
     study: Optional[str] = typer.Option(None, help="with --dicomweb: only this Study Instance UID"),
+    part: Optional[str] = typer.Option(
+        None, help="of a folder of other hospitals' slices: only its development or validation part (group-wise)"
+    ),
+    examples: bool = typer.Option(
+        False, "--examples", help="store the scans as held-out examples to try the app with (never searched)"
+    ),
 ) -> None:
     """Embed the scans of FOLDER (or of a PACS, with --dicomweb) and add them to a case archive;
     safe to kill and rerun (resumes, never duplicates). Patient names and ids are not stored."""
@@ -65,12 +71,15 @@ def add(
             dicomweb,
             labels,
             study,
+            part,
+            examples,
         )
     finally:
         if bar is not None:
             bar.close()
+    kind = "examples" if out.get("examples") else "cases"
     typer.echo(
-        f"{out['added']} cases added, {out['already_there']} already there; the archive at {archive} holds "
+        f"{out['added']} {kind} added, {out['already_there']} already there; the archive at {archive} holds "
         f"{out['total']} cases ({out['check']['store_count']} in its {out['store']} index)"
     )
     if out["unlabelled"]:

@@ -8,15 +8,7 @@ from typing import Optional
 
 import typer
 
-from neurocbir.cli._common import (
-    _explain,
-    _guard,
-    _index_bundled_model,
-    _read_image_file,
-    _read_query_scan,
-    _service,
-    resolve_run,
-)
+from neurocbir.cli._common import _explain, _guard, _read_image_file, _read_query_scan, _service, resolve_run
 
 
 def query(
@@ -53,22 +45,29 @@ def query(
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    if out["no_similar_case"]:  # a calibrated probability would not hold for this scan
-        shown = "confidence withheld: no similar archive case"
+    if out["no_similar_case"]:
+        typer.secho("warning: no similar case found; the answer is unreliable", fg=typer.colors.RED)
+    if out["tumor_found"] is False:
+        p = out["tumor_presence"]["probability_no_tumor"]
+        typer.echo(f"No tumor found on this slice (P(no tumor) {p:.0%}); no tumor type is given.")
+        typer.echo("The most similar archive cases, as context:")
     else:
-        kind = "calibrated confidence" if out["calibrated"] else "uncalibrated softmax(I_c)"
-        shown = f"{kind} {out['confidence']:.1%}"
-    typer.echo(
-        f"{out['prediction']} ({shown}; KNN-7 vote "
-        + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items())
-        + ")"
-    )
-    if out["prediction_set"] is not None:
-        typer.echo(f"{out['coverage']:.0%} prediction set: {' or '.join(out['prediction_set'])}")
+        if out["no_similar_case"]:  # a calibrated probability would not hold for this scan
+            shown = "confidence withheld: no similar archive case"
+        else:
+            kind = "calibrated confidence" if out["calibrated"] else "uncalibrated softmax(I_c)"
+            shown = f"{kind} {out['confidence']:.1%}"
+        typer.echo(
+            f"{out['prediction']} ({shown}; KNN-7 vote "
+            + ", ".join(f"{c} {p:.0%}" for c, p in out["knn_vote"].items())
+            + ")"
+        )
+        if out["prediction_set"] is not None:
+            typer.echo(f"{out['coverage']:.0%} prediction set: {' or '.join(out['prediction_set'])}")
+        if out["tumor_found"] is None:
+            typer.echo(f"tumor presence {out['tumor_presence']['note']}")
     if out["neighbours_disagree"]:
         typer.echo("the neighbours disagree: read the evidence below")
-    if out["no_similar_case"]:
-        typer.secho("warning: no similar case found; the prediction is unreliable", fg=typer.colors.RED)
     if out.get("query_tumor"):
         t = out["query_tumor"]
         typer.echo(f"query tumor: about {t['area_mm2']:.0f} mm² ({t['note']})")
@@ -125,14 +124,14 @@ def serve(
 
 
 def demo(port: int = typer.Option(8000)) -> None:
-    """The main job: serve the committed model (indexed on first start), else the best trained
-    run, else train a quick one (~5 min) first."""
+    """The main job: serve the committed model (else the best trained run, else a quick one
+    trained first, ~5 min) over the demo archive, built on first start from the bundled data."""
     from neurocbir.app.api import serve as _serve
-    from neurocbir.models.runs import TrainConfig, find_default_run
+    from neurocbir.app.demo import demo_archive
+    from neurocbir.models.runs import BUNDLED_MODEL, TrainConfig, find_default_run, trial_seeds
     from neurocbir.training.cached import train_run
 
-    _index_bundled_model()
-    run = find_default_run()
+    run = BUNDLED_MODEL if trial_seeds(BUNDLED_MODEL, needs="checkpoint.pt") else find_default_run()
     if run is None:
         run = Path("runs/demo")
         typer.echo(
@@ -141,4 +140,5 @@ def demo(port: int = typer.Option(8000)) -> None:
         )
         cfg = TrainConfig(loss="supcon", trials=1, trainable_blocks=0, n_copies=0, epochs=20)
         _guard(train_run, cfg, run)
-    _guard(_serve, run, "127.0.0.1", port)
+    archive = _guard(demo_archive, run, None, typer.echo)
+    _guard(_serve, run, "127.0.0.1", port, archive)

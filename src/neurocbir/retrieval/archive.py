@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurocbir.data.cases import CLASS_NAMES
+from neurocbir.data.cases import CASE_LABELS
 from neurocbir.files import atomic_path
 from neurocbir.retrieval.index import IndexMismatchError
 from neurocbir.retrieval.milvus import MilvusStore
@@ -310,8 +310,8 @@ class CaseArchive:
             e = np.asarray(r.embedding, dtype=np.float32).ravel()
             if e.shape[0] != self.dim or not np.isfinite(e).all():
                 raise ArchiveError(f"{r.image_path}: embedding must be {self.dim} finite values")
-            if not 0 <= int(r.label) < len(CLASS_NAMES):
-                raise ArchiveError(f"{r.image_path}: label {r.label} is not one of 0..{len(CLASS_NAMES) - 1}")
+            if not 0 <= int(r.label) < len(CASE_LABELS):
+                raise ArchiveError(f"{r.image_path}: label {r.label} is not one of 0..{len(CASE_LABELS) - 1}")
             trunk = None if r.trunk is None else np.asarray(r.trunk, dtype=np.float32).ravel().tobytes()
             rows.append(
                 (
@@ -388,7 +388,7 @@ class CaseArchive:
             for r in rows:
                 out[r[0]] = {
                     "case_id": r[0],
-                    "label": CLASS_NAMES[r[1]],
+                    "label": CASE_LABELS[r[1]],
                     "plane": r[2] or None,
                     "area_mm2": None if r[3] is None else round(r[3], 2),
                     "image_path": r[4],

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neurocbir.data.cases import CLASS_NAMES, PLANES, DatasetError, load_cases
+from neurocbir.data.cases import CASE_LABELS, CLASS_NAMES, NO_TUMOR, PLANES, DatasetError, load_cases
+from neurocbir.data.external import PARTS, development_split, is_external_layout, load_external
 from neurocbir.retrieval.archive import ArchiveError
 
 
@@ -45,16 +46,26 @@ class CaseFile:
         return read_scan(self.path.read_bytes(), self.path.name)
 
 
+#: how a CSV may say that a slice shows no tumor
+NO_TUMOR_WORDS = (NO_TUMOR, "no tumor", "no_tumor", "none", "normal")
+
+
 def parse_label(value: str, where: str) -> int:
+    """A label as an index into :data:`~neurocbir.data.cases.CASE_LABELS`: a tumor type (its
+    name, or 1-3 as figshare numbers them) or no tumor (3)."""
     v = value.strip().lower()
     if v in CLASS_NAMES:
         return CLASS_NAMES.index(v)
+    if v in NO_TUMOR_WORDS:
+        return CASE_LABELS.index(NO_TUMOR)
     if v in ("1", "2", "3"):  # the figshare convention
         return int(v) - 1
-    raise ArchiveError(f"{where}: label {value!r} is not one of {', '.join(CLASS_NAMES)} (or 1, 2, 3)")
+    raise ArchiveError(
+        f"{where}: label {value!r} is not one of {', '.join(CASE_LABELS)} (or 1, 2, 3 for the tumor types)"
+    )
 
 
-def scan_folder(folder: Path | str, folds: Iterable[int] | None = None) -> list[CaseFile]:
+def scan_folder(folder: Path | str, folds: Iterable[int] | None = None, part: str | None = None) -> list[CaseFile]:
     """The cases of a folder: the bundled dataset layout, the figshare ``.mat`` release, or
     any folder of PNG/JPEG/DICOM/.mat scans with a ``cases.csv`` (columns ``file,label`` and
     optionally ``patient_id,plane,area_mm2,report``)."""
@@ -63,6 +74,12 @@ def scan_folder(folder: Path | str, folds: Iterable[int] | None = None) -> list[
         raise ArchiveError(f"no such folder: {folder}")
     if (folder / "cases.csv").is_file():
         return _scan_csv(folder)
+    if is_external_layout(folder):
+        return _scan_external(folder, part)
+    if part is not None:
+        raise ArchiveError(
+            f"--part applies to a folder of other hospitals' slices (metadata.csv with image_file,label_name), not {folder}"
+        )
     try:
         table = load_cases(folder)
     except DatasetError as exc:
@@ -86,6 +103,24 @@ def scan_folder(folder: Path | str, folds: Iterable[int] | None = None) -> list[
             )
         )
     return files
+
+
+def _scan_external(folder: Path, part: str | None = None) -> list[CaseFile]:
+    """Other hospitals' slices (``metadata.csv``: ``image_file,label_name[,group]``): no patient
+    ids, so a group of near-duplicate slices stands for one patient. ``part``: only the
+    development or the validation part of the group-wise split (:func:`development_split`)."""
+    try:
+        cases = load_external(folder)
+    except DatasetError as exc:
+        raise ArchiveError(str(exc)) from None
+    if part is not None:
+        if part not in PARTS:
+            raise ArchiveError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+        cases = cases.subset(development_split(cases)[PARTS.index(part)])
+    return [
+        CaseFile(cases.path(i), CASE_LABELS.index(str(cases.labels[i])), f"group:{cases.groups[i]}")
+        for i in range(len(cases))
+    ]
 
 
 def read_rows(path: Path, required: set[str], columns: str) -> list[tuple[str, dict]]:

@@ -20,6 +20,7 @@ from neurocbir.data.cases import load_cases
 from neurocbir.files import sha256_file
 from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
 from neurocbir.retrieval.casefiles import CaseFile, scan_folder
+from neurocbir.retrieval.examples import add_examples
 
 # images -> (embeddings, trunk descriptors): a model's embedding function, as `add_folder` calls it
 Embedder = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
@@ -98,13 +99,18 @@ def ingest(
     dicomweb: str | None = None,
     labels: Path | str | None = None,
     study: str | None = None,
+    part: str | None = None,
+    as_examples: bool = False,
 ) -> dict:
     """``neurocbir add``: embed the new scans of ``folder`` (or of the DICOMweb server
     ``dicomweb`` that ``labels`` labels, optionally one ``study``) with ``run``'s encoder into
     the archive at ``archive_root`` (created for that encoder if missing), holding the writer
     lock. ``progress(done, total)`` is called as files are handled. Returns the counts, the
-    errors and the archive's consistency check."""
+    errors and the archive's consistency check. ``part``: of a folder of other hospitals' slices,
+    only its development or validation part. ``as_examples``: store the scans as held-out
+    examples to try the app with, never searched (:mod:`neurocbir.retrieval.examples`)."""
     from neurocbir.models.inference import load_model
+    from neurocbir.models.runs import first_weights
 
     if (folder is None) == (dicomweb is None):
         raise ArchiveError("give a folder of scans or a DICOMweb server (--dicomweb URL --labels CSV), not both")
@@ -119,12 +125,26 @@ def ingest(
 
             files, unlabelled = scan_dicomweb(dicomweb, labels, Path(archive_root) / "images", study)
         else:
-            files = scan_folder(folder, folds)
-        model = load_model(run)
+            files = scan_folder(folder, folds, part)
+        model = load_model(run, first_weights(run))  # an archive needs no index of the run's own
         archive = CaseArchive.create(
             archive_root, model.embedding_dim, model.checkpoint_sha256, store, milvus_uri, str(run), milvus_index
         )
         try:
+            if as_examples:
+                added, there = add_examples(archive, files)
+                if progress:
+                    progress(len(files), len(files))
+                return {
+                    "added": added,
+                    "already_there": there,
+                    "errors": [],
+                    "total": len(archive),
+                    "examples": True,
+                    "store": archive.meta["store"],
+                    "check": archive.check(),
+                    "unlabelled": unlabelled,
+                }
             done = 0
 
             def step(n: int) -> None:

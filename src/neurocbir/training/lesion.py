@@ -73,6 +73,23 @@ def augment_batch(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tup
     return (x01.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last), mask
 
 
+def cpu_bf16_supported() -> bool:
+    """Does this CPU do bfloat16 natively (AVX-512 BF16 or AMX, as oneDNN reports it)? Where it
+    does not (an AVX2-only CPU), bf16 is emulated: about 10x slower than float32, not faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def training_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``bfloat16`` on a GPU, and on a CPU when the preset asks for it and the CPU has it
+    natively; ``float32`` otherwise."""
+    if device.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if cfg.extra.get("cpu_bf16", False) and cpu_bf16_supported() else "float32"
+
+
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -120,7 +137,9 @@ def train_lesion(
     seg_loss = DiceCELoss(sigmoid=True)
     gen = torch.Generator(device=device).manual_seed(seed)
     y_all = torch.as_tensor(labels, device=device)
-    amp = device.type == "cuda" or cfg.extra.get("cpu_bf16", False)
+    amp = training_precision(cfg, device) == "bfloat16"
+    if cfg.extra.get("cpu_bf16") and device.type == "cpu" and not amp:
+        log_warning("this CPU has no native bfloat16 (emulated it is ~10x slower): training in float32")
     global _compile_failed
     step_net = torch.compile(net) if compile_net and not _compile_failed else net
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,8 +20,16 @@ from neurocbir.models.encoders import Encoder, pick_device
 from neurocbir.models.lesion import TUMOR_LEVEL_FILE
 from neurocbir.models.runs import TrainConfig, trial_dir
 from neurocbir.training.common import fit_calibration
-from neurocbir.training.lesion import embed_tensors, load_tensors, mask_scores, train_lesion, write_trial
+from neurocbir.training.lesion import (
+    embed_tensors,
+    load_tensors,
+    mask_scores,
+    train_lesion,
+    training_precision,
+    write_trial,
+)
 
+log = logging.getLogger(__name__)
 TUMOR_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
@@ -185,6 +194,25 @@ def recalibrate_lesion_run(
     calibrate_by_inner_cv(cfg, run, table, encoder, images.to(device), masks.to(device), device, compile_net)
 
 
+def epochs_for_budget(
+    cfg: TrainConfig, encoder: Encoder, images: torch.Tensor, masks: torch.Tensor, labels: np.ndarray, device
+) -> dict:
+    """The epochs that fit ``cfg.extra["cpu_train_budget_min"]`` minutes of training on this CPU
+    (at most ``cfg.epochs``), from the seconds of a few real steps (a throwaway network, 4 batches,
+    its set-up included: an overestimate). A slow CPU (AVX2 only: no native bfloat16) trains fewer
+    epochs rather than running past the budget; on the preset's own CPU nothing changes."""
+    budget = float(cfg.extra["cpu_train_budget_min"]) * 60
+    n = min(len(labels), 4 * cfg.batch_size)
+    t0 = time.perf_counter()
+    train_lesion(
+        dataclasses.replace(cfg, epochs=1), encoder, images[:n], masks[:n], labels[:n], 0, device, progress=False
+    )
+    step_s = (time.perf_counter() - t0) / max(1, n // min(cfg.batch_size, n))
+    steps_per_epoch = max(1, len(labels) // min(cfg.batch_size, len(labels)))
+    epochs = int(min(cfg.epochs, max(1, budget // (step_s * steps_per_epoch))))
+    return {"budget_min": budget / 60, "step_s": round(step_s, 3), "epochs": epochs, "preset_epochs": cfg.epochs}
+
+
 def train_lesion_run(
     cfg: TrainConfig,
     out: Path,
@@ -208,12 +236,24 @@ def train_lesion_run(
     t0 = time.time()
     images, masks = load_tensors(table, cfg.image_size)
     images, masks = images.to(device), masks.to(device)
-    timings: dict = {"load_s": round(time.time() - t0, 1), "trials_s": []}
-    write_json(out / "config.json", dataclasses.asdict(cfg))
+    timings: dict = {"load_s": round(time.time() - t0, 1), "trials_s": [], "precision": training_precision(cfg, device)}
     test_rows = np.flatnonzero(table.fold == cfg.fold)
     if len(test_rows) == 0:
         raise ValueError(f"fold {cfg.fold} has no cases")
     fit_rows, cal_rows = holdout_split(cfg, table)
+    if device.type == "cpu" and cfg.extra.get("cpu_train_budget_min"):
+        fitted = epochs_for_budget(cfg, encoder, images[fit_rows], masks[fit_rows], table.label[fit_rows], device)
+        timings["epochs_for_budget"] = fitted
+        if fitted["epochs"] < cfg.epochs:
+            log.warning(
+                "this CPU needs %.2f s per step: training %d epochs instead of %d to stay within %.0f minutes",
+                fitted["step_s"],
+                fitted["epochs"],
+                cfg.epochs,
+                fitted["budget_min"],
+            )
+            cfg = dataclasses.replace(cfg, epochs=fitted["epochs"])
+    write_json(out / "config.json", dataclasses.asdict(cfg))
     tumor: dict = {}
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.trials):
         last = timings["trials_s"][-1] if timings["trials_s"] else 0.0

@@ -1,0 +1,177 @@
+"""Slices with no tumor and other hospitals' slices: the external layout and its group-wise split,
+`neurocbir add` of no-tumor slices, held-out examples, and the service answering "no tumor found"
+(no tumor type asserted) from an archive that holds such slices, on real slices of other sources."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from neurocbir.app.service import RetrievalService
+from neurocbir.cli import app as cli
+from neurocbir.data.cases import CLASS_NAMES, DatasetError
+from neurocbir.data.external import development_split, is_external_layout, load_external
+from neurocbir.retrieval.archive import ArchiveError, CaseArchive
+from neurocbir.retrieval.casefiles import parse_label
+from neurocbir.retrieval.examples import EXAMPLE_ID_BASE
+
+runner = CliRunner()
+EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external"
+
+
+@pytest.fixture(scope="module")
+def external() -> Path:
+    if not (EXTERNAL / "metadata.csv").is_file():
+        pytest.fail(f"the external slices are missing: expected {EXTERNAL}")
+    return EXTERNAL
+
+
+@pytest.fixture(scope="module")
+def small_external(external, tmp_path_factory) -> Path:
+    """A copy of 160 external slices (whole groups: 80 without a tumor, 80 with), in the same layout."""
+    cases = load_external(external)
+    rng = np.random.default_rng(1)
+    keep: list[int] = []
+    for want_tumor in (False, True):
+        groups = rng.permutation(np.unique(cases.groups[cases.tumor == want_tumor]))
+        rows = []
+        for g in groups:
+            rows += np.flatnonzero((cases.groups == g) & (cases.tumor == want_tumor)).tolist()
+            if len(rows) >= 80:
+                break
+        keep += rows[:80]
+    out = tmp_path_factory.mktemp("external")
+    (out / "images").mkdir()
+    with open(out / "metadata.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_file", "label_name", "group"])
+        for i in sorted(keep):
+            shutil.copy(cases.path(i), out / cases.files[i])
+            w.writerow([cases.files[i], cases.labels[i], cases.groups[i]])
+    return out
+
+
+def test_external_layout_and_its_group_wise_split(external):
+    cases = load_external(external)
+    assert len(cases) == 786 and set(cases.labels) == {*CLASS_NAMES, "notumor"}
+    assert int((~cases.tumor).sum()) == 294
+    dev, val = development_split(cases)
+    assert len(dev) + len(val) == len(cases) and not set(dev) & set(val)
+    assert not set(cases.groups[dev]) & set(cases.groups[val])  # a group never straddles the split
+    for label in set(cases.labels):  # every label on both sides, in about the same share
+        share = (cases.labels[val] == label).sum() / (cases.labels == label).sum()
+        assert 0.35 < share < 0.65, (label, share)
+    assert development_split(cases)[1].tolist() == val.tolist()  # fixed: the same split everywhere
+    # the bundled figshare folder names its images the same way, but is not this layout
+    assert is_external_layout(external) and not is_external_layout(external.parent / "brain-tumor-figshare")
+
+
+def test_bad_external_folders_get_clear_errors(tmp_path):
+    (tmp_path / "metadata.csv").write_text("image_file,label_name\nimages/1.jpg,tumour\n")
+    with pytest.raises(DatasetError, match="label_name 'tumour' is not one of"):
+        load_external(tmp_path)
+    (tmp_path / "metadata.csv").write_text("image_file,label_name\n../../etc/passwd,glioma\n")
+    with pytest.raises(DatasetError, match="not a file inside"):
+        load_external(tmp_path)
+    assert parse_label("notumor", "x") == 3 and parse_label("No tumor", "x") == 3 and parse_label("2", "x") == 1
+    with pytest.raises(ArchiveError, match="notumor"):
+        parse_label("cyst", "cases.csv, line 2")
+
+
+@pytest.fixture(scope="module")
+def site_archive(small_external, small_run, small_data_dir, tmp_path_factory) -> Path:
+    """Figshare training folds + the external development part, with the validation part and the
+    figshare test fold as examples: what `make demo` builds, at small scale, through the CLI."""
+    root = tmp_path_factory.mktemp("site") / "archive"
+    steps = [
+        [str(small_data_dir), "--fold", "1", "--fold", "2", "--fold", "3", "--fold", "4"],
+        [str(small_data_dir), "--fold", "5", "--examples"],
+        [str(small_external), "--part", "development"],
+        [str(small_external), "--part", "validation", "--examples"],
+    ]
+    for args in steps:
+        res = runner.invoke(cli, ["add", *args, "--archive", str(root), "--run", str(small_run)])
+        assert res.exit_code == 0, res.output
+    return root
+
+
+def test_no_tumor_slices_go_into_the_archive_as_such(site_archive, small_external, small_cases):
+    arch = CaseArchive.open(site_archive, writer=False)
+    labels = np.array([r[0] for r in arch.db.execute("SELECT label FROM cases")])
+    ext = load_external(small_external)
+    dev, val = development_split(ext)
+    unique_dev = len({Path(ext.path(i)).read_bytes() for i in dev})  # byte-identical files are one case
+    n_fig = int((small_cases.fold != 5).sum())
+    assert len(labels) == n_fig + unique_dev
+    assert (labels == 3).sum() == len({ext.path(i).read_bytes() for i in dev if not ext.tumor[i]})
+    n_examples = arch.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+    assert n_examples == int((small_cases.fold == 5).sum()) + len({ext.path(i).read_bytes() for i in val})
+    arch.close()
+
+
+def test_the_archive_answers_no_tumor_found_without_a_tumor_type(site_archive, small_run, small_external, small_cases):
+    svc = RetrievalService.from_archive(small_run, site_archive)
+    ext = load_external(small_external)
+    _, val = development_split(ext)
+    none = [svc.query(ext.load_image(i)) for i in val if not ext.tumor[i]]
+    called = [o for o in none if o["tumor_found"] is False]
+    assert len(called) >= 0.8 * len(none), f"{len(called)} of {len(none)} held-out no-tumor slices"
+    for o in called:  # no tumor type asserted, the nearest cases shown as context
+        assert o["prediction"] is None and o["confidence"] is None and o["probabilities"] is None
+        assert o["prediction_set"] is None and o["knn_vote"] is None and o["query_tumor"] is None
+        assert o["retrievals"] and "tumor type only" in o["note"]
+        assert o["tumor_presence"]["probability_no_tumor"] > o["tumor_presence"]["threshold"]
+    assert any(r["label"] == "notumor" for o in called for r in o["retrievals"])
+    # held-out figshare tumor slices: a tumor found, and only tumor cases as tumor-type evidence
+    tumors = [svc.query(small_cases.load_image(r)) for r in np.flatnonzero(small_cases.fold == 5)]
+    found = [o for o in tumors if o["tumor_found"]]
+    assert len(found) >= 0.95 * len(tumors), f"{len(found)} of {len(tumors)} held-out tumor slices"
+    for o in found:
+        assert o["prediction"] in CLASS_NAMES and set(o["probabilities"]) <= set(CLASS_NAMES)
+        assert all(r["label"] in CLASS_NAMES for r in o["retrievals"])
+        assert o["nearest_other_class"] is None or o["nearest_other_class"]["label"] in CLASS_NAMES
+    # examples are never searched: no answer shows one
+    assert all(r["case_id"] < EXAMPLE_ID_BASE for o in none + tumors for r in o["retrievals"])
+
+
+def test_examples_are_listed_and_answer_by_id(site_archive, small_run):
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app.api import create_app
+
+    client = TestClient(create_app(RetrievalService.from_archive(small_run, site_archive)))
+    examples = client.get("/examples").json()["examples"]
+    assert {e["label"] for e in examples} == {*CLASS_NAMES, "notumor"}
+    assert all(e["case_id"] >= EXAMPLE_ID_BASE for e in examples)
+    none = next(e for e in examples if e["label"] == "notumor")
+    case = client.get(f"/cases/{none['case_id']}").json()
+    assert case["in_archive"] is False and case["label"] == "notumor" and case["report"] is None
+    assert client.get(f"/cases/{none['case_id']}/image.png").headers["content-type"] == "image/png"
+    out = client.post("/query", data={"case_id": str(none["case_id"])}).json()
+    assert "tumor_found" in out and out["query_fingerprint"]
+    assert client.get(f"/cases/{EXAMPLE_ID_BASE + 999_999}").status_code == 404
+
+
+def test_a_run_without_no_tumor_cases_does_not_assess_tumor_presence(small_run, small_cases):
+    out = RetrievalService.from_run(small_run, table=small_cases).query(small_cases.load_image(0))
+    assert out["tumor_found"] is None and "not assessed" in out["tumor_presence"]["note"]
+    assert out["prediction"] in CLASS_NAMES  # the tumor-type answer stays as it was
+
+
+def test_the_cli_says_no_tumor_found(site_archive, small_run, small_external):
+    ext = load_external(small_external)
+    _, val = development_split(ext)
+    for i in val:
+        if ext.tumor[i]:
+            continue
+        res = runner.invoke(cli, ["query", str(ext.path(i)), "--archive", str(site_archive), "--run", str(small_run)])
+        assert res.exit_code == 0, res.output
+        if "No tumor found on this slice" in res.output:
+            assert "calibrated confidence" not in res.output and "prediction set" not in res.output
+            return
+    raise AssertionError("no held-out no-tumor slice was answered 'no tumor found' by the CLI")
