@@ -283,7 +283,7 @@ def test_feedback_is_stored_exported_and_reranks(tmp_path, small_run, small_case
     assert order.index(shown[4]) < 4 and (shown[0] not in order or order.index(shown[0]) > 0)
     assert reranked["prediction"] == out["prediction"]  # feedback orders the evidence, not the diagnosis
     csv_text = client.get("/feedback.csv").text.splitlines()
-    assert csv_text[0] == "id,time,query_fingerprint,case_id,relevant" and len(csv_text) == 5
+    assert csv_text[0] == "id,time,query_fingerprint,case_id,relevant,user" and len(csv_text) == 5
     assert all(small_cases.patient_id[0] not in line for line in csv_text)
     again = RetrievalService.from_run(small_run)  # durable: a new process sees the marks
     again.feedback_path = db

@@ -195,8 +195,11 @@ def test_mri_files_shipped_with_pydicom_read(monkeypatch):
 
 
 def test_the_page_never_puts_server_strings_into_html():
-    page = (Path(__file__).resolve().parents[1] / "src" / "neurocbir" / "app" / "static" / "index.html").read_text()
-    assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "outerHTML" not in page
+    static = Path(__file__).resolve().parents[1] / "src" / "neurocbir" / "app" / "static"
+    script = (static / "app.js").read_text()
+    assert "textContent" in script  # the page's script, where server strings are inserted, as text
+    for page in (static / "index.html").read_text(), script:
+        assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "outerHTML" not in page
 
 
 @pytest.mark.parametrize("side", [512])

@@ -43,11 +43,12 @@ def launch(playwright):
     )
 
 
-def serve_in_thread(app) -> tuple[str, object]:
-    """Serve ``app`` with uvicorn on a free loopback port; returns (base URL, server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def serve_in_thread(app, port: int | None = None) -> tuple[str, object]:
+    """Serve ``app`` with uvicorn on a loopback port (a free one by default); returns (base URL, server)."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     for _ in range(100):

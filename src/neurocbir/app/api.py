@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import logging
 from importlib import resources
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
+from starlette.routing import Mount
 
+from neurocbir.app.access import AccessControl, AccessMiddleware, note, principal
+from neurocbir.app.auth_api import router as auth_router
 from neurocbir.app.service import DISCLAIMER, ArchiveUnavailable, RetrievalService
 from neurocbir.app.sources import CaseFilter
 from neurocbir.data.uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
@@ -28,6 +32,10 @@ from neurocbir.reports.text import STYLES, ReportParseError
 
 log = logging.getLogger("neurocbir.app.api")
 LLM_TIMEOUT_S = 60.0
+DOCS_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>neurocbir API</title>
+<link rel="stylesheet" href="/static-offline-docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div><script src="/static-offline-docs/swagger-ui-bundle.js"></script>
+<script src="/static/docs.js"></script></body></html>"""
 
 
 class CasesRequest(BaseModel):
@@ -151,6 +159,12 @@ def health(service: Service, pacs: Pacs) -> JSONResponse:
     return JSONResponse(body, status_code=200 if problem is None else 503)
 
 
+@pages.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+def docs() -> str:
+    """Swagger UI from this server's own files, started by /static/docs.js (no inline script)."""
+    return DOCS_PAGE
+
+
 @pages.get("/", response_class=HTMLResponse)
 def index() -> str:
     return resources.files("neurocbir.app").joinpath("static/index.html").read_text()
@@ -158,6 +172,7 @@ def index() -> str:
 
 @queries.post("/query")
 async def query(
+    request: Request,
     service: Service,
     pacs: Pacs,
     file: UploadFile | None = File(None),
@@ -178,7 +193,7 @@ async def query(
         raise HTTPException(400, str(exc)) from None
     image, spacing = await _scan(service, pacs, file, case_id, instance_uid)
     try:  # off the event loop: /health and static files stay responsive under load
-        return await run_in_threadpool(
+        out = await run_in_threadpool(
             service.query,
             image,
             k=k,
@@ -192,10 +207,15 @@ async def query(
         raise HTTPException(400, str(exc)) from None
     except ArchiveUnavailable as exc:
         raise HTTPException(503, str(exc)) from None
+    other = [out["nearest_other_class"]["case_id"]] if out.get("nearest_other_class") else []
+    shown = [r["case_id"] for r in out["retrievals"]] + other + ([case_id] if case_id is not None else [])
+    note(request, shown, out["query_fingerprint"])
+    return out
 
 
 @queries.post("/similarity", response_class=Response)
 async def similarity(
+    request: Request,
     service: Service,
     pacs: Pacs,
     case_id: int = Query(..., description="the archive case the query is compared with"),
@@ -210,6 +230,7 @@ async def similarity(
     tumor-weighted half of the embedding (the rest: the whole slice)."""
     from neurocbir.models.saliency import heat_png
 
+    note(request, [case_id] + ([query_case_id] if query_case_id is not None else []))
     image, _ = await _scan(service, pacs, file, query_case_id, instance_uid)
     try:
         sal, share = await run_in_threadpool(service.similarity, image, case_id, side)
@@ -223,19 +244,25 @@ async def similarity(
 
 @queries.get("/pacs/image.png")
 async def pacs_image(
-    service: Service, pacs: Pacs, instance_uid: str = Query(..., description="SOP Instance UID on the server's PACS")
+    request: Request,
+    service: Service,
+    pacs: Pacs,
+    instance_uid: str = Query(..., description="SOP Instance UID on the server's PACS"),
 ) -> Response:
     """A PACS instance as a PNG at its own pixel size, to show the query the UI fetched by UID."""
+    note(request, fingerprint="uid:" + hashlib.sha256(instance_uid.encode()).hexdigest()[:32])
     image, _ = await _scan(service, pacs, None, None, instance_uid)
     return Response(_png(image, None, size=max(image.shape)), media_type="image/png")
 
 
 @queries.post("/feedback")
-def feedback(req: FeedbackRequest, service: Service) -> dict:
-    """A clinician's relevant / not relevant mark on a retrieval, stored durably (SQLite)."""
+def feedback(req: FeedbackRequest, request: Request, service: Service) -> dict:
+    """A clinician's relevant / not relevant mark on a retrieval, stored durably (SQLite), under
+    the signed-in user's name."""
+    note(request, [req.case_id], req.query_fingerprint)
     try:
         service.cases.describe([req.case_id])
-        mark = service.feedback.add(req.query_fingerprint, req.case_id, req.relevant)
+        mark = service.feedback.add(req.query_fingerprint, req.case_id, req.relevant, principal(request).name)
     except KeyError as exc:
         raise _not_found(exc) from None
     except ValueError as exc:
@@ -281,7 +308,8 @@ async def _explain(explainer: Explainer, method: str, *args) -> tuple[object, bo
 
 
 @reports.post("/summary")
-async def summary(req: CasesRequest, service: Service, explainer: Explaining) -> dict:
+async def summary(req: CasesRequest, request: Request, service: Service, explainer: Explaining) -> dict:
+    note(request, req.case_ids + ([req.query_case_id] if req.query_case_id is not None else []))
     texts, query = _case_reports(service, req)
     area = None if query else req.query_tumor_area_mm2
     out, timed_out = await _explain(explainer, "summarize", texts, query, area)
@@ -290,7 +318,8 @@ async def summary(req: CasesRequest, service: Service, explainer: Explaining) ->
 
 
 @reports.post("/ask")
-async def ask(req: AskRequest, service: Service, explainer: Explaining) -> dict:
+async def ask(req: AskRequest, request: Request, service: Service, explainer: Explaining) -> dict:
+    note(request, req.case_ids + ([req.query_case_id] if req.query_case_id is not None else []))
     texts, query = _case_reports(service, req)
     area = None if query else req.query_tumor_area_mm2
     (ans, _), timed_out = await _explain(explainer, "answer", req.question, texts, query, area)
@@ -298,7 +327,8 @@ async def ask(req: AskRequest, service: Service, explainer: Explaining) -> dict:
 
 
 @cases.get("/cases/{case_id}")
-def case(case_id: int, service: Service, style: str = "normal") -> dict:
+def case(case_id: int, request: Request, service: Service, style: str = "normal") -> dict:
+    note(request, [case_id])
     _check_style(style)
     try:
         out = service.cases.case(case_id, style)
@@ -309,8 +339,9 @@ def case(case_id: int, service: Service, style: str = "normal") -> dict:
 
 @cases.get("/cases/{case_id}/image.png")
 def case_image(
-    case_id: int, service: Service, outline: bool = False, size: int = Query(256, ge=32, le=512)
+    case_id: int, request: Request, service: Service, outline: bool = False, size: int = Query(256, ge=32, le=512)
 ) -> Response:
+    note(request, [case_id])
     try:
         img = service.cases.image(case_id)
     except KeyError as exc:
@@ -323,7 +354,8 @@ def case_image(
 
 
 @cases.get("/cases/{case_id}/mask.png")
-def case_mask(case_id: int, service: Service) -> Response:
+def case_mask(case_id: int, request: Request, service: Service) -> Response:
+    note(request, [case_id])
     try:
         mask = service.cases.mask(case_id)
     except KeyError as exc:
@@ -332,8 +364,10 @@ def case_mask(case_id: int, service: Service) -> Response:
 
 
 @cases.get("/examples")
-def examples(service: Service) -> dict:
-    return {"examples": service.cases.examples(), "questions": list(PAPER_QUESTIONS), "disclaimer": DISCLAIMER}
+def examples(request: Request, service: Service) -> dict:
+    listed = service.cases.examples()
+    note(request, [e["case_id"] for e in listed])
+    return {"examples": listed, "questions": list(PAPER_QUESTIONS), "disclaimer": DISCLAIMER}
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a traceback to the client
@@ -341,12 +375,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # neve
     return JSONResponse({"detail": "internal error; the server keeps running"}, status_code=500)
 
 
-def create_app(service: RetrievalService, explainer: Explainer | None = None, dicomweb: str | None = None) -> FastAPI:
+def create_app(
+    service: RetrievalService,
+    explainer: Explainer | None = None,
+    dicomweb: str | None = None,
+    access: AccessControl | None = None,
+) -> FastAPI:
     """The API and UI over one service (grounded answers unless an LLM explainer is given);
-    ``dicomweb``: a PACS whose instances can be queried by SOP Instance UID."""
+    ``dicomweb``: a PACS whose instances can be queried by SOP Instance UID; ``access``: users,
+    identity provider and audit trail (default: none, the loopback's anonymous use)."""
     # the API docs (/docs) with their scripts served from here: they work with no internet, and a
     # browser on a hospital network contacts no outside host (no ReDoc: it fetches a logo from its CDN)
     app = FastAPIOffline(
+        docs_url=None,  # our own /docs page: Swagger UI started by a script file, not inline script
         redoc_url=None,
         title="neurocbir",
         version="0.1.0",
@@ -356,33 +397,16 @@ def create_app(service: RetrievalService, explainer: Explainer | None = None, di
         form_limits={"max_files": 1, "max_fields": 8},
     )
     app.state.service, app.state.explainer, app.state.dicomweb = service, explainer or Explainer(), dicomweb
+    app.state.access = access or AccessControl()
     _keep_uploads_in_memory()
-    for router in (pages, queries, reports, cases):
+    routers = (pages, queries, reports, cases, auth_router)
+    for router in routers:
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=str(resources.files("neurocbir.app").joinpath("static"))), name="static")
+    # every route and mount, flat: what access control matches a request against (and tests read)
+    app.state.route_table = [r for router in routers for r in router.routes] + [
+        r for r in app.router.routes if isinstance(r, Mount)
+    ]
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(AccessMiddleware, control=app.state.access, routes_of=lambda: app.state.route_table)
     return app
-
-
-def serve(
-    run: Path, host: str = "127.0.0.1", port: int = 8000, archive: Path | None = None, dicomweb: str | None = None
-) -> None:
-    import uvicorn
-
-    from neurocbir.reports.llm import LLMUnavailable, llm_from_env
-
-    service = RetrievalService.from_archive(run, archive) if archive is not None else RetrievalService.from_run(run)
-    # compile the CPU runtime now (about a second), so that the first clinician's scan does not wait for it
-    service.model.embed([np.zeros((64, 64), np.float32)])
-    try:
-        explainer = Explainer(llm_from_env())
-        print("neurocbir: answers are phrased by the configured LLM and checked against the reports", flush=True)
-    except LLMUnavailable:
-        explainer = Explainer()
-    print(
-        f"neurocbir: serving run {run} (trial {service.trial}, {service.archive_size} archive cases) "
-        f"at http://{host}:{port}/  (API docs: http://{host}:{port}/docs)",
-        flush=True,
-    )
-    if dicomweb:
-        print(f"neurocbir: scans can be queried by SOP Instance UID from the PACS at {dicomweb}", flush=True)
-    uvicorn.run(create_app(service, explainer, dicomweb), host=host, port=port, log_level="warning")

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     time TEXT NOT NULL,
     query_fingerprint TEXT NOT NULL,
     case_id INTEGER NOT NULL,
-    relevant INTEGER NOT NULL CHECK (relevant IN (0, 1))
+    relevant INTEGER NOT NULL CHECK (relevant IN (0, 1)),
+    user TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS feedback_case ON feedback(case_id);
 """
@@ -51,18 +52,21 @@ class FeedbackStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(feedback)")}
+            if "user" not in columns:  # a database made before marks named their user
+                self.db.execute("ALTER TABLE feedback ADD COLUMN user TEXT NOT NULL DEFAULT ''")
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"{self.path} is not a readable feedback database ({exc})") from None
         self._lock = threading.Lock()
 
-    def add(self, query_fingerprint: str, case_id: int, relevant: bool) -> int:
+    def add(self, query_fingerprint: str, case_id: int, relevant: bool, user: str = "") -> int:
         if not (len(query_fingerprint) == 32 and all(c in "0123456789abcdef" for c in query_fingerprint)):
             raise ValueError("query_fingerprint must be the 32-hex-digit fingerprint that /query returned")
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._lock:
             cur = self.db.execute(
-                "INSERT INTO feedback (time, query_fingerprint, case_id, relevant) VALUES (?, ?, ?, ?)",
-                (now, query_fingerprint, int(case_id), int(bool(relevant))),
+                "INSERT INTO feedback (time, query_fingerprint, case_id, relevant, user) VALUES (?, ?, ?, ?, ?)",
+                (now, query_fingerprint, int(case_id), int(bool(relevant)), user),
             )
             return int(cur.lastrowid)
 
@@ -82,11 +86,11 @@ class FeedbackStore:
     def export_csv(self) -> str:
         with self._lock:
             rows = self.db.execute(
-                "SELECT id, time, query_fingerprint, case_id, relevant FROM feedback ORDER BY id"
+                "SELECT id, time, query_fingerprint, case_id, relevant, user FROM feedback ORDER BY id"
             ).fetchall()
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["id", "time", "query_fingerprint", "case_id", "relevant"])
+        w.writerow(["id", "time", "query_fingerprint", "case_id", "relevant", "user"])
         w.writerows(rows)
         return buf.getvalue()
 

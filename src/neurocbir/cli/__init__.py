@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from neurocbir.cli import archive, querying, reports, training
+from neurocbir.cli import admin, archive, querying, reports, training
 
 app = typer.Typer(
     add_completion=False,
@@ -34,3 +34,5 @@ COMMANDS = {
 }
 for name, command in COMMANDS.items():
     app.command(name)(command)
+app.add_typer(admin.users, name="users")
+app.add_typer(admin.audit, name="audit")

@@ -116,18 +116,36 @@ def serve(
     dicomweb: Optional[str] = typer.Option(
         None, help="DICOMweb server (PACS) whose instances can be queried by SOP Instance UID"
     ),
+    oidc_issuer: Optional[str] = typer.Option(None, help="sign in with this OpenID Connect provider (its issuer URL)"),
+    oidc_audience: Optional[str] = typer.Option(None, help="the audience the provider's access tokens must carry"),
+    oidc_role_claim: str = typer.Option(
+        "roles", help="the claim holding the role (a dotted path, e.g. realm_access.roles)"
+    ),
+    oidc_client_id: Optional[str] = typer.Option(
+        None, help="the web UI's client id at the provider (default: the audience)"
+    ),
+    allow_anonymous: bool = typer.Option(
+        False, "--allow-anonymous", help="serve a non-loopback address with nobody signing in (not advised)"
+    ),
+    tls_cert: Optional[Path] = typer.Option(None, help="serve HTTPS with this certificate (PEM)"),
+    tls_key: Optional[Path] = typer.Option(None, help="... and this private key (PEM)"),
 ) -> None:
-    """Serve the web UI and the HTTP API."""
-    from neurocbir.app.api import serve as _serve
+    """Serve the web UI and the HTTP API (sign-in as soon as users or an identity provider are
+    configured; see `neurocbir users`)."""
+    from neurocbir.app.server import ServeOptions
+    from neurocbir.app.server import serve as _serve
 
-    _guard(_serve, resolve_run(run), host, port, archive, dicomweb)
+    opts = ServeOptions(
+        host, port, oidc_issuer, oidc_audience, oidc_role_claim, oidc_client_id, allow_anonymous, tls_cert, tls_key
+    )
+    _guard(_serve, resolve_run(run), host, port, archive, dicomweb, opts)
 
 
 def demo(port: int = typer.Option(8000)) -> None:
     """The main job: serve the committed model (else the best trained run, else a quick one
     trained first, ~5 min) over the demo archive, built on first start from the bundled data."""
-    from neurocbir.app.api import serve as _serve
     from neurocbir.app.demo import demo_archive
+    from neurocbir.app.server import serve as _serve
     from neurocbir.models.runs import BUNDLED_MODEL, TrainConfig, find_default_run, trial_seeds
     from neurocbir.training.cached import train_run
 

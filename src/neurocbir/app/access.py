@@ -1,0 +1,292 @@
+"""Who may see what: every route's rule, sign-in (API tokens, the identity provider's JWTs, a
+browser session), the audit trail of every data request, and the security headers, as one ASGI
+middleware in front of the app.
+
+Access control is on as soon as users (``neurocbir users add``) or an identity provider
+(``serve --oidc-issuer``) are configured. Then every route but the public ones (the health check,
+the page shell, its script, the API docs and the sign-in steps) answers 401 without valid
+credentials and 403 for a role below the route's. Roles grow: reader (query, cases, images,
+similarity, summary, ask, examples, the PACS proxy), clinician (+ feedback), curator (+ changing
+the archive, were it exposed over HTTP), admin (+ feedback and audit export, users). A route with no
+rule is refused to everyone but admins, and a test fails on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from neurocbir.app.audit import AuditError, AuditLog, Entry
+from neurocbir.app.users import Principal, UserStore
+
+PUBLIC = "public"
+#: (method, route path) -> the least role that may call it, or PUBLIC
+RULES: dict[tuple[str, str], str] = {
+    ("GET", "/health"): PUBLIC,
+    ("GET", "/"): PUBLIC,
+    ("GET", "/static"): PUBLIC,  # the page's script and styles (no data)
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/static-offline-docs"): PUBLIC,
+    ("GET", "/auth/config"): PUBLIC,
+    ("GET", "/auth/login"): PUBLIC,
+    ("GET", "/auth/callback"): PUBLIC,
+    ("POST", "/auth/session"): PUBLIC,
+    ("POST", "/auth/logout"): PUBLIC,
+    ("GET", "/auth/me"): "reader",
+    ("POST", "/query"): "reader",
+    ("POST", "/similarity"): "reader",
+    ("GET", "/pacs/image.png"): "reader",
+    ("GET", "/cases/{case_id}"): "reader",
+    ("GET", "/cases/{case_id}/image.png"): "reader",
+    ("GET", "/cases/{case_id}/mask.png"): "reader",
+    ("GET", "/examples"): "reader",
+    ("POST", "/summary"): "reader",
+    ("POST", "/ask"): "reader",
+    ("POST", "/feedback"): "clinician",
+    ("GET", "/feedback.csv"): "admin",
+    ("GET", "/audit.csv"): "admin",
+    ("GET", "/users"): "admin",
+}
+ANONYMOUS = Principal("anonymous", "admin", "none")  # access control off: the loopback default
+SESSION_COOKIE = "neurocbir_session"
+SESSION_TTL_S = 8 * 3600
+FAILURES_ALLOWED, FAILURE_WINDOW_S = 10, 60.0  # failed sign-ins per client before a pause
+#: no inline script and no other origin; styles may be inline (the page's <style>, Swagger UI's)
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cache-control", b"no-store"),
+]
+
+
+def rule_for(method: str, path: str) -> str | None:
+    """The rule of a route template (mounted static files by their prefix); None if it has none."""
+    if (method, path) in RULES:
+        return RULES[(method, path)]
+    if method == "HEAD":
+        return rule_for("GET", path)
+    for (m, p), rule in RULES.items():
+        if m == method and p in ("/static", "/static-offline-docs") and path.startswith(p + "/"):
+            return rule
+    return None
+
+
+@dataclass
+class AccessControl:
+    """Everything the middleware needs: the users, the provider, the audit trail."""
+
+    users: UserStore | None = None
+    oidc: object | None = None  # neurocbir.app.oidc.OIDC
+    audit: AuditLog | None = None
+    sessions: dict[str, tuple[Principal, float]] = field(default_factory=dict)
+    failures: dict[str, list[float]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def enabled(self) -> bool:
+        return self.oidc is not None or (self.users is not None and self.users.count() > 0)
+
+    @property
+    def mode(self) -> str:
+        return "oidc" if self.oidc is not None else "token" if self.enabled else "none"
+
+    # --- credentials ------------------------------------------------------------------------
+    def from_bearer(self, token: str) -> Principal | None:
+        if token.startswith("ncb_"):
+            return self.users.authenticate(token) if self.users is not None else None
+        if self.oidc is not None and token.count(".") == 2:
+            from neurocbir.app.oidc import OIDCError
+
+            try:
+                return self.oidc.principal(token)
+            except OIDCError:
+                return None
+        return None
+
+    def new_session(self, who: Principal, expires: float | None = None) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self.lock:
+            now = time.time()
+            self.sessions = {k: v for k, v in self.sessions.items() if v[1] > now}
+            self.sessions[hashlib.sha256(sid.encode()).hexdigest()] = (who, min(expires or 1e18, now + SESSION_TTL_S))
+        return sid
+
+    def from_session(self, sid: str) -> Principal | None:
+        with self.lock:
+            found = self.sessions.get(hashlib.sha256(sid.encode()).hexdigest())
+        if found is None or found[1] < time.time():
+            return None
+        who = found[0]
+        if who.via == "token" and self.users is not None and who.name not in {u["name"] for u in self.users.list()}:
+            return None  # the user was removed meanwhile
+        return Principal(who.name, who.role, "session")
+
+    def end_session(self, sid: str) -> None:
+        with self.lock:
+            self.sessions.pop(hashlib.sha256(sid.encode()).hexdigest(), None)
+
+    # --- failed sign-ins --------------------------------------------------------------------
+    def blocked(self, client: str) -> bool:
+        with self.lock:
+            recent = [t for t in self.failures.get(client, []) if time.time() - t < FAILURE_WINDOW_S]
+            self.failures[client] = recent
+            return len(recent) >= FAILURES_ALLOWED
+
+    def failed(self, client: str) -> None:
+        with self.lock:
+            self.failures.setdefault(client, []).append(time.time())
+
+
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _cookie(headers: dict[str, str], name: str) -> str | None:
+    for part in headers.get("cookie", "").split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name:
+            return v
+    return None
+
+
+def route_path(routes, scope) -> str | None:
+    """The template of the route a request reaches (``/cases/{case_id}``), the request's own path
+    under a mount (``/static/app.js``), or None: ``routes`` are the app's routes and mounts, flat."""
+    from starlette.routing import Match, Mount
+
+    for route in routes:
+        match, _ = route.matches(scope)
+        if isinstance(route, Mount):
+            if match == Match.FULL:
+                return scope["path"]
+        elif match in (Match.FULL, Match.PARTIAL):  # PARTIAL: the path, with another method (405)
+            return route.path
+    return None
+
+
+class AccessMiddleware:
+    """The rules, sign-in, audit and headers around every HTTP request (pure ASGI: no body copy)."""
+
+    def __init__(self, app, control: AccessControl, routes_of):
+        """``routes_of()``: the app's routes and mounts, flat (read when a request comes)."""
+        self.app, self.control, self.routes_of = app, control, routes_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        control, method = self.control, scope["method"]
+        template = route_path(self.routes_of(), scope)
+        # no such route: the app answers 404, nothing to protect; a route with no rule: admins only
+        rule = PUBLIC if template is None else rule_for(method, template) or "admin"
+        headers = _headers(scope)
+        client = (scope.get("client") or ("?", 0))[0]
+        who, offered, blocked = ANONYMOUS, False, False
+        if control.enabled:
+            who, blocked = None, control.blocked(client)  # too many failures: no credential is checked
+            auth = headers.get("authorization", "")
+            if auth.lower().startswith("bearer "):
+                offered = True
+                if not blocked:
+                    who = control.from_bearer(auth[7:].strip())
+            elif (sid := _cookie(headers, SESSION_COOKIE)) is not None:
+                offered = True
+                if not blocked:
+                    who = control.from_session(sid)
+            if offered and who is None and not blocked:
+                control.failed(client)
+        state = scope.setdefault("state", {})
+        state["principal"], state["audit"] = who, {}
+        refusal = None
+        if rule != PUBLIC and control.enabled:
+            if who is None:
+                refusal = (
+                    (429, "too many failed sign-ins: wait a minute")
+                    if blocked
+                    else (
+                        401,
+                        "sign in: send Authorization: Bearer TOKEN (an API token or the identity provider's JWT)",
+                    )
+                )
+            elif not who.may(rule):
+                refusal = (403, f"the role {who.role or '(none)'} may not do this: it needs {rule}")
+        audited = control.audit is not None and (rule != PUBLIC or refusal is not None)
+
+        def entry(status: int) -> Entry:
+            note = state.get("audit", {})
+            user = who or Principal("(not signed in)", "", "none")
+            return Entry(
+                user.name,
+                user.role,
+                method,
+                template or scope["path"],
+                status,
+                [int(c) for c in note.get("case_ids", [])],
+                str(note.get("fingerprint", "")),
+            )
+
+        async def respond(status: int, detail: str) -> None:
+            if audited:
+                try:
+                    control.audit.append(entry(status))
+                except AuditError:
+                    status, detail = 503, "the audit trail cannot be written: nothing is served without it"
+            body = json.dumps({"detail": detail}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                    + SECURITY_HEADERS
+                    + ([(b"www-authenticate", b"Bearer")] if status == 401 else []),
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+        if refusal is not None:
+            return await respond(*refusal)
+        held: dict = {}
+
+        async def send_with_audit(message):
+            if message["type"] == "http.response.start":
+                held["start"] = message
+                return
+            if "start" in held:
+                start = held.pop("start")
+                if audited:
+                    try:
+                        control.audit.append(entry(start["status"]))
+                    except AuditError:  # no unaudited reads: the answer does not leave
+                        held["failed"] = True
+                        return await respond(503, "the audit trail cannot be written: nothing is served without it")
+                start["headers"] = list(start.get("headers", [])) + SECURITY_HEADERS
+                await send(start)
+            if not held.get("failed"):
+                await send(message)
+
+        await self.app(scope, receive, send_with_audit)
+
+
+def note(request, case_ids=None, fingerprint: str | None = None) -> None:
+    """What a handler tells the audit trail about its answer: the case ids it returns or touches,
+    the query's pixel fingerprint."""
+    audit = request.scope.setdefault("state", {}).setdefault("audit", {})
+    if case_ids is not None:
+        audit["case_ids"] = [int(c) for c in case_ids]
+    if fingerprint is not None:
+        audit["fingerprint"] = fingerprint
+
+
+def principal(request) -> Principal:
+    return request.scope.get("state", {}).get("principal") or ANONYMOUS

@@ -1,0 +1,115 @@
+"""``neurocbir serve``: one service, its access control and audit trail, served by uvicorn (over
+HTTPS with ``--tls-cert/--tls-key``). Safe by default: on an address other than the loopback, the
+server refuses to start without users or an identity provider, unless ``--allow-anonymous``."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class UnsafeServe(ValueError):
+    """Serving to the network with nobody signing in, not asked for explicitly."""
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_role_claim: str = "roles"
+    oidc_client_id: str | None = None
+    allow_anonymous: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume the network
+
+
+def build_access(folder: Path, opts: ServeOptions):
+    """The users beside the served run or archive, the identity provider, and (when either signs
+    anyone in) the audit trail beside them."""
+    from neurocbir.app.access import AccessControl
+    from neurocbir.app.audit import AuditLog
+    from neurocbir.app.users import FILE, UserStore
+
+    users = UserStore(folder / FILE) if (folder / FILE).is_file() else None
+    oidc = None
+    if opts.oidc_issuer:
+        from neurocbir.app.oidc import OIDC, OIDCSettings
+
+        if not opts.oidc_audience:
+            raise ValueError("--oidc-issuer needs --oidc-audience (the audience the provider's tokens carry)")
+        oidc = OIDC(OIDCSettings(opts.oidc_issuer, opts.oidc_audience, opts.oidc_role_claim, opts.oidc_client_id))
+    control = AccessControl(users=users, oidc=oidc)
+    if control.enabled:
+        control.audit = AuditLog.beside(folder)
+    return control
+
+
+def check_safe(control, opts: ServeOptions) -> None:
+    if not is_loopback(opts.host) and not control.enabled and not opts.allow_anonymous:
+        raise UnsafeServe(
+            f"refusing to serve {opts.host} with nobody signing in: add users (`neurocbir users add NAME --role "
+            "reader`), or give --oidc-issuer URL --oidc-audience AUD, or pass --allow-anonymous to open it to anyone "
+            "who can reach it"
+        )
+    if (opts.tls_cert is None) != (opts.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for f in (opts.tls_cert, opts.tls_key):
+        if f is not None and not Path(f).is_file():
+            raise FileNotFoundError(f"no such file: {f}")
+
+
+def serve(
+    run: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    archive: Path | None = None,
+    dicomweb: str | None = None,
+    options: ServeOptions | None = None,
+) -> None:
+    import uvicorn
+
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.reports.explain import Explainer
+    from neurocbir.reports.llm import LLMUnavailable, llm_from_env
+
+    opts = options or ServeOptions(host=host, port=port)
+    opts.host, opts.port = host, port
+    folder = Path(archive) if archive is not None else Path(run)
+    control = build_access(folder, opts)
+    check_safe(control, opts)
+    service = RetrievalService.from_archive(run, archive) if archive is not None else RetrievalService.from_run(run)
+    # compile the CPU runtime now (about a second), so that the first clinician's scan does not wait for it
+    service.model.embed([np.zeros((64, 64), np.float32)])
+    try:
+        explainer = Explainer(llm_from_env())
+        print("neurocbir: answers are phrased by the configured LLM and checked against the reports", flush=True)
+    except LLMUnavailable:
+        explainer = Explainer()
+    scheme = "https" if opts.tls_cert else "http"
+    print(
+        f"neurocbir: serving run {run} (trial {service.trial}, {service.archive_size} archive cases) "
+        f"at {scheme}://{host}:{port}/  (API docs: {scheme}://{host}:{port}/docs)",
+        flush=True,
+    )
+    print(
+        f"neurocbir: sign-in: {control.mode}; audit trail: {control.audit.path if control.audit else 'off'}", flush=True
+    )
+    if dicomweb:
+        print(f"neurocbir: scans can be queried by SOP Instance UID from the PACS at {dicomweb}", flush=True)
+    tls = {"ssl_certfile": str(opts.tls_cert), "ssl_keyfile": str(opts.tls_key)} if opts.tls_cert else {}
+    uvicorn.run(create_app(service, explainer, dicomweb, control), host=host, port=port, log_level="warning", **tls)

@@ -1,0 +1,352 @@
+// The web UI's script (a file: the page's Content-Security-Policy allows no inline script).
+const $ = (id) => document.getElementById(id);
+let last = null, queryCase = null, queryFile = null, queryUid = null;
+let queryToken = 0;  // the latest query's number: only its result is shown
+
+async function api(path, opts) {
+  const r = await fetch(path, opts);
+  const body = await r.json().catch(() => ({detail: r.statusText}));
+  if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
+  return body;
+}
+
+// Sign-in: with access control on, the page asks for an API token (or sends the user to the
+// hospital's identity provider); either way the server sets an HttpOnly session cookie.
+async function signIn() {
+  const auth = await (await fetch("/auth/config")).json();
+  if (auth.mode === "none") return true;
+  $("signin").hidden = false;
+  if (auth.user) {
+    $("who").textContent = `Signed in as ${auth.user.name} (${auth.user.role}). `;
+    $("logout").hidden = false;
+    return true;
+  }
+  $("who").textContent = "Sign in to see cases. ";
+  document.querySelector("main").hidden = true;  // nothing about cases before sign-in
+  if (auth.mode === "oidc") $("oidcLogin").hidden = false; else $("tokenForm").hidden = false;
+  return false;
+}
+
+$("tokenForm").onsubmit = async (e) => {
+  e.preventDefault();
+  const r = await fetch("/auth/session", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({token: $("token").value})});
+  if (r.ok) location.reload();
+  else $("signinError").textContent = (await r.json().catch(() => ({detail: r.statusText}))).detail;
+};
+$("logout").onclick = async () => { await fetch("/auth/logout", {method: "POST"}); location.reload(); };
+
+async function init() {
+  if (!(await signIn())) return;  // nothing else is shown before sign-in
+  const health = await (await fetch("/health")).json();  // 503 while the archive cannot be served
+  if (health.archive_problem) $("error").textContent = health.archive_problem;
+  $("pacsRow").hidden = !health.pacs;
+  const ex = await api("/examples");
+  $("disclaimer").textContent = ex.disclaimer;
+  $("exampleRow").hidden = !ex.examples.length;  // an archive has no held-out examples
+  for (const e of ex.examples) {
+    const o = document.createElement("option");
+    o.value = e.case_id; o.textContent = `case ${e.case_id} (${e.label === "notumor" ? "no tumor" : e.label})`;
+    $("example").appendChild(o);
+  }
+  for (const q of ex.questions) {
+    const b = document.createElement("button");
+    b.textContent = q; b.onclick = () => { $("question").value = q; ask(); };
+    $("suggest").appendChild(b);
+  }
+}
+
+// One scan's result on screen at a time: cleared before a query, so a failed one shows its error
+// alone, not the previous scan's evidence beside the new image.
+function clearResult() {
+  last = null;
+  for (const id of ["predBox", "galleryBox", "summaryBox", "chatBox", "compare"]) $(id).hidden = true;
+  $("tumorSvg").replaceChildren(); $("tumor").textContent = "";
+  $("heatQuery").hidden = true; $("heatNote").textContent = "";
+}
+
+async function runQuery() {
+  $("error").textContent = "";
+  const fd = new FormData();
+  const f = $("file").files[0];
+  const uid = $("pacsUid").value.trim();
+  if (!f && !uid && !$("example").value) {
+    $("error").textContent = "Choose a file, an example case or a PACS instance."; return;
+  }
+  clearResult();
+  const token = ++queryToken, current = () => token === queryToken;
+  $("status").textContent = "Searching the archive…";
+  queryCase = null; queryFile = f || null; queryUid = null;
+  if (f) { fd.append("file", f); $("queryImg").src = URL.createObjectURL(f); }
+  else if (uid) {
+    queryUid = uid; fd.append("instance_uid", uid);
+    $("queryImg").src = `/pacs/image.png?instance_uid=${encodeURIComponent(uid)}`;
+  } else if ($("example").value) {
+    queryCase = parseInt($("example").value);
+    fd.append("case_id", queryCase);
+    $("queryImg").src = `/cases/${queryCase}/image.png?size=512`;
+  }
+  try {
+    const params = new URLSearchParams({k: $("k").value, one_per_patient: $("dedup").checked, rerank: $("rerank").checked});
+    for (const [key, id] of [["plane", "fPlane"], ["tumor_type", "fType"], ["min_area_mm2", "fMin"], ["max_area_mm2", "fMax"]])
+      if ($(id).value !== "") params.set(key, $(id).value);
+    const out = await api(`/query?${params}`, {method: "POST", body: fd});
+    if (!current()) return;  // a later query was started: its result is the one to show
+    last = out;
+  } catch (e) {
+    if (current()) { $("status").textContent = ""; $("error").textContent = e.message; }
+    return;
+  }
+  $("status").textContent = "";
+  showPrediction(); showTumor();
+  try { await showGallery(); } catch (e) { if (current()) $("error").textContent = e.message; }
+  if (!current() || last.tumor_found === false) return;  // reports and chat are about the tumors
+  await showSummary();
+  if (!current()) return;
+  $("chatBox").hidden = false; $("chatLog").replaceChildren();
+}
+
+// Every string from the server goes in as text, never as HTML: reports come from cases.csv
+// files and LLMs, and a report must not be able to run script in a clinician's browser.
+function el(tag, text, className) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (className) e.className = className;
+  return e;
+}
+
+function cell(row, text, tag = "td") { row.appendChild(el(tag, text)); }
+
+function showPrediction() {
+  $("predBox").hidden = false;
+  $("far").hidden = !last.no_similar_case;
+  const none = last.tumor_found === false, p = last.tumor_presence;
+  $("noTumor").hidden = !none; $("typeAnswer").hidden = none;
+  $("presence").textContent = last.tumor_found === null ? `Tumor presence ${p.note}.` : "";
+  if (none) {
+    $("noTumorWhy").textContent = `Probability of no tumor ${(100 * p.probability_no_tumor).toFixed(1)}% (${p.note}). ` +
+      "The archive's answer is about tumor type only, so no tumor type is given; the most similar archive cases are shown as context.";
+    return;
+  }
+  const chip = document.createElement("span");
+  chip.className = `chip ${last.prediction}`; chip.textContent = last.prediction;
+  $("pred").replaceChildren(chip);
+  const ic = last.nir_positions[last.prediction];
+  const kind = last.calibrated ? "calibrated confidence" : "uncalibrated confidence";
+  // Far from every archive case a calibrated probability would not hold: show none.
+  $("conf").textContent = (last.no_similar_case
+    ? "confidence withheld (no similar archive case) — "
+    : `${kind} ${(100 * last.confidence).toFixed(1)}% — `) + (ic === 1
+    ? `the nearest archive case is a ${last.prediction}; the second is not`
+    : `the ${ic} nearest archive cases are all ${last.prediction}`);
+  $("set").textContent = last.prediction_set
+    ? `${Math.round(100 * last.coverage)}% prediction set: ${last.prediction_set.join(" or ")}`
+    : "No prediction set: this run was trained without calibration.";
+  $("disagree").hidden = !last.neighbours_disagree;
+  const votes = Object.entries(last.knn_vote).sort((a, b) => b[1] - a[1]);
+  $("disagree").textContent = votes[0][0] !== last.prediction
+    ? `The neighbours disagree: most of the 7 nearest cases are ${votes[0][0]}, the nearest-incorrect rule says ${last.prediction}. Read the retrieved cases.`
+    : `The evidence does not single out one tumor type: at ${Math.round(100 * last.coverage)}% coverage it allows ${(last.prediction_set || []).join(" or ")}. Read the retrieved cases.`;
+  const o = last.nearest_other_class;
+  $("contrast").textContent = o
+    ? `Nearest case of another class: case ${o.case_id}, a ${o.label}, at distance ${o.distance.toFixed(3)} (rank ${o.rank}).`
+    : "";
+  const table = $("probs"); table.replaceChildren();
+  const head = table.insertRow();
+  for (const h of ["class", last.calibrated ? "probability (calibrated)" : "softmax(I_c)", "I_c", "KNN-7 vote"]) cell(head, h, "th");
+  for (const c of Object.keys(last.probabilities)) {
+    const r = table.insertRow();
+    cell(r, c); cell(r, last.no_similar_case ? "—" : `${(100 * last.probabilities[c]).toFixed(1)}%`);
+    cell(r, last.nir_positions[c]);
+    cell(r, `${(100 * (last.knn_vote[c] || 0)).toFixed(0)}%`);
+  }
+}
+
+// Side by side: the query and one retrieval with the same zoom and window / level (on the 8-bit
+// display pixels); every control has a key, and the panes scroll together.
+const cmpImages = {query: null, case: null};
+
+function loadImage(src) {
+  return new Promise((ok, fail) => { const im = new Image(); im.onload = () => ok(im); im.onerror = fail; im.src = src; });
+}
+
+function drawCompare() {
+  const zoom = parseFloat($("cmpZoom").value), level = +$("cmpLevel").value, width = +$("cmpWidth").value;
+  $("cmpZoomV").textContent = `${zoom}x`;
+  // at 1x both scans fit side by side in the panes (at most 480 px wide); zoom scrolls inside them
+  const fit = Math.min(480, Math.floor(($("paneQ").parentElement.clientWidth - 12) / 2));
+  for (const [key, id] of [["query", "cmpQuery"], ["case", "cmpCase"]]) {
+    const im = cmpImages[key]; if (!im) continue;
+    // the scan's own pixels (at most 512 on a side), so zooming in shows detail, not blocks
+    const scale = Math.min(1, 512 / Math.max(im.naturalWidth, im.naturalHeight));
+    const w = Math.max(1, Math.round(im.naturalWidth * scale)), h = Math.max(1, Math.round(im.naturalHeight * scale));
+    const c = $(id), ctx = c.getContext("2d");
+    c.width = w; c.height = h;
+    c.style.width = `${fit * zoom}px`; c.style.height = `${fit * zoom * h / w}px`;
+    ctx.drawImage(im, 0, 0, w, h);
+    const px = ctx.getImageData(0, 0, w, h), d = px.data, lo = level - width / 2;
+    for (let j = 0; j < d.length; j += 4) {
+      const v = Math.max(0, Math.min(255, ((d[j] - lo) / width) * 255));
+      d[j] = d[j + 1] = d[j + 2] = v;
+    }
+    ctx.putImageData(px, 0, 0);
+  }
+}
+
+async function openCompare(i, caseId) {
+  const shown = last;
+  const [query, image] = await Promise.all([loadImage($("queryImg").src), loadImage(`/cases/${Number(caseId)}/image.png?size=512`)]);
+  if (shown !== last) return;  // a new query started meanwhile: this pair is no longer on screen
+  cmpImages.query = query; cmpImages.case = image;
+  $("cmpTitle").textContent = `retrieval #${i + 1} (case ${caseId})`;
+  $("compare").hidden = false; drawCompare(); $("compare").focus();
+}
+
+for (const id of ["cmpZoom", "cmpLevel", "cmpWidth"]) $(id).oninput = drawCompare;
+window.addEventListener("resize", () => { if (!$("compare").hidden) drawCompare(); });
+$("cmpClose").onclick = () => { $("compare").hidden = true; };
+$("paneQ").onscroll = () => { $("paneC").scrollTop = $("paneQ").scrollTop; $("paneC").scrollLeft = $("paneQ").scrollLeft; };
+$("compare").addEventListener("keydown", (e) => {
+  const step = (id, by) => { const s = $(id); s.value = Math.max(+s.min, Math.min(+s.max, +s.value + by)); drawCompare(); };
+  const keys = {"+": () => step("cmpZoom", 0.5), "=": () => step("cmpZoom", 0.5), "-": () => step("cmpZoom", -0.5),
+    ArrowLeft: () => step("cmpLevel", -8), ArrowRight: () => step("cmpLevel", 8),
+    ArrowUp: () => step("cmpWidth", 16), ArrowDown: () => step("cmpWidth", -16),
+    Escape: () => { $("compare").hidden = true; }};
+  if (keys[e.key] && !(e.target instanceof HTMLInputElement && e.key.startsWith("Arrow"))) { keys[e.key](); e.preventDefault(); }
+});
+
+// Clinician feedback: a relevant / not relevant mark on one retrieval, stored by the server.
+async function sendFeedback(caseId, relevant, said) {
+  try {
+    await api("/feedback", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({query_fingerprint: last.query_fingerprint, case_id: caseId, relevant})});
+    said.textContent = relevant ? "marked relevant" : "marked not relevant";
+  } catch (e) { said.textContent = e.message; }
+}
+
+// Why similar: heat maps of what brings the query and retrieval #i together, over both images.
+async function similarityMap(caseId, side) {
+  const fd = new FormData();
+  if (queryFile) fd.append("file", queryFile);
+  else if (queryUid) fd.append("instance_uid", queryUid);
+  else fd.append("query_case_id", queryCase);
+  const r = await fetch(`/similarity?case_id=${Number(caseId)}&side=${side}`, {method: "POST", body: fd});
+  if (!r.ok) throw new Error((await r.json().catch(() => ({detail: r.statusText}))).detail);
+  return {url: URL.createObjectURL(await r.blob()), lesionShare: r.headers.get("X-Lesion-Share")};
+}
+
+let simToken = 0;  // the latest "Why similar?" click: only its maps are drawn
+
+async function showSimilarity(i, caseId, heat) {
+  const token = ++simToken, shown = last;
+  $("heatNote").textContent = `Computing why retrieval #${i + 1} is similar (a second or two)...`;
+  try {
+    const [q, c] = await Promise.all([similarityMap(caseId, "query"), similarityMap(caseId, "case")]);
+    // a later click, or a new query, came first: these maps belong to a view no longer shown
+    if (token !== simToken || shown !== last) return;
+    for (const h of document.querySelectorAll(".card .heat")) h.hidden = true;  // one pair of maps at a time
+    $("heatQuery").src = q.url; $("heatQuery").hidden = false;
+    heat.src = c.url; heat.hidden = false;
+    const share = q.lesionShare === null ? "" : ` ${Math.round(100 * Number(q.lesionShare))}% of this similarity comes from ` +
+      `the tumor's features, ${100 - Math.round(100 * Number(q.lesionShare))}% from the whole slice around it.`;
+    $("heatNote").textContent = `Heat: the regions that make the query and retrieval #${i + 1} (case ${caseId}) similar to the model.${share}`;
+  } catch (e) { if (token === simToken && shown === last) $("heatNote").textContent = e.message; }
+}
+
+// The query's own tumor, as the model outlines it (drawn over the scan in its pixel grid).
+function showTumor() {
+  const svg = $("tumorSvg"), t = last.query_tumor;
+  svg.replaceChildren();
+  $("tumor").className = last.tumor_found === false ? "pred" : "";
+  if (!t) {
+    $("tumor").textContent = last.tumor_found === false ? "No tumor found on this slice."
+      : last.tumor_outlining ? "No tumor outlined by the model on this scan." : "";
+    return;
+  }
+  svg.setAttribute("viewBox", `0 0 ${t.image_size[1]} ${t.image_size[0]}`);
+  const poly = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
+  poly.setAttribute("points", t.outline.map(p => p.join(",")).join(" "));
+  svg.appendChild(poly);
+  $("tumor").textContent = `Predicted tumor outline (yellow): about ${t.area_mm2.toFixed(0)} mm² (${t.note}).`;
+}
+
+async function showGallery() {
+  const shown = last;  // the cases' reports are fetched together, then drawn only if still current
+  const infos = await Promise.all(shown.retrievals.map(r => api(`/cases/${r.case_id}?style=${$("style").value}`)));
+  if (shown !== last) return;
+  $("galleryBox").hidden = false;
+  const g = $("gallery"); g.replaceChildren();
+  if (shown.filters) g.append(el("p", "Filtered retrievals; the prediction reads the whole archive."));
+  if (!shown.retrievals.length) g.append(el("p", "No archive case passes these filters."));
+  for (const [i, r] of shown.retrievals.entries()) {
+    const c = infos[i];
+    const d = el("div", undefined, "card retrieval");
+    const img = el("img"); img.src = `/cases/${Number(r.case_id)}/image.png?outline=true`; img.alt = `case ${r.case_id}`;
+    const wrap = el("div", undefined, "imgWrap"), heat = el("img", undefined, "heat");
+    heat.hidden = true; heat.alt = ""; wrap.append(img, heat);
+    const cmp = el("button", "Compare");
+    cmp.onclick = () => openCompare(i, r.case_id);
+    const why = el("button", "Why similar?");
+    why.onclick = () => showSimilarity(i, r.case_id, heat);
+    const marks = el("div"), said = el("span");
+    for (const [text, relevant] of [["Relevant", true], ["Not relevant", false]]) {
+      const b = el("button", text);
+      b.onclick = () => sendFeedback(r.case_id, relevant, said);
+      marks.append(b, " ");
+    }
+    marks.append(said);
+    const title = el("div");
+    title.append(el("b", `#${i + 1}`), " ", el("span", r.label === "notumor" ? "no tumor" : r.label, `chip ${r.label}`), ` ${r.plane || ""}`);
+    d.append(wrap, title,
+      el("div", `size ${r.area_mm2 == null ? "unknown" : r.area_mm2.toFixed(1) + " mm²"} · distance ${r.distance.toFixed(3)}`),
+      el("div", `Report ${i + 1}: ${c.report || "(no report)"}`, "report"), cmp, " ", why, marks);
+    g.appendChild(d);
+  }
+}
+
+function casesBody(extra) {
+  const area = queryCase === null && last.query_tumor ? last.query_tumor.area_mm2 : null;
+  return JSON.stringify(Object.assign({case_ids: last.retrievals.map(r => r.case_id), query_case_id: queryCase,
+                                       query_tumor_area_mm2: area, style: $("style").value}, extra || {}));
+}
+
+async function showSummary() {
+  const shown = last;
+  let text;
+  try {
+    text = (await api("/summary", {method: "POST", headers: {"Content-Type": "application/json"}, body: casesBody()})).summary;
+  } catch (e) { text = e.message; }
+  if (shown !== last) return;
+  $("summaryBox").hidden = false; $("summary").textContent = text;
+}
+
+async function ask() {
+  const q = $("question").value.trim(); if (!q || !last) return;
+  const div = document.createElement("div"), shown = last;
+  try {
+    const a = await api("/ask", {method: "POST", headers: {"Content-Type": "application/json"}, body: casesBody({question: q})});
+    div.append(el("div", `Q: ${q}`, "q"), el("div", `A: ${a.answer}`, "answer"));
+  } catch (e) { div.append(el("div", `Q: ${q}`, "q"), el("div", e.message, "warn")); }
+  if (shown === last) $("chatLog").prepend(div);  // an answer about an earlier scan's cases is dropped
+}
+
+$("run").onclick = runQuery;
+// One source at a time: choosing a file, an example or a PACS instance clears the other two, so
+// the scan queried is the one chosen last.
+const clear = (...ids) => { for (const id of ids) $(id).value = ""; };
+$("file").onchange = () => clear("example", "pacsUid");
+$("example").onchange = () => clear("file", "pacsUid");
+$("pacsUid").oninput = () => clear("file", "example");
+// A scan dropped on the query panel becomes the query and runs.
+const panel = $("queryPanel");
+panel.addEventListener("dragover", (e) => { e.preventDefault(); panel.classList.add("dropping"); });
+panel.addEventListener("dragleave", () => panel.classList.remove("dropping"));
+panel.addEventListener("drop", (e) => {
+  e.preventDefault(); panel.classList.remove("dropping");
+  if (!e.dataTransfer.files.length) return;
+  $("file").files = e.dataTransfer.files; clear("example", "pacsUid"); runQuery();
+});
+$("ask").onclick = ask;
+$("question").addEventListener("keydown", (e) => { if (e.key === "Enter") ask(); });
+$("style").onchange = async () => { if (last) { await showGallery(); await showSummary(); } };
+init().catch(e => $("error").textContent = e.message);
