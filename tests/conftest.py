@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from neurocbir.data.cases import default_data_dir, load_cases
+from neurocbir.data.external import load_external
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +104,57 @@ def figshare_dir(tmp_path):
     with h5py.File(tmp_path / "cvind.mat", "w") as f:
         f["cvind"] = np.array([[1.0, 1.0, 2.0, 3.0]])
     return tmp_path
+
+
+EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external"
+
+
+@pytest.fixture(scope="session")
+def external() -> Path:
+    if not (EXTERNAL / "metadata.csv").is_file():
+        pytest.fail(f"the external slices are missing: expected {EXTERNAL}")
+    return EXTERNAL
+
+
+@pytest.fixture(scope="session")
+def small_external(external, tmp_path_factory) -> Path:
+    """A copy of 160 external slices (whole groups: 80 without a tumor, 80 with), in the same layout."""
+    cases = load_external(external)
+    rng = np.random.default_rng(1)
+    keep: list[int] = []
+    for want_tumor in (False, True):
+        groups = rng.permutation(np.unique(cases.groups[cases.tumor == want_tumor]))
+        rows = []
+        for g in groups:
+            rows += np.flatnonzero((cases.groups == g) & (cases.tumor == want_tumor)).tolist()
+            if len(rows) >= 80:
+                break
+        keep += rows[:80]
+    out = tmp_path_factory.mktemp("external")
+    (out / "images").mkdir()
+    with open(out / "metadata.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_file", "label_name", "group"])
+        for i in sorted(keep):
+            shutil.copy(cases.path(i), out / cases.files[i])
+            w.writerow([cases.files[i], cases.labels[i], cases.groups[i]])
+    return out
+
+
+@pytest.fixture(scope="session")
+def site_archive(small_external, small_run, small_data_dir, tmp_path_factory) -> Path:
+    """Figshare training folds + the external development part, with the validation part and the
+    figshare test fold as examples: what `make demo` builds, at small scale, through the CLI."""
+    root = tmp_path_factory.mktemp("site") / "archive"
+    steps = [
+        [str(small_data_dir), "--fold", "1", "--fold", "2", "--fold", "3", "--fold", "4"],
+        [str(small_data_dir), "--fold", "5", "--examples"],
+        [str(small_external), "--part", "development"],
+        [str(small_external), "--part", "validation", "--examples"],
+    ]
+    from neurocbir.cli import app as cli
+
+    for args in steps:
+        res = CliRunner().invoke(cli, ["add", *args, "--archive", str(root), "--run", str(small_run)])
+        assert res.exit_code == 0, res.output
+    return root

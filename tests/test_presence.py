@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import csv
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,39 +19,6 @@ from neurocbir.retrieval.casefiles import parse_label
 from neurocbir.retrieval.examples import EXAMPLE_ID_BASE
 
 runner = CliRunner()
-EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external"
-
-
-@pytest.fixture(scope="module")
-def external() -> Path:
-    if not (EXTERNAL / "metadata.csv").is_file():
-        pytest.fail(f"the external slices are missing: expected {EXTERNAL}")
-    return EXTERNAL
-
-
-@pytest.fixture(scope="module")
-def small_external(external, tmp_path_factory) -> Path:
-    """A copy of 160 external slices (whole groups: 80 without a tumor, 80 with), in the same layout."""
-    cases = load_external(external)
-    rng = np.random.default_rng(1)
-    keep: list[int] = []
-    for want_tumor in (False, True):
-        groups = rng.permutation(np.unique(cases.groups[cases.tumor == want_tumor]))
-        rows = []
-        for g in groups:
-            rows += np.flatnonzero((cases.groups == g) & (cases.tumor == want_tumor)).tolist()
-            if len(rows) >= 80:
-                break
-        keep += rows[:80]
-    out = tmp_path_factory.mktemp("external")
-    (out / "images").mkdir()
-    with open(out / "metadata.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_file", "label_name", "group"])
-        for i in sorted(keep):
-            shutil.copy(cases.path(i), out / cases.files[i])
-            w.writerow([cases.files[i], cases.labels[i], cases.groups[i]])
-    return out
 
 
 def test_external_layout_and_its_group_wise_split(external):
@@ -81,23 +46,6 @@ def test_bad_external_folders_get_clear_errors(tmp_path):
     assert parse_label("notumor", "x") == 3 and parse_label("No tumor", "x") == 3 and parse_label("2", "x") == 1
     with pytest.raises(ArchiveError, match="notumor"):
         parse_label("cyst", "cases.csv, line 2")
-
-
-@pytest.fixture(scope="module")
-def site_archive(small_external, small_run, small_data_dir, tmp_path_factory) -> Path:
-    """Figshare training folds + the external development part, with the validation part and the
-    figshare test fold as examples: what `make demo` builds, at small scale, through the CLI."""
-    root = tmp_path_factory.mktemp("site") / "archive"
-    steps = [
-        [str(small_data_dir), "--fold", "1", "--fold", "2", "--fold", "3", "--fold", "4"],
-        [str(small_data_dir), "--fold", "5", "--examples"],
-        [str(small_external), "--part", "development"],
-        [str(small_external), "--part", "validation", "--examples"],
-    ]
-    for args in steps:
-        res = runner.invoke(cli, ["add", *args, "--archive", str(root), "--run", str(small_run)])
-        assert res.exit_code == 0, res.output
-    return root
 
 
 def test_no_tumor_slices_go_into_the_archive_as_such(site_archive, small_external, small_cases):

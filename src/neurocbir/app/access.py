@@ -39,6 +39,7 @@ RULES: dict[tuple[str, str], str] = {
     ("POST", "/auth/logout"): PUBLIC,
     ("GET", "/auth/me"): "reader",
     ("POST", "/query"): "reader",
+    ("POST", "/query/study"): "reader",
     ("POST", "/similarity"): "reader",
     ("GET", "/pacs/image.png"): "reader",
     ("GET", "/cases/{case_id}"): "reader",

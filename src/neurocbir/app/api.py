@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import logging
 from importlib import resources
 from typing import Annotated
@@ -24,8 +23,10 @@ from starlette.routing import Mount
 
 from neurocbir.app.access import AccessControl, AccessMiddleware, note, principal
 from neurocbir.app.auth_api import router as auth_router
+from neurocbir.app.images import png as _png
 from neurocbir.app.service import DISCLAIMER, ArchiveUnavailable, RetrievalService
 from neurocbir.app.sources import CaseFilter
+from neurocbir.app.study_api import router as study_router
 from neurocbir.data.uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
 from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
 from neurocbir.reports.text import STYLES, ReportParseError
@@ -56,21 +57,6 @@ class FeedbackRequest(BaseModel):
 
 class AskRequest(CasesRequest):
     question: str = Field(..., min_length=1, max_length=1000)
-
-
-def _png(img: np.ndarray, mask: np.ndarray | None = None, size: int = 256) -> bytes:
-    from PIL import Image
-    from scipy.ndimage import binary_erosion
-
-    a = img.astype(np.float32)
-    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
-    rgb = np.repeat(a.astype(np.uint8)[..., None], 3, axis=2)
-    if mask is not None and mask.shape == img.shape:
-        edge = mask & ~binary_erosion(mask, iterations=3)
-        rgb[edge] = (255, 40, 40)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).resize((size, size)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _keep_uploads_in_memory() -> None:
@@ -399,7 +385,7 @@ def create_app(
     app.state.service, app.state.explainer, app.state.dicomweb = service, explainer or Explainer(), dicomweb
     app.state.access = access or AccessControl()
     _keep_uploads_in_memory()
-    routers = (pages, queries, reports, cases, auth_router)
+    routers = (pages, queries, study_router, reports, cases, auth_router)
     for router in routers:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(resources.files("neurocbir.app").joinpath("static"))), name="static")

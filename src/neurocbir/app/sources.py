@@ -164,6 +164,14 @@ class _SearchedCases:
     def any_label_of(self, ids: np.ndarray) -> np.ndarray:
         return self.label_of(ids)
 
+    def patients(self, case_ids: np.ndarray) -> np.ndarray:
+        """The (salted or dataset) patient key of each case id: to group a series' neighbours by
+        patient on the server; never sent to a client."""
+        return self.group_of(self._store_ids(np.asarray(case_ids)))
+
+    def _store_ids(self, case_ids: np.ndarray) -> np.ndarray:
+        return case_ids
+
     def filtered(
         self, query: np.ndarray, filters: CaseFilter, k: int, one_per_patient: bool
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +264,10 @@ class RunCases(_SearchedCases):
 
     def _case_ids(self, rows: np.ndarray) -> np.ndarray:
         return self.table.idx[self.archive_rows[rows]]
+
+    def _store_ids(self, case_ids: np.ndarray) -> np.ndarray:
+        position = {int(c): r for r, c in enumerate(self.table.idx[self.archive_rows])}
+        return np.array([position.get(int(c), -1) for c in case_ids], dtype=np.int64)
 
     def _row(self, case_id: int) -> int:
         if case_id not in self.case_row:

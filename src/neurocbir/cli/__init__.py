@@ -24,6 +24,7 @@ COMMANDS = {
     "add": archive.add,
     "remove": archive.remove,
     "query": querying.query,
+    "query-study": querying.query_study,
     "ask": querying.ask,
     "serve": querying.serve,
     "demo": querying.demo,

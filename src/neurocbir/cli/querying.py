@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from neurocbir.cli._common import _explain, _guard, _read_image_file, _read_query_scan, _service, resolve_run
+from neurocbir.cli._common import _explain, _fail, _guard, _read_image_file, _read_query_scan, _service, resolve_run
 
 
 def query(
@@ -160,3 +160,70 @@ def demo(port: int = typer.Option(8000)) -> None:
         _guard(train_run, cfg, run)
     archive = _guard(demo_archive, run, None, typer.echo)
     _guard(_serve, run, "127.0.0.1", port, archive)
+
+
+def query_study(
+    paths: Optional[list[Path]] = typer.Argument(None, help="the study's slices (DICOM, PNG/JPEG, .mat) or one NIfTI"),
+    series: Optional[str] = typer.Option(None, help="a Series Instance UID on the --dicomweb server, instead of files"),
+    dicomweb: Optional[str] = typer.Option(None, help="DICOMweb server (PACS) of --series and --write-back"),
+    run: Optional[Path] = typer.Option(None, help="trained run directory"),
+    archive: Optional[Path] = typer.Option(None, help="case archive built by `neurocbir add` (default: the run's own)"),
+    k: int = typer.Option(5, help="similar archive patients shown"),
+    as_json: bool = typer.Option(False, "--json"),
+    dicom_out: Optional[Path] = typer.Option(None, help="write DIR/seg.dcm and DIR/sr.dcm (DICOM studies)"),
+    write_back: bool = typer.Option(
+        False, "--write-back", help="store the SEG and SR in the --dicomweb PACS (STOW-RS)"
+    ),
+) -> None:
+    """One answer for a whole series: per slice, and per study (type, key slice, size, similar patients)."""
+    from neurocbir.app.studies import answer_study
+    from neurocbir.data.studies import read_study
+    from neurocbir.data.uploads import UploadError
+
+    if (not paths) == (series is None):
+        _fail("give the study's files, or --series UID with --dicomweb URL (not both)")
+    if (series or write_back) and dicomweb is None:
+        _fail("--series and --write-back need --dicomweb URL (the PACS's DICOMweb root)")
+    if series is not None:
+        from neurocbir.retrieval.dicomweb import read_series
+
+        study = _guard(read_series, dicomweb, series)
+    else:
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            _fail(f"no such file: {missing[0]}")
+        try:
+            study = read_study([(p.read_bytes(), p.name) for p in paths])
+        except UploadError as exc:
+            _fail(str(exc))
+    out = _guard(answer_study, _service(run, archive), study, k)
+    if dicom_out is not None:
+        from neurocbir.app.results_dicom import write_results
+
+        out["dicom_out"] = _guard(write_results, study, out, dicom_out)
+    if write_back:
+        from neurocbir.app.results_dicom import store_results
+
+        if study.kind != "dicom":
+            _fail("--write-back needs a DICOM study")
+        out["written_back"] = _guard(store_results, dicomweb, study, out)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    tumor = [s["index"] for s in out["slices"] if s["tumor_found"] is not False]
+    typer.echo(f"{out['n_slices']} slices ({out['kind']}); a tumor on {len(tumor)}")
+    if out["prediction"] is None:
+        typer.echo(out["note"])
+    else:
+        key = out["key_slice"]
+        typer.echo(f"study: {out['prediction']} ({out['confidence']:.1%}, calibrated: {out['calibrated']})")
+        typer.echo(f"key slice {key['index']} ({key['name']}): about {key['area_mm2'] or 0:.0f} mm²")
+        if out["volume_ml"] is not None:
+            typer.echo(f"volume about {out['volume_ml']:.1f} ml ({out['volume_note']})")
+        for p in out["patients"]:
+            typer.echo(
+                f"  similar patient {p['rank']}: case {p['case_id']}, {p['label']}, distance {p['distance']:.3f}"
+            )
+    for path in (out.get("dicom_out") or {}).values():
+        typer.echo(f"wrote {path}")
+    typer.echo(out["disclaimer"])

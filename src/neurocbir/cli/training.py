@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from neurocbir.cli._common import _fail, _guard
+from neurocbir.cli._common import _fail, _guard, resolve_run
 
 
 def train(
@@ -161,15 +161,26 @@ def evaluate(
 def calibrate(
     run: Path = typer.Argument(..., help="run directory written by `neurocbir train`"),
     data: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_DATA"),
+    study: bool = typer.Option(
+        False, "--study", help="only the study-level temperature (one answer per series), from the run's index"
+    ),
 ) -> None:
     """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
     training patients; for runs trained before calibration existed; a CPU lesion run: its held-out
-    training patients), and a lesion run's tumor outline level. The trials stay as they are."""
+    training patients), and a lesion run's tumor outline level. The trials stay as they are.
+    With --study: the temperature of the one-answer-per-study confidence (seconds, no training)."""
     from neurocbir.data.cases import load_cases
-    from neurocbir.training.recalibrate import calibrate_existing_run
+    from neurocbir.training.recalibrate import calibrate_existing_run, calibrate_studies
 
     if not (run / "config.json").is_file():
         _fail(f"{run} is not a run directory (no config.json)")
+    if study:
+        measured = _guard(calibrate_studies, resolve_run(run), _guard(load_cases, data) if data else None)
+        typer.echo(
+            f"study temperature fitted on {measured['n_patients']} training patients "
+            f"(their accuracy {measured['accuracy']:.3f}, ECE {measured['ece']:.3f}): {run / 'study_calibration.json'}"
+        )
+        return
     try:
         cfg = json.loads((run / "config.json").read_text())
     except ValueError:

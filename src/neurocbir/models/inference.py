@@ -45,6 +45,10 @@ class Model:
         has no tumor decoder."""
         return (*self.embed([image]), None)
 
+    def analyse_batch(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+        """:meth:`analyse` of several scans in one pass (the slices of a series)."""
+        return (*self.embed(images), None)
+
     input_size = IMAGE_SIZE
 
     def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +125,15 @@ class LesionModel:
     def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(embedding, descriptor, tumor probability on the network's input grid (S, S); map it
         to the scan with :func:`neurocbir.models.lesion.tumor_outline`)."""
-        emb, desc, logits = self._forward([image])
+        emb, desc, probs = self.analyse_batch([image])
+        return emb, desc, probs[0]
+
+    def analyse_batch(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """:meth:`analyse` of several scans in one pass (the slices of a series)."""
+        emb, desc, logits = self._forward(images)
         size = self.config.image_size
         prob = torch.sigmoid(F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False))
-        return emb, desc, prob[0, 0].numpy()
+        return emb, desc, [p[0].numpy() for p in prob]
 
 
 def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | None = None) -> Model | LesionModel:

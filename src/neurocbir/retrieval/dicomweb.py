@@ -149,6 +149,35 @@ def read_instance(url: str, sop_uid: str) -> tuple[np.ndarray, tuple[float, floa
     return dataset_pixels(fetch_dataset(url, find_instance(url, sop_uid)))
 
 
+def read_series(url: str, series_uid: str):
+    """A whole series from the PACS (QIDO-RS, then WADO-RS per instance) as a study, in anatomical
+    order (:func:`neurocbir.data.studies.dicom_study`); its headers are kept for the SEG and SR."""
+    from neurocbir.data.studies import MAX_STUDY_SLICES, dataset_slices, dicom_study
+
+    series_uid = series_uid.strip()
+    if not series_uid or len(series_uid) > 64 or not all(c.isdigit() or c == "." for c in series_uid):
+        raise PacsError(f"{series_uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+    found = _call(
+        url,
+        "searching the series",
+        client(url).search_for_instances,
+        search_filters={"SeriesInstanceUID": series_uid},
+        get_remaining=True,
+    )
+    refs = [InstanceRef(*[_value(i, t) for t in (STUDY_UID, SERIES_UID, SOP_UID)]) for i in found]
+    refs = [r for r in refs if r.study and r.series == series_uid and r.sop]
+    if not refs:
+        raise PacsError(f"the DICOMweb server at {url} has no series {series_uid}")
+    if len(refs) > MAX_STUDY_SLICES:
+        raise PacsError(f"series {series_uid} holds {len(refs)} instances; a study holds at most {MAX_STUDY_SLICES}")
+    return dicom_study([s for r in refs for s in dataset_slices(fetch_dataset(url, r), f"instance {r.sop}")])
+
+
+def store_instances(url: str, datasets: list) -> None:
+    """STOW-RS: store DICOM objects (a SEG and an SR) on the server."""
+    _call(url, "storing results", client(url).store_instances, datasets)
+
+
 def scan_dicomweb(url: str, labels: Path | str, copies: Path | str, study: str | None = None) -> tuple[list, int]:
     """The server's instances that ``labels`` (a CSV keyed by SOP Instance UID) labels, as
     case files whose pixels are fetched when the ingest reaches them and kept, header-free, in
@@ -208,9 +237,14 @@ def to_dicom(
     sop_uid: str,
     pixel_spacing_mm: float = 0.49,
     patient_name: str = "",
+    position_mm: float | None = None,
+    frame_of_reference_uid: str | None = None,
+    instance_number: int = 1,
+    slice_thickness_mm: float = 6.0,
 ):
     """An MR Image Storage dataset of one slice (what a scanner sends a PACS): used to load the
-    figshare slices into a test PACS and by the DICOMweb benchmark."""
+    figshare slices into a test PACS and by the DICOMweb benchmark. With ``position_mm`` the slice
+    lies in an axial stack (its position along the normal), as a series' slices do."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
@@ -227,5 +261,13 @@ def to_dicom(
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelSpacing = [pixel_spacing_mm, pixel_spacing_mm]
+    ds.InstanceNumber, ds.SeriesNumber, ds.StudyID = instance_number, 1, "1"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "", ""
+    ds.PatientBirthDate, ds.PatientSex, ds.Manufacturer = "", "O", "neurocbir-test"
+    if position_mm is not None:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, float(position_mm)]
+        ds.FrameOfReferenceUID = frame_of_reference_uid or study_uid + ".9"
+        ds.SliceThickness = slice_thickness_mm
     ds.PixelData = pixels.tobytes()
     return ds

@@ -30,3 +30,29 @@ def calibrate_existing_run(run: Path | str, table: CaseTable | None = None) -> f
     table, encoder, _, feats, _ = prepare(cfg, table, device)
     train_rows = np.flatnonzero(table.fold != cfg.fold)
     return _calibrate(cfg, run, encoder, np.asarray(feats[train_rows]), table.subset(train_rows), device)
+
+
+def calibrate_studies(run: Path | str, table: CaseTable | None = None) -> dict:
+    """``study_calibration.json`` of a run that held training patients out of training (the CPU
+    lesion preset): those patients, each a study, queried against the other training patients
+    (:mod:`neurocbir.classify.study`); returns what was measured on them."""
+    from neurocbir.classify import study
+    from neurocbir.data.cases import CLASS_NAMES, load_cases
+    from neurocbir.training.lesion_run import holdout_embeddings
+
+    run = Path(run)
+    cfg = json.loads((run / "config.json").read_text())
+    if not cfg.get("holdout_patients"):
+        raise ValueError(
+            f"{run}'s encoder was trained on every training patient, so a study temperature fitted on them would be "
+            "over-confident: its studies use the slice temperature (fitted by inner CV); a run trained with held-out "
+            "patients (the CPU preset of `neurocbir train`) can fit one"
+        )
+    table = table if table is not None else load_cases(cfg.get("data"))
+    _, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
+    how = f"{len(set(table.patient_id[cal_rows]))} training patients held out of training, each a study"
+    calibrator, measured = study.fit_study_temperature(
+        fit, table.label[fit_rows], cal, table.label[cal_rows], table.patient_id[cal_rows], len(CLASS_NAMES), how
+    )
+    study.save(run, calibrator, measured)
+    return measured

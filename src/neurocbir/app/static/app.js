@@ -60,7 +60,7 @@ async function init() {
 // alone, not the previous scan's evidence beside the new image.
 function clearResult() {
   last = null;
-  for (const id of ["predBox", "galleryBox", "summaryBox", "chatBox", "compare"]) $(id).hidden = true;
+  for (const id of ["predBox", "galleryBox", "summaryBox", "chatBox", "compare", "studyBox"]) $(id).hidden = true;
   $("tumorSvg").replaceChildren(); $("tumor").textContent = "";
   $("heatQuery").hidden = true; $("heatNote").textContent = "";
 }
@@ -331,6 +331,71 @@ async function ask() {
 }
 
 $("run").onclick = runQuery;
+
+// A whole series: one answer for the study first, then its slices (a tumor marked), the key slice
+// large with its outline, and the most similar archive patients; the summary and the chat read
+// those patients' reports.
+async function runStudy() {
+  $("error").textContent = "";
+  const files = $("studyFiles").files;
+  if (!files.length) { $("error").textContent = "Choose the series' files."; return; }
+  clearResult();
+  const token = ++queryToken;
+  $("status").textContent = `Answering the study (${files.length} files)…`;
+  const fd = new FormData();
+  for (const f of files) fd.append("files", f);
+  let out;
+  try { out = await api(`/query/study?k=${$("k").value}&thumbnails=true`, {method: "POST", body: fd}); }
+  catch (e) { if (token === queryToken) { $("status").textContent = ""; $("error").textContent = e.message; } return; }
+  if (token !== queryToken) return;
+  $("status").textContent = "";
+  $("queryImg").removeAttribute("src");
+  $("studyBox").hidden = false;
+  const pred = $("studyPred");
+  if (out.prediction) {
+    pred.replaceChildren(el("span", out.prediction, `chip ${out.prediction}`));
+    $("studyConf").textContent = `confidence ${(100 * out.confidence).toFixed(1)}% (${out.calibrated || "uncalibrated"}), ` +
+      `from the ${out.tumor_slices.length} of ${out.n_slices} slices that show a tumor`;
+    $("studySize").textContent = `largest outlined area about ${Math.round(out.largest_area_mm2 || 0)} mm²` +
+      (out.volume_ml !== null ? `; volume about ${out.volume_ml.toFixed(1)} ml (${out.volume_note})` : "");
+  } else {
+    pred.textContent = out.tumor_found === false ? "No tumor found on this study" : "No tumor type for this study";
+    $("studyConf").textContent = out.note; $("studySize").textContent = "";
+  }
+  const strip = $("strip"); strip.replaceChildren();
+  for (const s of out.slices) {
+    const fig = el("figure", undefined, s.tumor_found === false ? "" : "tumor");
+    if (out.key_slice && s.index === out.key_slice.index) fig.classList.add("key");
+    const img = el("img"); img.src = s.thumbnail; img.alt = `slice ${s.index + 1}`;
+    fig.append(img, el("figcaption", s.tumor_found === false ? `${s.index + 1}` : `${s.index + 1} ●`));
+    strip.appendChild(fig);
+  }
+  const svg = $("keySvg"); svg.replaceChildren();
+  if (out.key_slice) {
+    $("keyImg").src = out.key_image;
+    const t = out.slices[out.key_slice.index].query_tumor;
+    if (t) {
+      svg.setAttribute("viewBox", `0 0 ${t.image_size[1]} ${t.image_size[0]}`);
+      const poly = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
+      poly.setAttribute("points", t.outline.map(p => p.join(",")).join(" ")); svg.appendChild(poly);
+    }
+    $("keyNote").textContent = `Key slice ${out.key_slice.index + 1} (${out.key_slice.name}), the largest outlined tumor.`;
+  }
+  const g = $("patients"); g.replaceChildren();
+  for (const p of out.patients) {
+    const d = el("div", undefined, "card");
+    const img = el("img"); img.src = `/cases/${Number(p.case_id)}/image.png?outline=true`; img.alt = `case ${p.case_id}`;
+    d.append(img, el("div", `#${p.rank} ${p.label}, distance ${p.distance.toFixed(3)}`));
+    g.appendChild(d);
+  }
+  if (out.patients.length) {  // the summary and the chat work on the similar patients' reports
+    last = {retrievals: out.patients, query_tumor: null, tumor_found: out.tumor_found};
+    queryCase = null;
+    await showSummary();
+    if (token === queryToken) { $("chatBox").hidden = false; $("chatLog").replaceChildren(); }
+  }
+}
+$("runStudy").onclick = runStudy;
 // One source at a time: choosing a file, an example or a PACS instance clears the other two, so
 // the scan queried is the one chosen last.
 const clear = (...ids) => { for (const id of ids) $(id).value = ""; };

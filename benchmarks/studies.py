@@ -1,0 +1,144 @@
+"""Studies, not slices (issue 31): each figshare test patient's slices as one study, answered
+once through the app's path (`neurocbir.app.studies.answer_study`, the demo archive: figshare
+folds 1-4 and the external development part): patient-level accuracy, kappa and ECE beside the
+slice-level figures; the same studies mixed with slices without a tumor; and POST /query/study
+of a 24-slice series (p50 over HTTP).
+
+    .venv/bin/python benchmarks/studies.py [--run models/lesion-fold5]
+
+The study confidence uses the run's slice temperature (fitted by inner CV; the committed model
+holds no training patient out, so no study temperature can be fitted honestly for it: see
+neurocbir.classify.study). Nothing is chosen here; fold 5 is read once, to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from results_doc import machine, write_section
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
+    ap.add_argument("--timing-requests", type=int, default=20)
+    args = ap.parse_args()
+    import httpx
+    import uvicorn
+    from sklearn.metrics import cohen_kappa_score
+
+    from neurocbir.app.api import create_app
+    from neurocbir.app.demo import demo_archive
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.app.studies import answer_study
+    from neurocbir.classify.calibration import expected_calibration_error
+    from neurocbir.data.cases import CLASS_NAMES, load_cases
+    from neurocbir.data.external import development_split, load_external
+    from neurocbir.data.studies import Study, StudySlice
+    from neurocbir.retrieval.dicomweb import to_dicom
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t0 = time.time()
+    archive = demo_archive(args.run)
+    svc = RetrievalService.from_archive(args.run, archive)
+    table = load_cases()
+    fold = svc.model.config.fold
+    test = np.flatnonzero(table.fold == fold)
+    patients = sorted(set(table.patient_id[test].tolist()))
+    ext = load_external(Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external")
+    _, val = development_split(ext)
+    normals = [ext.load_image(i) for i in val if not ext.tumor[i]][:12]
+    y, proba, slice_correct, mixed_same, mixed_key = [], [], [], [], []
+    for pid in patients:
+        rows = np.flatnonzero(table.patient_id == pid)
+        slices = [StudySlice(table.load_image(r), None, f"slice{r}") for r in rows]
+        out = answer_study(svc, Study(slices, "images"))
+        label = int(table.label[rows[0]])
+        y.append(label)
+        proba.append(
+            [0.0] * 3 if out["probabilities"] is None else [out["probabilities"].get(c, 0.0) for c in CLASS_NAMES]
+        )
+        slice_correct += [s["prediction"] == CLASS_NAMES[label] for s in out["slices"]]
+        mixed = normals[:6] + [s.pixels for s in slices] + normals[6:]
+        mixed_out = answer_study(svc, Study([StudySlice(p, None, f"m{i}") for i, p in enumerate(mixed)], "images"))
+        mixed_same.append(mixed_out["prediction"] == out["prediction"])
+        key = mixed_out["key_slice"]
+        mixed_key.append(key is not None and 6 <= key["index"] < 6 + len(slices))
+    y, proba = np.array(y), np.array(proba)
+    pred = proba.argmax(1)
+    answered = proba.sum(1) > 0
+    acc = float((pred[answered] == y[answered]).mean())
+    kappa = float(cohen_kappa_score(y[answered], pred[answered]))
+    ece = expected_calibration_error(proba[answered], y[answered])
+    # timing: a 24-slice DICOM series over HTTP (the first test patients' slices, repeated to 24)
+    rows = [r for pid in patients for r in np.flatnonzero(table.patient_id == pid)][:24]
+    files = []
+    for n, r in enumerate(rows):
+        ds = to_dicom(
+            table.load_image(r),
+            "BENCH",
+            "1.2.3.4",
+            "1.2.3.4.1",
+            f"1.2.3.4.1.{n + 1}",
+            position_mm=6.0 * n,
+            instance_number=n + 1,
+        )
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append(("files", (f"s{n}.dcm", buf.getvalue(), "application/dicom")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    times = []
+    with httpx.Client(timeout=120) as client:
+        for i in range(args.timing_requests + 2):
+            t1 = time.perf_counter()
+            r = client.post(f"http://127.0.0.1:{port}/query/study", files=files)
+            assert r.status_code == 200, r.text
+            if i >= 2:
+                times.append(time.perf_counter() - t1)
+    server.should_exit = True
+    q = statistics.quantiles(times, n=20)
+    body = [
+        "## Studies: one answer per patient (issue 31)",
+        "",
+        f"Command: `python benchmarks/studies.py --run {args.run}` | machine: {machine()} | {started} | {time.time() - t0:.0f} s",
+        "",
+        f"Each of fold {fold}'s {len(patients)} test patients' slices as one study (PNG-like slices, no slice spacing), "
+        f"answered by `answer_study` over the demo archive ({svc.archive_size} cases: figshare folds 1-4 and the external "
+        "development part). The study answer: NIR logits log(1 + I_c) averaged over the slices that show a tumor, "
+        f"softmax with the slice temperature (calibrated: {svc.calibrator is not None}); slice probabilities are never "
+        "multiplied. Mixed: the same patient's slices between 12 external validation slices without a tumor (6 before, "
+        "6 after).",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| patient-level accuracy ({int(answered.sum())} of {len(patients)} studies answered with a type) | {acc:.3f} |",
+        f"| patient-level Cohen's kappa | {kappa:.3f} |",
+        f"| patient-level ECE (10 bins, {int(answered.sum())} studies) | {ece:.3f} |",
+        f"| slice-level accuracy, the same slices | {np.mean(slice_correct):.3f} ({len(slice_correct)} slices) |",
+        f"| mixed with no-tumor slices: the same answer | {np.mean(mixed_same):.3f} |",
+        f"| mixed with no-tumor slices: the key slice is one of the patient's | {np.mean(mixed_key):.3f} |",
+        f"| POST /query/study, a 24-slice DICOM series over loopback HTTP: p50 / p95 | {statistics.median(times):.2f} s / {q[18]:.2f} s |",
+        "",
+        "Only fold 5 has a served model; the other folds' GPU runs kept their metrics, not their weights, so the "
+        "study figures across folds are not measured.",
+    ]
+    write_section("studies", "\n".join(body))
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""A study in, one answer out: every slice of a series answered as a single query is (tumor found
+or not, type, outline, area), then one answer for the study: the type with a confidence calibrated
+at the study level (:mod:`neurocbir.classify.study`), the key slice (the largest outlined tumor),
+the largest area and, where the slice spacing is known, a volume estimate, and the most similar
+archive patients (one per patient: their slice nearest to any of the study's tumor slices)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neurocbir.app.service import _MODEL_LOCK, DISCLAIMER, RELOAD_WAIT_S, RetrievalService
+from neurocbir.classify import study as study_calibration
+from neurocbir.data.cases import CLASS_NAMES
+from neurocbir.data.studies import Study
+from neurocbir.models.lesion import tumor_outline
+
+BATCH = 32  # slices per CNN pass
+
+
+def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: float = 0.95) -> dict:
+    """The per-slice answers and the study's one answer (see the module's docstring)."""
+    if not 1 <= k <= 50:
+        raise ValueError("k must be between 1 and 50")
+    images = [s.pixels for s in study.slices]
+    emb, desc, probs = [], [], []
+    with _MODEL_LOCK:  # one forward pass at a time, batched over the slices
+        for b in range(0, len(images), BATCH):
+            e, d, p = service.model.analyse_batch(images[b : b + BATCH])
+            emb.append(e)
+            desc.append(d)
+            probs += p if p is not None else [None] * len(e)
+    emb, desc = np.concatenate(emb), np.concatenate(desc)
+    service.refresh_cases(wait_s=RELOAD_WAIT_S)
+    cases = service.cases
+    slices, tumor_rows, labels = [], [], []
+    for i, s in enumerate(study.slices):
+        ev = service._evidence(cases, emb[i : i + 1], desc[i : i + 1], k, False, coverage, False, None)
+        outline = None
+        if ev["tumor_found"] is not False and probs[i] is not None:
+            outline = tumor_outline(probs[i], s.pixels.shape[:2], s.spacing_mm, service.tumor_level)
+        slices.append(
+            {
+                "index": i,
+                "name": s.name,
+                "tumor_found": ev["tumor_found"],
+                "prediction": ev["prediction"],
+                "confidence": ev["confidence"] if ev["calibration_applies"] else None,
+                "no_similar_case": ev["no_similar_case"],
+                "area_mm2": outline["area_mm2"] if outline else None,
+                "query_tumor": outline,
+                "probability_no_tumor": ev["tumor_presence"]["probability_no_tumor"],
+            }
+        )
+        if ev["tumor_found"] is not False and not ev["no_similar_case"]:
+            tumor_rows.append(i)
+            labels.append(cases.neighbours(emb[i : i + 1], False)[2])
+    out = {
+        "n_slices": len(slices),
+        "kind": study.kind,
+        "series_uid_known": study.series_uid is not None,
+        "slice_spacing_mm": study.slice_spacing_mm,
+        "slices": slices,
+        "disclaimer": DISCLAIMER,
+        "notes": list(study.notes),
+    }
+    if not tumor_rows:  # no slice shows a tumor like the archive's: no tumor type for the study
+        found = False if all(s["tumor_found"] is False for s in slices) else None
+        return {
+            **out,
+            "tumor_found": found,
+            "prediction": None,
+            "confidence": None,
+            "probabilities": None,
+            "calibrated": None,
+            "key_slice": None,
+            "largest_area_mm2": None,
+            "volume_ml": None,
+            "patients": [],
+            "note": "No tumor found on any slice of this study."
+            if found is False
+            else "No slice of this study is like the archive's cases: no tumor type is given.",
+        }
+    # a slice counts as much as it is likely to show a tumor (1 - P(no tumor); 1 where not assessed)
+    weight = np.array([1.0 - (slices[i]["probability_no_tumor"] or 0.0) for i in tumor_rows])
+    logits = study_calibration.study_logits(labels, len(CLASS_NAMES), weight)[cases.classes]
+    cal = study_calibration.load(service.run)
+    if cal is not None:
+        proba, calibrated = cal.proba(logits), "study"
+    elif service.calibrator is not None:  # a run without a study fit: the slice temperature, said so
+        proba, calibrated = service.calibrator.proba(logits), "slice temperature (inner CV)"
+    else:
+        proba, calibrated = np.exp(logits) / np.exp(logits).sum(), False
+    names = [CLASS_NAMES[int(c)] for c in cases.classes]
+    # the key slice: the largest outlined tumor, each area weighted as the slice's logits are
+    areas = [(slices[i]["area_mm2"] or 0.0, i) for i in tumor_rows]
+    key = max((a * w, i) for (a, i), w in zip(areas, weight))[1]
+    outlined = [a for a, _ in areas if a > 0]
+    volume, volume_note = None, None
+    if study.slice_spacing_mm and outlined:
+        volume = round(sum(outlined) * study.slice_spacing_mm / 1000.0, 2)
+        volume_note = (
+            f"an estimate: outlined areas x {study.slice_spacing_mm:.2f} mm slice spacing, over {len(outlined)} slices"
+        )
+    return {
+        **out,
+        "tumor_found": True,
+        "tumor_slices": tumor_rows,
+        "prediction": names[int(np.argmax(proba))],
+        "confidence": round(float(proba.max()), 4),
+        "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
+        "calibrated": calibrated,
+        "key_slice": {
+            "index": key,
+            "name": slices[key]["name"],
+            "area_mm2": slices[key]["area_mm2"],
+            "prediction": slices[key]["prediction"],
+        },
+        "largest_area_mm2": max(outlined) if outlined else None,
+        "volume_ml": volume,
+        "volume_note": volume_note,
+        "patients": similar_patients(cases, emb[tumor_rows], k),
+        "note": None,
+    }
+
+
+def similar_patients(cases, queries: np.ndarray, k: int) -> list[dict]:
+    """The k archive patients nearest to any of the study's tumor slices, each once, with the
+    slice of theirs that came nearest (patient keys stay on the server)."""
+    best: dict[str, tuple[float, int]] = {}
+    for q in queries:
+        dist, case_ids, _ = cases.neighbours(q[None], True)  # one slice per patient, nearest first
+        dist, case_ids = dist[: 4 * k], case_ids[: 4 * k]
+        for d, c, p in zip(dist, case_ids, cases.patients(case_ids)):
+            if p not in best or d < best[p][0]:
+                best[p] = (float(d), int(c))
+    nearest = sorted(best.values())[:k]
+    info = cases.describe([c for _, c in nearest])
+    return [{**info[c], "distance": round(d, 4), "rank": r + 1} for r, (d, c) in enumerate(nearest)]

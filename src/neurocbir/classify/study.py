@@ -1,0 +1,90 @@
+"""One answer per study (a patient's series), not per slice, with a confidence calibrated at the
+study level.
+
+The slices of one patient are not independent evidence (neighbouring slices show the same
+tumor), so their probabilities are not multiplied. A study's logits are the mean, over its slices
+that show a tumor, of each slice's NIR logits ``log(1 + I_c)`` (the same logits the slice
+calibration uses), and one temperature, fitted on whole training patients, turns them into
+probabilities: ``softmax(mean / T_study)``.
+
+Fitted by :func:`fit_study_temperature` on training patients the encoder never saw (a CPU
+lesion run's held-out patients, queried against the other training patients), and saved as
+``study_calibration.json`` in the run. A run whose encoder saw every training patient (the GPU
+preset, the committed model) has no such patients: fitted on patients the encoder was trained on,
+the temperature came out 0.07, certainty for every study, so such a run uses its slice temperature
+(fitted by inner CV on patients held out of retrained networks) for the study logits, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.special import softmax
+
+from neurocbir.classify.calibration import expected_calibration_error, fit_temperature, neighbour_logits
+from neurocbir.classify.neighbors import NIRClassifier
+from neurocbir.files import write_json
+
+FILE = "study_calibration.json"
+
+
+def study_logits(slice_labels: list[np.ndarray], n_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """(n_classes,) logits of a study from the neighbour-label lists of its tumor slices, each
+    weighted by how likely it shows a tumor (``weights``: 1 - P(no tumor); default equal)."""
+    if not slice_labels:
+        raise ValueError("a study needs at least one slice with a tumor")
+    width = max(len(lab) for lab in slice_labels)
+    padded = np.stack([np.pad(lab, (0, width - len(lab)), constant_values=-1) for lab in slice_labels])
+    w = np.ones(len(slice_labels)) if weights is None else np.maximum(np.asarray(weights, float), 1e-6)
+    return (neighbour_logits("nir", padded, n_classes) * w[:, None]).sum(axis=0) / w.sum()
+
+
+@dataclass
+class StudyCalibrator:
+    temperature: float
+    how: str = ""
+
+    def proba(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(np.asarray(logits, dtype=float) / self.temperature, axis=-1)
+
+
+def fit_study_temperature(
+    archive: np.ndarray,
+    archive_labels: np.ndarray,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    query_patients: np.ndarray,
+    n_classes: int,
+    how: str,
+) -> tuple[StudyCalibrator, dict]:
+    """The study temperature from held-out patients (all slices of each, queried against the
+    archive): (calibrator, what was measured on those patients)."""
+    neighbour = NIRClassifier().fit(archive, archive_labels).neighbour_labels(queries)
+    keys = np.unique(query_patients)
+    logits = np.stack([study_logits(list(neighbour[query_patients == p]), n_classes) for p in keys])
+    y = np.array([np.bincount(query_labels[query_patients == p]).argmax() for p in keys])
+    cal = StudyCalibrator(fit_temperature(logits, y), how)
+    proba = cal.proba(logits)
+    return cal, {
+        "n_patients": int(len(keys)),
+        "accuracy": float((proba.argmax(1) == y).mean()),
+        "ece": expected_calibration_error(proba, y),
+    }
+
+
+def save(run: Path | str, cal: StudyCalibrator, measured: dict) -> None:
+    write_json(Path(run) / FILE, {"temperature": cal.temperature, "how": cal.how, "training_patients": measured})
+
+
+def load(run: Path | str) -> StudyCalibrator | None:
+    path = Path(run) / FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        return StudyCalibrator(float(doc["temperature"]), str(doc.get("how", "")))
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is corrupt: delete it (studies then use the slice calibration)") from None
