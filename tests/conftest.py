@@ -158,3 +158,32 @@ def site_archive(small_external, small_run, small_data_dir, tmp_path_factory) ->
         res = CliRunner().invoke(cli, ["add", *args, "--archive", str(root), "--run", str(small_run)])
         assert res.exit_code == 0, res.output
     return root
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus standalone server (the PyPI package `milvus`; .ci/run installs it)."""
+    from tests.milvus_server import MilvusServer, installed
+
+    if not installed():
+        if os.environ.get("CI"):
+            pytest.fail("milvus-server is not installed (pip install milvus==2.3.5; make setup does)")
+        pytest.skip("milvus-server is not installed: pip install milvus==2.3.5")
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server")).start()
+    yield server
+    server.kill()  # its data is the session's: no need to wait the 30 s and more of a clean stop
+
+
+@pytest.fixture(params=["lite", "server"])
+def milvus_uri(request, tmp_path):
+    """Where the Milvus tests' store lives: Milvus Lite (a file) or the real server."""
+    if request.param == "lite":
+        return str(tmp_path / "milvus.db")
+    return request.getfixturevalue("milvus_server").uri
+
+
+def collection_name() -> str:
+    """A collection of its own for each test (the server is shared by the session)."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:16]}"

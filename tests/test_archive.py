@@ -193,9 +193,16 @@ def _records(n: int, dim: int = 8, start: int = 0) -> list[CaseRecord]:
     ]
 
 
-@pytest.mark.parametrize("store", ["flat", "hnsw", "milvus"])
-def test_every_crash_window_is_repaired_on_reopen(tmp_path, store):
-    arch = CaseArchive.create(tmp_path / "a", 8, "ck", store=store)
+def _store_args(store: str, request) -> dict:
+    """The archive's store: FAISS, Milvus Lite (its file in the archive) or the real server."""
+    if store == "milvus-server":
+        return {"store": "milvus", "milvus_uri": request.getfixturevalue("milvus_server").uri}
+    return {"store": store}
+
+
+@pytest.mark.parametrize("store", ["flat", "hnsw", "milvus", "milvus-server"])
+def test_every_crash_window_is_repaired_on_reopen(tmp_path, store, request):
+    arch = CaseArchive.create(tmp_path / "a", 8, "ck", **_store_args(store, request))
     assert arch.add(_records(30)) == 30
     # 1. killed after the table commit, before the store was written: rows pending, store lacks them
     arch.add(_records(10, start=30), index=False)
@@ -237,7 +244,7 @@ def test_every_crash_window_is_repaired_on_reopen(tmp_path, store):
     assert arch.check()["states"] == {"indexed": 49} and arch.store.count() == 49
     assert arch.delete(pending) == pending.tolist()  # back to the 45 below
     arch.close()
-    if store != "milvus":
+    if not store.startswith("milvus"):
         # 4. the store file lost or truncated: rebuilt from the table
         (tmp_path / "a" / "index.faiss").write_bytes(b"\0" * 10)
         arch = CaseArchive.open(tmp_path / "a", "ck", 8)
@@ -248,8 +255,8 @@ def test_every_crash_window_is_repaired_on_reopen(tmp_path, store):
         arch.close()
 
 
-@pytest.mark.parametrize("store", ["flat", "milvus"])
-def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store):
+@pytest.mark.parametrize("store", ["flat", "milvus", "milvus-server"])
+def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store, request):
     """An archive whose store predates the tumor type / plane partitions (a single FAISS index
     file, or a Milvus collection without the group field) is rebuilt from the table by the
     writer; a reader searches an in-memory copy meanwhile. Filters then pick partitions."""
@@ -261,9 +268,10 @@ def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store):
     from neurocbir.retrieval.index import write_index
 
     records = _records(30)
-    arch = CaseArchive.create(tmp_path / "a", 8, "ck", store=store)
+    arch = CaseArchive.create(tmp_path / "a", 8, "ck", **_store_args(store, request))
     arch.add(records)
     collection = arch.meta.get("milvus_collection")
+    uri = arch.meta.get("milvus_uri") or str(tmp_path / "a" / "milvus.db")
     arch.close()
     vecs = np.stack([r.embedding for r in records])
     if store == "flat":  # the old format: one FAISS index file
@@ -273,7 +281,7 @@ def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store):
     else:  # the old collection: no group field, its manifest without "groups"
         from pymilvus import MilvusClient
 
-        client = MilvusClient(str(tmp_path / "a" / "milvus.db"))
+        client = MilvusClient(uri)
         client.drop_collection(collection)
         client.create_collection(
             collection, dimension=8, metric_type="L2", auto_id=False, id_type="int",
@@ -292,7 +300,7 @@ def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store):
     arch.close()
 
 
-def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans):
+def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans, monkeypatch):
     CaseArchive.create(tmp_path / "a", 8, "ck").close()
     with pytest.raises(IndexMismatchError, match="checkpoint"):
         CaseArchive.open(tmp_path / "a", "other", 8)
@@ -307,7 +315,8 @@ def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans):
     # patient ids are stored only as salted hashes
     arch.add(_records(2))
     assert not {r[0] for r in arch.db.execute("SELECT patient_key FROM cases")} & {"p0"}
-    with pytest.raises(ArchiveError, match="Milvus at http://127.0.0.1:1"):
+    monkeypatch.setenv("NEUROCBIR_MILVUS_WAIT", "1")  # an unreachable server is waited for, boundedly
+    with pytest.raises(ArchiveError, match="Milvus at http://127.0.0.1:1.*after waiting 1 s"):
         CaseArchive.create(tmp_path / "m", 8, "ck", store="milvus", milvus_uri="http://127.0.0.1:1")
     assert not (tmp_path / "m" / "archive.db").exists()  # nothing half-made left behind
     with pytest.raises(ArchiveError, match="unknown store"):

@@ -1,4 +1,4 @@
-"""FAISS and Milvus Lite stores give the same retrievals and the same NIR on a real index."""
+"""FAISS and Milvus (Lite, and a real server) give the same retrievals and the same NIR on a real index."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from neurocbir.classify.neighbors import NIRClassifier, nir_positions
 from neurocbir.retrieval.index import IndexMismatchError
 from neurocbir.retrieval.milvus import MilvusStore
 from neurocbir.retrieval.store import FaissStore, deep_search, lookup
+from tests.conftest import collection_name
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,10 @@ def real(small_run, small_cases):
     return emb["archive"], ids, small_cases.label[emb["archive_rows"]], emb["test"]
 
 
-def test_faiss_and_milvus_agree(real, tmp_path):
+def test_faiss_and_milvus_agree(real, tmp_path, milvus_uri):
     x, ids, labels, q = real
     f = FaissStore(tmp_path / "a.faiss", x.shape[1], checkpoint_sha256="ck")
-    m = MilvusStore(str(tmp_path / "milvus.db"), "cases", x.shape[1], checkpoint_sha256="ck")
+    m = MilvusStore(milvus_uri, collection_name(), x.shape[1], checkpoint_sha256="ck")
     for s in (f, m):
         for b in range(0, len(x), 40):  # batches
             s.add(ids[b : b + 40], x[b : b + 40])
@@ -63,13 +64,32 @@ def test_hnsw_recall_and_persistence(real, tmp_path):
         FaissStore.open(tmp_path / "h.faiss", dim=64)
 
 
-def test_milvus_refuses_another_dimension(tmp_path):
-    MilvusStore(str(tmp_path / "m.db"), "c", 16)
-    with pytest.raises(IndexMismatchError, match="16-d"):
-        MilvusStore(str(tmp_path / "m.db"), "c", 128)
+def test_milvus_refuses_another_dimension_or_encoder(milvus_uri):
+    name = collection_name()
+    MilvusStore(milvus_uri, name, 16, checkpoint_sha256="ck")
+    with pytest.raises(IndexMismatchError, match=f"{name} holds 16-d"):
+        MilvusStore(milvus_uri, name, 128)
+    if milvus_uri.endswith(".db"):
+        return  # Milvus Lite keeps no collection description: its file lives in (and is tied to) one archive
+    with pytest.raises(IndexMismatchError, match=f"{name} was built with another encoder"):
+        MilvusStore(milvus_uri, name, 16, checkpoint_sha256="other")
 
 
-def test_filtered_search_inside_every_store(real, tmp_path):
+@pytest.mark.parametrize("index_type", ["HNSW", "IVF_FLAT"])
+def test_the_server_builds_the_index_asked_for(real, milvus_server, index_type):
+    """On a Milvus server the collection's index is the one asked for (Lite builds AUTOINDEX
+    whatever is asked), and it answers as the exact search does."""
+    x, ids, _, q = real
+    store = MilvusStore(milvus_server.uri, collection_name(), x.shape[1], "ck", index_type=index_type)
+    store.add(ids, x)
+    store.save()
+    index = store.client.describe_index(store.collection, "vector")
+    assert index["index_type"] == index_type and index["metric_type"] == "L2"
+    _, found = store.search(q, 10)
+    assert (found == exact_ids(x, ids, q, 10)).mean() > 0.97
+
+
+def test_filtered_search_inside_every_store(real, tmp_path, milvus_uri):
     """A filter (allowed ids) applied inside FAISS flat, FAISS HNSW and Milvus: only allowed
     cases come back, and they are the exact nearest allowed ones."""
     x, ids, labels, q = real
@@ -78,7 +98,7 @@ def test_filtered_search_inside_every_store(real, tmp_path):
     stores = [
         FaissStore(tmp_path / "f.faiss", x.shape[1], checkpoint_sha256="ck"),
         FaissStore(tmp_path / "h.faiss", x.shape[1], kind="hnsw", checkpoint_sha256="ck"),
-        MilvusStore(str(tmp_path / "filter.db"), "cases", x.shape[1], checkpoint_sha256="ck"),
+        MilvusStore(milvus_uri, collection_name(), x.shape[1], checkpoint_sha256="ck"),
     ]
     hnsw = stores[1]
     hnsw.add(ids, x)
@@ -96,8 +116,8 @@ def test_filtered_search_inside_every_store(real, tmp_path):
         assert set(few[0][few[0] >= 0]) <= set(allowed[:2].tolist())
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "milvus"])
-def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_cases, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "milvus", "milvus-server"])
+def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_cases, tmp_path, kind, request):
     """Stores partitioned by tumor type and plane (an archive's group_keys): a search limited to
     some groups returns the nearest cases of those groups only, however far they lie from the
     query, and saves and reopens whole; with no groups named, all partitions are searched."""
@@ -107,13 +127,14 @@ def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_case
     x, ids, labels, q = real
     rows = np.searchsorted(small_cases.idx, ids)
     groups = group_keys(labels, small_cases.plane[rows])
-    if kind == "milvus":
-        store = MilvusStore(str(tmp_path / "g.db"), "cases", x.shape[1], checkpoint_sha256="ck")
+    if kind.startswith("milvus"):
+        uri = request.getfixturevalue("milvus_server").uri if kind == "milvus-server" else str(tmp_path / "g.db")
+        store = MilvusStore(uri, collection_name(), x.shape[1], checkpoint_sha256="ck")
     else:
         store = FaissStore(tmp_path / "g.faiss", x.shape[1], kind=kind, checkpoint_sha256="ck")
     for b in range(0, len(x), 50):
         store.add(ids[b : b + 50], x[b : b + 50], groups[b : b + 50])
-    if kind != "milvus":
+    if not kind.startswith("milvus"):
         assert len(store.parts) == len(set(groups))
         store.save()
         store = FaissStore.open(tmp_path / "g.faiss", checkpoint_sha256="ck", dim=x.shape[1])

@@ -27,6 +27,7 @@ from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.models.inference import LesionModel, Model, load_model
 from neurocbir.models.lesion import tumor_level, tumor_outline
 from neurocbir.models.runs import first_weights, trial_dir
+from neurocbir.retrieval.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 _MODEL_LOCK = threading.Lock()
@@ -91,6 +92,7 @@ class RetrievalService:
         self._reload_lock = threading.Lock()
         self._reloading: threading.Thread | None = None
         self._unservable: str | None = None  # why the archive's latest state could not be loaded
+        self._store_down: str | None = None  # why the vector store's server did not answer, last asked
 
     @property
     def feedback(self) -> FeedbackStore:
@@ -129,12 +131,18 @@ class RetrievalService:
     def archive_size(self) -> int:
         """Cases the answers read (0 while the archive's latest state cannot be served)."""
         self.refresh_cases()  # not waited for: /health answers at once
-        return 0 if self._unservable else self.cases.size()
+        if self._unservable:
+            return 0
+        try:
+            size, self._store_down = self.cases.size(), None
+        except StoreUnavailable as exc:  # a vector store server down: said, served again once it is back
+            size, self._store_down = 0, str(exc)
+        return size
 
     @property
     def archive_problem(self) -> str | None:
         """Why the archive, as it is now, cannot be served (None when it can)."""
-        return self._unservable
+        return self._unservable or self._store_down
 
     def refresh_cases(self, wait_s: float | None = 0.0) -> bool:
         """Pick up what `neurocbir add` or `remove` committed to the served archive since its view
@@ -159,7 +167,7 @@ class RetrievalService:
         version = old.archive.data_version()
         try:
             self.cases, self._unservable = old.reopened(), None
-        except (ValueError, OSError) as exc:  # e.g. every case removed: keep the last view, say why
+        except (ValueError, OSError, StoreUnavailable) as exc:  # e.g. every case removed: keep the last view, say why
             self._unservable = f"the case archive changed and cannot be served: {exc}"
             log.warning("%s; serving its previous view", self._unservable)
             old.version = version  # not tried again until the archive changes again
@@ -196,6 +204,10 @@ class RetrievalService:
         search = (q, trunk, k, one_per_patient, coverage, rerank, filters)
         try:
             evidence = self._evidence(self.cases, *search)
+            self._store_down = None
+        except StoreUnavailable as exc:
+            self._store_down = str(exc)
+            raise ArchiveUnavailable(f"{exc}; the app serves again once it is back") from None
         except KeyError:  # a retrieval removed since this view loaded: the evidence is read again
             if not self.refresh_cases(wait_s=None):
                 if self._unservable:

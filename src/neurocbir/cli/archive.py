@@ -20,6 +20,9 @@ def add(
     milvus_uri: Optional[str] = typer.Option(
         None, help="Milvus server (http://host:19530) or Milvus Lite .db file; token from $NEUROCBIR_MILVUS_TOKEN"
     ),
+    milvus_wait: float = typer.Option(
+        60.0, min=0, help="wait up to this many seconds for a Milvus server that is not ready yet"
+    ),
     milvus_index: str = typer.Option(
         "FLAT", help="index type of a new Milvus collection (FLAT exact; IVF_FLAT, HNSW... on a Milvus server)"
     ),
@@ -44,9 +47,14 @@ def add(
 ) -> None:
     """Embed the scans of FOLDER (or of a PACS, with --dicomweb) and add them to a case archive;
     safe to kill and rerun (resumes, never duplicates). Patient names and ids are not stored."""
+    import os
+
     from tqdm import tqdm
 
     from neurocbir.retrieval.ingest import ingest
+    from neurocbir.retrieval.milvus import WAIT_ENV
+
+    os.environ[WAIT_ENV] = str(milvus_wait)  # read when the archive connects its store
 
     bar = None
 

@@ -129,11 +129,19 @@ def serve(
     ),
     tls_cert: Optional[Path] = typer.Option(None, help="serve HTTPS with this certificate (PEM)"),
     tls_key: Optional[Path] = typer.Option(None, help="... and this private key (PEM)"),
+    milvus_wait: float = typer.Option(
+        60.0, min=0, help="wait up to this many seconds for the archive's Milvus server at start"
+    ),
 ) -> None:
     """Serve the web UI and the HTTP API (sign-in as soon as users or an identity provider are
     configured; see `neurocbir users`)."""
+    import os
+
     from neurocbir.app.server import ServeOptions
     from neurocbir.app.server import serve as _serve
+    from neurocbir.retrieval.milvus import WAIT_ENV
+
+    os.environ[WAIT_ENV] = str(milvus_wait)
 
     opts = ServeOptions(
         host, port, oidc_issuer, oidc_audience, oidc_role_claim, oidc_client_id, allow_anonymous, tls_cert, tls_key

@@ -6,14 +6,33 @@ collection's lifecycle (create, refuse a mismatch, drop for a rebuild). The same
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 
 import numpy as np
 
 from neurocbir.retrieval.index import IndexMismatchError, _as_f32
 from neurocbir.retrieval.store import StaleCollection, StoreUnavailable
 
+log = logging.getLogger(__name__)
 MILVUS_TOKEN_ENV = "NEUROCBIR_MILVUS_TOKEN"
+#: how long `add` and `serve` wait for a Milvus server that is not ready yet (--milvus-wait)
+WAIT_ENV, DEFAULT_WAIT_S = "NEUROCBIR_MILVUS_WAIT", 60.0
+#: index parameters when none are given, as the FAISS store's (HNSW M 32); IVF lists for ~1M cases
+INDEX_DEFAULTS = {"HNSW": {"M": 32, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024}}
+#: every read sees every acknowledged write: the archive's crash-safe protocol counts on it
+CONSISTENCY = "Strong"
+CALL_TIMEOUT_S = 30.0
+
+
+def search_defaults(index_type: str, k: int) -> dict:
+    """Search parameters that keep an approximate index near exact (HNSW ef >= k, IVF 64 lists)."""
+    if index_type == "HNSW":
+        return {"ef": max(256, int(k))}
+    if index_type.startswith("IVF"):
+        return {"nprobe": 64}
+    return {}
 
 
 class MilvusStore:
@@ -31,12 +50,16 @@ class MilvusStore:
         index_params: dict | None = None,
         search_params: dict | None = None,
     ):
-        from pymilvus import MilvusClient
+        from pymilvus import DataType, MilvusClient
 
         self.dim, self.collection, self.checkpoint_sha256 = dim, collection, checkpoint_sha256
-        self.search_params = search_params or {}
-        self.client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
-        manifest = json.dumps({"checkpoint_sha256": checkpoint_sha256, "dim": dim, "groups": True})
+        self.index_type, self.search_params, self.uri = index_type, search_params, uri
+        self.client = (
+            MilvusClient(uri, token=token, timeout=CALL_TIMEOUT_S)
+            if token
+            else MilvusClient(uri, timeout=CALL_TIMEOUT_S)
+        )
+        manifest = json.dumps({"checkpoint_sha256": checkpoint_sha256, "dim": dim, "groups": True, "index": index_type})
         if self.client.has_collection(collection):
             desc = self.client.describe_collection(collection)
             got = next(f["params"].get("dim") for f in desc["fields"] if f["name"] == "vector")
@@ -47,20 +70,64 @@ class MilvusStore:
                 )
             if checkpoint_sha256 and stored.get("checkpoint_sha256") not in (None, checkpoint_sha256):
                 raise IndexMismatchError(f"Milvus collection {collection} was built with another encoder checkpoint")
-            if not stored.get("groups"):
+            if not stored.get("groups") and not self._rows_have_groups(uri):
                 raise StaleCollection(f"Milvus collection {collection} predates the group field: rebuild it")
-        else:
-            params = self.client.prepare_index_params()
-            params.add_index(field_name="vector", index_type=index_type, metric_type="L2", params=index_params or {})
+            self.index_type = stored.get("index", index_type)
+        elif uri.endswith(".db"):  # Milvus Lite: it keeps no schema description, and builds AUTOINDEX anyway
             self.client.create_collection(
                 collection,
                 dimension=dim,
                 metric_type="L2",
                 auto_id=False,
                 id_type="int",
-                index_params=params,
                 description=manifest,
+                consistency_level=CONSISTENCY,
             )
+        else:  # a server: an explicit schema (its quick set-up builds AUTOINDEX whatever is asked)
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True, description=manifest)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            schema.add_field("grp", DataType.VARCHAR, max_length=64)
+            params = self.client.prepare_index_params()
+            params.add_index(
+                field_name="vector",
+                index_type=index_type,
+                metric_type="L2",
+                params=index_params or INDEX_DEFAULTS.get(index_type, {}),
+            )
+            self.client.create_collection(collection, schema=schema, index_params=params, consistency_level=CONSISTENCY)
+
+    def _call(self, fn, *args, **kwargs):
+        """One client call; a server that is down or restarting becomes a :class:`StoreUnavailable`
+        with one line (the service answers 503 with it, and serves again once the server is back)."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            return fn(*args, timeout=CALL_TIMEOUT_S, **kwargs)  # never a request that hangs on a dead server
+        except MilvusException as exc:
+            if "not loaded" in str(getattr(exc, "message", exc)):  # a restarted server: load it again, once
+                try:
+                    self.client.load_collection(self.collection, timeout=CALL_TIMEOUT_S)
+                    return fn(*args, timeout=CALL_TIMEOUT_S, **kwargs)
+                except MilvusException as again:
+                    exc = again
+            raise StoreUnavailable(
+                f"the Milvus server at {self.uri} cannot answer: {getattr(exc, 'message', exc)}"
+            ) from None
+        except Exception as exc:  # grpc raises its own types while the server is gone
+            if "grpc" in type(exc).__module__ or "RpcError" in type(exc).__name__:
+                raise StoreUnavailable(
+                    f"the Milvus server at {self.uri} cannot be reached ({type(exc).__name__})"
+                ) from None
+            raise
+
+    def _rows_have_groups(self, uri: str) -> bool:
+        """Milvus Lite returns no collection description (its file is the archive's own): a
+        collection there predates the group field when its rows carry none."""
+        if not uri.endswith(".db"):
+            return False
+        rows = self.client.query(self.collection, filter="", output_fields=["grp"], limit=1)
+        return not rows or "grp" in rows[0]
 
     @classmethod
     def connect(
@@ -71,30 +138,45 @@ class MilvusStore:
         checkpoint_sha256: str = "",
         index_type: str = "FLAT",
         fresh: bool = False,
+        wait_s: float | None = None,
     ) -> MilvusStore:
-        """Open (``fresh``: drop and re-create) a collection, the token from ``$NEUROCBIR_MILVUS_TOKEN``;
-        an unreachable server or a refused token is a :class:`StoreUnavailable` with one line."""
+        """Open (``fresh``: drop and re-create) a collection, the token from ``$NEUROCBIR_MILVUS_TOKEN``.
+        A server that is not ready yet (its port opens before it answers) is waited for, up to
+        ``wait_s`` seconds (default ``$NEUROCBIR_MILVUS_WAIT`` or 60), saying so once; then, or for a
+        refused token, a :class:`StoreUnavailable` with one line."""
         from pymilvus import MilvusClient
         from pymilvus.exceptions import MilvusException
 
         token = os.environ.get(MILVUS_TOKEN_ENV, "")
-        try:
-            if fresh:
-                client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
-                if client.has_collection(collection):
-                    client.drop_collection(collection)
-                client.close()
-            return cls(uri, collection, dim, checkpoint_sha256, token=token, index_type=index_type)
-        except MilvusException as exc:
-            raise StoreUnavailable(
-                f"Milvus at {uri}: {getattr(exc, 'message', exc)} (is the server up, and ${MILVUS_TOKEN_ENV} right?)"
-            ) from None
+        wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S)) if wait_s is None else wait_s
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                if fresh:
+                    client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
+                    if client.has_collection(collection):
+                        client.drop_collection(collection)
+                    client.close()
+                return cls(uri, collection, dim, checkpoint_sha256, token=token, index_type=index_type)
+            except MilvusException as exc:
+                message = str(getattr(exc, "message", exc))
+                refused = "auth" in message.lower() or "denied" in message.lower() or "credential" in message.lower()
+                if refused or uri.endswith(".db") or time.monotonic() >= deadline:
+                    waited = "" if refused or uri.endswith(".db") else f" after waiting {wait_s:.0f} s"
+                    raise StoreUnavailable(
+                        f"Milvus at {uri}: {message}{waited} (is the server up, and ${MILVUS_TOKEN_ENV} right?)"
+                    ) from None
+                if not said:
+                    log.warning("the Milvus server at %s is not ready yet: waiting up to %.0f s", uri, wait_s)
+                    said = True
+                time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, groups: np.ndarray | None = None) -> None:
         """Upsert vectors with their group key (a scalar field ``grp`` the filters read)."""
         v = _as_f32(vectors, self.dim)
         groups = np.full(len(v), "") if groups is None else np.asarray(groups).astype(str)
-        self.client.upsert(
+        self._call(
+            self.client.upsert,
             self.collection,
             [{"id": int(i), "vector": row.tolist(), "grp": str(g)} for i, row, g in zip(ids, v, groups)],
         )
@@ -113,11 +195,13 @@ class MilvusStore:
         if allowed is not None:
             terms.append(f"id in [{','.join(str(int(i)) for i in allowed)}]")
         extra = {"filter": " and ".join(terms)} if terms else {}
-        res = self.client.search(
+        res = self._call(
+            self.client.search,
             self.collection,
             data=_as_f32(queries, self.dim).tolist(),
             limit=k,
-            search_params={"params": self.search_params},
+            search_params={"params": self.search_params or search_defaults(self.index_type, k)},
+            consistency_level=CONSISTENCY,
             **extra,
         )
         dist = np.full((len(res), k), np.inf)
@@ -129,20 +213,30 @@ class MilvusStore:
         return dist, ids
 
     def delete(self, ids: np.ndarray) -> None:
-        self.client.delete(self.collection, ids=[int(i) for i in ids])
+        self._call(self.client.delete, self.collection, ids=[int(i) for i in ids])
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         ids = [int(i) for i in ids]
         found = (
-            {int(r["id"]) for r in self.client.query(self.collection, ids=ids, output_fields=["id"])} if ids else set()
+            {
+                int(r["id"])
+                for r in self._call(
+                    self.client.query, self.collection, ids=ids, output_fields=["id"], consistency_level=CONSISTENCY
+                )
+            }
+            if ids
+            else set()
         )
         return np.array([i in found for i in ids], dtype=bool)
 
     def count(self) -> int:
-        return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+        rows = self._call(
+            self.client.query, self.collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY
+        )
+        return int(rows[0]["count(*)"])
 
     def save(self) -> None:
-        self.client.flush(self.collection)
+        self._call(self.client.flush, self.collection)
 
     def close(self) -> None:
         self.client.close()

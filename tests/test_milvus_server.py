@@ -1,0 +1,155 @@
+"""The archive on a real Milvus server, and the faults on the way to it: the server killed during
+`neurocbir add` and restarted (every case once, in SQLite and in the collection), `add` meeting a
+server that is not ready yet (it waits, boundedly, and says so), the server down while the app
+serves (503 with the reason, then served again with no restart of the app), archives on one
+server kept apart, and two writers with a reader at once.
+
+The tests share one server (the embedded server fixes two of its ports: one at a time per machine)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from neurocbir.retrieval.archive import CaseArchive
+
+
+@pytest.fixture
+def server(milvus_server):
+    """The session's server, which this test may kill and start again; running again after it."""
+    yield milvus_server
+    if not milvus_server.running():
+        milvus_server.start()
+
+
+def _add(folder, archive, run, uri, *extra) -> list[str]:
+    return [sys.executable, "-m", "neurocbir.cli", "add", str(folder), "--archive", str(archive), "--run", str(run),
+            "--store", "milvus", "--milvus-uri", uri, *extra]  # fmt: skip
+
+
+def _same_in_sqlite_and_milvus(archive) -> int:
+    arch = CaseArchive.open(archive)
+    ids, _ = arch.embeddings()
+    check = arch.check()
+    assert check["duplicates"] == 0 and check["states"] == {"indexed": len(ids)}
+    assert arch.store.count() == len(ids) and arch.store.contains(ids).all()
+    rows = arch.store._call(
+        arch.store.client.query,
+        arch.store.collection,
+        filter="id >= 0",
+        output_fields=["id"],
+        consistency_level="Strong",
+    )
+    assert sorted(int(r["id"]) for r in rows) == sorted(ids.tolist())  # the same ids, each once
+    arch.close()
+    return len(ids)
+
+
+def test_the_server_killed_during_add_loses_and_duplicates_nothing(server, small_data_dir, small_run, tmp_path):
+    archive = tmp_path / "archive"
+    rng = np.random.default_rng(int(time.time()))
+    kills = 0
+    for _ in range(1):  # benchmarks/milvus_server.py repeats it 5 times (a restart takes a minute or two)
+        proc = subprocess.Popen(_add(small_data_dir, archive, small_run, server.uri, "--batch-size", "4", "--index-every", "0"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(rng.uniform(4, 9))  # model load, then batches: the kill lands mid-add
+        if proc.poll() is None:
+            server.kill()
+            kills += 1
+        try:
+            proc.wait(120)  # the add fails (or waits, then fails) without its server
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        server.start()
+    assert kills >= 1
+    done = subprocess.run(
+        _add(small_data_dir, archive, small_run, server.uri), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    from neurocbir.data.cases import load_cases
+
+    assert _same_in_sqlite_and_milvus(archive) == len(load_cases(small_data_dir))
+
+
+def test_the_app_says_when_the_server_is_down_and_serves_again_when_it_is_back(
+    server, small_data_dir, small_run, small_cases, tmp_path
+):
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
+
+    archive = tmp_path / "archive"
+    subprocess.run(_add(small_data_dir, archive, small_run, server.uri, "--fold", "1", "--fold", "2"), check=True, capture_output=True, timeout=600)  # fmt: skip
+    client = TestClient(create_app(RetrievalService.from_archive(small_run, archive)))
+    scan = (small_cases.loader.root / "images" / f"{int(small_cases.idx[0])}.jpg").read_bytes()
+    assert client.get("/health").status_code == 200
+    assert client.post("/query", files={"file": ("s.jpg", scan)}).status_code == 200
+    server.kill()
+    health = client.get("/health")
+    assert health.status_code == 503 and "Milvus server" in health.json()["archive_problem"]
+    down = client.post("/query", files={"file": ("s.jpg", scan)})
+    assert down.status_code == 503 and "Milvus server" in down.json()["detail"]
+    # `add` meeting a server that is not up: a short wait ends with a one-line message; a longer
+    # one waits, says so, and finishes once the server is back
+    refused = subprocess.run(_add(small_data_dir, tmp_path / "other", small_run, server.uri, "--milvus-wait", "2"),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 2 and "after waiting 2 s" in refused.stderr and "Traceback" not in refused.stderr
+    waiting = subprocess.Popen(_add(small_data_dir, tmp_path / "late", small_run, server.uri, "--fold", "3", "--milvus-wait", "400"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    time.sleep(8)
+    assert waiting.poll() is None  # still waiting for the server
+    server.start()
+    out, _ = waiting.communicate(timeout=600)
+    assert waiting.returncode == 0, out[-2000:]
+    assert "is not ready yet: waiting up to 400 s" in out and "cases added" in out
+    for _ in range(60):  # the client reconnects by itself: no restart of the app
+        if client.get("/health").status_code == 200:
+            break
+        time.sleep(1)
+    assert client.get("/health").json()["archive_problem"] is None
+    assert client.post("/query", files={"file": ("s.jpg", scan)}).status_code == 200
+
+
+def test_archives_on_one_server_are_apart_and_writers_run_together(
+    milvus_server, small_data_dir, small_run, small_cases, tmp_path
+):
+    """Two `add` processes into two archives on one server while the app serves a third: all
+    finish, no errors, and each archive sees only its own cases."""
+    from neurocbir.app.service import RetrievalService
+
+    uri = milvus_server.uri
+    subprocess.run(_add(small_data_dir, tmp_path / "c", small_run, uri, "--fold", "5"), check=True, capture_output=True, timeout=600)  # fmt: skip
+    svc = RetrievalService.from_archive(small_run, tmp_path / "c")
+    errors, answers = [], []
+    stop = threading.Event()
+
+    def read():
+        scan = small_cases.load_image(0)
+        while not stop.is_set():
+            try:
+                answers.append(svc.query(scan)["retrievals"][0]["case_id"])
+            except Exception as exc:  # noqa: BLE001 - any error is a failure of this test
+                errors.append(repr(exc))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [subprocess.Popen(_add(small_data_dir, tmp_path / name, small_run, uri, "--fold", fold), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for name, fold in (("a", "1"), ("b", "2"))]  # fmt: skip
+    codes = [w.wait(600) for w in writers]
+    stop.set()
+    reader.join(60)
+    assert codes == [0, 0], [w.stderr.read()[-1000:] for w in writers]
+    assert not errors and answers
+    sizes = {name: _same_in_sqlite_and_milvus(tmp_path / name) for name in "abc"}
+    for name, fold in (("a", 1), ("b", 2), ("c", 5)):
+        assert sizes[name] == int((small_cases.fold == fold).sum())
+    collections = {CaseArchive.open(tmp_path / n, writer=False).meta["milvus_collection"] for n in "abc"}
+    assert len(collections) == 3
+    os.environ.pop("NEUROCBIR_MILVUS_WAIT", None)
