@@ -7,7 +7,7 @@ import pytest
 
 from neurocbir.classify.neighbors import NIRClassifier, nir_positions
 from neurocbir.retrieval.index import IndexMismatchError
-from neurocbir.retrieval.milvus import MilvusStore
+from neurocbir.retrieval.milvus import MilvusStore, partition_name
 from neurocbir.retrieval.store import FaissStore, deep_search, lookup
 from tests.conftest import collection_name
 
@@ -116,11 +116,15 @@ def test_filtered_search_inside_every_store(real, tmp_path, milvus_uri):
         assert set(few[0][few[0] >= 0]) <= set(allowed[:2].tolist())
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "milvus", "milvus-server"])
+@pytest.mark.parametrize(
+    "kind", ["flat", "hnsw", "milvus", "milvus-unpartitioned", "milvus-server", "milvus-server-hnsw"]
+)
 def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_cases, tmp_path, kind, request):
     """Stores partitioned by tumor type and plane (an archive's group_keys): a search limited to
     some groups returns the nearest cases of those groups only, however far they lie from the
-    query, and saves and reopens whole; with no groups named, all partitions are searched."""
+    query, and saves and reopens whole; with no groups named, all partitions are searched. On
+    Milvus each group is a partition of the collection (HNSW on the server included); a collection
+    of an older neurocbir, its groups in a field only, is still filtered right."""
     from neurocbir.app.sources import CaseFilter
     from neurocbir.retrieval.store import group_keys
 
@@ -128,13 +132,22 @@ def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_case
     rows = np.searchsorted(small_cases.idx, ids)
     groups = group_keys(labels, small_cases.plane[rows])
     if kind.startswith("milvus"):
-        uri = request.getfixturevalue("milvus_server").uri if kind == "milvus-server" else str(tmp_path / "g.db")
-        store = MilvusStore(uri, collection_name(), x.shape[1], checkpoint_sha256="ck")
+        server = kind.startswith("milvus-server")
+        uri = request.getfixturevalue("milvus_server").uri if server else str(tmp_path / "g.db")
+        name, index = collection_name(), "HNSW" if kind.endswith("hnsw") else "FLAT"
+        store = MilvusStore(uri, name, x.shape[1], checkpoint_sha256="ck", index_type=index)
+        store.partitioned = kind != "milvus-unpartitioned"  # as the collections made before partitions
     else:
         store = FaissStore(tmp_path / "g.faiss", x.shape[1], kind=kind, checkpoint_sha256="ck")
     for b in range(0, len(x), 50):
         store.add(ids[b : b + 50], x[b : b + 50], groups[b : b + 50])
-    if not kind.startswith("milvus"):
+    if kind.startswith("milvus"):
+        store.save()
+        store = MilvusStore(uri, name, x.shape[1], checkpoint_sha256="ck", index_type=index)
+        made = {partition_name(g) for g in set(groups)}
+        assert store.partitioned == (kind != "milvus-unpartitioned")
+        assert (made <= set(store.client.list_partitions(name))) == store.partitioned
+    else:
         assert len(store.parts) == len(set(groups))
         store.save()
         store = FaissStore.open(tmp_path / "g.faiss", checkpoint_sha256="ck", dim=x.shape[1])

@@ -34,7 +34,7 @@ import numpy as np
 from neurocbir.data.cases import CASE_LABELS
 from neurocbir.files import atomic_path
 from neurocbir.retrieval.index import IndexMismatchError
-from neurocbir.retrieval.milvus import MilvusStore
+from neurocbir.retrieval.milvus import CONSISTENCY, READER_CONSISTENCY, MilvusStore
 from neurocbir.retrieval.store import CaseStore, FaissStore, StaleCollection, StoreUnavailable, group_keys
 
 STORE_KINDS = ("flat", "hnsw", "milvus")
@@ -223,6 +223,7 @@ class CaseArchive:
                 self.checkpoint_sha256,
                 index_type=self.meta.get("milvus_index") or "FLAT",
                 fresh=fresh,
+                consistency=CONSISTENCY if self.writer else READER_CONSISTENCY,
             )
         except StoreUnavailable as exc:
             raise ArchiveError(str(exc)) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -21,9 +22,20 @@ MILVUS_TOKEN_ENV = "NEUROCBIR_MILVUS_TOKEN"
 WAIT_ENV, DEFAULT_WAIT_S = "NEUROCBIR_MILVUS_WAIT", 60.0
 #: index parameters when none are given, as the FAISS store's (HNSW M 32); IVF lists for ~1M cases
 INDEX_DEFAULTS = {"HNSW": {"M": 32, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024}}
-#: every read sees every acknowledged write: the archive's crash-safe protocol counts on it
+#: the writer's reads see every acknowledged write: the archive's crash-safe protocol counts on it
 CONSISTENCY = "Strong"
+#: a reader's (the app's, `query`'s): Milvus's default, which sees every write older than the
+#: server's graceful time (5 s by default) and usually newer ones. Strong makes each search wait for
+#: the next time tick: 400 ms against 2 ms on the standalone server (docs/results.md, Milvus server)
+READER_CONSISTENCY = "Bounded"
 CALL_TIMEOUT_S = 30.0
+
+
+def partition_name(group: str) -> str:
+    """The Milvus partition of a store group key ("1:axial" -> "g_1_axial"): a filter by tumor type
+    and plane searches only its partitions' own indexes, as the FAISS store does. A filter
+    expression on the HNSW graph instead found 0.2-0.7 of the true top 25 (docs/results.md)."""
+    return "g_" + re.sub(r"[^A-Za-z0-9_]", "_", str(group))
 
 
 def search_defaults(index_type: str, k: int) -> dict:
@@ -49,17 +61,28 @@ class MilvusStore:
         index_type: str = "FLAT",
         index_params: dict | None = None,
         search_params: dict | None = None,
+        consistency: str = CONSISTENCY,
     ):
         from pymilvus import DataType, MilvusClient
 
         self.dim, self.collection, self.checkpoint_sha256 = dim, collection, checkpoint_sha256
         self.index_type, self.search_params, self.uri = index_type, search_params, uri
+        self.consistency = consistency  # of searches and counts; `contains` is always Strong
         self.client = (
             MilvusClient(uri, token=token, timeout=CALL_TIMEOUT_S)
             if token
             else MilvusClient(uri, timeout=CALL_TIMEOUT_S)
         )
-        manifest = json.dumps({"checkpoint_sha256": checkpoint_sha256, "dim": dim, "groups": True, "index": index_type})
+        manifest = json.dumps(
+            {
+                "checkpoint_sha256": checkpoint_sha256,
+                "dim": dim,
+                "groups": True,
+                "index": index_type,
+                "partitions": True,
+            }
+        )
+        self.partitioned = True  # one partition per group key; collections made before hold them in a field only
         if self.client.has_collection(collection):
             desc = self.client.describe_collection(collection)
             got = next(f["params"].get("dim") for f in desc["fields"] if f["name"] == "vector")
@@ -73,6 +96,7 @@ class MilvusStore:
             if not stored.get("groups") and not self._rows_have_groups(uri):
                 raise StaleCollection(f"Milvus collection {collection} predates the group field: rebuild it")
             self.index_type = stored.get("index", index_type)
+            self.partitioned = bool(stored.get("partitions")) or any(p.startswith("g_") for p in self._partitions())
         elif uri.endswith(".db"):  # Milvus Lite: it keeps no schema description, and builds AUTOINDEX anyway
             self.client.create_collection(
                 collection,
@@ -121,6 +145,21 @@ class MilvusStore:
                 ) from None
             raise
 
+    def _partitions(self, refresh: bool = True) -> set[str]:
+        if refresh or not hasattr(self, "_known"):
+            self._known = set(self._call(self.client.list_partitions, self.collection))
+        return self._known
+
+    def _ensure_partition(self, name: str) -> None:
+        if name in self._partitions(refresh=False) or name in self._partitions():
+            return
+        try:
+            self._call(self.client.create_partition, self.collection, name)
+        except StoreUnavailable:
+            if name not in self._partitions():  # not another writer's, a moment before
+                raise
+        self._known.add(name)
+
     def _rows_have_groups(self, uri: str) -> bool:
         """Milvus Lite returns no collection description (its file is the archive's own): a
         collection there predates the group field when its rows carry none."""
@@ -139,6 +178,7 @@ class MilvusStore:
         index_type: str = "FLAT",
         fresh: bool = False,
         wait_s: float | None = None,
+        consistency: str = CONSISTENCY,
     ) -> MilvusStore:
         """Open (``fresh``: drop and re-create) a collection, the token from ``$NEUROCBIR_MILVUS_TOKEN``.
         A server that is not ready yet (its port opens before it answers) is waited for, up to
@@ -157,7 +197,9 @@ class MilvusStore:
                     if client.has_collection(collection):
                         client.drop_collection(collection)
                     client.close()
-                return cls(uri, collection, dim, checkpoint_sha256, token=token, index_type=index_type)
+                return cls(
+                    uri, collection, dim, checkpoint_sha256, token=token, index_type=index_type, consistency=consistency
+                )
             except MilvusException as exc:
                 message = str(getattr(exc, "message", exc))
                 refused = "auth" in message.lower() or "denied" in message.lower() or "credential" in message.lower()
@@ -175,33 +217,47 @@ class MilvusStore:
         """Upsert vectors with their group key (a scalar field ``grp`` the filters read)."""
         v = _as_f32(vectors, self.dim)
         groups = np.full(len(v), "") if groups is None else np.asarray(groups).astype(str)
-        self._call(
-            self.client.upsert,
-            self.collection,
-            [{"id": int(i), "vector": row.tolist(), "grp": str(g)} for i, row, g in zip(ids, v, groups)],
-        )
+        ids = np.asarray(ids)
+        for g in np.unique(groups) if self.partitioned else [None]:
+            rows = np.flatnonzero(groups == g) if g is not None else np.arange(len(v))
+            where = {}
+            if g is not None:
+                self._ensure_partition(partition_name(g))
+                where = {"partition_name": partition_name(g)}
+            self._call(
+                self.client.upsert,
+                self.collection,
+                [{"id": int(ids[r]), "vector": v[r].tolist(), "grp": str(groups[r])} for r in rows],
+                **where,
+            )
 
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, groups=None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``groups``: only cases of these group keys, ``allowed``: only these case ids (both
-        Milvus filter expressions, on the scalar field ``grp`` and the primary key)."""
-        k = min(int(k), self.count(), 16384)  # Milvus caps top-k at 16384
+        """``groups``: only cases of these group keys (their partitions), ``allowed``: only these
+        case ids (a filter expression on the primary key)."""
+        k = min(int(k), 16384)  # Milvus caps top-k at 16384 (callers cap k at the count)
         if k < 1:
             raise ValueError("the store is empty")
-        terms = []
-        if groups is not None:
+        terms, where = [], {}
+        if groups is not None and self.partitioned:
+            wanted = {partition_name(g) for g in groups}
+            names = sorted(wanted & self._partitions(refresh=False)) or sorted(wanted & self._partitions())
+            if not names:  # no case of these types and planes (yet)
+                return np.full((len(queries), k), np.inf), np.full((len(queries), k), -1, dtype=np.int64)
+            where["partition_names"] = names
+        elif groups is not None:
             terms.append(f"grp in {json.dumps(sorted(str(g) for g in groups))}")
         if allowed is not None:
             terms.append(f"id in [{','.join(str(int(i)) for i in allowed)}]")
-        extra = {"filter": " and ".join(terms)} if terms else {}
+        extra = {"filter": " and ".join(terms), **where} if terms else where
         res = self._call(
             self.client.search,
             self.collection,
             data=_as_f32(queries, self.dim).tolist(),
             limit=k,
             search_params={"params": self.search_params or search_defaults(self.index_type, k)},
-            consistency_level=CONSISTENCY,
+            consistency_level=self.consistency,
             **extra,
         )
         dist = np.full((len(res), k), np.inf)
@@ -231,7 +287,11 @@ class MilvusStore:
 
     def count(self) -> int:
         rows = self._call(
-            self.client.query, self.collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY
+            self.client.query,
+            self.collection,
+            filter="",
+            output_fields=["count(*)"],
+            consistency_level=self.consistency,
         )
         return int(rows[0]["count(*)"])
 
