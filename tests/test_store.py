@@ -170,3 +170,34 @@ def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_case
 
 def exact_ids(x, ids, q, k):  # the reference answer, by brute force
     return ids[np.argsort(((q[:, None, :] - x[None]) ** 2).sum(-1), axis=1)[:, :k]]
+
+
+def test_a_size_range_far_from_the_query_is_found_by_searching_deeper(tmp_path):
+    """A size filter over-fetches in the type's partitions; when the cases in range are all far
+    from the query (none among the first over-fetch), it searches deeper and still returns the
+    exact nearest cases in range, in distance order."""
+    from neurocbir.app.sources import CaseFilter, _SearchedCases
+    from neurocbir.retrieval.store import group_keys
+
+    rng = np.random.default_rng(0)
+    n, dim = 4000, 16
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    q = np.zeros((1, dim), np.float32)
+    far = np.argsort(-np.linalg.norm(x, axis=1))[:80]  # the 2 % of cases farthest from the query
+    areas = np.full(n, 100.0)
+    areas[far] = 900.0
+    ids = np.arange(n, dtype=np.int64)
+    store = FaissStore(tmp_path / "s.faiss", dim, checkpoint_sha256="ck")
+    store.add(ids, x, group_keys(np.zeros(n, int), np.full(n, "axial")))
+
+    class Cases(_SearchedCases):
+        partitioned = True
+
+        def __init__(self):
+            self.store, self.store_ids, self.attr_area = store, ids, areas
+
+    sized = CaseFilter(tumor_type="meningioma", min_area_mm2=500.0)
+    dist, found = Cases()._partitioned_search(q, sized, 5)
+    want = far[np.argsort(np.linalg.norm(x[far], axis=1))[:5]]
+    assert found[0][:5].tolist() == want.tolist()
+    assert (np.diff(dist[0][:5]) >= 0).all()
