@@ -9,31 +9,17 @@ one run so the machine's noise hits all three alike.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
-from results_doc import machine, write_section
+from results_doc import machine, serve_in_thread, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def serve(app) -> tuple[str, uvicorn.Server]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server
 
 
 def main() -> None:
@@ -67,7 +53,10 @@ def main() -> None:
     secured = AccessControl(
         users=users, oidc=OIDC(OIDCSettings(issuer.url, "neurocbir-api")), audit=AuditLog(tmp / "audit.db")
     )
-    urls = {"off": serve(create_app(service))[0], "on": serve(create_app(service, access=secured))[0]}
+    urls = {
+        "off": serve_in_thread(create_app(service))[0],
+        "on": serve_in_thread(create_app(service, access=secured))[0],
+    }
     setups = {
         "access control off": ("off", {}),
         "API token + audit": ("on", {"Authorization": f"Bearer {token}"}),

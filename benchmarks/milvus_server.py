@@ -197,14 +197,7 @@ def kill_and_resume(server, kills: int, tmp: Path) -> tuple[int, int, int]:
     subprocess.run(cmd, check=True, capture_output=True)
     arch = CaseArchive.open(archive)
     ids, _ = arch.embeddings()
-    rows = arch.store._call(
-        arch.store.client.query,
-        arch.store.collection,
-        filter="id >= 0",
-        output_fields=["id"],
-        consistency_level="Strong",
-    )
-    same = sorted(int(r["id"]) for r in rows) == sorted(ids.tolist())
+    same = arch.store.ids().tolist() == sorted(ids.tolist())
     out = (landed, len(ids), arch.store.count(), same)
     arch.close()
     return out

@@ -11,32 +11,15 @@ alone) to docs/results.md.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from results_doc import machine, write_section
+from results_doc import machine, serve_in_thread, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _serve(svc):
-    import uvicorn
-
-    from neurocbir.app.api import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, port
 
 
 def main() -> None:
@@ -47,19 +30,20 @@ def main() -> None:
     args = p.parse_args()
     import httpx
 
+    from neurocbir.app.api import create_app
     from neurocbir.app.service import RetrievalService
     from neurocbir.data.uploads import read_scan
 
     services = [RetrievalService.from_run(r) for r in args.run]
     table = services[0].cases.table
     files = [table.loader.image_path(int(table.idx[r])).read_bytes() for r in services[0].cases.example_rows[: args.n]]
-    servers = [_serve(s) for s in services]
+    servers = [serve_in_thread(create_app(s)) for s in services]
     http = {r: [] for r in args.run}
     inproc = {r: [] for r in args.run}
     per_round = max(1, args.n // args.rounds)
     for rnd in range(args.rounds):
-        for run, svc, (_, port) in zip(args.run, services, servers):
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        for run, svc, (url, _) in zip(args.run, services, servers):
+            with httpx.Client(base_url=url, timeout=30) as c:
                 for i in range(per_round + 10):
                     data = files[(rnd * per_round + i) % len(files)]
                     t = time.perf_counter()
@@ -72,7 +56,7 @@ def main() -> None:
                 t = time.perf_counter()
                 svc.query(read_scan(files[(rnd * per_round + i) % len(files)], "q.jpg"), k=5)
                 inproc[run].append((time.perf_counter() - t) * 1000)
-    for server, _ in servers:
+    for _, server in servers:
         server.should_exit = True
     rows = []
     for run, svc in zip(args.run, services):

@@ -28,6 +28,25 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, Python {platform.python_version()}{tv}"
 
 
+def serve_in_thread(app) -> tuple[str, object]:
+    """(base URL, uvicorn server) of ``app`` served on a free loopback port in a daemon thread,
+    once it accepts requests; set ``server.should_exit`` to stop it."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
 def read_section(name: str, doc: Path = DOC) -> str | None:
     """The body of a generated section as the document holds it now (None when absent)."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"

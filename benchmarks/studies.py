@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from results_doc import machine, write_section
+from results_doc import machine, serve_in_thread, write_section
 
 
 def main() -> None:
@@ -32,7 +30,6 @@ def main() -> None:
     ap.add_argument("--timing-requests", type=int, default=20)
     args = ap.parse_args()
     import httpx
-    import uvicorn
     from sklearn.metrics import cohen_kappa_score
 
     from neurocbir.app.api import create_app
@@ -94,18 +91,12 @@ def main() -> None:
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         files.append(("files", (f"s{n}.dcm", buf.getvalue(), "application/dicom")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    url, server = serve_in_thread(create_app(svc))
     times = []
     with httpx.Client(timeout=120) as client:
         for i in range(args.timing_requests + 2):
             t1 = time.perf_counter()
-            r = client.post(f"http://127.0.0.1:{port}/query/study", files=files)
+            r = client.post(f"{url}/query/study", files=files)
             assert r.status_code == 200, r.text
             if i >= 2:
                 times.append(time.perf_counter() - t1)

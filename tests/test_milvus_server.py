@@ -40,14 +40,7 @@ def _same_in_sqlite_and_milvus(archive) -> int:
     check = arch.check()
     assert check["duplicates"] == 0 and check["states"] == {"indexed": len(ids)}
     assert arch.store.count() == len(ids) and arch.store.contains(ids).all()
-    rows = arch.store._call(
-        arch.store.client.query,
-        arch.store.collection,
-        filter="id >= 0",
-        output_fields=["id"],
-        consistency_level="Strong",
-    )
-    assert sorted(int(r["id"]) for r in rows) == sorted(ids.tolist())  # the same ids, each once
+    assert arch.store.ids().tolist() == sorted(ids.tolist())  # the same ids, each once
     arch.close()
     return len(ids)
 

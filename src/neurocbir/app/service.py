@@ -235,9 +235,11 @@ class RetrievalService:
         coverage: float,
         rerank: bool,
         filters: CaseFilter | None,
+        neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> dict:
-        """The prediction and its evidence from one view of the cases (one search, one NIR)."""
-        dist, case_ids, labels = cases.neighbours(q, one_per_patient)
+        """The prediction and its evidence from one view of the cases (one search, one NIR;
+        ``neighbours``: that search's (distances, case ids, labels), where the caller has it)."""
+        dist, case_ids, labels = neighbours if neighbours is not None else cases.neighbours(q, one_per_patient)
         classes = cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
         cal = self.calibrator

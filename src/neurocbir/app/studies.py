@@ -34,7 +34,8 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     cases = service.cases
     slices, tumor_rows, labels = [], [], []
     for i, s in enumerate(study.slices):
-        ev = service._evidence(cases, emb[i : i + 1], desc[i : i + 1], k, False, coverage, False, None)
+        searched = cases.neighbours(emb[i : i + 1], False)  # searched once: the slice's NIR and the study's
+        ev = service._evidence(cases, emb[i : i + 1], desc[i : i + 1], k, False, coverage, False, None, searched)
         outline = None
         if ev["tumor_found"] is not False and probs[i] is not None:
             outline = tumor_outline(probs[i], s.pixels.shape[:2], s.spacing_mm, service.tumor_level)
@@ -53,7 +54,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         )
         if ev["tumor_found"] is not False and not ev["no_similar_case"]:
             tumor_rows.append(i)
-            labels.append(cases.neighbours(emb[i : i + 1], False)[2])
+            labels.append(searched[2])
     out = {
         "n_slices": len(slices),
         "kind": study.kind,

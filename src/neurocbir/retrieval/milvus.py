@@ -285,6 +285,13 @@ class MilvusStore:
         )
         return np.array([i in found for i in ids], dtype=bool)
 
+    def ids(self) -> np.ndarray:
+        """Every id in the collection, as many times as it is stored (Strong: the writer's view)."""
+        rows = self._call(
+            self.client.query, self.collection, filter="id >= 0", output_fields=["id"], consistency_level=CONSISTENCY
+        )
+        return np.array(sorted(int(r["id"]) for r in rows), dtype=np.int64)
+
     def count(self) -> int:
         rows = self._call(
             self.client.query,
