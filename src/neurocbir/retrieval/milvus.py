@@ -214,7 +214,8 @@ class MilvusStore:
                 time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, groups: np.ndarray | None = None) -> None:
-        """Upsert vectors with their group key (a scalar field ``grp`` the filters read)."""
+        """Upsert vectors into their group's partition (and its key in the field ``grp``, which older,
+        unpartitioned collections filter on)."""
         v = _as_f32(vectors, self.dim)
         groups = np.full(len(v), "") if groups is None else np.asarray(groups).astype(str)
         ids = np.asarray(ids)
