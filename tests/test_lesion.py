@@ -485,3 +485,54 @@ def test_a_plain_install_without_mobilenet_weights_still_trains(tmp_path, small_
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["encoder"] == "efficientnet_lite2" and cfg["decoder_stride"] == 4
     assert (tmp_path / "run" / "trial_0" / "index.faiss").is_file()
+
+
+def test_unknown_masks_add_no_mask_loss(small_cases):
+    """Other hospitals' tumor slices have no mask (`mask_known` False): whatever their mask tensor
+    holds, training is the same, to the bit; a known mask does change it."""
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
+    from neurocbir.training import lesion as finetune
+
+    cfg = TrainConfig(**{**LESION_DEFAULTS, "epochs": 1, "batch_size": 8, "image_size": 64}, recipe="lesion")
+    encoder = create_encoder("mobilenetv2")
+    images, masks = finetune.load_tensors(small_cases.subset(np.arange(16)), 64)
+    labels, device = small_cases.label[:16], torch.device("cpu")
+    unknown = torch.zeros(16, dtype=torch.bool)
+    unknown[:8] = True  # the first half's masks are known
+
+    def trained(m: torch.Tensor, known: torch.Tensor) -> dict:
+        net = finetune.train_lesion(cfg, encoder, images, m, labels, 0, device, progress=False, mask_known=known)
+        return net.state_dict()
+
+    garbage = masks.clone()
+    garbage[8:] = 1  # "tumor everywhere" where the mask is unknown
+    want, got = trained(masks, unknown), trained(garbage, unknown)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    changed = trained(garbage, torch.ones(16, dtype=torch.bool))  # now those masks count
+    assert any(not torch.equal(changed[k], want[k]) for k in want)
+
+
+def test_training_with_other_hospitals_development_part(tmp_path, small_data_dir, small_cases, small_external):
+    """`neurocbir train --extra-cases DIR`: the folder's development part (tumor types and slices
+    without a tumor) joins the training cases, its validation part is never read, and the run's own
+    index stays the dataset's training folds; a folder of another layout is refused by name."""
+    from typer.testing import CliRunner
+
+    from neurocbir.cli import app as cli
+    from neurocbir.data.external import development_split, load_external
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--epochs", "1", "--batch-size", "16", "--image-size", "64"]
+    args += ["--data", str(small_data_dir)]
+    res = CliRunner().invoke(cli, [*args, "--extra-cases", str(small_external)])
+    assert res.exit_code == 0, res.output
+    ext = load_external(small_external)
+    dev = development_split(ext)[0]
+    timings = json.loads((run / "timings.json").read_text())
+    assert timings["extra_cases"] == {"folder": str(small_external), "part": "development", "n": len(dev)}
+    assert json.loads((run / "config.json").read_text())["extra_cases"] == str(small_external)
+    arrays = np.load(run / "trial_0" / "embeddings.npz")
+    assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
+    res = CliRunner().invoke(cli, [*args, "--extra-cases", str(small_data_dir)])  # the figshare layout
+    assert res.exit_code == 2 and "is not a folder of other hospitals' slices" in res.output

@@ -123,8 +123,11 @@ def test_one_answer_per_study(small_run, small_cases, patient):
     assert out["n_slices"] == len(patient) and len(out["slices"]) == len(patient)
     assert out["prediction"] in CLASS_NAMES and 0 < out["confidence"] <= 1
     assert out["calibrated"] == "slice temperature (inner CV)"  # this run has no study temperature
-    areas = [s["area_mm2"] or 0 for s in out["slices"]]
-    assert out["key_slice"]["index"] == int(np.argmax(areas)) or max(areas) == 0
+    # the key slice: the largest outline among the slices answered with the study's type
+    typed = [s for s in out["slices"] if s["prediction"] == out["prediction"]]
+    assert typed and out["slices"][out["key_slice"]["index"]]["prediction"] == out["prediction"]
+    largest = max(s["area_mm2"] or 0 for s in typed)
+    assert (out["key_slice"]["area_mm2"] or 0) == largest
     # the similar patients: one case each, nearest first, never the study's own patient (fold 5)
     cases = [p["case_id"] for p in out["patients"]]
     keys = svc.cases.patients(np.array(cases))

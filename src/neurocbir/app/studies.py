@@ -1,6 +1,7 @@
 """A study in, one answer out: every slice of a series answered as a single query is (tumor found
 or not, type, outline, area), then one answer for the study: the type with a confidence calibrated
-at the study level (:mod:`neurocbir.classify.study`), the key slice (the largest outlined tumor),
+at the study level (:mod:`neurocbir.classify.study`), the key slice (the largest outlined tumor
+among the slices of the study's type),
 the largest area and, where the slice spacing is known, a volume estimate, and the most similar
 archive patients (one per patient: their slice nearest to any of the study's tumor slices)."""
 
@@ -92,9 +93,13 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     else:
         proba, calibrated = np.exp(logits) / np.exp(logits).sum(), False
     names = [CLASS_NAMES[int(c)] for c in cases.classes]
-    # the key slice: the largest outlined tumor, each area weighted as the slice's logits are
+    answer = names[int(np.argmax(proba))]
+    # the key slice: the largest outlined tumor among the slices of the study's type, each area
+    # weighted as the slice's logits are (chosen on training patients: benchmarks/study_key_slice.py)
     areas = [(slices[i]["area_mm2"] or 0.0, i) for i in tumor_rows]
-    key = max((a * w, i) for (a, i), w in zip(areas, weight))[1]
+    agree = [slices[i]["prediction"] == answer for i in tumor_rows]
+    candidates = [(a * w, i) for (a, i), w, ok in zip(areas, weight, agree) if ok or not any(agree)]
+    key = max(candidates)[1]
     outlined = [a for a, _ in areas if a > 0]
     volume, volume_note = None, None
     if study.slice_spacing_mm and outlined:
@@ -106,7 +111,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         **out,
         "tumor_found": True,
         "tumor_slices": tumor_rows,
-        "prediction": names[int(np.argmax(proba))],
+        "prediction": answer,
         "confidence": round(float(proba.max()), 4),
         "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
         "calibrated": calibrated,

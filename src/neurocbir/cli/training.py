@@ -51,6 +51,12 @@ def train(
     data: Optional[Path] = typer.Option(
         None, envvar="NEUROCBIR_DATA", help="dataset folder (bundled or figshare layout)"
     ),
+    extra_cases: Optional[Path] = typer.Option(
+        None,
+        help="lesion: also train on the development part of other hospitals' slices (a folder with metadata.csv: "
+        "image_file,label_name, e.g. brain-tumor-external); slices without a tumor teach the decoder to outline "
+        "nothing; the validation part is never read",
+    ),
     cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
 ) -> None:
     """Train an encoder with one loss over several seeds and index the archive."""
@@ -66,6 +72,7 @@ def train(
         random_init=random_init,
         trainable_blocks=trainable_blocks,
         data=str(data) if data else None,
+        extra_cases=str(extra_cases) if extra_cases else None,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     if recipe == "lesion":  # its own defaults (the loss stays as given: validate() insists on SupCon)

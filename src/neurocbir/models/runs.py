@@ -93,6 +93,9 @@ class TrainConfig:
     # calibrate on (one training); 0 = calibrate by 3-fold inner CV (3 more trainings)
     calibrate: bool = True  # fit calibrated probabilities and prediction sets by inner CV (3 more trainings)
     data: str | None = None
+    #: lesion recipe: an other-hospitals folder (metadata.csv layout) whose development part joins the
+    #: training cases (with no-tumor slices as a fourth class and empty masks); None = the dataset only
+    extra_cases: str | None = None
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -128,6 +131,16 @@ class TrainConfig:
             raise ValueError(f"decoder_stride must be one of {DECODER_STRIDES}, got {self.decoder_stride}")
         if self.trials < 1 or self.epochs < 1 or self.batch_size < 6:
             raise ValueError("trials and epochs must be >= 1, batch_size >= 6")
+        if self.extra_cases is not None:
+            from neurocbir.data.external import is_external_layout
+
+            if self.recipe != "lesion":
+                raise ValueError("extra training cases (--extra-cases) need the lesion recipe")
+            if not is_external_layout(self.extra_cases):
+                raise ValueError(
+                    f"{self.extra_cases} is not a folder of other hospitals' slices "
+                    "(a metadata.csv with columns image_file,label_name)"
+                )
         if self.n_copies < 1 and self.loss == "infonce":
             raise ValueError("InfoNCE needs n_copies >= 1 (two views of each case)")
         return self

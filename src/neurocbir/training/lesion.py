@@ -47,6 +47,25 @@ def load_tensors(table: CaseTable, size: int) -> tuple[torch.Tensor, torch.Tenso
     return images, masks
 
 
+def load_extra_tensors(folder: Path | str, size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
+    """The development part of an other-hospitals folder (``metadata.csv`` layout, see
+    :mod:`neurocbir.data.external`; its validation part is never read) as training cases: images as
+    :func:`load_tensors` gives them, masks, labels (a tumor type 0-2, or 3 for no tumor: a fourth class
+    of the embedding) and whether each mask is known. A slice without a tumor has a known, empty
+    mask (the decoder learns to outline nothing); a tumor slice has none (it trains the embedding only)."""
+    from neurocbir.data.cases import CASE_LABELS
+    from neurocbir.data.external import development_split, load_external
+
+    ext = load_external(folder)
+    dev = ext.subset(development_split(ext)[0])
+    images = torch.empty(len(dev), 1, size, size, dtype=torch.float16)
+    for i in tqdm(range(len(dev)), desc=f"loading {folder} (development part)", unit="slice", mininterval=5):
+        images[i, 0] = preprocess(dev.load_image(i), size)[0]
+    labels = np.array([CASE_LABELS.index(v) for v in dev.labels])
+    known = torch.from_numpy(~dev.tumor)
+    return images, torch.zeros(len(dev), 1, size, size, dtype=torch.uint8), labels, known
+
+
 def augment_batch(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh random view of each slice and its mask: affine (rotation +-20 deg, scale +-15 %,
     shift +-8 %, horizontal flip), then gamma, contrast, brightness and noise. In: (B, 1, S, S)
@@ -106,13 +125,15 @@ def train_lesion(
     log_path: Path | None = None,
     progress: bool = True,
     compile_net: bool = False,
+    mask_known: torch.Tensor | None = None,
 ) -> LesionNet:
     """Train a LesionNet from the pretrained encoder on (device-resident) slices and masks.
 
     ``compile_net``: run the network's training passes through ``torch.compile`` (on a GPU, where
     one step of this small network is mostly kernel launches); should the compiler fail in the
     first step, training goes on uncompiled from the same batch (this trial and later ones) and
-    says so."""
+    says so. ``mask_known`` (N,) bool: slices whose mask is unknown (other hospitals' tumor slices)
+    add no mask loss; default: every mask is known."""
     from monai.losses import DiceCELoss
     from pytorch_metric_learning import losses
 
@@ -143,12 +164,18 @@ def train_lesion(
     global _compile_failed
     step_net = torch.compile(net) if compile_net and not _compile_failed else net
 
-    def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    known_all = None if mask_known is None else torch.as_tensor(mask_known, dtype=torch.bool, device=device)
+
+    def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with _autocast(device, amp):
             emb, _, logits = model(x)
             up = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
-        loss = metric_loss(emb, y) + cfg.seg_weight * seg_loss(up, m)
+        loss = metric_loss(emb, y)
+        if known is None:
+            loss = loss + cfg.seg_weight * seg_loss(up, m)
+        elif bool(known.any()):
+            loss = loss + cfg.seg_weight * seg_loss(up[known], m[known])
         loss.backward()
         return loss.detach()
 
@@ -163,14 +190,15 @@ def train_lesion(
             for s in range(steps_per_epoch):
                 rows = order[s * batch : (s + 1) * batch]
                 x, m = augment_batch(images[rows], masks[rows], gen)
+                known = None if known_all is None else known_all[rows]
                 try:
-                    loss = backward(step_net, x, m, y_all[rows])
+                    loss = backward(step_net, x, m, y_all[rows], known)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure: train on without it
                     if step_net is net or epoch or s:
                         raise
                     log_warning("torch.compile failed (%s: %s); training uncompiled", type(exc).__name__, exc)
                     _compile_failed, step_net = True, net
-                    loss = backward(net, x, m, y_all[rows])
+                    loss = backward(net, x, m, y_all[rows], known)
                 opt.step()
                 sched.step()
                 total += loss

@@ -22,6 +22,7 @@ from neurocbir.models.runs import TrainConfig, trial_dir
 from neurocbir.training.common import fit_calibration
 from neurocbir.training.lesion import (
     embed_tensors,
+    load_extra_tensors,
     load_tensors,
     mask_scores,
     train_lesion,
@@ -241,8 +242,15 @@ def train_lesion_run(
     if len(test_rows) == 0:
         raise ValueError(f"fold {cfg.fold} has no cases")
     fit_rows, cal_rows = holdout_split(cfg, table)
+    fit_images, fit_masks, fit_labels, known = images[fit_rows], masks[fit_rows], table.label[fit_rows], None
+    if cfg.extra_cases:  # other hospitals' development part: training cases only (the run's index stays the dataset's)
+        x, m, y, k = load_extra_tensors(cfg.extra_cases, cfg.image_size)
+        known = torch.cat([torch.ones(len(fit_rows), dtype=torch.bool), k]).to(device)
+        fit_images, fit_masks = torch.cat([fit_images, x.to(device)]), torch.cat([fit_masks, m.to(device)])
+        fit_labels = np.concatenate([fit_labels, y])
+        timings["extra_cases"] = {"folder": cfg.extra_cases, "part": "development", "n": len(y)}
     if device.type == "cpu" and cfg.extra.get("cpu_train_budget_min"):
-        fitted = epochs_for_budget(cfg, encoder, images[fit_rows], masks[fit_rows], table.label[fit_rows], device)
+        fitted = epochs_for_budget(cfg, encoder, fit_images, fit_masks, fit_labels, device)
         timings["epochs_for_budget"] = fitted
         if fitted["epochs"] < cfg.epochs:
             log.warning(
@@ -265,14 +273,15 @@ def train_lesion_run(
         net = train_lesion(
             cfg,
             encoder,
-            images[fit_rows],
-            masks[fit_rows],
-            table.label[fit_rows],
+            fit_images,
+            fit_masks,
+            fit_labels,
             seed,
             device,
             log_path=tdir / "log.jsonl",
             progress=progress,
             compile_net=compile_net,
+            mask_known=known,
         )
         pred = write_trial(tdir, net, cfg, encoder, images, table, device)
         if seed == cfg.first_seed and cfg.calibrate and len(cal_rows):
