@@ -109,68 +109,36 @@ def outline_dice(out: list[dict], table, rows: np.ndarray) -> float:
     return float(np.median(dice))
 
 
-def presence_methods(model, dev, val, dev_desc, val_desc, fig_desc, dev_peak, val_peak) -> list[str]:
-    """The three tumor-presence rules, each fitted / thresholded on the development part (and the
-    figshare training folds as tumor cases), scored on the validation part."""
-    from neurocbir.classify.presence import fit_presence
-
-    dev_tumor, val_tumor = dev.tumor, val.tumor
-    rows = []
-    # decoder peak: the threshold leaving at most 2 % of the development tumor slices below it
-    t = float(np.quantile(dev_peak[dev_tumor], 0.02))
-    none = val_peak < t
-    rows.append((f"the decoder's peak tumor probability (< {t:.3f})", none))
-    # nearest neighbour in descriptor space among figshare training + development slices
-    ref = np.concatenate([fig_desc, dev_desc])
-    ref_tumor = np.concatenate([np.ones(len(fig_desc), bool), dev_tumor])
-    d2 = (val_desc**2).sum(1)[:, None] - 2 * val_desc @ ref.T + (ref**2).sum(1)[None]
-    rows.append(("nearest neighbour (descriptor) is a no-tumor case", ~ref_tumor[np.argmin(d2, 1)]))
-    presence = fit_presence(ref, ref_tumor)
-    rows.append(("logistic model on descriptors, P(no tumor) > 0.5 (the app's)", ~presence.predict(val_desc)))
-    return [f"| {name} | {none[~val_tumor].mean():.3f} | {none[val_tumor].mean():.3f} |" for name, none in rows]
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
-    ap.add_argument("--external", type=Path, default=None)
-    args = ap.parse_args()
-    from neurocbir.app.demo import default_external_dir
+def measure_run(run: Path, table, dev, val, shares=GROWTH, peaks: bool = False) -> dict:
+    """One run through the app's path: its own index, and archives of figshare's training folds
+    plus each share of the development part (whole groups, a fixed sample), on the validation part
+    and the run's test fold; with ``peaks``, the decoder's peak on every external slice."""
     from neurocbir.app.service import RetrievalService
     from neurocbir.app.sources import ArchiveCases
-    from neurocbir.data.cases import CASE_LABELS, CLASS_NAMES, default_data_dir, load_cases
-    from neurocbir.data.external import development_split, load_external
+    from neurocbir.data.cases import CASE_LABELS, CLASS_NAMES
     from neurocbir.models.inference import load_model
     from neurocbir.models.runs import trial_seeds
     from neurocbir.retrieval.ingest import index_run
 
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    t0 = time.time()
-    data = default_data_dir()
-    ext = load_external(args.external or default_external_dir(data))
-    dev_rows, val_rows = development_split(ext)
-    dev, val = ext.subset(dev_rows), ext.subset(val_rows)
-    table = load_cases(data)
-    if not trial_seeds(args.run):
-        index_run(args.run)
-    model = load_model(args.run)
+    if not trial_seeds(run):
+        index_run(run)
+    model = load_model(run)
     fold = model.config.fold
     train_rows, test_rows = np.flatnonzero(table.fold != fold), np.flatnonzero(table.fold == fold)
-    fig_imgs = [table.load_image(i) for i in train_rows]
-    fig_emb, fig_desc = embed_all(model, fig_imgs)
-    del fig_imgs
+    fig_emb, fig_desc = embed_all(model, [table.load_image(i) for i in train_rows])
     dev_imgs = [dev.load_image(i) for i in range(len(dev))]
     val_imgs = [val.load_image(i) for i in range(len(val))]
     dev_emb, dev_desc = embed_all(model, dev_imgs)
     val_desc = embed_all(model, val_imgs)[1]
-    dev_peak = np.array([model.analyse(im)[2].max() for im in dev_imgs])
-    val_peak = np.array([model.analyse(im)[2].max() for im in val_imgs])
+    out = {"model": model, "fold": fold, "fig_desc": fig_desc, "dev_desc": dev_desc, "val_desc": val_desc}
+    if peaks:
+        out["dev_peak"] = np.array([model.analyse(im)[2].max() for im in dev_imgs])
+        out["val_peak"] = np.array([model.analyse(im)[2].max() for im in val_imgs])
     test_imgs = [table.load_image(i) for i in test_rows]
     test_labels = [CLASS_NAMES[int(table.label[i])] for i in test_rows]
     val_labels = [str(v) for v in val.labels]
-
     growth = []
-    run_service = RetrievalService.from_run(args.run)
+    run_service = RetrievalService.from_run(run)
     own_test = answers(run_service, test_imgs)
     own = {"val": figures(answers(run_service, val_imgs), val_labels), "fold5": figures(own_test, test_labels)}
     own["fold5"]["dice"] = outline_dice(own_test, table, test_rows)
@@ -185,7 +153,7 @@ def main() -> None:
         [f"fig{i}" for i in train_rows],
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for share in GROWTH:
+        for share in shares:
             keep = np.isin(dev.groups, order[: round(share * len(groups))])
             parts = [fig_part]
             if keep.any():
@@ -208,17 +176,71 @@ def main() -> None:
                 res["fold5"] = figures(test_out, test_labels)
                 res["fold5"]["dice"] = outline_dice(test_out, table, test_rows)
             growth.append(res)
+    return {**out, "own": own, "growth": growth}
+
+
+def presence_methods(model, dev, val, dev_desc, val_desc, fig_desc, dev_peak, val_peak) -> list[str]:
+    """The three tumor-presence rules, each fitted / thresholded on the development part (and the
+    figshare training folds as tumor cases), scored on the validation part."""
+    from neurocbir.classify.presence import fit_presence
+
+    dev_tumor, val_tumor = dev.tumor, val.tumor
+    rows = []
+    # decoder peak: the threshold leaving at most 2 % of the development tumor slices below it
+    t = float(np.quantile(dev_peak[dev_tumor], 0.02))
+    none = val_peak < t
+    rows.append((f"the decoder's peak tumor probability (< {t:.3f})", none))
+    # nearest neighbour in descriptor space among figshare training + development slices
+    ref = np.concatenate([fig_desc, dev_desc])
+    ref_tumor = np.concatenate([np.ones(len(fig_desc), bool), dev_tumor])
+    d2 = (val_desc**2).sum(1)[:, None] - 2 * val_desc @ ref.T + (ref**2).sum(1)[None]
+    rows.append(("nearest neighbour (descriptor) is a no-tumor case", ~ref_tumor[np.argmin(d2, 1)]))
+    presence = fit_presence(ref, ref_tumor)
+    rows.append(("logistic model on descriptors, P(no tumor) > 0.5 (the app's)", ~presence.predict(val_desc)))
+    return [f"| {name} | {none[~val_tumor].mean():.3f} | {none[val_tumor].mean():.3f} |" for name, none in rows]
+
+
+def pct(v: float) -> str:
+    return "-" if v != v else f"{100 * v:.1f} %"
+
+
+def row(name: str, f: dict, n_added: str = "") -> str:
+    """A table row of :func:`figures` (the columns of TABLE_HEAD)."""
+    return (
+        f"| {name} | {n_added} | {f['accuracy']:.3f} ({f['n_tumor']}) | {f['ece']:.3f} | {pct(f['tumor_flagged'])} | "
+        f"{pct(f['tumor_called_none'])} | {pct(f.get('none_handled', float('nan')))} | {pct(f.get('none_recall', float('nan')))} |"
+    )
+
+
+TABLE_HEAD = [
+    "| case source | development slices added | tumor-type accuracy (tumor slices) | ECE | tumor slices flagged | "
+    "tumor slices called 'no tumor' | no-tumor slices handled | of which answered 'no tumor' |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
+    ap.add_argument("--external", type=Path, default=None)
+    args = ap.parse_args()
+    from neurocbir.app.demo import default_external_dir
+    from neurocbir.data.cases import CASE_LABELS, default_data_dir, load_cases
+    from neurocbir.data.external import development_split, load_external
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t0 = time.time()
+    data = default_data_dir()
+    ext = load_external(args.external or default_external_dir(data))
+    dev_rows, val_rows = development_split(ext)
+    dev, val = ext.subset(dev_rows), ext.subset(val_rows)
+    table = load_cases(data)
+    m = measure_run(args.run, table, dev, val, peaks=True)
+    model, fold, own, growth = m["model"], m["fold"], m["own"], m["growth"]
     full = growth[-1]
-    methods = presence_methods(model, dev, val, dev_desc, val_desc, fig_desc, dev_peak, val_peak)
-
-    def pct(v: float) -> str:
-        return "-" if v != v else f"{100 * v:.1f} %"
-
-    def row(name: str, f: dict, n_added: str = "") -> str:
-        return (
-            f"| {name} | {n_added} | {f['accuracy']:.3f} ({f['n_tumor']}) | {f['ece']:.3f} | {pct(f['tumor_flagged'])} | "
-            f"{pct(f['tumor_called_none'])} | {pct(f.get('none_handled', float('nan')))} | {pct(f.get('none_recall', float('nan')))} |"
-        )
+    methods = presence_methods(
+        model, dev, val, *(m[k] for k in ("dev_desc", "val_desc", "fig_desc", "dev_peak", "val_peak"))
+    )
 
     n_dev = {str(k): int((dev.labels == k).sum()) for k in CASE_LABELS}
     n_val = {str(k): int((val.labels == k).sum()) for k in CASE_LABELS}
@@ -236,9 +258,7 @@ def main() -> None:
         "(in brackets: the tumor slices); flagged: 'no similar case'; no-tumor slices handled: answered 'no tumor' "
         "or flagged.",
         "",
-        "| case source | development slices added | tumor-type accuracy (tumor slices) | ECE | tumor slices flagged | "
-        "tumor slices called 'no tumor' | no-tumor slices handled | of which answered 'no tumor' |",
-        "|---|---|---|---|---|---|---|---|",
+        *TABLE_HEAD,
         "| **validation part of other hospitals' slices** | | | | | | | |",
         row("the run's own index (figshare folds 1-4; tumor presence not assessed)", own["val"], "-"),
         *[

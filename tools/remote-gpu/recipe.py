@@ -56,6 +56,11 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--weights", default=None, help="timm-named EfficientNet-Lite2 weights (default: the package's)")
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--extra-cases",
+        default=None,
+        help="also train on this other-hospitals folder's development part (neurocbir train --extra-cases)",
+    )
     ap.add_argument("--runs", default=None, help="where the run folders go (default OUT/runs)")
     ap.add_argument("--folds", default="5,1,2,3,4")
     ap.add_argument("--trials", type=int, default=5)
@@ -108,6 +113,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "n_cases": len(table),
         "data": Path(args.data).name,
+        "extra_cases": Path(args.extra_cases).name if args.extra_cases else None,
         "compiled": args.compile,
         "settings": {
             **LESION_DEFAULTS,
@@ -128,6 +134,7 @@ def main() -> None:
             weights=args.weights,
             calibrate=n == 0 and not args.no_serve,
             data=args.data,
+            extra_cases=args.extra_cases,
         )
         run = Path(args.runs or out / "runs") / f"lesion-fold{fold}"
         timings = train_lesion_run(
