@@ -350,6 +350,13 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     assert "tumor_outline" not in json.loads((run / "timings.json").read_text())  # the test fold: not scored
     cal = json.loads((run / "calibration.json").read_text())
     assert "held out of training" in cal["how"] and cal["classifiers"]["nir"]["temperature"] > 0
+    # the study temperature, on the same held-out patients, each one study; studies then use it
+    studies = json.loads((run / "study_calibration.json").read_text())
+    assert studies["temperature"] > 0 and "held out of training" in studies["how"]
+    from neurocbir.training.lesion_run import holdout_split
+
+    _, cal_rows = holdout_split(TrainConfig(**cfg), small_cases)
+    assert studies["training_patients"]["n_patients"] == len(set(small_cases.patient_id[cal_rows].tolist()))
     # the archive holds every training patient, the held-out ones included; the test fold none
     arrays = np.load(run / "trial_0" / "embeddings.npz")
     assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
@@ -375,7 +382,14 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
 
     level = json.loads((run / "tumor_level.json").read_text())
     assert level["level"] in TUMOR_LEVELS and len(level["held_out_median_area_error"]) == len(TUMOR_LEVELS)
-    assert RetrievalService.from_run(run, table=small_cases).tumor_level == level["level"]
+    svc = RetrievalService.from_run(run, table=small_cases)
+    assert svc.tumor_level == level["level"]
+    from neurocbir.app.studies import answer_study
+    from neurocbir.data.studies import Study, StudySlice
+
+    test = np.flatnonzero(small_cases.fold == 5)[:3]
+    answer = answer_study(svc, Study([StudySlice(small_cases.load_image(r), None, f"s{r}") for r in test], "images"))
+    assert answer["calibrated"] == "study"
     # `neurocbir calibrate` refits both from the run's files alone, to the same result
     before = (run / "calibration.json").read_text()
     (run / "calibration.json").unlink()

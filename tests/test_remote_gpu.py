@@ -58,6 +58,10 @@ def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
     emb, desc, prob = model.analyse(cases.load_image(0))
     assert emb.shape == (1, 128) and desc.shape == (1, 1280) and prob.shape == (64, 64)
     assert (out / "calibration.json").is_file() and (out / "log.txt").is_file()
+    # the study temperature, fitted on the inner folds' held-out patients (each one study)
+    studies = json.loads((out / "study_calibration.json").read_text())
+    assert studies["temperature"] > 0 and "inner fold" in studies["how"]
+    assert 2 <= studies["training_patients"]["n_patients"] <= 45  # the smoke run's training patients
     # the outline level of the served model, chosen on the inner folds' held-out patients
     from neurocbir.training.lesion_run import TUMOR_LEVELS
 
@@ -78,7 +82,8 @@ def test_gpu_recipe_script_runs_on_cpu(tmp_path, data_dir):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((again / "tumor_level.json").read_text()) == level
-    assert json.loads((again / "calibration.json").read_text()) == json.loads((out / "calibration.json").read_text())
+    for name in ("calibration.json", "study_calibration.json"):
+        assert json.loads((again / name).read_text()) == json.loads((out / name).read_text())
     assert not (again / "summary.json").exists()  # nothing trained beyond the inner folds
 
 

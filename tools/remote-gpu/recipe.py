@@ -162,7 +162,7 @@ def main() -> None:
         if n == 0 and not args.no_serve:  # the served model
             tdir = trial_dir(run, cfg.first_seed)
             shutil.copy(tdir / "checkpoint.pt", out / "checkpoint.pt")
-            for name in ("config.json", "calibration.json", "tumor_level.json"):
+            for name in ("config.json", "calibration.json", "study_calibration.json", "tumor_level.json"):
                 if (run / name).is_file():
                     shutil.copy(run / name, out / name)
         summary["seconds"] = round(time.time() - start, 1)

@@ -7,12 +7,14 @@ that show a tumor, of each slice's NIR logits ``log(1 + I_c)`` (the same logits 
 calibration uses), and one temperature, fitted on whole training patients, turns them into
 probabilities: ``softmax(mean / T_study)``.
 
-Fitted by :func:`fit_study_temperature` on training patients the encoder never saw (a CPU
-lesion run's held-out patients, queried against the other training patients), and saved as
-``study_calibration.json`` in the run. A run whose encoder saw every training patient (the GPU
-preset, the committed model) has no such patients: fitted on patients the encoder was trained on,
-the temperature came out 0.07, certainty for every study, so such a run uses its slice temperature
-(fitted by inner CV on patients held out of retrained networks) for the study logits, and says so.
+Fitted on training patients the encoder never saw, and saved as ``study_calibration.json`` in
+the run: a CPU lesion run's held-out patients, queried against the other training patients
+(:func:`fit_study_temperature`), or a GPU run's inner-CV patients, each held out of a retrained
+network (:func:`fit_study_temperature_from_neighbours`, by ``neurocbir calibrate`` / the GPU recipe).
+A run whose encoder saw every training patient and that has no inner-CV study fit (the committed
+model, calibrated before this file existed) uses its slice temperature for the study logits, and
+says so: fitted on patients its encoder was trained on, the temperature came out 0.07, certainty
+for every study.
 """
 
 from __future__ import annotations
@@ -63,9 +65,18 @@ def fit_study_temperature(
     """The study temperature from held-out patients (all slices of each, queried against the
     archive): (calibrator, what was measured on those patients)."""
     neighbour = NIRClassifier().fit(archive, archive_labels).neighbour_labels(queries)
-    keys = np.unique(query_patients)
-    logits = np.stack([study_logits(list(neighbour[query_patients == p]), n_classes) for p in keys])
-    y = np.array([np.bincount(query_labels[query_patients == p]).argmax() for p in keys])
+    return fit_study_temperature_from_neighbours(list(neighbour), query_labels, query_patients, n_classes, how)
+
+
+def fit_study_temperature_from_neighbours(
+    neighbour: list[np.ndarray], labels: np.ndarray, patients: np.ndarray, n_classes: int, how: str
+) -> tuple[StudyCalibrator, dict]:
+    """The same from each held-out slice's neighbour labels (nearest first), as inner CV gives them:
+    one study per patient."""
+    labels, patients = np.asarray(labels), np.asarray(patients)
+    keys = np.unique(patients)
+    logits = np.stack([study_logits([neighbour[i] for i in np.flatnonzero(patients == p)], n_classes) for p in keys])
+    y = np.array([np.bincount(labels[patients == p]).argmax() for p in keys])
     cal = StudyCalibrator(fit_temperature(logits, y), how)
     proba = cal.proba(logits)
     return cal, {

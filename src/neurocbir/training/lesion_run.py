@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neurocbir.classify import study
 from neurocbir.classify.neighbors import NIRClassifier
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.files import write_json
@@ -64,7 +65,7 @@ def holdout_embeddings(
 
 
 def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
-    """Calibrated probabilities, prediction sets and the outline level of a run whose encoder
+    """Calibrated probabilities, prediction sets, the study temperature and the outline level of a run whose encoder
     never saw some training patients (``holdout_patients``): those patients are queried against
     the other training patients with the first trial's embeddings. One training instead of the
     three of inner CV: what makes calibration affordable on a CPU."""
@@ -78,6 +79,10 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     y, groups = table.label[cal_rows], table.patient_id[cal_rows]
     fit_calibration(Path(run), [held_out], [y], [groups], how, len(CLASS_NAMES))
     fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
+    cal, measured = study.fit_study_temperature_from_neighbours(
+        list(held_out), y, groups, len(CLASS_NAMES), f"held-out training patients as studies: {how}"
+    )
+    study.save(Path(run), cal, measured)
 
 
 def fit_tumor_level(run: Path, table: CaseTable, cal_rows: np.ndarray, seed: int) -> dict:
@@ -164,8 +169,8 @@ def calibrate_by_inner_cv(
     device: torch.device,
     compile_net: bool = False,
 ) -> None:
-    """``calibration.json`` and ``tumor_level.json`` of a run that holds no training patients out
-    (the GPU preset), from 3 patient-grouped inner folds of its training patients, a LesionNet
+    """``calibration.json``, ``study_calibration.json`` and ``tumor_level.json`` of a run that holds
+    no training patients out (the GPU preset), from 3 patient-grouped inner folds of its training patients, a LesionNet
     retrained on each: 3 more trainings."""
     train_rows = np.flatnonzero(table.fold != cfg.fold)
     *parts, area_errors = lesion_inner_cv_neighbours(
@@ -177,6 +182,12 @@ def calibrate_by_inner_cv(
     )
     fit_calibration(run, *parts, how, len(CLASS_NAMES))
     write_tumor_level(run, area_errors, f"median relative area error on {len(area_errors)} slices: {how}")
+    held_out, y, groups = parts  # each inner fold's held-out patients, each a study
+    neighbour = [row for fold in held_out for row in fold]
+    cal, measured = study.fit_study_temperature_from_neighbours(
+        neighbour, np.concatenate(y), np.concatenate(groups), len(CLASS_NAMES), f"training patients as studies: {how}"
+    )
+    study.save(run, cal, measured)
 
 
 def recalibrate_lesion_run(

@@ -45,8 +45,8 @@ def calibrate_studies(run: Path | str, table: CaseTable | None = None) -> dict:
     if not cfg.get("holdout_patients"):
         raise ValueError(
             f"{run}'s encoder was trained on every training patient, so a study temperature fitted on them would be "
-            "over-confident: its studies use the slice temperature (fitted by inner CV); a run trained with held-out "
-            "patients (the CPU preset of `neurocbir train`) can fit one"
+            "over-confident: `neurocbir calibrate RUN` (without --study) fits one by inner CV, with the slice "
+            "calibration (3 more trainings; a GPU is advised); until then its studies use the slice temperature"
         )
     table = table if table is not None else load_cases(cfg.get("data"))
     _, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
