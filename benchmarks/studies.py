@@ -14,7 +14,9 @@ neurocbir.classify.study). Nothing is chosen here; fold 5 is read once, to repor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import json
 import statistics
 import time
 from pathlib import Path
@@ -24,10 +26,24 @@ import numpy as np
 from results_doc import machine, serve_in_thread, write_section
 
 
+@contextlib.contextmanager
+def slice_temperature_only():
+    """answer_study as for a run without study_calibration.json (the slice temperature)."""
+    from neurocbir.classify import study
+
+    load = study.load
+    study.load = lambda run: None
+    try:
+        yield
+    finally:
+        study.load = load
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
     ap.add_argument("--timing-requests", type=int, default=20)
+    ap.add_argument("--section", default="studies", help="the docs/results.md section to write")
     args = ap.parse_args()
     import httpx
     from sklearn.metrics import cohen_kappa_score
@@ -53,11 +69,17 @@ def main() -> None:
     ext = load_external(Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external")
     _, val = development_split(ext)
     normals = [ext.load_image(i) for i in val if not ext.tumor[i]][:12]
-    y, proba, slice_correct, mixed_same, mixed_key = [], [], [], [], []
+    y, proba, slice_correct, mixed_same, mixed_key, calibrated = [], [], [], [], [], set()
+    proba_slice_t: list = []
     for pid in patients:
         rows = np.flatnonzero(table.patient_id == pid)
         slices = [StudySlice(table.load_image(r), None, f"slice{r}") for r in rows]
         out = answer_study(svc, Study(slices, "images"))
+        calibrated.add(str(out["calibrated"]))
+        if out["calibrated"] == "study":  # the same study with the slice temperature, to compare
+            with slice_temperature_only():
+                alt = answer_study(svc, Study(slices, "images"))["probabilities"]
+            proba_slice_t.append([0.0] * 3 if alt is None else [alt.get(c, 0.0) for c in CLASS_NAMES])
         label = int(table.label[rows[0]])
         y.append(label)
         proba.append(
@@ -75,6 +97,15 @@ def main() -> None:
     acc = float((pred[answered] == y[answered]).mean())
     kappa = float(cohen_kappa_score(y[answered], pred[answered]))
     ece = expected_calibration_error(proba[answered], y[answered])
+    alt_row = []
+    fit = args.run / "study_calibration.json"
+    fitted = json.loads(fit.read_text()) if fit.is_file() else None
+    if fitted:
+        alt_row.append(f"| the study temperature (fitted: {fitted['how']}) | {fitted['temperature']:.3f} |")
+    if len(proba_slice_t) == len(y):
+        alt = np.array(proba_slice_t)
+        alt_ece = expected_calibration_error(alt[answered], y[answered])
+        alt_row = [f"| patient-level ECE with the run's slice temperature instead | {alt_ece:.3f} |"]
     # timing: a 24-slice DICOM series over HTTP (the first test patients' slices, repeated to 24)
     rows = [r for pid in patients for r in np.flatnonzero(table.patient_id == pid)][:24]
     files = []
@@ -103,14 +134,16 @@ def main() -> None:
     server.should_exit = True
     q = statistics.quantiles(times, n=20)
     body = [
-        "## Studies: one answer per patient (issue 31)",
+        "## Studies: one answer per patient (issue 31)" + ("" if args.section == "studies" else f", {args.run}"),
         "",
-        f"Command: `python benchmarks/studies.py --run {args.run}` | machine: {machine()} | {started} | {time.time() - t0:.0f} s",
+        f"Command: `python benchmarks/studies.py --run {args.run}"
+        + (f" --section {args.section}" if args.section != "studies" else "")
+        + f"` | machine: {machine()} | {started} | {time.time() - t0:.0f} s",
         "",
         f"Each of fold {fold}'s {len(patients)} test patients' slices as one study (PNG-like slices, no slice spacing), "
         f"answered by `answer_study` over the demo archive ({svc.archive_size} cases: figshare folds 1-4 and the external "
         "development part). The study answer: NIR logits log(1 + I_c) averaged over the slices that show a tumor, "
-        f"softmax with the slice temperature (calibrated: {svc.calibrator is not None}); slice probabilities are never "
+        f"then softmax with a temperature (calibrated: {', '.join(sorted(calibrated))}); slice probabilities are never "
         "multiplied. Mixed: the same patient's slices between 12 external validation slices without a tumor (6 before, "
         "6 after).",
         "",
@@ -119,15 +152,19 @@ def main() -> None:
         f"| patient-level accuracy ({int(answered.sum())} of {len(patients)} studies answered with a type) | {acc:.3f} |",
         f"| patient-level Cohen's kappa | {kappa:.3f} |",
         f"| patient-level ECE (10 bins, {int(answered.sum())} studies) | {ece:.3f} |",
+        *alt_row,
         f"| slice-level accuracy, the same slices | {np.mean(slice_correct):.3f} ({len(slice_correct)} slices) |",
         f"| mixed with no-tumor slices: the same answer | {np.mean(mixed_same):.3f} |",
         f"| mixed with no-tumor slices: the key slice is one of the patient's | {np.mean(mixed_key):.3f} |",
         f"| POST /query/study, a 24-slice DICOM series over loopback HTTP: p50 / p95 | {statistics.median(times):.2f} s / {q[18]:.2f} s |",
-        "",
-        "Only fold 5 has a served model; the other folds' GPU runs kept their metrics, not their weights, so the "
-        "study figures across folds are not measured.",
     ]
-    write_section("studies", "\n".join(body))
+    if args.section == "studies":
+        body += [
+            "",
+            "Only fold 5 has a served model; the other folds' GPU runs kept their metrics, not their weights, so the "
+            "study figures across folds are not measured.",
+        ]
+    write_section(args.section, "\n".join(body))
     print("\n".join(body))
 
 
