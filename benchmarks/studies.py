@@ -105,7 +105,7 @@ def main() -> None:
     if len(proba_slice_t) == len(y):
         alt = np.array(proba_slice_t)
         alt_ece = expected_calibration_error(alt[answered], y[answered])
-        alt_row = [f"| patient-level ECE with the run's slice temperature instead | {alt_ece:.3f} |"]
+        alt_row += [f"| patient-level ECE with the run's slice temperature instead | {alt_ece:.3f} |"]
     # timing: a 24-slice DICOM series over HTTP (the first test patients' slices, repeated to 24)
     rows = [r for pid in patients for r in np.flatnonzero(table.patient_id == pid)][:24]
     files = []
