@@ -210,17 +210,31 @@ def epochs_for_budget(
     cfg: TrainConfig, encoder: Encoder, images: torch.Tensor, masks: torch.Tensor, labels: np.ndarray, device
 ) -> dict:
     """The epochs that fit ``cfg.extra["cpu_train_budget_min"]`` minutes of training on this CPU
-    (at most ``cfg.epochs``), from the seconds of a few real steps (a throwaway network, 4 batches,
-    its set-up included: an overestimate). A slow CPU (AVX2 only: no native bfloat16) trains fewer
-    epochs rather than running past the budget; on the preset's own CPU nothing changes."""
+    (at most ``cfg.epochs``), from the seconds of a few real steps: a throwaway network trains two
+    epochs of 4 batches, and the second (warmed up: no set-up, no first-call costs) is timed. A slow
+    CPU (AVX2 only: no native bfloat16), or one busy with other work, trains fewer epochs rather
+    than running past the budget."""
+    import tempfile
+
     budget = float(cfg.extra["cpu_train_budget_min"]) * 60
-    n = min(len(labels), 4 * cfg.batch_size)
-    t0 = time.perf_counter()
-    train_lesion(
-        dataclasses.replace(cfg, epochs=1), encoder, images[:n], masks[:n], labels[:n], 0, device, progress=False
-    )
-    step_s = (time.perf_counter() - t0) / max(1, n // min(cfg.batch_size, n))
-    steps_per_epoch = max(1, len(labels) // min(cfg.batch_size, len(labels)))
+    batch = min(cfg.batch_size, len(labels))
+    n = min(len(labels), 4 * batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "log.jsonl"
+        train_lesion(
+            dataclasses.replace(cfg, epochs=2),
+            encoder,
+            images[:n],
+            masks[:n],
+            labels[:n],
+            0,
+            device,
+            log_path=log_path,
+            progress=False,
+        )
+        timed = json.loads(log_path.read_text().splitlines()[-1])["s"]
+    step_s = max(float(timed), 1e-3) / max(1, n // batch)
+    steps_per_epoch = max(1, len(labels) // batch)
     epochs = int(min(cfg.epochs, max(1, budget // (step_s * steps_per_epoch))))
     return {"budget_min": budget / 60, "step_s": round(step_s, 3), "epochs": epochs, "preset_epochs": cfg.epochs}
 
