@@ -24,43 +24,29 @@ from pathlib import Path
 import numpy as np
 
 from results_doc import machine, write_section
-from tumor_presence_cv import folds_of
+from tumor_presence_cv import archive_cases, folds_of
 
 
 def evidence(run: Path, archive: Path) -> dict:
     """Per archive case: label, key, external or not, descriptor, embedding, outline area (mm2,
     the app's outline at the run's level) and the true tumor area of figshare cases."""
-    import sqlite3
-
     from neurocbir.data.cases import load_cases
     from neurocbir.data.uploads import read_scan
     from neurocbir.models.inference import load_model
     from neurocbir.models.lesion import tumor_level, tumor_outline
 
-    db = sqlite3.connect(f"file:{archive / 'archive.db'}?mode=ro", uri=True)
-    rows = db.execute("SELECT label, image_path, trunk, embedding, patient_key FROM cases").fetchall()
-    db.close()
+    cases, paths = archive_cases(archive)
     model, level = load_model(run), tumor_level(run)
     table = load_cases()
     true_area = dict(zip(table.idx.tolist(), table.area_mm2))  # figshare images are stored as images/<idx>.jpg
     area = []
-    paths = [r[1] for r in rows]
     for b in range(0, len(paths), 32):
         images = [read_scan(Path(p).read_bytes(), p) for p in paths[b : b + 32]]
         for im, prob in zip(images, model.analyse_batch(images)[2]):
             outline = tumor_outline(prob, im.shape[:2], None, level)
             area.append(outline["area_mm2"] if outline else 0.0)
-    return {
-        "label": np.array([r[0] for r in rows]),
-        "external": np.array(["brain-tumor-external" in r[1] for r in rows]),
-        "key": np.array([r[4] for r in rows]),
-        "desc": np.stack([np.frombuffer(r[2], np.float32) for r in rows]).astype(np.float64),
-        "emb": np.stack([np.frombuffer(r[3], np.float32) for r in rows]).astype(np.float64),
-        "area": np.array(area),
-        "true_area": np.array(
-            [np.nan if "brain-tumor-external" in r[1] else true_area[int(Path(r[1]).stem)] for r in rows]
-        ),
-    }
+    truth = [np.nan if ext else true_area[int(Path(p).stem)] for p, ext in zip(paths, cases["external"])]
+    return {**cases, "area": np.array(area), "true_area": np.array(truth)}
 
 
 def out_of_fold(f: dict, folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,32 +24,37 @@ import numpy as np
 from results_doc import machine, write_section
 
 
+def archive_cases(archive: Path) -> tuple[dict, list[str]]:
+    """Every archive case's label, external or not, patient / group key, stored descriptor and
+    embedding; and its image path."""
+    db = sqlite3.connect(f"file:{archive / 'archive.db'}?mode=ro", uri=True)
+    rows = db.execute("SELECT label, image_path, trunk, embedding, patient_key FROM cases").fetchall()
+    db.close()
+    paths = [r[1] for r in rows]
+    return {
+        "label": np.array([r[0] for r in rows]),
+        "external": np.array(["brain-tumor-external" in p for p in paths]),
+        "key": np.array([r[4] for r in rows]),
+        "desc": np.stack([np.frombuffer(r[2], np.float32) for r in rows]).astype(np.float64),
+        "emb": np.stack([np.frombuffer(r[3], np.float32) for r in rows]).astype(np.float64),
+    }, paths
+
+
 def features(run: Path, archive: Path) -> dict:
     """Descriptors (as stored), embeddings, the decoder's evidence and mirrored descriptors of
     every archive case, its label and patient / group key."""
     from neurocbir.data.uploads import read_scan
     from neurocbir.models.inference import load_model
 
-    db = sqlite3.connect(f"file:{archive / 'archive.db'}?mode=ro", uri=True)
-    rows = db.execute("SELECT label, image_path, trunk, embedding, patient_key FROM cases").fetchall()
-    db.close()
+    cases, paths = archive_cases(archive)
     model = load_model(run)
     decoder, mirrored = [], []
-    paths = [r[1] for r in rows]
     for b in range(0, len(paths), 32):
         images = [read_scan(Path(p).read_bytes(), p) for p in paths[b : b + 32]]
         for prob in model.analyse_batch(images)[2]:
             decoder.append([prob.max(), np.log((prob > 0.45).mean() + 1e-4), np.log(prob.mean()), prob.mean()])
         mirrored.append(model.embed([np.ascontiguousarray(im[:, ::-1]) for im in images])[1])
-    return {
-        "label": np.array([r[0] for r in rows]),
-        "external": np.array(["brain-tumor-external" in r[1] for r in rows]),
-        "key": np.array([r[4] for r in rows]),
-        "desc": np.stack([np.frombuffer(r[2], np.float32) for r in rows]).astype(np.float64),
-        "emb": np.stack([np.frombuffer(r[3], np.float32) for r in rows]).astype(np.float64),
-        "decoder": np.array(decoder),
-        "mirrored": np.concatenate(mirrored).astype(np.float64),
-    }
+    return {**cases, "decoder": np.array(decoder), "mirrored": np.concatenate(mirrored).astype(np.float64)}
 
 
 def folds_of(f: dict) -> np.ndarray:
