@@ -39,16 +39,12 @@ def slice_temperature_only():
         study.load = load
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
-    ap.add_argument("--timing-requests", type=int, default=20)
-    ap.add_argument("--section", default="studies", help="the docs/results.md section to write")
-    args = ap.parse_args()
-    import httpx
+def patient_figures(run: Path) -> dict:
+    """Each test patient of ``run``'s fold as one study over the run's demo archive, alone and
+    mixed with 12 no-tumor validation slices: patient-level accuracy, kappa and ECE (and with
+    the slice temperature, where the run has a study temperature), slice-level correctness."""
     from sklearn.metrics import cohen_kappa_score
 
-    from neurocbir.app.api import create_app
     from neurocbir.app.demo import demo_archive
     from neurocbir.app.service import RetrievalService
     from neurocbir.app.studies import answer_study
@@ -56,16 +52,11 @@ def main() -> None:
     from neurocbir.data.cases import CLASS_NAMES, load_cases
     from neurocbir.data.external import development_split, load_external
     from neurocbir.data.studies import Study, StudySlice
-    from neurocbir.retrieval.dicomweb import to_dicom
 
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    t0 = time.time()
-    archive = demo_archive(args.run)
-    svc = RetrievalService.from_archive(args.run, archive)
+    svc = RetrievalService.from_archive(run, demo_archive(run))
     table = load_cases()
     fold = svc.model.config.fold
-    test = np.flatnonzero(table.fold == fold)
-    patients = sorted(set(table.patient_id[test].tolist()))
+    patients = sorted(set(table.patient_id[table.fold == fold].tolist()))
     ext = load_external(Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external")
     _, val = development_split(ext)
     normals = [ext.load_image(i) for i in val if not ext.tumor[i]][:12]
@@ -97,15 +88,55 @@ def main() -> None:
     acc = float((pred[answered] == y[answered]).mean())
     kappa = float(cohen_kappa_score(y[answered], pred[answered]))
     ece = expected_calibration_error(proba[answered], y[answered])
+    alt_ece = None
+    if len(proba_slice_t) == len(y):
+        alt_ece = expected_calibration_error(np.array(proba_slice_t)[answered], y[answered])
+    return {
+        "service": svc,
+        "table": table,
+        "fold": fold,
+        "patients": patients,
+        "accuracy": acc,
+        "kappa": kappa,
+        "ece": ece,
+        "answered": answered,
+        "calibrated": calibrated,
+        "ece_slice_temperature": alt_ece,
+        "y": y[answered],
+        "proba": proba[answered],
+        "proba_slice_temperature": np.array(proba_slice_t)[answered] if alt_ece is not None else None,
+        "slice_correct": slice_correct,
+        "mixed_same": mixed_same,
+        "mixed_key": mixed_key,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
+    ap.add_argument("--timing-requests", type=int, default=20)
+    ap.add_argument("--section", default="studies", help="the docs/results.md section to write")
+    args = ap.parse_args()
+    import httpx
+
+    from neurocbir.app.api import create_app
+    from neurocbir.retrieval.dicomweb import to_dicom
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t0 = time.time()
+    f = patient_figures(args.run)
+    svc, table, fold, patients = f["service"], f["table"], f["fold"], f["patients"]
+    acc, kappa, ece, answered, calibrated = f["accuracy"], f["kappa"], f["ece"], f["answered"], f["calibrated"]
+    slice_correct, mixed_same, mixed_key = f["slice_correct"], f["mixed_same"], f["mixed_key"]
     alt_row = []
     fit = args.run / "study_calibration.json"
     fitted = json.loads(fit.read_text()) if fit.is_file() else None
     if fitted:
         alt_row.append(f"| the study temperature (fitted: {fitted['how']}) | {fitted['temperature']:.3f} |")
-    if len(proba_slice_t) == len(y):
-        alt = np.array(proba_slice_t)
-        alt_ece = expected_calibration_error(alt[answered], y[answered])
-        alt_row += [f"| patient-level ECE with the run's slice temperature instead | {alt_ece:.3f} |"]
+    if f["ece_slice_temperature"] is not None:
+        alt_row += [
+            f"| patient-level ECE with the run's slice temperature instead | {f['ece_slice_temperature']:.3f} |"
+        ]
     # timing: a 24-slice DICOM series over HTTP (the first test patients' slices, repeated to 24)
     rows = [r for pid in patients for r in np.flatnonzero(table.patient_id == pid)][:24]
     files = []
