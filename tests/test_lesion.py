@@ -550,3 +550,43 @@ def test_training_with_other_hospitals_development_part(tmp_path, small_data_dir
     assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
     res = CliRunner().invoke(cli, [*args, "--extra-cases", str(small_data_dir)])  # the figshare layout
     assert res.exit_code == 2 and "is not a folder of other hospitals' slices" in res.output
+
+
+def test_inner_cv_of_a_run_with_extra_cases_trains_on_them_and_fits_the_study_temperature(
+    tmp_path, small_cases, small_external, monkeypatch
+):
+    """A GPU-preset run (no held-out patients) trained with --extra-cases is calibrated by inner CV
+    whose networks train on the extra cases too; its held-out patients, each one study, fit the
+    study temperature beside the slice calibration."""
+    from neurocbir.data.external import development_split, load_external
+    from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
+    from neurocbir.training import lesion_run
+
+    seen = []
+    train = lesion_run.train_lesion
+
+    def counting(cfg, encoder, images, masks, labels, *args, **kwargs):
+        seen.append((len(labels), int((labels == 3).sum()), kwargs.get("mask_known")))
+        return train(cfg, encoder, images, masks, labels, *args, **kwargs)
+
+    monkeypatch.setattr(lesion_run, "train_lesion", counting)
+    rows = np.flatnonzero(small_cases.fold != 5)[::2].tolist() + np.flatnonzero(small_cases.fold == 5)[:4].tolist()
+    table = small_cases.subset(np.array(sorted(rows)))
+    cfg = TrainConfig(
+        **{**LESION_DEFAULTS, "epochs": 1, "batch_size": 8, "image_size": 64},
+        recipe="lesion",
+        extra_cases=str(small_external),
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    images, masks = lesion_run.load_tensors(table, 64)
+    device = torch.device("cpu")
+    lesion_run.calibrate_by_inner_cv(cfg, run, table, cfg.build_encoder(), images, masks, device)
+    ext = load_external(small_external)
+    dev = development_split(ext)[0]
+    n_none = int((~ext.tumor[dev]).sum())
+    assert len(seen) == 3 and all(n_notumor == n_none and known is not None for _, n_notumor, known in seen)
+    studies = json.loads((run / "study_calibration.json").read_text())
+    train_patients = set(table.patient_id[table.fold != 5].tolist())
+    assert studies["temperature"] > 0 and studies["training_patients"]["n_patients"] == len(train_patients)
+    assert (run / "calibration.json").is_file() and (run / "tumor_level.json").is_file()

@@ -121,6 +121,19 @@ def write_tumor_level(run: Path, errors: np.ndarray, how: str) -> dict:
     return doc
 
 
+def with_extra_cases(
+    images: torch.Tensor, masks: torch.Tensor, labels: np.ndarray, extra: tuple | None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None]:
+    """Training slices, masks and labels with ``extra`` (:func:`load_extra_tensors`) appended, and
+    which masks are known (None: all of them, when there is nothing to append)."""
+    if extra is None:
+        return images, masks, labels, None
+    x, m, y, k = extra
+    device = images.device
+    known = torch.cat([torch.ones(len(labels), dtype=torch.bool), k]).to(device)
+    return torch.cat([images, x.to(device)]), torch.cat([masks, m.to(device)]), np.concatenate([labels, y]), known
+
+
 def lesion_inner_cv_neighbours(
     cfg: TrainConfig,
     encoder: Encoder,
@@ -134,22 +147,17 @@ def lesion_inner_cv_neighbours(
 ) -> tuple[list, list, list, np.ndarray]:
     """Held-out neighbour labels of 3 patient-grouped inner folds of the training patients, a
     LesionNet retrained on each (see :func:`neurocbir.training.cached.inner_cv_neighbours`), and the
-    held-out slices' outline area errors at each level (:func:`outline_area_errors`)."""
+    held-out slices' outline area errors at each level (:func:`outline_area_errors`). A run trained
+    with ``extra_cases`` has them in every inner training too (never among the held-out)."""
     from neurocbir.data.cases import grouped_inner_folds
 
     held_out, y, groups, area_errors = [], [], [], []
     grid = (cfg.image_size, cfg.image_size)
+    extra = load_extra_tensors(cfg.extra_cases, cfg.image_size) if cfg.extra_cases else None
     for tr, va in grouped_inner_folds(train, n_splits):
+        x, m, lab, known = with_extra_cases(images[train_rows[tr]], masks[train_rows[tr]], train.label[tr], extra)
         net = train_lesion(
-            cfg,
-            encoder,
-            images[train_rows[tr]],
-            masks[train_rows[tr]],
-            train.label[tr],
-            cfg.first_seed,
-            device,
-            progress=False,
-            compile_net=compile_net,
+            cfg, encoder, x, m, lab, cfg.first_seed, device, progress=False, compile_net=compile_net, mask_known=known
         )
         emb, _, prob = embed_tensors(net, images[train_rows], device, level=None)
         held_out.append(NIRClassifier().fit(emb[tr], train.label[tr]).neighbour_labels(emb[va]))
@@ -267,13 +275,13 @@ def train_lesion_run(
     if len(test_rows) == 0:
         raise ValueError(f"fold {cfg.fold} has no cases")
     fit_rows, cal_rows = holdout_split(cfg, table)
-    fit_images, fit_masks, fit_labels, known = images[fit_rows], masks[fit_rows], table.label[fit_rows], None
-    if cfg.extra_cases:  # other hospitals' development part: training cases only (the run's index stays the dataset's)
-        x, m, y, k = load_extra_tensors(cfg.extra_cases, cfg.image_size)
-        known = torch.cat([torch.ones(len(fit_rows), dtype=torch.bool), k]).to(device)
-        fit_images, fit_masks = torch.cat([fit_images, x.to(device)]), torch.cat([fit_masks, m.to(device)])
-        fit_labels = np.concatenate([fit_labels, y])
-        timings["extra_cases"] = {"folder": cfg.extra_cases, "part": "development", "n": len(y)}
+    # other hospitals' development part: training cases only (the run's index stays the dataset's)
+    extra = load_extra_tensors(cfg.extra_cases, cfg.image_size) if cfg.extra_cases else None
+    fit_images, fit_masks, fit_labels, known = with_extra_cases(
+        images[fit_rows], masks[fit_rows], table.label[fit_rows], extra
+    )
+    if extra is not None:
+        timings["extra_cases"] = {"folder": cfg.extra_cases, "part": "development", "n": len(extra[2])}
     if device.type == "cpu" and cfg.extra.get("cpu_train_budget_min"):
         fitted = epochs_for_budget(cfg, encoder, fit_images, fit_masks, fit_labels, device)
         timings["epochs_for_budget"] = fitted
