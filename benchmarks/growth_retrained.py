@@ -9,7 +9,7 @@ the app's path (benchmarks/other_sites.py: `measure_run`).
 where the runs come from (2 cores, the CPU preset; the same epochs for both):
 
     neurocbir train --out runs/cpu-fig-fold5 --epochs 19
-    neurocbir train --out runs/cpu-dev-fold5 --extra-cases ../shared/data/brain-tumor-external
+    neurocbir train --out runs/cpu-dev-fold5 --extra-cases ../shared/data/brain-tumor-external-v2
 
 Nothing is chosen here: the recipe is the CPU preset as it is, the validation part and fold 5 are
 read once per run, to report.
@@ -36,9 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True)
     args = ap.parse_args()
-    from neurocbir.app.demo import default_external_dir
     from neurocbir.data.cases import default_data_dir, load_cases
-    from neurocbir.data.external import development_split, load_external
+    from neurocbir.data.external import default_external_dir, development_split, load_external
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     data = default_data_dir()

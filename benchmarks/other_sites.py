@@ -224,9 +224,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
     ap.add_argument("--external", type=Path, default=None)
     args = ap.parse_args()
-    from neurocbir.app.demo import default_external_dir
     from neurocbir.data.cases import CASE_LABELS, default_data_dir, load_cases
-    from neurocbir.data.external import development_split, load_external
+    from neurocbir.data.external import default_external_dir, development_split, load_external
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.time()

@@ -57,7 +57,7 @@ def patient_figures(run: Path) -> dict:
     table = load_cases()
     fold = svc.model.config.fold
     patients = sorted(set(table.patient_id[table.fold == fold].tolist()))
-    ext = load_external(Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external")
+    ext = load_external(Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external-v2")
     _, val = development_split(ext)
     normals = [ext.load_image(i) for i in val if not ext.tumor[i]][:12]
     y, proba, slice_correct, mixed_same, mixed_key, calibrated = [], [], [], [], [], set()

@@ -106,7 +106,7 @@ def figshare_dir(tmp_path):
     return tmp_path
 
 
-EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external"
+EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external-v2"
 
 
 @pytest.fixture(scope="session")

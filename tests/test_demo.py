@@ -109,7 +109,7 @@ def _small_external(dest: Path, per_kind: int = 40) -> Path:
     import csv
     import shutil
 
-    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external"
+    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-external-v2"
     with open(src / "metadata.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     keep = [r for r in rows if r["label_name"] == "notumor"][:per_kind] + [

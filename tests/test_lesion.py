@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -460,24 +461,49 @@ def test_cpu_training_uses_bf16_only_where_the_cpu_has_it():
     assert training_precision(TrainConfig(recipe="lesion"), torch.device("cpu")) == "float32"  # not asked for
 
 
-def test_a_slow_cpu_trains_fewer_epochs_within_the_budget(tmp_path, small_cases):
-    """The CPU preset's training budget: where a few measured steps say the preset's epochs would
-    take longer, fewer are trained, and config.json and timings.json say so."""
-    from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
-    from neurocbir.training.lesion_run import train_lesion_run
+def _train_cli(args: list[str], data: Path, **kw):
+    import subprocess
+    import sys
 
-    rows = np.flatnonzero(small_cases.fold != 5)[::3].tolist() + np.flatnonzero(small_cases.fold == 5)[:6].tolist()
-    table = small_cases.subset(np.array(sorted(rows)))
-    preset = {**LESION_CPU_DEFAULTS, "extra": {**LESION_CPU_DEFAULTS["extra"], "cpu_train_budget_min": 0.005}}
-    cfg = TrainConfig(
-        **{**preset, "recipe": "lesion", "epochs": 6, "batch_size": 8, "image_size": 64, "calibrate": False}
+    env = {**os.environ, "NEUROCBIR_DATA": str(data), "CUDA_VISIBLE_DEVICES": "", "NEUROCBIR_EXTERNAL": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "neurocbir.cli", "train", *args], env=env, text=True, **kw
     )
-    timings = train_lesion_run(cfg, tmp_path / "run", table, progress=False)
-    fitted = timings["epochs_for_budget"]
-    assert fitted["preset_epochs"] == 6 and 1 <= fitted["epochs"] < 6 and fitted["step_s"] > 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == fitted["epochs"]
-    log = (tmp_path / "run" / "trial_0" / "log.jsonl").read_text().splitlines()
-    assert len(log) == fitted["epochs"]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tmp_path, small_data_dir):
+    """`neurocbir train` leaves a training state after every epoch: a run killed in the middle
+    of an epoch is refused as unfinished, `--resume RUN` continues it, and the result is that of
+    a run never interrupted (same weights, same embeddings); the epochs are the recipe's (no
+    time budget cuts them)."""
+    import signal
+    import subprocess
+
+    from neurocbir.models.runs import first_trial
+
+    args = ["--epochs", "4", "--batch-size", "8", "--image-size", "64", "--figshare-only"]
+    whole = _train_cli(["--out", str(tmp_path / "whole"), *args], small_data_dir, stdout=subprocess.PIPE)
+    assert whole.wait(timeout=900) == 0
+    killed = _train_cli(["--out", str(tmp_path / "killed"), *args], small_data_dir, stdout=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "trial_0" / "training_state.pt"
+    deadline = time.time() + 900
+    while not (state.is_file() and torch.load(state, weights_only=False)["epoch"] >= 2):  # wait for the event
+        assert killed.poll() is None and time.time() < deadline, "the run ended before its second epoch was saved"
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    with pytest.raises(FileNotFoundError, match="unfinished training run"):
+        first_trial(tmp_path / "killed")
+    resumed = _train_cli(["--resume", str(tmp_path / "killed")], small_data_dir, stdout=subprocess.PIPE)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out
+    assert first_trial(tmp_path / "killed") == 0 and not state.exists()
+    logs = [(tmp_path / r / "trial_0" / "log.jsonl").read_text().splitlines() for r in ("whole", "killed")]
+    assert len(logs[0]) == len(logs[1]) == 4  # every epoch of the recipe, each logged once
+    a, b = (np.load(tmp_path / r / "trial_0" / "embeddings.npz") for r in ("whole", "killed"))
+    np.testing.assert_allclose(a["archive"], b["archive"], atol=2e-3)
+    np.testing.assert_allclose(a["test"], b["test"], atol=2e-3)
+    assert json.loads((tmp_path / "killed" / "timings.json").read_text())["resumed"] == 1
 
 
 def test_a_plain_install_without_mobilenet_weights_still_trains(tmp_path, small_data_dir):

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SRC=${1:-../shared/data/brain-tumor-figshare-256}
-EXTERNAL=${EXTERNAL:-../shared/data/brain-tumor-external}
+EXTERNAL=${EXTERNAL:-../shared/data/brain-tumor-external-v2}
 rm -rf gpu/wheels && mkdir -p gpu/wheels
 rm -rf gpu/data && cp -r --no-preserve=mode "$SRC" gpu/data
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -13,23 +13,14 @@ The build goes through `neurocbir add` (resumable: a killed first start finishes
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from neurocbir.data.cases import default_data_dir, load_cases
+from neurocbir.data.external import EXTERNAL_ENV, default_external_dir
 from neurocbir.files import write_json
 
-EXTERNAL_ENV = "NEUROCBIR_EXTERNAL"
 DONE = "demo.json"
-
-
-def default_external_dir(data: Path | None) -> Path | None:
-    """``$NEUROCBIR_EXTERNAL``, else ``brain-tumor-external`` beside the dataset folder, if present."""
-    if os.environ.get(EXTERNAL_ENV):
-        return Path(os.environ[EXTERNAL_ENV])
-    cand = data.parent / "brain-tumor-external" if data is not None else None
-    return cand if cand is not None and (cand / "metadata.csv").is_file() else None
 
 
 def demo_archive(run: Path, root: Path | None = None, say: Callable[[str], None] = print, batch_size: int = 32) -> Path:

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from neurocbir.classify.presence import TumorPresence, fit_presence
-from neurocbir.data.cases import CLASS_NAMES, NO_TUMOR, PLANES, CaseTable, load_cases, mask_for_image
+from neurocbir.data.cases import CLASS_NAMES, NO_TUMOR, NO_TUMOR_LABEL, PLANES, CaseTable, load_cases, mask_for_image
 from neurocbir.reports.text import ReportAttributes, cached_llm_reports, case_attributes, make_report
 from neurocbir.retrieval.examples import find_example, list_examples
 from neurocbir.retrieval.index import VectorIndex
@@ -343,8 +343,8 @@ class ArchiveCases(_SearchedCases):
                 f"the archive {root} holds no cases: add some with `neurocbir add FOLDER --archive {root}`"
             )
         self.store = self.archive.store
-        tumor = cols["label"] < len(CLASS_NAMES)  # no-tumor cases are never tumor-type evidence:
-        self.label_of = lookup(cols["id"], np.where(tumor, cols["label"], -1))  # NIR skips them
+        tumor = cols["label"] < len(CLASS_NAMES)  # typed tumor cases: the only tumor-type evidence
+        self.label_of = lookup(cols["id"], np.where(tumor, cols["label"], -1))  # NIR skips the others
         self.any_label_of = lookup(cols["id"], cols["label"])
         self.group_of = lookup(cols["id"], cols["patient_key"], missing="")
         self.store_ids, self.attr_label = cols["id"], cols["label"]  # what the retrieval filters read
@@ -355,7 +355,8 @@ class ArchiveCases(_SearchedCases):
         trunk = self.archive.trunk_vectors()
         complete = trunk is not None and len(trunk) == len(cols["id"])
         self.trunk_index = VectorIndex.build(trunk) if complete else None
-        self.presence = fit_presence(trunk if complete else None, tumor)
+        # presence: every case with a tumor (of a known type or not) against those without
+        self.presence = fit_presence(trunk if complete else None, cols["label"] != NO_TUMOR_LABEL)
         self.far_threshold = self._far_threshold(cols["patient_key"])
 
     def changed(self) -> bool:

@@ -21,7 +21,10 @@ def train(
     fold: int = typer.Option(5, help="test fold (1-5), patient-wise"),
     trials: Optional[int] = typer.Option(None, help="seeds per configuration (paper: 5; default 5, lesion on a CPU 1)"),
     first_seed: int = typer.Option(0, help="train seeds first_seed .. first_seed + trials - 1"),
-    out: Path = typer.Option(..., help="run directory to write"),
+    out: Optional[Path] = typer.Option(None, help="run directory to write"),
+    resume: Optional[Path] = typer.Option(
+        None, help="continue an interrupted lesion run in this folder with its own config.json (nothing else given)"
+    ),
     encoder: Optional[str] = typer.Option(
         None, help="efficientnet_lite2 (default) | mobilenetv2 (lesion on a CPU) | efficientnet_b2 | resnet50"
     ),
@@ -54,14 +57,23 @@ def train(
     extra_cases: Optional[Path] = typer.Option(
         None,
         help="lesion: also train on the development part of other hospitals' slices (a folder with metadata.csv: "
-        "image_file,label_name, e.g. brain-tumor-external); slices without a tumor teach the decoder to outline "
-        "nothing; the validation part is never read",
+        "image_file,label_name; default: brain-tumor-external-v2 beside the dataset, or $NEUROCBIR_EXTERNAL, where "
+        "present); slices without a tumor teach the decoder to outline nothing; the validation part is never read",
+    ),
+    figshare_only: bool = typer.Option(
+        False, "--figshare-only", help="lesion: train on the dataset alone, without other hospitals' slices"
     ),
     cache_dir: Optional[Path] = typer.Option(None, envvar="NEUROCBIR_CACHE", help="feature cache folder"),
 ) -> None:
     """Train an encoder with one loss over several seeds and index the archive."""
     from neurocbir.models.runs import LESION_CPU_DEFAULTS, LESION_CPU_PLAIN_INSTALL, LESION_DEFAULTS, TrainConfig
     from neurocbir.training.cached import train_run
+
+    if resume is not None:
+        _resume(resume, data)
+        return
+    if out is None:
+        _fail("give --out RUN (a folder for a new run) or --resume RUN (an interrupted one)")
 
     cfg = TrainConfig(
         recipe=recipe,
@@ -117,9 +129,19 @@ def train(
     if frozen_stages is not None:  # a count given replaces the preset's "up to stride 8"
         cfg.frozen_stride = 0
     if recipe == "lesion":
-        from neurocbir.data.cases import load_cases
+        from neurocbir.data.cases import default_data_dir, load_cases
+        from neurocbir.data.external import default_external_dir
         from neurocbir.training.lesion_run import train_lesion_run
 
+        if extra_cases is None and not figshare_only:  # the served recipe: other hospitals' slices too
+            found = default_external_dir(data or default_data_dir())
+            cfg.extra_cases = str(found.resolve()) if found else None
+            typer.echo(
+                f"training on other hospitals' slices too (development part of {found})"
+                if found
+                else "no other hospitals' slices found (brain-tumor-external-v2 beside the dataset, or "
+                "$NEUROCBIR_EXTERNAL): training on the dataset alone"
+            )
         table = _guard(load_cases, cfg.data)
         timings = _guard(train_lesion_run, cfg, out, table)
         typer.echo(
@@ -132,6 +154,26 @@ def train(
         f"trained {cfg.trials} trial(s) of {cfg.loss} on fold {cfg.fold} in {timings['train_s_total']:.0f} s "
         f"(feature cache {timings['feature_cache_s']:.0f} s); run: {out}"
     )
+
+
+def _resume(run: Path, data: Path | None) -> None:
+    from neurocbir.data.cases import load_cases
+    from neurocbir.models.runs import IN_PROGRESS, TrainConfig
+    from neurocbir.training.lesion_run import train_lesion_run
+
+    if not (run / "config.json").is_file():
+        _fail(f"{run} is not a run directory (no config.json): nothing to resume")
+    if not (run / IN_PROGRESS).is_file():
+        _fail(f"{run} has finished training: nothing to resume")
+    try:
+        cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    except (ValueError, TypeError):
+        _fail(f"{run / 'config.json'} is corrupt: train the run again into a new folder")
+    if cfg.recipe != "lesion":
+        _fail(f"{run} is a {cfg.recipe} run: only lesion runs resume")
+    table = _guard(load_cases, str(data) if data else cfg.data)
+    timings = _guard(train_lesion_run, cfg, run, table, resume=True)
+    typer.echo(f"resumed and finished {run} ({len(timings['trials_s'])} trial(s)); run: {run}")
 
 
 def index(

@@ -17,8 +17,11 @@ import numpy as np
 CLASS_NAMES: tuple[str, ...] = ("meningioma", "glioma", "pituitary")
 #: a slice without a tumor: an archive may hold such cases (label index 3), never a tumor type
 NO_TUMOR = "notumor"
-#: what an archive case can be labelled: a tumor type (0-2), or no tumor (3)
-CASE_LABELS: tuple[str, ...] = (*CLASS_NAMES, NO_TUMOR)
+#: a tumor whose type was not given (e.g. Br35H): evidence that there is a tumor, never of its type
+TUMOR_UNTYPED = "tumor"
+#: what an archive case can be labelled: a tumor type (0-2), no tumor (3), or a tumor of unknown type (4)
+CASE_LABELS: tuple[str, ...] = (*CLASS_NAMES, NO_TUMOR, TUMOR_UNTYPED)
+NO_TUMOR_LABEL = CASE_LABELS.index(NO_TUMOR)
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 #: In-plane pixel area on the 512x512 grid (0.49 mm x 0.49 mm, Cheng et al. 2015).
 PIXEL_AREA_MM2_512 = 0.49 * 0.49

@@ -1,15 +1,20 @@
 """Slices from other hospitals, with and without a tumor: a folder with ``metadata.csv``
-(``image_file,label_name[,group]``) and the images it names, as the brain-tumor-external set is
-laid out (``label_name``: a tumor type, or ``notumor``).
+(``image_file,label_name[,group,source,patient,slice,mask_file,flair_file]``) and the files it
+names, as ``brain-tumor-external-v2`` is laid out.
 
-There are no patient ids; ``group`` joins near-duplicate slices (likely one patient), so every
-split is by group: :func:`development_split` puts whole groups in the development part (training,
-thresholds, archive additions) or in the validation part (reporting only)."""
+``label_name`` is a tumor type, ``notumor``, or ``tumor``: a tumor whose type was not given (it
+says that there is a tumor and nothing about its type: presence evidence, never type evidence).
+``group`` joins slices that must stay on one side of every split (a patient's series, or
+near-duplicate slices, mirrors included); :func:`development_split` puts whole groups in the
+development part (training, thresholds, archive additions) or in the validation part (reporting
+only). ``source`` names where each slice comes from, so that every figure can be given per source;
+``patient`` and ``slice`` order a series (TCGA); ``mask_file`` is a tumor mask where one is given."""
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,29 +26,52 @@ VALIDATION_SHARE = 0.5
 #: the two sides of :func:`development_split`, in its order
 PARTS = ("development", "validation")
 SPLIT_SEED = 0
+OPTIONAL = ("source", "patient", "slice", "mask_file", "flair_file")
+EXTERNAL_ENV = "NEUROCBIR_EXTERNAL"
+#: the folder's name beside the dataset (version 1, ``brain-tumor-external``, is withdrawn: its
+#: tumor slices were figshare's, mirrored)
+DEFAULT_NAME = "brain-tumor-external-v2"
+
+
+def default_external_dir(data: Path | None) -> Path | None:
+    """``$NEUROCBIR_EXTERNAL``, else ``brain-tumor-external-v2`` beside the dataset folder, if present."""
+    if os.environ.get(EXTERNAL_ENV):
+        return Path(os.environ[EXTERNAL_ENV])
+    cand = Path(data).parent / DEFAULT_NAME if data is not None else None
+    return cand if cand is not None and (cand / "metadata.csv").is_file() else None
 
 
 @dataclass
 class ExternalCases:
-    """The slices of one folder: files, labels (names from :data:`LABELS`) and groups."""
+    """The slices of one folder: files, labels (names from :data:`LABELS`), groups, and where
+    given their source, patient, slice number and mask file ('' where absent)."""
 
     root: Path
     files: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
+    sources: np.ndarray
+    patients: np.ndarray
+    slices: np.ndarray
+    mask_files: np.ndarray
 
     def __len__(self) -> int:
         return len(self.files)
 
     @property
     def tumor(self) -> np.ndarray:
-        """Which slices show a tumor."""
+        """Which slices show a tumor (of a known type or not)."""
         return self.labels != NO_TUMOR
 
     @property
     def label_index(self) -> np.ndarray:
-        """Tumor type as an index into :data:`CLASS_NAMES` (-1 for no tumor)."""
+        """Tumor type as an index into :data:`CLASS_NAMES` (-1 for no tumor, or a type not given)."""
         return np.array([CLASS_NAMES.index(v) if v in CLASS_NAMES else -1 for v in self.labels])
+
+    @property
+    def case_label(self) -> np.ndarray:
+        """The label as an index into :data:`CASE_LABELS`."""
+        return np.array([CASE_LABELS.index(v) for v in self.labels])
 
     def path(self, i: int) -> Path:
         return self.root / str(self.files[i])
@@ -51,9 +79,23 @@ class ExternalCases:
     def load_image(self, i: int) -> np.ndarray:
         return read_gray(self.path(i))
 
+    def has_mask(self, i: int) -> bool:
+        """Is the tumor mask known: given as a file, or empty because the slice shows no tumor."""
+        return bool(self.mask_files[i]) or self.labels[i] == NO_TUMOR
+
+    def load_mask(self, i: int) -> np.ndarray | None:
+        """The slice's tumor mask (bool, the image's shape), empty for a no-tumor slice without
+        one; None where it is not known."""
+        if self.mask_files[i]:
+            mask = read_gray(self.root / str(self.mask_files[i])) >= 128
+            return mask
+        if self.labels[i] == NO_TUMOR:
+            return np.zeros(self.load_image(i).shape, dtype=bool)
+        return None
+
     def subset(self, rows: np.ndarray) -> ExternalCases:
         rows = np.asarray(rows)
-        return ExternalCases(self.root, self.files[rows], self.labels[rows], self.groups[rows])
+        return ExternalCases(self.root, *(getattr(self, f.name)[rows] for f in fields(self)[1:]))
 
 
 def is_external_layout(root: Path | str) -> bool:
@@ -67,6 +109,12 @@ def is_external_layout(root: Path | str) -> bool:
     return {"image_file", "label_name"} <= set(header) and "cvind_fold" not in header
 
 
+def _inside(root: Path, meta: Path, n: int, name: str, column: str) -> str:
+    if name and not (root / name).resolve().is_relative_to(root.resolve()):
+        raise DatasetError(f"{meta}, line {n}: {column} {name!r} is not a file inside {root}")
+    return name
+
+
 def load_external(root: Path | str) -> ExternalCases:
     """Read an external folder's ``metadata.csv``, checking every label and file name."""
     root = Path(root)
@@ -77,7 +125,7 @@ def load_external(root: Path | str) -> ExternalCases:
         rows = list(csv.DictReader(fh))
     if not rows:
         raise DatasetError(f"{meta} has no rows")
-    files, labels, groups = [], [], []
+    cols: dict[str, list[str]] = {k: [] for k in ("files", "labels", "groups", *OPTIONAL)}
     for n, r in enumerate(rows, 2):
         label = (r.get("label_name") or "").strip().lower()
         if label not in LABELS:
@@ -85,24 +133,41 @@ def load_external(root: Path | str) -> ExternalCases:
                 f"{meta}, line {n}: label_name {r.get('label_name')!r} is not one of {', '.join(LABELS)}"
             )
         name = (r.get("image_file") or "").strip()
-        path = (root / name).resolve()
-        if not name or not path.is_relative_to(root.resolve()):
-            raise DatasetError(f"{meta}, line {n}: {name!r} is not a file inside {root}")
-        files.append(name)
-        labels.append(label)
-        groups.append((r.get("group") or "").strip() or f"row{n}")  # no group: the slice is its own
-    return ExternalCases(root, np.array(files), np.array(labels), np.array(groups))
+        if not name:
+            raise DatasetError(f"{meta}, line {n}: no image_file")
+        cols["files"].append(_inside(root, meta, n, name, "image_file"))
+        cols["labels"].append(label)
+        cols["groups"].append((r.get("group") or "").strip() or f"row{n}")  # no group: the slice is its own
+        for k in OPTIONAL:
+            value = (r.get(k) or "").strip()
+            cols[k].append(_inside(root, meta, n, value, k) if k.endswith("_file") else value)
+    return ExternalCases(
+        root,
+        *(np.array(cols[k]) for k in ("files", "labels", "groups")),
+        np.array(cols["source"]),
+        np.array(cols["patient"]),
+        np.array(cols["slice"]),
+        np.array(cols["mask_file"]),
+    )
 
 
 def development_split(
     cases: ExternalCases, validation_share: float = VALIDATION_SHARE, seed: int = SPLIT_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(development rows, validation rows): whole groups on one side, each label in about the
-    same share on both (scikit-learn's StratifiedGroupKFold; a fixed seed, so the split is the
-    same everywhere)."""
+    """(development rows, validation rows): whole groups on one side (a TCGA patient's series, a
+    set of near-duplicates), each source's labels in about the same share on both (scikit-learn's
+    StratifiedGroupKFold; a fixed seed, so the split is the same everywhere)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, round(1 / validation_share))
+    strata = np.char.add(np.char.add(cases.sources.astype(str), ":"), cases.labels.astype(str))
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    dev, val = next(cv.split(np.zeros(len(cases)), cases.labels, groups=cases.groups))
+    dev, val = next(cv.split(np.zeros(len(cases)), strata, groups=cases.groups))
     return np.sort(dev), np.sort(val)
+
+
+def part(cases: ExternalCases, name: str) -> ExternalCases:
+    """One side of :func:`development_split` by name (:data:`PARTS`)."""
+    if name not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {name!r}")
+    return cases.subset(development_split(cases)[PARTS.index(name)])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurocbir.data.cases import CASE_LABELS, CLASS_NAMES, NO_TUMOR, PLANES, DatasetError, load_cases
+from neurocbir.data.cases import CASE_LABELS, CLASS_NAMES, NO_TUMOR, PLANES, TUMOR_UNTYPED, DatasetError, load_cases
 from neurocbir.data.external import PARTS, development_split, is_external_layout, load_external
 from neurocbir.retrieval.archive import ArchiveError
 
@@ -48,16 +48,20 @@ class CaseFile:
 
 #: how a CSV may say that a slice shows no tumor
 NO_TUMOR_WORDS = (NO_TUMOR, "no tumor", "no_tumor", "none", "normal")
+#: how a CSV may say that a slice shows a tumor of a type not given (presence evidence only)
+TUMOR_UNTYPED_WORDS = (TUMOR_UNTYPED, "tumour", "yes", "untyped")
 
 
 def parse_label(value: str, where: str) -> int:
     """A label as an index into :data:`~neurocbir.data.cases.CASE_LABELS`: a tumor type (its
-    name, or 1-3 as figshare numbers them) or no tumor (3)."""
+    name, or 1-3 as figshare numbers them), no tumor (3) or a tumor of a type not given (4)."""
     v = value.strip().lower()
     if v in CLASS_NAMES:
         return CLASS_NAMES.index(v)
     if v in NO_TUMOR_WORDS:
         return CASE_LABELS.index(NO_TUMOR)
+    if v in TUMOR_UNTYPED_WORDS:
+        return CASE_LABELS.index(TUMOR_UNTYPED)
     if v in ("1", "2", "3"):  # the figshare convention
         return int(v) - 1
     raise ArchiveError(
@@ -106,9 +110,10 @@ def scan_folder(folder: Path | str, folds: Iterable[int] | None = None, part: st
 
 
 def _scan_external(folder: Path, part: str | None = None) -> list[CaseFile]:
-    """Other hospitals' slices (``metadata.csv``: ``image_file,label_name[,group]``): no patient
-    ids, so a group of near-duplicate slices stands for one patient. ``part``: only the
-    development or the validation part of the group-wise split (:func:`development_split`)."""
+    """Other hospitals' slices (``metadata.csv``: ``image_file,label_name[,group,source,patient,...]``):
+    a series' patient where given (TCGA), else a group of near-duplicate slices stands for one
+    patient. ``part``: only the development or the validation part of the group-wise split
+    (:func:`development_split`)."""
     try:
         cases = load_external(folder)
     except DatasetError as exc:
@@ -118,8 +123,12 @@ def _scan_external(folder: Path, part: str | None = None) -> list[CaseFile]:
             raise ArchiveError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
         cases = cases.subset(development_split(cases)[PARTS.index(part)])
     return [
-        CaseFile(cases.path(i), CASE_LABELS.index(str(cases.labels[i])), f"group:{cases.groups[i]}")
-        for i in range(len(cases))
+        CaseFile(
+            cases.path(i),
+            int(label),
+            f"patient:{cases.sources[i]}:{cases.patients[i]}" if cases.patients[i] else f"group:{cases.groups[i]}",
+        )
+        for i, label in enumerate(cases.case_label)
     ]
 
 

@@ -50,20 +50,23 @@ def load_tensors(table: CaseTable, size: int) -> tuple[torch.Tensor, torch.Tenso
 def load_extra_tensors(folder: Path | str, size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
     """The development part of an other-hospitals folder (``metadata.csv`` layout, see
     :mod:`neurocbir.data.external`; its validation part is never read) as training cases: images as
-    :func:`load_tensors` gives them, masks, labels (a tumor type 0-2, or 3 for no tumor: a fourth class
-    of the embedding) and whether each mask is known. A slice without a tumor has a known, empty
-    mask (the decoder learns to outline nothing); a tumor slice has none (it trains the embedding only)."""
-    from neurocbir.data.cases import CASE_LABELS
-    from neurocbir.data.external import development_split, load_external
+    :func:`load_tensors` gives them, masks, labels (indices into ``CASE_LABELS``: a tumor type 0-2,
+    3 for no tumor, a fourth class of the embedding, 4 for a tumor of a type not given) and whether
+    each mask is known: a slice without a tumor has a known, empty mask (the decoder learns to outline
+    nothing), a slice with a mask file (TCGA) its mask, any other tumor slice none (it teaches the
+    decoder only that there is a tumor somewhere, see :func:`train_lesion`)."""
+    from neurocbir.data.external import load_external, part
 
-    ext = load_external(folder)
-    dev = ext.subset(development_split(ext)[0])
+    dev = part(load_external(folder), "development")
     images = torch.empty(len(dev), 1, size, size, dtype=torch.float16)
+    masks = torch.zeros(len(dev), 1, size, size, dtype=torch.uint8)
     for i in tqdm(range(len(dev)), desc=f"loading {folder} (development part)", unit="slice", mininterval=5):
         images[i, 0] = preprocess(dev.load_image(i), size)[0]
-    labels = np.array([CASE_LABELS.index(v) for v in dev.labels])
-    known = torch.from_numpy(~dev.tumor)
-    return images, torch.zeros(len(dev), 1, size, size, dtype=torch.uint8), labels, known
+        if dev.mask_files[i]:
+            m = torch.from_numpy(dev.load_mask(i).astype(np.float32))[None, None]
+            masks[i] = (F.interpolate(m, size=(size, size), mode="area")[0] >= 0.5).to(torch.uint8)
+    known = torch.from_numpy(np.array([dev.has_mask(i) for i in range(len(dev))]))
+    return images, masks, dev.case_label, known
 
 
 def augment_batch(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +116,61 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+#: label of a tumor whose type was not given (``CASE_LABELS``): no embedding class of its own
+UNTYPED_LABEL = 4
+STATE_FILE = "training_state.pt"  # a trial's last finished epoch (removed once its checkpoint is written)
+
+
+def _build(cfg: TrainConfig, encoder: Encoder, n: int, device: torch.device):
+    """The network, its frozen stages, optimiser and schedule of one trial."""
+    net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride).to(device)
+    net = net.to(memory_format=torch.channels_last)
+    frozen = net.trunk[: net.frozen_stages(cfg.frozen_stride) if cfg.frozen_stride else cfg.frozen_stages]
+    frozen.requires_grad_(False)  # no backward pass through them: the cost of a CPU step nearly halves
+    trunk = [p for mod in (net.trunk, net.neck) for p in mod.parameters() if p.requires_grad]
+    trunk_ids = {id(p) for p in trunk}
+    rest = [p for p in net.parameters() if id(p) not in trunk_ids]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr": cfg.lr}, {"params": trunk, "lr": cfg.lr_trunk}], weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = max(1, n // min(cfg.batch_size, n))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[cfg.lr, cfg.lr_trunk], total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    return net, frozen, opt, sched, steps_per_epoch
+
+
+def _save_state(path: Path, epoch: int, net, opt, sched, gen: torch.Generator, fingerprint: dict) -> None:
+    """Everything the next epoch depends on, written atomically (a kill leaves the previous one)."""
+    blob = {
+        "epoch": epoch,
+        "fingerprint": fingerprint,
+        "net": net.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "gen": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _load_state(path: Path | None, fingerprint: dict, net, opt, sched, gen: torch.Generator) -> int:
+    """The epochs already done by an interrupted trial (0 when there is no state to resume, or
+    the state belongs to other data or settings)."""
+    if path is None or not path.is_file():
+        return 0
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob.get("fingerprint") != fingerprint:
+        log_warning("%s was left by another configuration or data: training this trial from the start", path)
+        return 0
+    net.load_state_dict(blob["net"])
+    opt.load_state_dict(blob["opt"])
+    sched.load_state_dict(blob["sched"])
+    gen.set_state(blob["gen"])
+    torch.set_rng_state(blob["torch_rng"])
+    return int(blob["epoch"])
+
+
 @torch.enable_grad()
 def train_lesion(
     cfg: TrainConfig,
@@ -126,34 +184,26 @@ def train_lesion(
     progress: bool = True,
     compile_net: bool = False,
     mask_known: torch.Tensor | None = None,
+    state_path: Path | None = None,
 ) -> LesionNet:
     """Train a LesionNet from the pretrained encoder on (device-resident) slices and masks.
 
-    ``compile_net``: run the network's training passes through ``torch.compile`` (on a GPU, where
-    one step of this small network is mostly kernel launches); should the compiler fail in the
-    first step, training goes on uncompiled from the same batch (this trial and later ones) and
-    says so. ``mask_known`` (N,) bool: slices whose mask is unknown (other hospitals' tumor slices)
-    add no mask loss; default: every mask is known."""
+    ``labels``: indices into ``CASE_LABELS``; a tumor of a type not given (4) is no class of the
+    embedding (it adds no SupCon term). ``mask_known`` (N,) bool: a slice whose mask is unknown adds
+    no mask loss; a tumor slice among them still teaches the decoder that there is a tumor: its
+    peak tumor logit is pushed up (multiple-instance learning). Default: every mask is known.
+    ``compile_net``: run the training passes through ``torch.compile`` (on a GPU); should the
+    compiler fail in the first step, training goes on uncompiled and says so.
+    ``state_path``: after each epoch the whole training state is written there, and a trial
+    started again with it resumes after the last finished epoch (the same as an uninterrupted run:
+    the random streams are restored too)."""
     from monai.losses import DiceCELoss
     from pytorch_metric_learning import losses
 
     seed_everything(seed)
-    net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride).to(device)
-    net = net.to(memory_format=torch.channels_last)
-    frozen = net.trunk[: net.frozen_stages(cfg.frozen_stride) if cfg.frozen_stride else cfg.frozen_stages]
-    frozen.requires_grad_(False)  # no backward pass through them: the cost of a CPU step nearly halves
-    trunk = [p for mod in (net.trunk, net.neck) for p in mod.parameters() if p.requires_grad]
-    trunk_ids = {id(p) for p in trunk}
-    rest = [p for p in net.parameters() if id(p) not in trunk_ids]
-    opt = torch.optim.AdamW(
-        [{"params": rest, "lr": cfg.lr}, {"params": trunk, "lr": cfg.lr_trunk}], weight_decay=cfg.weight_decay
-    )
     n = len(labels)
+    net, frozen, opt, sched, steps_per_epoch = _build(cfg, encoder, n, device)
     batch = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[cfg.lr, cfg.lr_trunk], total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
-    )
     metric_loss = losses.SupConLoss(temperature=cfg.temperature)
     seg_loss = DiceCELoss(sigmoid=True)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -163,25 +213,45 @@ def train_lesion(
         log_warning("this CPU has no native bfloat16 (emulated it is ~10x slower): training in float32")
     global _compile_failed
     step_net = torch.compile(net) if compile_net and not _compile_failed else net
-
     known_all = None if mask_known is None else torch.as_tensor(mask_known, dtype=torch.bool, device=device)
+    fingerprint = {"config": dataclasses.asdict(cfg), "seed": seed, "n": n, "labels": int(np.sum(labels))}
+    start = _load_state(state_path, fingerprint, net, opt, sched, gen)
 
     def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with _autocast(device, amp):
             emb, _, logits = model(x)
             up = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
-        loss = metric_loss(emb, y)
+        typed = y != UNTYPED_LABEL
+        loss = metric_loss(emb[typed].float(), y[typed]) if bool(typed.any()) else emb.sum() * 0
         if known is None:
-            loss = loss + cfg.seg_weight * seg_loss(up, m)
-        elif bool(known.any()):
+            return _step(loss + cfg.seg_weight * seg_loss(up, m))
+        if bool(known.any()):
             loss = loss + cfg.seg_weight * seg_loss(up[known], m[known])
+        unknown_tumor = ~known & (y != 3)
+        if bool(unknown_tumor.any()):  # a tumor somewhere, where is not known: its peak logit up
+            peak = logits.float()[unknown_tumor].flatten(1).amax(1)
+            loss = loss + cfg.seg_weight * F.binary_cross_entropy_with_logits(peak, torch.ones_like(peak))
+        return _step(loss)
+
+    def _step(loss: torch.Tensor) -> torch.Tensor:
         loss.backward()
         return loss.detach()
 
-    log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed below
+    if log_path and start:  # the epochs before the resumed one, as they were logged
+        done = log_path.read_text().splitlines()[:start] if log_path.is_file() else []
+        log_path.write_text("".join(line + "\n" for line in done))
+    log = open(log_path, "a" if start else "w") if log_path else None  # noqa: SIM115 - closed below
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=start * steps_per_epoch,
+        desc=f"lesion seed {seed}",
+        unit="step",
+        disable=not progress,
+        mininterval=10,
+    )
     try:
-        for epoch in tqdm(range(cfg.epochs), desc=f"lesion seed {seed}", unit="epoch", disable=not progress):
+        for epoch in range(start, cfg.epochs):
             t0 = time.time()
             net.train()
             frozen.eval()  # their batch-norm statistics stay pretrained too
@@ -202,15 +272,16 @@ def train_lesion(
                 opt.step()
                 sched.step()
                 total += loss
+                bar.update(1)
+            epoch_log = {"epoch": epoch + 1, "loss": float(total) / steps_per_epoch, "s": round(time.time() - t0, 2)}
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{epoch_log['loss']:.3f}")
             if log:
-                epoch_log = {
-                    "epoch": epoch + 1,
-                    "loss": float(total) / steps_per_epoch,
-                    "s": round(time.time() - t0, 2),
-                }
                 log.write(json.dumps(epoch_log) + "\n")
                 log.flush()
+            if state_path is not None and epoch + 1 < cfg.epochs:
+                _save_state(state_path, epoch + 1, net, opt, sched, gen, fingerprint)
     finally:
+        bar.close()
         if log:
             log.close()
     return net.eval()

@@ -19,9 +19,10 @@ from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.files import write_json
 from neurocbir.models.encoders import Encoder, pick_device
 from neurocbir.models.lesion import TUMOR_LEVEL_FILE
-from neurocbir.models.runs import TrainConfig, trial_dir
+from neurocbir.models.runs import IN_PROGRESS, TrainConfig, trial_dir
 from neurocbir.training.common import fit_calibration
 from neurocbir.training.lesion import (
+    STATE_FILE,
     embed_tensors,
     load_extra_tensors,
     load_tensors,
@@ -214,37 +215,24 @@ def recalibrate_lesion_run(
     calibrate_by_inner_cv(cfg, run, table, encoder, images.to(device), masks.to(device), device, compile_net)
 
 
-def epochs_for_budget(
-    cfg: TrainConfig, encoder: Encoder, images: torch.Tensor, masks: torch.Tensor, labels: np.ndarray, device
-) -> dict:
-    """The epochs that fit ``cfg.extra["cpu_train_budget_min"]`` minutes of training on this CPU
-    (at most ``cfg.epochs``), from the seconds of a few real steps: a throwaway network trains two
-    epochs of 4 batches, and the second (warmed up: no set-up, no first-call costs) is timed. A slow
-    CPU (AVX2 only: no native bfloat16), or one busy with other work, trains fewer epochs rather
-    than running past the budget."""
-    import tempfile
+def cpu_name() -> str:
+    """The CPU's model name (what a timing was measured on)."""
+    import platform
 
-    budget = float(cfg.extra["cpu_train_budget_min"]) * 60
-    batch = min(cfg.batch_size, len(labels))
-    n = min(len(labels), 4 * batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "log.jsonl"
-        train_lesion(
-            dataclasses.replace(cfg, epochs=2),
-            encoder,
-            images[:n],
-            masks[:n],
-            labels[:n],
-            0,
-            device,
-            log_path=log_path,
-            progress=False,
-        )
-        timed = json.loads(log_path.read_text().splitlines()[-1])["s"]
-    step_s = max(float(timed), 1e-3) / max(1, n // batch)
-    steps_per_epoch = max(1, len(labels) // batch)
-    epochs = int(min(cfg.epochs, max(1, budget // (step_s * steps_per_epoch))))
-    return {"budget_min": budget / 60, "step_s": round(step_s, 3), "epochs": epochs, "preset_epochs": cfg.epochs}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _trial_done(out: Path, seed: int, first: bool, cfg: TrainConfig, cal_rows: np.ndarray) -> bool:
+    """Is a trial of an interrupted run finished (indexed; the first one calibrated too)?"""
+    if not (trial_dir(out, seed) / "index.faiss").is_file():
+        return False
+    return not (first and cfg.calibrate and len(cal_rows)) or (out / TUMOR_LEVEL_FILE).is_file()
 
 
 def train_lesion_run(
@@ -256,21 +244,43 @@ def train_lesion_run(
     on_trial: Callable[[int, float], None] | None = None,
     score_test_outline: bool = False,
     compile_net: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Train ``cfg.trials`` seeds (fewer if ``deadline``, a ``time.time()``, would be passed) and
     write the run; returns timings, and with ``score_test_outline`` the first trial's tumor-outline
     scores on the test fold: a report, for where the test fold is read anyway (the GPU recipe), never
-    for a run among candidates still to be chosen from."""
+    for a run among candidates still to be chosen from.
+
+    The run is marked unfinished (:data:`~neurocbir.models.runs.IN_PROGRESS`) until its last step,
+    so that nothing serves or evaluates half of it; every epoch leaves a training state, and
+    ``resume`` continues an interrupted run with its own config: finished trials are kept, the
+    interrupted one goes on after its last finished epoch."""
     t_start = time.time()
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        saved = TrainConfig(**json.loads((out / "config.json").read_text()))
+        if dataclasses.asdict(saved) != dataclasses.asdict(cfg):
+            raise ValueError(f"{out} was started with another configuration: resume it with its own config.json")
+    elif (out / IN_PROGRESS).is_file():
+        raise ValueError(f"{out} holds an unfinished run: continue it with --resume, or train into another folder")
+    write_json(out / IN_PROGRESS, {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    write_json(out / "config.json", dataclasses.asdict(cfg))
     device = pick_device()
     encoder = cfg.build_encoder()
     t0 = time.time()
     images, masks = load_tensors(table, cfg.image_size)
     images, masks = images.to(device), masks.to(device)
-    timings: dict = {"load_s": round(time.time() - t0, 1), "trials_s": [], "precision": training_precision(cfg, device)}
+    old = json.loads((out / "timings.json").read_text()) if resume and (out / "timings.json").is_file() else {}
+    timings: dict = {
+        "load_s": round(time.time() - t0, 1),
+        "trials_s": old.get("trials_s", []),
+        "precision": training_precision(cfg, device),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "resumed": old.get("resumed", 0) + int(resume),
+    }
     test_rows = np.flatnonzero(table.fold == cfg.fold)
     if len(test_rows) == 0:
         raise ValueError(f"fold {cfg.fold} has no cases")
@@ -282,21 +292,11 @@ def train_lesion_run(
     )
     if extra is not None:
         timings["extra_cases"] = {"folder": cfg.extra_cases, "part": "development", "n": len(extra[2])}
-    if device.type == "cpu" and cfg.extra.get("cpu_train_budget_min"):
-        fitted = epochs_for_budget(cfg, encoder, fit_images, fit_masks, fit_labels, device)
-        timings["epochs_for_budget"] = fitted
-        if fitted["epochs"] < cfg.epochs:
-            log.warning(
-                "this CPU needs %.2f s per step: training %d epochs instead of %d to stay within %.0f minutes",
-                fitted["step_s"],
-                fitted["epochs"],
-                cfg.epochs,
-                fitted["budget_min"],
-            )
-            cfg = dataclasses.replace(cfg, epochs=fitted["epochs"])
-    write_json(out / "config.json", dataclasses.asdict(cfg))
     tumor: dict = {}
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.trials):
+        first = seed == cfg.first_seed
+        if resume and _trial_done(out, seed, first, cfg, cal_rows):
+            continue
         last = timings["trials_s"][-1] if timings["trials_s"] else 0.0
         if deadline is not None and time.time() + 1.2 * last > deadline:
             break
@@ -315,15 +315,17 @@ def train_lesion_run(
             progress=progress,
             compile_net=compile_net,
             mask_known=known,
+            state_path=tdir / STATE_FILE,
         )
         pred = write_trial(tdir, net, cfg, encoder, images, table, device)
-        if seed == cfg.first_seed and cfg.calibrate and len(cal_rows):
+        if first and cfg.calibrate and len(cal_rows):
             calibrate_on_holdout(out, table)
+        (tdir / STATE_FILE).unlink(missing_ok=True)
         timings["trials_s"].append(round(time.time() - t1, 1))
         write_json(out / "timings.json", timings)
         if on_trial:
             on_trial(seed, timings["trials_s"][-1])
-        if seed == cfg.first_seed and score_test_outline:  # the served trial's outline quality on the test fold
+        if first and score_test_outline:  # the served trial's outline quality on the test fold
             s = mask_scores(pred, masks[test_rows, 0].cpu().numpy())
             true_area = table.area_mm2[test_rows]
             rel = np.abs(s["area_mm2"] - true_area) / np.maximum(true_area, 1e-6)
@@ -343,6 +345,8 @@ def train_lesion_run(
         timings["calibration_s"] = round(time.time() - t2, 1)
     if score_test_outline:
         timings["tumor_outline"] = tumor
-    timings["total_s"] = round(time.time() - t_start, 1)  # weights, data, training, index, calibration
+    # weights, data, training, index, calibration (this session's part, where resumed)
+    timings["total_s"] = round(time.time() - t_start, 1) + old.get("total_s", 0.0)
     write_json(out / "timings.json", timings)
+    (out / IN_PROGRESS).unlink(missing_ok=True)
     return timings
