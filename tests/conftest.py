@@ -118,26 +118,35 @@ def external() -> Path:
 
 @pytest.fixture(scope="session")
 def small_external(external, tmp_path_factory) -> Path:
-    """A copy of 160 external slices (whole groups: 80 without a tumor, 80 with), in the same layout."""
+    """A copy of 160 external slices in the same layout: whole groups, 20 with and 20 without a tumor
+    from each of the four sources (TCGA with its masks), picked with a fixed seed."""
     cases = load_external(external)
     rng = np.random.default_rng(1)
     keep: list[int] = []
-    for want_tumor in (False, True):
-        groups = rng.permutation(np.unique(cases.groups[cases.tumor == want_tumor]))
-        rows = []
-        for g in groups:
-            rows += np.flatnonzero((cases.groups == g) & (cases.tumor == want_tumor)).tolist()
-            if len(rows) >= 80:
-                break
-        keep += rows[:80]
+    for source in np.unique(cases.sources):
+        for want_tumor in (False, True):
+            pick = (cases.sources == source) & (cases.tumor == want_tumor)
+            rows = []
+            for g in rng.permutation(np.unique(cases.groups[pick])):
+                rows += np.flatnonzero((cases.groups == g) & pick).tolist()
+                if len(rows) >= 20:
+                    break
+            keep += rows[:20]
     out = tmp_path_factory.mktemp("external")
-    (out / "images").mkdir()
+    for sub in ("images", "masks"):
+        (out / sub).mkdir()
+    columns = ["image_file", "label_name", "group", "source", "patient", "slice", "mask_file"]
     with open(out / "metadata.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["image_file", "label_name", "group"])
+        w.writerow(columns)
         for i in sorted(keep):
             shutil.copy(cases.path(i), out / cases.files[i])
-            w.writerow([cases.files[i], cases.labels[i], cases.groups[i]])
+            if cases.mask_files[i]:
+                shutil.copy(external / cases.mask_files[i], out / cases.mask_files[i])
+            w.writerow(
+                [cases.files[i], cases.labels[i], cases.groups[i], cases.sources[i], cases.patients[i], cases.slices[i]]
+                + [cases.mask_files[i]]
+            )
     return out
 
 

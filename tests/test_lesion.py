@@ -466,9 +466,7 @@ def _train_cli(args: list[str], data: Path, **kw):
     import sys
 
     env = {**os.environ, "NEUROCBIR_DATA": str(data), "CUDA_VISIBLE_DEVICES": "", "NEUROCBIR_EXTERNAL": ""}
-    return subprocess.Popen(
-        [sys.executable, "-m", "neurocbir.cli", "train", *args], env=env, text=True, **kw
-    )
+    return subprocess.Popen([sys.executable, "-m", "neurocbir.cli", "train", *args], env=env, text=True, **kw)
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tmp_path, small_data_dir):

@@ -27,6 +27,7 @@ from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.models.inference import LesionModel, Model, load_model
 from neurocbir.models.lesion import tumor_level, tumor_outline
 from neurocbir.models.runs import first_weights, trial_dir
+from neurocbir.retrieval.duplicates import ImagePrints
 from neurocbir.retrieval.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -198,10 +199,11 @@ class RetrievalService:
         if not 0.5 <= coverage < 1:
             raise ValueError("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
         q, trunk, tumor_prob = self.analyse(image)
+        print_pair = ImagePrints(image)  # computed when the archive has a candidate
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
-        search = (q, trunk, k, one_per_patient, coverage, rerank, filters)
+        search = (q, trunk, print_pair, k, one_per_patient, coverage, rerank, filters)
         try:
             evidence = self._evidence(self.cases, *search)
             self._store_down = None
@@ -230,6 +232,7 @@ class RetrievalService:
         cases: CaseSource,
         q: np.ndarray,
         trunk: np.ndarray,
+        print_pair: ImagePrints | None,
         k: int,
         one_per_patient: bool,
         coverage: float,
@@ -238,8 +241,16 @@ class RetrievalService:
         neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> dict:
         """The prediction and its evidence from one view of the cases (one search, one NIR;
-        ``neighbours``: that search's (distances, case ids, labels), where the caller has it)."""
+        ``neighbours``: that search's (distances, case ids, labels), where the caller has it).
+        ``print_pair``: the scan's fingerprint; an archive case that is the scan itself is shown,
+        marked, and not counted as evidence."""
         dist, case_ids, labels = neighbours if neighbours is not None else cases.neighbours(q, one_per_patient)
+        own = cases.duplicates_of(print_pair) if print_pair is not None else []
+        own_ids = {d.case_id for d in own}
+        shown_dist, shown_ids = dist, case_ids
+        if own_ids:  # the scan itself is no independent evidence: NIR, KNN and the set read the others
+            keep = ~np.isin(case_ids, list(own_ids))
+            dist, case_ids, labels = dist[keep], case_ids[keep], labels[keep]
         classes = cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
         cal = self.calibrator
@@ -262,7 +273,7 @@ class RetrievalService:
         pool_dist, pool_ids = (
             cases.filtered(q, filters, max(2 * k, 20) if rerank else k, one_per_patient)
             if filtering
-            else (dist, case_ids)
+            else (shown_dist, shown_ids)
         )
         shown = np.arange(min(k, len(pool_ids)))
         if rerank:
@@ -270,8 +281,15 @@ class RetrievalService:
             shown = self.feedback.rerank(pool_ids[:pool], pool_dist[:pool])[:k]
         info = cases.describe([int(pool_ids[j]) for j in shown])
         retrievals = [
-            {**info[int(pool_ids[j])], "distance": round(float(pool_dist[j]), 4), "rank": int(j) + 1} for j in shown
+            {
+                **info[int(pool_ids[j])],
+                "distance": round(float(pool_dist[j]), 4),
+                "rank": int(j) + 1,
+                "same_image_as_query": int(pool_ids[j]) in own_ids,
+            }
+            for j in shown
         ]
+        already = {"already_in_archive": asdict(own[0]) if own else None}
         names = [CLASS_NAMES[int(c)] for c in classes]
         other = np.flatnonzero(labels != classes[winner])  # contrastive evidence: the nearest case that is not
         nearest_other = (
@@ -289,11 +307,17 @@ class RetrievalService:
             dist, ids = cases.nearest(q, k)
             info = cases.describe([int(c) for c in ids])
             shown = [
-                {**info[int(c)], "distance": round(float(d), 4), "rank": j + 1}
+                {
+                    **info[int(c)],
+                    "distance": round(float(d), 4),
+                    "rank": j + 1,
+                    "same_image_as_query": int(c) in own_ids,
+                }
                 for j, (d, c) in enumerate(zip(dist, ids))
             ]
             return {
                 **NO_TYPE,
+                **already,
                 "tumor_found": False,
                 "tumor_presence": presence,
                 "retrievals": shown,
@@ -303,6 +327,7 @@ class RetrievalService:
                 "nearest_distance": round(nearest, 4),
             }
         return {
+            **already,
             "tumor_found": found,
             "tumor_presence": presence,
             "prediction": names[winner],

@@ -21,6 +21,7 @@ import numpy as np
 from neurocbir.classify.presence import TumorPresence, fit_presence
 from neurocbir.data.cases import CLASS_NAMES, NO_TUMOR, NO_TUMOR_LABEL, PLANES, CaseTable, load_cases, mask_for_image
 from neurocbir.reports.text import ReportAttributes, cached_llm_reports, case_attributes, make_report
+from neurocbir.retrieval.duplicates import Duplicate, DuplicateIndex, ImagePrints
 from neurocbir.retrieval.examples import find_example, list_examples
 from neurocbir.retrieval.index import VectorIndex
 from neurocbir.retrieval.neighbours import compact, first_per_group
@@ -139,6 +140,7 @@ class _SearchedCases:
     first_depth = 64  # deep_search doubles it only when NIR needs more
     partitioned = False  # the store is split by tumor type and plane (group_keys): filters pick partitions
     presence: TumorPresence | None = None  # fitted on the source's tumor and no-tumor cases, if it has both
+    duplicate_index: DuplicateIndex | None = None  # the cases' fingerprints, where the source keeps them
 
     def _case_ids(self, ids: np.ndarray) -> np.ndarray:
         return ids
@@ -156,6 +158,11 @@ class _SearchedCases:
 
     def nearest_trunk(self, trunk: np.ndarray) -> float | None:
         return None if self.trunk_index is None else float(self.trunk_index.search(trunk, 1)[0][0, 0])
+
+    def duplicates_of(self, prints: ImagePrints) -> list[Duplicate]:
+        """The source's cases that show the scan itself (re-encoded, resized, cropped a little or
+        mirrored); none where the source keeps no prints."""
+        return [] if self.duplicate_index is None else self.duplicate_index.find(prints)
 
     def tumor_presence(self, trunk: np.ndarray) -> float | None:
         return None if self.presence is None else float(self.presence.proba_no_tumor(trunk)[0])
@@ -357,6 +364,7 @@ class ArchiveCases(_SearchedCases):
         self.trunk_index = VectorIndex.build(trunk) if complete else None
         # presence: every case with a tumor (of a known type or not) against those without
         self.presence = fit_presence(trunk if complete else None, cols["label"] != NO_TUMOR_LABEL)
+        self.duplicate_index = DuplicateIndex.of_archive(self.archive)
         self.far_threshold = self._far_threshold(cols["patient_key"])
 
     def changed(self) -> bool:

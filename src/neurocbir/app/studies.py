@@ -14,6 +14,7 @@ from neurocbir.classify import study as study_calibration
 from neurocbir.data.cases import CLASS_NAMES
 from neurocbir.data.studies import Study
 from neurocbir.models.lesion import tumor_outline
+from neurocbir.retrieval.duplicates import ImagePrints
 
 BATCH = 32  # slices per CNN pass
 
@@ -36,7 +37,9 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     slices, tumor_rows, labels = [], [], []
     for i, s in enumerate(study.slices):
         searched = cases.neighbours(emb[i : i + 1], False)  # searched once: the slice's NIR and the study's
-        ev = service._evidence(cases, emb[i : i + 1], desc[i : i + 1], k, False, coverage, False, None, searched)
+        pair = ImagePrints(s.pixels)
+        ev = service._evidence(cases, emb[i : i + 1], desc[i : i + 1], pair, k, False, coverage, False, None, searched)
+        own = [d.case_id for d in cases.duplicates_of(pair)]  # the slice itself in the archive: no evidence
         outline = None
         if ev["tumor_found"] is not False and probs[i] is not None:
             outline = tumor_outline(probs[i], s.pixels.shape[:2], s.spacing_mm, service.tumor_level)
@@ -55,7 +58,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         )
         if ev["tumor_found"] is not False and not ev["no_similar_case"]:
             tumor_rows.append(i)
-            labels.append(searched[2])
+            labels.append(searched[2][~np.isin(searched[1], own)])
     out = {
         "n_slices": len(slices),
         "kind": study.kind,

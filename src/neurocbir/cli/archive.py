@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,13 @@ def add(
     examples: bool = typer.Option(
         False, "--examples", help="store the scans as held-out examples to try the app with (never searched)"
     ),
+    keep_duplicates: bool = typer.Option(
+        False,
+        "--keep-duplicates",
+        help="add scans that the archive already holds in another file (re-encoded, resized, cropped a little or "
+        "mirrored) all the same; by default each is reported with the case it duplicates and not added",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="end with a JSON summary on standard output"),
 ) -> None:
     """Embed the scans of FOLDER (or of a PACS, with --dicomweb) and add them to a case archive;
     safe to kill and rerun (resumes, never duplicates). Patient names and ids are not stored."""
@@ -60,7 +68,7 @@ def add(
 
     def show(done: int, total: int) -> None:
         nonlocal bar
-        bar = bar or tqdm(total=total, desc="adding cases", unit="scan")
+        bar = bar or tqdm(total=total, desc="adding cases", unit="scan", disable=json_out)
         bar.update(done - bar.n)
 
     try:
@@ -81,23 +89,34 @@ def add(
             study,
             part,
             examples,
+            keep_duplicates,
         )
     finally:
         if bar is not None:
             bar.close()
     kind = "examples" if out.get("examples") else "cases"
-    typer.echo(
+    say = (lambda text, **_: typer.echo(text, err=True)) if json_out else typer.secho
+    say(
         f"{out['added']} {kind} added, {out['already_there']} already there; the archive at {archive} holds "
         f"{out['total']} cases ({out['check']['store_count']} in its {out['store']} index)"
     )
+    dups = out["duplicates"]
+    for d in dups[:20]:
+        how = "a mirror image of" if d["mirrored"] else "the same image as"
+        say(f"  {d['file']} is {how} case {d['case_id']}: {'added all the same' if d['kept'] else 'not added'}")
+    if len(dups) > 20:
+        say(f"  ... and {len(dups) - 20} more duplicates")
+    if dups and not keep_duplicates:
+        say(f"  {len(dups)} duplicate(s) not added (--keep-duplicates adds them)", fg=typer.colors.YELLOW)
     if out["unlabelled"]:
-        typer.secho(
-            f"  {out['unlabelled']} instances on the server are not in {labels}: not added", fg=typer.colors.YELLOW
-        )
+        say(f"  {out['unlabelled']} instances on the server are not in {labels}: not added", fg=typer.colors.YELLOW)
     for e in out["errors"][:20]:
-        typer.secho(f"  skipped {e}", fg=typer.colors.YELLOW)
+        say(f"  skipped {e}", fg=typer.colors.YELLOW)
     if len(out["errors"]) > 20:
-        typer.secho(f"  ... and {len(out['errors']) - 20} more unreadable files", fg=typer.colors.YELLOW)
+        say(f"  ... and {len(out['errors']) - 20} more unreadable files", fg=typer.colors.YELLOW)
+    if json_out:
+        summary = {k: out[k] for k in ("added", "already_there", "duplicates", "errors", "total", "unlabelled")}
+        typer.echo(json.dumps({**summary, "examples": bool(out.get("examples")), "store": out["store"]}))
 
 
 def remove(

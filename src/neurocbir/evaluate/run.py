@@ -85,8 +85,18 @@ def evaluate_run(
     trials = _trials(run)
     evaluations = [evaluate_trial(tdir, table, one_per_patient, calibrators) for tdir in trials]
     result = summarize_trials(run, cfg, evaluations, calibrators, one_per_patient)
+    result["test_twins"] = test_twins(table, cfg["fold"], cfg.get("extra_cases"))
     write_json(run / "metrics.json", result)
-    write_text(run / "metrics.md", markdown_tables([result]))
+    twins = result["test_twins"]
+    said = (
+        "Test slices with a twin (re-encoded, resized, cropped or mirrored) among the archive and training cases: "
+        + (
+            ", ".join(f"case {t['test_case']} ~ {t['twin']}{' (mirrored)' if t['mirrored'] else ''}" for t in twins)
+            or "none"
+        )
+        + ".\n"
+    )
+    write_text(run / "metrics.md", markdown_tables([result]) + "\n" + said)
     if plots:
         make_plots(run, trials[0], table, result)
         if calibrators:
@@ -98,6 +108,33 @@ def evaluate_run(
             }
             reliability_diagram(run / "reliability.png", y, curves)
     return result
+
+
+def test_twins(table: CaseTable, fold: int, extra_cases: str | None = None) -> list[dict]:
+    """The test fold's slices that have a twin (the same slice re-encoded, resized, cropped a
+    little or mirrored: :mod:`neurocbir.retrieval.duplicates`) among the training folds (the run's
+    archive) or the other hospitals' development part it trained on: figures over such a slice
+    are not independent, so every evaluation names them."""
+    from neurocbir.retrieval.duplicates import DuplicateIndex, ImagePrints
+
+    train, test = np.flatnonzero(table.fold != fold), np.flatnonzero(table.fold == fold)
+    names = [f"figshare case {int(table.idx[r])}" for r in train]
+    images = [table.load_image(int(r)) for r in train]
+    if extra_cases:
+        from neurocbir.data.external import load_external, part
+
+        dev = part(load_external(extra_cases), "development")
+        names += [f"{dev.sources[i] or 'external'} {dev.files[i]}" for i in range(len(dev))]
+        images += [dev.load_image(i) for i in range(len(dev))]
+    prints = [ImagePrints(im) for im in images]
+    index = DuplicateIndex().add(range(len(names)), [p.coarse[0] for p in prints], [p.fine for p in prints])
+    out = []
+    for r in test:
+        found = index.find(table.load_image(int(r)))
+        if found:
+            twin = found[0]
+            out.append({"test_case": int(table.idx[r]), "twin": names[twin.case_id], "mirrored": twin.mirrored})
+    return out
 
 
 def summarize_trials(

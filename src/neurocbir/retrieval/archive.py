@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS cases (
     report TEXT,
     embedding BLOB NOT NULL,
     trunk BLOB,
+    fingerprint BLOB,
     state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'indexed', 'deleting')),
     added TEXT NOT NULL
 );
@@ -78,6 +79,8 @@ class CaseRecord:
     trunk: np.ndarray | None = None
     source_case: int | None = None
     report: str | None = None
+    #: the image's near-duplicate prints (:meth:`neurocbir.retrieval.duplicates.ImagePrints.stored`)
+    fingerprint: np.ndarray | None = None
 
 
 class CaseArchive:
@@ -114,6 +117,9 @@ class CaseArchive:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(cases)")}
+            if "fingerprint" not in columns:  # an archive made before duplicates were recognised
+                db.execute("ALTER TABLE cases ADD COLUMN fingerprint BLOB")
         else:
             db.execute("PRAGMA query_only=ON")
         return db
@@ -295,13 +301,38 @@ class CaseArchive:
         return hashlib.sha256((self.meta["patient_salt"] + str(patient_id)).encode()).hexdigest()[:32]
 
     def known_hashes(self, hashes: Iterable[str]) -> set[str]:
+        return set(self.ids_of(hashes))
+
+    def ids_of(self, hashes: Iterable[str]) -> dict[str, int]:
+        """The case id of each content hash the archive holds."""
         hashes = list(hashes)
-        found: set[str] = set()
+        found: dict[str, int] = {}
         for b in range(0, len(hashes), 500):
             chunk = hashes[b : b + 500]
-            q = f"SELECT content_sha256 FROM cases WHERE content_sha256 IN ({','.join('?' * len(chunk))})"
-            found.update(r[0] for r in self.db.execute(q, chunk))
+            q = f"SELECT content_sha256, id FROM cases WHERE content_sha256 IN ({','.join('?' * len(chunk))})"
+            found.update((r[0], int(r[1])) for r in self.db.execute(q, chunk))
         return found
+
+    def fingerprints(self, width: int, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, the first ``width`` values of each stored print: the coarse fingerprint) of the
+        cases that have one (float32, one row each)."""
+        ids, prints = [], []
+        cur = self.db.execute(
+            "SELECT id, fingerprint FROM cases WHERE state != 'deleting' AND fingerprint IS NOT NULL ORDER BY id"
+        )
+        while rows := cur.fetchmany(chunk):
+            ids += [r[0] for r in rows]
+            prints.append(np.stack([np.frombuffer(r[1], dtype=np.float16)[:width] for r in rows]).astype(np.float32))
+        return np.array(ids, dtype=np.int64), (np.concatenate(prints) if prints else np.zeros((0, width), np.float32))
+
+    def stored_prints(self, case_ids: list[int]) -> np.ndarray:
+        """The whole stored print of each case (float32, in the order asked)."""
+        q = f"SELECT id, fingerprint FROM cases WHERE id IN ({','.join('?' * len(case_ids))})"
+        with self._lock:
+            found = {
+                r[0]: np.frombuffer(r[1], dtype=np.float16) for r in self.db.execute(q, [int(c) for c in case_ids])
+            }
+        return np.stack([found[int(c)] for c in case_ids]).astype(np.float32)
 
     def add(self, records: list[CaseRecord], index: bool = True) -> int:
         """Insert new cases in one transaction (already-known content is skipped), then index
@@ -314,6 +345,7 @@ class CaseArchive:
             if not 0 <= int(r.label) < len(CASE_LABELS):
                 raise ArchiveError(f"{r.image_path}: label {r.label} is not one of 0..{len(CASE_LABELS) - 1}")
             trunk = None if r.trunk is None else np.asarray(r.trunk, dtype=np.float32).ravel().tobytes()
+            fp = None if r.fingerprint is None else np.asarray(r.fingerprint, dtype=np.float16).ravel().tobytes()
             rows.append(
                 (
                     r.content_sha256,
@@ -326,6 +358,7 @@ class CaseArchive:
                     r.report,
                     e.tobytes(),
                     trunk,
+                    fp,
                     time.strftime("%Y-%m-%dT%H:%M:%S"),
                 )
             )
@@ -333,7 +366,7 @@ class CaseArchive:
         with self._transaction():
             self.db.executemany(
                 "INSERT OR IGNORE INTO cases (content_sha256, label, patient_key, plane, area_mm2, image_path, "
-                "source_case, report, embedding, trunk, added) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "source_case, report, embedding, trunk, fingerprint, added) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
         new = self.db.total_changes - before

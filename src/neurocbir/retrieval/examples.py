@@ -27,9 +27,21 @@ CREATE TABLE IF NOT EXISTS examples (
 """
 
 
-def add_examples(archive: CaseArchive, files: list[CaseFile]) -> tuple[int, int]:
-    """Store ``files`` as examples (the writer's; a file already there is skipped). Returns
-    (added, already there)."""
+def add_examples(archive: CaseArchive, files: list[CaseFile], duplicates=None) -> tuple[int, int, list[dict]]:
+    """Store ``files`` as examples (the writer's; a file already there is skipped; with
+    ``duplicates``, an :class:`~neurocbir.retrieval.ingest.DuplicateCheck`, one whose image the
+    archive's cases already hold is left out and reported). Returns (added, already there,
+    duplicates found)."""
+    if duplicates is not None:
+        kept = []
+        for f in files:
+            try:
+                image = f.pixels()
+            except (ValueError, OSError):  # kept as before: the app says so when it is opened
+                kept.append(f)
+                continue
+            kept += [g for g, _ in duplicates.split([(f, "")], [image], remember=False)[0]]
+        files = kept
     rows = [
         (f.key or sha256_file(f.path), int(f.label), str(f.path), f.source_case, time.strftime("%Y-%m-%dT%H:%M:%S"))
         for f in files
@@ -47,7 +59,7 @@ def add_examples(archive: CaseArchive, files: list[CaseFile]) -> tuple[int, int]
         archive.db.execute("ROLLBACK")
         raise
     added = archive.db.total_changes - before
-    return added, len(rows) - added
+    return added, len(rows) - added, [] if duplicates is None else duplicates.found
 
 
 def _rows(archive: CaseArchive, where: str = "", args: tuple = ()) -> list[tuple]:

@@ -20,10 +20,48 @@ from neurocbir.data.cases import load_cases
 from neurocbir.files import sha256_file
 from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
 from neurocbir.retrieval.casefiles import CaseFile, scan_folder
+from neurocbir.retrieval.duplicates import DuplicateIndex, ImagePrints
 from neurocbir.retrieval.examples import add_examples
 
 # images -> (embeddings, trunk descriptors): a model's embedding function, as `add_folder` calls it
 Embedder = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
+class DuplicateCheck:
+    """Which incoming images an archive already holds (re-encoded, resized, cropped a little or
+    mirrored: :mod:`neurocbir.retrieval.duplicates`), this run's earlier files included."""
+
+    def __init__(self, archive: CaseArchive, keep: bool = False):
+        self.archive, self.keep = archive, keep
+        self.index = DuplicateIndex.of_archive(archive)
+        self.found: list[dict] = []
+        self._pending: dict[int, str] = {}  # a temporary id (< 0) -> content hash, until committed
+
+    def split(self, batch: list, images: list[np.ndarray], remember: bool = True) -> tuple[list, list, list]:
+        """(files, images, fingerprints) to add: those that duplicate nothing (all of them with
+        ``keep``); the others are recorded in :attr:`found`. ``remember``: later files are checked
+        against these too (not for examples, which are never searched)."""
+        kept, kept_images, prints = [], [], []
+        for (f, h), image in zip(batch, images):
+            pair = ImagePrints(image)
+            dup = self.index.find(pair)
+            if dup:
+                case_id = dup[0].case_id
+                if case_id < 0:  # one of this run's files, committed since
+                    case_id = self.archive.ids_of([self._pending[case_id]]).get(self._pending[case_id], case_id)
+                self.found.append(
+                    {"file": f.shown_name, "case_id": case_id, "mirrored": dup[0].mirrored, "kept": self.keep}
+                )
+                if not self.keep:
+                    continue
+            if remember:
+                temp = -(len(self._pending) + 1)
+                self._pending[temp] = h
+                self.index.add([temp], pair.coarse[:1], pair.fine[None])
+            kept.append((f, h))
+            kept_images.append(image)
+            prints.append(pair.stored)
+        return kept, kept_images, prints
 
 
 def add_folder(
@@ -33,17 +71,21 @@ def add_folder(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     index_every_s: float = 30.0,
+    keep_duplicates: bool = False,
 ) -> dict:
     """Embed and add the files the archive does not hold yet, one committed batch at a time
     (so a killed run resumes where it stopped). The store is written every ``index_every_s``
     seconds and at the end (saving a large index per batch would dominate); committed cases
-    not yet in the store are indexed on the next open. Unreadable files are skipped and reported."""
+    not yet in the store are indexed on the next open. Unreadable files are skipped and reported;
+    so are images the archive already holds in another file (a re-encoded, resized, slightly
+    cropped or mirrored copy), unless ``keep_duplicates``."""
     hashes = [f.key or sha256_file(f.path) for f in files]
     known = archive.known_hashes(hashes)
     todo = [(f, h) for f, h in zip(files, hashes) if h not in known]
     seen: set[str] = set()
     todo = [(f, h) for f, h in todo if not (h in seen or seen.add(h))]  # the same file twice in one folder
     added, skipped, errors = 0, len(files) - len(todo), []
+    dups = DuplicateCheck(archive, keep_duplicates)
     if progress:
         progress(skipped)
 
@@ -65,14 +107,15 @@ def add_folder(
             batch, images = pending.result()
             if i + 1 < len(chunks):
                 pending = reader.submit(read, chunks[i + 1])
+            batch, images, prints = dups.split(batch, images)
             if batch:
                 emb, trunk = embed(images)
                 added += archive.add(
                     [
                         CaseRecord(
-                            h, f.label, f.patient_id, f.plane, f.area_mm2, str(f.path), e, t, f.source_case, f.report
+                            h, f.label, f.patient_id, f.plane, f.area_mm2, str(f.path), e, t, f.source_case, f.report, p
                         )
-                        for (f, h), e, t in zip(batch, emb, trunk)
+                        for (f, h), e, t, p in zip(batch, emb, trunk, prints)
                     ],
                     index=False,
                 )
@@ -82,7 +125,7 @@ def add_folder(
             if progress:
                 progress(len(chunk))
     archive.index_pending()
-    return {"added": added, "already_there": skipped, "errors": errors, "total": len(archive)}
+    return {"added": added, "already_there": skipped, "duplicates": dups.found, "errors": errors, "total": len(archive)}
 
 
 def ingest(
@@ -101,6 +144,7 @@ def ingest(
     study: str | None = None,
     part: str | None = None,
     as_examples: bool = False,
+    keep_duplicates: bool = False,
 ) -> dict:
     """``neurocbir add``: embed the new scans of ``folder`` (or of the DICOMweb server
     ``dicomweb`` that ``labels`` labels, optionally one ``study``) with ``run``'s encoder into
@@ -108,7 +152,9 @@ def ingest(
     lock. ``progress(done, total)`` is called as files are handled. Returns the counts, the
     errors and the archive's consistency check. ``part``: of a folder of other hospitals' slices,
     only its development or validation part. ``as_examples``: store the scans as held-out
-    examples to try the app with, never searched (:mod:`neurocbir.retrieval.examples`)."""
+    examples to try the app with, never searched (:mod:`neurocbir.retrieval.examples`); an example
+    that duplicates an archive case is left out (it would only find itself). ``keep_duplicates``:
+    add images that duplicate a stored case all the same (each is still reported)."""
     from neurocbir.models.inference import load_model
     from neurocbir.models.runs import first_weights
 
@@ -132,7 +178,7 @@ def ingest(
         )
         try:
             if as_examples:
-                added, there = add_examples(archive, files)
+                added, there, found = add_examples(archive, files, DuplicateCheck(archive, keep_duplicates))
                 if progress:
                     progress(len(files), len(files))
                 return {
@@ -141,6 +187,7 @@ def ingest(
                     "errors": [],
                     "total": len(archive),
                     "examples": True,
+                    "duplicates": found,
                     "store": archive.meta["store"],
                     "check": archive.check(),
                     "unlabelled": unlabelled,
@@ -153,7 +200,7 @@ def ingest(
                 if progress:
                     progress(done, len(files))
 
-            out = add_folder(archive, files, model.embed, batch_size, step, index_every_s)
+            out = add_folder(archive, files, model.embed, batch_size, step, index_every_s, keep_duplicates)
             return {**out, "store": archive.meta["store"], "check": archive.check(), "unlabelled": unlabelled}
         finally:
             archive.close()

@@ -46,7 +46,7 @@ async function init() {
   $("exampleRow").hidden = !ex.examples.length;  // an archive has no held-out examples
   for (const e of ex.examples) {
     const o = document.createElement("option");
-    o.value = e.case_id; o.textContent = `case ${e.case_id} (${e.label === "notumor" ? "no tumor" : e.label})`;
+    o.value = e.case_id; o.textContent = `case ${e.case_id} (${{notumor: "no tumor", tumor: "tumor, type not given"}[e.label] || e.label})`;
     $("example").appendChild(o);
   }
   for (const q of ex.questions) {
@@ -120,6 +120,10 @@ function cell(row, text, tag = "td") { row.appendChild(el(tag, text)); }
 function showPrediction() {
   $("predBox").hidden = false;
   $("far").hidden = !last.no_similar_case;
+  const dup = last.already_in_archive;
+  $("already").hidden = !dup;
+  $("already").textContent = dup ? `This scan is already in the archive as case ${dup.case_id}` +
+    `${dup.mirrored ? " (mirrored left-right)" : ""}: that case is shown but not counted as evidence.` : "";
   const none = last.tumor_found === false, p = last.tumor_presence;
   $("noTumor").hidden = !none; $("typeAnswer").hidden = none;
   $("presence").textContent = last.tumor_found === null ? `Tumor presence ${p.note}.` : "";
@@ -296,7 +300,9 @@ async function showGallery() {
     }
     marks.append(said);
     const title = el("div");
-    title.append(el("b", `#${i + 1}`), " ", el("span", r.label === "notumor" ? "no tumor" : r.label, `chip ${r.label}`), ` ${r.plane || ""}`);
+    const shown = {notumor: "no tumor", tumor: "tumor, type not given"}[r.label] || r.label;
+    title.append(el("b", `#${i + 1}`), " ", el("span", shown, `chip ${r.label}`), ` ${r.plane || ""}`);
+    if (r.same_image_as_query) title.append(" ", el("span", "the query itself: not counted as evidence", "warn"));
     d.append(wrap, title,
       el("div", `size ${r.area_mm2 == null ? "unknown" : r.area_mm2.toFixed(1) + " mm²"} · distance ${r.distance.toFixed(3)}`),
       el("div", `Report ${i + 1}: ${c.report || "(no report)"}`, "report"), cmp, " ", why, marks);

@@ -1,0 +1,135 @@
+"""Duplicates (issue 38): an archive recognises an image it already holds (re-encoded, resized,
+cropped a little or mirrored), `neurocbir add` reports and skips it, and a query whose image is in
+the archive says so and does not count that case as evidence."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurocbir.retrieval.duplicates import DuplicateIndex, ImagePrints
+
+
+def _jpeg(image: np.ndarray, quality: int = 70) -> np.ndarray:
+    u8 = np.uint8(np.clip(image / max(float(image.max()), 1e-6) * 255, 0, 255))
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("L"), dtype=np.float32)
+
+
+def _copies(image: np.ndarray) -> dict[str, tuple[np.ndarray, bool]]:
+    h, w = image.shape
+    small = np.asarray(Image.fromarray(image).resize((w * 2 // 3, h * 2 // 3), Image.Resampling.BILINEAR))
+    return {
+        "re-encoded": (_jpeg(image), False),
+        "resized": (small, False),
+        "cropped": (image[h // 50 : h - h // 50, w // 50 : w - w // 50], False),
+        "mirrored": (image[:, ::-1].copy(), True),
+        "mirrored, re-encoded, resized": (_jpeg(small[:, ::-1].copy()), True),
+    }
+
+
+@pytest.fixture(scope="module")
+def one_per_patient(cases):
+    """One slice of each of 60 patients (seeded, printed), as they are stored."""
+    seed = 38
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    patients = rng.choice(np.unique(cases.patient_id), 60, replace=False)
+    return [int(rng.choice(np.flatnonzero(cases.patient_id == p))) for p in patients]
+
+
+def test_copies_are_found_as_their_original_and_other_patients_are_not(cases, one_per_patient):
+    images = [cases.load_image(r) for r in one_per_patient]
+    prints = [ImagePrints(im) for im in images]
+    coarse, fine = np.stack([p.coarse[0] for p in prints]), np.stack([p.fine for p in prints])
+    index = DuplicateIndex().add(range(len(images)), coarse, fine)
+    for i, image in enumerate(images[:20]):
+        for name, (copy, mirrored) in _copies(image).items():
+            found = index.find(copy)
+            assert found, f"slice {one_per_patient[i]}: its {name} copy was not found"
+            assert (found[0].case_id, found[0].mirrored) == (i, mirrored), (name, found)
+    for i in range(len(images)):  # every other patient's slice, both orientations: none is taken for i
+        rest = [j for j in range(len(images)) if j != i]
+        others = DuplicateIndex().add(rest, coarse[rest], fine[rest])
+        assert others.find(prints[i]) == [], f"slice {one_per_patient[i]} taken for another patient's"
+
+
+def _add(folder, archive, run, *extra):
+    cmd = [sys.executable, "-m", "neurocbir.cli", "add", str(folder), "--archive", str(archive), "--run", str(run)]
+    r = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def _folder(path, rows):
+    path.mkdir()
+    with open(path / "cases.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "patient_id"])
+        for name, image, label, pid in rows:
+            Image.fromarray(np.uint8(np.clip(image / max(float(image.max()), 1e-6) * 255, 0, 255))).save(path / name)
+            w.writerow([name, label, pid])
+    return path
+
+
+def test_add_reports_duplicates_and_a_query_of_an_archived_image_says_so(small_cases, small_run, tmp_path):
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.classify.neighbors import nir_positions
+    from neurocbir.data.cases import CLASS_NAMES
+
+    rows = np.arange(len(small_cases))[: len(small_cases) * 2 // 3 : 4]
+    images = {int(r): small_cases.load_image(int(r)) for r in rows}
+    first = [
+        (f"s{r}.png", im, CLASS_NAMES[small_cases.label[r]], small_cases.patient_id[r]) for r, im in images.items()
+    ]
+    archive = tmp_path / "archive"
+    _add(_folder(tmp_path / "first", first), archive, small_run)
+    r0, r1 = (int(r) for r in rows[:2])
+    stored_patients = set(small_cases.patient_id[rows].tolist())
+    fresh_row = next(i for i in range(len(small_cases)) if small_cases.patient_id[i] not in stored_patients)
+    label0 = CLASS_NAMES[small_cases.label[r0]]
+    second = [
+        ("flipped.png", images[r0][:, ::-1].copy(), label0, "someone"),  # a display copy
+        ("again.png", _jpeg(images[r1], 60), CLASS_NAMES[small_cases.label[r1]], "x"),  # re-exported
+        ("new.png", small_cases.load_image(fresh_row), "glioma", "new"),  # another patient's slice
+    ]
+    folder = _folder(tmp_path / "second", second)
+    out = _add(folder, archive, small_run, "--json")
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    by_file = {d["file"]: d for d in summary["duplicates"]}
+    from neurocbir.retrieval.archive import CaseArchive
+
+    arch = CaseArchive.open(archive, writer=False)
+    stored = {row[1]: row[0] for row in arch.db.execute("SELECT id, image_path FROM cases")}
+    arch.close()
+    id0, id1 = stored[str(tmp_path / "first" / f"s{r0}.png")], stored[str(tmp_path / "first" / f"s{r1}.png")]
+    assert by_file.keys() == {"flipped.png", "again.png"} and summary["added"] == 1
+    assert (by_file["flipped.png"]["case_id"], by_file["flipped.png"]["mirrored"]) == (id0, True)
+    assert (by_file["again.png"]["case_id"], by_file["again.png"]["mirrored"]) == (id1, False)
+
+    service = RetrievalService.from_archive(small_run, archive)
+    answer = service.query(np.asarray(Image.open(folder / "flipped.png"), dtype=np.float32), k=10)
+    assert answer["already_in_archive"]["case_id"] == id0 and answer["already_in_archive"]["mirrored"] is True
+    marked = [r["case_id"] for r in answer["retrievals"] if r["same_image_as_query"]]
+    assert marked in ([], [id0]) and all(
+        r["case_id"] != id0 for r in answer["retrievals"] if not r["same_image_as_query"]
+    )
+    q, _, _ = service.analyse(np.asarray(Image.open(folder / "flipped.png"), dtype=np.float32))
+    dist, ids, labels = service.cases.neighbours(q, False)
+    others = labels[ids != id0]
+    expected = nir_positions(others[None], len(CLASS_NAMES))[0][service.cases.classes]
+    assert [answer["nir_positions"][CLASS_NAMES[c]] for c in service.cases.classes] == expected.tolist()
+    fresh = service.query(np.asarray(Image.open(folder / "new.png"), dtype=np.float32))
+    assert fresh["already_in_archive"] is None
+
+    out = _add(folder, archive, small_run, "--keep-duplicates", "--json")
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["added"] == 2 and {d["file"] for d in summary["duplicates"]} == {"flipped.png", "again.png"}
