@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -163,9 +164,12 @@ def site_archive(small_external, small_run, small_data_dir, tmp_path_factory) ->
     ]
     from neurocbir.cli import app as cli
 
+    summaries = []
     for args in steps:
-        res = CliRunner().invoke(cli, ["add", *args, "--archive", str(root), "--run", str(small_run)])
+        res = CliRunner().invoke(cli, ["add", *args, "--archive", str(root), "--run", str(small_run), "--json"])
         assert res.exit_code == 0, res.output
+        summaries.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    (root.parent / "summaries.json").write_text(json.dumps(summaries))
     return root
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,27 +24,35 @@ runner = CliRunner()
 
 def test_external_layout_and_its_group_wise_split(external):
     cases = load_external(external)
-    assert len(cases) == 786 and set(cases.labels) == {*CLASS_NAMES, "notumor"}
-    assert int((~cases.tumor).sum()) == 294
+    assert len(cases) == 3437 and set(cases.labels) == {*CLASS_NAMES, "notumor", "tumor"}
+    assert int((~cases.tumor).sum()) == 2214 and int((cases.labels == "tumor").sum()) == 513
+    assert set(cases.sources) == {"tcga-lgg", "br35h", "kaggle-training", "sartaj-training"}
+    tcga = cases.sources == "tcga-lgg"
+    assert len(set(cases.patients[tcga])) == 46 and (cases.mask_files[tcga] != "").all()
+    assert (cases.load_mask(int(np.flatnonzero(tcga & cases.tumor)[0]))).any()  # a glioma's mask outlines it
     dev, val = development_split(cases)
     assert len(dev) + len(val) == len(cases) and not set(dev) & set(val)
-    assert not set(cases.groups[dev]) & set(cases.groups[val])  # a group never straddles the split
-    for label in set(cases.labels):  # every label on both sides, in about the same share
-        share = (cases.labels[val] == label).sum() / (cases.labels == label).sum()
-        assert 0.35 < share < 0.65, (label, share)
+    assert not set(cases.groups[dev]) & set(cases.groups[val])  # a group (a TCGA patient) never straddles it
+    for source in set(cases.sources):  # every source's labels on both sides, in about the same share
+        for label in set(cases.labels):
+            sel = (cases.sources == source) & (cases.labels == label)
+            if sel.sum() >= 100:
+                share = sel[val].sum() / sel.sum()
+                assert 0.3 < share < 0.7, (source, label, share)
     assert development_split(cases)[1].tolist() == val.tolist()  # fixed: the same split everywhere
     # the bundled figshare folder names its images the same way, but is not this layout
     assert is_external_layout(external) and not is_external_layout(external.parent / "brain-tumor-figshare")
 
 
 def test_bad_external_folders_get_clear_errors(tmp_path):
-    (tmp_path / "metadata.csv").write_text("image_file,label_name\nimages/1.jpg,tumour\n")
-    with pytest.raises(DatasetError, match="label_name 'tumour' is not one of"):
+    (tmp_path / "metadata.csv").write_text("image_file,label_name\nimages/1.jpg,cyst\n")
+    with pytest.raises(DatasetError, match="label_name 'cyst' is not one of"):
         load_external(tmp_path)
     (tmp_path / "metadata.csv").write_text("image_file,label_name\n../../etc/passwd,glioma\n")
     with pytest.raises(DatasetError, match="not a file inside"):
         load_external(tmp_path)
     assert parse_label("notumor", "x") == 3 and parse_label("No tumor", "x") == 3 and parse_label("2", "x") == 1
+    assert parse_label("tumor", "x") == 4  # a tumor whose type was not given
     with pytest.raises(ArchiveError, match="notumor"):
         parse_label("cyst", "cases.csv, line 2")
 
@@ -57,8 +66,12 @@ def test_no_tumor_slices_go_into_the_archive_as_such(site_archive, small_externa
     n_fig = int((small_cases.fold != 5).sum())
     assert len(labels) == n_fig + unique_dev
     assert (labels == 3).sum() == len({ext.path(i).read_bytes() for i in dev if not ext.tumor[i]})
+    assert (labels == 4).sum() == len({ext.path(i).read_bytes() for i in dev if ext.labels[i] == "tumor"})
     n_examples = arch.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
-    assert n_examples == int((small_cases.fold == 5).sum()) + len({ext.path(i).read_bytes() for i in val})
+    left_out = json.loads((site_archive.parent / "summaries.json").read_text())[-1]["duplicates"]
+    assert all(not d["kept"] for d in left_out)  # an example that is an archive case would only find itself
+    expected = int((small_cases.fold == 5).sum()) + len({ext.path(i).read_bytes() for i in val}) - len(left_out)
+    assert n_examples == expected
     arch.close()
 
 

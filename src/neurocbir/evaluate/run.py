@@ -121,9 +121,19 @@ def test_twins(table: CaseTable, fold: int, extra_cases: str | None = None) -> l
     names = [f"figshare case {int(table.idx[r])}" for r in train]
     images = [table.load_image(int(r)) for r in train]
     if extra_cases:
-        from neurocbir.data.external import load_external, part
+        from neurocbir.data.cases import default_data_dir
+        from neurocbir.data.external import default_external_dir, load_external, part
 
-        dev = part(load_external(extra_cases), "development")
+        folder = Path(extra_cases)
+        if not folder.is_dir():  # a run trained on another machine: the same folder where it lies here
+            here = default_external_dir(default_data_dir())
+            if here is None or here.name != folder.name:
+                raise FileNotFoundError(
+                    f"the run trained on {extra_cases}, which is not here: set NEUROCBIR_EXTERNAL to that folder "
+                    "so that its test slices can be checked against it"
+                )
+            folder = here
+        dev = part(load_external(folder), "development")
         names += [f"{dev.sources[i] or 'external'} {dev.files[i]}" for i in range(len(dev))]
         images += [dev.load_image(i) for i in range(len(dev))]
     prints = [ImagePrints(im) for im in images]
