@@ -58,7 +58,7 @@ def test_query_contract(client, test_case, small_cases):
     d = [x["distance"] for x in out["retrievals"]]
     assert d == sorted(d)
     for rank, x in enumerate(out["retrievals"], 1):
-        assert set(x) == {"case_id", "label", "plane", "area_mm2", "distance", "rank"}
+        assert set(x) == {"case_id", "label", "plane", "area_mm2", "distance", "rank", "same_image_as_query"}
         assert x["label"] in CLASS_NAMES and x["rank"] == rank  # no re-ranking asked for
     # NIR confidence is the softmax of I_c: the winner's I_c leading retrievals share its label
     ic = out["nir_positions"][out["prediction"]]

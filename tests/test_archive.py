@@ -19,9 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from neurocbir.cli import app as cli
+from neurocbir.files import writer_lock
 from neurocbir.models.runs import checkpoint_sha256
 from neurocbir.reports.text import parse_report
-from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
+from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord
 from neurocbir.retrieval.casefiles import scan_folder
 from neurocbir.retrieval.index import IndexMismatchError
 
@@ -31,6 +32,9 @@ def _sha(run):
 
 
 def _add_cmd(folder, archive, run, *extra):
+    """`neurocbir add` as a hospital runs it; these tests are about crash safety and counts, so a
+    patient's neighbouring slices are kept even where they look nearly alike (tests/test_duplicates.py
+    checks what is taken for a duplicate)."""
     return [
         sys.executable,
         "-m",
@@ -41,6 +45,7 @@ def _add_cmd(folder, archive, run, *extra):
         str(archive),
         "--run",
         str(run),
+        "--keep-duplicates",
         *extra,
     ]
 

@@ -30,7 +30,7 @@ def _copies(image: np.ndarray) -> dict[str, tuple[np.ndarray, bool]]:
     return {
         "re-encoded": (_jpeg(image), False),
         "resized": (small, False),
-        "cropped": (image[h // 50 : h - h // 50, w // 50 : w - w // 50], False),
+        "cropped": (image[h // 100 : h - h // 100, w // 100 : w - w // 100], False),
         "mirrored": (image[:, ::-1].copy(), True),
         "mirrored, re-encoded, resized": (_jpeg(small[:, ::-1].copy()), True),
     }

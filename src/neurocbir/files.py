@@ -70,3 +70,22 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class WriterBusy(ValueError):
+    """Another process holds a folder's writer lock."""
+
+
+@contextmanager
+def writer_lock(root: Path | str) -> Iterator[None]:
+    """One writer (`neurocbir add`) per archive at a time; readers (the app) need no lock."""
+    import fcntl
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "writer.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WriterBusy(f"another `neurocbir add` is writing to {root}; wait for it to finish") from None
+        yield

@@ -124,7 +124,7 @@ def remove(
     archive: Path = typer.Option(Path("archive"), help="archive folder"),
 ) -> None:
     """Remove cases from a case archive (a withdrawn or mislabelled scan); crash-safe like `add`."""
-    from neurocbir.retrieval.archive import remove_cases
+    from neurocbir.retrieval.ingest import remove_cases
 
     removed, left = _guard(remove_cases, archive, case_ids)
     missing = sorted(set(case_ids) - set(removed))

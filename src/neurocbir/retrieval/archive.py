@@ -300,9 +300,6 @@ class CaseArchive:
     def patient_key(self, patient_id: str) -> str:
         return hashlib.sha256((self.meta["patient_salt"] + str(patient_id)).encode()).hexdigest()[:32]
 
-    def known_hashes(self, hashes: Iterable[str]) -> set[str]:
-        return set(self.ids_of(hashes))
-
     def ids_of(self, hashes: Iterable[str]) -> dict[str, int]:
         """The case id of each content hash the archive holds."""
         hashes = list(hashes)
@@ -460,30 +457,3 @@ class CaseArchive:
         if hasattr(self.store, "close"):
             self.store.close()
         self.db.close()
-
-
-def remove_cases(root: Path | str, case_ids: Iterable[int]) -> tuple[list[int], int]:
-    """``neurocbir remove``: (ids removed, cases left), holding the writer lock."""
-    if not (Path(root) / CaseArchive.DB).is_file():
-        raise FileNotFoundError(f"no case archive at {root} (expected {CaseArchive.DB})")
-    with writer_lock(root):
-        archive = CaseArchive.open(root)
-        try:
-            return archive.delete(case_ids), len(archive)
-        finally:
-            archive.close()
-
-
-@contextmanager
-def writer_lock(root: Path | str) -> Iterator[None]:
-    """One writer (`neurocbir add`) per archive at a time; readers (the app) need no lock."""
-    import fcntl
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "writer.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ArchiveError(f"another `neurocbir add` is writing to {root}; wait for it to finish") from None
-        yield

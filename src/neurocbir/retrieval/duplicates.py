@@ -34,7 +34,7 @@ FINE = 32
 #: the coarse similarity from which a stored case is a candidate
 GATE = 0.91
 #: the aligned fine similarity from which a candidate is a duplicate (chosen on figshare training folds)
-THRESHOLD = 0.955
+THRESHOLD = 0.99
 #: what counts as the head: pixels above this share of the (1st - 99th percentile) range
 HEAD_LEVEL = 0.1
 #: the window: the head's centroid +- this many standard deviations of its pixels' positions
@@ -217,9 +217,10 @@ class DuplicateIndex:
         return self
 
     def _fine(self, case_ids: list[int]) -> np.ndarray:
-        if all(c in self._details for c in case_ids):
-            return np.stack([self._details[c] for c in case_ids])
-        return np.asarray(self._read_details(case_ids), dtype=np.float32)
+        """The fine prints of ``case_ids``: those added with theirs from memory, the others read."""
+        unread = [c for c in case_ids if c not in self._details]
+        read = dict(zip(unread, np.asarray(self._read_details(unread), dtype=np.float32))) if unread else {}
+        return np.stack([self._details[c] if c in self._details else read[c] for c in case_ids])
 
     def find(self, image: np.ndarray | ImagePrints) -> list[Duplicate]:
         """The stored cases that ``image`` (or its :class:`ImagePrints`) duplicates, most similar

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from neurocbir.data.cases import load_cases
-from neurocbir.files import sha256_file
-from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord, writer_lock
+from neurocbir.files import sha256_file, writer_lock
+from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord
 from neurocbir.retrieval.casefiles import CaseFile, scan_folder
 from neurocbir.retrieval.duplicates import DuplicateIndex, ImagePrints
 from neurocbir.retrieval.examples import add_examples
@@ -80,7 +80,7 @@ def add_folder(
     so are images the archive already holds in another file (a re-encoded, resized, slightly
     cropped or mirrored copy), unless ``keep_duplicates``."""
     hashes = [f.key or sha256_file(f.path) for f in files]
-    known = archive.known_hashes(hashes)
+    known = archive.ids_of(hashes)
     todo = [(f, h) for f, h in zip(files, hashes) if h not in known]
     seen: set[str] = set()
     todo = [(f, h) for f, h in todo if not (h in seen or seen.add(h))]  # the same file twice in one folder
@@ -256,3 +256,15 @@ def index_run(
     atomic_write(tdir / "embeddings.npz", lambda tmp: np.savez(tmp, **arrays))
     VectorIndex.build(emb[train_rows], model.checkpoint_sha256).save(tdir / "index.faiss")
     return tdir
+
+
+def remove_cases(root: Path | str, case_ids: Iterable[int]) -> tuple[list[int], int]:
+    """``neurocbir remove``: (ids removed, cases left), holding the writer lock."""
+    if not (Path(root) / CaseArchive.DB).is_file():
+        raise FileNotFoundError(f"no case archive at {root} (expected {CaseArchive.DB})")
+    with writer_lock(root):
+        archive = CaseArchive.open(root)
+        try:
+            return archive.delete(case_ids), len(archive)
+        finally:
+            archive.close()
