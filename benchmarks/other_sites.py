@@ -258,7 +258,7 @@ def main() -> None:
             [dice(drawn_mask(o, table.load_mask(r).shape), table.load_mask(r)) for o, r in zip(test_out, test_rows)]
         )
     )
-    n_val = {s: int((val.sources == s).sum()) for s in np.unique(val.sources)}
+    n_val = {str(s): int((val.sources == s).sum()) for s in np.unique(val.sources)}
     body = [
         f"## Other hospitals, per source: {args.run} (issue 38)",
         "",
