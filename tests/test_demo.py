@@ -117,11 +117,11 @@ def _small_external(dest: Path, per_kind: int = 40) -> Path:
     ][:per_kind]
     (dest / "images").mkdir(parents=True)
     with open(dest / "metadata.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["image_file", "label_name", "group"])
+        w = csv.DictWriter(fh, fieldnames=["image_file", "label_name", "group", "source", "patient", "slice"])
         w.writeheader()
         for r in keep:
             shutil.copy(src / r["image_file"], dest / r["image_file"])
-            w.writerow(r)
+            w.writerow({k: r[k] for k in w.fieldnames})
     return dest
 
 

@@ -30,8 +30,23 @@ def server(milvus_server):
 
 
 def _add(folder, archive, run, uri, *extra) -> list[str]:
-    return [sys.executable, "-m", "neurocbir.cli", "add", str(folder), "--archive", str(archive), "--run", str(run),
-            "--store", "milvus", "--milvus-uri", uri, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "neurocbir.cli",
+        "add",
+        str(folder),
+        "--archive",
+        str(archive),
+        "--run",
+        str(run),
+        "--store",
+        "milvus",
+        "--milvus-uri",
+        uri,
+        "--keep-duplicates",
+        *extra,
+    ]  # fmt: skip (counts, not duplicates)
 
 
 def _same_in_sqlite_and_milvus(archive) -> int:

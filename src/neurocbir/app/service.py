@@ -248,8 +248,8 @@ class RetrievalService:
         own = cases.duplicates_of(print_pair) if print_pair is not None else []
         own_ids = {d.case_id for d in own}
         shown_dist, shown_ids = dist, case_ids
-        if own_ids:  # the scan itself is no independent evidence: NIR, KNN and the set read the others
-            keep = ~np.isin(case_ids, list(own_ids))
+        keep = ~np.isin(case_ids, list(own_ids))
+        if own_ids and keep.any():  # the scan itself is no independent evidence: NIR, KNN and the set read the others
             dist, case_ids, labels = dist[keep], case_ids[keep], labels[keep]
         classes = cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
