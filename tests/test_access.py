@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from neurocbir.app.access import PUBLIC, AccessControl, rule_for
 from neurocbir.app.api import create_app
-from neurocbir.app.audit import AuditLog
+from neurocbir.app.audit import AuditLog, Entry
 from neurocbir.app.oidc import OIDC, OIDCSettings
 from neurocbir.app.service import RetrievalService
 from neurocbir.app.users import ROLES, UserStore
@@ -100,12 +100,12 @@ def test_the_route_role_matrix(secured, issuer):
             rule = rule_for(method, path)
             url = _url(path, secured.case)
             for name, headers in bad.items():
-                secured.control.failures.clear()
+                secured.control.throttle.clear()
                 status = secured.client.request(method, url, headers=headers).status_code
                 if rule == PUBLIC and status in (401, 403) or rule != PUBLIC and status != 401:
                     wrong.append(f"{method} {path} with {name}: {status}")
             for name, (role, headers) in good.items():
-                secured.control.failures.clear()
+                secured.control.throttle.clear()
                 status = secured.client.request(method, url, headers=headers).status_code
                 allowed = rule == PUBLIC or ROLES.index(role) >= ROLES.index(rule)
                 if allowed and status in (401, 403) or not allowed and status != 403:
@@ -140,36 +140,85 @@ def test_a_named_users_query_is_audited_and_an_edit_is_detected(secured):
     assert not any(w in text for w in ("report", "meningioma", "glioma", "MR0"))  # no report text, no patient data
     ok, n, _ = AuditLog(secured.folder / "audit.db").verify()
     assert ok and n >= 1
-    # an edited row breaks the chain, and `neurocbir audit verify` says where
-    copy = secured.folder / "edited"
-    copy.mkdir(exist_ok=True)
+
+
+def _tampered_copy(secured, name: str, *statements) -> str:
+    """A copy of the trail (with its key and anchor) with ``statements`` run on its database;
+    `neurocbir audit verify` on it: (exit code, output)."""
+    import shutil
+
+    copy = secured.folder / f"tampered-{name}"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
     db = sqlite3.connect(secured.folder / "audit.db")
     db.execute("VACUUM INTO ?", (str(copy / "audit.db"),))
     db.close()
+    for f in ("audit.key", "audit.head"):
+        shutil.copy2(secured.folder / f, copy / f)
     (copy / "archive.db").touch()  # so that --archive names the folder
-    res = runner.invoke(cli, ["audit", "verify", "--archive", str(copy)])
-    assert res.exit_code == 0 and "intact" in res.output
-    edited = sqlite3.connect(copy / "audit.db")
-    edited.execute("UPDATE audit SET user = 'someone-else' WHERE id = 1")
-    edited.commit()
-    edited.close()
-    res = runner.invoke(cli, ["audit", "verify", "--archive", str(copy)])
-    assert res.exit_code == 1 and "broken at row 1" in res.output
-    # so does a deleted one
-    (copy / "audit.db").unlink()
-    db = sqlite3.connect(secured.folder / "audit.db")
-    db.execute("VACUUM INTO ?", (str(copy / "audit.db"),))
+    db = sqlite3.connect(copy / "audit.db")
+    for statement in statements:
+        statement(db) if callable(statement) else db.execute(statement)
+    db.commit()
     db.close()
-    edited = sqlite3.connect(copy / "audit.db")
-    edited.execute("DELETE FROM audit WHERE id = 1")
-    edited.commit()
-    edited.close()
-    assert not AuditLog(copy / "audit.db").verify()[0]
+    res = runner.invoke(cli, ["audit", "verify", "--archive", str(copy)])
+    return res.exit_code, res.output
+
+
+def _rewrite_from(row_id: int):
+    """Edit a row and recompute every later hash with plain SHA-256 (what anyone can do without the key)."""
+    from neurocbir.app.audit import row_hash
+
+    def rewrite(db):
+        db.execute("UPDATE audit SET user = 'someone-else' WHERE id = ?", (row_id,))
+        prev = db.execute("SELECT hash FROM audit WHERE id = ?", (row_id - 1,)).fetchone()[0]
+        for row in db.execute("SELECT * FROM audit WHERE id >= ? ORDER BY id", (row_id,)).fetchall():
+            h = row_hash(prev, row[1:-2])
+            db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev, h, row[0]))
+            prev = h
+
+    return rewrite
+
+
+def test_audit_verify_names_an_edited_a_deleted_a_truncated_and_a_rewritten_trail(secured):
+    headers = {"Authorization": f"Bearer {secured.tokens['reader']}"}
+    for _ in range(6):
+        assert secured.client.get(f"/cases/{secured.case}", headers=headers).status_code == 200
+    n = len(_audit_rows(secured.folder / "audit.db"))
+    assert n >= 6
+    assert _tampered_copy(secured, "none") == (0, f"the audit trail is intact: {n} rows\n")
+    code, out = _tampered_copy(secured, "edited", "UPDATE audit SET user = 'someone-else' WHERE id = 2")
+    assert code == 1 and "row 2 was edited" in out
+    code, out = _tampered_copy(secured, "deleted", "DELETE FROM audit WHERE id = 3")
+    assert code == 1 and "row 3 was deleted" in out
+    code, out = _tampered_copy(secured, "newest", f"DELETE FROM audit WHERE id = {n}")
+    assert code == 1 and f"the newest row {n} was deleted" in out
+    code, out = _tampered_copy(secured, "truncated", f"DELETE FROM audit WHERE id > {n - 3}")
+    assert code == 1 and f"rows {n - 2}..{n} were deleted" in out
+    code, out = _tampered_copy(secured, "rewritten", _rewrite_from(2))
+    assert code == 1 and f"rows 2..{n} fail their MAC" in out
+    # the renumbered ids of a deleted row do not hide it either
+    code, out = _tampered_copy(
+        secured, "renumbered", "DELETE FROM audit WHERE id = 2", "UPDATE audit SET id = id - 1 WHERE id > 2"
+    )
+    assert code == 1 and f"rows 2..{n - 1} fail their MAC" in out
+
+
+def test_an_audit_key_others_may_read_is_refused(secured, tmp_path):
+    from neurocbir.app.audit import AuditError
+
+    AuditLog(tmp_path / "audit.db").append(Entry("u", "reader", "GET", "/x", 200))
+    (tmp_path / "audit.key").chmod(0o644)
+    with pytest.raises(AuditError, match="chmod 600"):
+        AuditLog(tmp_path / "audit.db")
+    (tmp_path / "audit.key").unlink()
+    with pytest.raises(AuditError, match="audit key .* is missing"):
+        AuditLog(tmp_path / "audit.db")  # a new key would hide what came before: refused
 
 
 def test_refusals_are_audited_and_feedback_names_its_user(secured):
     secured.client.get(f"/cases/{secured.case}")  # no credentials
-    secured.control.failures.clear()
+    secured.control.throttle.clear()
     rows = secured.control.audit.export_csv().splitlines()
     assert rows[-1].split(",")[2:7] == ["(not signed in)", "", "GET", "/cases/{case_id}", "401"]
     headers = {"Authorization": f"Bearer {secured.tokens['clinician']}"}
@@ -197,16 +246,49 @@ def test_an_audit_write_that_fails_fails_the_request(secured):
     assert secured.client.get(f"/cases/{secured.case}", headers=headers).status_code == 200
 
 
-def test_failed_sign_ins_are_rate_limited(secured):
-    secured.control.failures.clear()
+def test_failed_sign_ins_are_throttled_per_client_and_never_a_signed_in_user(secured):
+    secured.control.throttle.clear()
+    good = {"Authorization": f"Bearer {secured.tokens['reader']}"}
+    assert secured.client.get("/examples", headers=good).status_code == 200  # verified once: signed in
     codes = [
         secured.client.get("/examples", headers={"Authorization": "Bearer ncb_1_x"}).status_code for _ in range(12)
     ]
     assert codes[:10] == [401] * 10 and codes[10:] == [429, 429]
-    good = {"Authorization": f"Bearer {secured.tokens['reader']}"}
-    assert secured.client.get("/examples", headers=good).status_code == 429  # the client waits, whoever it is
-    secured.control.failures.clear()
-    assert secured.client.get("/examples", headers=good).status_code == 200
+    assert secured.client.post("/auth/session", json={"token": secured.tokens["clinician"]}).status_code == 429
+    assert secured.client.get("/examples", headers=good).status_code == 200  # a signed-in user is never throttled
+    secured.control.throttle.clear()
+
+
+def test_behind_a_trusted_proxy_one_clients_failures_do_not_block_another(small_run, small_cases, tmp_path):
+    users = UserStore(tmp_path / "auth.db")
+    token = users.add("ann", "reader")
+    users.add("bob", "reader")
+    for proxies, blocks_everyone in ((["testclient"], False), ([], True)):
+        control = AccessControl(users=users, audit=AuditLog(tmp_path / "audit.db"), trusted_proxies=proxies)
+        client = TestClient(create_app(RetrievalService.from_run(small_run, table=small_cases), access=control))
+        mistyped = {"X-Forwarded-For": "10.1.1.7"}  # one workstation behind the proxy
+        for _ in range(10):
+            assert client.post("/auth/session", json={"token": "ncb_9_typo"}, headers=mistyped).status_code == 401
+        assert client.post("/auth/session", json={"token": token}, headers=mistyped).status_code == 429
+        # another workstation behind the same proxy signs in, unless the header comes from a peer
+        # that is not a trusted proxy (then it is ignored: everyone is the same client)
+        other = client.post("/auth/session", json={"token": token}, headers={"X-Forwarded-For": "10.1.1.8"})
+        assert other.status_code == (429 if blocks_everyone else 204)
+
+
+def test_failed_sign_ins_for_one_account_throttle_that_account_only():
+    from neurocbir.app.throttle import SignInThrottle
+
+    now = [0.0]
+    t = SignInThrottle(limit=10, window_s=60, max_keys=100, clock=lambda: now[0])
+    for i in range(10):
+        t.failed(f"10.0.0.{i}", "user 3")  # ten computers, one account
+    assert t.blocked("10.0.0.99", "user 3") and not t.blocked("10.0.0.99", "user 4")
+    now[0] = 61.0
+    assert not t.blocked("10.0.0.99", "user 3")  # failures expire
+    for i in range(500):
+        t.failed(f"10.2.{i // 256}.{i % 256}")
+    assert len(t) <= 100  # memory is bounded
 
 
 def test_security_headers_on_every_response_and_no_inline_script(secured):
@@ -226,7 +308,7 @@ def test_sessions_and_the_page_sign_in(secured):
     client = TestClient(secured.app)
     assert client.get("/auth/config").json() == {"mode": "oidc", "user": None}
     assert client.post("/auth/session", json={"token": "ncb_9_nope"}).status_code == 401
-    secured.control.failures.clear()
+    secured.control.throttle.clear()
     assert client.post("/auth/session", json={"token": secured.tokens["reader"]}).status_code == 204
     cookie = client.cookies.get("neurocbir_session")
     assert cookie and cookie not in secured.tokens.values()  # a session id, not the token
@@ -330,6 +412,6 @@ def test_keys_the_provider_rotates_are_fetched_again(secured, issuer):
     issuer.rotate()
     second = issuer.token("rita", ["reader"])  # signed by a key the app has not seen yet
     time.sleep(1.1)  # the cooldown between forced JWKS fetches (30 s by default)
-    secured.control.failures.clear()
+    secured.control.throttle.clear()
     assert secured.client.get("/examples", headers={"Authorization": f"Bearer {second}"}).status_code == 200
     assert secured.client.get("/auth/me", headers={"Authorization": f"Bearer {second}"}).json()["name"] == "rita"

@@ -108,7 +108,7 @@ def test_a_provider_token_for_another_client_or_a_forged_state_is_refused(provid
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req)
     assert err.value.code == 401 and b"unknown or has expired" in err.value.read()
-    control.failures.clear()
+    control.throttle.clear()
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{url}/examples")
     assert err.value.code == 401

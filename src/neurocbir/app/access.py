@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from neurocbir.app.audit import AuditError, AuditLog, Entry
+from neurocbir.app.throttle import SignInThrottle, account_of
 from neurocbir.app.users import Principal, UserStore
 
 PUBLIC = "public"
@@ -56,7 +57,6 @@ RULES: dict[tuple[str, str], str] = {
 ANONYMOUS = Principal("anonymous", "admin", "none")  # access control off: the loopback default
 SESSION_COOKIE = "neurocbir_session"
 SESSION_TTL_S = 8 * 3600
-FAILURES_ALLOWED, FAILURE_WINDOW_S = 10, 60.0  # failed sign-ins per client before a pause
 #: no inline script and no other origin; styles may be inline (the page's <style>, Swagger UI's)
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -86,13 +86,15 @@ def rule_for(method: str, path: str) -> str | None:
 
 @dataclass
 class AccessControl:
-    """Everything the middleware needs: the users, the provider, the audit trail."""
+    """Everything the middleware needs: the users, the provider, the audit trail, the sign-in
+    throttle and the reverse proxies whose ``X-Forwarded-For`` names the client."""
 
     users: UserStore | None = None
     oidc: object | None = None  # neurocbir.app.oidc.OIDC
     audit: AuditLog | None = None
     sessions: dict[str, tuple[Principal, float]] = field(default_factory=dict)
-    failures: dict[str, list[float]] = field(default_factory=dict)
+    throttle: SignInThrottle = field(default_factory=SignInThrottle)
+    trusted_proxies: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -138,16 +140,17 @@ class AccessControl:
         with self.lock:
             self.sessions.pop(hashlib.sha256(sid.encode()).hexdigest(), None)
 
-    # --- failed sign-ins --------------------------------------------------------------------
-    def blocked(self, client: str) -> bool:
-        with self.lock:
-            recent = [t for t in self.failures.get(client, []) if time.time() - t < FAILURE_WINDOW_S]
-            self.failures[client] = recent
-            return len(recent) >= FAILURES_ALLOWED
-
-    def failed(self, client: str) -> None:
-        with self.lock:
-            self.failures.setdefault(client, []).append(time.time())
+    def bearer(self, token: str, client: str) -> tuple[Principal | None, bool]:
+        """(who, throttled) for an ``Authorization: Bearer`` credential: a token seen before is
+        checked as usual; a new one is a sign-in, refused while its client or account is throttled."""
+        account = account_of(token)
+        seen = self.users is not None and self.users.verified_before(token)
+        if not seen and self.throttle.blocked(client, account):
+            return None, True
+        who = self.from_bearer(token)
+        if who is None:
+            self.throttle.failed(client, account)
+        return who, False
 
 
 def _headers(scope) -> dict[str, str]:
@@ -193,20 +196,14 @@ class AccessMiddleware:
         rule = PUBLIC if template is None else rule_for(method, template) or "admin"
         headers = _headers(scope)
         client = (scope.get("client") or ("?", 0))[0]
-        who, offered, blocked = ANONYMOUS, False, False
+        who, blocked = ANONYMOUS, False
         if control.enabled:
-            who, blocked = None, control.blocked(client)  # too many failures: no credential is checked
+            who = None
             auth = headers.get("authorization", "")
             if auth.lower().startswith("bearer "):
-                offered = True
-                if not blocked:
-                    who = control.from_bearer(auth[7:].strip())
+                who, blocked = control.bearer(auth[7:].strip(), client)
             elif (sid := _cookie(headers, SESSION_COOKIE)) is not None:
-                offered = True
-                if not blocked:
-                    who = control.from_session(sid)
-            if offered and who is None and not blocked:
-                control.failed(client)
+                who = control.from_session(sid)  # a session id cannot be guessed: never throttled
         state = scope.setdefault("state", {})
         state["principal"], state["audit"] = who, {}
         refusal = None

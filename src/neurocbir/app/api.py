@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.routing import Mount
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from neurocbir.app.access import AccessControl, AccessMiddleware, note, principal
 from neurocbir.app.auth_api import router as auth_router
@@ -395,4 +396,6 @@ def create_app(
     ]
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(AccessMiddleware, control=app.state.access, routes_of=lambda: app.state.route_table)
+    if app.state.access.trusted_proxies:  # the client as the operator's reverse proxy names it
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=app.state.access.trusted_proxies)
     return app

@@ -9,6 +9,7 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from neurocbir.app.access import SESSION_COOKIE, SESSION_TTL_S, AccessControl, principal
+from neurocbir.app.throttle import account_of
 
 router = APIRouter(tags=["sign-in"])
 
@@ -54,11 +55,13 @@ def token_session(body: TokenSignIn, request: Request) -> Response:
     control, client = _control(request), (request.client.host if request.client else "?")
     if control.users is None or not control.enabled:
         raise HTTPException(404, "this server signs in with the identity provider, or not at all")
-    if control.blocked(client):
-        raise HTTPException(429, "too many failed sign-ins: wait a minute")
-    who = control.users.authenticate(body.token.strip())
+    token = body.token.strip()
+    account = account_of(token)
+    if control.throttle.blocked(client, account):
+        raise HTTPException(429, "too many failed sign-ins from this computer or for this account: wait a minute")
+    who = control.users.authenticate(token)
     if who is None:
-        control.failed(client)
+        control.throttle.failed(client, account)
         raise HTTPException(401, "unknown token (ask an admin for a new one: `neurocbir users rotate NAME`)")
     out = Response(status_code=204)
     return _with_session(out, request, control.new_session(who))
@@ -105,10 +108,12 @@ def oidc_callback(
         raise HTTPException(401, f"the identity provider did not sign you in ({error}: {error_description})")
     if not code or not state:
         raise HTTPException(400, "the sign-in callback needs the provider's code and state")
+    if control.throttle.blocked(request.client.host if request.client else "?"):
+        raise HTTPException(429, "too many failed sign-ins from this computer: wait a minute")
     try:
         who, expires = control.oidc.finish_login(code, state, _redirect_uri(request))
     except OIDCError as exc:
-        control.failed(request.client.host if request.client else "?")
+        control.throttle.failed(request.client.host if request.client else "?")
         raise HTTPException(401, str(exc)) from None
     return _with_session(RedirectResponse("/", status_code=303), request, control.new_session(who, expires))
 

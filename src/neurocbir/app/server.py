@@ -5,7 +5,7 @@ server refuses to start without users or an identity provider, unless ``--allow-
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,9 @@ class ServeOptions:
     allow_anonymous: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: reverse proxies (addresses or networks) whose X-Forwarded-For names the client
+    trusted_proxies: list[str] = field(default_factory=list)
+    audit_key: Path | None = None  # default: audit.key beside audit.db
 
 
 def is_loopback(host: str) -> bool:
@@ -52,9 +55,16 @@ def build_access(folder: Path, opts: ServeOptions):
         if not opts.oidc_audience:
             raise ValueError("--oidc-issuer needs --oidc-audience (the audience the provider's tokens carry)")
         oidc = OIDC(OIDCSettings(opts.oidc_issuer, opts.oidc_audience, opts.oidc_role_claim, opts.oidc_client_id))
-    control = AccessControl(users=users, oidc=oidc)
+    for proxy in opts.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"--trusted-proxy {proxy!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+            ) from None
+    control = AccessControl(users=users, oidc=oidc, trusted_proxies=list(opts.trusted_proxies))
     if control.enabled:
-        control.audit = AuditLog.beside(folder)
+        control.audit = AuditLog.beside(folder, opts.audit_key)
     return control
 
 
@@ -112,4 +122,12 @@ def serve(
     if dicomweb:
         print(f"neurocbir: scans can be queried by SOP Instance UID from the PACS at {dicomweb}", flush=True)
     tls = {"ssl_certfile": str(opts.tls_cert), "ssl_keyfile": str(opts.tls_key)} if opts.tls_cert else {}
-    uvicorn.run(create_app(service, explainer, dicomweb, control), host=host, port=port, log_level="warning", **tls)
+    if control.trusted_proxies:
+        print(
+            f"neurocbir: clients are named by X-Forwarded-For from {', '.join(control.trusted_proxies)} only",
+            flush=True,
+        )
+    app = create_app(
+        service, explainer, dicomweb, control
+    )  # it reads X-Forwarded-For itself, from trusted proxies only
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False, **tls)

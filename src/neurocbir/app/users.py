@@ -122,6 +122,11 @@ class UserStore:
         with self._lock:
             return int(self.db.execute("SELECT COUNT(*) FROM users").fetchone()[0])
 
+    def verified_before(self, token: str) -> bool:
+        """Whether this process has verified this token already (it may since have been revoked:
+        :meth:`authenticate` still decides)."""
+        return hashlib.sha256(token.encode()).digest() in self._verified
+
     def authenticate(self, token: str) -> Principal | None:
         """The user whose token this is, or None (unknown, malformed, rotated or removed)."""
         parts = token.split("_") if token.startswith("ncb_") else []

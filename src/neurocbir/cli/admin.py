@@ -74,27 +74,32 @@ def users_list(run: Optional[Path] = RUN, archive: Optional[Path] = ARCHIVE) -> 
         )
 
 
-def _log(run: Optional[Path], archive: Optional[Path]):
-    from neurocbir.app.audit import FILE, AuditLog
+KEY = typer.Option(None, help="the trail's key file (default: audit.key beside audit.db)")
+
+
+def _log(run: Optional[Path], archive: Optional[Path], key: Optional[Path] = None):
+    from neurocbir.app.audit import FILE, AuditError, AuditLog
 
     folder = _folder(run, archive)
     if not (folder / FILE).is_file():
         _fail(f"no audit trail in {folder} (it is kept while sign-in is on)")
-    return AuditLog(folder / FILE)
+    try:
+        return AuditLog(folder / FILE, key, create_key=False)
+    except AuditError as exc:
+        _fail(str(exc))
 
 
 @audit.command("verify")
-def audit_verify(run: Optional[Path] = RUN, archive: Optional[Path] = ARCHIVE) -> None:
-    """Check the hash chain: exit code 1 and the first bad row when a row was edited or deleted."""
-    ok, n, bad = _log(run, archive).verify()
-    if not ok:
-        typer.secho(
-            f"the audit trail is broken at row {bad} (of {n} read): rows were edited, inserted or deleted",
-            fg="red",
-            err=True,
-        )
+def audit_verify(run: Optional[Path] = RUN, archive: Optional[Path] = ARCHIVE, key: Optional[Path] = KEY) -> None:
+    """Check every row against the key and the newest-row anchor: exit code 1, with each edited or
+    deleted row named, when the trail was tampered with."""
+    verdict = _log(run, archive, key).verify()
+    if not verdict.intact:
+        typer.secho(f"the audit trail is broken ({verdict.rows} rows read):", fg="red", err=True)
+        for problem in verdict.problems[:50]:
+            typer.secho(f"  {problem}", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo(f"the audit trail is intact: {n} rows")
+    typer.echo(f"the audit trail is intact: {verdict.rows} rows")
 
 
 @audit.command("export")
@@ -102,6 +107,7 @@ def audit_export(
     since: Optional[str] = typer.Option(None, help="from this UTC date or time (e.g. 2026-12-01)"),
     run: Optional[Path] = RUN,
     archive: Optional[Path] = ARCHIVE,
+    key: Optional[Path] = KEY,
 ) -> None:
     """The audit trail as CSV on stdout."""
-    typer.echo(_log(run, archive).export_csv(since), nl=False)
+    typer.echo(_log(run, archive, key).export_csv(since), nl=False)

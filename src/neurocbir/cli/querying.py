@@ -132,6 +132,12 @@ def serve(
     milvus_wait: float = typer.Option(
         60.0, min=0, help="wait up to this many seconds for the archive's Milvus server at start"
     ),
+    trusted_proxy: list[str] = typer.Option(
+        [], help="a reverse proxy (address or network) whose X-Forwarded-For names the client; repeatable"
+    ),
+    audit_key: Optional[Path] = typer.Option(
+        None, help="the audit trail's key file (created mode 600; default audit.key beside audit.db)"
+    ),
 ) -> None:
     """Serve the web UI and the HTTP API (sign-in as soon as users or an identity provider are
     configured; see `neurocbir users`)."""
@@ -144,7 +150,17 @@ def serve(
     os.environ[WAIT_ENV] = str(milvus_wait)
 
     opts = ServeOptions(
-        host, port, oidc_issuer, oidc_audience, oidc_role_claim, oidc_client_id, allow_anonymous, tls_cert, tls_key
+        host,
+        port,
+        oidc_issuer,
+        oidc_audience,
+        oidc_role_claim,
+        oidc_client_id,
+        allow_anonymous,
+        tls_cert,
+        tls_key,
+        list(trusted_proxy),
+        audit_key,
     )
     _guard(_serve, resolve_run(run), host, port, archive, dicomweb, opts)
 
