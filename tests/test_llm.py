@@ -174,3 +174,24 @@ def test_write_reports_command_caches_for_the_app(server, monkeypatch, small_dat
     res = CliRunner().invoke(app, ["write-reports", "--limit", "1", "--data", str(small_data_dir)])
     assert res.exit_code == 0, res.output
     assert cached_llm_reports() == {int(small_cases.idx[0]): server.reply}
+
+
+def test_an_llm_off_this_machine_is_refused_at_start_unless_the_operator_allows_it(small_run, monkeypatch):
+    """Report text stays on site: `neurocbir serve` with an endpoint that is not on the loopback
+    stops before serving, naming the setting; with the setting it says where report text goes."""
+    from typer.testing import CliRunner
+
+    from neurocbir.cli import app as cli
+    from neurocbir.reports.llm import OpenAIChat, RemoteLLMRefused
+
+    monkeypatch.setenv("NEUROCBIR_LLM_BASE_URL", "http://10.20.30.40:8000/v1")
+    monkeypatch.setenv("NEUROCBIR_LLM_MODEL", "any")
+    monkeypatch.delenv("NEUROCBIR_LLM_ALLOW_REMOTE", raising=False)
+    res = CliRunner().invoke(cli, ["serve", "--run", str(small_run), "--port", "1"])
+    assert res.exit_code == 2 and "NEUROCBIR_LLM_ALLOW_REMOTE=yes" in res.output and "10.20.30.40" in res.output
+    for url in ("http://127.0.0.1:9/v1", "http://localhost:9/v1", "http://[::1]:9/v1"):
+        assert OpenAIChat(base_url=url, model="m").remote is False
+    with pytest.raises(RemoteLLMRefused):
+        OpenAIChat(base_url="http://127.0.0.1.example.org/v1", model="m")  # a name that only looks local
+    monkeypatch.setenv("NEUROCBIR_LLM_ALLOW_REMOTE", "yes")
+    assert OpenAIChat().remote is True

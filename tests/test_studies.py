@@ -309,3 +309,108 @@ def test_the_study_view_in_a_browser(lesion_archive, small_cases, patient, tmp_p
             browser.close()
     finally:
         server.should_exit = True
+
+
+def _mutations(ds):
+    """Each top-level attribute of ``ds`` removed, emptied and corrupted, one at a time:
+    (what, file bytes); a mutation pydicom cannot write to a file at all is left out."""
+    import copy
+
+    from pydicom.dataelem import DataElement, RawDataElement
+
+    for elem in list(ds):
+        if elem.tag.group == 0x0002:
+            continue
+        for how in ("removed", "emptied", "corrupted"):
+            m = copy.deepcopy(ds)
+            if how == "removed":
+                del m[elem.tag]
+            elif how == "emptied":
+                m[elem.tag] = DataElement(elem.tag, elem.VR, None)
+            else:  # garbage bytes, written as they are (what a broken exporter sends)
+                bad = (
+                    b"\xff\x00garbage!"
+                    if elem.VR in ("OB", "OW", "UN", "US", "SS", "UL", "SL", "FL", "FD")
+                    else b"9x\\-1e999\\"
+                )
+                m._dict[elem.tag] = RawDataElement(elem.tag, elem.VR, len(bad), bad, 0, False, True)
+            buf = io.BytesIO()
+            try:
+                m.save_as(buf, enforce_file_format=False)
+            except Exception:  # not writable as a file: no hospital can send it
+                continue
+            yield f"{elem.keyword or elem.tag} {how}", buf.getvalue()
+
+
+def test_dicom_inputs_with_attributes_removed_emptied_or_corrupted_answer_or_say_why(
+    lesion_archive, small_cases, patient, tmp_path
+):
+    """The DICOM inputs of the query, query-study and SEG/SR paths, one attribute at a time
+    removed, emptied or corrupted (an anonymised file lacks type-2 attributes; a broken exporter
+    writes garbage): each gives a result or a clear error (a NeurocbirError, a 4xx), never a bug."""
+    import pydicom
+
+    from neurocbir.app.api import create_app
+    from neurocbir.data.uploads import read_scan_with_spacing
+    from neurocbir.errors import NeurocbirError
+
+    svc = RetrievalService.from_archive(*lesion_archive)
+    client = TestClient(create_app(svc), raise_server_exceptions=False)
+    data, name = _series(small_cases, patient[:1])[0]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    bugs, answered, refused = [], 0, 0
+    for what, blob in _mutations(ds):
+        try:
+            read_scan_with_spacing(blob, name)
+            study = read_study([(blob, name)])
+            write_results(study, answer_study(svc, study), tmp_path / "out")
+            answered += 1
+        except NeurocbirError:
+            refused += 1
+        except Exception as exc:  # a bug: say which input and how
+            bugs.append(f"{what}: {type(exc).__name__}: {exc}")
+        if what.endswith("removed"):
+            res = client.post("/query/study", files=[("files", (name, blob, "application/dicom"))])
+            if res.status_code >= 500 or "Traceback" in res.text:
+                bugs.append(f"{what}: POST /query/study answered {res.status_code}")
+    print(f"{answered} mutations answered, {refused} refused with a clear error")
+    assert not bugs, "\n".join(bugs[:20])
+    assert answered > 10 and refused > 0  # both kinds were exercised
+
+
+def test_a_single_dicom_slice_query_writes_its_seg_and_sr(lesion_archive, small_cases, patient, tmp_path):
+    """`neurocbir query SCAN.dcm --dicom-out DIR`: a one-slice study's SEG and SR, even from a file
+    without the type-2 PatientBirthDate (which anonymised files routinely lack)."""
+    import pydicom
+
+    run, archive = lesion_archive
+    data, name = _series(small_cases, patient[:1])[0]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if "PatientBirthDate" in ds:
+        del ds.PatientBirthDate
+    ds.save_as(tmp_path / name, enforce_file_format=True)
+    res = runner.invoke(
+        cli,
+        [
+            "query",
+            str(tmp_path / name),
+            "--run",
+            str(run),
+            "--archive",
+            str(archive),
+            "--dicom-out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    sr = pydicom.dcmread(tmp_path / "o" / "sr.dcm")
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.PatientBirthDate == ""
+    assert f"wrote {tmp_path / 'o' / 'sr.dcm'}" in res.output
+    png = tmp_path / "scan.png"
+    from PIL import Image
+
+    Image.fromarray(np.uint8(np.clip(small_cases.load_image(int(patient[0])) / 4, 0, 255))).save(png)
+    res = runner.invoke(
+        cli, ["query", str(png), "--run", str(run), "--archive", str(archive), "--dicom-out", str(tmp_path / "p")]
+    )
+    assert res.exit_code == 2 and "needs a DICOM scan" in res.output

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from neurocbir.errors import Conflict
+
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
@@ -72,7 +74,7 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-class WriterBusy(ValueError):
+class WriterBusy(Conflict, ValueError):
     """Another process holds a folder's writer lock."""
 
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import uuid
 from importlib import resources
 from typing import Annotated
 
@@ -25,12 +26,13 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from neurocbir.app.access import AccessControl, AccessMiddleware, note, principal
 from neurocbir.app.auth_api import router as auth_router
 from neurocbir.app.images import png as _png
-from neurocbir.app.service import DISCLAIMER, ArchiveUnavailable, RetrievalService
+from neurocbir.app.service import DISCLAIMER, RetrievalService
 from neurocbir.app.sources import CaseFilter
 from neurocbir.app.study_api import router as study_router
-from neurocbir.data.uploads import MAX_UPLOAD_BYTES, UploadError, read_scan_with_spacing
+from neurocbir.data.uploads import MAX_UPLOAD_BYTES, read_scan_with_spacing
+from neurocbir.errors import NeurocbirError
 from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
-from neurocbir.reports.text import STYLES, ReportParseError
+from neurocbir.reports.text import STYLES
 
 log = logging.getLogger("neurocbir.app.api")
 LLM_TIMEOUT_S = 60.0
@@ -95,7 +97,7 @@ async def _scan(
     service: RetrievalService, pacs: str | None, file: UploadFile | None, case_id: int | None, instance_uid: str | None
 ) -> tuple[np.ndarray, tuple[float, float] | None]:
     """The query scan and its pixel spacing: an upload, an example case, or a PACS instance."""
-    from neurocbir.retrieval.dicomweb import PacsError, read_instance
+    from neurocbir.retrieval.dicomweb import read_instance
 
     if sum(x is not None for x in (file, case_id, instance_uid)) != 1:
         raise HTTPException(
@@ -111,10 +113,6 @@ async def _scan(
                 raise HTTPException(400, "this server has no PACS: start it with `neurocbir serve --dicomweb URL`")
             return await run_in_threadpool(read_instance, pacs, instance_uid)
         return await run_in_threadpool(service.cases.image, case_id), None
-    except PacsError as exc:
-        raise HTTPException(502 if "cannot reach" in str(exc) or "refused" in str(exc) else 404, str(exc)) from None
-    except UploadError as exc:
-        raise HTTPException(413 if "limit is" in str(exc) and "MB" in str(exc) else 400, str(exc)) from None
     except KeyError as exc:
         raise _not_found(exc) from None
 
@@ -174,26 +172,19 @@ async def query(
     min_area_mm2: float | None = Query(None, ge=0, description="show only tumors at least this large"),
     max_area_mm2: float | None = Query(None, ge=0, description="show only tumors at most this large"),
 ) -> dict:
-    try:
-        filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from None
+    filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
     image, spacing = await _scan(service, pacs, file, case_id, instance_uid)
-    try:  # off the event loop: /health and static files stay responsive under load
-        out = await run_in_threadpool(
-            service.query,
-            image,
-            k=k,
-            one_per_patient=one_per_patient,
-            coverage=coverage,
-            pixel_spacing_mm=spacing,
-            rerank=rerank,
-            filters=filters,
-        )
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from None
-    except ArchiveUnavailable as exc:
-        raise HTTPException(503, str(exc)) from None
+    # off the event loop: /health and static files stay responsive under load
+    out = await run_in_threadpool(
+        service.query,
+        image,
+        k=k,
+        one_per_patient=one_per_patient,
+        coverage=coverage,
+        pixel_spacing_mm=spacing,
+        rerank=rerank,
+        filters=filters,
+    )
     other = [out["nearest_other_class"]["case_id"]] if out.get("nearest_other_class") else []
     shown = [r["case_id"] for r in out["retrievals"]] + other + ([case_id] if case_id is not None else [])
     note(request, shown, out["query_fingerprint"])
@@ -223,8 +214,6 @@ async def similarity(
         sal, share = await run_in_threadpool(service.similarity, image, case_id, side)
     except KeyError as exc:
         raise _not_found(exc) from None
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from None
     headers = {"X-Lesion-Share": f"{share:.3f}"} if share is not None else {}
     return Response(heat_png(sal), media_type="image/png", headers=headers)
 
@@ -252,8 +241,6 @@ def feedback(req: FeedbackRequest, request: Request, service: Service) -> dict:
         mark = service.feedback.add(req.query_fingerprint, req.case_id, req.relevant, principal(request).name)
     except KeyError as exc:
         raise _not_found(exc) from None
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from None
     return {"id": mark, "stored": True}
 
 
@@ -282,16 +269,13 @@ def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[st
 async def _explain(explainer: Explainer, method: str, *args) -> tuple[object, bool]:
     """Run ``explainer.<method>`` off the event loop; an LLM that takes longer than
     :data:`LLM_TIMEOUT_S` is not waited for: the grounded engine answers instead (flagged)."""
+    if explainer.llm is None:
+        return getattr(explainer, method)(*args), False
     try:
-        if explainer.llm is None:
-            return getattr(explainer, method)(*args), False
-        try:
-            return await asyncio.wait_for(run_in_threadpool(getattr(explainer, method), *args), LLM_TIMEOUT_S), False
-        except TimeoutError:
-            log.warning("the LLM took longer than %s s; answering from the grounded engine", LLM_TIMEOUT_S)
-            return getattr(Explainer(), method)(*args), True
-    except (ReportParseError, ValueError) as exc:
-        raise HTTPException(400, str(exc)) from None
+        return await asyncio.wait_for(run_in_threadpool(getattr(explainer, method), *args), LLM_TIMEOUT_S), False
+    except TimeoutError:
+        log.warning("the LLM took longer than %s s; answering from the grounded engine", LLM_TIMEOUT_S)
+        return getattr(Explainer(), method)(*args), True
 
 
 @reports.post("/summary")
@@ -357,9 +341,21 @@ def examples(request: Request, service: Service) -> dict:
     return {"examples": listed, "questions": list(PAPER_QUESTIONS), "disclaimer": DISCLAIMER}
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a traceback to the client
-    log.error("unexpected error on %s: %s", request.url.path, type(exc).__name__)
-    return JSONResponse({"detail": "internal error; the server keeps running"}, status_code=500)
+async def _user_error(request: Request, exc: NeurocbirError) -> JSONResponse:
+    """Bad input, a missing resource, a service unavailable: its status and its message for the user."""
+    headers = {"Retry-After": "5"} if exc.status == 503 else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: a 500 that carries a request id and nothing else; the traceback goes to the server log."""
+    request_id = uuid.uuid4().hex[:16]
+    log.error("internal error, request id %s, %s %s", request_id, request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": f"internal error (request id {request_id}); the server keeps running", "request_id": request_id},
+        status_code=500,
+        headers={"X-Request-ID": request_id},
+    )
 
 
 def create_app(
@@ -394,6 +390,7 @@ def create_app(
     app.state.route_table = [r for router in routers for r in router.routes] + [
         r for r in app.router.routes if isinstance(r, Mount)
     ]
+    app.add_exception_handler(NeurocbirError, _user_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(AccessMiddleware, control=app.state.access, routes_of=lambda: app.state.route_table)
     if app.state.access.trusted_proxies:  # the client as the operator's reverse proxy names it

@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neurocbir.errors import Unavailable
+
 FILE = "audit.db"
 KEY_FILE = "audit.key"
 HEAD_FILE = "audit.head"
@@ -59,7 +61,7 @@ CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 """
 
 
-class AuditError(RuntimeError):
+class AuditError(Unavailable):
     """The audit trail cannot be written or read (a request it would record must fail)."""
 
 

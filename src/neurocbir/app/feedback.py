@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neurocbir.errors import ConfigurationError, InvalidInput
+
 RERANK_WEIGHT = 0.5
 FILE = "feedback.db"
 _SCHEMA = """
@@ -56,12 +58,12 @@ class FeedbackStore:
             if "user" not in columns:  # a database made before marks named their user
                 self.db.execute("ALTER TABLE feedback ADD COLUMN user TEXT NOT NULL DEFAULT ''")
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"{self.path} is not a readable feedback database ({exc})") from None
+            raise ConfigurationError(f"{self.path} is not a readable feedback database ({exc})") from None
         self._lock = threading.Lock()
 
     def add(self, query_fingerprint: str, case_id: int, relevant: bool, user: str = "") -> int:
         if not (len(query_fingerprint) == 32 and all(c in "0123456789abcdef" for c in query_fingerprint)):
-            raise ValueError("query_fingerprint must be the 32-hex-digit fingerprint that /query returned")
+            raise InvalidInput("query_fingerprint must be the 32-hex-digit fingerprint that /query returned")
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._lock:
             cur = self.db.execute(

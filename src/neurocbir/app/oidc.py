@@ -25,13 +25,14 @@ import urllib.request
 from dataclasses import dataclass
 
 from neurocbir.app.users import ROLES, Principal
+from neurocbir.errors import NeurocbirError
 
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
 LOGIN_TTL_S = 600
 TIMEOUT_S = 10
 
 
-class OIDCError(ValueError):
+class OIDCError(NeurocbirError, ValueError):
     """A token or a sign-in the provider does not vouch for (or a provider that cannot be reached)."""
 
 

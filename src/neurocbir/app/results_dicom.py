@@ -18,6 +18,7 @@ import numpy as np
 from neurocbir import __version__
 from neurocbir.app.service import DISCLAIMER
 from neurocbir.data.studies import Study
+from neurocbir.errors import InvalidInput
 
 MANUFACTURER = "neurocbir"
 PRIVATE = "99NEUROCBIR"  # coding scheme of neurocbir's own concepts (a 99 prefix: private by the standard)
@@ -38,6 +39,42 @@ def _algorithm():
     )
 
 
+#: type-2 attributes of the patient and study modules that a derived object copies from its
+#: source: anonymised files routinely lack them; they are then written empty, as DICOM allows
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+#: what a SEG and an SR must reference: without it they cannot be built
+TYPE1_REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def source_headers(study: Study) -> list:
+    """The study's source datasets as the SEG and SR read them: a shallow copy of each, the absent
+    type-2 patient and study attributes added empty; a missing UID is a clear error."""
+    out, copies = [], {}
+    for s in study.slices:
+        ds = s.dataset
+        if id(ds) not in copies:
+            for name in TYPE1_REFERENCED:
+                if not str(ds.get(name, "") or "").strip():
+                    raise InvalidInput(f"the DICOM source lacks {name}: a SEG and an SR must reference it")
+            header = ds.copy()
+            for name in TYPE2_COPIED:
+                if name not in header:
+                    setattr(header, name, "")
+            copies[id(ds)] = header
+        out.append(copies[id(ds)])
+    return out
+
+
 def outline_mask(outline: dict | None, shape: tuple[int, int]) -> np.ndarray:
     """The app's tumor outline (x, y polygon in the image's pixels) as a binary mask."""
     from skimage.draw import polygon
@@ -55,7 +92,7 @@ def build_seg(study: Study, answer: dict):
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    sources = [s.dataset for s in study.slices]
+    sources = source_headers(study)
     masks = np.stack([outline_mask(a["query_tumor"], s.pixels.shape) for s, a in zip(study.slices, answer["slices"])])
     if not masks.any():
         return None
@@ -93,8 +130,9 @@ def build_sr(study: Study, answer: dict, seg=None):
     from pydicom.uid import generate_uid
 
     key = answer["key_slice"]
-    source = study.slices[key["index"]] if key else study.slices[0]
-    ds = source.dataset
+    index = key["index"] if key else 0
+    source, headers = study.slices[index], source_headers(study)
+    ds = headers[index]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -174,8 +212,7 @@ def build_sr(study: Study, answer: dict, seg=None):
         procedure_reported=codes.LN.BrainMRI if hasattr(codes.LN, "BrainMRI") else codes.SCT.ImagingProcedure,
         imaging_measurements=[group],
     )
-    evidence = [s.dataset for s in study.slices]
-    evidence = list({d.SOPInstanceUID: d for d in evidence}.values())
+    evidence = list({d.SOPInstanceUID: d for d in headers}.values())
     return hd.sr.Comprehensive3DSR(
         evidence=evidence + ([seg] if seg is not None else []),
         content=report,
@@ -188,16 +225,29 @@ def build_sr(study: Study, answer: dict, seg=None):
     )
 
 
+def build_results(study: Study, answer: dict):
+    """(SEG or None, SR) of a study's answer; a source whose attributes highdicom cannot use (a
+    malformed value, an inconsistent geometry) is a clear error naming what it says."""
+    if study.kind != "dicom":
+        raise InvalidInput("a DICOM SEG and SR need DICOM source images (this study is not DICOM)")
+    try:
+        seg = build_seg(study, answer)
+        return seg, build_sr(study, answer, seg)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput(f"the DICOM source cannot be referenced by a SEG and an SR ({exc})") from exc
+
+
 def write_results(study: Study, answer: dict, out: Path | str) -> dict:
     """``out/seg.dcm`` (where a tumor is outlined) and ``out/sr.dcm``; returns their paths."""
     from neurocbir.files import atomic_write
 
     if study.kind != "dicom":
-        raise ValueError("a DICOM SEG and SR need DICOM source images (this study is not DICOM)")
+        raise InvalidInput("a DICOM SEG and SR need DICOM source images (this study is not DICOM)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    seg = build_seg(study, answer)
-    sr = build_sr(study, answer, seg)
+    seg, sr = build_results(study, answer)
     written = {}
     for name, ds in (("seg.dcm", seg), ("sr.dcm", sr)):
         if ds is not None:
@@ -210,8 +260,7 @@ def store_results(pacs: str, study: Study, answer: dict) -> dict:
     """STOW-RS the SEG (if any) and the SR to the PACS; returns their SOP Instance UIDs."""
     from neurocbir.retrieval.dicomweb import store_instances
 
-    seg = build_seg(study, answer)
-    sr = build_sr(study, answer, seg)
+    seg, sr = build_results(study, answer)
     datasets = [d for d in (seg, sr) if d is not None]
     store_instances(pacs, datasets)
     return {("seg" if d is seg else "sr"): str(d.SOPInstanceUID) for d in datasets}

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from neurocbir.errors import ConfigurationError
 
-class UnsafeServe(ValueError):
+
+class UnsafeServe(ConfigurationError):
     """Serving to the network with nobody signing in, not asked for explicitly."""
 
 
@@ -53,13 +55,13 @@ def build_access(folder: Path, opts: ServeOptions):
         from neurocbir.app.oidc import OIDC, OIDCSettings
 
         if not opts.oidc_audience:
-            raise ValueError("--oidc-issuer needs --oidc-audience (the audience the provider's tokens carry)")
+            raise ConfigurationError("--oidc-issuer needs --oidc-audience (the audience the provider's tokens carry)")
         oidc = OIDC(OIDCSettings(opts.oidc_issuer, opts.oidc_audience, opts.oidc_role_claim, opts.oidc_client_id))
     for proxy in opts.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
-            raise ValueError(
+            raise ConfigurationError(
                 f"--trusted-proxy {proxy!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
             ) from None
     control = AccessControl(users=users, oidc=oidc, trusted_proxies=list(opts.trusted_proxies))
@@ -76,7 +78,7 @@ def check_safe(control, opts: ServeOptions) -> None:
             "who can reach it"
         )
     if (opts.tls_cert is None) != (opts.tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
+        raise ConfigurationError("--tls-cert and --tls-key go together")
     for f in (opts.tls_cert, opts.tls_key):
         if f is not None and not Path(f).is_file():
             raise FileNotFoundError(f"no such file: {f}")
@@ -102,14 +104,22 @@ def serve(
     folder = Path(archive) if archive is not None else Path(run)
     control = build_access(folder, opts)
     check_safe(control, opts)
+    try:  # before anything loads: an LLM off this machine that the operator did not allow stops here
+        llm = llm_from_env()
+    except LLMUnavailable:
+        llm = None
     service = RetrievalService.from_archive(run, archive) if archive is not None else RetrievalService.from_run(run)
     # compile the CPU runtime now (about a second), so that the first clinician's scan does not wait for it
     service.model.embed([np.zeros((64, 64), np.float32)])
-    try:
-        explainer = Explainer(llm_from_env())
+    explainer = Explainer(llm)
+    if llm is not None:
         print("neurocbir: answers are phrased by the configured LLM and checked against the reports", flush=True)
-    except LLMUnavailable:
-        explainer = Explainer()
+    if getattr(llm, "remote", False):
+        print(
+            f"neurocbir: report text is sent to the LLM at {llm.host}, off this machine "
+            "(NEUROCBIR_LLM_ALLOW_REMOTE is set)",
+            flush=True,
+        )
     scheme = "https" if opts.tls_cert else "http"
     print(
         f"neurocbir: serving run {run} (trial {service.trial}, {service.archive_size} archive cases) "

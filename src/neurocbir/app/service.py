@@ -24,6 +24,7 @@ from neurocbir.app.sources import ArchiveCases, CaseFilter, CaseSource, RunCases
 from neurocbir.classify import calibration
 from neurocbir.classify.neighbors import knn_votes, nir_positions
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
+from neurocbir.errors import InvalidInput, Unavailable
 from neurocbir.models.inference import LesionModel, Model, load_model
 from neurocbir.models.lesion import tumor_level, tumor_outline
 from neurocbir.models.runs import first_weights, trial_dir
@@ -73,7 +74,7 @@ def tumor_presence(cases: CaseSource, trunk: np.ndarray) -> tuple[bool | None, d
     return bool(p_none <= threshold), {"probability_no_tumor": round(p_none, 4), "threshold": threshold, "note": note}
 
 
-class ArchiveUnavailable(RuntimeError):
+class ArchiveUnavailable(Unavailable):
     """The served archive changed into one that cannot be served (e.g. every case removed)."""
 
 
@@ -195,9 +196,9 @@ class RetrievalService:
         changed by it). ``filters``: show only archive cases of a plane, type or size range
         (searched inside the vector store; the prediction still reads the whole archive)."""
         if not 1 <= k <= 50:
-            raise ValueError("k must be between 1 and 50")
+            raise InvalidInput("k must be between 1 and 50")
         if not 0.5 <= coverage < 1:
-            raise ValueError("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
+            raise InvalidInput("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
         q, trunk, tumor_prob = self.analyse(image)
         print_pair = ImagePrints(image)  # computed when the archive has a candidate
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
@@ -357,7 +358,7 @@ class RetrievalService:
         from neurocbir.models.saliency import explain_similarity
 
         if side not in ("query", "case"):
-            raise ValueError("side must be 'query' or 'case'")
+            raise InvalidInput("side must be 'query' or 'case'")
         self.refresh_cases()
         case_image = self.cases.image(case_id)  # KeyError for an unknown case
         with _MODEL_LOCK:

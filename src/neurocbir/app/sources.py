@@ -20,6 +20,7 @@ import numpy as np
 
 from neurocbir.classify.presence import TumorPresence, fit_presence
 from neurocbir.data.cases import CLASS_NAMES, NO_TUMOR, NO_TUMOR_LABEL, PLANES, CaseTable, load_cases, mask_for_image
+from neurocbir.errors import InvalidInput
 from neurocbir.reports.text import ReportAttributes, cached_llm_reports, case_attributes, make_report
 from neurocbir.retrieval.duplicates import Duplicate, DuplicateIndex, ImagePrints
 from neurocbir.retrieval.examples import find_example, list_examples
@@ -41,16 +42,16 @@ class CaseFilter:
 
     def __post_init__(self):
         if self.plane is not None and self.plane not in PLANES:
-            raise ValueError(f"plane must be one of {PLANES}, got {self.plane!r}")
+            raise InvalidInput(f"plane must be one of {PLANES}, got {self.plane!r}")
         if self.tumor_type is not None and self.tumor_type not in CLASS_NAMES:
-            raise ValueError(f"tumor_type must be one of {CLASS_NAMES}, got {self.tumor_type!r}")
+            raise InvalidInput(f"tumor_type must be one of {CLASS_NAMES}, got {self.tumor_type!r}")
         lo, hi = self.min_area_mm2, self.max_area_mm2
         if (
             (lo is not None and lo < 0)
             or (hi is not None and hi < 0)
             or (lo is not None and hi is not None and lo > hi)
         ):
-            raise ValueError("the size range must be 0 <= min_area_mm2 <= max_area_mm2")
+            raise InvalidInput("the size range must be 0 <= min_area_mm2 <= max_area_mm2")
 
     def active(self) -> bool:
         return any(v is not None for v in (self.plane, self.tumor_type, self.min_area_mm2, self.max_area_mm2))
@@ -264,7 +265,7 @@ class RunCases(_SearchedCases):
         emb = np.load(trial_dir / "embeddings.npz")
         self.archive_rows = emb["archive_rows"]
         if len(self.archive_rows) != self.store.count():
-            raise ValueError(f"{trial_dir}: index and embeddings disagree on the archive size")
+            raise InvalidInput(f"{trial_dir}: index and embeddings disagree on the archive size")
         self.example_rows = emb["test_rows"]
         labels = self.table.label[self.archive_rows]
         self.classes = np.unique(labels)
@@ -346,7 +347,7 @@ class ArchiveCases(_SearchedCases):
         self.version = self.archive.opened_version  # what this view holds (see changed())
         cols = self.archive.columns()
         if not len(cols["id"]):
-            raise ValueError(
+            raise InvalidInput(
                 f"the archive {root} holds no cases: add some with `neurocbir add FOLDER --archive {root}`"
             )
         self.store = self.archive.store
@@ -357,7 +358,7 @@ class ArchiveCases(_SearchedCases):
         self.store_ids, self.attr_label = cols["id"], cols["label"]  # what the retrieval filters read
         self.attr_plane, self.attr_area = cols["plane"], cols["area_mm2"]
         if not tumor.any():
-            raise ValueError(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
+            raise InvalidInput(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
         self.classes = np.unique(cols["label"][tumor])
         trunk = self.archive.trunk_vectors()
         complete = trunk is not None and len(trunk) == len(cols["id"])

@@ -13,6 +13,7 @@ from neurocbir.app.service import _MODEL_LOCK, DISCLAIMER, RELOAD_WAIT_S, Retrie
 from neurocbir.classify import study as study_calibration
 from neurocbir.data.cases import CLASS_NAMES
 from neurocbir.data.studies import Study
+from neurocbir.errors import InvalidInput
 from neurocbir.models.lesion import tumor_outline
 from neurocbir.retrieval.duplicates import ImagePrints
 
@@ -22,7 +23,7 @@ BATCH = 32  # slices per CNN pass
 def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: float = 0.95) -> dict:
     """The per-slice answers and the study's one answer (see the module's docstring)."""
     if not 1 <= k <= 50:
-        raise ValueError("k must be between 1 and 50")
+        raise InvalidInput("k must be between 1 and 50")
     images = [s.pixels for s in study.slices]
     emb, desc, probs = [], [], []
     with _MODEL_LOCK:  # one forward pass at a time, batched over the slices

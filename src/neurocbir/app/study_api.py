@@ -13,7 +13,6 @@ from fastapi.concurrency import run_in_threadpool
 from neurocbir.app.access import note
 from neurocbir.app.images import data_url
 from neurocbir.data.studies import MAX_STUDY_BYTES, MAX_STUDY_SLICES
-from neurocbir.data.uploads import UploadError
 
 router = APIRouter(tags=["query"])
 
@@ -36,26 +35,19 @@ async def query_study(
     from neurocbir.app.results_dicom import store_results
     from neurocbir.app.studies import answer_study
     from neurocbir.data.studies import read_study
-    from neurocbir.retrieval.dicomweb import PacsError, read_series
+    from neurocbir.retrieval.dicomweb import read_series
 
     service, pacs = request.app.state.service, request.app.state.dicomweb
     if (files is None) == (series_uid is None):
         raise HTTPException(422, "send the study as multipart 'files', or a PACS 'series_uid'")
-    try:
-        if files is not None:
-            parts = [(await f.read(MAX_STUDY_BYTES + 1), f.filename or "") for f in files]
-            study = await run_in_threadpool(read_study, parts)
-        else:
-            if pacs is None:
-                raise HTTPException(400, "this server has no PACS: start it with `neurocbir serve --dicomweb URL`")
-            study = await run_in_threadpool(read_series, pacs, series_uid)
-        out = await run_in_threadpool(answer_study, service, study, k)
-    except UploadError as exc:
-        raise HTTPException(413 if "MB" in str(exc) else 400, str(exc)) from None
-    except PacsError as exc:
-        raise HTTPException(502, str(exc)) from None
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from None
+    if files is not None:
+        parts = [(await f.read(MAX_STUDY_BYTES + 1), f.filename or "") for f in files]
+        study = await run_in_threadpool(read_study, parts)
+    else:
+        if pacs is None:
+            raise HTTPException(400, "this server has no PACS: start it with `neurocbir serve --dicomweb URL`")
+        study = await run_in_threadpool(read_series, pacs, series_uid)
+    out = await run_in_threadpool(answer_study, service, study, k)
     digest = hashlib.sha256()
     for s in study.slices:
         digest.update(np.ascontiguousarray(s.pixels, dtype=np.float32).tobytes())

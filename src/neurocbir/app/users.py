@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from neurocbir.errors import InvalidInput
+
 FILE = "auth.db"
 #: who may do what grows with the role (see neurocbir.app.access.RULES)
 ROLES = ("reader", "clinician", "curator", "admin")
@@ -36,7 +38,7 @@ CREATE TABLE IF NOT EXISTS users (
 """
 
 
-class UserError(ValueError):
+class UserError(InvalidInput):
     """A user cannot be added, found or changed as asked."""
 
 

@@ -30,6 +30,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from neurocbir.classify.neighbors import knn_votes, nir_positions, nir_proba
+from neurocbir.errors import InvalidInput
 from neurocbir.files import write_json
 
 #: classifier name -> how its logits are made from one neighbour-label list
@@ -49,7 +50,7 @@ def neighbour_logits(name: str, labels: np.ndarray, n_classes: int) -> np.ndarra
         return np.log1p(nir_positions(labels, n_classes, 1 if name == "nir" else 10).astype(float))
     if name == "knn7":
         return np.log(knn_votes(labels, n_classes, 7) + 1.0 / 14)  # half a vote keeps zero votes finite
-    raise ValueError(f"no calibration for classifier {name!r}; choose one of {CALIBRATED}")
+    raise InvalidInput(f"no calibration for classifier {name!r}; choose one of {CALIBRATED}")
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -96,7 +97,7 @@ class Calibrator:
     def threshold(self, coverage: float = DEFAULT_COVERAGE) -> float:
         """Largest nonconformity score a class may have to enter the set (finite-sample corrected)."""
         if not 0 < coverage < 1:
-            raise ValueError("coverage must be between 0 and 1 (e.g. 0.95)")
+            raise InvalidInput("coverage must be between 0 and 1 (e.g. 0.95)")
         n = len(self.scores)
         rank = int(np.ceil((n + 1) * coverage))
         return float("inf") if rank > n else float(self.scores[rank - 1])
@@ -175,7 +176,7 @@ def load(run: Path | str) -> dict[str, Calibrator] | None:
         doc = json.loads(path.read_text())["classifiers"]
         return {k: Calibrator(float(v["temperature"]), np.asarray(v["scores"], dtype=float)) for k, v in doc.items()}
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(
+        raise InvalidInput(
             f"{path} is corrupt ({type(exc).__name__}): retrain the run, or delete the file "
             "to serve uncalibrated softmax(I_c)"
         ) from None

@@ -28,6 +28,7 @@ from scipy.special import softmax
 
 from neurocbir.classify.calibration import expected_calibration_error, fit_temperature, neighbour_logits
 from neurocbir.classify.neighbors import NIRClassifier
+from neurocbir.errors import ConfigurationError
 from neurocbir.files import write_json
 
 FILE = "study_calibration.json"
@@ -98,4 +99,4 @@ def load(run: Path | str) -> StudyCalibrator | None:
         doc = json.loads(path.read_text())
         return StudyCalibrator(float(doc["temperature"]), str(doc.get("how", "")))
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path} is corrupt: delete it (studies then use the slice calibration)") from None
+        raise ConfigurationError(f"{path} is corrupt: delete it (studies then use the slice calibration)") from None

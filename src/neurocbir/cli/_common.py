@@ -15,38 +15,40 @@ def _fail(msg: str) -> None:
 
 
 def _guard(fn, *args, **kwargs):
-    """Run ``fn``, turning expected user errors into a one-line message and exit code 2."""
-    from neurocbir.models.encoders import EncoderWeightsError
+    """Run ``fn``, turning the errors a user can act on (:class:`neurocbir.errors.NeurocbirError`, a
+    missing file) into a one-line message and exit code 2; a bug keeps its traceback."""
+    from neurocbir.errors import NeurocbirError
 
     try:
         return fn(*args, **kwargs)
-    except (EncoderWeightsError, FileNotFoundError, ValueError, NotImplementedError) as exc:  # DatasetError,
-        _fail(str(exc))  # ArchiveError, IndexMismatchError, ReportParseError... are ValueErrors
+    except (NeurocbirError, FileNotFoundError) as exc:
+        _fail(str(exc))
 
 
 def _explainer(llm: bool, mode: str):
+    from neurocbir.errors import NeurocbirError
     from neurocbir.reports.explain import Explainer
-    from neurocbir.reports.llm import LLMUnavailable, llm_from_env
+    from neurocbir.reports.llm import llm_from_env
 
     backend = None
     if llm:
         try:
             backend = llm_from_env()
-        except LLMUnavailable as exc:
+        except NeurocbirError as exc:  # none configured, or one off this machine not allowed
             _fail(str(exc))
     try:
         return Explainer(backend, mode=mode)
-    except ValueError as exc:
+    except NeurocbirError as exc:
         _fail(str(exc))
 
 
 def _explain(llm: bool, mode: str, method: str, *args):
     """Call Explainer.summarize / .answer, turning unreadable reports into a clear error."""
-    from neurocbir.reports.text import ReportParseError
+    from neurocbir.errors import NeurocbirError
 
     try:
         return getattr(_explainer(llm, mode), method)(*args)
-    except (ReportParseError, ValueError) as exc:
+    except NeurocbirError as exc:
         _fail(str(exc))
 
 

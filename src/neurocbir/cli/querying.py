@@ -25,12 +25,17 @@ def query(
     max_area: Optional[float] = typer.Option(None, help="show only tumors of at most this many mm²"),
     dicomweb: Optional[str] = typer.Option(None, help="DICOMweb server (PACS) to fetch --instance from"),
     instance: Optional[str] = typer.Option(None, help="SOP Instance UID of the scan on the --dicomweb server"),
+    dicom_out: Optional[Path] = typer.Option(
+        None, help="write DIR/seg.dcm and DIR/sr.dcm (a DICOM scan, answered as a one-slice study)"
+    ),
 ) -> None:
     """Predict the tumor type of a scan (a file, or an instance on a PACS) from its most similar
     archive cases."""
     from neurocbir.app.sources import CaseFilter
 
     filters = _guard(CaseFilter, plane, tumor_type, min_area, max_area)
+    if dicom_out is not None and image is None:
+        _fail("--dicom-out needs the scan as a DICOM file")
     img, spacing = _read_query_scan(image, dicomweb, instance)
     svc = _service(run, archive)
     out = _guard(
@@ -42,6 +47,8 @@ def query(
         pixel_spacing_mm=spacing,
         filters=filters,
     )
+    if dicom_out is not None:
+        out["dicom_out"] = _dicom_results(svc, image, k, dicom_out)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
@@ -84,7 +91,21 @@ def query(
         typer.echo(
             f"  {i}. case {r['case_id']}: {r['label']}, {r['plane'] or 'plane unknown'}, {size}, distance {r['distance']:.3f}"
         )
+    for path in (out.get("dicom_out") or {}).values():
+        typer.echo(f"wrote {path}")
     typer.echo(out["disclaimer"])
+
+
+def _dicom_results(svc, image: Path, k: int, out_dir: Path) -> dict:
+    """A DICOM scan answered as a one-slice study, its SEG and SR written to ``out_dir``."""
+    from neurocbir.app.results_dicom import write_results
+    from neurocbir.app.studies import answer_study
+    from neurocbir.data.studies import read_study
+
+    study = _guard(read_study, [(image.read_bytes(), image.name)])
+    if study.kind != "dicom":
+        _fail(f"--dicom-out needs a DICOM scan; {image.name} is not one")
+    return _guard(write_results, study, _guard(answer_study, svc, study, k), out_dir)
 
 
 def ask(

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from neurocbir.cli._common import _explain, _explainer, _fail, _guard
+from neurocbir.cli._common import _explain, _explainer, _guard
 
 
 def summarize(
@@ -64,13 +64,10 @@ def write_reports(
     from tqdm import tqdm
 
     from neurocbir.data.cases import load_cases
-    from neurocbir.reports.llm import LLMUnavailable, llm_from_env
+    from neurocbir.reports.llm import llm_from_env
     from neurocbir.reports.text import llm_normal_reports, llm_reports_path
 
-    try:
-        llm = llm_from_env()
-    except LLMUnavailable as exc:
-        _fail(str(exc))
+    llm = _guard(llm_from_env)
     table = _guard(load_cases, data)
     rows = [r for r in range(len(table) if limit is None else min(limit, len(table))) if table.plane[r]]
     path = llm_reports_path()

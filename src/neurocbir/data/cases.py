@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neurocbir.errors import InvalidInput
+
 CLASS_NAMES: tuple[str, ...] = ("meningioma", "glioma", "pituitary")
 #: a slice without a tumor: an archive may hold such cases (label index 3), never a tumor type
 NO_TUMOR = "notumor"
@@ -29,7 +31,7 @@ DATA_ENV = "NEUROCBIR_DATA"
 DEFAULT_TEST_FOLD = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidInput):
     """A dataset file is missing or not in the expected layout."""
 
 

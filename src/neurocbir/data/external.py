@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from neurocbir.data.cases import CASE_LABELS, CLASS_NAMES, NO_TUMOR, DatasetError, read_gray
+from neurocbir.errors import InvalidInput
 
 LABELS = CASE_LABELS
 VALIDATION_SHARE = 0.5
@@ -169,5 +170,5 @@ def development_split(
 def part(cases: ExternalCases, name: str) -> ExternalCases:
     """One side of :func:`development_split` by name (:data:`PARTS`)."""
     if name not in PARTS:
-        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {name!r}")
+        raise InvalidInput(f"part must be one of {', '.join(PARTS)}, got {name!r}")
     return cases.subset(development_split(cases)[PARTS.index(name)])

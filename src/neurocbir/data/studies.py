@@ -64,7 +64,9 @@ def _read_nifti(data: bytes, name: str) -> Study:
         except (OSError, EOFError, zlib.error) as exc:
             raise UploadError(f"{name}: not a readable NIfTI volume (a corrupt gzip file: {exc})") from None
         if len(data) > MAX_STUDY_BYTES:
-            raise UploadError(f"{name}: the NIfTI volume inflates to more than {MAX_STUDY_BYTES // 2**20} MB")
+            raise UploadError(
+                f"{name}: the NIfTI volume inflates to more than {MAX_STUDY_BYTES // 2**20} MB", status=413
+            )
     try:
         img = nib.Nifti1Image.from_bytes(data)
         shape = img.header.get_data_shape()
@@ -106,6 +108,37 @@ def _dicom_slices(data: bytes, name: str) -> list[StudySlice]:
     return dataset_slices(ds, name)
 
 
+def _attr(ds, name: str):
+    """An attribute's value, or None when it is absent or cannot be decoded at all."""
+    try:
+        return ds.get(name)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _numbers(value, n: int) -> np.ndarray | None:
+    """``n`` finite numbers from a DICOM value, or None when it is absent or malformed (a broken
+    exporter's geometry is then ignored, as if absent)."""
+    if value is None:
+        return None
+    try:
+        arr = np.asarray([value] if isinstance(value, (str, bytes, int, float)) else list(value), float)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) and np.isfinite(arr).all() else None
+
+
+def _header_int(ds, name: str, default: int | None, file: str) -> int | None:
+    """An integer attribute; a malformed one is a clear error."""
+    value = _attr(ds, name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UploadError(f"{file}: the DICOM attribute {name} is not an integer ({str(value)[:20]!r})") from None
+
+
 def dataset_slices(ds, name: str) -> list[StudySlice]:
     """The slices of one parsed DICOM dataset (one, or each frame of a multi-frame image)."""
     from pydicom.pixels import pixel_array
@@ -114,8 +147,8 @@ def dataset_slices(ds, name: str) -> list[StudySlice]:
 
     if "PixelData" not in ds:
         raise UploadError(f"{name}: the DICOM file has no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = _header_int(ds, "NumberOfFrames", 1, name) or 1
+    rows, cols = _header_int(ds, "Rows", 0, name), _header_int(ds, "Columns", 0, name)
     if frames > MAX_STUDY_SLICES or rows * cols * frames > MAX_STUDY_PIXELS:
         raise UploadError(f"{name}: {frames} frames of {cols}x{rows}: more than a study may hold")
     try:
@@ -129,7 +162,7 @@ def dataset_slices(ds, name: str) -> list[StudySlice]:
     out = []
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     for f in range(frames):
-        position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        position, orientation = _attr(ds, "ImagePositionPatient"), _attr(ds, "ImageOrientationPatient")
         if per_frame is not None and f < len(per_frame):  # an enhanced multi-frame image: each frame's own
             item = per_frame[f]
             if "PlanePositionSequence" in item:
@@ -137,18 +170,17 @@ def dataset_slices(ds, name: str) -> list[StudySlice]:
         shared = ds.get("SharedFunctionalGroupsSequence")
         if orientation is None and shared and "PlaneOrientationSequence" in shared[0]:
             orientation = shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient")
-        along = None
-        if position is not None and orientation is not None and len(orientation) == 6:
-            normal = np.cross(np.array(orientation[:3], float), np.array(orientation[3:], float))
-            along = float(np.dot(normal, np.array(position, float)))
-        inst = ds.get("InstanceNumber")
+        along, position, orientation = None, _numbers(position, 3), _numbers(orientation, 6)
+        if position is not None and orientation is not None:
+            along = float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
+        inst = _numbers(_attr(ds, "InstanceNumber"), 1)
         out.append(
             StudySlice(
                 _check_pixels(arr[f]),
                 spacing,
                 name if frames == 1 else f"{name}[{f + 1}]",
                 along,
-                int(inst) if inst not in (None, "") else None,
+                int(inst[0]) if inst is not None else None,
                 ds,
                 f + 1 if frames > 1 else None,
             )
@@ -163,12 +195,14 @@ def read_study(files: list[tuple[bytes, str]]) -> Study:
     if len(files) > MAX_STUDY_SLICES:
         raise UploadError(f"{len(files)} files; a study holds at most {MAX_STUDY_SLICES} slices")
     if sum(len(d) for d, _ in files) > MAX_STUDY_BYTES:
-        raise UploadError(f"the study is larger than {MAX_STUDY_BYTES // 2**20} MB")
+        raise UploadError(f"the study is larger than {MAX_STUDY_BYTES // 2**20} MB", status=413)
     for data, name in files:
         if not data:
             raise UploadError(f"{name or 'a file'}: the file is empty")
         if len(data) > MAX_UPLOAD_BYTES and not _is_nifti(data, name) and data[128:132] != b"DICM":
-            raise UploadError(f"{name}: {len(data) / 1e6:.1f} MB; a slice is at most {MAX_UPLOAD_BYTES // 2**20} MB")
+            raise UploadError(
+                f"{name}: {len(data) / 1e6:.1f} MB; a slice is at most {MAX_UPLOAD_BYTES // 2**20} MB", status=413
+            )
     if any(_is_nifti(d, n) for d, n in files):
         if len(files) > 1:
             raise UploadError("a NIfTI volume is a whole study: send it alone")
@@ -203,6 +237,7 @@ def dicom_study(slices: list[StudySlice]) -> Study:
         spacing = spacing if spacing else None
     else:
         slices.sort(key=lambda s: (s.instance is None, s.instance or 0))
-        thickness = slices[0].dataset.get("SpacingBetweenSlices") or slices[0].dataset.get("SliceThickness")
-        spacing = float(thickness) if thickness else None
+        ds = slices[0].dataset
+        thickness = _numbers(_attr(ds, "SpacingBetweenSlices") or _attr(ds, "SliceThickness"), 1)
+        spacing = float(thickness[0]) if thickness is not None and thickness[0] > 0 else None
     return Study(slices, "dicom", spacing, series.pop() or None)

@@ -10,13 +10,15 @@ import io
 
 import numpy as np
 
+from neurocbir.errors import InvalidInput
+
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 25_000_000  # 5000x5000; far beyond any MRI slice, stops decompression bombs
 MAX_DECODED_BYTES = 64 * 1024 * 1024  # one decoded slice (or an inflated DICOM dataset) at most
 MAX_FRAMES = 512  # a multi-frame DICOM larger than any MRI series: upload one slice instead
 
 
-class UploadError(ValueError):
+class UploadError(InvalidInput):
     """The uploaded file cannot be used as a scan."""
 
 
@@ -72,7 +74,7 @@ def _check_deflated(data: bytes) -> None:
     inflate = zlib.decompressobj(-zlib.MAX_WBITS)
     inflate.decompress(data[fp.tell() :], MAX_DECODED_BYTES)
     if inflate.unconsumed_tail:
-        raise UploadError(f"the deflated DICOM file expands to more than {MAX_DECODED_BYTES // 2**20} MB")
+        raise UploadError(f"the deflated DICOM file expands to more than {MAX_DECODED_BYTES // 2**20} MB", status=413)
 
 
 def _read_dicom(data: bytes) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -175,7 +177,9 @@ def read_scan_with_spacing(data: bytes, filename: str = "") -> tuple[np.ndarray,
     if not data:
         raise UploadError("the uploaded file is empty")
     if len(data) > MAX_UPLOAD_BYTES:
-        raise UploadError(f"the file is {len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+        raise UploadError(
+            f"the file is {len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB", status=413
+        )
     name = filename.lower()
     if name.endswith(".mat") or data[:8] == b"\x89HDF\r\n\x1a\n" or data[512:520] == b"\x89HDF\r\n\x1a\n":
         arr, spacing = _read_mat(data), None

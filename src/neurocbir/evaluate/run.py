@@ -13,6 +13,7 @@ from neurocbir.classify import calibration
 from neurocbir.classify.calibration import expected_calibration_error, neighbour_logits, reliability_bins
 from neurocbir.classify.neighbors import NIRClassifier
 from neurocbir.data.cases import CaseTable, grouped_inner_folds, load_cases
+from neurocbir.errors import InvalidInput
 from neurocbir.evaluate.metrics import OVERFIT_KS, TSD_KS, classifier_probas, knn_kappa_curve, scores
 from neurocbir.evaluate.retrieval import retrieval_report, squared_distances
 from neurocbir.evaluate.tables import make_plots, markdown_tables, reliability_diagram
@@ -161,7 +162,7 @@ def summarize_trials(
     y_test = evaluations[0]["y_test"]
     for ev in evaluations:
         if not np.array_equal(y_test, ev["y_test"]):
-            raise ValueError(f"{run}: test cases differ between trials")
+            raise InvalidInput(f"{run}: test cases differ between trials")
         for name in (n.removeprefix("proba_") for n in ev if n.startswith("proba_")):
             per_trial.setdefault(name, []).append(scores(y_test, ev["proba_" + name]))
             probas.setdefault(name, []).append(ev["proba_" + name])

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neurocbir.errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 #: (embedding, descriptor, tumor logits) of a float32 batch (B, 3, S, S)
@@ -35,7 +37,7 @@ def backend() -> str:
     """``openvino`` (the default) or ``torch``, from ``NEUROCBIR_BACKEND``."""
     name = os.environ.get("NEUROCBIR_BACKEND", "openvino").strip().lower()
     if name not in ("openvino", "torch"):
-        raise ValueError(f"NEUROCBIR_BACKEND={name!r}: use 'openvino' or 'torch'")
+        raise ConfigurationError(f"NEUROCBIR_BACKEND={name!r}: use 'openvino' or 'torch'")
     return name
 
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from neurocbir.errors import ConfigurationError, InvalidInput
+
 # Nothing may be fetched from a hub at run time: make huggingface_hub (used by timm) offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,7 +35,7 @@ ARCHITECTURES = {
 ALL_BLOCKS = -1  # trainable_blocks value meaning "fine-tune the whole network"
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(ConfigurationError):
     """Pretrained weights are not available offline."""
 
 
@@ -104,7 +106,7 @@ def _load_backbone(name: str, pretrained: bool, weights: Path | None) -> tuple[n
     import timm
 
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise InvalidInput(f"unknown encoder {name!r}; choose one of {sorted(ARCHITECTURES)}")
     arch = ARCHITECTURES[name]
     with torch.random.fork_rng():  # random init is reproducible, so a frozen random trunk can be cached
         torch.manual_seed(0)
@@ -214,7 +216,7 @@ class Encoder(nn.Module):
         if trainable_blocks == ALL_BLOCKS:
             return 0
         if not 0 <= trainable_blocks <= self.n_blocks:
-            raise ValueError(f"trainable_blocks must be -1 (all) or 0..{self.n_blocks}, got {trainable_blocks}")
+            raise InvalidInput(f"trainable_blocks must be -1 (all) or 0..{self.n_blocks}, got {trainable_blocks}")
         return len(self.stages) if trainable_blocks == 0 else 1 + self.n_blocks - trainable_blocks
 
     def forward_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:

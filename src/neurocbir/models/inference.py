@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from neurocbir.data.cases import CLASS_NAMES
 from neurocbir.data.transforms import IMAGE_SIZE
+from neurocbir.errors import InvalidInput
 from neurocbir.models.cpu_runtime import compile_net
 from neurocbir.models.encoders import Encoder, Top, create_encoder
 from neurocbir.models.lesion import LesionNet, fuse_for_inference
@@ -147,7 +148,7 @@ def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | Non
         blob = torch.load(ckpt, map_location="cpu", weights_only=True)
         cfg = TrainConfig(**blob["config"])
     except Exception as exc:  # torch raises many types on a corrupt or foreign file
-        raise ValueError(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
+        raise InvalidInput(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
     if cfg.recipe == "lesion":  # every weight is in the checkpoint: no pretrained weights needed
         arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
         net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
@@ -156,7 +157,7 @@ def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | Non
         return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial))
     encoder = encoder or cfg.build_encoder()
     if encoder.weights.sha256 != blob["weights_sha256"]:
-        raise ValueError(
+        raise InvalidInput(
             f"{run}: trained on weights {blob['weights_sha256'][:12]}, "
             f"but the encoder has {encoder.weights.sha256[:12]}"
         )

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neurocbir.errors import ConfigurationError, InvalidInput
 from neurocbir.models.encoders import Encoder
 
 DECODER_CHANNELS = 64
@@ -80,7 +81,7 @@ class LesionNet(nn.Module):
         neck = stages[-1]  # conv_head, bn(+act), global pool (EfficientNet); a pool alone (ResNet)
         self.neck = nn.Sequential(*list(neck.children())[:-1]) if isinstance(neck, nn.Sequential) else nn.Identity()
         if decoder_stride not in DECODER_STRIDES:
-            raise ValueError(f"decoder_stride must be one of {DECODER_STRIDES}, got {decoder_stride}")
+            raise InvalidInput(f"decoder_stride must be one of {DECODER_STRIDES}, got {decoder_stride}")
         self.taps, channels = _taps(self.trunk, TAP_STRIDES)
         self.fine_tap: int | None = None  # the trunk stage the stride-2 refinement reads
         self.lateral = nn.ModuleList(nn.Conv2d(c, DECODER_CHANNELS, 1) for c in channels)
@@ -228,7 +229,7 @@ def tumor_level(run: Path | str) -> float:
     try:
         return float(json.loads(path.read_text())["level"]) if path.is_file() else 0.5
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path} is corrupt: delete it to outline at probability 0.5") from None
+        raise ConfigurationError(f"{path} is corrupt: delete it to outline at probability 0.5") from None
 
 
 def tumor_outline(

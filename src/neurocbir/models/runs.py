@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neurocbir.data.cases import DEFAULT_TEST_FOLD
+from neurocbir.errors import InvalidInput
 from neurocbir.files import sha256_file
 from neurocbir.models.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from neurocbir.models.lesion import DECODER_STRIDES
@@ -114,37 +115,37 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+            raise InvalidInput(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise InvalidInput(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.recipe == "lesion" and self.loss != "supcon":
-            raise ValueError(
+            raise InvalidInput(
                 f"the lesion recipe trains with SupCon; train {self.loss!r} with the cached recipe (--recipe cached)"
             )
         if not 32 <= self.image_size <= 1024:
-            raise ValueError(f"image_size must be 32..1024, got {self.image_size}")
+            raise InvalidInput(f"image_size must be 32..1024, got {self.image_size}")
         if not 0.0 <= self.holdout_patients <= 0.5:
-            raise ValueError(f"holdout_patients must be 0..0.5, got {self.holdout_patients}")
+            raise InvalidInput(f"holdout_patients must be 0..0.5, got {self.holdout_patients}")
         if self.frozen_stages < 0:
-            raise ValueError(f"frozen_stages must be >= 0, got {self.frozen_stages}")
+            raise InvalidInput(f"frozen_stages must be >= 0, got {self.frozen_stages}")
         if self.frozen_stride not in (0, 4, 8, 16):
-            raise ValueError(f"frozen_stride must be 0 (none), 4, 8 or 16, got {self.frozen_stride}")
+            raise InvalidInput(f"frozen_stride must be 0 (none), 4, 8 or 16, got {self.frozen_stride}")
         if self.decoder_stride not in DECODER_STRIDES:
-            raise ValueError(f"decoder_stride must be one of {DECODER_STRIDES}, got {self.decoder_stride}")
+            raise InvalidInput(f"decoder_stride must be one of {DECODER_STRIDES}, got {self.decoder_stride}")
         if self.trials < 1 or self.epochs < 1 or self.batch_size < 6:
-            raise ValueError("trials and epochs must be >= 1, batch_size >= 6")
+            raise InvalidInput("trials and epochs must be >= 1, batch_size >= 6")
         if self.extra_cases is not None:
             from neurocbir.data.external import is_external_layout
 
             if self.recipe != "lesion":
-                raise ValueError("extra training cases (--extra-cases) need the lesion recipe")
+                raise InvalidInput("extra training cases (--extra-cases) need the lesion recipe")
             if not is_external_layout(self.extra_cases):
-                raise ValueError(
+                raise InvalidInput(
                     f"{self.extra_cases} is not a folder of other hospitals' slices "
                     "(a metadata.csv with columns image_file,label_name)"
                 )
         if self.n_copies < 1 and self.loss == "infonce":
-            raise ValueError("InfoNCE needs n_copies >= 1 (two views of each case)")
+            raise InvalidInput("InfoNCE needs n_copies >= 1 (two views of each case)")
         return self
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neurocbir.errors import InvalidInput
+
 SMOOTH_SIGMA = 5 / 512  # of the image side
 
 
@@ -97,7 +99,7 @@ def similarity_halves(model, image: np.ndarray, other: np.ndarray) -> tuple[torc
     from neurocbir.data.transforms import preprocess
 
     if not hasattr(model, "similarity_contributions"):
-        raise ValueError(f"{DECOMPOSITION} needs a lesion model (its embedding pools over the tumor map)")
+        raise InvalidInput(f"{DECOMPOSITION} needs a lesion model (its embedding pools over the tumor map)")
     size = model.input_size
     with torch.inference_mode():
         target = model.embed_tensor(preprocess(other, size)[None]).clone()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from neurocbir.errors import InvalidInput
 from neurocbir.reports.grounding import (
     PLANE_WORDS,
     TYPE_STEMS,
@@ -196,7 +197,7 @@ class Explainer:
     def __init__(self, llm=None, mode: str = "grounded", verify: bool = True):
         """``verify=False`` returns the LLM's text unchecked (only to measure the LLM itself)."""
         if mode not in ("grounded", "paper"):
-            raise ValueError("mode must be 'grounded' or 'paper'")
+            raise InvalidInput("mode must be 'grounded' or 'paper'")
         self.llm, self.mode, self.verify = llm, mode, verify
 
     def summarize(
@@ -230,7 +231,7 @@ class Explainer:
         """``query_area_mm2``: the query scan's tumor area estimated from its predicted outline,
         used for size comparisons when there is no query report."""
         if not question or not question.strip():
-            raise ValueError("empty question")
+            raise InvalidInput("empty question")
         attrs = [parse_report(r) for r in reports]
         f = compute_facts(attrs, parse_report(query_report) if query_report else None, query_area_mm2)
         grounded = answer_question(question, f)

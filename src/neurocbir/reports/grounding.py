@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from neurocbir.errors import InvalidInput
+
 # --- vocabulary -------------------------------------------------------------------------------
 
 #: plane word -> plane (the synonyms that the alternative report style and LLMs use)
@@ -134,7 +136,7 @@ def compute_facts(reports: list, query=None, query_area_estimate_mm2: float | No
     report numbers), all sizes in mm². Without a query report, a query scan's tumor area
     estimated from its predicted outline stands in for size comparisons (flagged ``estimated``)."""
     if not reports:
-        raise ValueError("no reports to summarise")
+        raise InvalidInput("no reports to summarise")
     sizes = np.array([r.area_mm2 for r in reports])
     nums = list(range(1, len(reports) + 1))
     types: dict[str, list[int]] = {}

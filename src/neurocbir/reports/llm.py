@@ -2,7 +2,9 @@
 
 * :class:`OpenAIChat`: any OpenAI-compatible chat endpoint (OpenAI, Ollama, vLLM, llama.cpp
   server) through the official ``openai`` client; settings from the environment:
-  ``NEUROCBIR_LLM_BASE_URL``, ``NEUROCBIR_LLM_MODEL``, ``NEUROCBIR_LLM_API_KEY``.
+  ``NEUROCBIR_LLM_BASE_URL``, ``NEUROCBIR_LLM_MODEL``, ``NEUROCBIR_LLM_API_KEY``. Report text
+  stays on site: an endpoint that is not on the loopback is refused unless the operator sets
+  ``NEUROCBIR_LLM_ALLOW_REMOTE=yes`` (:data:`ALLOW_REMOTE_ENV`).
 * :class:`LlamaCppChat`: an in-process GGUF model via llama-cpp-python
   (``NEUROCBIR_LLM_GGUF``).
 
@@ -18,6 +20,8 @@ import os
 import re
 import threading
 from typing import Protocol
+
+from neurocbir.errors import ConfigurationError, Unavailable
 
 SYSTEM = (
     "You are an assistant for radiologists. You answer only from the retrieved MRI reports given "
@@ -82,14 +86,60 @@ class ChatBackend(Protocol):
     def chat(self, messages: list[dict]) -> str: ...
 
 
-class LLMUnavailable(RuntimeError):
+class LLMUnavailable(Unavailable):
     """No LLM backend could be set up."""
+
+
+class RemoteLLMRefused(ConfigurationError):
+    """An LLM endpoint off this machine, not allowed by the operator: report text would leave the site."""
+
+
+ALLOW_REMOTE_ENV = "NEUROCBIR_LLM_ALLOW_REMOTE"
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether a URL names this machine (localhost or a loopback address; a host name is not)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_on_site(base_url: str, allow_remote: bool | None = None) -> bool:
+    """Refuse an endpoint off this machine unless the operator allowed it (``allow_remote``, by
+    default ``NEUROCBIR_LLM_ALLOW_REMOTE=yes``); returns whether report text leaves the machine."""
+    if is_loopback_url(base_url):
+        return False
+    if allow_remote is None:
+        allow_remote = os.environ.get(ALLOW_REMOTE_ENV, "").lower() in ("yes", "1", "true")
+    if not allow_remote:
+        from urllib.parse import urlsplit
+
+        raise RemoteLLMRefused(
+            f"the LLM endpoint {urlsplit(base_url).hostname} is not on this machine, and report text would be sent to it: "
+            f"set {ALLOW_REMOTE_ENV}=yes to allow it (the operator's decision; see docs/app.md, what is sent), "
+            "or use an LLM on the loopback or in process (NEUROCBIR_LLM_GGUF)"
+        )
+    return True
 
 
 class OpenAIChat:
     def __init__(
-        self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, timeout: float = 120.0
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        allow_remote: bool | None = None,
     ):
+        from urllib.parse import urlsplit
+
         try:
             from openai import OpenAI
         except ImportError:
@@ -103,6 +153,8 @@ class OpenAIChat:
                 "set NEUROCBIR_LLM_BASE_URL and NEUROCBIR_LLM_MODEL (and NEUROCBIR_LLM_API_KEY if the "
                 "server needs one) to use an OpenAI-compatible LLM"
             )
+        self.remote = check_on_site(base_url, allow_remote)
+        self.host = urlsplit(base_url).hostname
         key = api_key or os.environ.get("NEUROCBIR_LLM_API_KEY") or "not-needed"
         self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=1)
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from neurocbir.errors import InvalidInput
 from neurocbir.reports.grounding import PLANE_WORDS, sizes_mm2, types_mentioned
 
 STYLES = ("plain", "normal", "alternative")
@@ -26,7 +27,7 @@ ALT_TYPE = {"meningioma": "meningeal tumor", "glioma": "glial tumor", "pituitary
 ALT_PLANE = {"axial": "transverse", "sagittal": "longitudinal", "coronal": "frontal"}
 
 
-class ReportParseError(ValueError):
+class ReportParseError(InvalidInput):
     """A report lacks an attribute or states it ambiguously."""
 
 
@@ -112,7 +113,7 @@ def make_report(a: ReportAttributes, style: str, seed: int) -> str:
         return plain_report(a)
     if style in ("normal", "alternative"):
         return normal_report(a, seed, alternative=style == "alternative")
-    raise ValueError(f"unknown report style {style!r}; choose one of {STYLES}")
+    raise InvalidInput(f"unknown report style {style!r}; choose one of {STYLES}")
 
 
 def case_attributes(table, row: int) -> ReportAttributes:
@@ -121,7 +122,7 @@ def case_attributes(table, row: int) -> ReportAttributes:
 
     plane = str(table.plane[row])
     if plane not in PLANES:
-        raise ValueError(f"case {int(table.idx[row])} has no anatomical plane, so no report can be written")
+        raise InvalidInput(f"case {int(table.idx[row])} has no anatomical plane, so no report can be written")
     return ReportAttributes(CLASS_NAMES[int(table.label[row])], plane, round(float(table.area_mm2[row]), 2))
 
 

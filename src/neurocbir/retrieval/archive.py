@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from neurocbir.data.cases import CASE_LABELS
+from neurocbir.errors import InvalidInput
 from neurocbir.files import atomic_path
 from neurocbir.retrieval.index import IndexMismatchError
 from neurocbir.retrieval.milvus import CONSISTENCY, READER_CONSISTENCY, MilvusStore
@@ -61,7 +62,7 @@ CREATE INDEX IF NOT EXISTS cases_state ON cases(state);
 """
 
 
-class ArchiveError(ValueError):
+class ArchiveError(InvalidInput):
     """The archive cannot be opened or a case cannot be added."""
 
 

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from neurocbir.errors import UpstreamError
+
 SOP_UID, STUDY_UID, SERIES_UID, PATIENT_ID = "00080018", "0020000D", "0020000E", "00100020"
 LABEL_COLUMNS = "sop_instance_uid,label[,patient_id,plane,area_mm2,report]"
 
 
-class PacsError(ValueError):
+class PacsError(UpstreamError, ValueError):
     """The DICOMweb server cannot be reached, refuses us, or lacks the instance."""
 
 
@@ -39,7 +41,7 @@ def _session(url: str):
     from dicomweb_client.session_utils import create_session
 
     if not url.startswith(("http://", "https://")):
-        raise PacsError(f"{url!r} is not a DICOMweb URL (http://host:port/dicom-web)")
+        raise PacsError(f"{url!r} is not a DICOMweb URL (http://host:port/dicom-web)", status=400)
     session = create_session()
     # no gzip: compressing each 0.5 MB slice cost Orthanc ~28 ms of its 31 ms per instance on
     # loopback (benchmarks/dicomweb_ingest.py); a PACS sits on the hospital's LAN
@@ -76,7 +78,7 @@ def _call(url: str, what: str, fn, *args, **kwargs):
                 "NEUROCBIR_DICOMWEB_USER and NEUROCBIR_DICOMWEB_PASSWORD (or NEUROCBIR_DICOMWEB_TOKEN)"
             ) from None
         if code == 404:
-            raise PacsError(f"the DICOMweb server at {url} has no such resource ({what})") from None
+            raise PacsError(f"the DICOMweb server at {url} has no such resource ({what})", status=404) from None
         raise PacsError(f"the DICOMweb server at {url} answered HTTP {code} while {what}") from None
     except requests.RequestException as exc:
         raise PacsError(f"cannot reach the DICOMweb server at {url} ({type(exc).__name__}) while {what}") from None
@@ -135,10 +137,10 @@ def fetch_dataset(url: str, ref: InstanceRef):
 def find_instance(url: str, sop_uid: str) -> InstanceRef:
     sop_uid = sop_uid.strip()
     if not sop_uid or len(sop_uid) > 64 or not all(c.isdigit() or c == "." for c in sop_uid):
-        raise PacsError(f"{sop_uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+        raise PacsError(f"{sop_uid!r} is not a DICOM UID (digits and dots, at most 64 characters)", status=400)
     refs = list_instances(url, sop=sop_uid)
     if not refs:
-        raise PacsError(f"the DICOMweb server at {url} has no instance {sop_uid}")
+        raise PacsError(f"the DICOMweb server at {url} has no instance {sop_uid}", status=404)
     return refs[0]
 
 
@@ -156,7 +158,7 @@ def read_series(url: str, series_uid: str):
 
     series_uid = series_uid.strip()
     if not series_uid or len(series_uid) > 64 or not all(c.isdigit() or c == "." for c in series_uid):
-        raise PacsError(f"{series_uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+        raise PacsError(f"{series_uid!r} is not a DICOM UID (digits and dots, at most 64 characters)", status=400)
     found = _call(
         url,
         "searching the series",
@@ -167,9 +169,11 @@ def read_series(url: str, series_uid: str):
     refs = [InstanceRef(*[_value(i, t) for t in (STUDY_UID, SERIES_UID, SOP_UID)]) for i in found]
     refs = [r for r in refs if r.study and r.series == series_uid and r.sop]
     if not refs:
-        raise PacsError(f"the DICOMweb server at {url} has no series {series_uid}")
+        raise PacsError(f"the DICOMweb server at {url} has no series {series_uid}", status=404)
     if len(refs) > MAX_STUDY_SLICES:
-        raise PacsError(f"series {series_uid} holds {len(refs)} instances; a study holds at most {MAX_STUDY_SLICES}")
+        raise PacsError(
+            f"series {series_uid} holds {len(refs)} instances; a study holds at most {MAX_STUDY_SLICES}", status=413
+        )
     return dicom_study([s for r in refs for s in dataset_slices(fetch_dataset(url, r), f"instance {r.sop}")])
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neurocbir.errors import InvalidInput
+
 try:
     import faiss
 except ImportError:  # training and evaluation still work (ExactL2); serving and the case store need FAISS
@@ -20,7 +22,7 @@ except ImportError:  # training and evaluation still work (ExactL2); serving and
 from neurocbir.files import atomic_write, write_json
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(InvalidInput):
     """The index on disk was built by another encoder or has another dimension."""
 
 

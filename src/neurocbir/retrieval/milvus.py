@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from neurocbir.errors import Unavailable
 from neurocbir.retrieval.index import IndexMismatchError, _as_f32
 from neurocbir.retrieval.store import StaleCollection, StoreUnavailable
 
@@ -239,7 +240,7 @@ class MilvusStore:
         case ids (a filter expression on the primary key)."""
         k = min(int(k), 16384)  # Milvus caps top-k at 16384 (callers cap k at the count)
         if k < 1:
-            raise ValueError("the store is empty")
+            raise Unavailable("the store is empty")
         terms, where = [], {}
         if groups is not None and self.partitioned:
             wanted = {partition_name(g) for g in groups}

@@ -18,6 +18,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 
+from neurocbir.errors import Unavailable
 from neurocbir.retrieval.index import (
     IndexMismatchError,
     _as_f32,
@@ -39,7 +40,7 @@ def group_keys(labels: np.ndarray, planes: np.ndarray) -> np.ndarray:
     return np.char.add(np.char.add(np.asarray(labels).astype(int).astype(str), ":"), np.asarray(planes).astype(str))
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(Unavailable):
     """The vector store's server cannot be reached or refuses us."""
 
 
@@ -131,7 +132,7 @@ class FaissStore:
         """``groups``: search only these partitions; ``allowed``: only these case ids (an ID
         selector inside FAISS). Distances are sorted; -1 pads rows with fewer hits."""
         if self.count() < 1:
-            raise ValueError("the store is empty")
+            raise Unavailable("the store is empty")
         parts = [ix for key, ix in self.parts.items() if ix.ntotal and (groups is None or key in groups)]
         q = _as_f32(queries, self.dim)
         k = min(int(k), max(sum(ix.ntotal for ix in parts), 1))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from neurocbir.classify.neighbors import NIRClassifier
 from neurocbir.data.cases import CLASS_NAMES, CaseTable, grouped_inner_folds, load_cases
+from neurocbir.errors import InvalidInput
 from neurocbir.files import atomic_write, sha256_file, write_json
 from neurocbir.models.encoders import Encoder, Top, pick_device
 from neurocbir.models.inference import embed_features, trunk_descriptors
@@ -129,7 +130,7 @@ def train_top(
     rng = np.random.default_rng(seed)
     cross = cfg.cross_patient_positives and cfg.loss in ("supcon", "triplet")
     if cross and groups is None:
-        raise ValueError("cross_patient_positives needs the training cases' patient ids")
+        raise InvalidInput("cross_patient_positives needs the training cases' patient ids")
     patient_codes = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else None
     with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
         for epoch in tqdm(range(cfg.epochs), desc=f"{cfg.loss} seed {seed}", unit="epoch", disable=not progress):
@@ -187,7 +188,7 @@ def train_run(cfg: TrainConfig, out: Path, table: CaseTable | None = None, progr
     train_rows = np.flatnonzero(table.fold != cfg.fold)
     test_rows = np.flatnonzero(table.fold == cfg.fold)
     if len(test_rows) == 0:
-        raise ValueError(f"fold {cfg.fold} has no cases")
+        raise InvalidInput(f"fold {cfg.fold} has no cases")
     write_json(out / "config.json", dataclasses.asdict(cfg))
     train_feats = np.asarray(feats[train_rows])
     timings = {"feature_cache_s": round(cache_s, 1), "trials_s": []}

@@ -16,6 +16,7 @@ import torch
 from neurocbir.classify import study
 from neurocbir.classify.neighbors import NIRClassifier
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
+from neurocbir.errors import InvalidInput
 from neurocbir.files import write_json
 from neurocbir.models.encoders import Encoder, pick_device
 from neurocbir.models.lesion import TUMOR_LEVEL_FILE
@@ -58,7 +59,7 @@ def holdout_embeddings(
     cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
     fit_rows, cal_rows = holdout_split(cfg, table)
     if not len(cal_rows):
-        raise ValueError(f"{run} holds no training patients out of training (holdout_patients = 0)")
+        raise InvalidInput(f"{run} holds no training patients out of training (holdout_patients = 0)")
     arrays = np.load(trial_dir(run, cfg.first_seed) / "embeddings.npz")
     where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
     emb = arrays["archive"]
@@ -262,9 +263,9 @@ def train_lesion_run(
     if resume:
         saved = TrainConfig(**json.loads((out / "config.json").read_text()))
         if dataclasses.asdict(saved) != dataclasses.asdict(cfg):
-            raise ValueError(f"{out} was started with another configuration: resume it with its own config.json")
+            raise InvalidInput(f"{out} was started with another configuration: resume it with its own config.json")
     elif (out / IN_PROGRESS).is_file():
-        raise ValueError(f"{out} holds an unfinished run: continue it with --resume, or train into another folder")
+        raise InvalidInput(f"{out} holds an unfinished run: continue it with --resume, or train into another folder")
     write_json(out / IN_PROGRESS, {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     write_json(out / "config.json", dataclasses.asdict(cfg))
     device = pick_device()
@@ -283,7 +284,7 @@ def train_lesion_run(
     }
     test_rows = np.flatnonzero(table.fold == cfg.fold)
     if len(test_rows) == 0:
-        raise ValueError(f"fold {cfg.fold} has no cases")
+        raise InvalidInput(f"fold {cfg.fold} has no cases")
     fit_rows, cal_rows = holdout_split(cfg, table)
     # other hospitals' development part: training cases only (the run's index stays the dataset's)
     extra = load_extra_tensors(cfg.extra_cases, cfg.image_size) if cfg.extra_cases else None

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from neurocbir.data.cases import CaseTable
+from neurocbir.errors import InvalidInput
 from neurocbir.models.encoders import pick_device
 from neurocbir.models.runs import TrainConfig
 from neurocbir.training.cached import _calibrate, prepare
@@ -43,7 +44,7 @@ def calibrate_studies(run: Path | str, table: CaseTable | None = None) -> dict:
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
     if not cfg.get("holdout_patients"):
-        raise ValueError(
+        raise InvalidInput(
             f"{run}'s encoder was trained on every training patient, so a study temperature fitted on them would be "
             "over-confident: `neurocbir calibrate RUN` (without --study) fits one by inner CV, with the slice "
             "calibration (3 more trainings; a GPU is advised); until then its studies use the slice temperature"

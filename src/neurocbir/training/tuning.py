@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from neurocbir.classify.neighbors import NIRClassifier
 from neurocbir.data.cases import grouped_inner_folds
+from neurocbir.errors import InvalidInput
 from neurocbir.files import write_json
 from neurocbir.models.encoders import pick_device
 from neurocbir.models.inference import embed_features
@@ -33,7 +34,7 @@ def grid_search(cfg: TrainConfig, grid: dict[str, list], out: Path, n_splits: in
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(grid) - fields
     if unknown:
-        raise ValueError(f"unknown hyper-parameters in grid: {sorted(unknown)}")
+        raise InvalidInput(f"unknown hyper-parameters in grid: {sorted(unknown)}")
     device = pick_device()
     table, encoder, _, feats, _ = prepare(cfg, device=device)
     train_rows = np.flatnonzero(table.fold != cfg.fold)
