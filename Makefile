@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/neurocbir demo
 
+# Every test, none skipped: what the suite talks to (chromium, Orthanc, dicom3tools, the OpenID
+# provider) is installed first when the machine allows it (else the one command to run is shown).
 test: setup
+	bash tools/test-deps.sh
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q tools/remote-gpu/tests
 
 # Style: ruff lint and format check (configured in pyproject.toml); CI runs it before the tests.
 lint: setup

@@ -17,6 +17,15 @@ from neurocbir.data.cases import default_data_dir, load_cases
 from neurocbir.data.external import load_external
 
 
+@pytest.fixture
+def test_seed() -> int:
+    """The seed of a test's random choices: NEUROCBIR_TEST_SEED, else a fixed one; printed, so a
+    failure shows how to replay it (pytest shows a failing test's output)."""
+    seed = int(os.environ.get("NEUROCBIR_TEST_SEED", "20261202"))
+    print(f"random choices seeded with {seed} (replay: NEUROCBIR_TEST_SEED={seed})")
+    return seed
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = default_data_dir()
@@ -179,9 +188,9 @@ def milvus_server(tmp_path_factory):
     from tests.milvus_server import MilvusServer, installed
 
     if not installed():
-        if os.environ.get("CI"):
-            pytest.fail("milvus-server is not installed (pip install milvus==2.3.5; make setup does)")
-        pytest.skip("milvus-server is not installed: pip install milvus==2.3.5")
+        pytest.fail(
+            "milvus-server is not installed: pip install milvus==2.3.5"
+        )  # never a skip: `make test` installs it
     server = MilvusServer(tmp_path_factory.mktemp("milvus-server")).start()
     yield server
     server.kill()  # its data is the session's: no need to wait the 30 s and more of a clean stop

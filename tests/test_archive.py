@@ -138,7 +138,7 @@ class _Reader(threading.Thread):
 
 
 @pytest.mark.parametrize("index_every", ["0", "30"])  # index written per batch, and the default
-def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_path, index_every):
+def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_path, index_every, test_seed):
     ref = CaseArchive.open(reference)
     ref_ids, ref_emb = ref.embeddings()
     ref_by_hash = {
@@ -146,7 +146,7 @@ def test_add_survives_sigkill_at_random_points(scans, small_run, reference, tmp_
     }
     ref.close()
     archive = tmp_path / "archive"
-    rng = np.random.default_rng(int(time.time()))
+    rng = np.random.default_rng(test_seed)
     reader = _Reader(archive, np.stack(list(ref_by_hash.values()))[:4])
     reader.start()
     partial = []

@@ -36,9 +36,9 @@ N_LABELLED = 40
 def orthanc(tmp_path_factory):
     """A real Orthanc PACS with its DICOMweb plugin, on loopback, with HTTP basic auth."""
     if not installed():
-        if os.environ.get("CI"):
-            pytest.fail("Orthanc is not installed (.ci/run installs Debian's orthanc and orthanc-dicomweb)")
-        pytest.skip("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb")
+        pytest.fail(
+            "Orthanc is not installed: apt-get install orthanc orthanc-dicomweb"
+        )  # never a skip: `make test` installs it
     with running_orthanc(tmp_path_factory.mktemp("orthanc"), USER, PASSWORD) as url:
         yield url
 

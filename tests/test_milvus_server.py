@@ -60,9 +60,11 @@ def _same_in_sqlite_and_milvus(archive) -> int:
     return len(ids)
 
 
-def test_the_server_killed_during_add_loses_and_duplicates_nothing(server, small_data_dir, small_run, tmp_path):
+def test_the_server_killed_during_add_loses_and_duplicates_nothing(
+    server, small_data_dir, small_run, tmp_path, test_seed
+):
     archive = tmp_path / "archive"
-    rng = np.random.default_rng(int(time.time()))
+    rng = np.random.default_rng(test_seed)
     kills = 0
     for _ in range(1):  # benchmarks/milvus_server.py repeats it 5 times (a restart takes a minute or two)
         proc = subprocess.Popen(_add(small_data_dir, archive, small_run, server.uri, "--batch-size", "4", "--index-every", "0"),
@@ -111,10 +113,15 @@ def test_the_app_says_when_the_server_is_down_and_serves_again_when_it_is_back(
     assert refused.returncode == 2 and "after waiting 2 s" in refused.stderr and "Traceback" not in refused.stderr
     waiting = subprocess.Popen(_add(small_data_dir, tmp_path / "late", small_run, server.uri, "--fold", "3", "--milvus-wait", "400"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    time.sleep(8)
-    assert waiting.poll() is None  # still waiting for the server
+    said = []
+    for line in waiting.stdout:  # the event: it says that it waits (model load first)
+        said.append(line)
+        if "is not ready yet: waiting up to 400 s" in line:
+            break
+    assert waiting.poll() is None, "".join(said)[-2000:]  # it said so, and it is still waiting
     server.start()
     out, _ = waiting.communicate(timeout=600)
+    out = "".join(said) + out
     assert waiting.returncode == 0, out[-2000:]
     assert "is not ready yet: waiting up to 400 s" in out and "cases added" in out
     for _ in range(60):  # the client reconnects by itself: no restart of the app

@@ -1,8 +1,11 @@
 """schemathesis against the app's own OpenAPI schema, signed in as a reader: whatever it sends,
-within or outside the schema, the server answers without a 5xx (and a reader never gets a
-feedback export: 403, not data)."""
+within or outside the schema, the server answers without a 5xx, no 4xx body shows a Python
+exception name, a file path or a traceback, and a reader never gets a feedback export (403, not
+data)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import schemathesis
@@ -15,6 +18,8 @@ from neurocbir.app.service import RetrievalService
 from neurocbir.app.users import UserStore
 
 READER: dict[str, object] = {}
+#: what an error body must never show: a traceback, a Python file path, an exception class name
+LEAK = re.compile(r"Traceback|File \"|\.py\b|/site-packages/|\b[A-Z][A-Za-z]*(Error|Exception)\b")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +48,8 @@ def test_no_server_errors_for_a_reader(api_schema):
             response = case.call(headers={"Authorization": f"Bearer {READER['token']}"})
             if response.status_code >= 500:
                 wrong.append(f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:200]}")
+            elif response.status_code >= 400 and LEAK.search(response.text):
+                wrong.append(f"{case.method} {case.formatted_path}: {response.status_code} shows {response.text[:200]}")
             if op.path in ("/feedback.csv", "/audit.csv", "/users") and response.status_code != 403:
                 wrong.append(f"{case.method} {case.formatted_path}: {response.status_code} for a reader")
 

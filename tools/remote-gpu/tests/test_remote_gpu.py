@@ -1,4 +1,4 @@
-"""tools/remote-gpu/: the scripts that run the lesion recipe on a borrowed GPU machine, run here
+"""The tooling suite (run by `make test` after the product's): tools/remote-gpu/, the scripts that run the lesion recipe on a borrowed GPU machine, run here
 on the CPU on a few dozen slices at 64 px (the same code paths, minutes instead of hours)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from neurocbir.data.cases import load_cases
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TOOLS = ROOT / "tools" / "remote-gpu"
 
 
