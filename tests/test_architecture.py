@@ -12,7 +12,7 @@ import neurocbir
 
 PACKAGE = Path(neurocbir.__file__).parent
 #: the stages, lowest first; a module may import its own stage and those before it
-STAGES = ("files", "data", "models", "retrieval", "classify", "evaluate", "reports", "training", "app", "cli")
+STAGES = ("errors", "files", "data", "models", "retrieval", "classify", "evaluate", "reports", "training", "app", "cli")
 MAX_LINES = 460
 
 
