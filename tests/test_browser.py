@@ -58,6 +58,16 @@ def serve_in_thread(app, port: int | None = None) -> tuple[str, object]:
     return f"http://127.0.0.1:{port}", server
 
 
+def _handled(page, kind: str) -> int:
+    """How many answers of ``kind`` the page has dealt with (shown, or dropped as stale)."""
+    return int(page.evaluate(f"() => Number(document.body.dataset.{kind} || 0)"))
+
+
+def _wait_handled(page, kind: str, n: int) -> None:
+    """Wait (on the page's own count, not a timer) until it has dealt with ``n`` answers of ``kind``."""
+    page.wait_for_function(f"() => Number(document.body.dataset.{kind} || 0) >= {n}", timeout=30_000)
+
+
 def open_app(playwright, url: str, width: int = 1400, height: int = 1100):
     """(browser, page) with the app at ``url`` open in a window of ``width`` x ``height``."""
     browser = launch(playwright)
@@ -316,9 +326,10 @@ def test_only_the_latest_query_is_shown(base_url):
         page.select_option("#example", cases[1])
         page.click("#run")
         expect(page.locator(".retrieval")).to_have_count(5, timeout=30_000)
+        handled = _handled(page, "query")
         with page.expect_response(lambda r: "/query?" in r.url, timeout=30_000):
             held[0].continue_()  # the first query's answer arrives last
-        page.wait_for_timeout(1000)  # the page's handler has run
+        _wait_handled(page, "query", handled + 1)  # the page has dealt with it
         expect(page.locator("#queryImg")).to_have_attribute("src", f"/cases/{cases[1]}/image.png?size=512")
         shown = page.locator(".retrieval img:not(.heat)").evaluate_all(
             "imgs => imgs.map(i => Number(new URL(i.src).pathname.split('/')[2]))"
@@ -391,10 +402,11 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
         page.locator(".retrieval").nth(2).get_by_role("button", name="Why similar?").click()
         wait_held(page, held, 2)
         query_example(page, 2)
+        handled = _handled(page, "similarity")
         for route in held:  # the old scan's maps arrive now
             with page.expect_response(lambda r: "/similarity?" in r.url, timeout=30_000):
                 route.continue_()
-        page.wait_for_timeout(1000)  # the page's handler has run
+        _wait_handled(page, "similarity", handled + 1)  # the page has dealt with the pair
         expect(page.locator("#heatQuery")).to_be_hidden()
         expect(page.locator("#heatNote")).to_have_text("")
         expect(page.locator(".retrieval img.heat:visible")).to_have_count(0)
@@ -407,9 +419,10 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
         page.select_option("#example", index=1)
         page.click("#run")
         expect(page.locator("#chatBox")).to_be_visible(timeout=30_000)
+        handled = _handled(page, "ask")
         with page.expect_response(lambda r: r.url.endswith("/ask"), timeout=30_000):
             held[0].continue_()
-        page.wait_for_timeout(1000)  # the page's handler has run
+        _wait_handled(page, "ask", handled + 1)
         expect(page.locator("#chatLog")).to_be_empty()
 
         # and for a comparison whose images arrive after a new query started
@@ -417,10 +430,11 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
         page.route("**/cases/*/image.png?size=512", lambda route: held.append(route))
         page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
         wait_held(page, held)  # the retrieval's image (the query's comes from the browser's cache)
+        handled = _handled(page, "compare")
         query_example(page, 2)
         page.unroute("**/cases/*/image.png?size=512")
         for route in list(held):  # the comparison's images arrive now (and the new query's own)
             route.continue_()
-        page.wait_for_timeout(1500)  # the page's handlers have run
+        _wait_handled(page, "compare", handled + 1)
         expect(page.locator("#compare")).to_be_hidden()
         browser.close()

@@ -208,7 +208,7 @@ def test_dicomweb_query_by_instance_uid_cli_and_http(pacs, pacs_archive, small_r
     missing = http.post("/query", data={"instance_uid": "1.2.3.4.5.6.7"})
     assert missing.status_code == 404 and "no instance 1.2.3.4.5.6.7" in missing.json()["detail"]
     bad = http.post("/query", data={"instance_uid": "../../etc/passwd"})
-    assert bad.status_code == 404 and "not a DICOM UID" in bad.json()["detail"]
+    assert bad.status_code == 400 and "not a DICOM UID" in bad.json()["detail"]
     both = http.post("/query", data={"instance_uid": uid, "case_id": "1"})
     assert both.status_code == 422
     no_pacs = TestClient(create_app(service)).post("/query", data={"instance_uid": uid})

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from neurocbir.app.service import RetrievalService
 from neurocbir.cli import app as cli
 from neurocbir.data.cases import CLASS_NAMES, DatasetError
-from neurocbir.data.external import development_split, is_external_layout, load_external
+from neurocbir.data.external import development_split, errata_of, is_external_layout, load_external
 from neurocbir.retrieval.archive import ArchiveError, CaseArchive
 from neurocbir.retrieval.casefiles import parse_label
 from neurocbir.retrieval.examples import EXAMPLE_ID_BASE
@@ -30,8 +30,16 @@ def test_external_layout_and_its_group_wise_split(external):
     tcga = cases.sources == "tcga-lgg"
     assert len(set(cases.patients[tcga])) == 46 and (cases.mask_files[tcga] != "").all()
     assert (cases.load_mask(int(np.flatnonzero(tcga & cases.tumor)[0]))).any()  # a glioma's mask outlines it
-    dev, val = development_split(cases)
+    dev, val = development_split(cases, errata=False)
     assert len(dev) + len(val) == len(cases) and not set(dev) & set(val)
+    # the errata leave the split as it was made, minus figshare copies (both parts) and validation
+    # slices whose twin is in the development part
+    copies, twins = errata_of(cases)
+    assert copies.sum() == 14 and set(cases.sources[copies]) == {"kaggle-training"} and twins.sum() == 14
+    kept_dev, kept_val = development_split(cases)
+    assert kept_dev.tolist() == [i for i in dev if not copies[i]]
+    assert kept_val.tolist() == [i for i in val if not (copies[i] or twins[i])]
+    assert "images/00213.jpg" in set(cases.files[dev]) - set(cases.files[kept_dev])  # a fold-5 slice's mirror
     assert not set(cases.groups[dev]) & set(cases.groups[val])  # a group (a TCGA patient) never straddles it
     for source in set(cases.sources):  # every source's labels on both sides, in about the same share
         for label in set(cases.labels):
@@ -39,7 +47,7 @@ def test_external_layout_and_its_group_wise_split(external):
             if sel.sum() >= 100:
                 share = sel[val].sum() / sel.sum()
                 assert 0.3 < share < 0.7, (source, label, share)
-    assert development_split(cases)[1].tolist() == val.tolist()  # fixed: the same split everywhere
+    assert development_split(cases, errata=False)[1].tolist() == val.tolist()  # fixed: the same split everywhere
     # the bundled figshare folder names its images the same way, but is not this layout
     assert is_external_layout(external) and not is_external_layout(external.parent / "brain-tumor-figshare")
 

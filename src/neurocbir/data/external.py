@@ -29,6 +29,10 @@ PARTS = ("development", "validation")
 SPLIT_SEED = 0
 OPTIONAL = ("source", "patient", "slice", "mask_file", "flair_file")
 EXTERNAL_ENV = "NEUROCBIR_EXTERNAL"
+#: slices of published folders that are not what they claim (tools/external_errata.py): figshare
+#: copies (left out of both parts) and validation slices whose twin is in the development part
+#: (left out of the validation part)
+ERRATA_FILE = "external_errata.csv"
 #: the folder's name beside the dataset (version 1, ``brain-tumor-external``, is withdrawn: its
 #: tumor slices were figshare's, mirrored)
 DEFAULT_NAME = "brain-tumor-external-v2"
@@ -153,18 +157,41 @@ def load_external(root: Path | str) -> ExternalCases:
 
 
 def development_split(
-    cases: ExternalCases, validation_share: float = VALIDATION_SHARE, seed: int = SPLIT_SEED
+    cases: ExternalCases, validation_share: float = VALIDATION_SHARE, seed: int = SPLIT_SEED, errata: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """(development rows, validation rows): whole groups on one side (a TCGA patient's series, a
     set of near-duplicates), each source's labels in about the same share on both (scikit-learn's
-    StratifiedGroupKFold; a fixed seed, so the split is the same everywhere)."""
+    StratifiedGroupKFold; a fixed seed, so the split is the same everywhere). The split is made on
+    every slice; then, with ``errata``, the folder's known figshare copies leave both parts and its
+    validation slices with a twin in the development part leave the validation part."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, round(1 / validation_share))
     strata = np.char.add(np.char.add(cases.sources.astype(str), ":"), cases.labels.astype(str))
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     dev, val = next(cv.split(np.zeros(len(cases)), strata, groups=cases.groups))
-    return np.sort(dev), np.sort(val)
+    dev, val = np.sort(dev), np.sort(val)
+    if not errata:
+        return dev, val
+    copies, twins = errata_of(cases)
+    return dev[~copies[dev]], val[~(copies | twins)[val]]
+
+
+def errata_of(cases: ExternalCases) -> tuple[np.ndarray, np.ndarray]:
+    """(figshare copies, validation twins of development slices): boolean masks over ``cases``
+    from :data:`ERRATA_FILE`, for the folder of the same name."""
+    from importlib import resources
+
+    copies, twins = np.zeros(len(cases), bool), np.zeros(len(cases), bool)
+    text = resources.files("neurocbir.data").joinpath(ERRATA_FILE)
+    if not text.is_file():
+        return copies, twins
+    row_of = {str(f): i for i, f in enumerate(cases.files)}
+    with text.open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r["dataset"] == Path(cases.root).name and r["image_file"] in row_of:
+                (copies if r["kind"] == "figshare" else twins)[row_of[r["image_file"]]] = True
+    return copies, twins
 
 
 def part(cases: ExternalCases, name: str) -> ExternalCases:

@@ -90,7 +90,7 @@ async function runQuery() {
     const params = new URLSearchParams({k: $("k").value, one_per_patient: $("dedup").checked, rerank: $("rerank").checked});
     for (const [key, id] of [["plane", "fPlane"], ["tumor_type", "fType"], ["min_area_mm2", "fMin"], ["max_area_mm2", "fMax"]])
       if ($(id).value !== "") params.set(key, $(id).value);
-    const out = await api(`/query?${params}`, {method: "POST", body: fd});
+    const out = await api(`/query?${params}`, {method: "POST", body: fd}).finally(() => handled("query"));
     if (!current()) return;  // a later query was started: its result is the one to show
     last = out;
   } catch (e) {
@@ -197,9 +197,16 @@ function drawCompare() {
   }
 }
 
+// Every answer the page has dealt with (shown, or dropped as stale), counted per kind on <body>
+// (data-query, data-similarity, data-ask, data-compare): what automation waits on, not a timer.
+function handled(kind) { document.body.dataset[kind] = String(Number(document.body.dataset[kind] || 0) + 1); }
+
 async function openCompare(i, caseId) {
   const shown = last;
-  const [query, image] = await Promise.all([loadImage($("queryImg").src), loadImage(`/cases/${Number(caseId)}/image.png?size=512`)]);
+  let pair;
+  try { pair = await Promise.all([loadImage($("queryImg").src), loadImage(`/cases/${Number(caseId)}/image.png?size=512`)]); }
+  finally { handled("compare"); }
+  const [query, image] = pair;
   if (shown !== last) return;  // a new query started meanwhile: this pair is no longer on screen
   cmpImages.query = query; cmpImages.case = image;
   $("cmpTitle").textContent = `retrieval #${i + 1} (case ${caseId})`;
@@ -255,6 +262,7 @@ async function showSimilarity(i, caseId, heat) {
       `the tumor's features, ${100 - Math.round(100 * Number(q.lesionShare))}% from the whole slice around it.`;
     $("heatNote").textContent = `Heat: the regions that make the query and retrieval #${i + 1} (case ${caseId}) similar to the model.${share}`;
   } catch (e) { if (token === simToken && shown === last) $("heatNote").textContent = e.message; }
+  finally { handled("similarity"); }
 }
 
 // The query's own tumor, as the model outlines it (drawn over the scan in its pixel grid).
@@ -334,6 +342,7 @@ async function ask() {
     div.append(el("div", `Q: ${q}`, "q"), el("div", `A: ${a.answer}`, "answer"));
   } catch (e) { div.append(el("div", `Q: ${q}`, "q"), el("div", e.message, "warn")); }
   if (shown === last) $("chatLog").prepend(div);  // an answer about an earlier scan's cases is dropped
+  handled("ask");
 }
 
 $("run").onclick = runQuery;
