@@ -100,8 +100,19 @@ def _scan_ok_or_clear(folder, scan_folder, error) -> None:
     except error as exc:
         assert str(exc)
         return
+    import csv
+    import io
+
+    from neurocbir.retrieval.casefiles import parse_label
+
+    named = set()  # the labels the file's rows name (any that parse)
+    for row in csv.reader(io.StringIO((folder / "cases.csv").read_bytes().decode("utf-8", "replace"))):
+        for cell in row:
+            with contextlib.suppress(Exception):
+                named.add(parse_label(cell, ""))
     for f in files:
-        assert f.path.is_file() and f.path.is_relative_to(folder.resolve()) and 0 <= f.label <= 2
+        assert f.path.is_file() and f.path.is_relative_to(folder.resolve())
+        assert f.label in named  # a label a row names, never one made up
 
 
 def test_cases_csv_reader_on_mutated_files(tmp_path):
