@@ -194,8 +194,8 @@ def errata_of(cases: ExternalCases) -> tuple[np.ndarray, np.ndarray]:
     return copies, twins
 
 
-def part(cases: ExternalCases, name: str) -> ExternalCases:
+def part(cases: ExternalCases, name: str, errata: bool = True) -> ExternalCases:
     """One side of :func:`development_split` by name (:data:`PARTS`)."""
     if name not in PARTS:
         raise InvalidInput(f"part must be one of {', '.join(PARTS)}, got {name!r}")
-    return cases.subset(development_split(cases)[PARTS.index(name)])
+    return cases.subset(development_split(cases, errata=errata)[PARTS.index(name)])

@@ -134,7 +134,9 @@ def test_twins(table: CaseTable, fold: int, extra_cases: str | None = None) -> l
                     "so that its test slices can be checked against it"
                 )
             folder = here
-        dev = part(load_external(folder), "development")
+        # every development slice, the errata's figshare copies included: runs trained before the
+        # errata learned from them
+        dev = part(load_external(folder), "development", errata=False)
         names += [f"{dev.sources[i] or 'external'} {dev.files[i]}" for i in range(len(dev))]
         images += [dev.load_image(i) for i in range(len(dev))]
     prints = [ImagePrints(im) for im in images]
