@@ -102,8 +102,9 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     # weighted as the slice's logits are (chosen on training patients: benchmarks/study_key_slice.py)
     areas = [(slices[i]["area_mm2"] or 0.0, i) for i in tumor_rows]
     agree = [slices[i]["prediction"] == answer for i in tumor_rows]
-    candidates = [(a * w, i) for (a, i), w, ok in zip(areas, weight, agree) if ok or not any(agree)]
-    key = max(candidates)[1]
+    # ties (no outline at all: a model without a decoder) go to the slice surest to show a tumor
+    candidates = [(a * w, w, i) for (a, i), w, ok in zip(areas, weight, agree) if ok or not any(agree)]
+    key = max(candidates)[2]
     outlined = [a for a, _ in areas if a > 0]
     volume, volume_note = None, None
     if study.slice_spacing_mm and outlined:
