@@ -209,3 +209,19 @@ def collection_name() -> str:
     import uuid
 
     return f"t{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(scope="session")
+def bundled_service(tmp_path_factory, small_data_dir):
+    """The committed model over the small dataset's training folds (indexed here, as on a first start)."""
+    import shutil
+
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.retrieval.ingest import index_run
+
+    root = Path(__file__).resolve().parents[1] / "models" / "lesion-fold5"
+    run = tmp_path_factory.mktemp("bundled") / "lesion-fold5"
+    ignore = shutil.ignore_patterns("embeddings.npz", "index.faiss*", "metrics.*", "demo-archive")
+    shutil.copytree(root, run, ignore=ignore)
+    index_run(run, data=small_data_dir)
+    return RetrievalService.from_run(run, table=load_cases(small_data_dir))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurocbir.data.cases import CLASS_NAMES, load_cases
+from neurocbir.data.cases import CLASS_NAMES
 from neurocbir.models.lesion import tumor_outline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,18 +22,6 @@ BUNDLED = ROOT / "models" / "lesion-fold5"
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
-
-
-@pytest.fixture(scope="module")
-def bundled_service(tmp_path_factory, small_data_dir):
-    """The committed model over the small dataset's training folds (indexed here, as on a first start)."""
-    from neurocbir.app.service import RetrievalService
-    from neurocbir.retrieval.ingest import index_run
-
-    run = tmp_path_factory.mktemp("bundled") / "lesion-fold5"
-    shutil.copytree(BUNDLED, run, ignore=shutil.ignore_patterns("embeddings.npz", "index.faiss*", "metrics.*"))
-    index_run(run, data=small_data_dir)
-    return RetrievalService.from_run(run, table=load_cases(small_data_dir))
 
 
 def test_bundled_model_predicts_and_outlines_unseen_patients(bundled_service, small_cases):

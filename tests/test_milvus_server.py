@@ -8,7 +8,6 @@ The tests share one server (the embedded server fixes two of its ports: one at a
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -167,4 +166,3 @@ def test_archives_on_one_server_are_apart_and_writers_run_together(
         assert sizes[name] == int((small_cases.fold == fold).sum())
     collections = {CaseArchive.open(tmp_path / n, writer=False).meta["milvus_collection"] for n in "abc"}
     assert len(collections) == 3
-    os.environ.pop("NEUROCBIR_MILVUS_WAIT", None)

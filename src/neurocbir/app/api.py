@@ -29,6 +29,7 @@ from neurocbir.app.images import png as _png
 from neurocbir.app.service import DISCLAIMER, RetrievalService
 from neurocbir.app.sources import CaseFilter
 from neurocbir.app.study_api import router as study_router
+from neurocbir.data.regions import Region, box_region, read_region_mask
 from neurocbir.data.uploads import MAX_UPLOAD_BYTES, read_scan_with_spacing
 from neurocbir.errors import NeurocbirError
 from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
@@ -117,6 +118,24 @@ async def _scan(
         raise _not_found(exc) from None
 
 
+REGION_HELP = "search by this region of the scan: a box x0,y0,x1,y1 in the scan's pixels"
+REGION_MASK_HELP = "search by this region of the scan: a binary mask image (PNG) the size of the scan"
+
+
+async def _region(image: np.ndarray, box: str | None, mask: UploadFile | None) -> Region | None:
+    """The drawn region a query searches by, if any (a box or a mask, not both)."""
+    if box is not None and mask is not None:
+        raise HTTPException(422, "send the region as a box ('region') or as a mask ('region_mask'), not both")
+    if mask is not None:
+        return await run_in_threadpool(read_region_mask, await mask.read(MAX_UPLOAD_BYTES + 1), image.shape[:2])
+    return box_region(box, image.shape[:2]) if box else None
+
+
+def _audited_fingerprint(fingerprint: str, region: Region | None) -> str:
+    """The query's fingerprint in the audit trail, with the region it searched by (no pixels)."""
+    return fingerprint if region is None else f"{fingerprint} region {region.describe()}"
+
+
 def _check_style(style: str) -> None:
     if style not in STYLES:
         raise HTTPException(422, f"style must be one of {', '.join(STYLES)}")
@@ -171,9 +190,14 @@ async def query(
     tumor_type: str | None = Query(None, description="show only archive cases of this tumor type"),
     min_area_mm2: float | None = Query(None, ge=0, description="show only tumors at least this large"),
     max_area_mm2: float | None = Query(None, ge=0, description="show only tumors at most this large"),
+    region: str | None = Form(None, description=REGION_HELP),
+    region_mask: UploadFile | None = File(None, description=REGION_MASK_HELP),
 ) -> dict:
+    """Similar archive cases, the prediction from them and its evidence, for one scan (or for a
+    region drawn on it: ``region`` or ``region_mask``)."""
     filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
     image, spacing = await _scan(service, pacs, file, case_id, instance_uid)
+    drawn = await _region(image, region, region_mask)
     # off the event loop: /health and static files stay responsive under load
     out = await run_in_threadpool(
         service.query,
@@ -184,10 +208,11 @@ async def query(
         pixel_spacing_mm=spacing,
         rerank=rerank,
         filters=filters,
+        region=drawn,
     )
     other = [out["nearest_other_class"]["case_id"]] if out.get("nearest_other_class") else []
     shown = [r["case_id"] for r in out["retrievals"]] + other + ([case_id] if case_id is not None else [])
-    note(request, shown, out["query_fingerprint"])
+    note(request, shown, _audited_fingerprint(out["query_fingerprint"], drawn))
     return out
 
 
@@ -201,17 +226,23 @@ async def similarity(
     file: UploadFile | None = File(None),
     query_case_id: int | None = Form(None),
     instance_uid: str | None = Form(None, description="the query as a SOP Instance UID on the server's PACS"),
+    region: str | None = Form(None, description=REGION_HELP + " (the query was searched by it)"),
+    region_mask: UploadFile | None = File(None, description=REGION_MASK_HELP + " (the query was searched by it)"),
 ) -> Response:
     """Why is this case similar? An RGBA PNG heat map at the mapped image's own pixel size, to
     lay over it (hot = the regions that bring the two scans' embeddings together). For a lesion
     model, the header ``X-Lesion-Share`` says how much of the similarity comes from the
-    tumor-weighted half of the embedding (the rest: the whole slice)."""
+    tumor-weighted half of the embedding (the rest: the whole slice), or, for a query searched by
+    a drawn region, from the region's half."""
     from neurocbir.models.saliency import heat_png
 
     note(request, [case_id] + ([query_case_id] if query_case_id is not None else []))
     image, _ = await _scan(service, pacs, file, query_case_id, instance_uid)
+    drawn = await _region(image, region, region_mask)
+    if drawn is not None:
+        note(request, fingerprint=f"region {drawn.describe()}")
     try:
-        sal, share = await run_in_threadpool(service.similarity, image, case_id, side)
+        sal, share = await run_in_threadpool(service.similarity, image, case_id, side, drawn)
     except KeyError as exc:
         raise _not_found(exc) from None
     headers = {"X-Lesion-Share": f"{share:.3f}"} if share is not None else {}
@@ -375,9 +406,9 @@ def create_app(
         title="neurocbir",
         version="0.1.0",
         description="Retrieval-based brain tumor MRI decision support. " + DISCLAIMER,
-        # body bytes are counted as they arrive (chunked bodies too); a query takes one file
+        # body bytes are counted as they arrive (chunked bodies too); a query takes a scan and a region mask
         max_body_size=MAX_UPLOAD_BYTES + 64 * 1024,
-        form_limits={"max_files": 1, "max_fields": 8},
+        form_limits={"max_files": 2, "max_fields": 8},
     )
     app.state.service, app.state.explainer, app.state.dicomweb = service, explainer or Explainer(), dicomweb
     app.state.access = access or AccessControl()

@@ -31,6 +31,7 @@ class ServeOptions:
     #: reverse proxies (addresses or networks) whose X-Forwarded-For names the client
     trusted_proxies: list[str] = field(default_factory=list)
     audit_key: Path | None = None  # default: audit.key beside audit.db
+    milvus_wait_s: float | None = None  # how long to wait for the archive's Milvus server at start
 
 
 def is_loopback(host: str) -> bool:
@@ -108,7 +109,11 @@ def serve(
         llm = llm_from_env()
     except LLMUnavailable:
         llm = None
-    service = RetrievalService.from_archive(run, archive) if archive is not None else RetrievalService.from_run(run)
+    service = (
+        RetrievalService.from_archive(run, archive, store_wait_s=opts.milvus_wait_s)
+        if archive is not None
+        else RetrievalService.from_run(run)
+    )
     # compile the CPU runtime now (about a second), so that the first clinician's scan does not wait for it
     service.model.embed([np.zeros((64, 64), np.float32)])
     explainer = Explainer(llm)

@@ -22,8 +22,10 @@ from neurocbir.app.feedback import FILE as FEEDBACK_FILE
 from neurocbir.app.feedback import FeedbackStore, fingerprint
 from neurocbir.app.sources import ArchiveCases, CaseFilter, CaseSource, RunCases
 from neurocbir.classify import calibration
+from neurocbir.classify import region as region_search
 from neurocbir.classify.neighbors import knn_votes, nir_positions
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
+from neurocbir.data.regions import Region, RegionError, region_on_grid, region_peak
 from neurocbir.errors import InvalidInput, Unavailable
 from neurocbir.models.inference import LesionModel, Model, load_model
 from neurocbir.models.lesion import tumor_level, tumor_outline
@@ -44,6 +46,10 @@ RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (
 NO_TUMOR_NOTE = (
     "No tumor found on this slice. The archive's answer is about tumor type only, so none is given; "
     "the most similar archive cases are shown as context."
+)
+REGION_NO_TUMOR_NOTE = (
+    "No tumor found in the drawn region. The archive's answer is about tumor type only, so none is given; "
+    "the cases most similar to the region are shown as context."
 )
 #: what a "no tumor found" answer leaves out: every claim about a tumor type
 NO_TYPE = {
@@ -88,6 +94,7 @@ class RetrievalService:
         self.model, self.cases = model, cases
         self.calibrator = (calibration.load(model.run) or {}).get("nir")
         self.tumor_level = tumor_level(model.run)
+        self.region_search = region_search.load(model.run, self.tumor_level)
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()
@@ -114,11 +121,14 @@ class RetrievalService:
         return cls(model, cases)
 
     @classmethod
-    def from_archive(cls, run: Path | str, archive: Path | str, trial: int | None = None) -> RetrievalService:
+    def from_archive(
+        cls, run: Path | str, archive: Path | str, trial: int | None = None, store_wait_s: float | None = None
+    ) -> RetrievalService:
         """Serve a run's trial over a case archive built with ``neurocbir add`` by that trial (by
-        default the first trial with weights: an archive needs no index of the run's own)."""
+        default the first trial with weights: an archive needs no index of the run's own);
+        ``store_wait_s``: how long to wait for its Milvus server at start."""
         model = load_model(run, first_weights(run) if trial is None else trial)
-        cases = ArchiveCases(archive, model.checkpoint_sha256, model.embedding_dim)
+        cases = ArchiveCases(archive, model.checkpoint_sha256, model.embedding_dim, store_wait_s)
         return cls(model, cases, feedback_path=Path(archive) / FEEDBACK_FILE)
 
     @property
@@ -174,10 +184,24 @@ class RetrievalService:
             log.warning("%s; serving its previous view", self._unservable)
             old.version = version  # not tried again until the archive changes again
 
-    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(embedding, trunk descriptor, tumor probability map or None) of one image."""
+    def region_grid(self, image: np.ndarray, region: Region) -> np.ndarray:
+        """The region on the network's input grid (checked against the scan and the model)."""
+        if not isinstance(self.model, LesionModel):
+            raise InvalidInput("the served model has no tumor decoder: it cannot search by a drawn region")
+        if region.mask.shape != tuple(image.shape[:2]):
+            rows, cols = image.shape[:2]
+            raise RegionError(
+                f"the region was drawn on a {region.mask.shape[1]} x {region.mask.shape[0]} image; the scan is {cols} x {rows}"
+            )
+        return region_on_grid(region, self.model.input_size)
+
+    def analyse(
+        self, image: np.ndarray, grid: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(embedding, trunk descriptor, tumor probability map or None) of one image; ``grid``:
+        a region to search by, on the input grid (:meth:`region_grid`)."""
         with _MODEL_LOCK:  # one forward pass at a time: torch already uses every core
-            return self.model.analyse(image)
+            return self.model.analyse(image) if grid is None else self.model.analyse(image, grid)
 
     def query(
         self,
@@ -188,23 +212,31 @@ class RetrievalService:
         pixel_spacing_mm: tuple[float, float] | None = None,
         rerank: bool = False,
         filters: CaseFilter | None = None,
+        region: Region | None = None,
     ) -> dict:
         """Prediction, calibrated confidence, prediction set and the evidence for one scan,
         and its predicted tumor outline where the model has a tumor decoder (``pixel_spacing_mm``:
         the scan's (row, column) spacing, if known, for the area). ``rerank``: order the shown
         retrievals by clinicians' feedback (among the nearest max(2k, 20); the prediction is not
         changed by it). ``filters``: show only archive cases of a plane, type or size range
-        (searched inside the vector store; the prediction still reads the whole archive)."""
+        (searched inside the vector store; the prediction still reads the whole archive).
+        ``region``: search by this drawn region of the scan (:mod:`neurocbir.classify.region`):
+        the embedding pools over it, presence and calibration are the region search's."""
         if not 1 <= k <= 50:
             raise InvalidInput("k must be between 1 and 50")
         if not 0.5 <= coverage < 1:
             raise InvalidInput("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
-        q, trunk, tumor_prob = self.analyse(image)
+        grid = None if region is None else self.region_grid(image, region)
+        q, trunk, tumor_prob = self.analyse(image, grid)
+        in_region = None
+        if grid is not None:
+            rs = self.region_search
+            in_region = region_search.presence(region_peak(tumor_prob, grid), rs.threshold)
         print_pair = ImagePrints(image)  # computed when the archive has a candidate
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
-        search = (q, trunk, print_pair, k, one_per_patient, coverage, rerank, filters)
+        search = (q, trunk, print_pair, k, one_per_patient, coverage, rerank, filters, None, in_region)
         try:
             evidence = self._evidence(self.cases, *search)
             self._store_down = None
@@ -217,9 +249,11 @@ class RetrievalService:
                     raise ArchiveUnavailable(self._unservable) from None
                 raise
             evidence = self._evidence(self.cases, *search)
-        outline = evidence["tumor_found"] is not False and tumor_prob is not None
+        # the slice's own outline is context for a region search, whatever the region holds
+        outline = (region is not None or evidence["tumor_found"] is not False) and tumor_prob is not None
         return {
             **evidence,
+            "region": None if region is None else self._region_answer(region),
             "query_fingerprint": fingerprint(image),
             "query_tumor": tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level)
             if outline
@@ -240,9 +274,11 @@ class RetrievalService:
         rerank: bool,
         filters: CaseFilter | None,
         neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        in_region: tuple[bool, dict] | None = None,
     ) -> dict:
         """The prediction and its evidence from one view of the cases (one search, one NIR;
-        ``neighbours``: that search's (distances, case ids, labels), where the caller has it).
+        ``neighbours``: that search's (distances, case ids, labels), where the caller has it;
+        ``in_region``: a region search's presence answer, which replaces the slice's).
         ``print_pair``: the scan's fingerprint; an archive case that is the scan itself is shown,
         marked, and not counted as evidence."""
         dist, case_ids, labels = neighbours if neighbours is not None else cases.neighbours(q, one_per_patient)
@@ -255,6 +291,8 @@ class RetrievalService:
         classes = cases.classes  # classes absent from the archive get no column
         positions = nir_positions(labels[None], len(CLASS_NAMES))[0][classes]
         cal = self.calibrator
+        if in_region is not None and self.region_search.calibrator is not None:
+            cal = self.region_search.calibrator
         if cal is not None:  # the same logits the calibration was fitted on
             proba = cal.proba(calibration.neighbour_logits("nir", labels[None], len(CLASS_NAMES))[0][classes])
         else:
@@ -303,7 +341,7 @@ class RetrievalService:
             if len(other)
             else None
         )
-        found, presence = tumor_presence(cases, trunk)
+        found, presence = tumor_presence(cases, trunk) if in_region is None else in_region
         if found is False:  # no tumor type is asserted; the nearest cases, of any label, are context
             dist, ids = cases.nearest(q, k)
             info = cases.describe([int(c) for c in ids])
@@ -318,6 +356,7 @@ class RetrievalService:
             ]
             return {
                 **NO_TYPE,
+                **({"note": REGION_NO_TUMOR_NOTE} if in_region is not None else {}),
                 **already,
                 "tumor_found": False,
                 "tumor_presence": presence,
@@ -350,7 +389,18 @@ class RetrievalService:
             "nearest_distance": round(nearest, 4),
         }
 
-    def similarity(self, image: np.ndarray, case_id: int, side: str = "query") -> tuple[np.ndarray, float | None]:
+    def _region_answer(self, region: Region) -> dict:
+        rs = self.region_search
+        return {
+            **region.as_dict(),
+            "searched_by": "region",
+            "calibration": "fitted on region searches" if rs.calibrator is not None else "the whole-slice calibration",
+            "how": rs.how,
+        }
+
+    def similarity(
+        self, image: np.ndarray, case_id: int, side: str = "query", region: Region | None = None
+    ) -> tuple[np.ndarray, float | None]:
         """Similarity map (H, W, in [0, 1]) between a query scan and archive case ``case_id``:
         over the query (``side="query"``: what in the query looks like the case) or over the
         case (``side="case"``), and how much of the similarity is the tumor's (None for a model
@@ -360,8 +410,9 @@ class RetrievalService:
         if side not in ("query", "case"):
             raise InvalidInput("side must be 'query' or 'case'")
         self.refresh_cases()
+        grid = None if region is None else self.region_grid(image, region)  # the query searched by a region
         case_image = self.cases.image(case_id)  # KeyError for an unknown case
         with _MODEL_LOCK:
             if side == "query":
-                return explain_similarity(self.model, image, case_image)
-            return explain_similarity(self.model, case_image, image)
+                return explain_similarity(self.model, image, case_image, region=grid)
+            return explain_similarity(self.model, case_image, image, other_region=grid)

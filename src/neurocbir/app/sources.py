@@ -339,11 +339,14 @@ class ArchiveCases(_SearchedCases):
 
     partitioned = True
 
-    def __init__(self, root: Path | str, checkpoint_sha256: str, dim: int):
+    def __init__(self, root: Path | str, checkpoint_sha256: str, dim: int, store_wait_s: float | None = None):
         from neurocbir.retrieval.archive import CaseArchive
 
         self.root, self.checkpoint_sha256, self.dim = Path(root), checkpoint_sha256, dim
-        self.archive = CaseArchive.open(root, checkpoint_sha256=checkpoint_sha256, dim=dim, writer=False)
+        self.store_wait_s = store_wait_s
+        self.archive = CaseArchive.open(
+            root, checkpoint_sha256=checkpoint_sha256, dim=dim, writer=False, store_wait_s=store_wait_s
+        )
         self.version = self.archive.opened_version  # what this view holds (see changed())
         cols = self.archive.columns()
         if not len(cols["id"]):
@@ -374,7 +377,7 @@ class ArchiveCases(_SearchedCases):
 
     def reopened(self) -> ArchiveCases:
         """A new view of the archive as it is now (this one stays usable meanwhile)."""
-        return ArchiveCases(self.root, self.checkpoint_sha256, self.dim)
+        return ArchiveCases(self.root, self.checkpoint_sha256, self.dim, self.store_wait_s)
 
     def _stored(self, case_ids: list[int]) -> dict[int, dict]:
         found = self.archive.cases(case_ids)

@@ -55,14 +55,9 @@ def add(
 ) -> None:
     """Embed the scans of FOLDER (or of a PACS, with --dicomweb) and add them to a case archive;
     safe to kill and rerun (resumes, never duplicates). Patient names and ids are not stored."""
-    import os
-
     from tqdm import tqdm
 
     from neurocbir.retrieval.ingest import ingest
-    from neurocbir.retrieval.milvus import WAIT_ENV
-
-    os.environ[WAIT_ENV] = str(milvus_wait)  # read when the archive connects its store
 
     bar = None
 
@@ -90,6 +85,7 @@ def add(
             part,
             examples,
             keep_duplicates,
+            milvus_wait,
         )
     finally:
         if bar is not None:

@@ -28,15 +28,33 @@ def query(
     dicom_out: Optional[Path] = typer.Option(
         None, help="write DIR/seg.dcm and DIR/sr.dcm (a DICOM scan, answered as a one-slice study)"
     ),
+    region: Optional[str] = typer.Option(
+        None, help="search by this region of the scan only: a box x0,y0,x1,y1 in the scan's pixels"
+    ),
+    region_mask: Optional[Path] = typer.Option(
+        None, help="search by this region of the scan only: a binary mask image (PNG) the size of the scan"
+    ),
 ) -> None:
-    """Predict the tumor type of a scan (a file, or an instance on a PACS) from its most similar
-    archive cases."""
+    """Predict the tumor type of a scan (a file, or an instance on a PACS), or of a region drawn
+    on it, from its most similar archive cases."""
     from neurocbir.app.sources import CaseFilter
+    from neurocbir.data.regions import box_region, read_region_mask
 
     filters = _guard(CaseFilter, plane, tumor_type, min_area, max_area)
     if dicom_out is not None and image is None:
         _fail("--dicom-out needs the scan as a DICOM file")
+    if region is not None and region_mask is not None:
+        _fail("give the region as --region x0,y0,x1,y1 or as --region-mask FILE, not both")
+    if region_mask is not None and not region_mask.is_file():
+        _fail(f"no such file: {region_mask}")
+    if dicom_out is not None and (region or region_mask):
+        _fail("--dicom-out describes the whole slice: leave out --region / --region-mask")
     img, spacing = _read_query_scan(image, dicomweb, instance)
+    drawn = None
+    if region is not None:
+        drawn = _guard(box_region, region, img.shape[:2])
+    elif region_mask is not None:
+        drawn = _guard(read_region_mask, region_mask.read_bytes(), img.shape[:2])
     svc = _service(run, archive)
     out = _guard(
         svc.query,
@@ -46,6 +64,7 @@ def query(
         coverage=coverage,
         pixel_spacing_mm=spacing,
         filters=filters,
+        region=drawn,
     )
     if dicom_out is not None:
         out["dicom_out"] = _dicom_results(svc, image, k, dicom_out)
@@ -54,7 +73,14 @@ def query(
         return
     if out["no_similar_case"]:
         typer.secho("warning: no similar case found; the answer is unreliable", fg=typer.colors.RED)
-    if out["tumor_found"] is False:
+    if out.get("region"):
+        r = out["region"]
+        typer.echo(f"searched by the drawn region ({r['kind']} {','.join(map(str, r['box']))}, {r['pixels']} pixels)")
+    if out["tumor_found"] is False and out.get("region"):
+        p = out["tumor_presence"]["probability_tumor_in_region"]
+        typer.echo(f"No tumor found in the drawn region (decoder's peak there {p:.0%}); no tumor type is given.")
+        typer.echo("The archive cases most similar to the region, as context:")
+    elif out["tumor_found"] is False:
         p = out["tumor_presence"]["probability_no_tumor"]
         typer.echo(f"No tumor found on this slice (P(no tumor) {p:.0%}); no tumor type is given.")
         typer.echo("The most similar archive cases, as context:")
@@ -162,13 +188,8 @@ def serve(
 ) -> None:
     """Serve the web UI and the HTTP API (sign-in as soon as users or an identity provider are
     configured; see `neurocbir users`)."""
-    import os
-
     from neurocbir.app.server import ServeOptions
     from neurocbir.app.server import serve as _serve
-    from neurocbir.retrieval.milvus import WAIT_ENV
-
-    os.environ[WAIT_ENV] = str(milvus_wait)
 
     opts = ServeOptions(
         host,
@@ -182,6 +203,7 @@ def serve(
         tls_key,
         list(trusted_proxy),
         audit_key,
+        milvus_wait,
     )
     _guard(_serve, resolve_run(run), host, port, archive, dicomweb, opts)
 

@@ -213,16 +213,29 @@ def calibrate(
     study: bool = typer.Option(
         False, "--study", help="only the study-level temperature (one answer per series), from the run's index"
     ),
+    regions: bool = typer.Option(
+        False,
+        "--regions",
+        help="only how a lesion run answers searches by a drawn region (presence threshold, calibration), "
+        "on its held-out training patients",
+    ),
 ) -> None:
     """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
     training patients; for runs trained before calibration existed; a CPU lesion run: its held-out
     training patients), and a lesion run's tumor outline level. The trials stay as they are.
-    With --study: the temperature of the one-answer-per-study confidence (seconds, no training)."""
+    With --study: the temperature of the one-answer-per-study confidence (seconds, no training).
+    With --regions: the region search's presence threshold and calibration (a minute, no training)."""
     from neurocbir.data.cases import load_cases
     from neurocbir.training.recalibrate import calibrate_existing_run, calibrate_studies
 
     if not (run / "config.json").is_file():
         _fail(f"{run} is not a run directory (no config.json)")
+    if regions:
+        from neurocbir.training.regions import fit_region_search
+
+        doc = _guard(fit_region_search, resolve_run(run), _guard(load_cases, data))
+        typer.echo(f"region searches: {doc['how']}; threshold {doc['threshold']}: {run / 'region_search.json'}")
+        return
     if study:
         measured = _guard(calibrate_studies, resolve_run(run), _guard(load_cases, data) if data else None)
         typer.echo(

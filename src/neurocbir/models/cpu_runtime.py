@@ -26,10 +26,11 @@ from neurocbir.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
-#: (embedding, descriptor, tumor logits) of a float32 batch (B, 3, S, S)
-Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: (embedding, descriptor, tumor logits) of a float32 batch (B, 3, S, S) (and, compiled with a
+#: region input, the regions to pool over (B, 1, S, S))
+Forward = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 
-_compiled: dict[tuple[str, int], Forward | None] = {}
+_compiled: dict[tuple[str, int, bool], Forward | None] = {}
 _lock = threading.Lock()
 
 
@@ -50,41 +51,47 @@ def _import_openvino():
     return openvino
 
 
-def compile_net(net: torch.nn.Module, image_size: int, key: str) -> Forward | None:
+def compile_net(net: torch.nn.Module, image_size: int, key: str, region: bool = False) -> Forward | None:
     """``net`` (eval mode, three outputs) compiled for this CPU, or None to stay on PyTorch.
-    Cached per (``key``, size): one export per process and checkpoint."""
+    Cached per (``key``, size, ``region``): one export per process and checkpoint. With
+    ``region``, the compiled forward takes a second input, the region to pool over (B, 1, S, S)."""
     if backend() == "torch":
         return None
     with _lock:
-        if (key, image_size) in _compiled:
-            return _compiled[(key, image_size)]
+        if (key, image_size, region) in _compiled:
+            return _compiled[(key, image_size, region)]
         try:
             ov = _import_openvino()
         except ImportError:
             log.warning("OpenVINO is not installed: the CNN runs on PyTorch (about 2x slower)")
             return None
         try:
-            forward = _compile(ov, net, image_size)
+            forward = _compile(ov, net, image_size, region)
         except Exception as exc:  # an exporter or compiler gap: stay correct, only slower
             log.warning("OpenVINO could not compile the network (%s): the CNN runs on PyTorch", exc)
             forward = None
-        _compiled[(key, image_size)] = forward
+        _compiled[(key, image_size, region)] = forward
         return forward
 
 
-def _compile(ov, net: torch.nn.Module, image_size: int) -> Forward:
+def _compile(ov, net: torch.nn.Module, image_size: int, region: bool = False) -> Forward:
     """Export to ONNX (a temporary file), compile for the CPU at float32, one request per thread."""
+    inputs = (torch.zeros(2, 3, image_size, image_size),)
+    names = ["image"]
+    if region:
+        inputs += (torch.ones(2, 1, image_size, image_size),)
+        names.append("region")
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         path = Path(tmp) / "net.onnx"
         torch.onnx.export(
             net,
-            (torch.zeros(2, 3, image_size, image_size),),
+            inputs,
             str(path),
             dynamo=False,
-            input_names=["image"],
+            input_names=names,
             output_names=["embedding", "descriptor", "tumor_logits"],
-            dynamic_axes={"image": {0: "batch"}},
+            dynamic_axes={n: {0: "batch"} for n in names},
             opset_version=17,
         )
         core = ov.Core()
@@ -95,11 +102,11 @@ def _compile(ov, net: torch.nn.Module, image_size: int) -> Forward:
         )
     local = threading.local()  # an infer request serves one call at a time
 
-    def forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def forward(x: np.ndarray, *more: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = compiled.create_infer_request()
-        out = request.infer(np.ascontiguousarray(x, dtype=np.float32))  # copies the outputs
+        out = request.infer([np.ascontiguousarray(a, dtype=np.float32) for a in (x, *more)])  # copies the outputs
         return out[0], out[1], out[2]
 
     return forward

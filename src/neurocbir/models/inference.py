@@ -81,16 +81,22 @@ class LesionModel:
     def embedding_dim(self) -> int:
         return self.net.embedding_dim
 
-    def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    def _forward(
+        self, images: list[np.ndarray], regions: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """``regions``: each scan's region to search by, on the input grid (S, S) in [0, 1]
+        (:func:`neurocbir.data.regions.region_on_grid`); it replaces the predicted tumor in the pooling."""
         from neurocbir.data.transforms import preprocess
 
-        x = torch.stack([preprocess(im, self.config.image_size) for im in images])
-        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256)
+        size = self.config.image_size
+        x = torch.stack([preprocess(im, size) for im in images])
+        r = None if regions is None else torch.from_numpy(np.stack(regions).astype(np.float32)[:, None])
+        compiled = compile_net(self.net, size, self.checkpoint_sha256, region=r is not None)
         if compiled is not None:
-            emb, desc, logits = compiled(x.numpy())
+            emb, desc, logits = compiled(x.numpy()) if r is None else compiled(x.numpy(), r.numpy())
             return emb, desc, torch.from_numpy(logits)
         with torch.inference_mode():
-            emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last))
+            emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last), r)
         return emb.numpy(), desc.numpy(), logits
 
     def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,21 +123,30 @@ class LesionModel:
         """The module whose output is the last spatial feature map (feature-level maps)."""
         return [self.net.neck]
 
-    def similarity_contributions(self, x: torch.Tensor, target: torch.Tensor, halves: bool = False):
-        """Each tumor-map cell's part of the similarity of ``x`` with ``target`` (similarity maps)."""
+    def similarity_contributions(
+        self, x: torch.Tensor, target: torch.Tensor, halves: bool = False, region: np.ndarray | None = None
+    ):
+        """Each tumor-map cell's part of the similarity of ``x`` with ``target`` (similarity maps);
+        ``region`` (S, S): a search by a drawn region."""
         from neurocbir.models.lesion import similarity_contributions
 
-        return similarity_contributions(self.net, x.contiguous(memory_format=torch.channels_last), target, halves)
+        r = None if region is None else torch.from_numpy(np.asarray(region, np.float32))[None, None]
+        return similarity_contributions(self.net, x.contiguous(memory_format=torch.channels_last), target, halves, r)
 
-    def analyse(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def analyse(
+        self, image: np.ndarray, region: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(embedding, descriptor, tumor probability on the network's input grid (S, S); map it
-        to the scan with :func:`neurocbir.models.lesion.tumor_outline`)."""
-        emb, desc, probs = self.analyse_batch([image])
+        to the scan with :func:`neurocbir.models.lesion.tumor_outline`). ``region`` (S, S): pool
+        the embedding over this region instead of over the predicted tumor."""
+        emb, desc, probs = self.analyse_batch([image], None if region is None else [region])
         return emb, desc, probs[0]
 
-    def analyse_batch(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def analyse_batch(
+        self, images: list[np.ndarray], regions: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """:meth:`analyse` of several scans in one pass (the slices of a series)."""
-        emb, desc, logits = self._forward(images)
+        emb, desc, logits = self._forward(images, regions)
         size = self.config.image_size
         prob = torch.sigmoid(F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False))
         return emb, desc, [p[0].numpy() for p in prob]

@@ -115,9 +115,13 @@ class LesionNet(nn.Module):
         """How many trunk stages end at or before output ``stride`` (0 for stride 0)."""
         return self.taps[TAP_STRIDES.index(stride)] + 1 if stride else 0
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, region: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embedding, descriptor, tumor logits). ``region`` (B, 1, h, w) in [0, 1]: a region to
+        search by, whose share of each cell takes the predicted tumor's place in the pooling."""
         fmap, logits = self.features(x)
-        context, lesion, _ = self.pool(fmap, logits)
+        context, lesion, _ = self.pool(fmap, logits, region)
         emb = self.head(torch.cat([context, lesion], dim=1))
         return F.normalize(emb.float(), dim=1), F.normalize(context.float(), dim=1), logits
 
@@ -141,16 +145,20 @@ class LesionNet(nn.Module):
         return fmap, logits
 
     @staticmethod
-    def pool(fmap: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pool(
+        fmap: torch.Tensor, logits: torch.Tensor, region: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(context: the feature map's mean, lesion: its mean weighted by the tumor probability
-        pooled to the feature map's cells, that weight's sum + 1e-3 (the lesion mean's divisor))."""
-        weight = _pool_to(torch.sigmoid(logits.float()), fmap.shape[-2:]).to(fmap.dtype)
+        pooled to the feature map's cells, that weight's sum + 1e-3 (the lesion mean's divisor)).
+        With a ``region`` (B, 1, h, w) in [0, 1] the region's share of each cell is the weight."""
+        weight = torch.sigmoid(logits.float()) if region is None else region.float()
+        weight = _pool_to(weight, fmap.shape[-2:]).to(fmap.dtype)
         total = weight.sum(dim=(2, 3)) + 1e-3
         return fmap.mean(dim=(2, 3)), (fmap * weight).sum(dim=(2, 3)) / total, total
 
 
 def similarity_contributions(
-    net: LesionNet, x: torch.Tensor, target: torch.Tensor, halves: bool = False
+    net: LesionNet, x: torch.Tensor, target: torch.Tensor, halves: bool = False, region: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(1, 1, H/s, W/s): how much each cell of the tumor map's grid adds to the similarity of the
     scan ``x`` (1, 3, H, W) with the embedding ``target`` (1, D), by the network's own structure;
@@ -164,11 +172,15 @@ def similarity_contributions(
     proportion to their tumor probability. Unlike a gradient of the distance, which is about what
     would make two near cases nearer, this says where their similarity comes from; the sum of the
     map is the (unnormalised) similarity less the biases' part (exactly when the tumor map's side
-    is a multiple of the feature map's, as at 224 and 256 px; about, otherwise)."""
+    is a multiple of the feature map's, as at 224 and 256 px; about, otherwise). With a
+    ``region`` (a search by a drawn region, (1, 1, S, S)), the region's share takes the tumor
+    probability's place."""
     with torch.no_grad():
         fmap, logits = net.features(x)
         fmap, prob = fmap.float(), torch.sigmoid(logits.float())
-        context, lesion, total = net.pool(fmap, logits)
+        if region is not None:
+            prob = _pool_to(region.float(), prob.shape[-2:])
+        context, lesion, total = net.pool(fmap, logits, region)
     z = torch.cat([context, lesion], dim=1).requires_grad_(True)
     target = target.clone()  # an inference-mode tensor cannot be saved for backward; its copy here can
     with torch.enable_grad():

@@ -93,17 +93,30 @@ def similarity_map(
     return scan_map(attribution_map(model, image, other, attribution), image.shape[:2], sigma)
 
 
-def similarity_halves(model, image: np.ndarray, other: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def similarity_halves(
+    model,
+    image: np.ndarray,
+    other: np.ndarray,
+    region: np.ndarray | None = None,
+    other_region: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The decomposed similarity of ``image`` with ``other`` on the tumor map's grid, as its
-    whole-slice half and its tumor-weighted half ((1, 1, s, s) each; lesion models only)."""
+    whole-slice half and its tumor-weighted half ((1, 1, s, s) each; lesion models only).
+    ``region`` / ``other_region`` (S, S): the side searched by a drawn region pools over it."""
     from neurocbir.data.transforms import preprocess
 
     if not hasattr(model, "similarity_contributions"):
         raise InvalidInput(f"{DECOMPOSITION} needs a lesion model (its embedding pools over the tumor map)")
     size = model.input_size
-    with torch.inference_mode():
-        target = model.embed_tensor(preprocess(other, size)[None]).clone()
-    return model.similarity_contributions(preprocess(image, size)[None], target, halves=True)
+    if other_region is not None:
+        target = torch.from_numpy(model.analyse(other, other_region)[0])
+    else:
+        with torch.inference_mode():
+            target = model.embed_tensor(preprocess(other, size)[None]).clone()
+    x = preprocess(image, size)[None]
+    if region is None:
+        return model.similarity_contributions(x, target, halves=True)
+    return model.similarity_contributions(x, target, halves=True, region=region)
 
 
 def _lesion_part(context: torch.Tensor, lesion: torch.Tensor) -> float | None:
@@ -121,12 +134,21 @@ def lesion_share(model, image: np.ndarray, other: np.ndarray) -> float | None:
     return _lesion_part(*similarity_halves(model, image, other))
 
 
-def explain_similarity(model, image: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, float | None]:
+def explain_similarity(
+    model,
+    image: np.ndarray,
+    other: np.ndarray,
+    region: np.ndarray | None = None,
+    other_region: np.ndarray | None = None,
+) -> tuple[np.ndarray, float | None]:
     """(:func:`similarity_map` with the default attribution, :func:`lesion_share`), from one
-    pass through the network where the map is the decomposed similarity."""
+    pass through the network where the map is the decomposed similarity; ``region`` /
+    ``other_region``: a drawn region that side was searched by (its half then reads the region)."""
     if default_attribution(model) != DECOMPOSITION:
+        if region is not None or other_region is not None:
+            raise InvalidInput("similarity maps of a region search need a lesion model")
         return similarity_map(model, image, other), None
-    context, lesion = similarity_halves(model, image, other)
+    context, lesion = similarity_halves(model, image, other, region, other_region)
     sal = scan_map((context + lesion).clamp(min=0), image.shape[:2], SMOOTH_SIGMA)
     return sal, _lesion_part(context, lesion)
 

@@ -96,8 +96,11 @@ class CaseArchive:
 
     DB = "archive.db"
 
-    def __init__(self, root: Path, db: sqlite3.Connection, meta: dict, writer: bool = True):
+    def __init__(
+        self, root: Path, db: sqlite3.Connection, meta: dict, writer: bool = True, store_wait_s: float | None = None
+    ):
         self.root, self.db, self.meta, self.writer = root, db, meta, writer
+        self.store_wait_s = store_wait_s  # how long to wait for a store server that is not ready yet
         self._lock = threading.RLock()
         self.dim = int(meta["dim"])
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
@@ -146,11 +149,13 @@ class CaseArchive:
         milvus_uri: str | None = None,
         run: str = "",
         milvus_index: str = "FLAT",
+        store_wait_s: float | None = None,
     ) -> CaseArchive:
-        """Open the archive at ``root``, creating it for this encoder if it does not exist."""
+        """Open the archive at ``root``, creating it for this encoder if it does not exist
+        (``store_wait_s``: how long to wait for a Milvus server that is not ready yet)."""
         root = Path(root)
         if (root / cls.DB).is_file():
-            return cls.open(root, checkpoint_sha256, dim)
+            return cls.open(root, checkpoint_sha256, dim, store_wait_s=store_wait_s)
         if store not in STORE_KINDS:
             raise ArchiveError(f"unknown store {store!r}; choose one of {', '.join(STORE_KINDS)}")
         meta = {
@@ -170,7 +175,7 @@ class CaseArchive:
             db.close()
         db = cls._connect(root / cls.DB)
         try:
-            return cls(root, db, meta)
+            return cls(root, db, meta, store_wait_s=store_wait_s)
         except ArchiveError:  # e.g. Milvus unreachable: leave no half-made archive behind
             db.close()
             for suffix in ("", "-wal", "-shm"):
@@ -179,7 +184,12 @@ class CaseArchive:
 
     @classmethod
     def open(
-        cls, root: Path | str, checkpoint_sha256: str | None = None, dim: int | None = None, writer: bool = True
+        cls,
+        root: Path | str,
+        checkpoint_sha256: str | None = None,
+        dim: int | None = None,
+        writer: bool = True,
+        store_wait_s: float | None = None,
     ) -> CaseArchive:
         """Open an archive. The writer (``neurocbir add`` / ``remove``, under :func:`writer_lock`)
         repairs what a crash interrupted; a reader (``writer=False``: the app, ``query``)
@@ -200,7 +210,7 @@ class CaseArchive:
             )
         if dim is not None and int(meta.get("dim", -1)) != dim:
             raise IndexMismatchError(f"archive {root} holds {meta.get('dim')}-d vectors, the encoder gives {dim}-d")
-        return cls(root, db, meta, writer)
+        return cls(root, db, meta, writer, store_wait_s)
 
     def _open_store(self, fresh: bool) -> tuple[CaseStore, bool]:
         """(store, stale): stale when the saved index is lost or unreadable."""
@@ -230,6 +240,7 @@ class CaseArchive:
                 self.checkpoint_sha256,
                 index_type=self.meta.get("milvus_index") or "FLAT",
                 fresh=fresh,
+                wait_s=self.store_wait_s,
                 consistency=CONSISTENCY if self.writer else READER_CONSISTENCY,
             )
         except StoreUnavailable as exc:

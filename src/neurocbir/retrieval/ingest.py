@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from neurocbir.data.cases import load_cases
+from neurocbir.errors import NeurocbirError
 from neurocbir.files import sha256_file, writer_lock
 from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord
 from neurocbir.retrieval.casefiles import CaseFile, scan_folder
@@ -95,7 +96,7 @@ def add_folder(
             try:
                 images.append(f.pixels())
                 batch.append((f, h))
-            except (ValueError, OSError) as exc:  # UploadError / DatasetError / PacsError are ValueErrors
+            except (NeurocbirError, OSError) as exc:  # a file the readers refuse (a bug still raises)
                 errors.append(f"{f.shown_name}: {exc}")
         return batch, images
 
@@ -145,6 +146,7 @@ def ingest(
     part: str | None = None,
     as_examples: bool = False,
     keep_duplicates: bool = False,
+    store_wait_s: float | None = None,
 ) -> dict:
     """``neurocbir add``: embed the new scans of ``folder`` (or of the DICOMweb server
     ``dicomweb`` that ``labels`` labels, optionally one ``study``) with ``run``'s encoder into
@@ -174,7 +176,14 @@ def ingest(
             files = scan_folder(folder, folds, part)
         model = load_model(run, first_weights(run))  # an archive needs no index of the run's own
         archive = CaseArchive.create(
-            archive_root, model.embedding_dim, model.checkpoint_sha256, store, milvus_uri, str(run), milvus_index
+            archive_root,
+            model.embedding_dim,
+            model.checkpoint_sha256,
+            store,
+            milvus_uri,
+            str(run),
+            milvus_index,
+            store_wait_s=store_wait_s,
         )
         try:
             if as_examples:

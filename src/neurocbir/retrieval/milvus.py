@@ -19,8 +19,8 @@ from neurocbir.retrieval.store import StaleCollection, StoreUnavailable
 
 log = logging.getLogger(__name__)
 MILVUS_TOKEN_ENV = "NEUROCBIR_MILVUS_TOKEN"
-#: how long `add` and `serve` wait for a Milvus server that is not ready yet (--milvus-wait)
-WAIT_ENV, DEFAULT_WAIT_S = "NEUROCBIR_MILVUS_WAIT", 60.0
+#: how long `add` and `serve` wait for a Milvus server that is not ready yet, unless told (--milvus-wait)
+DEFAULT_WAIT_S = 60.0
 #: index parameters when none are given, as the FAISS store's (HNSW M 32); IVF lists for ~1M cases
 INDEX_DEFAULTS = {"HNSW": {"M": 32, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024}}
 #: the writer's reads see every acknowledged write: the archive's crash-safe protocol counts on it
@@ -183,13 +183,13 @@ class MilvusStore:
     ) -> MilvusStore:
         """Open (``fresh``: drop and re-create) a collection, the token from ``$NEUROCBIR_MILVUS_TOKEN``.
         A server that is not ready yet (its port opens before it answers) is waited for, up to
-        ``wait_s`` seconds (default ``$NEUROCBIR_MILVUS_WAIT`` or 60), saying so once; then, or for a
+        ``wait_s`` seconds (default :data:`DEFAULT_WAIT_S`), saying so once; then, or for a
         refused token, a :class:`StoreUnavailable` with one line."""
         from pymilvus import MilvusClient
         from pymilvus.exceptions import MilvusException
 
         token = os.environ.get(MILVUS_TOKEN_ENV, "")
-        wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S)) if wait_s is None else wait_s
+        wait_s = DEFAULT_WAIT_S if wait_s is None else wait_s
         deadline, said = time.monotonic() + wait_s, False
         while True:
             try:

@@ -85,6 +85,12 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
         list(held_out), y, groups, len(CLASS_NAMES), f"held-out training patients as studies: {how}"
     )
     study.save(Path(run), cal, measured)
+    from neurocbir.training.regions import fit_region_search
+
+    try:
+        fit_region_search(Path(run), table)
+    except InvalidInput as exc:  # too few held-out tumor slices: region searches use the whole-slice answers
+        log.warning("region searches not fitted: %s", exc)
 
 
 def fit_tumor_level(run: Path, table: CaseTable, cal_rows: np.ndarray, seed: int) -> dict:

@@ -1,0 +1,117 @@
+"""Fit how a lesion run answers searches by a drawn region (:mod:`neurocbir.classify.region`), on
+training patients held out of training: never the test fold.
+
+Each held-out tumor slice is searched by its tumor's bounding box (the region a clinician would
+draw) and by a box of the same size on tissue away from the tumor. The presence threshold is
+the highest share of tumor boxes found among thresholds that answer "no tumor in this region"
+for at least :data:`MIN_AWAY_NONE` of the away boxes. The calibration: a temperature and
+conformal scores fitted on half the held-out patients' tumor-box searches replace the whole-slice
+calibration only where they lower the ECE on the other half by :data:`MIN_ECE_GAIN` or more.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from neurocbir.classify import calibration
+from neurocbir.classify import region as region_search
+from neurocbir.classify.neighbors import NIRClassifier
+from neurocbir.data.cases import CLASS_NAMES, CaseTable
+from neurocbir.data.regions import away_box, box_region, region_on_grid, region_peak, tumor_box
+from neurocbir.errors import InvalidInput
+
+#: thresholds tried on the decoder's peak inside a region
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+#: the least share of away-from-tumor boxes a threshold must answer "no tumor in this region"
+MIN_AWAY_NONE = 0.95
+#: the fewest held-out tumor slices (and away boxes) to fit on
+MIN_SLICES = 10
+#: the ECE gain on the other half of the patients for region searches to get their own calibration
+MIN_ECE_GAIN = 0.005
+
+
+def region_searches(model, table: CaseTable, rows: np.ndarray, seed: int = 0) -> dict:
+    """Tumor-box and away-box searches of the tumor slices among ``rows``: their rows, the
+    tumor-box embeddings and the decoder's peak inside each box."""
+    rng = np.random.default_rng(seed)
+    size = model.input_size
+    out = {"rows": [], "embedding": [], "box_peak": [], "away_peak": []}
+    for r in rows:
+        mask = table.load_mask(int(r)) > 0
+        if table.label[r] >= len(CLASS_NAMES) or not mask.any():
+            continue
+        image = table.load_image(int(r))
+        grid = region_on_grid(box_region(tumor_box(mask), image.shape), size)
+        emb, _, prob = model.analyse(image, grid)
+        out["rows"].append(int(r))
+        out["embedding"].append(emb[0])
+        out["box_peak"].append(region_peak(prob, grid))
+        away = away_box(image, mask, rng)
+        if away is not None:
+            grid = region_on_grid(box_region(away, image.shape), size)
+            out["away_peak"].append(region_peak(model.analyse(image, grid)[2], grid))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def choose_threshold(box_peak: np.ndarray, away_peak: np.ndarray) -> tuple[float, dict]:
+    """(threshold, the found / none rates of every threshold tried)."""
+    rates = {t: (float(np.mean(box_peak >= t)), float(np.mean(away_peak < t))) for t in THRESHOLDS}
+    ok = [t for t, (_, none) in rates.items() if none >= MIN_AWAY_NONE] or [max(THRESHOLDS)]
+    best = max(ok, key=lambda t: (rates[t][0], rates[t][1]))
+    return best, {str(t): {"tumor_box_found": round(f, 4), "away_box_none": round(n, 4)} for t, (f, n) in rates.items()}
+
+
+def fit_region_search(run: Path | str, table: CaseTable) -> dict:
+    """Choose and save the run's ``region_search.json`` (see the module); returns it."""
+    from neurocbir.models.inference import LesionModel, load_model
+    from neurocbir.training.lesion_run import holdout_embeddings
+
+    cfg, fit_rows, cal_rows, fit_emb, _ = holdout_embeddings(run, table)
+    model = load_model(run, cfg.first_seed)
+    if not isinstance(model, LesionModel):
+        raise InvalidInput(f"{run} is not a lesion run: only a tumor decoder's runs search by region")
+    found = region_searches(model, table, cal_rows)
+    if len(found["rows"]) < MIN_SLICES or len(found["away_peak"]) < MIN_SLICES:
+        raise InvalidInput(f"{run}: too few held-out tumor slices with masks to fit region searches")
+    threshold, rates = choose_threshold(found["box_peak"], found["away_peak"])
+    rows = found["rows"]
+    y, groups = table.label[rows], table.patient_id[rows]
+    labels = NIRClassifier().fit(fit_emb, table.label[fit_rows]).neighbour_labels(found["embedding"])
+    logits = calibration.neighbour_logits("nir", labels, len(CLASS_NAMES))
+    own = calibration.Calibrator.fit(logits, y, groups)
+    whole = (calibration.load(run) or {}).get("nir")
+    half = np.random.default_rng(0).permutation(np.unique(groups))[: len(np.unique(groups)) // 2]
+    other = ~np.isin(groups, half)  # the patients Calibrator.fit took no temperature from
+    ece_own = calibration.expected_calibration_error(own.proba(logits[other]), y[other])
+    ece_whole = (
+        calibration.expected_calibration_error(whole.proba(logits[other]), y[other]) if whole is not None else None
+    )
+    use_own = ece_whole is None or ece_whole - ece_own >= MIN_ECE_GAIN
+    n_patients = len(np.unique(groups))
+    doc = {
+        "threshold": threshold,
+        "calibration": own.as_dict() if use_own else None,
+        "how": (
+            f"{len(rows)} tumor slices of {n_patients} training patients held out of training, each searched by "
+            f"its tumor's bounding box and by a box of that size on tissue away from the tumor "
+            f"({len(found['away_peak'])}); threshold: the most tumor boxes found with >= {MIN_AWAY_NONE:.0%} of away "
+            "boxes answered 'no tumor'; "
+            + (
+                "own calibration (it lowered the ECE on the other half of the patients)"
+                if use_own
+                else f"the whole-slice calibration applies (own calibration lowered the ECE by less than {MIN_ECE_GAIN})"
+            )
+        ),
+        "measured": {
+            "n_slices": len(rows),
+            "n_patients": n_patients,
+            "tumor_box_accuracy": round(float(np.mean(np.argmax(logits, 1) == y)), 4),
+            "ece_other_half_own": round(ece_own, 4),
+            "ece_other_half_whole_slice": None if ece_whole is None else round(ece_whole, 4),
+            "thresholds": rates,
+        },
+    }
+    region_search.save(run, doc)
+    return doc
