@@ -305,7 +305,7 @@ def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store, requ
     arch.close()
 
 
-def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans, monkeypatch):
+def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans):
     CaseArchive.create(tmp_path / "a", 8, "ck").close()
     with pytest.raises(IndexMismatchError, match="checkpoint"):
         CaseArchive.open(tmp_path / "a", "other", 8)
@@ -320,9 +320,9 @@ def test_archive_refuses_other_encoders_and_bad_input(tmp_path, scans, monkeypat
     # patient ids are stored only as salted hashes
     arch.add(_records(2))
     assert not {r[0] for r in arch.db.execute("SELECT patient_key FROM cases")} & {"p0"}
-    monkeypatch.setenv("NEUROCBIR_MILVUS_WAIT", "1")  # an unreachable server is waited for, boundedly
+    # an unreachable server is waited for, boundedly
     with pytest.raises(ArchiveError, match="Milvus at http://127.0.0.1:1.*after waiting 1 s"):
-        CaseArchive.create(tmp_path / "m", 8, "ck", store="milvus", milvus_uri="http://127.0.0.1:1")
+        CaseArchive.create(tmp_path / "m", 8, "ck", store="milvus", milvus_uri="http://127.0.0.1:1", store_wait_s=1)
     assert not (tmp_path / "m" / "archive.db").exists()  # nothing half-made left behind
     with pytest.raises(ArchiveError, match="unknown store"):
         CaseArchive.create(tmp_path / "b", 8, "ck", store="redis")

@@ -253,6 +253,7 @@ class RetrievalService:
         outline = (region is not None or evidence["tumor_found"] is not False) and tumor_prob is not None
         return {
             **evidence,
+            "image_size": [int(image.shape[0]), int(image.shape[1])],  # rows, columns: what a region is drawn in
             "region": None if region is None else self._region_answer(region),
             "query_fingerprint": fingerprint(image),
             "query_tumor": tumor_outline(tumor_prob, image.shape[:2], pixel_spacing_mm, self.tumor_level)

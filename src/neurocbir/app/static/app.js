@@ -2,6 +2,10 @@
 const $ = (id) => document.getElementById(id);
 let last = null, queryCase = null, queryFile = null, queryUid = null;
 let queryToken = 0;  // the latest query's number: only its result is shown
+// A region drawn on the query scan to search by: {kind: "box" | "outline", points: [[x, y], ...]} in
+// the scan's own pixels; the scan's size ([rows, columns], from its last answer); the region fields
+// of the answer shown (the similarity maps of a region search read the region too).
+let region = null, scanSize = null, searchedRegion = null;
 
 async function api(path, opts) {
   const r = await fetch(path, opts);
@@ -63,9 +67,10 @@ function clearResult() {
   for (const id of ["predBox", "galleryBox", "summaryBox", "chatBox", "compare", "studyBox"]) $(id).hidden = true;
   $("tumorSvg").replaceChildren(); $("tumor").textContent = "";
   $("heatQuery").hidden = true; $("heatNote").textContent = "";
+  scanSize = null; searchedRegion = null; drawRegion();  // a drawn region waits, hidden, for its scan's answer
 }
 
-async function runQuery() {
+async function runQuery(byRegion = false) {
   $("error").textContent = "";
   const fd = new FormData();
   const f = $("file").files[0];
@@ -73,6 +78,7 @@ async function runQuery() {
   if (!f && !uid && !$("example").value) {
     $("error").textContent = "Choose a file, an example case or a PACS instance."; return;
   }
+  const regionFields = byRegion && region && scanSize ? await regionForm() : null;
   clearResult();
   const token = ++queryToken, current = () => token === queryToken;
   $("status").textContent = "Searching the archive…";
@@ -86,19 +92,20 @@ async function runQuery() {
     fd.append("case_id", queryCase);
     $("queryImg").src = `/cases/${queryCase}/image.png?size=512`;
   }
+  if (regionFields) for (const [key, value] of regionFields) fd.append(key, ...value);
   try {
     const params = new URLSearchParams({k: $("k").value, one_per_patient: $("dedup").checked, rerank: $("rerank").checked});
     for (const [key, id] of [["plane", "fPlane"], ["tumor_type", "fType"], ["min_area_mm2", "fMin"], ["max_area_mm2", "fMax"]])
       if ($(id).value !== "") params.set(key, $(id).value);
     const out = await api(`/query?${params}`, {method: "POST", body: fd}).finally(() => handled("query"));
     if (!current()) return;  // a later query was started: its result is the one to show
-    last = out;
+    last = out; scanSize = out.image_size; searchedRegion = out.region ? regionFields : null;
   } catch (e) {
     if (current()) { $("status").textContent = ""; $("error").textContent = e.message; }
     return;
   }
   $("status").textContent = "";
-  showPrediction(); showTumor();
+  showPrediction(); showTumor(); drawRegion();
   try { await showGallery(); } catch (e) { if (current()) $("error").textContent = e.message; }
   if (!current() || last.tumor_found === false) return;  // reports and chat are about the tumors
   await showSummary();
@@ -119,6 +126,11 @@ function cell(row, text, tag = "td") { row.appendChild(el(tag, text)); }
 
 function showPrediction() {
   $("predBox").hidden = false;
+  const r = last.region;
+  $("regionAnswer").hidden = !r;
+  $("regionAnswer").textContent = r ? `Searched by the drawn region (${r.kind === "box" ? "rectangle " + r.box.join(",")
+    : "free outline"}, ${r.pixels} pixels of the scan), not the whole slice: the prediction, its confidence and the ` +
+    "retrieved cases are about the region; the slice's own predicted tumor outline stays in yellow for context." : "";
   $("far").hidden = !last.no_similar_case;
   const dup = last.already_in_archive;
   $("already").hidden = !dup;
@@ -127,6 +139,12 @@ function showPrediction() {
   const none = last.tumor_found === false, p = last.tumor_presence;
   $("noTumor").hidden = !none; $("typeAnswer").hidden = none;
   $("presence").textContent = last.tumor_found === null ? `Tumor presence ${p.note}.` : "";
+  $("noTumorTitle").textContent = r ? "No tumor found in the drawn region" : "No tumor found on this slice";
+  if (none && r) {
+    $("noTumorWhy").textContent = `The tumor map's highest probability inside the region is ${(100 * p.probability_tumor_in_region).toFixed(1)}% ` +
+      `(a tumor from ${(100 * p.threshold).toFixed(0)}%; ${p.note}). No tumor type is given; the archive cases most similar to the region are shown as context.`;
+    return;
+  }
   if (none) {
     $("noTumorWhy").textContent = `Probability of no tumor ${(100 * p.probability_no_tumor).toFixed(1)}% (${p.note}). ` +
       "The archive's answer is about tumor type only, so no tumor type is given; the most similar archive cases are shown as context.";
@@ -241,6 +259,7 @@ async function similarityMap(caseId, side) {
   if (queryFile) fd.append("file", queryFile);
   else if (queryUid) fd.append("instance_uid", queryUid);
   else fd.append("query_case_id", queryCase);
+  if (searchedRegion) for (const [key, value] of searchedRegion) fd.append(key, ...value);
   const r = await fetch(`/similarity?case_id=${Number(caseId)}&side=${side}`, {method: "POST", body: fd});
   if (!r.ok) throw new Error((await r.json().catch(() => ({detail: r.statusText}))).detail);
   return {url: URL.createObjectURL(await r.blob()), lesionShare: r.headers.get("X-Lesion-Share")};
@@ -271,7 +290,7 @@ function showTumor() {
   svg.replaceChildren();
   $("tumor").className = last.tumor_found === false ? "pred" : "";
   if (!t) {
-    $("tumor").textContent = last.tumor_found === false ? "No tumor found on this slice."
+    $("tumor").textContent = last.tumor_found === false && !last.region ? "No tumor found on this slice."
       : last.tumor_outlining ? "No tumor outlined by the model on this scan." : "";
     return;
   }
@@ -345,7 +364,7 @@ async function ask() {
   handled("ask");
 }
 
-$("run").onclick = runQuery;
+$("run").onclick = () => runQuery();
 
 // A whole series: one answer for the study first, then its slices (a tumor marked), the key slice
 // large with its outline, and the most similar archive patients; the summary and the chat read
@@ -414,9 +433,9 @@ $("runStudy").onclick = runStudy;
 // One source at a time: choosing a file, an example or a PACS instance clears the other two, so
 // the scan queried is the one chosen last.
 const clear = (...ids) => { for (const id of ids) $(id).value = ""; };
-$("file").onchange = () => clear("example", "pacsUid");
-$("example").onchange = () => clear("file", "pacsUid");
-$("pacsUid").oninput = () => clear("file", "example");
+$("file").onchange = () => { clear("example", "pacsUid"); clearRegion(); };
+$("example").onchange = () => { clear("file", "pacsUid"); clearRegion(); };
+$("pacsUid").oninput = () => { clear("file", "example"); clearRegion(); };
 // A scan dropped on the query panel becomes the query and runs.
 const panel = $("queryPanel");
 panel.addEventListener("dragover", (e) => { e.preventDefault(); panel.classList.add("dropping"); });
@@ -424,9 +443,119 @@ panel.addEventListener("dragleave", () => panel.classList.remove("dropping"));
 panel.addEventListener("drop", (e) => {
   e.preventDefault(); panel.classList.remove("dropping");
   if (!e.dataTransfer.files.length) return;
-  $("file").files = e.dataTransfer.files; clear("example", "pacsUid"); runQuery();
+  $("file").files = e.dataTransfer.files; clear("example", "pacsUid"); clearRegion(); runQuery();
 });
 $("ask").onclick = ask;
 $("question").addEventListener("keydown", (e) => { if (e.key === "Enter") ask(); });
 $("style").onchange = async () => { if (last) { await showGallery(); await showSummary(); } };
 init().catch(e => $("error").textContent = e.message);
+
+// Drawing the region: pointer events (a mouse, a pen or a finger alike) on an SVG laid over the scan,
+// in the scan's own pixels. Pressing inside the drawn region moves it; elsewhere starts a new one.
+let drag = null;
+const regionSvg = $("regionSvg");
+
+function boxOf(points) {
+  const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
+  return [Math.min(...xs), Math.min(...ys), Math.max(...xs), Math.max(...ys)];
+}
+
+function regionPoints() {
+  if (region.kind !== "box") return region.points;
+  const [x0, y0, x1, y1] = boxOf(region.points);
+  return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]];
+}
+
+function toScan(e) {
+  const r = regionSvg.getBoundingClientRect(), [rows, cols] = scanSize;
+  return [Math.min(cols, Math.max(0, (e.clientX - r.left) / r.width * cols)),
+          Math.min(rows, Math.max(0, (e.clientY - r.top) / r.height * rows))];
+}
+
+function drawRegion() {
+  regionSvg.replaceChildren();
+  $("regionTools").hidden = !scanSize;
+  regionSvg.style.pointerEvents = scanSize ? "auto" : "none";  // drawing starts once the scan's size is known
+  if (!scanSize) return;
+  regionSvg.setAttribute("viewBox", `0 0 ${scanSize[1]} ${scanSize[0]}`);
+  $("searchRegion").disabled = $("clearRegion").disabled = !region;
+  if (!region) { $("regionNote").textContent = "No region drawn: searches read the whole slice."; return; }
+  const poly = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
+  poly.setAttribute("points", regionPoints().map(p => p.join(",")).join(" "));
+  regionSvg.appendChild(poly);
+  const [x0, y0, x1, y1] = boxOf(region.points).map(Math.round);
+  $("regionNote").textContent = region.kind === "box" ? `Rectangle ${x0},${y0} to ${x1},${y1} (scan pixels).`
+    : `Free outline of ${region.points.length} points within ${x0},${y0} to ${x1},${y1} (scan pixels).`;
+}
+
+function clearRegion() { region = null; drag = null; drawRegion(); }
+
+regionSvg.addEventListener("pointerdown", (e) => {
+  if (!scanSize) return;
+  e.preventDefault();
+  try { regionSvg.setPointerCapture(e.pointerId); } catch (err) { /* a pointer the browser no longer tracks */ }
+  const p = toScan(e);
+  if (region) {
+    const [x0, y0, x1, y1] = boxOf(region.points);
+    if (p[0] >= x0 && p[0] <= x1 && p[1] >= y0 && p[1] <= y1) {
+      drag = {move: true, from: p, points: region.points.map(q => q.slice())};
+      return;
+    }
+  }
+  drag = {move: false};
+  region = {kind: $("regionKind").value, points: [p, p]};
+  drawRegion();
+});
+
+regionSvg.addEventListener("pointermove", (e) => {
+  if (!drag) return;
+  const p = toScan(e);
+  if (drag.move) {  // moved as a whole, never past the scan's edges
+    const [x0, y0, x1, y1] = boxOf(drag.points), [rows, cols] = scanSize;
+    const dx = Math.min(cols - x1, Math.max(-x0, p[0] - drag.from[0]));
+    const dy = Math.min(rows - y1, Math.max(-y0, p[1] - drag.from[1]));
+    region.points = drag.points.map(q => [q[0] + dx, q[1] + dy]);
+  } else if (region.kind === "box") region.points[1] = p;
+  else {
+    const q = region.points[region.points.length - 1];
+    if (Math.hypot(p[0] - q[0], p[1] - q[1]) >= 1) region.points.push(p);
+  }
+  drawRegion();
+});
+
+function endDrag() {
+  if (!drag) return;
+  drag = null;
+  const [x0, y0, x1, y1] = boxOf(region.points);
+  if (x1 - x0 < 2 || y1 - y0 < 2 || (region.kind === "outline" && region.points.length < 3)) region = null;  // a click, not a region
+  drawRegion();
+}
+regionSvg.addEventListener("pointerup", endDrag);
+regionSvg.addEventListener("pointercancel", endDrag);
+
+// The region as the API takes it: a rectangle as "x0,y0,x1,y1"; a free outline as a binary PNG
+// mask of the scan's size (the polygon filled, its anti-aliased edge thresholded).
+async function regionForm() {
+  if (region.kind === "box") {
+    const [x0, y0, x1, y1] = boxOf(region.points);
+    return [["region", [[Math.floor(x0), Math.floor(y0), Math.ceil(x1), Math.ceil(y1)].join(",")]]];
+  }
+  const [rows, cols] = scanSize, canvas = document.createElement("canvas");
+  canvas.width = cols; canvas.height = rows;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000"; ctx.fillRect(0, 0, cols, rows);
+  ctx.fillStyle = "#fff"; ctx.beginPath();
+  region.points.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+  ctx.closePath(); ctx.fill();
+  const img = ctx.getImageData(0, 0, cols, rows);
+  for (let i = 0; i < img.data.length; i += 4) {
+    const v = img.data[i] >= 128 ? 255 : 0;
+    img.data[i] = img.data[i + 1] = img.data[i + 2] = v; img.data[i + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
+  const blob = await new Promise(ok => canvas.toBlob(ok, "image/png"));
+  return [["region_mask", [blob, "region.png"]]];
+}
+
+$("searchRegion").onclick = () => runQuery(true);
+$("clearRegion").onclick = clearRegion;
