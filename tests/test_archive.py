@@ -579,3 +579,36 @@ def test_a_served_archive_follows_add_and_remove_without_a_restart(scans, small_
         "trial": None,
         "pacs": False,
     }
+
+
+def test_a_slow_reload_holds_no_query_past_its_bound(scans, small_run, reference, tmp_path, monkeypatch):
+    """A query that meets a case removed under it waits for the archive's new view only so long: a
+    503 with Retry-After that says so, the old view serving meanwhile; once the view has loaded,
+    the app answers without the removed case, with no restart."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app import service as service_module
+    from neurocbir.app.api import create_app
+    from neurocbir.app.service import RetrievalService
+    from neurocbir.app.sources import ArchiveCases
+
+    archive = tmp_path / "archive"
+    shutil.copytree(reference, archive)
+    svc = RetrievalService.from_archive(small_run, archive)
+    client = TestClient(create_app(svc))
+    scan = sorted(scans.glob("scan_*.jpg"))[5].read_bytes()
+    itself = client.post("/query?k=3", files={"file": ("q.jpg", scan, "image/jpeg")}).json()["retrievals"][0]
+    release, real = threading.Event(), ArchiveCases.reopened
+    monkeypatch.setattr(ArchiveCases, "reopened", lambda self: (release.wait(120), real(self))[1])
+    monkeypatch.setattr(service_module, "RELOAD_WAIT_S", 0.2)
+    monkeypatch.setattr(service_module, "RELOAD_MAX_WAIT_S", 0.5)
+    res = CliRunner().invoke(cli, ["remove", str(itself["case_id"]), "--archive", str(archive)])
+    assert res.exit_code == 0, res.output
+    r = client.post("/query?k=3", files={"file": ("q.jpg", scan, "image/jpeg")})
+    assert r.status_code == 503 and "still loading" in r.json()["detail"] and r.headers["Retry-After"]
+    release.set()
+    svc._reloading.join(60)
+    r = client.post("/query?k=3", files={"file": ("q.jpg", scan, "image/jpeg")})
+    assert r.status_code == 200 and itself["case_id"] not in [c["case_id"] for c in r.json()["retrievals"]]

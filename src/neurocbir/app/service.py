@@ -10,6 +10,7 @@ say ``"calibrated": false``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from neurocbir.classify.neighbors import knn_votes, nir_positions
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.data.regions import Region, RegionError, region_on_grid, region_peak
 from neurocbir.errors import InvalidInput, Unavailable
+from neurocbir.models.cpu_runtime import backend
 from neurocbir.models.inference import LesionModel, Model, load_model
 from neurocbir.models.lesion import tumor_level, tumor_outline
 from neurocbir.models.runs import first_weights, trial_dir
@@ -34,13 +36,14 @@ from neurocbir.retrieval.duplicates import ImagePrints
 from neurocbir.retrieval.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
-_MODEL_LOCK = threading.Lock()
 DISCLAIMER = (
     "Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
     "and must be reviewed by a qualified clinician."
 )
 KNN_K = 7  # the KNN vote shown beside NIR, for comparison
 RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (see refresh_cases)
+#: the longest a query that needs the new view (a case removed under it) waits before a 503
+RELOAD_MAX_WAIT_S = 10.0
 
 
 NO_TUMOR_NOTE = (
@@ -101,6 +104,9 @@ class RetrievalService:
         self._reload_lock = threading.Lock()
         self._reloading: threading.Thread | None = None
         self._unservable: str | None = None  # why the archive's latest state could not be loaded
+        # PyTorch already spreads one forward pass over every core: its passes take turns; the
+        # OpenVINO runtime gives each thread its own request, so its passes need no lock
+        self.inference_lock = threading.Lock() if backend() == "torch" else contextlib.nullcontext()
         self._store_down: str | None = None  # why the vector store's server did not answer, last asked
 
     @property
@@ -175,6 +181,24 @@ class RetrievalService:
             thread.join(wait_s)
         return True
 
+    def _fresh_cases(self) -> CaseSource | None:
+        """The archive's view as it is now, for a query that met a case removed under it: waited for
+        at most :data:`RELOAD_MAX_WAIT_S` (a 503 that says so, then: the reload goes on); None when
+        the archive has not changed."""
+        if not self.refresh_cases(wait_s=RELOAD_MAX_WAIT_S):
+            if self._unservable:
+                raise ArchiveUnavailable(self._unservable)
+            return None
+        thread = self._reloading
+        if thread is not None and thread.is_alive():
+            raise ArchiveUnavailable(
+                f"the case archive changed and its new view is still loading after {RELOAD_MAX_WAIT_S:.0f} s: "
+                "ask again in a moment"
+            )
+        if self._unservable:
+            raise ArchiveUnavailable(self._unservable)
+        return self.cases
+
     def _reload(self, old: ArchiveCases) -> None:
         version = old.archive.data_version()
         try:
@@ -200,7 +224,7 @@ class RetrievalService:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(embedding, trunk descriptor, tumor probability map or None) of one image; ``grid``:
         a region to search by, on the input grid (:meth:`region_grid`)."""
-        with _MODEL_LOCK:  # one forward pass at a time: torch already uses every core
+        with self.inference_lock:
             return self.model.analyse(image) if grid is None else self.model.analyse(image, grid)
 
     def query(
@@ -244,11 +268,10 @@ class RetrievalService:
             self._store_down = str(exc)
             raise ArchiveUnavailable(f"{exc}; the app serves again once it is back") from None
         except KeyError:  # a retrieval removed since this view loaded: the evidence is read again
-            if not self.refresh_cases(wait_s=None):
-                if self._unservable:
-                    raise ArchiveUnavailable(self._unservable) from None
+            fresh = self._fresh_cases()
+            if fresh is None:
                 raise
-            evidence = self._evidence(self.cases, *search)
+            evidence = self._evidence(fresh, *search)
         # the slice's own outline is context for a region search, whatever the region holds
         outline = (region is not None or evidence["tumor_found"] is not False) and tumor_prob is not None
         return {
@@ -413,7 +436,7 @@ class RetrievalService:
         self.refresh_cases()
         grid = None if region is None else self.region_grid(image, region)  # the query searched by a region
         case_image = self.cases.image(case_id)  # KeyError for an unknown case
-        with _MODEL_LOCK:
+        with self.inference_lock:
             if side == "query":
                 return explain_similarity(self.model, image, case_image, region=grid)
             return explain_similarity(self.model, case_image, image, other_region=grid)

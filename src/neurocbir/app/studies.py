@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from neurocbir.app.service import _MODEL_LOCK, DISCLAIMER, RELOAD_WAIT_S, RetrievalService
+from neurocbir.app.service import DISCLAIMER, RELOAD_WAIT_S, RetrievalService
 from neurocbir.classify import study as study_calibration
 from neurocbir.data.cases import CLASS_NAMES
 from neurocbir.data.studies import Study
@@ -26,7 +26,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         raise InvalidInput("k must be between 1 and 50")
     images = [s.pixels for s in study.slices]
     emb, desc, probs = [], [], []
-    with _MODEL_LOCK:  # one forward pass at a time, batched over the slices
+    with service.inference_lock:  # batched over the slices
         for b in range(0, len(images), BATCH):
             e, d, p = service.model.analyse_batch(images[b : b + BATCH])
             emb.append(e)
