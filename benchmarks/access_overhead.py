@@ -33,10 +33,10 @@ def main() -> None:
     from neurocbir.app.api import create_app
     from neurocbir.app.audit import AuditLog
     from neurocbir.app.oidc import OIDC, OIDCSettings
-    from neurocbir.app.service import RetrievalService
     from neurocbir.app.users import UserStore
     from neurocbir.models.runs import trial_seeds
     from neurocbir.retrieval.ingest import index_run
+    from neurocbir.serving.service import RetrievalService
 
     if not trial_seeds(args.run):
         index_run(args.run)

@@ -6,7 +6,7 @@ The test fold's patients are split in two halves. A simulated rater marks the to
 retrievals of every query of the first half (relevant = same tumor type as the query; the
 "noisy" rater flips 20 % of its marks); the second half's queries are then retrieved with and
 without re-ranking, and scored by precision@5 (share of same-type cases among the 5 shown).
-The re-ranking weight was fixed before this measurement (``neurocbir.app.feedback.RERANK_WEIGHT``).
+The re-ranking weight was fixed before this measurement (``neurocbir.serving.feedback.RERANK_WEIGHT``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=ROOT / "models" / "lesion-fold5")
     args = p.parse_args()
-    from neurocbir.app.feedback import RERANK_WEIGHT, FeedbackStore
-    from neurocbir.app.service import RetrievalService
     from neurocbir.models.runs import first_trial
+    from neurocbir.serving.feedback import RERANK_WEIGHT, FeedbackStore
+    from neurocbir.serving.service import RetrievalService
 
     svc = RetrievalService.from_run(args.run)
     table = svc.cases.table

@@ -40,10 +40,10 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--queries", type=int, default=200)
     args = p.parse_args()
-    from neurocbir.app.sources import ArchiveCases, CaseFilter
     from neurocbir.data.cases import load_cases
     from neurocbir.models.runs import first_trial
     from neurocbir.retrieval.store import FaissStore, group_keys, lookup
+    from neurocbir.serving.sources import ArchiveCases, CaseFilter
 
     table = load_cases()
     emb = np.load(args.run / f"trial_{first_trial(args.run)}" / "embeddings.npz")

@@ -124,11 +124,11 @@ def app_path(model: Path, calibration_note: str = "fitted by inner CV on folds 1
     """The committed model as the app serves it: indexed from the full-resolution data here."""
     from skimage.draw import polygon
 
-    from neurocbir.app.service import RetrievalService
     from neurocbir.classify.neighbors import NIRClassifier
     from neurocbir.evaluate.run import evaluate_run
     from neurocbir.models.runs import trial_seeds
     from neurocbir.retrieval.ingest import index_run
+    from neurocbir.serving.service import RetrievalService
 
     if not trial_seeds(model):
         index_run(model)

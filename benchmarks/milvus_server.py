@@ -56,7 +56,7 @@ def top(ids: np.ndarray) -> np.ndarray:
 def app_search(store, ids: np.ndarray, areas: np.ndarray):
     """The app's filtered search over ``store`` (type and plane: the store's partitions; a size
     range: over-fetch by its share of the archive, an id list only when too few pass)."""
-    from neurocbir.app.sources import _SearchedCases
+    from neurocbir.serving.sources import _SearchedCases
 
     class AppSearch(_SearchedCases):
         partitioned = True
@@ -85,9 +85,9 @@ def wait_index_served(uri: str, collection: str, n: int) -> float:
 
 
 def bench(server, x, groups, areas, queries, tmp: Path) -> list[dict]:
-    from neurocbir.app.sources import CaseFilter
     from neurocbir.retrieval.milvus import READER_CONSISTENCY, MilvusStore
     from neurocbir.retrieval.store import FaissStore
+    from neurocbir.serving.sources import CaseFilter
 
     n, dim = x.shape
     ids = np.arange(n, dtype=np.int64)

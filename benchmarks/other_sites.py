@@ -145,8 +145,8 @@ HEAD = [
 
 def series_figures(service, val, tcga_share: np.ndarray) -> tuple[list[str], dict]:
     """Every TCGA validation patient's series as one study."""
-    from neurocbir.app.studies import answer_study
     from neurocbir.data.studies import Study, StudySlice
+    from neurocbir.serving.studies import answer_study
 
     lines, n, glioma, key_in, none_ok, tumor_ok, n_none, n_tumor = [], 0, 0, 0, 0, 0, 0, 0
     answers_by = {}
@@ -184,13 +184,13 @@ def main() -> None:
     ap.add_argument("--section", default="other-sites")
     ap.add_argument("--no-growth", action="store_true", help="only the whole development part")
     args = ap.parse_args()
-    from neurocbir.app.service import RetrievalService
-    from neurocbir.app.sources import ArchiveCases
     from neurocbir.data.cases import CLASS_NAMES, default_data_dir, load_cases
     from neurocbir.data.external import default_external_dir, development_split, load_external
     from neurocbir.models.inference import load_model
     from neurocbir.models.runs import trial_seeds
     from neurocbir.retrieval.ingest import index_run
+    from neurocbir.serving.service import RetrievalService
+    from neurocbir.serving.sources import ArchiveCases
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     data = default_data_dir()

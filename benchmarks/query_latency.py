@@ -31,8 +31,8 @@ def main() -> None:
     import httpx
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
     from neurocbir.data.uploads import read_scan
+    from neurocbir.serving.service import RetrievalService
 
     services = [RetrievalService.from_run(r) for r in args.run]
     table = services[0].cases.table

@@ -117,11 +117,11 @@ def main() -> None:
     ap.add_argument("--n-latency", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0, help="seed of the away boxes")
     args = ap.parse_args()
-    from neurocbir.app.demo import demo_archive
-    from neurocbir.app.service import RetrievalService
     from neurocbir.data.cases import CLASS_NAMES, default_data_dir, load_cases
     from neurocbir.data.external import default_external_dir, development_split, load_external
     from neurocbir.data.regions import box_region, tumor_box
+    from neurocbir.serving.demo import demo_archive
+    from neurocbir.serving.service import RetrievalService
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     print(f"seed {args.seed}")

@@ -1,5 +1,5 @@
 """Studies, not slices (issue 31): each figshare test patient's slices as one study, answered
-once through the app's path (`neurocbir.app.studies.answer_study`, the demo archive: figshare
+once through the app's path (`neurocbir.serving.studies.answer_study`, the demo archive: figshare
 folds 1-4 and the external development part): patient-level accuracy, kappa and ECE beside the
 slice-level figures; the same studies mixed with slices without a tumor; and POST /query/study
 of a 24-slice series (p50 over HTTP).
@@ -45,13 +45,13 @@ def patient_figures(run: Path) -> dict:
     the slice temperature, where the run has a study temperature), slice-level correctness."""
     from sklearn.metrics import cohen_kappa_score
 
-    from neurocbir.app.demo import demo_archive
-    from neurocbir.app.service import RetrievalService
-    from neurocbir.app.studies import answer_study
     from neurocbir.classify.calibration import expected_calibration_error
     from neurocbir.data.cases import CLASS_NAMES, load_cases
     from neurocbir.data.external import development_split, load_external
     from neurocbir.data.studies import Study, StudySlice
+    from neurocbir.serving.demo import demo_archive
+    from neurocbir.serving.service import RetrievalService
+    from neurocbir.serving.studies import answer_study
 
     svc = RetrievalService.from_archive(run, demo_archive(run))
     table = load_cases()

@@ -95,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("models/lesion-fold5"))
     args = ap.parse_args()
-    from neurocbir.app.demo import demo_archive
+    from neurocbir.serving.demo import demo_archive
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     f = evidence(args.run, demo_archive(args.run))

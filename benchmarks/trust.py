@@ -68,11 +68,11 @@ def main() -> None:
     from fastapi.testclient import TestClient
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
     from neurocbir.classify.calibration import expected_calibration_error
     from neurocbir.data.cases import CLASS_NAMES
     from neurocbir.evaluate.run import evaluate_run
     from neurocbir.evaluate.tables import calibration_markdown
+    from neurocbir.serving.service import RetrievalService
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     metrics = evaluate_run(args.run, plots=True)

@@ -98,8 +98,8 @@ def main() -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from neurocbir.app.demo import demo_archive
     from neurocbir.classify.presence import svm_presence
+    from neurocbir.serving.demo import demo_archive
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     f = features(args.run, demo_archive(args.run))

@@ -216,8 +216,8 @@ def bundled_service(tmp_path_factory, small_data_dir):
     """The committed model over the small dataset's training folds (indexed here, as on a first start)."""
     import shutil
 
-    from neurocbir.app.service import RetrievalService
     from neurocbir.retrieval.ingest import index_run
+    from neurocbir.serving.service import RetrievalService
 
     root = Path(__file__).resolve().parents[1] / "models" / "lesion-fold5"
     run = tmp_path_factory.mktemp("bundled") / "lesion-fold5"

@@ -23,9 +23,9 @@ from neurocbir.app.access import PUBLIC, AccessControl, rule_for
 from neurocbir.app.api import create_app
 from neurocbir.app.audit import AuditLog, Entry
 from neurocbir.app.oidc import OIDC, OIDCSettings
-from neurocbir.app.service import RetrievalService
 from neurocbir.app.users import ROLES, UserStore
 from neurocbir.cli import app as cli
+from neurocbir.serving.service import RetrievalService
 from tests.jwks_issuer import Issuer
 
 runner = CliRunner()

@@ -13,9 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neurocbir.app.api import create_app
-from neurocbir.app.service import RetrievalService
 from neurocbir.cli import app as cli
 from neurocbir.data.cases import CLASS_NAMES
+from neurocbir.serving.service import RetrievalService
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_the_query_path_does_not_import_training():
     import sys
 
     code = (
-        "import sys, neurocbir.app.api, neurocbir.app.service, neurocbir.app.sources, neurocbir.retrieval.ingest, "
+        "import sys, neurocbir.app.api, neurocbir.serving.service, neurocbir.serving.sources, neurocbir.retrieval.ingest, "
         "neurocbir.cli.querying, neurocbir.cli.archive; "
         "print(sorted(m for m in sys.modules if m.startswith('neurocbir.training') or m == 'pytorch_metric_learning'))"
     )
@@ -251,7 +251,7 @@ def test_feedback_is_stored_exported_and_reranks(tmp_path, small_run, small_case
     exports it without patient data, and rerank=true moves marked cases."""
     from fastapi.testclient import TestClient
 
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     db = tmp_path / "feedback.db"
     svc = RetrievalService.from_run(small_run)

@@ -12,7 +12,22 @@ import neurocbir
 
 PACKAGE = Path(neurocbir.__file__).parent
 #: the stages, lowest first; a module may import its own stage and those before it
-STAGES = ("errors", "files", "data", "models", "retrieval", "classify", "evaluate", "reports", "training", "app", "cli")
+STAGES = (
+    "errors",
+    "files",
+    "data",
+    "models",
+    "retrieval",
+    "classify",
+    "evaluate",
+    "reports",
+    "training",
+    "serving",
+    "app",
+    "cli",
+)
+#: what of the web layer the CLI may import: serving it, and administering its users and audit trail
+CLI_WEB = {"neurocbir.app.server", "neurocbir.app.users", "neurocbir.app.audit"}
 MAX_LINES = 460
 
 
@@ -94,15 +109,41 @@ def test_no_module_is_too_long():
 
 
 def test_the_checker_sees_a_wrong_import(tmp_path, monkeypatch):
-    """The layering check fails on a lower stage importing a higher one (here: data importing the app)."""
+    """The layering check fails on a lower stage importing a higher one (here: data importing the query engine)."""
     fake = tmp_path / "neurocbir"
     (fake / "data").mkdir(parents=True)
-    (fake / "app").mkdir()
+    (fake / "serving").mkdir()
     (fake / "__init__.py").write_text("")
     (fake / "data" / "__init__.py").write_text("")
-    (fake / "app" / "__init__.py").write_text("")
-    (fake / "app" / "service.py").write_text("X = 1\n")
-    (fake / "data" / "cases.py").write_text("def f():\n    from neurocbir.app.service import X\n    return X\n")
+    (fake / "serving" / "__init__.py").write_text("")
+    (fake / "serving" / "service.py").write_text("X = 1\n")
+    (fake / "data" / "cases.py").write_text("def f():\n    from neurocbir.serving.service import X\n    return X\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    assert _imports("neurocbir.data.cases", fake / "data" / "cases.py") == {"neurocbir.app.service"}
-    assert _stage("neurocbir.app.service") > _stage("neurocbir.data.cases")
+    assert _imports("neurocbir.data.cases", fake / "data" / "cases.py") == {"neurocbir.serving.service"}
+    assert _stage("neurocbir.serving.service") > _stage("neurocbir.data.cases")
+
+
+def test_the_cli_and_benchmarks_use_the_query_engine_not_the_web_layer():
+    """The CLI reaches the web layer only to serve it and to administer it; the benchmarks only to
+    measure HTTP (an app they start); the query engine (`neurocbir.serving`) imports no web layer."""
+    modules = _modules()
+    cli = {
+        f"{m} imports {i}"
+        for m, p in modules.items()
+        if m.startswith("neurocbir.cli")
+        for i in _imports(m, p)
+        if i.startswith("neurocbir.app") and i not in CLI_WEB
+    }
+    assert not cli, "\n".join(sorted(cli))
+    bench = PACKAGE.parents[1] / "benchmarks"
+    web = {"neurocbir.app.api", "neurocbir.app.server", "neurocbir.app.access", "neurocbir.app.oidc"} | CLI_WEB
+    wrong = []
+    for path in sorted(bench.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("neurocbir.app")
+                and node.module not in web
+            ):
+                wrong.append(f"{path.name} imports {node.module}")
+    assert not wrong, "\n".join(wrong)

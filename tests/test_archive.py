@@ -269,8 +269,8 @@ def test_stores_made_before_partitions_are_rebuilt_on_open(tmp_path, store, requ
 
     import faiss
 
-    from neurocbir.app.sources import CaseFilter
     from neurocbir.retrieval.index import write_index
+    from neurocbir.serving.sources import CaseFilter
 
     records = _records(30)
     arch = CaseArchive.create(tmp_path / "a", 8, "ck", **_store_args(store, request))
@@ -392,7 +392,7 @@ def training_archive(small_run, small_data_dir, tmp_path_factory):
 def test_archive_service_matches_the_run(small_run, small_cases, training_archive):
     """An archive built by `neurocbir add` from the run's training folds gives the same NIR
     prediction as the run's own index for held-out scans, and serves evidence with reports."""
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     run_svc = RetrievalService.from_run(small_run, table=small_cases)
     svc = RetrievalService.from_archive(small_run, training_archive)
@@ -425,8 +425,8 @@ def test_partitioned_archive_filters_find_the_exact_nearest_passing_cases(small_
     """The archive's store is partitioned by tumor type and plane; type / plane filters pick
     partitions and size ranges are over-fetched and checked (or, when too few pass, an ID
     selector): every filter returns exactly the nearest passing cases of a brute-force search."""
-    from neurocbir.app.sources import ArchiveCases, CaseFilter
     from neurocbir.retrieval.archive import CaseArchive
+    from neurocbir.serving.sources import ArchiveCases, CaseFilter
 
     cases = ArchiveCases(training_archive, CaseArchive.open(training_archive, writer=False).checkpoint_sha256, 128)
     assert len(cases.store.parts) > 3  # type x plane
@@ -457,7 +457,7 @@ def test_http_api_over_an_archive(small_run, small_cases, training_archive):
     from fastapi.testclient import TestClient
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     svc = RetrievalService.from_archive(small_run, training_archive)
     client = TestClient(create_app(svc))
@@ -493,7 +493,7 @@ def test_add_a_figshare_release_folder(figshare_dir, small_run, tmp_path):
     assert [c["label"] for c in cases.values()] == ["meningioma", "glioma", "pituitary", "meningioma"]
     assert cases[3]["area_mm2"] == pytest.approx(200 * 4 * 0.49 * 0.49)  # 256 grid scaled to 512
     arch.close()
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     svc = RetrievalService.from_archive(small_run, tmp_path / "a")
     assert svc.cases.image(3).shape == (256, 256) and svc.cases.mask(3).sum() == 200
@@ -520,7 +520,7 @@ def test_a_served_archive_follows_add_and_remove_without_a_restart(scans, small_
     from fastapi.testclient import TestClient
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     archive = tmp_path / "archive"
     shutil.copytree(reference, archive)
@@ -589,10 +589,10 @@ def test_a_slow_reload_holds_no_query_past_its_bound(scans, small_run, reference
 
     from fastapi.testclient import TestClient
 
-    from neurocbir.app import service as service_module
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
-    from neurocbir.app.sources import ArchiveCases
+    from neurocbir.serving import service as service_module
+    from neurocbir.serving.service import RetrievalService
+    from neurocbir.serving.sources import ArchiveCases
 
     archive = tmp_path / "archive"
     shutil.copytree(reference, archive)

@@ -141,7 +141,7 @@ def test_bombs_get_4xx_from_the_api_and_uploads_are_one_file_of_bounded_size(sma
     from fastapi.testclient import TestClient
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     client = TestClient(create_app(RetrievalService.from_run(small_run, table=small_cases)))
     for name, (fname, data, message) in bombs(tmp_path).items():

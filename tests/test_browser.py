@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 
 from neurocbir.app.api import create_app
-from neurocbir.app.service import RetrievalService
 from neurocbir.data.cases import CLASS_NAMES
+from neurocbir.serving.service import RetrievalService
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

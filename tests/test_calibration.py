@@ -59,7 +59,7 @@ def test_query_returns_calibrated_confidence_and_a_prediction_set(small_run, sma
     from fastapi.testclient import TestClient
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     svc = RetrievalService.from_run(small_run, table=small_cases)
     client = TestClient(create_app(svc))
@@ -116,10 +116,10 @@ def test_calibrate_refits_an_existing_run_reproducibly(small_run, small_data_dir
 def test_the_api_shows_the_probabilities_that_were_evaluated(small_run, small_cases):
     """The served confidence is the calibrated probability the evaluation measured (same
     logits, same temperature), not a second formula."""
-    from neurocbir.app.service import RetrievalService
     from neurocbir.classify.calibration import load, neighbour_logits
     from neurocbir.classify.neighbors import NIRClassifier
     from neurocbir.data.cases import CLASS_NAMES
+    from neurocbir.serving.service import RetrievalService
 
     svc = RetrievalService.from_run(small_run, table=small_cases)
     emb = np.load(small_run / "trial_0" / "embeddings.npz")

@@ -173,7 +173,7 @@ def _count(archive: Path) -> int:
 
 def test_dicomweb_query_by_instance_uid_cli_and_http(pacs, pacs_archive, small_run, small_cases, tmp_path):
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     uid, row = next(iter(pacs["rows"].items()))
     # CLI: the scan straight from the PACS finds itself in the archive built from the PACS
@@ -261,7 +261,7 @@ def test_dicomweb_the_ui_opens_a_scan_by_instance_uid(pacs, pacs_archive, small_
     from playwright.sync_api import expect, sync_playwright
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
     from tests.test_browser import ARTIFACTS, launch, serve_in_thread
 
     url, server = serve_in_thread(

@@ -80,9 +80,9 @@ def _folder(path, rows):
 
 
 def test_add_reports_duplicates_and_a_query_of_an_archived_image_says_so(small_cases, small_run, tmp_path):
-    from neurocbir.app.service import RetrievalService
     from neurocbir.classify.neighbors import nir_positions
     from neurocbir.data.cases import CLASS_NAMES
+    from neurocbir.serving.service import RetrievalService
 
     rows = np.arange(len(small_cases))[: len(small_cases) * 2 // 3 : 4]
     images = {int(r): small_cases.load_image(int(r)) for r in rows}

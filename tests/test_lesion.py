@@ -288,8 +288,8 @@ def test_similarity_map_is_hot_exactly_where_the_embedding_reads(attribution):
 def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_data_dir, small_cases, tmp_path):
     """`neurocbir add` with the committed model, then serving that archive: same tumor outline
     and the archive's own cases as evidence."""
-    from neurocbir.app.service import RetrievalService
     from neurocbir.retrieval.ingest import ingest
+    from neurocbir.serving.service import RetrievalService
 
     run = bundled_service.run
     out = ingest(small_data_dir, tmp_path / "archive", run, folds=[1, 2, 3, 4])
@@ -365,15 +365,15 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     emb, _, prob = model.analyse(small_cases.load_image(0))
     assert emb.shape == (1, 128) and prob.shape == (cfg["image_size"],) * 2
     # the outline level, chosen on the held-out patients, is the one the app outlines at
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
     from neurocbir.training.lesion_run import TUMOR_LEVELS
 
     level = json.loads((run / "tumor_level.json").read_text())
     assert level["level"] in TUMOR_LEVELS and len(level["held_out_median_area_error"]) == len(TUMOR_LEVELS)
     svc = RetrievalService.from_run(run, table=small_cases)
     assert svc.tumor_level == level["level"]
-    from neurocbir.app.studies import answer_study
     from neurocbir.data.studies import Study, StudySlice
+    from neurocbir.serving.studies import answer_study
 
     test = np.flatnonzero(small_cases.fold == 5)[:3]
     answer = answer_study(svc, Study([StudySlice(small_cases.load_image(r), None, f"s{r}") for r in test], "images"))

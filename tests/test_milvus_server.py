@@ -92,7 +92,7 @@ def test_the_app_says_when_the_server_is_down_and_serves_again_when_it_is_back(
     server, small_data_dir, small_run, small_cases, tmp_path
 ):
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     archive = tmp_path / "archive"
     subprocess.run(_add(small_data_dir, archive, small_run, server.uri, "--fold", "1", "--fold", "2"), check=True, capture_output=True, timeout=600)  # fmt: skip
@@ -136,7 +136,7 @@ def test_archives_on_one_server_are_apart_and_writers_run_together(
 ):
     """Two `add` processes into two archives on one server while the app serves a third: all
     finish, no errors, and each archive sees only its own cases."""
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     uri = milvus_server.uri
     subprocess.run(_add(small_data_dir, tmp_path / "c", small_run, uri, "--fold", "5"), check=True, capture_output=True, timeout=600)  # fmt: skip

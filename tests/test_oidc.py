@@ -30,7 +30,7 @@ def provider_and_app(small_run, small_cases, tmp_path_factory):
     from neurocbir.app.api import create_app
     from neurocbir.app.audit import AuditLog
     from neurocbir.app.oidc import OIDC, OIDCSettings
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     node = shutil.which("node")
     if node is None or not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():

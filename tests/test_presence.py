@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from neurocbir.app.service import RetrievalService
 from neurocbir.cli import app as cli
 from neurocbir.data.cases import CLASS_NAMES, DatasetError
 from neurocbir.data.external import development_split, errata_of, is_external_layout, load_external
 from neurocbir.retrieval.archive import ArchiveError, CaseArchive
 from neurocbir.retrieval.casefiles import parse_label
 from neurocbir.retrieval.examples import EXAMPLE_ID_BASE
+from neurocbir.serving.service import RetrievalService
 
 runner = CliRunner()
 

@@ -116,7 +116,7 @@ def test_search_by_the_tumor_box_and_by_a_box_away_from_it(bundled_service, smal
 
 
 def test_a_model_without_a_decoder_says_it_cannot_search_by_region(small_run, small_cases):
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     service = RetrievalService.from_run(small_run, table=small_cases)
     image = small_cases.load_image(0)

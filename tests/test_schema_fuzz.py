@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from neurocbir.app.access import AccessControl
 from neurocbir.app.api import create_app
 from neurocbir.app.audit import AuditLog
-from neurocbir.app.service import RetrievalService
 from neurocbir.app.users import UserStore
+from neurocbir.serving.service import RetrievalService
 
 READER: dict[str, object] = {}
 #: what an error body must never show: a traceback, a Python file path, an exception class name

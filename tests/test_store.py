@@ -125,8 +125,8 @@ def test_group_partitions_answer_type_and_plane_filters_exactly(real, small_case
     query, and saves and reopens whole; with no groups named, all partitions are searched. On
     Milvus each group is a partition of the collection (HNSW on the server included); a collection
     of an older neurocbir, its groups in a field only, is still filtered right."""
-    from neurocbir.app.sources import CaseFilter
     from neurocbir.retrieval.store import group_keys
+    from neurocbir.serving.sources import CaseFilter
 
     x, ids, labels, q = real
     rows = np.searchsorted(small_cases.idx, ids)
@@ -176,8 +176,8 @@ def test_a_size_range_far_from_the_query_is_found_by_searching_deeper(tmp_path):
     """A size filter over-fetches in the type's partitions; when the cases in range are all far
     from the query (none among the first over-fetch), it searches deeper and still returns the
     exact nearest cases in range, in distance order."""
-    from neurocbir.app.sources import CaseFilter, _SearchedCases
     from neurocbir.retrieval.store import group_keys
+    from neurocbir.serving.sources import CaseFilter, _SearchedCases
 
     rng = np.random.default_rng(0)
     n, dim = 4000, 16

@@ -14,14 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from neurocbir.app.results_dicom import outline_mask, write_results
-from neurocbir.app.service import RetrievalService
-from neurocbir.app.studies import answer_study
 from neurocbir.cli import app as cli
 from neurocbir.data.cases import CLASS_NAMES
 from neurocbir.data.studies import read_study
 from neurocbir.data.uploads import UploadError
 from neurocbir.retrieval.dicomweb import to_dicom
+from neurocbir.serving.results_dicom import outline_mask, write_results
+from neurocbir.serving.service import RetrievalService
+from neurocbir.serving.studies import answer_study
 
 runner = CliRunner()
 

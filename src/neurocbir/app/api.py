@@ -26,14 +26,14 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from neurocbir.app.access import AccessControl, AccessMiddleware, note, principal
 from neurocbir.app.auth_api import router as auth_router
 from neurocbir.app.images import png as _png
-from neurocbir.app.service import DISCLAIMER, RetrievalService
-from neurocbir.app.sources import CaseFilter
 from neurocbir.app.study_api import router as study_router
 from neurocbir.data.regions import Region, box_region, read_region_mask
 from neurocbir.data.uploads import MAX_UPLOAD_BYTES, read_scan_with_spacing
 from neurocbir.errors import NeurocbirError
 from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
 from neurocbir.reports.text import STYLES
+from neurocbir.serving.service import DISCLAIMER, RetrievalService
+from neurocbir.serving.sources import CaseFilter
 
 log = logging.getLogger("neurocbir.app.api")
 LLM_TIMEOUT_S = 60.0

@@ -96,9 +96,9 @@ def serve(
     import uvicorn
 
     from neurocbir.app.api import create_app
-    from neurocbir.app.service import RetrievalService
     from neurocbir.reports.explain import Explainer
     from neurocbir.reports.llm import LLMUnavailable, llm_from_env
+    from neurocbir.serving.service import RetrievalService
 
     opts = options or ServeOptions(host=host, port=port)
     opts.host, opts.port = host, port

@@ -1,6 +1,6 @@
 """``POST /query/study``: a whole series in one request (several files, a multi-frame DICOM, a
 NIfTI volume, or a series on the server's PACS), one answer, and optionally its DICOM SEG and SR
-stored back in the PACS (:mod:`neurocbir.app.studies`, :mod:`neurocbir.app.results_dicom`)."""
+stored back in the PACS (:mod:`neurocbir.serving.studies`, :mod:`neurocbir.serving.results_dicom`)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ async def query_study(
 ) -> dict:
     """A whole series, one answer: per slice (tumor found, type, outline, area) and per study (type
     with a study-level confidence, key slice, largest area, volume estimate, similar patients)."""
-    from neurocbir.app.results_dicom import store_results
-    from neurocbir.app.studies import answer_study
     from neurocbir.data.studies import read_study
     from neurocbir.retrieval.dicomweb import read_series
+    from neurocbir.serving.results_dicom import store_results
+    from neurocbir.serving.studies import answer_study
 
     service, pacs = request.app.state.service, request.app.state.dicomweb
     if (files is None) == (series_uid is None):

@@ -78,7 +78,7 @@ def _read_query_scan(image: Optional[Path], dicomweb: Optional[str], instance: O
 
 
 def _service(run: Optional[Path], archive: Optional[Path] = None):
-    from neurocbir.app.service import RetrievalService
+    from neurocbir.serving.service import RetrievalService
 
     run = resolve_run(run)
     if archive is not None:

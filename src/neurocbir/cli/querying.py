@@ -37,8 +37,8 @@ def query(
 ) -> None:
     """Predict the tumor type of a scan (a file, or an instance on a PACS), or of a region drawn
     on it, from its most similar archive cases."""
-    from neurocbir.app.sources import CaseFilter
     from neurocbir.data.regions import box_region, read_region_mask
+    from neurocbir.serving.sources import CaseFilter
 
     filters = _guard(CaseFilter, plane, tumor_type, min_area, max_area)
     if dicom_out is not None and image is None:
@@ -124,9 +124,9 @@ def query(
 
 def _dicom_results(svc, image: Path, k: int, out_dir: Path) -> dict:
     """A DICOM scan answered as a one-slice study, its SEG and SR written to ``out_dir``."""
-    from neurocbir.app.results_dicom import write_results
-    from neurocbir.app.studies import answer_study
     from neurocbir.data.studies import read_study
+    from neurocbir.serving.results_dicom import write_results
+    from neurocbir.serving.studies import answer_study
 
     study = _guard(read_study, [(image.read_bytes(), image.name)])
     if study.kind != "dicom":
@@ -211,9 +211,9 @@ def serve(
 def demo(port: int = typer.Option(8000)) -> None:
     """The main job: serve the committed model (else the best trained run, else a quick one
     trained first, ~5 min) over the demo archive, built on first start from the bundled data."""
-    from neurocbir.app.demo import demo_archive
     from neurocbir.app.server import serve as _serve
     from neurocbir.models.runs import BUNDLED_MODEL, TrainConfig, find_default_run, trial_seeds
+    from neurocbir.serving.demo import demo_archive
     from neurocbir.training.cached import train_run
 
     run = BUNDLED_MODEL if trial_seeds(BUNDLED_MODEL, needs="checkpoint.pt") else find_default_run()
@@ -243,9 +243,9 @@ def query_study(
     ),
 ) -> None:
     """One answer for a whole series: per slice, and per study (type, key slice, size, similar patients)."""
-    from neurocbir.app.studies import answer_study
     from neurocbir.data.studies import read_study
     from neurocbir.data.uploads import UploadError
+    from neurocbir.serving.studies import answer_study
 
     if (not paths) == (series is None):
         _fail("give the study's files, or --series UID with --dicomweb URL (not both)")
@@ -265,11 +265,11 @@ def query_study(
             _fail(str(exc))
     out = _guard(answer_study, _service(run, archive), study, k)
     if dicom_out is not None:
-        from neurocbir.app.results_dicom import write_results
+        from neurocbir.serving.results_dicom import write_results
 
         out["dicom_out"] = _guard(write_results, study, out, dicom_out)
     if write_back:
-        from neurocbir.app.results_dicom import store_results
+        from neurocbir.serving.results_dicom import store_results
 
         if study.kind != "dicom":
             _fail("--write-back needs a DICOM study")

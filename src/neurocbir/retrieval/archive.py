@@ -34,9 +34,10 @@ import numpy as np
 from neurocbir.data.cases import CASE_LABELS
 from neurocbir.errors import InvalidInput
 from neurocbir.files import atomic_path
+from neurocbir.retrieval.archive_reads import ArchiveReads
 from neurocbir.retrieval.index import IndexMismatchError
 from neurocbir.retrieval.milvus import CONSISTENCY, READER_CONSISTENCY, MilvusStore
-from neurocbir.retrieval.store import CaseStore, FaissStore, StaleCollection, StoreUnavailable, group_keys
+from neurocbir.retrieval.store import CaseStore, FaissStore, StaleCollection, StoreUnavailable
 
 STORE_KINDS = ("flat", "hnsw", "milvus")
 MILVUS_COLLECTION = "neurocbir_cases"
@@ -84,7 +85,7 @@ class CaseRecord:
     fingerprint: np.ndarray | None = None
 
 
-class CaseArchive:
+class CaseArchive(ArchiveReads):
     """Cases in SQLite + their vectors in a :class:`neurocbir.retrieval.store.CaseStore`.
 
     Create with :meth:`create`, reopen with :meth:`open` (which refuses another encoder).
@@ -275,16 +276,6 @@ class CaseArchive:
         self.store.save()
         self.db.execute("UPDATE cases SET state = 'indexed' WHERE state = 'pending'")
 
-    def _vectors(self, where: str, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(ids, embeddings, store partition keys) of the cases ``where`` says, in chunks."""
-        cur = self.db.execute(f"SELECT id, embedding, label, plane FROM cases WHERE {where} ORDER BY id")
-        while rows := cur.fetchmany(chunk):
-            yield (
-                np.array([r[0] for r in rows], dtype=np.int64),
-                np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
-                group_keys(np.array([r[2] for r in rows]), np.array([r[3] or "" for r in rows])),
-            )
-
     def index_pending(self) -> int:
         """Put committed-but-pending cases into the store, save it, mark them indexed."""
         pending = list(self._vectors("state = 'pending'"))
@@ -321,27 +312,6 @@ class CaseArchive:
             q = f"SELECT content_sha256, id FROM cases WHERE content_sha256 IN ({','.join('?' * len(chunk))})"
             found.update((r[0], int(r[1])) for r in self.db.execute(q, chunk))
         return found
-
-    def fingerprints(self, width: int, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, the first ``width`` values of each stored print: the coarse fingerprint) of the
-        cases that have one (float32, one row each)."""
-        ids, prints = [], []
-        cur = self.db.execute(
-            "SELECT id, fingerprint FROM cases WHERE state != 'deleting' AND fingerprint IS NOT NULL ORDER BY id"
-        )
-        while rows := cur.fetchmany(chunk):
-            ids += [r[0] for r in rows]
-            prints.append(np.stack([np.frombuffer(r[1], dtype=np.float16)[:width] for r in rows]).astype(np.float32))
-        return np.array(ids, dtype=np.int64), (np.concatenate(prints) if prints else np.zeros((0, width), np.float32))
-
-    def stored_prints(self, case_ids: list[int]) -> np.ndarray:
-        """The whole stored print of each case (float32, in the order asked)."""
-        q = f"SELECT id, fingerprint FROM cases WHERE id IN ({','.join('?' * len(case_ids))})"
-        with self._lock:
-            found = {
-                r[0]: np.frombuffer(r[1], dtype=np.float16) for r in self.db.execute(q, [int(c) for c in case_ids])
-            }
-        return np.stack([found[int(c)] for c in case_ids]).astype(np.float32)
 
     def add(self, records: list[CaseRecord], index: bool = True) -> int:
         """Insert new cases in one transaction (already-known content is skipped), then index
@@ -402,55 +372,6 @@ class CaseArchive:
 
     def __len__(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM cases WHERE state != 'deleting'").fetchone()[0])
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """id, label, patient_key, plane and area of every indexed case (what NIR and the
-        retrieval filters need in memory; area NaN where unknown)."""
-        rows = self.db.execute(
-            "SELECT id, label, patient_key, plane, area_mm2 FROM cases WHERE state = 'indexed' ORDER BY id"
-        ).fetchall()
-        return {
-            "id": np.array([r[0] for r in rows], dtype=np.int64),
-            "label": np.array([r[1] for r in rows], dtype=np.int64),
-            "patient_key": np.array([r[2] for r in rows]),
-            "plane": np.array([r[3] or "" for r in rows]),
-            "area_mm2": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=float),
-        }
-
-    def cases(self, case_ids: Iterable[int]) -> dict[int, dict]:
-        ids = [int(i) for i in case_ids]
-        out = {}
-        for b in range(0, len(ids), 500):
-            chunk = ids[b : b + 500]
-            q = (
-                f"SELECT id, label, plane, area_mm2, image_path, source_case, report FROM cases "
-                f"WHERE state = 'indexed' AND id IN ({','.join('?' * len(chunk))})"
-            )
-            with self._lock:  # the app reads from several threads
-                rows = self.db.execute(q, chunk).fetchall()
-            for r in rows:
-                out[r[0]] = {
-                    "case_id": r[0],
-                    "label": CASE_LABELS[r[1]],
-                    "plane": r[2] or None,
-                    "area_mm2": None if r[3] is None else round(r[3], 2),
-                    "image_path": r[4],
-                    "source_case": r[5],
-                    "report": r[6],
-                }
-        return out
-
-    def trunk_vectors(self) -> np.ndarray | None:
-        rows = self.db.execute(
-            "SELECT trunk FROM cases WHERE state = 'indexed' AND trunk IS NOT NULL ORDER BY id"
-        ).fetchall()
-        return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else None
-
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = list(self._vectors("state = 'indexed'"))
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def check(self) -> dict:
         """Consistency report: table integrity, duplicates, store == table."""

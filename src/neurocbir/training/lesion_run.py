@@ -22,6 +22,7 @@ from neurocbir.models.encoders import Encoder, pick_device
 from neurocbir.models.lesion import TUMOR_LEVEL_FILE
 from neurocbir.models.runs import IN_PROGRESS, TrainConfig, trial_dir
 from neurocbir.training.common import fit_calibration
+from neurocbir.training.holdout import holdout_embeddings, holdout_split  # noqa: F401 (holdout_split: re-exported)
 from neurocbir.training.lesion import (
     STATE_FILE,
     embed_tensors,
@@ -35,35 +36,6 @@ from neurocbir.training.lesion import (
 
 log = logging.getLogger(__name__)
 TUMOR_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
-
-
-def holdout_split(cfg: TrainConfig, table: CaseTable) -> tuple[np.ndarray, np.ndarray]:
-    """(rows the encoder trains on, training patients' rows held out of training to calibrate
-    on): patient-grouped, ``cfg.holdout_patients`` of the training folds; none when it is 0."""
-    from neurocbir.data.cases import grouped_inner_folds
-
-    train_rows = np.flatnonzero(table.fold != cfg.fold)
-    if cfg.holdout_patients <= 0:
-        return train_rows, train_rows[:0]
-    n_splits = max(2, round(1 / cfg.holdout_patients))
-    # a fixed split (not the seed's): a seed's trial is the same trained alone or after others
-    fit, cal = grouped_inner_folds(table.subset(train_rows), n_splits, seed=0)[0]
-    return train_rows[fit], train_rows[cal]
-
-
-def holdout_embeddings(
-    run: Path | str, table: CaseTable
-) -> tuple[TrainConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(config, fit rows, held-out rows, their first-trial embeddings) of a run trained with
-    ``holdout_patients``."""
-    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
-    fit_rows, cal_rows = holdout_split(cfg, table)
-    if not len(cal_rows):
-        raise InvalidInput(f"{run} holds no training patients out of training (holdout_patients = 0)")
-    arrays = np.load(trial_dir(run, cfg.first_seed) / "embeddings.npz")
-    where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
-    emb = arrays["archive"]
-    return cfg, fit_rows, cal_rows, emb[[where[r] for r in fit_rows]], emb[[where[r] for r in cal_rows]]
 
 
 def calibrate_on_holdout(run: Path, table: CaseTable) -> None:

@@ -39,7 +39,7 @@ def calibrate_studies(run: Path | str, table: CaseTable | None = None) -> dict:
     (:mod:`neurocbir.classify.study`); returns what was measured on them."""
     from neurocbir.classify import study
     from neurocbir.data.cases import CLASS_NAMES, load_cases
-    from neurocbir.training.lesion_run import holdout_embeddings
+    from neurocbir.training.holdout import holdout_embeddings
 
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())

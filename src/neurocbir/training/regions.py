@@ -66,7 +66,7 @@ def choose_threshold(box_peak: np.ndarray, away_peak: np.ndarray) -> tuple[float
 def fit_region_search(run: Path | str, table: CaseTable) -> dict:
     """Choose and save the run's ``region_search.json`` (see the module); returns it."""
     from neurocbir.models.inference import LesionModel, load_model
-    from neurocbir.training.lesion_run import holdout_embeddings
+    from neurocbir.training.holdout import holdout_embeddings
 
     cfg, fit_rows, cal_rows, fit_emb, _ = holdout_embeddings(run, table)
     model = load_model(run, cfg.first_seed)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from neurocbir import __version__
-from neurocbir.app.service import DISCLAIMER
 from neurocbir.data.studies import Study
 from neurocbir.errors import InvalidInput
+from neurocbir.serving.service import DISCLAIMER
 
 MANUFACTURER = "neurocbir"
 PRIVATE = "99NEUROCBIR"  # coding scheme of neurocbir's own concepts (a 99 prefix: private by the standard)

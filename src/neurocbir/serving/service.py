@@ -19,9 +19,6 @@ from pathlib import Path
 import numpy as np
 from scipy.special import softmax
 
-from neurocbir.app.feedback import FILE as FEEDBACK_FILE
-from neurocbir.app.feedback import FeedbackStore, fingerprint
-from neurocbir.app.sources import ArchiveCases, CaseFilter, CaseSource, RunCases
 from neurocbir.classify import calibration
 from neurocbir.classify import region as region_search
 from neurocbir.classify.neighbors import knn_votes, nir_positions
@@ -34,6 +31,9 @@ from neurocbir.models.lesion import tumor_level, tumor_outline
 from neurocbir.models.runs import first_weights, trial_dir
 from neurocbir.retrieval.duplicates import ImagePrints
 from neurocbir.retrieval.store import StoreUnavailable
+from neurocbir.serving.feedback import FILE as FEEDBACK_FILE
+from neurocbir.serving.feedback import FeedbackStore, fingerprint
+from neurocbir.serving.sources import ArchiveCases, CaseFilter, CaseSource, RunCases
 
 log = logging.getLogger(__name__)
 DISCLAIMER = (

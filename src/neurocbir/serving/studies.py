@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from neurocbir.app.service import DISCLAIMER, RELOAD_WAIT_S, RetrievalService
 from neurocbir.classify import study as study_calibration
 from neurocbir.data.cases import CLASS_NAMES
 from neurocbir.data.studies import Study
 from neurocbir.errors import InvalidInput
 from neurocbir.models.lesion import tumor_outline
 from neurocbir.retrieval.duplicates import ImagePrints
+from neurocbir.serving.service import DISCLAIMER, RELOAD_WAIT_S, RetrievalService
 
 BATCH = 32  # slices per CNN pass
 
