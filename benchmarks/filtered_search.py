@@ -43,7 +43,8 @@ def main() -> None:
     from neurocbir.data.cases import load_cases
     from neurocbir.models.runs import first_trial
     from neurocbir.retrieval.store import FaissStore, group_keys, lookup
-    from neurocbir.serving.sources import ArchiveCases, CaseFilter
+    from neurocbir.serving.archive_cases import ArchiveCases
+    from neurocbir.serving.sources import CaseFilter
 
     table = load_cases()
     emb = np.load(args.run / f"trial_{first_trial(args.run)}" / "embeddings.npz")

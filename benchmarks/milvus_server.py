@@ -56,9 +56,9 @@ def top(ids: np.ndarray) -> np.ndarray:
 def app_search(store, ids: np.ndarray, areas: np.ndarray):
     """The app's filtered search over ``store`` (type and plane: the store's partitions; a size
     range: over-fetch by its share of the archive, an id list only when too few pass)."""
-    from neurocbir.serving.sources import _SearchedCases
+    from neurocbir.serving.sources import SearchedCases
 
-    class AppSearch(_SearchedCases):
+    class AppSearch(SearchedCases):
         partitioned = True
 
         def __init__(self):

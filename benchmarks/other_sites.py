@@ -189,8 +189,8 @@ def main() -> None:
     from neurocbir.models.inference import load_model
     from neurocbir.models.runs import trial_seeds
     from neurocbir.retrieval.ingest import index_run
+    from neurocbir.serving.archive_cases import ArchiveCases
     from neurocbir.serving.service import RetrievalService
-    from neurocbir.serving.sources import ArchiveCases
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     data = default_data_dir()

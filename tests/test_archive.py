@@ -426,7 +426,8 @@ def test_partitioned_archive_filters_find_the_exact_nearest_passing_cases(small_
     partitions and size ranges are over-fetched and checked (or, when too few pass, an ID
     selector): every filter returns exactly the nearest passing cases of a brute-force search."""
     from neurocbir.retrieval.archive import CaseArchive
-    from neurocbir.serving.sources import ArchiveCases, CaseFilter
+    from neurocbir.serving.archive_cases import ArchiveCases
+    from neurocbir.serving.sources import CaseFilter
 
     cases = ArchiveCases(training_archive, CaseArchive.open(training_archive, writer=False).checkpoint_sha256, 128)
     assert len(cases.store.parts) > 3  # type x plane
@@ -591,8 +592,8 @@ def test_a_slow_reload_holds_no_query_past_its_bound(scans, small_run, reference
 
     from neurocbir.app.api import create_app
     from neurocbir.serving import service as service_module
+    from neurocbir.serving.archive_cases import ArchiveCases
     from neurocbir.serving.service import RetrievalService
-    from neurocbir.serving.sources import ArchiveCases
 
     archive = tmp_path / "archive"
     shutil.copytree(reference, archive)
@@ -612,3 +613,51 @@ def test_a_slow_reload_holds_no_query_past_its_bound(scans, small_run, reference
     svc._reloading.join(60)
     r = client.post("/query?k=3", files={"file": ("q.jpg", scan, "image/jpeg")})
     assert r.status_code == 200 and itself["case_id"] not in [c["case_id"] for c in r.json()["retrievals"]]
+
+
+def test_cases_added_while_serving_join_the_view_without_a_full_reload(
+    scans, small_run, small_cases, reference, tmp_path, monkeypatch
+):
+    """`neurocbir add` in another process while the app serves: the next query finds the new case,
+    the served view grown by it alone (the others' columns, vectors and prints not read again, the
+    view other threads still search left as it was); a removal, or growth past REGROW_SHARE, reads
+    the archive again."""
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app.api import create_app
+    from neurocbir.data.cases import CLASS_NAMES
+    from neurocbir.serving import archive_cases
+    from neurocbir.serving.archive_cases import ArchiveCases
+    from neurocbir.serving.service import RetrievalService
+
+    archive = tmp_path / "archive"
+    shutil.copytree(reference, archive)
+    svc = RetrievalService.from_archive(small_run, archive)
+    client = TestClient(create_app(svc))
+    full, real = [], ArchiveCases.reopened
+    monkeypatch.setattr(ArchiveCases, "reopened", lambda self: (full.append(1), real(self))[1])
+    stored = {p.name for p in scans.glob("scan_*.jpg")}
+    new_rows = [r for r in range(len(small_cases)) if f"scan_{int(small_cases.idx[r])}.jpg" not in stored][:2]
+
+    def add(row: int) -> bytes:
+        folder = tmp_path / f"new{row}"
+        folder.mkdir()
+        data = (small_cases.loader.root / "images" / f"{int(small_cases.idx[row])}.jpg").read_bytes()
+        (folder / "new.jpg").write_bytes(data)
+        (folder / "cases.csv").write_text(f"file,label\nnew.jpg,{CLASS_NAMES[small_cases.label[row]]}\n")
+        r = subprocess.run(_add_cmd(folder, archive, small_run), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return data
+
+    first = svc.cases
+    data = add(new_rows[0])
+    out = client.post("/query?k=3", files={"file": ("q.jpg", data, "image/jpeg")}).json()
+    top = out["retrievals"][0]
+    assert top["distance"] < 1e-3 and top["label"] == CLASS_NAMES[small_cases.label[new_rows[0]]]
+    assert full == [] and svc.cases is not first  # grown, not read again
+    assert first.store.count() == 48 and svc.cases.store.count() == 49  # the old view untouched
+    assert client.get("/health").json()["archive_cases"] == 49
+    monkeypatch.setattr(archive_cases, "REGROW_SHARE", 0.0)  # any growth now reads the archive again
+    data = add(new_rows[1])
+    out = client.post("/query?k=3", files={"file": ("q.jpg", data, "image/jpeg")}).json()
+    assert out["retrievals"][0]["distance"] < 1e-3 and full == [1]

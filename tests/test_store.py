@@ -177,7 +177,7 @@ def test_a_size_range_far_from_the_query_is_found_by_searching_deeper(tmp_path):
     from the query (none among the first over-fetch), it searches deeper and still returns the
     exact nearest cases in range, in distance order."""
     from neurocbir.retrieval.store import group_keys
-    from neurocbir.serving.sources import CaseFilter, _SearchedCases
+    from neurocbir.serving.sources import CaseFilter, SearchedCases
 
     rng = np.random.default_rng(0)
     n, dim = 4000, 16
@@ -190,7 +190,7 @@ def test_a_size_range_far_from_the_query_is_found_by_searching_deeper(tmp_path):
     store = FaissStore(tmp_path / "s.faiss", dim, checkpoint_sha256="ck")
     store.add(ids, x, group_keys(np.zeros(n, int), np.full(n, "axial")))
 
-    class Cases(_SearchedCases):
+    class Cases(SearchedCases):
         partitioned = True
 
         def __init__(self):

@@ -99,3 +99,36 @@ class ArchiveReads:
         if not parts:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def indexed_after(self, last_id: int, width: int) -> tuple[dict[str, np.ndarray], int]:
+        """(the indexed cases with an id above ``last_id``: the columns of :meth:`columns`, their
+        ``embedding`` and the first ``width`` values of their ``fingerprint`` (NaN rows: none kept),
+        how many indexed cases have an id up to ``last_id``), read in one snapshot: what `add`
+        committed since a view loaded, and whether any case of that view was removed meanwhile."""
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                rows = self.db.execute(
+                    "SELECT id, label, patient_key, plane, area_mm2, embedding, fingerprint FROM cases "
+                    "WHERE state = 'indexed' AND id > ? ORDER BY id",
+                    (int(last_id),),
+                ).fetchall()
+                kept = self.db.execute(
+                    "SELECT COUNT(*) FROM cases WHERE state = 'indexed' AND id <= ?", (int(last_id),)
+                ).fetchone()[0]
+            finally:
+                self.db.execute("COMMIT")
+        no_print = np.full(width, np.nan, np.float32)
+        return {
+            "id": np.array([r[0] for r in rows], dtype=np.int64),
+            "label": np.array([r[1] for r in rows], dtype=np.int64),
+            "patient_key": np.array([r[2] for r in rows]),
+            "plane": np.array([r[3] or "" for r in rows]),
+            "area_mm2": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=float),
+            "embedding": np.stack([np.frombuffer(r[5], np.float32) for r in rows]) if rows else np.zeros((0, self.dim)),
+            "fingerprint": np.stack(
+                [no_print if r[6] is None else np.frombuffer(r[6], np.float16)[:width].astype(np.float32) for r in rows]
+            )
+            if rows
+            else np.zeros((0, width), np.float32),
+        }, int(kept)

@@ -220,6 +220,17 @@ class DuplicateIndex:
             self.ids += case_ids
         return self
 
+    def with_added(self, case_ids, prints: np.ndarray) -> DuplicateIndex:
+        """A new index: this one's cases and ``case_ids`` with their coarse ``prints`` (fine ones
+        read as this index reads them); this one is not changed (others search it meanwhile)."""
+        import copy
+
+        import faiss
+
+        out = copy.copy(self)
+        out.index, out.ids, out._details = faiss.clone_index(self.index), list(self.ids), dict(self._details)
+        return out.add(case_ids, prints)
+
     def _fine(self, case_ids: list[int]) -> np.ndarray:
         """The fine prints of ``case_ids``: those added with theirs from memory, the others read."""
         unread = [c for c in case_ids if c not in self._details]

@@ -126,6 +126,17 @@ class FaissStore:
             m = groups == key
             self.parts.setdefault(str(key), self._empty()).add_with_ids(v[m], ids[m])
 
+    def with_added(self, ids: np.ndarray, vectors: np.ndarray, groups: np.ndarray | None = None) -> FaissStore:
+        """A new store: this one's partitions, those that receive vectors copied first, so that
+        this store (searched meanwhile by other threads) is never changed under them."""
+        import copy
+
+        out = copy.copy(self)
+        keys = np.full(len(ids), "") if groups is None else np.asarray(groups).astype(str)
+        out.parts = {k: (faiss.clone_index(ix) if k in set(keys.tolist()) else ix) for k, ix in self.parts.items()}
+        out.add(ids, vectors, groups)
+        return out
+
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, groups=None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -31,9 +31,10 @@ from neurocbir.models.lesion import tumor_level, tumor_outline
 from neurocbir.models.runs import first_weights, trial_dir
 from neurocbir.retrieval.duplicates import ImagePrints
 from neurocbir.retrieval.store import StoreUnavailable
+from neurocbir.serving.archive_cases import ArchiveCases
 from neurocbir.serving.feedback import FILE as FEEDBACK_FILE
 from neurocbir.serving.feedback import FeedbackStore, fingerprint
-from neurocbir.serving.sources import ArchiveCases, CaseFilter, CaseSource, RunCases
+from neurocbir.serving.sources import CaseFilter, CaseSource, RunCases
 
 log = logging.getLogger(__name__)
 DISCLAIMER = (
@@ -164,7 +165,8 @@ class RetrievalService:
 
     def refresh_cases(self, wait_s: float | None = 0.0) -> bool:
         """Pick up what `neurocbir add` or `remove` committed to the served archive since its view
-        was loaded: a new view loads in a background thread and replaces the old one when ready.
+        was loaded: a new view (the old one and the added cases, or, after a removal, the archive
+        read again) loads in a background thread and replaces the old one when ready.
         Waits at most ``wait_s`` seconds for it (None: until it serves); a query that comes sooner
         reads the previous view. Returns whether the archive had changed. A run's own index never
         changes."""
@@ -202,7 +204,8 @@ class RetrievalService:
     def _reload(self, old: ArchiveCases) -> None:
         version = old.archive.data_version()
         try:
-            self.cases, self._unservable = old.reopened(), None
+            # cases only added: the new ones join this view (no full reload); else the archive is read again
+            self.cases, self._unservable = old.grown() or old.reopened(), None
         except (ValueError, OSError, StoreUnavailable) as exc:  # e.g. every case removed: keep the last view, say why
             self._unservable = f"the case archive changed and cannot be served: {exc}"
             log.warning("%s; serving its previous view", self._unservable)

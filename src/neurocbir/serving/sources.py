@@ -18,12 +18,11 @@ from typing import Protocol
 
 import numpy as np
 
-from neurocbir.classify.presence import TumorPresence, fit_presence
-from neurocbir.data.cases import CLASS_NAMES, NO_TUMOR, NO_TUMOR_LABEL, PLANES, CaseTable, load_cases, mask_for_image
+from neurocbir.classify.presence import TumorPresence
+from neurocbir.data.cases import CLASS_NAMES, PLANES, CaseTable, load_cases
 from neurocbir.errors import InvalidInput
-from neurocbir.reports.text import ReportAttributes, cached_llm_reports, case_attributes, make_report
+from neurocbir.reports.text import cached_llm_reports, case_attributes, make_report
 from neurocbir.retrieval.duplicates import Duplicate, DuplicateIndex, ImagePrints
-from neurocbir.retrieval.examples import find_example, list_examples
 from neurocbir.retrieval.index import VectorIndex
 from neurocbir.retrieval.neighbours import compact, first_per_group
 from neurocbir.retrieval.store import Searchable, deep_search, group_keys, lookup
@@ -126,7 +125,7 @@ class CaseSource(Protocol):
     def examples(self, per_class: int) -> list[dict]: ...
 
 
-class _SearchedCases:
+class SearchedCases:
     """What both sources share: one search of ``store`` deep enough for NIR (ids -> case ids
     by ``_case_ids``), and the distance to the nearest archive case in trunk space."""
 
@@ -252,7 +251,7 @@ class _SearchedCases:
         return float(np.percentile(nearest, 99.5) * 1.1) if len(nearest) else float("inf")
 
 
-class RunCases(_SearchedCases):
+class RunCases(SearchedCases):
     """The training folds of a run's trial, searched through the run's own exact index (in
     one search of the whole index: it is training-fold sized)."""
 
@@ -331,112 +330,3 @@ class RunCases(_SearchedCases):
             for r in rng.choice(rows, min(per_class, len(rows)), replace=False):
                 out.append({"case_id": int(self.table.idx[r]), "label": CLASS_NAMES[c]})
         return out
-
-
-class ArchiveCases(_SearchedCases):
-    """A :class:`neurocbir.retrieval.archive.CaseArchive` built with ``neurocbir add``: any number of
-    cases from any source folder, searched through its FAISS or Milvus store."""
-
-    partitioned = True
-
-    def __init__(self, root: Path | str, checkpoint_sha256: str, dim: int, store_wait_s: float | None = None):
-        from neurocbir.retrieval.archive import CaseArchive
-
-        self.root, self.checkpoint_sha256, self.dim = Path(root), checkpoint_sha256, dim
-        self.store_wait_s = store_wait_s
-        self.archive = CaseArchive.open(
-            root, checkpoint_sha256=checkpoint_sha256, dim=dim, writer=False, store_wait_s=store_wait_s
-        )
-        self.version = self.archive.opened_version  # what this view holds (see changed())
-        cols = self.archive.columns()
-        if not len(cols["id"]):
-            raise InvalidInput(
-                f"the archive {root} holds no cases: add some with `neurocbir add FOLDER --archive {root}`"
-            )
-        self.store = self.archive.store
-        tumor = cols["label"] < len(CLASS_NAMES)  # typed tumor cases: the only tumor-type evidence
-        self.label_of = lookup(cols["id"], np.where(tumor, cols["label"], -1))  # NIR skips the others
-        self.any_label_of = lookup(cols["id"], cols["label"])
-        self.group_of = lookup(cols["id"], cols["patient_key"], missing="")
-        self.store_ids, self.attr_label = cols["id"], cols["label"]  # what the retrieval filters read
-        self.attr_plane, self.attr_area = cols["plane"], cols["area_mm2"]
-        if not tumor.any():
-            raise InvalidInput(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
-        self.classes = np.unique(cols["label"][tumor])
-        trunk = self.archive.trunk_vectors()
-        complete = trunk is not None and len(trunk) == len(cols["id"])
-        self.trunk_index = VectorIndex.build(trunk) if complete else None
-        # presence: every case with a tumor (of a known type or not) against those without
-        self.presence = fit_presence(trunk if complete else None, cols["label"] != NO_TUMOR_LABEL)
-        self.duplicate_index = DuplicateIndex.of_archive(self.archive)
-        self.far_threshold = self._far_threshold(cols["patient_key"])
-
-    def changed(self) -> bool:
-        """Has `neurocbir add` or `remove` changed the archive since this view was loaded?"""
-        return self.archive.data_version() != self.version
-
-    def reopened(self) -> ArchiveCases:
-        """A new view of the archive as it is now (this one stays usable meanwhile)."""
-        return ArchiveCases(self.root, self.checkpoint_sha256, self.dim, self.store_wait_s)
-
-    def _stored(self, case_ids: list[int]) -> dict[int, dict]:
-        found = self.archive.cases(case_ids)
-        for c in case_ids:
-            if c not in found and (example := find_example(self.archive, c)) is not None:
-                found[c] = {**example, "plane": None, "area_mm2": None, "report": None, "example": True}
-        missing = [c for c in case_ids if c not in found]
-        if missing:
-            raise KeyError(f"no case {missing[0]} in the archive")
-        return found
-
-    def describe(self, case_ids: list[int]) -> dict[int, dict]:
-        found = self._stored(case_ids)
-        return {c: {k: found[c][k] for k in ("case_id", "label", "plane", "area_mm2")} for c in case_ids}
-
-    def case(self, case_id: int, style: str = "normal") -> dict:
-        stored = self._stored([case_id])[case_id]
-        out = {k: stored[k] for k in ("case_id", "label", "plane", "area_mm2")} | {
-            "in_archive": "example" not in stored
-        }
-        writable = stored["report"] or (stored["plane"] and stored["area_mm2"] is not None)
-        out["report"] = self.reports([case_id], style)[0] if writable else None
-        return out
-
-    def reports(self, case_ids: list[int], style: str = "normal") -> list[str]:
-        """The report stored with the case (from cases.csv), else one written from its attributes."""
-        found = self._stored(case_ids)
-        out = []
-        for c in case_ids:
-            r = found[c]
-            if r["report"]:
-                out.append(r["report"])
-            elif r["label"] == NO_TUMOR:
-                raise KeyError(f"case {c} shows no tumor and has no report")
-            elif r["plane"] and r["area_mm2"] is not None:
-                out.append(make_report(ReportAttributes(r["label"], r["plane"], r["area_mm2"]), style, c))
-            else:
-                raise KeyError(f"case {c} has no report and no plane/size to write one from")
-        return out
-
-    def image(self, case_id: int) -> np.ndarray:
-        from neurocbir.data.uploads import read_scan
-
-        path = Path(self._stored([case_id])[case_id]["image_path"])
-        try:
-            if path.suffix == ".npy":  # the header-free copy of a slice ingested from a PACS
-                return np.load(path, allow_pickle=False).astype(np.float32)
-            return read_scan(path.read_bytes(), path.name)
-        except (OSError, ValueError) as exc:  # UploadError is a ValueError, as is a corrupt .npy
-            raise KeyError(f"the image of case {case_id} cannot be read ({exc})") from None
-
-    def mask(self, case_id: int) -> np.ndarray:
-        """The tumor mask where the source layout has one (bundled masks/ or the .mat file)."""
-        mask = mask_for_image(self._stored([case_id])[case_id]["image_path"])
-        if mask is None:
-            raise KeyError(f"case {case_id} has no tumor mask")
-        return mask
-
-    def examples(self, per_class: int = 4) -> list[dict]:
-        """The held-out examples stored beside the archive (`neurocbir add --examples`), a few per
-        label; none unless some were added (an archive case would only find itself)."""
-        return list_examples(self.archive, per_class)
