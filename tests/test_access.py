@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount
 from typer.testing import CliRunner
 
-from neurocbir.app.access import PUBLIC, AccessControl, rule_for
+from neurocbir.app.access import PUBLIC, SESSION_COOKIE, AccessControl, rule_for
 from neurocbir.app.api import create_app
 from neurocbir.app.audit import AuditLog, Entry
 from neurocbir.app.oidc import OIDC, OIDCSettings
@@ -415,3 +415,53 @@ def test_keys_the_provider_rotates_are_fetched_again(secured, issuer):
     secured.control.throttle.clear()
     assert secured.client.get("/examples", headers={"Authorization": f"Bearer {second}"}).status_code == 200
     assert secured.client.get("/auth/me", headers={"Authorization": f"Bearer {second}"}).json()["name"] == "rita"
+
+
+def test_two_worker_processes_share_sessions_the_throttle_and_the_audit_trail(small_run, tmp_path):
+    """`neurocbir serve --workers 2`: a session made by one worker is known to the other, failed
+    sign-ins are counted across both (per-process counts would allow twice the guesses), and the
+    audit trail they both write verifies."""
+    import shutil
+    import socket
+
+    import httpx
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    token = runner.invoke(cli, ["users", "add", "ann", "--role", "reader", "--run", str(run)]).output.split()[-1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = [sys.executable, "-m", "neurocbir.cli", "serve", "--run", str(run), "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(code, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str, cookies=None, **kw) -> httpx.Response:  # a new connection each time: any worker may answer
+        with httpx.Client(base_url=base, timeout=60, cookies=cookies) as c:
+            return c.request(kw.pop("method", "GET"), path, **kw)
+
+    try:
+        workers: set[int] = set()
+        for _ in range(600):  # until both workers have answered (each loads its own model first)
+            try:
+                workers.add(get("/health").json()["worker"])
+            except httpx.TransportError:
+                assert server.poll() is None, server.stdout.read()
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2, workers
+        cookie = get("/auth/session", method="POST", json={"token": token}).cookies[SESSION_COOKIE]
+        answered = set()
+        for _ in range(30):
+            r = get("/examples", cookies={SESSION_COOKIE: cookie})
+            assert r.status_code == 200, r.text
+            answered.add(get("/health").json()["worker"])
+        assert answered == workers
+        codes = [get("/examples", headers={"Authorization": f"Bearer ncb_9_guess{i}"}).status_code for i in range(12)]
+        assert codes[:10] == [401] * 10 and codes[10:] == [429, 429], codes
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=60)
+    assert "with 2 worker processes" in out and "Traceback" not in out, out
+    verified = runner.invoke(cli, ["audit", "verify", "--run", str(run)])
+    assert verified.exit_code == 0 and "intact" in verified.output, verified.output

@@ -579,6 +579,7 @@ def test_a_served_archive_follows_add_and_remove_without_a_restart(scans, small_
         "run": None,
         "trial": None,
         "pacs": False,
+        "worker": os.getpid(),
     }
 
 

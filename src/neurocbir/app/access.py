@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 
 from neurocbir.app.audit import AuditError, AuditLog, Entry
+from neurocbir.app.shared_state import SharedState
 from neurocbir.app.throttle import SignInThrottle, account_of
 from neurocbir.app.users import Principal, UserStore
 
@@ -92,10 +92,14 @@ class AccessControl:
     users: UserStore | None = None
     oidc: object | None = None  # neurocbir.app.oidc.OIDC
     audit: AuditLog | None = None
-    sessions: dict[str, tuple[Principal, float]] = field(default_factory=dict)
-    throttle: SignInThrottle = field(default_factory=SignInThrottle)
+    #: sessions, failed sign-ins, pending provider sign-ins: shared by the server's worker processes
+    state: SharedState = field(default_factory=SharedState)
+    throttle: SignInThrottle | None = None  # default: counted in ``state``
     trusted_proxies: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        if self.throttle is None:
+            self.throttle = SignInThrottle(state=self.state)
 
     @property
     def enabled(self) -> bool:
@@ -119,26 +123,29 @@ class AccessControl:
         return None
 
     def new_session(self, who: Principal, expires: float | None = None) -> str:
-        sid = secrets.token_urlsafe(32)
-        with self.lock:
-            now = time.time()
-            self.sessions = {k: v for k, v in self.sessions.items() if v[1] > now}
-            self.sessions[hashlib.sha256(sid.encode()).hexdigest()] = (who, min(expires or 1e18, now + SESSION_TTL_S))
+        sid, now = secrets.token_urlsafe(32), time.time()
+        key = hashlib.sha256(sid.encode()).hexdigest()
+        until = min(expires or 1e18, now + SESSION_TTL_S)
+        self.state.transaction(
+            [
+                ("DELETE FROM sessions WHERE expires <= ?", (now,)),
+                ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)", (key, who.name, who.role, who.via, until)),
+            ]
+        )
         return sid
 
     def from_session(self, sid: str) -> Principal | None:
-        with self.lock:
-            found = self.sessions.get(hashlib.sha256(sid.encode()).hexdigest())
-        if found is None or found[1] < time.time():
+        key = hashlib.sha256(sid.encode()).hexdigest()
+        found = self.state.run("SELECT name, role, via, expires FROM sessions WHERE key = ?", (key,))
+        if not found or found[0][3] < time.time():
             return None
-        who = found[0]
+        who = Principal(*found[0][:3])
         if who.via == "token" and self.users is not None and who.name not in {u["name"] for u in self.users.list()}:
             return None  # the user was removed meanwhile
         return Principal(who.name, who.role, "session")
 
     def end_session(self, sid: str) -> None:
-        with self.lock:
-            self.sessions.pop(hashlib.sha256(sid.encode()).hexdigest(), None)
+        self.state.run("DELETE FROM sessions WHERE key = ?", (hashlib.sha256(sid.encode()).hexdigest(),))
 
     def bearer(self, token: str, client: str) -> tuple[Principal | None, bool]:
         """(who, throttled) for an ``Authorization: Bearer`` credential: a token seen before is

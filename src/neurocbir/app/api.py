@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import uuid
 from importlib import resources
 from typing import Annotated
@@ -159,6 +160,7 @@ def health(service: Service, pacs: Pacs) -> JSONResponse:
         "run": service.run.name,
         "trial": service.trial,
         "pacs": pacs is not None,
+        "worker": os.getpid(),  # which worker process answered (serve --workers N)
     }
     return JSONResponse(body, status_code=200 if problem is None else 503)
 

@@ -18,12 +18,12 @@ import contextlib
 import hashlib
 import json
 import secrets
-import threading
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
+from neurocbir.app.shared_state import SharedState
 from neurocbir.app.users import ROLES, Principal
 from neurocbir.errors import NeurocbirError
 
@@ -60,7 +60,8 @@ class OIDCSettings:
 class OIDC:
     """One issuer: its discovery document, its keys, and the UI's pending sign-ins."""
 
-    def __init__(self, settings: OIDCSettings):
+    def __init__(self, settings: OIDCSettings, state: SharedState | None = None):
+        """``state``: where sign-ins in progress are kept (shared by the server's worker processes)."""
         import jwt
 
         self.settings = settings
@@ -75,8 +76,7 @@ class OIDC:
             timeout=TIMEOUT_S,
             cooldown_duration=settings.jwks_refresh_cooldown_s,
         )
-        self._pending: dict[str, tuple[str, str, float]] = {}  # state -> (PKCE verifier, nonce, started)
-        self._lock = threading.Lock()
+        self.state = state or SharedState()  # its pending table: state -> (PKCE verifier, nonce, started)
 
     @property
     def client_id(self) -> str:
@@ -109,12 +109,13 @@ class OIDC:
     def login_url(self, redirect_uri: str) -> str:
         verifier, state, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-        with self._lock:
-            now = time.time()
-            self._pending = {s: v for s, v in self._pending.items() if now - v[2] < LOGIN_TTL_S}
-            if len(self._pending) > 10_000:
-                raise OIDCError("too many sign-ins in progress; try again in a few minutes")
-            self._pending[state] = (verifier, nonce, now)
+        now = time.time()
+        _, (n,) = self.state.transaction(
+            [("DELETE FROM pending WHERE started < ?", (now - LOGIN_TTL_S,)), ("SELECT COUNT(*) FROM pending", ())]
+        )
+        if n[0] > 10_000:
+            raise OIDCError("too many sign-ins in progress; try again in a few minutes")
+        self.state.run("INSERT INTO pending VALUES (?, ?, ?, ?)", (state, verifier, nonce, now))
         query = {
             "response_type": "code",
             "client_id": self.client_id,
@@ -132,11 +133,15 @@ class OIDC:
         sign-in expires)."""
         import jwt
 
-        with self._lock:
-            pending = self._pending.pop(state, None)
-        if pending is None or time.time() - pending[2] > LOGIN_TTL_S:
+        found, _ = self.state.transaction(  # taken once: a state cannot be replayed
+            [
+                ("SELECT verifier, nonce, started FROM pending WHERE state = ?", (state,)),
+                ("DELETE FROM pending WHERE state = ?", (state,)),
+            ]
+        )
+        if not found or time.time() - found[0][2] > LOGIN_TTL_S:
             raise OIDCError("this sign-in is unknown or has expired: sign in again")
-        verifier, nonce, _ = pending
+        verifier, nonce, _ = found[0]
         tokens = _get_json(
             self.meta["token_endpoint"],
             {

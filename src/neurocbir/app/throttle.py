@@ -14,9 +14,9 @@ holds at most :data:`MAX_KEYS` clients and accounts (the least recently failing 
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict, deque
+
+from neurocbir.app.shared_state import SharedState
 
 LIMIT, WINDOW_S = 10, 60.0
 MAX_KEYS = 10_000
@@ -29,46 +29,51 @@ def account_of(token: str) -> str | None:
 
 
 class SignInThrottle:
-    """``failed(client, account)`` after a failed sign-in; ``blocked(client, account)`` before one."""
+    """``failed(client, account)`` after a failed sign-in; ``blocked(client, account)`` before one.
+    Counted in ``state`` (:class:`~neurocbir.app.shared_state.SharedState`), which every worker
+    process of a server shares; in memory by default."""
 
-    def __init__(self, limit: int = LIMIT, window_s: float = WINDOW_S, max_keys: int = MAX_KEYS, clock=time.monotonic):
+    def __init__(
+        self,
+        limit: int = LIMIT,
+        window_s: float = WINDOW_S,
+        max_keys: int = MAX_KEYS,
+        clock=time.time,
+        state: SharedState | None = None,
+    ):
         self.limit, self.window_s, self.max_keys, self.clock = limit, window_s, max_keys, clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.state = state or SharedState()
 
     @staticmethod
     def _keys(client: str | None, account: str | None) -> list[str]:
         return [k for k in (client and f"client {client}", account and f"account {account}") if k]
 
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        times = self._failures.get(key)
-        while times and now - times[0] >= self.window_s:
-            times.popleft()
-        if times is not None and not times:
-            del self._failures[key]
-            return None
-        return times
-
     def blocked(self, client: str | None, account: str | None = None) -> bool:
-        now = self.clock()
-        with self._lock:
-            return any(len(self._recent(k, now) or ()) >= self.limit for k in self._keys(client, account))
+        keys = self._keys(client, account)
+        if not keys:
+            return False
+        rows = self.state.run(
+            f"SELECT COUNT(*) FROM failures WHERE t > ? AND key IN ({','.join('?' * len(keys))}) GROUP BY key",
+            (self.clock() - self.window_s, *keys),
+        )
+        return any(n >= self.limit for (n,) in rows)
 
     def failed(self, client: str | None, account: str | None = None) -> None:
         now = self.clock()
-        with self._lock:
-            for key in self._keys(client, account):
-                times = self._recent(key, now)
-                if times is None:
-                    times = self._failures[key] = deque(maxlen=self.limit)
-                times.append(now)
-                self._failures.move_to_end(key)
-            while len(self._failures) > self.max_keys:
-                self._failures.popitem(last=False)
+        self.state.transaction(
+            [("INSERT INTO failures VALUES (?, ?)", (key, now)) for key in self._keys(client, account)]
+            + [
+                ("DELETE FROM failures WHERE t <= ?", (now - self.window_s,)),
+                (  # the least recently failing clients and accounts go first
+                    "DELETE FROM failures WHERE key IN (SELECT key FROM failures GROUP BY key ORDER BY MAX(t) "
+                    "LIMIT max(0, (SELECT COUNT(DISTINCT key) FROM failures) - ?))",
+                    (self.max_keys,),
+                ),
+            ]
+        )
 
     def __len__(self) -> int:
-        return len(self._failures)
+        return int(self.state.run("SELECT COUNT(DISTINCT key) FROM failures")[0][0])
 
     def clear(self) -> None:
-        with self._lock:
-            self._failures.clear()
+        self.state.run("DELETE FROM failures")

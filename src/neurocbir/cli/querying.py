@@ -185,6 +185,9 @@ def serve(
     audit_key: Optional[Path] = typer.Option(
         None, help="the audit trail's key file (created mode 600; default audit.key beside audit.db)"
     ),
+    workers: int = typer.Option(
+        1, min=1, max=16, help="worker processes (each holds its own model and archive view: memory x N)"
+    ),
 ) -> None:
     """Serve the web UI and the HTTP API (sign-in as soon as users or an identity provider are
     configured; see `neurocbir users`)."""
@@ -204,6 +207,7 @@ def serve(
         list(trusted_proxy),
         audit_key,
         milvus_wait,
+        workers,
     )
     _guard(_serve, resolve_run(run), host, port, archive, dicomweb, opts)
 
