@@ -662,3 +662,25 @@ def test_cases_added_while_serving_join_the_view_without_a_full_reload(
     data = add(new_rows[1])
     out = client.post("/query?k=3", files={"file": ("q.jpg", data, "image/jpeg")}).json()
     assert out["retrievals"][0]["distance"] < 1e-3 and full == [1]
+
+
+def test_the_trunk_sample_is_bounded_fixed_and_whole_below_its_bound(tmp_path):
+    """What a served view holds of the trunk descriptors ("no similar case", presence) does not grow
+    with the archive: at most the bound, the same cases each time; an archive within the bound is
+    read whole, in id order; an archive with a case lacking its descriptor gives none."""
+    import dataclasses
+
+    arch = CaseArchive.create(tmp_path / "a", 8, "ck")
+    records = [dataclasses.replace(r, trunk=np.full(4, i, np.float32)) for i, r in enumerate(_records(300))]
+    arch.add(records)
+    whole = arch.trunk_sample(1000)
+    assert len(whole["id"]) == 300 and (np.diff(whole["id"]) > 0).all()
+    assert np.array_equal(whole["trunk"][:, 0], np.arange(300)) and whole["label"].tolist() == [
+        i % 3 for i in range(300)
+    ]
+    some = arch.trunk_sample(50)
+    assert len(some["id"]) == 50 and np.array_equal(some["id"], arch.trunk_sample(50)["id"])
+    assert np.isin(some["id"], whole["id"]).all() and some["id"].max() - some["id"].min() > 200  # spread out
+    assert np.array_equal(some["trunk"][:, 0], some["id"] - whole["id"][0])  # each id with its own descriptor
+    arch.add(_records(1, start=999))  # no descriptor
+    assert arch.trunk_sample(1000) is None

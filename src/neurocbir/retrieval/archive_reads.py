@@ -88,11 +88,38 @@ class ArchiveReads:
                 }
         return out
 
-    def trunk_vectors(self) -> np.ndarray | None:
-        rows = self.db.execute(
-            "SELECT trunk FROM cases WHERE state = 'indexed' AND trunk IS NOT NULL ORDER BY id"
-        ).fetchall()
-        return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else None
+    def trunk_sample(self, limit: int, chunk: int = 5_000) -> dict[str, np.ndarray] | None:
+        """At most ``limit`` indexed cases with their trunk descriptors, labels and patient keys:
+        every one in an archive that size or smaller; else a fixed spread of them (ordered by a
+        hash of the id, so the same cases each time and an added case joins by its hash). None
+        when some indexed case has no descriptor (an archive made before they were stored)."""
+        with self._lock:
+            missing = self.db.execute(
+                "SELECT COUNT(*) FROM cases WHERE state = 'indexed' AND trunk IS NULL"
+            ).fetchone()[0]
+            if missing:
+                return None
+            ids = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT id FROM cases WHERE state = 'indexed' ORDER BY (id * 2654435761) % 4294967296 LIMIT ?",
+                    (int(limit),),
+                )
+            ]
+            rows = []
+            for b in range(0, len(ids), chunk):
+                part = ids[b : b + chunk]
+                q = f"SELECT id, label, patient_key, trunk FROM cases WHERE id IN ({','.join('?' * len(part))})"
+                rows += self.db.execute(q, part).fetchall()
+        if not rows:
+            return None
+        rows.sort(key=lambda r: r[0])
+        return {
+            "id": np.array([r[0] for r in rows], dtype=np.int64),
+            "label": np.array([r[1] for r in rows], dtype=np.int64),
+            "patient_key": np.array([r[2] for r in rows]),
+            "trunk": np.stack([np.frombuffer(r[3], dtype=np.float32) for r in rows]),
+        }
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self._vectors("state = 'indexed'"))

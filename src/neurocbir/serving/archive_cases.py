@@ -18,6 +18,9 @@ from neurocbir.retrieval.index import VectorIndex
 from neurocbir.retrieval.store import group_keys, lookup
 from neurocbir.serving.sources import SearchedCases
 
+#: the most cases whose trunk descriptors a view holds ("no similar case", presence): 50,000 x 1280
+#: float32 is 256 MB; an archive this size or smaller is read whole
+TRUNK_SAMPLE = 50_000
 #: an archive view grown by more than this share of the cases it loaded is loaded afresh
 REGROW_SHARE = 0.1
 
@@ -49,13 +52,17 @@ class ArchiveCases(SearchedCases):
         if not (cols["label"] < len(CLASS_NAMES)).any():
             raise InvalidInput(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
         self._set_lookups()
-        trunk = self.archive.trunk_vectors()
-        complete = trunk is not None and len(trunk) == len(cols["id"])
-        self.trunk_index = VectorIndex.build(trunk) if complete else None
-        # presence: every case with a tumor (of a known type or not) against those without
-        self.presence = fit_presence(trunk if complete else None, cols["label"] != NO_TUMOR_LABEL)
+        # "no similar case" and presence read the trunk descriptors of at most TRUNK_SAMPLE cases
+        # (all of an archive that size): memory that does not grow with the archive
+        sample = self.archive.trunk_sample(TRUNK_SAMPLE)
+        self.trunk_index = VectorIndex.build(sample["trunk"]) if sample is not None else None
+        # presence: every sampled case with a tumor (of a known type or not) against those without
+        self.presence = fit_presence(
+            None if sample is None else sample["trunk"],
+            cols["label"] != NO_TUMOR_LABEL if sample is None else sample["label"] != NO_TUMOR_LABEL,
+        )
         self.duplicate_index = DuplicateIndex.of_archive(self.archive)
-        self.far_threshold = self._far_threshold(cols["patient_key"])
+        self.far_threshold = self._far_threshold(np.array([]) if sample is None else sample["patient_key"])
 
     def changed(self) -> bool:
         """Has `neurocbir add` or `remove` changed the archive since this view was loaded?"""
