@@ -76,7 +76,7 @@ def test_evaluate_json_contract(supcon_run, tmp_path):
     assert set(m["classifiers"]) == {"knn5", "knn7", "knn25", "nir", "inir"}
     for v in m["classifiers"].values():
         assert {"kappa_mean", "kappa_ensemble", "auroc_mean", "auroc_ensemble"} <= set(v)
-        assert -1 <= v["kappa_mean"] <= 1 and 0 <= v["auroc_mean"] <= 1
+        assert v["kappa_mean"] > 0 and v["auroc_mean"] > 0.6  # every classifier above chance
     # pretrained features + a trained head separate the tumor types far above chance
     assert m["classifiers"]["knn7"]["auroc_ensemble"] > 0.7
     assert 0 <= m["structure"]["anatomical_consistency_top5"] <= 1
@@ -95,7 +95,7 @@ def test_evaluate_json_contract(supcon_run, tmp_path):
     # the inner-CV scores (tops retrained per inner fold) stand beside the test scores, and the
     # KNN-overfit K is picked there, never on the test fold
     inner, overfit = m["inner_cv"], m["knn_overfit"]
-    assert -1 <= inner["kappa"]["nir"] <= 1 and inner["n"] == int((small_cases_of(supcon_run).fold != 5).sum())
+    assert inner["kappa"]["nir"] > 0 and inner["n"] == int((small_cases_of(supcon_run).fold != 5).sum())
     assert overfit["k_inner_cv_retrained"] == inner["knn_best_k"] in overfit["ks"]
     best = max(inner["knn_kappa_by_k"].values())
     assert inner["knn_kappa_by_k"][str(inner["knn_best_k"])] == best
