@@ -25,7 +25,9 @@ def machine() -> str:
         tv = f", torch {torch.__version__}"
     except ImportError:
         tv = ""
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, Python {platform.python_version()}{tv}"
+    load = os.getloadavg()[0]  # another job on the same cores slows what is measured: say so
+    busy = f"; load average {load:.1f} when it started" + (" (other work running)" if load > 0.5 else "")
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, Python {platform.python_version()}{tv}{busy}"
 
 
 def serve_in_thread(app) -> tuple[str, object]:
