@@ -205,3 +205,33 @@ def test_the_cli_searches_by_a_region(bundled_service, small_data_dir, small_cas
     assert res.exit_code == 2 and "the scan's size" in res.output
     res = CliRunner().invoke(cli, ["query", str(path), "--run", run, "--region", "9,9,3,3"])
     assert res.exit_code == 2 and "empty" in res.output
+
+
+def test_a_region_drawn_on_one_slice_of_a_study(audited, bundled_service, small_cases, small_data_dir):
+    """A series is answered as a study, and the slice the region was drawn on is searched by it too;
+    a region without its slice is refused; the CLI does the same."""
+    from typer.testing import CliRunner
+
+    from neurocbir.cli import app as cli
+
+    client, headers, _ = audited
+    pid = small_cases.patient_id[np.flatnonzero(small_cases.fold == 5)[0]]
+    rows = [int(r) for r in np.flatnonzero(small_cases.patient_id == pid)]
+    i = next(j for j, r in enumerate(rows) if small_cases.load_mask(r).any())
+    mask = small_cases.load_mask(rows[i]) > 0
+    box = ",".join(map(str, tumor_box(mask)))
+    paths = [small_data_dir / "images" / f"{int(small_cases.idx[r])}.jpg" for r in rows]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    r = client.post("/query/study", files=files, data={"region": box, "region_slice": str(i)}, headers=headers)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["n_slices"] == len(rows) and out["region_search"]["slice"] == i
+    assert out["region_search"]["region"]["box"] == list(tumor_box(mask))
+    assert out["region_search"]["prediction"] == CLASS_NAMES[small_cases.label[rows[i]]]
+    r = client.post("/query/study", files=files, data={"region": box}, headers=headers)
+    assert r.status_code == 400 and "region_slice" in r.json()["detail"]
+    res = CliRunner().invoke(
+        cli,
+        ["query-study", *map(str, paths), "--run", str(bundled_service.run), "--region", box, "--region-slice", str(i)],
+    )
+    assert res.exit_code == 0 and f"of slice {i}: {CLASS_NAMES[small_cases.label[rows[i]]]}" in res.output, res.output

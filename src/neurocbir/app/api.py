@@ -27,8 +27,9 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from neurocbir.app.access import AccessControl, AccessMiddleware, note, principal
 from neurocbir.app.auth_api import router as auth_router
 from neurocbir.app.images import png as _png
+from neurocbir.app.region_form import region_of
 from neurocbir.app.study_api import router as study_router
-from neurocbir.data.regions import Region, box_region, read_region_mask
+from neurocbir.data.regions import Region
 from neurocbir.data.uploads import MAX_UPLOAD_BYTES, read_scan_with_spacing
 from neurocbir.errors import NeurocbirError
 from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
@@ -123,15 +124,6 @@ REGION_HELP = "search by this region of the scan: a box x0,y0,x1,y1 in the scan'
 REGION_MASK_HELP = "search by this region of the scan: a binary mask image (PNG) the size of the scan"
 
 
-async def _region(image: np.ndarray, box: str | None, mask: UploadFile | None) -> Region | None:
-    """The drawn region a query searches by, if any (a box or a mask, not both)."""
-    if box is not None and mask is not None:
-        raise HTTPException(422, "send the region as a box ('region') or as a mask ('region_mask'), not both")
-    if mask is not None:
-        return await run_in_threadpool(read_region_mask, await mask.read(MAX_UPLOAD_BYTES + 1), image.shape[:2])
-    return box_region(box, image.shape[:2]) if box else None
-
-
 def _audited_fingerprint(fingerprint: str, region: Region | None) -> str:
     """The query's fingerprint in the audit trail, with the region it searched by (no pixels)."""
     return fingerprint if region is None else f"{fingerprint} region {region.describe()}"
@@ -199,7 +191,7 @@ async def query(
     region drawn on it: ``region`` or ``region_mask``)."""
     filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
     image, spacing = await _scan(service, pacs, file, case_id, instance_uid)
-    drawn = await _region(image, region, region_mask)
+    drawn = await region_of(image, region, region_mask)
     # off the event loop: /health and static files stay responsive under load
     out = await run_in_threadpool(
         service.query,
@@ -240,7 +232,7 @@ async def similarity(
 
     note(request, [case_id] + ([query_case_id] if query_case_id is not None else []))
     image, _ = await _scan(service, pacs, file, query_case_id, instance_uid)
-    drawn = await _region(image, region, region_mask)
+    drawn = await region_of(image, region, region_mask)
     if drawn is not None:
         note(request, fingerprint=f"region {drawn.describe()}")
     try:

@@ -245,6 +245,8 @@ def query_study(
     write_back: bool = typer.Option(
         False, "--write-back", help="store the SEG and SR in the --dicomweb PACS (STOW-RS)"
     ),
+    region: Optional[str] = typer.Option(None, help="also search by this box x0,y0,x1,y1 drawn on --region-slice"),
+    region_slice: Optional[int] = typer.Option(None, help="the slice (0-based, in the study's order) of --region"),
 ) -> None:
     """One answer for a whole series: per slice, and per study (type, key slice, size, similar patients)."""
     from neurocbir.data.studies import read_study
@@ -267,7 +269,16 @@ def query_study(
             study = read_study([(p.read_bytes(), p.name) for p in paths])
         except UploadError as exc:
             _fail(str(exc))
-    out = _guard(answer_study, _service(run, archive), study, k)
+    svc = _service(run, archive)
+    out = _guard(answer_study, svc, study, k)
+    if region is not None:
+        from neurocbir.data.regions import box_region
+
+        if region_slice is None or not 0 <= region_slice < len(study.slices):
+            _fail(f"--region needs --region-slice: the slice it is drawn on, 0 to {len(study.slices) - 1}")
+        pixels = study.slices[region_slice].pixels
+        drawn = _guard(box_region, region, pixels.shape[:2])
+        out["region_search"] = {"slice": region_slice, **_guard(svc.query, pixels, k, region=drawn)}
     if dicom_out is not None:
         from neurocbir.serving.results_dicom import write_results
 
@@ -295,6 +306,10 @@ def query_study(
             typer.echo(
                 f"  similar patient {p['rank']}: case {p['case_id']}, {p['label']}, distance {p['distance']:.3f}"
             )
+    if out.get("region_search"):
+        r = out["region_search"]
+        answer = r["prediction"] or "no tumor found in the region"
+        typer.echo(f"region {r['region']['box']} of slice {r['slice']}: {answer}")
     for path in (out.get("dicom_out") or {}).values():
         typer.echo(f"wrote {path}")
     typer.echo(out["disclaimer"])
