@@ -1,0 +1,179 @@
+"""The app itself at scale (issue 41): `neurocbir serve --archive` over a synthetic archive of N
+cases, end to end over loopback HTTP: time from start to the first answered query, the server's
+resident memory, POST /query p50 / p95 with one client and with 4, errors, and a case added by
+`neurocbir add` while serving: how long until a query finds it.
+
+    .venv/bin/python benchmarks/app_scale.py [--sizes 100000] [--store flat|milvus] [--queries 100]
+
+Synthetic cases (as benchmarks/store_scale.py makes them, on the real class manifolds of the served
+model): each starts from a real case of the demo archive and carries that case's label, plane,
+area, image and report, its embedding moved along its class manifold, and its trunk descriptor and
+near-duplicate print with a little noise (so no two are duplicates). `--store milvus` starts a
+Milvus standalone server (tests/milvus_server.py) for the archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from results_doc import machine, write_section
+from store_scale import synthetic
+from workers import tree_rss_mb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(root: Path, source: Path, n: int, store: str, uri: str | None, seed: int = 0) -> float:
+    """An archive of ``n`` synthetic cases made from ``source``'s; returns the seconds it took."""
+    from neurocbir.retrieval.archive import CaseArchive, CaseRecord
+
+    t0 = time.time()
+    src = CaseArchive.open(source, writer=False)
+    rows = src.db.execute(
+        "SELECT id, label, plane, area_mm2, image_path, report, embedding, trunk, fingerprint, patient_key "
+        "FROM cases WHERE state = 'indexed' ORDER BY id"
+    ).fetchall()
+    emb = np.stack([np.frombuffer(r[6], np.float32) for r in rows])
+    labels = np.array([r[1] for r in rows])
+    rng = np.random.default_rng(seed)
+    x, origin = synthetic(emb, labels, n, rng, sources=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    meta = src.meta
+    arch = CaseArchive.create(
+        root, int(meta["dim"]), meta["checkpoint_sha256"], store, uri, meta.get("run", ""), "HNSW" if uri else "FLAT"
+    )
+    for b in range(0, n, 20_000):
+        batch = []
+        for i in range(b, min(n, b + 20_000)):
+            r = rows[origin[i]]
+            trunk = np.frombuffer(r[7], np.float32) * (1 + 0.01 * rng.standard_normal(1280).astype(np.float32))
+            fp = np.frombuffer(r[8], np.float16).astype(np.float32)
+            fp = (fp + 0.05 * rng.standard_normal(fp.shape)).astype(np.float16)
+            batch.append(
+                CaseRecord(
+                    f"synthetic-{i}", int(r[1]), f"{r[9]}-{i // 20}", r[2], r[3], r[4], x[i], trunk, None, r[5], fp
+                )
+            )
+        arch.add(batch)
+    arch.close()
+    return time.time() - t0
+
+
+def run_server(run: Path, archive: Path) -> tuple[subprocess.Popen, str, float]:
+    from load_test import free_port
+
+    port = free_port()
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "neurocbir.cli", "serve", "--run", str(run), "--archive", str(archive)]
+    server = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return server, f"http://127.0.0.1:{port}", t0
+
+
+def first_answer(server, base: str, t0: float, scan: bytes) -> float:
+    import httpx
+
+    while True:
+        try:
+            r = httpx.post(base + "/query", files={"file": ("q.jpg", scan, "image/jpeg")}, timeout=120)
+            if r.status_code == 200:
+                return time.time() - t0
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            sys.exit(f"the server exited: {server.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
+def found_after_add(base: str, archive: Path, run: Path, scan: Path, tmp: Path) -> float:
+    """Seconds from `neurocbir add` committing a new scan until a query finds it (distance ~0)."""
+    import httpx
+
+    folder = tmp / "late"
+    folder.mkdir()
+    (folder / "late.jpg").write_bytes(scan.read_bytes())
+    (folder / "cases.csv").write_text("file,label\nlate.jpg,glioma\n")
+    cmd = [sys.executable, "-m", "neurocbir.cli", "add", str(folder), "--archive", str(archive), "--run", str(run)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        out = httpx.post(base + "/query?k=1", files={"file": ("q.jpg", scan.read_bytes(), "image/jpeg")}, timeout=120)
+        if out.status_code == 200 and out.json()["retrievals"][0]["distance"] < 1e-3:
+            return time.time() - t0
+    return float("inf")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=ROOT / "models" / "lesion-fold5")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--store", choices=("flat", "milvus"), default="flat")
+    ap.add_argument("--duration", type=float, default=30)
+    args = ap.parse_args()
+    from load_test import level
+    from neurocbir.data.cases import load_cases
+    from neurocbir.serving.demo import demo_archive
+
+    source = demo_archive(args.run)
+    table = load_cases()
+    test = np.flatnonzero(table.fold == 5)
+    paths = [table.loader.image_path(int(table.idx[r])) for r in test[:200]]
+    files = [p.read_bytes() for p in paths]
+    started, rows = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), []
+    milvus = None
+    if args.store == "milvus":
+        from tests.milvus_server import MilvusServer
+
+        milvus = MilvusServer(Path(tempfile.mkdtemp(prefix="milvus-")))
+        milvus.start()
+    try:
+        for n in args.sizes:
+            with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
+                archive = Path(tmp) / "archive"
+                built = build(archive, source, n, args.store, milvus.uri if milvus else None)
+                print(f"{n} cases built in {built:.0f} s", flush=True)
+                server, base, t0 = run_server(args.run, archive)
+                try:
+                    start_s = first_answer(server, base, t0, files[0])
+                    one = level(base, files, 1, args.duration, server.pid)
+                    four = level(base, files, 4, args.duration, server.pid)
+                    rss = tree_rss_mb(server.pid)
+                    added = found_after_add(base, archive, args.run, paths[-1], Path(tmp))
+                finally:
+                    server.terminate()
+                    server.wait(60)
+                rows.append(dict(n=n, start=start_s, one=one, four=four, rss=rss, added=added, built=built))
+                print(rows[-1], flush=True)
+    finally:
+        if milvus is not None:
+            milvus.stop()
+    body = "\n".join(
+        [
+            f"Machine: {machine()}; {started}; `neurocbir serve --archive` over synthetic archives ({args.store} store) "
+            f"made from the demo archive's cases; {args.duration:.0f} s per load level, clients on the same 2 cores.",
+            "",
+            "| cases | start to first answer (s) | RSS (MB) | 1 client p50 / p95 (ms) | 4 clients p95 (ms), errors "
+            "| added case found after (s) |",
+            "|---:|---:|---:|---:|---:|---:|",
+            *[
+                f"| {r['n']:,} | {r['start']:.0f} | {r['rss']:.0f} | {r['one']['p50']:.0f} / {r['one']['p95']:.0f} | "
+                f"{r['four']['p95']:.0f}, {r['four']['errors']} | {r['added']:.1f} |"
+                for r in rows
+            ],
+            "",
+            f"`.venv/bin/python benchmarks/app_scale.py {' '.join(sys.argv[1:])}`",
+        ]
+    )
+    write_section(f"app-scale-{args.store}", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
