@@ -31,7 +31,9 @@ def test_openvino_matches_pytorch_and_retrieves_the_same_neighbours(served, smal
     rows = np.arange(len(small_cases))[:48]
     images = [small_cases.load_image(r) for r in rows]
     (emb_ov, desc_ov), prob_ov = _embed_with(monkeypatch, served, "openvino", images)
-    assert cpu_runtime._compiled[(served.checkpoint_sha256, served.config.image_size)] is not None, "not compiled"
+    assert cpu_runtime._compiled[(served.checkpoint_sha256, served.config.image_size, False)] is not None, (
+        "not compiled"
+    )
     (emb_pt, desc_pt), prob_pt = _embed_with(monkeypatch, served, "torch", images)
     np.testing.assert_allclose(emb_ov, emb_pt, atol=2e-5)
     np.testing.assert_allclose(desc_ov, desc_pt, atol=2e-5)
@@ -66,3 +68,19 @@ def test_openvino_sends_no_usage_event(tmp_path):
         env["HOME"] = str(home)
         subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
         assert (home / "intel").exists() == pings, name
+
+
+def test_a_region_search_compiles_to_the_same_embedding(served, small_cases, monkeypatch):
+    """The region graph (a second input: the region to pool over) gives PyTorch's embedding too."""
+    from neurocbir.data.regions import box_region, region_on_grid, tumor_box
+
+    rows = [r for r in range(len(small_cases)) if small_cases.load_mask(r).any()][:6]
+    out = {}
+    for backend in ("openvino", "torch"):
+        monkeypatch.setenv("NEUROCBIR_BACKEND", backend)
+        out[backend] = [
+            served.analyse(image, region_on_grid(box_region(tumor_box(mask), image.shape), served.input_size))[0]
+            for image, mask in ((small_cases.load_image(r), small_cases.load_mask(r) > 0) for r in rows)
+        ]
+    assert cpu_runtime._compiled[(served.checkpoint_sha256, served.config.image_size, True)] is not None
+    np.testing.assert_allclose(np.concatenate(out["openvino"]), np.concatenate(out["torch"]), atol=2e-5)

@@ -189,6 +189,8 @@ async def query(
 ) -> dict:
     """Similar archive cases, the prediction from them and its evidence, for one scan (or for a
     region drawn on it: ``region`` or ``region_mask``)."""
+    if len((await request.form()).getlist("file")) > 1:  # two parts may come: a scan and a region mask
+        raise HTTPException(400, "one scan per query: send one 'file' (a whole series: POST /query/study with files)")
     filters = CaseFilter(plane or None, tumor_type or None, min_area_mm2, max_area_mm2)
     image, spacing = await _scan(service, pacs, file, case_id, instance_uid)
     drawn = await region_of(image, region, region_mask)
