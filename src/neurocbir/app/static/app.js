@@ -288,7 +288,7 @@ async function showSimilarity(i, caseId, heat) {
 function showTumor() {
   const svg = $("tumorSvg"), t = last.query_tumor;
   svg.replaceChildren();
-  $("tumor").className = last.tumor_found === false ? "pred" : "";
+  $("tumor").className = last.tumor_found === false && !last.region ? "pred" : "";  // a region's "no tumor" is said above
   if (!t) {
     $("tumor").textContent = last.tumor_found === false && !last.region ? "No tumor found on this slice."
       : last.tumor_outlining ? "No tumor outlined by the model on this scan." : "";
