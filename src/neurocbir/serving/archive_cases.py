@@ -18,9 +18,9 @@ from neurocbir.retrieval.index import VectorIndex
 from neurocbir.retrieval.store import group_keys, lookup
 from neurocbir.serving.sources import SearchedCases
 
-#: the most cases whose trunk descriptors a view holds ("no similar case", presence): 50,000 x 1280
-#: float32 is 256 MB; an archive this size or smaller is read whole
-TRUNK_SAMPLE = 50_000
+#: the most cases whose trunk descriptors a view holds ("no similar case", presence): 20,000 x 1280
+#: float32 is 100 MB, and one flat search of them ~10 ms on 2 cores; an archive this size or smaller is read whole
+TRUNK_SAMPLE = 20_000
 #: an archive view grown by more than this share of the cases it loaded is loaded afresh
 REGROW_SHARE = 0.1
 
