@@ -537,3 +537,44 @@ def test_draw_a_region_and_search_by_it(bundled_service, small_cases, test_seed)
             browser.close()
     finally:
         server.should_exit = True
+
+
+def test_a_slice_of_a_study_opens_as_the_query_and_a_region_of_it_is_searched(bundled_service, small_cases, tmp_path):
+    """In the study view, clicking a slice makes it the query; a rectangle drawn on it is searched."""
+    import numpy as np
+    from playwright.sync_api import expect, sync_playwright
+
+    from neurocbir.data.regions import tumor_box
+
+    pid = small_cases.patient_id[np.flatnonzero(small_cases.fold == 5)[0]]
+    rows = [int(r) for r in np.flatnonzero(small_cases.patient_id == pid)][:4]
+    paths = [small_cases.loader.root / "images" / f"{int(small_cases.idx[r])}.jpg" for r in rows]
+    row = next(r for r in rows if small_cases.load_mask(r).any())
+    name = f"{int(small_cases.idx[row])}.jpg"
+    url, server = serve_in_thread(create_app(bundled_service))
+    try:
+        with sync_playwright() as p:
+            browser, page = open_app(p, url)
+            page.set_input_files("#studyFiles", [str(x) for x in paths])
+            page.click("#runStudy")
+            expect(page.locator("#strip figure")).to_have_count(len(rows), timeout=60_000)
+            before = _handled(page, "query")
+            page.locator(f'#strip figure[data-name="{name}"]').click()
+            _wait_handled(page, "query", before + 1)
+            expect(page.locator("#regionTools")).to_be_visible()
+            expect(page.locator("#studyBox")).to_be_hidden()
+            mask = small_cases.load_mask(row) > 0
+            rows_px, cols_px = mask.shape
+            svg = page.locator("#regionSvg").bounding_box()
+            x0, y0, x1, y1 = tumor_box(mask, 1.2)
+            page.mouse.move(svg["x"] + x0 / cols_px * svg["width"], svg["y"] + y0 / rows_px * svg["height"])
+            page.mouse.down()
+            page.mouse.move(svg["x"] + x1 / cols_px * svg["width"], svg["y"] + y1 / rows_px * svg["height"], steps=4)
+            page.mouse.up()
+            page.click("#searchRegion")
+            _wait_handled(page, "query", before + 2)
+            expect(page.locator("#regionAnswer")).to_contain_text("Searched by the drawn region (rectangle")
+            expect(page.locator("#pred")).to_contain_text(CLASS_NAMES[small_cases.label[row]])
+            browser.close()
+    finally:
+        server.should_exit = True

@@ -399,9 +399,17 @@ async function runStudy() {
   const strip = $("strip"); strip.replaceChildren();
   for (const s of out.slices) {
     const fig = el("figure", undefined, s.tumor_found === false ? "" : "tumor");
+    fig.dataset.name = s.name;
     if (out.key_slice && s.index === out.key_slice.index) fig.classList.add("key");
     const img = el("img"); img.src = s.thumbnail; img.alt = `slice ${s.index + 1}`;
     fig.append(img, el("figcaption", s.tumor_found === false ? `${s.index + 1}` : `${s.index + 1} ●`));
+    // a slice of its own file opens as the query: then a region of it can be drawn and searched
+    const file = Array.from(files).find(f => f.name === s.name);
+    if (file) {
+      fig.tabIndex = 0; fig.title = "open this slice as the query (to search a region of it)";
+      fig.onclick = () => openSliceAsQuery(file);
+      fig.onkeydown = (e) => { if (e.key === "Enter") openSliceAsQuery(file); };
+    }
     strip.appendChild(fig);
   }
   const svg = $("keySvg"); svg.replaceChildren();
@@ -430,6 +438,12 @@ async function runStudy() {
   }
 }
 $("runStudy").onclick = runStudy;
+
+function openSliceAsQuery(file) {
+  const dt = new DataTransfer(); dt.items.add(file);
+  $("file").files = dt.files; clear("example", "pacsUid"); clearRegion();
+  runQuery();
+}
 // One source at a time: choosing a file, an example or a PACS instance clears the other two, so
 // the scan queried is the one chosen last.
 const clear = (...ids) => { for (const id of ids) $(id).value = ""; };
