@@ -156,6 +156,8 @@ def main() -> None:
             milvus.stop()
     body = "\n".join(
         [
+            "## The app at scale: `neurocbir serve` over a large archive (issue 41)",
+            "",
             f"Machine: {machine()}; {started}; `neurocbir serve --archive` over synthetic archives ({args.store} store) "
             f"made from the demo archive's cases; {args.duration:.0f} s per load level, clients on the same 2 cores.",
             "",

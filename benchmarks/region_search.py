@@ -143,6 +143,8 @@ def main() -> None:
     t_labels = np.full(len(tcga), CLASS_NAMES.index("glioma"))
 
     lines = [
+        "## Search by a drawn region (issue 42)",
+        "",
         f"Machine: {machine()}; run `{args.run}` over its demo archive; started {started}; away boxes seed {args.seed}.",
         f"Presence threshold and calibration of region searches: {service.region_search.how} "
         f"(threshold {service.region_search.threshold}).",

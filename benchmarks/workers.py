@@ -87,6 +87,8 @@ def main() -> None:
             server.wait(60)
     body = "\n".join(
         [
+            "## Several worker processes: what a second one costs and gives (issue 41)",
+            "",
             f"Machine: {machine()}; {started}; `neurocbir serve --workers N` over `{args.archive}`, "
             f"{args.duration:.0f} s per level; clients are threads of the benchmark on the same 2 cores.",
             "",
