@@ -13,6 +13,17 @@ from neurocbir.data.cases import CASE_LABELS
 from neurocbir.retrieval.store import group_keys
 
 
+def _columns(rows: list[tuple]) -> dict[str, np.ndarray]:
+    """id, label, patient_key, plane, area (NaN where unknown) from rows that begin with them."""
+    return {
+        "id": np.array([r[0] for r in rows], dtype=np.int64),
+        "label": np.array([r[1] for r in rows], dtype=np.int64),
+        "patient_key": np.array([r[2] for r in rows]),
+        "plane": np.array([r[3] or "" for r in rows]),
+        "area_mm2": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=float),
+    }
+
+
 class ArchiveReads:
     """Reading the ``cases`` table (``db``, guarded by ``_lock`` where the app reads from several threads)."""
 
@@ -57,13 +68,7 @@ class ArchiveReads:
         rows = self.db.execute(
             "SELECT id, label, patient_key, plane, area_mm2 FROM cases WHERE state = 'indexed' ORDER BY id"
         ).fetchall()
-        return {
-            "id": np.array([r[0] for r in rows], dtype=np.int64),
-            "label": np.array([r[1] for r in rows], dtype=np.int64),
-            "patient_key": np.array([r[2] for r in rows]),
-            "plane": np.array([r[3] or "" for r in rows]),
-            "area_mm2": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=float),
-        }
+        return _columns(rows)
 
     def cases(self, case_ids: Iterable[int]) -> dict[int, dict]:
         ids = [int(i) for i in case_ids]
@@ -147,11 +152,7 @@ class ArchiveReads:
                 self.db.execute("COMMIT")
         no_print = np.full(width, np.nan, np.float32)
         return {
-            "id": np.array([r[0] for r in rows], dtype=np.int64),
-            "label": np.array([r[1] for r in rows], dtype=np.int64),
-            "patient_key": np.array([r[2] for r in rows]),
-            "plane": np.array([r[3] or "" for r in rows]),
-            "area_mm2": np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=float),
+            **_columns(rows),
             "embedding": np.stack([np.frombuffer(r[5], np.float32) for r in rows]) if rows else np.zeros((0, self.dim)),
             "fingerprint": np.stack(
                 [no_print if r[6] is None else np.frombuffer(r[6], np.float16)[:width].astype(np.float32) for r in rows]
