@@ -1,0 +1,103 @@
+"""The served CPU recipe on every test fold (issue 39): one run per patient-wise test fold, each
+trained by the same command without its test fold, each test fold read once through the app's
+path (`RetrievalService.from_run`: OpenVINO, full-resolution slices, the run's own index of its
+training folds, its own calibration, presence rule and outline level).
+
+    neurocbir train --fold F --out runs/cpu-v2-foldF          # F = 1..5, each about 40-100 min here
+    .venv/bin/python benchmarks/cpu_folds.py --runs runs/cpu-v2-fold1 ... runs/cpu-v2-fold5
+
+Nothing is chosen here. Accuracy and kappa count every tumor slice of the fold (a slice answered
+"no tumor" is wrong); ECE is over the slices answered with a type; Dice is the outline the app
+draws against the dataset's mask. The mean and standard deviation are over the folds given (the
+table says how many). Training minutes are wall time from the run's timings.json: runs that shared
+the 2 cores with other work took longer than they would alone, so they are upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from other_sites import dice, drawn_mask
+from results_doc import machine, write_section
+
+
+def fold_figures(run: Path) -> dict:
+    from sklearn.metrics import cohen_kappa_score
+
+    from neurocbir.classify.calibration import expected_calibration_error
+    from neurocbir.data.cases import CLASS_NAMES, default_data_dir, load_cases
+    from neurocbir.serving.service import RetrievalService
+
+    cfg = json.loads((run / "config.json").read_text())
+    table = load_cases(default_data_dir())
+    rows = np.flatnonzero(table.fold == cfg["fold"])
+    svc = RetrievalService.from_run(run)
+    t0 = time.perf_counter()
+    out = [svc.query(table.load_image(int(i)), k=5) for i in rows]
+    seconds = (time.perf_counter() - t0) / len(rows)
+    y = table.label[rows].astype(int)
+    names = [o["prediction"] or "none" for o in out]
+    pred = np.array([CLASS_NAMES.index(n) if n in CLASS_NAMES else len(CLASS_NAMES) for n in names])
+    typed = pred < len(CLASS_NAMES)
+    proba = np.array([[out[i]["probabilities"].get(c, 0.0) for c in CLASS_NAMES] for i in np.flatnonzero(typed)])
+    dices = [dice(drawn_mask(o, table.load_mask(int(r)).shape), table.load_mask(int(r))) for o, r in zip(out, rows)]
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    return {
+        "fold": int(cfg["fold"]),
+        "run": str(run),
+        "encoder": f"{cfg['encoder']} {cfg.get('image_size', '')} px, {cfg['epochs']} epochs",
+        "slices": len(rows),
+        "accuracy": float((pred == y).mean()),
+        "kappa": float(cohen_kappa_score(y, pred)),
+        "ece": float(expected_calibration_error(proba, y[typed])),
+        "called_none": float((~typed).mean()),
+        "dice": float(np.median(dices)),
+        "ms_per_query": 1000 * seconds,
+        "train_min": timings.get("total_s", float("nan")) / 60,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, nargs="+", required=True)
+    args = ap.parse_args()
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+    figs = []
+    for run in args.runs:
+        figs.append(fold_figures(run))
+        print(figs[-1], flush=True)
+    keys = ("accuracy", "kappa", "ece", "called_none", "dice")
+    rows = [
+        f"| {f['fold']} | `{f['run']}` ({f['encoder']}) | {f['slices']} | {f['accuracy']:.3f} | {f['kappa']:.3f} | "
+        f"{f['ece']:.3f} | {100 * f['called_none']:.1f} % | {f['dice']:.3f} | {f['train_min']:.0f} |"
+        for f in figs
+    ]
+    mean = {k: np.mean([f[k] for f in figs]) for k in keys}
+    sd = {k: np.std([f[k] for f in figs], ddof=1) if len(figs) > 1 else float("nan") for k in keys}
+    body = [
+        "## The CPU recipe on every test fold (issue 39)",
+        "",
+        f"Command: `python benchmarks/cpu_folds.py --runs {' '.join(str(r) for r in args.runs)}` | machine: {machine()} "
+        f"| {started} | {time.time() - t0:.0f} s",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+        "| test fold | run | slices | accuracy | kappa | ECE (typed answers) | tumor slices called 'no tumor' "
+        "| outline Dice median | `neurocbir train` (min, from timings.json) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        f"| mean ± sd ({len(figs)} folds) | | | {mean['accuracy']:.3f} ± {sd['accuracy']:.3f} | "
+        f"{mean['kappa']:.3f} ± {sd['kappa']:.3f} | {mean['ece']:.3f} ± {sd['ece']:.3f} | "
+        f"{100 * mean['called_none']:.1f} % | {mean['dice']:.3f} ± {sd['dice']:.3f} | |",
+    ]
+    write_section("cpu-folds", "\n".join(body))
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
