@@ -1,6 +1,7 @@
-"""Duplicates (issue 38): an archive recognises an image it already holds (re-encoded, resized or
-mirrored; how often a cropped copy is found is measured in benchmarks/duplicates.py), `neurocbir add` reports and skips it, and a query whose image is in
-the archive says so and does not count that case as evidence."""
+"""Duplicates (issue 38): an archive recognises an image it already holds (re-encoded, resized,
+cropped a little or mirrored; how often, over every fold-5 slice, is measured in
+benchmarks/duplicates.py), `neurocbir add` reports and skips it, and a query whose image is in the
+archive says so and does not count that case as evidence."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def _copies(image: np.ndarray) -> dict[str, tuple[np.ndarray, bool]]:
         "resized": (small, False),
         "mirrored": (image[:, ::-1].copy(), True),
         "mirrored and re-encoded": (_jpeg(image[:, ::-1].copy(), 90), True),
+        "cropped 3 % each side": (
+            image[round(0.03 * h) : h - round(0.03 * h), round(0.03 * w) : w - round(0.03 * w)],
+            False,
+        ),
+        "cropped 5 % off the left and top": (image[round(0.05 * h) :, round(0.05 * w) :], False),
+        "mirrored and cropped": (image[round(0.02 * h) : h - round(0.02 * h), ::-1][:, round(0.02 * w) :].copy(), True),
     }
 
 
@@ -137,3 +144,20 @@ def test_add_reports_duplicates_and_a_query_of_an_archived_image_says_so(small_c
     out = _add(folder, archive, small_run, "--keep-duplicates", "--json")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["added"] == 2 and {d["file"] for d in summary["duplicates"]} == {"flipped.png", "again.png"}
+
+
+def test_registration_ranks_agree_with_scipy():
+    """Stage 3 ranks windows and subsets of a stored print by its own code (speed): ties share their
+    mean rank, as scipy's rankdata gives them, on data with many ties (a stored print's background)."""
+    from scipy.stats import rankdata
+
+    from neurocbir.retrieval.duplicates import _rank, _SubsetRanks
+
+    seed = 42
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        values = rng.integers(0, 12, 400).astype(np.float32)
+        keep = rng.random(400) < rng.uniform(0.3, 1.0)
+        np.testing.assert_allclose(_rank(values), rankdata(values))
+        np.testing.assert_allclose(_SubsetRanks(values).of(keep), rankdata(values[keep]))
