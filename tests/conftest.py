@@ -17,6 +17,20 @@ from neurocbir.data.cases import default_data_dir, load_cases
 from neurocbir.data.external import load_external
 
 
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (`make test` runs two workers, `--dist loadgroup`): each file's tests run
+    in one worker (its module fixtures, such as an Orthanc or a browser, are made once), and every
+    file that talks to the Milvus server runs in the same worker (the embedded server fixes two
+    ports: one server per machine)."""
+    milvus_files = {
+        item.path
+        for item in items
+        if {"milvus_server", "milvus_uri"} & set(item.fixturenames) or "milvus-server" in item.nodeid
+    }
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("milvus-server" if item.path in milvus_files else item.path.name))
+
+
 @pytest.fixture
 def test_seed() -> int:
     """The seed of a test's random choices: NEUROCBIR_TEST_SEED, else a fixed one; printed, so a

@@ -62,9 +62,9 @@ def test_demo_trains_once_then_reuses(tmp_path, small_data_dir, feature_cache):
     assert "not a diagnosis" in html or "Decision support" in html
     assert "training a quick SupCon model" in out and f"http://127.0.0.1:{port}/" in out
     assert (tmp_path / "runs" / "demo" / "trial_0" / "index.faiss").is_file()
-    proc, _, seconds = _start(tmp_path, env)
+    proc, _, _ = _start(tmp_path, env)
     out = _stop(proc)
-    assert "training" not in out and seconds < 60
+    assert "training" not in out  # the run is reused, not trained again
 
 
 def _clone_models(dest: Path) -> None:
