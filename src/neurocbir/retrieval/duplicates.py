@@ -78,19 +78,6 @@ def _ranks(small: np.ndarray) -> np.ndarray:
     return r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-6)
 
 
-def _rank(values: np.ndarray) -> np.ndarray:
-    """Ranks of a 1-D array, ties sharing their mean rank (scipy's rankdata, without its overhead:
-    stage 3 ranks thousands of small windows)."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    new = np.concatenate([[True], ordered[1:] != ordered[:-1]])
-    starts = np.flatnonzero(new)
-    mean_rank = starts + (np.diff(np.append(starts, len(values))) + 1) / 2
-    out = np.empty(len(values))
-    out[order] = mean_rank[np.cumsum(new) - 1]
-    return out
-
-
 class _SubsetRanks:
     """The ranks, ties sharing their mean rank, of any subset of one fixed array, without sorting
     it again (stage 3 ranks the stored print over a different subset at every step)."""
@@ -108,6 +95,11 @@ class _SubsetRanks:
         ranks = np.empty(len(keep))
         ranks[self.order] = mean[self.group]
         return ranks[keep]
+
+
+def _rank(values: np.ndarray) -> np.ndarray:
+    """Ranks of a 1-D array, ties sharing their mean rank (as scipy's rankdata)."""
+    return _SubsetRanks(values).of(np.ones(len(values), bool))
 
 
 class ImagePrints:
