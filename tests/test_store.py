@@ -43,6 +43,38 @@ def test_faiss_and_milvus_agree(real, tmp_path, milvus_uri):
     assert not np.isin(f.search(q, 5)[1], ids[:10]).any() and not np.isin(m.search(q, 5)[1], ids[:10]).any()
 
 
+def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(real, small_cases, tmp_path, monkeypatch):
+    """Where the first retrievals all share a label, the partitioned store finds the nearest case
+    of another label, then range-searches that label's partitions; NIR's positions and the
+    retrievals up to that case are the doubling search's, one slice per patient or not."""
+    import neurocbir.retrieval.store as store_module
+    from neurocbir.retrieval.store import group_keys
+
+    two_steps = []  # what the two-step search answered (None: it left it to the doubling search)
+    original = store_module._run_of_one_label
+    monkeypatch.setattr(store_module, "_run_of_one_label", lambda *a: two_steps.append(r := original(*a)) or r)
+    x, ids, labels, q = real
+    planes = np.array(["axial", "coronal", "sagittal"])[ids % 3]  # several partitions per label
+    flat = FaissStore(tmp_path / "f.faiss", x.shape[1])
+    parts = FaissStore(tmp_path / "p.faiss", x.shape[1])
+    flat.add(ids, x)
+    parts.add(ids, x, group_keys(labels, planes))
+    label_of = lookup(ids, labels)
+    patient_of = lookup(ids, small_cases.patient_id[np.searchsorted(small_cases.idx, ids)].astype(str), missing="")
+    long_runs = 0
+    for group_of in (None, patient_of):
+        for row in q:
+            a = deep_search(flat, label_of, row[None], 3, 1, group_of, start=2)
+            b = deep_search(parts, label_of, row[None], 3, 1, group_of, start=2)
+            pa, pb = nir_positions(a[2], 3), nir_positions(b[2], 3)
+            assert (pa == pb).all(), (pa, pb)
+            n = int(pb.max()) + 1  # up to and including the first retrieval of another label
+            assert (a[1][0][:n] == b[1][0][:n]).all()
+            long_runs += int(pb.max() >= 2)
+    assert long_runs >= 5, "too few queries needed more than the first search"
+    assert sum(r is not None for r in two_steps) >= 5, "the two-step search was hardly used"
+
+
 def test_hnsw_recall_and_persistence(real, tmp_path):
     x, ids, _, q = real
     exact = FaissStore(tmp_path / "e.faiss", x.shape[1])
