@@ -59,6 +59,7 @@ def fold_figures(run: Path) -> dict:
         "dice": float(np.median(dices)),
         "ms_per_query": 1000 * seconds,
         "train_min": timings.get("total_s", float("nan")) / 60,
+        "resumed": bool(timings.get("resumed")),
     }
 
 
@@ -74,7 +75,8 @@ def main() -> None:
     keys = ("accuracy", "kappa", "ece", "called_none", "dice")
     rows = [
         f"| {f['fold']} | `{f['run']}` ({f['encoder']}) | {f['slices']} | {f['accuracy']:.3f} | {f['kappa']:.3f} | "
-        f"{f['ece']:.3f} | {100 * f['called_none']:.1f} % | {f['dice']:.3f} | {f['train_min']:.0f} |"
+        f"{f['ece']:.3f} | {100 * f['called_none']:.1f} % | {f['dice']:.3f} | "
+        + (f"resumed: {f['train_min']:.0f} after the last start |" if f["resumed"] else f"{f['train_min']:.0f} |")
         for f in figs
     ]
     mean = {k: np.mean([f[k] for f in figs]) for k in keys}
