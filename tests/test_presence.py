@@ -35,7 +35,7 @@ def test_external_layout_and_its_group_wise_split(external):
     # the errata leave the split as it was made, minus figshare copies (both parts) and validation
     # slices whose twin is in the development part
     copies, twins = errata_of(cases)
-    assert copies.sum() == 14 and set(cases.sources[copies]) == {"kaggle-training"} and twins.sum() == 14
+    assert copies.sum() == 14 and set(cases.sources[copies]) == {"kaggle-training"} and twins.sum() == 43
     kept_dev, kept_val = development_split(cases)
     assert kept_dev.tolist() == [i for i in dev if not copies[i]]
     assert kept_val.tolist() == [i for i in val if not (copies[i] or twins[i])]
