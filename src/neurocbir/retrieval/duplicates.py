@@ -170,22 +170,22 @@ class ImagePrints:
             )
         )
 
-    @cached_property
-    def _integrals(self) -> list:
-        """Summed-area tables of the image and of its mirror image ((h + 1, w + 1), float64): any
-        box's mean at full resolution in a few lookups (stage 3)."""
-        out = []
-        for arr in (self._image, self._image[:, ::-1]):
-            sat = np.zeros((arr.shape[0] + 1, arr.shape[1] + 1))
-            sat[1:, 1:] = arr.cumsum(0, dtype=np.float64).cumsum(1)
-            out.append(sat)
-        return out
+    def _integral(self, view: int) -> np.ndarray:
+        """The summed-area table ((h + 1, w + 1), float64) of the image (``view`` 1: its mirror
+        image), made once, for the orientation stage 3 registers only: any box's mean at full
+        resolution in a few lookups."""
+        tables = self.__dict__.setdefault("_integrals", {})
+        if view not in tables:
+            arr = self._image[:, ::-1] if view else self._image
+            tables[view] = np.zeros((arr.shape[0] + 1, arr.shape[1] + 1))
+            tables[view][1:, 1:] = arr.cumsum(0, dtype=np.float64).cumsum(1)
+        return tables[view]
 
     def _box_means(self, view: int, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The mean of each cell of the grid with edges ``xs`` x ``ys`` (pixels; the sum table read
         bilinearly, which is exact for pixels constant over their square), and whether the cell lies
         inside the image."""
-        sat = self._integrals[view]
+        sat = self._integral(view)
         h, w = self._image.shape
         x, y = np.clip(xs, 0, w), np.clip(ys, 0, h)
         x0, y0 = np.minimum(x.astype(int), w - 1), np.minimum(y.astype(int), h - 1)
