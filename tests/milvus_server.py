@@ -1,7 +1,12 @@
 """A real Milvus standalone server for the tests: the PyPI package `milvus` (embedded Milvus
 2.3.5, with its own etcd), started on free ports with its data in a temporary folder, ready when
 `list_collections` answers (its port opens well before that), stopped by SIGTERM and, after a wait,
-SIGKILL (it takes more than 30 s to stop on SIGTERM). `kill()` and `start()` again simulate a crash."""
+SIGKILL (it takes more than 30 s to stop on SIGTERM). `kill()` and `start()` again simulate a crash.
+
+Its embedded etcd would listen on etcd's default ports (2379, 2380) whatever `--etcd-port` says:
+an etcd configuration file (named by ETCD_CONFIG_PATH, which Milvus reads as `etcd.config.path`)
+moves them to free ports too, so that a server left running elsewhere on the machine (another
+checkout's tests, a benchmark) does not stop this one from starting."""
 
 from __future__ import annotations
 
@@ -28,22 +33,17 @@ PORT_OPTIONS = (
 )
 
 
-#: ports the embedded server does not let us choose (its etcd's peer port, its management port):
-#: one server at a time per machine
-FIXED_PORTS = (2380, 9092)
-
-
 def _wait_free(ports: tuple[int, ...], wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     for port in ports:
         while True:
             with socket.socket() as s:
                 try:
-                    s.bind(("127.0.0.1" if port == 2380 else "", port))
+                    s.bind(("127.0.0.1", port))
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"port {port} stays in use: another Milvus server is running") from None
+                        raise RuntimeError(f"port {port} stays in use") from None
                     time.sleep(0.5)
 
 
@@ -71,7 +71,8 @@ def _free_ports(n: int) -> list[int]:
 class MilvusServer:
     def __init__(self, data: Path):
         self.data = Path(data)
-        self.ports = dict(zip(PORT_OPTIONS, _free_ports(len(PORT_OPTIONS))))
+        *ports, self.etcd_peer_port = _free_ports(len(PORT_OPTIONS) + 1)
+        self.ports = dict(zip(PORT_OPTIONS, ports))
         self.uri = f"http://127.0.0.1:{self.ports['--proxy-port']}"
         self.proc: subprocess.Popen | None = None
 
@@ -92,16 +93,34 @@ class MilvusServer:
 
     def _start(self, wait_s: float) -> MilvusServer:
         self.data.mkdir(parents=True, exist_ok=True)
-        _wait_free(FIXED_PORTS, 90)  # a server stopped or killed just before may still hold them
+        # this server's own etcd, killed just before, may hold its ports a moment longer
+        _wait_free((self.ports["--etcd-port"], self.etcd_peer_port), 90)
+        etcd = self._write_etcd_config()
         # a killed server's etcd lease outlives it by the session TTL (30 s by default) before a new
         # one may register: shorter here, so that the tests' restarts take seconds, not minutes
         args = [binary(), "--data", str(self.data), "--extra-config", "common.session.ttl=5"]
         for option, port in self.ports.items():
             args += [option, str(port)]
         self.log = open(self.data / "server.log", "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "ETCD_CONFIG_PATH": str(etcd)},
+        )
         self.wait_ready(wait_s)
         return self
+
+    def _write_etcd_config(self) -> Path:
+        client = f"http://127.0.0.1:{self.ports['--etcd-port']}"
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        path = self.data / "etcd.yaml"
+        path.write_text(
+            f"name: default\nlisten-client-urls: {client}\nadvertise-client-urls: {client}\n"
+            f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\ninitial-cluster: default={peer}\n"
+        )
+        return path
 
     def wait_ready(self, wait_s: float) -> None:
         from pymilvus import MilvusClient
