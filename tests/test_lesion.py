@@ -555,12 +555,38 @@ def test_training_with_other_hospitals_development_part(tmp_path, small_data_dir
     ext = load_external(small_external)
     dev = development_split(ext)[0]
     timings = json.loads((run / "timings.json").read_text())
-    assert timings["extra_cases"] == {"folder": str(small_external), "part": "development", "n": len(dev)}
+    extra = timings["extra_cases"]
+    assert (extra["folder"], extra["part"]) == (str(small_external), "development")
+    # the CPU preset holds 1/7 of the development groups out of training, as it does training patients
+    assert extra["n"] + extra["held_out"] == len(dev) and 0.05 * len(dev) < extra["held_out"] < 0.3 * len(dev)
     assert json.loads((run / "config.json").read_text())["extra_cases"] == str(small_external)
+    cal = json.loads((run / "calibration.json").read_text())
+    assert "other hospitals' development groups held out of training" in cal["how"]
     arrays = np.load(run / "trial_0" / "embeddings.npz")
     assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
     res = CliRunner().invoke(cli, [*args, "--extra-cases", str(small_data_dir)])  # the figshare layout
     assert res.exit_code == 2 and "is not a folder of other hospitals' slices" in res.output
+
+
+def test_held_out_development_groups_are_whole_and_in_every_source(external):
+    """The development groups a CPU-preset run keeps out of training (the real folder's): whole
+    groups (a TCGA patient's series never on both sides), from every source with and without a
+    tumor, about 1/7 of them, the same split every time."""
+    from neurocbir.data.external import load_external, part
+    from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
+    from neurocbir.training.holdout import extra_holdout_split
+
+    dev = part(load_external(external), "development")
+    cfg = TrainConfig(**{**LESION_CPU_DEFAULTS, "recipe": "lesion"})
+    fit, held = extra_holdout_split(cfg, dev)
+    assert len(fit) + len(held) == len(dev) and not set(dev.groups[fit]) & set(dev.groups[held])
+    assert 0.1 < len(held) / len(dev) < 0.2
+    for tumor in (True, False):
+        assert set(dev.sources[held[dev.tumor[held] == tumor]]) == set(dev.sources[dev.tumor == tumor])
+    again = extra_holdout_split(cfg, dev)[1]
+    assert again.tolist() == held.tolist()
+    off = extra_holdout_split(TrainConfig(**{**LESION_CPU_DEFAULTS, "recipe": "lesion", "holdout_extra": False}), dev)
+    assert off[1].size == 0 and off[0].tolist() == list(range(len(dev)))
 
 
 def test_inner_cv_of_a_run_with_extra_cases_trains_on_them_and_fits_the_study_temperature(

@@ -14,16 +14,9 @@ import csv
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from neurocbir.data.cases import default_data_dir, load_cases
 from neurocbir.data.external import ERRATA_FILE, default_external_dir, development_split, load_external
 from neurocbir.retrieval.duplicates import DuplicateIndex, ImagePrints
-
-
-def index_of(images, ids) -> DuplicateIndex:
-    prints = [ImagePrints(im) for im in images]
-    return DuplicateIndex().add(ids, np.stack([p.coarse[0] for p in prints]), np.stack([p.fine for p in prints]))
 
 
 def main() -> None:
@@ -32,8 +25,8 @@ def main() -> None:
     root = default_external_dir(data)
     ext = load_external(root)
     dev, val = development_split(ext, errata=False)
-    figshare = index_of((table.load_image(i) for i in range(len(table))), [int(i) for i in table.idx])
-    development = index_of((ext.load_image(int(i)) for i in dev), [int(i) for i in dev])
+    figshare = DuplicateIndex.of_images((table.load_image(i) for i in range(len(table))), [int(i) for i in table.idx])
+    development = DuplicateIndex.of_images((ext.load_image(int(i)) for i in dev), [int(i) for i in dev])
     rows = []
     for i in range(len(ext)):
         image = ImagePrints(ext.load_image(i))

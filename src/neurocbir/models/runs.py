@@ -42,6 +42,9 @@ LESION_CPU_DEFAULTS = dict(
     decoder_stride=2,  # chosen on held-out training patients: area error 17 % vs 21 % (docs/results.md)
     trials=1,
     holdout_patients=0.15,
+    # the same share of the other hospitals' development groups held out too: what presence and
+    # the other sites' calibration are chosen on (slices the network never trained on)
+    holdout_extra=True,
     # bf16 autocast only where the CPU has it natively (float32 otherwise); the epochs are the
     # recipe's on every machine (a slower CPU takes longer, it does not train less)
     extra={"cpu_bf16": True},
@@ -99,6 +102,9 @@ class TrainConfig:
     #: lesion recipe: an other-hospitals folder (metadata.csv layout) whose development part joins the
     #: training cases (with no-tumor slices as a fourth class and empty masks); None = the dataset only
     extra_cases: str | None = None
+    #: lesion recipe: hold ``holdout_patients`` of the development part's groups out of training too
+    #: (:func:`neurocbir.training.holdout.extra_holdout_split`)
+    holdout_extra: bool = False
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ copies cropped by 3 % on each side were found only 37-42 % of the time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -309,6 +309,15 @@ class DuplicateIndex:
         """The prints an archive stores (coarse ones in memory, fine ones read when needed)."""
         ids, coarse = archive.fingerprints(SIDE * SIDE)
         return cls(lambda case_ids: archive.stored_prints(case_ids)[:, SIDE * SIDE :]).add(ids, coarse)
+
+    @classmethod
+    def of_images(cls, images: Iterable[np.ndarray], case_ids=None) -> DuplicateIndex:
+        """An index of ``images`` (ids 0, 1, ... unless ``case_ids``), their prints held in memory."""
+        prints = [ImagePrints(im) for im in images]
+        case_ids = range(len(prints)) if case_ids is None else case_ids
+        if not prints:
+            return cls(lambda ids: np.zeros((0, FINE * FINE), np.float32))
+        return cls().add(case_ids, np.stack([p.coarse[0] for p in prints]), np.stack([p.fine for p in prints]))
 
     def __init__(self, details: Callable[[list[int]], np.ndarray] | None = None, threshold: float = THRESHOLD):
         import faiss

@@ -27,6 +27,23 @@ def holdout_split(cfg: TrainConfig, table: CaseTable) -> tuple[np.ndarray, np.nd
     return train_rows[fit], train_rows[cal]
 
 
+def extra_holdout_split(cfg: TrainConfig, cases) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the encoder trains on, rows held out) of the development part ``cases``
+    (:class:`~neurocbir.data.external.ExternalCases`): whole groups, each source's labels in about
+    the same share on both sides, ``cfg.holdout_patients`` of them held out when
+    ``cfg.holdout_extra`` (else none); a fixed split, like :func:`holdout_split`."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rows = np.arange(len(cases))
+    n_splits = max(2, round(1 / cfg.holdout_patients)) if cfg.holdout_patients > 0 else 0
+    if not cfg.holdout_extra or not n_splits or len(np.unique(cases.groups)) < n_splits:
+        return rows, rows[:0]
+    strata = np.char.add(np.char.add(cases.sources.astype(str), ":"), cases.labels.astype(str))
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=0)
+    fit, held = next(cv.split(rows, strata, groups=cases.groups))
+    return np.sort(fit), np.sort(held)
+
+
 def holdout_embeddings(
     run: Path | str, table: CaseTable
 ) -> tuple[TrainConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -40,3 +57,35 @@ def holdout_embeddings(
     where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
     emb = arrays["archive"]
     return cfg, fit_rows, cal_rows, emb[[where[r] for r in fit_rows]], emb[[where[r] for r in cal_rows]]
+
+
+def held_out_development(run: Path | str, cfg: TrainConfig, stored: list[np.ndarray]) -> dict | None:
+    """The other hospitals' development slices of a run trained with ``holdout_extra``, embedded by
+    its first trial: those of a known tumor type it trained on (``fit``, ``fit_y``) and those it
+    never saw (``held``, ``held_y``, ``held_groups``), less any held-out slice that twins
+    (:mod:`~neurocbir.retrieval.duplicates`) a trained-on one or one of ``stored`` (images, e.g.
+    the figshare training slices); None for a run without held-out development groups."""
+    from neurocbir.data.external import load_external, part
+    from neurocbir.models.inference import load_model
+    from neurocbir.retrieval.duplicates import DuplicateIndex
+
+    if not cfg.extra_cases:
+        return None
+    dev = part(load_external(cfg.extra_cases), "development")
+    fit_rows, held_rows = extra_holdout_split(cfg, dev)
+    if not len(held_rows):
+        return None
+    twins = DuplicateIndex.of_images([*stored, *(dev.load_image(int(i)) for i in fit_rows)])
+    held_rows = np.array([i for i in held_rows if not twins.find(dev.load_image(int(i)))], dtype=int)
+    typed = dev.label_index
+    fit_rows, held_rows = fit_rows[typed[fit_rows] >= 0], held_rows[typed[held_rows] >= 0]
+    model = load_model(run, cfg.first_seed)
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        chunks = [model.embed([dev.load_image(int(i)) for i in rows[b : b + 32]])[0] for b in range(0, len(rows), 32)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, cfg.embedding_dim), np.float32)
+
+    return {
+        "fit": embed(fit_rows), "fit_y": typed[fit_rows],
+        "held": embed(held_rows), "held_y": typed[held_rows], "held_groups": dev.groups[held_rows].astype(str),
+    }  # fmt: skip

@@ -47,17 +47,22 @@ def load_tensors(table: CaseTable, size: int) -> tuple[torch.Tensor, torch.Tenso
     return images, masks
 
 
-def load_extra_tensors(folder: Path | str, size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
+def load_extra_tensors(
+    folder: Path | str, size: int, rows: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
     """The development part of an other-hospitals folder (``metadata.csv`` layout, see
     :mod:`neurocbir.data.external`; its validation part is never read) as training cases: images as
     :func:`load_tensors` gives them, masks, labels (indices into ``CASE_LABELS``: a tumor type 0-2,
     3 for no tumor, a fourth class of the embedding, 4 for a tumor of a type not given) and whether
     each mask is known: a slice without a tumor has a known, empty mask (the decoder learns to outline
     nothing), a slice with a mask file (TCGA) its mask, any other tumor slice none (it teaches the
-    decoder only that there is a tumor somewhere, see :func:`train_lesion`)."""
+    decoder only that there is a tumor somewhere, see :func:`train_lesion`). ``rows``: only those
+    rows of the development part."""
     from neurocbir.data.external import load_external, part
 
     dev = part(load_external(folder), "development")
+    if rows is not None:
+        dev = dev.subset(rows)
     images = torch.empty(len(dev), 1, size, size, dtype=torch.float16)
     masks = torch.zeros(len(dev), 1, size, size, dtype=torch.uint8)
     for i in tqdm(range(len(dev)), desc=f"loading {folder} (development part)", unit="slice", mininterval=5):

@@ -22,7 +22,7 @@ from neurocbir.models.encoders import Encoder, pick_device
 from neurocbir.models.lesion import TUMOR_LEVEL_FILE
 from neurocbir.models.runs import IN_PROGRESS, TrainConfig, trial_dir
 from neurocbir.training.common import fit_calibration
-from neurocbir.training.holdout import holdout_embeddings, holdout_split  # noqa: F401 (holdout_split: re-exported)
+from neurocbir.training.holdout import extra_holdout_split, held_out_development, holdout_embeddings, holdout_split  # noqa: F401 (holdout_split: re-exported)
 from neurocbir.training.lesion import (
     STATE_FILE,
     embed_tensors,
@@ -42,19 +42,31 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     """Calibrated probabilities, prediction sets, the study temperature and the outline level of a run whose encoder
     never saw some training patients (``holdout_patients``): those patients are queried against
     the other training patients with the first trial's embeddings. One training instead of the
-    three of inner CV: what makes calibration affordable on a CPU."""
+    three of inner CV: what makes calibration affordable on a CPU. A run that held out some of
+    the other hospitals' development groups too (``holdout_extra``) calibrates on their slices of a
+    known tumor type as well, queried against every trained-on case (as the app's archive holds them)."""
     cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
-    held_out = NIRClassifier().fit(fit, table.label[fit_rows]).neighbour_labels(cal)
     how = (
         f"{len(np.unique(table.patient_id[cal_rows]))} training patients ({len(cal_rows)} slices, "
         f"1/{round(1 / cfg.holdout_patients)} of folds != {cfg.fold}, patient-grouped) held out of training, "
         f"queried against the other training patients with seed {cfg.first_seed}'s encoder (test fold unseen)"
     )
-    y, groups = table.label[cal_rows], table.patient_id[cal_rows]
-    fit_calibration(Path(run), [held_out], [y], [groups], how, len(CLASS_NAMES))
+    archive, archive_y = [fit], [table.label[fit_rows]]
+    queries, y, groups = [cal], [table.label[cal_rows]], [table.patient_id[cal_rows].astype(str)]
+    dev = held_out_development(run, cfg, [table.load_image(int(i)) for i in fit_rows])
+    if dev is not None and len(dev["held"]):
+        archive.append(dev["fit"]), archive_y.append(dev["fit_y"])
+        queries.append(dev["held"]), y.append(dev["held_y"]), groups.append(dev["held_groups"])
+        how += (
+            f"; and {len(dev['held'])} typed slices of the other hospitals' development groups held out of training "
+            f"(no twin of a trained-on slice), against the figshare and development cases trained on"
+        )
+    nir = NIRClassifier().fit(np.vstack(archive), np.concatenate(archive_y))
+    held_out = [nir.neighbour_labels(q) for q in queries]
+    fit_calibration(Path(run), held_out, y, groups, how, len(CLASS_NAMES))
     fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
     cal, measured = study.fit_study_temperature_from_neighbours(
-        list(held_out), y, groups, len(CLASS_NAMES), f"held-out training patients as studies: {how}"
+        list(held_out[0]), y[0], groups[0], len(CLASS_NAMES), f"held-out training patients as studies: {how}"
     )
     study.save(Path(run), cal, measured)
     from neurocbir.training.regions import fit_region_search
@@ -114,6 +126,18 @@ def with_extra_cases(
     return torch.cat([images, x.to(device)]), torch.cat([masks, m.to(device)]), np.concatenate([labels, y]), known
 
 
+def extra_training_cases(cfg: TrainConfig) -> tuple[tuple | None, np.ndarray]:
+    """The other hospitals' development slices a run trains on (:func:`load_extra_tensors`; None
+    without ``extra_cases``) and the rows of the development part it holds out
+    (:func:`~neurocbir.training.holdout.extra_holdout_split`)."""
+    if not cfg.extra_cases:
+        return None, np.zeros(0, int)
+    from neurocbir.data.external import load_external, part
+
+    fit, held = extra_holdout_split(cfg, part(load_external(cfg.extra_cases), "development"))
+    return load_extra_tensors(cfg.extra_cases, cfg.image_size, fit), held
+
+
 def lesion_inner_cv_neighbours(
     cfg: TrainConfig,
     encoder: Encoder,
@@ -133,7 +157,7 @@ def lesion_inner_cv_neighbours(
 
     held_out, y, groups, area_errors = [], [], [], []
     grid = (cfg.image_size, cfg.image_size)
-    extra = load_extra_tensors(cfg.extra_cases, cfg.image_size) if cfg.extra_cases else None
+    extra, _ = extra_training_cases(cfg)
     for tr, va in grouped_inner_folds(train, n_splits):
         x, m, lab, known = with_extra_cases(images[train_rows[tr]], masks[train_rows[tr]], train.label[tr], extra)
         net = train_lesion(
@@ -265,12 +289,17 @@ def train_lesion_run(
         raise InvalidInput(f"fold {cfg.fold} has no cases")
     fit_rows, cal_rows = holdout_split(cfg, table)
     # other hospitals' development part: training cases only (the run's index stays the dataset's)
-    extra = load_extra_tensors(cfg.extra_cases, cfg.image_size) if cfg.extra_cases else None
+    extra, extra_held = extra_training_cases(cfg)
     fit_images, fit_masks, fit_labels, known = with_extra_cases(
         images[fit_rows], masks[fit_rows], table.label[fit_rows], extra
     )
     if extra is not None:
-        timings["extra_cases"] = {"folder": cfg.extra_cases, "part": "development", "n": len(extra[2])}
+        timings["extra_cases"] = {
+            "folder": cfg.extra_cases,
+            "part": "development",
+            "n": len(extra[2]),
+            "held_out": len(extra_held),
+        }
     tumor: dict = {}
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.trials):
         first = seed == cfg.first_seed
