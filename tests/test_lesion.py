@@ -538,7 +538,9 @@ def test_unknown_masks_add_no_mask_loss(small_cases):
     assert any(not torch.equal(changed[k], want[k]) for k in want)
 
 
-def test_training_with_other_hospitals_development_part(tmp_path, small_data_dir, small_cases, small_external):
+def test_training_with_other_hospitals_development_part(
+    tmp_path, small_data_dir, small_cases, small_external, monkeypatch
+):
     """`neurocbir train --extra-cases DIR`: the folder's development part (tumor types and slices
     without a tumor) joins the training cases, its validation part is never read, and the run's own
     index stays the dataset's training folds; a folder of another layout is refused by name."""
@@ -562,6 +564,26 @@ def test_training_with_other_hospitals_development_part(tmp_path, small_data_dir
     assert json.loads((run / "config.json").read_text())["extra_cases"] == str(small_external)
     cal = json.loads((run / "calibration.json").read_text())
     assert "other hospitals' development groups held out of training" in cal["how"]
+    # the 'no tumor' rule, chosen on those held-out slices (bounds moved so that each way is taken)
+    from neurocbir.classify.presence import load_rule
+    from neurocbir.data.external import part
+    from neurocbir.models.runs import TrainConfig
+    from neurocbir.training import presence_choice
+    from neurocbir.training.holdout import extra_holdout_split
+
+    monkeypatch.setattr(presence_choice, "MAX_MISSED", -1.0)  # no rule can meet it
+    res = CliRunner().invoke(cli, ["calibrate", str(run), "--presence", "--data", str(small_data_dir)])
+    assert res.exit_code == 2 and "no rule calls at most" in res.output and not (run / "presence.json").exists()
+    monkeypatch.setattr(presence_choice, "MAX_MISSED", 1.0)  # every rule meets it: the most no-tumor slices found
+    res = CliRunner().invoke(cli, ["calibrate", str(run), "--presence", "--data", str(small_data_dir)])
+    assert res.exit_code == 0, res.output
+    doc, rule = json.loads((run / "presence.json").read_text()), load_rule(run)
+    held = extra_holdout_split(TrainConfig(**json.loads((run / "config.json").read_text())), part(ext, "development"))[
+        1
+    ]
+    assert set(doc["measured"]) == {"figshare", *part(ext, "development").sources[held]}  # per source held out
+    # the lowest threshold without a veto calls the most slices 'no tumor'; ties keep the first tried
+    assert (rule.threshold, rule.decoder_veto) == (min(presence_choice.THRESHOLDS), None)
     arrays = np.load(run / "trial_0" / "embeddings.npz")
     assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
     res = CliRunner().invoke(cli, [*args, "--extra-cases", str(small_data_dir)])  # the figshare layout

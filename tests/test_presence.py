@@ -150,3 +150,47 @@ def test_the_cli_says_no_tumor_found(site_archive, small_run, small_external):
             assert "calibrated confidence" not in res.output and "prediction set" not in res.output
             return
     raise AssertionError("no held-out no-tumor slice was answered 'no tumor found' by the CLI")
+
+
+@pytest.fixture(scope="module")
+def lesion_site(tmp_path_factory, small_data_dir, small_external) -> tuple[Path, Path]:
+    """A copy of the committed model (its tumor decoder) and an archive it built through the CLI:
+    the small dataset's training folds and the external development part (no-tumor slices too)."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("lesion-site") / "run"
+    root = Path(__file__).resolve().parents[1] / "models" / "lesion-fold5"
+    shutil.copytree(root, run, ignore=shutil.ignore_patterns("demo-archive", "presence.json"))
+    archive = run.parent / "archive"
+    for args in ([str(small_data_dir), "--fold", "1"], [str(small_external), "--part", "development"]):
+        res = runner.invoke(cli, ["add", *args, "--archive", str(archive), "--run", str(run)])
+        assert res.exit_code == 0, res.output
+    return run, archive
+
+
+def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_site, small_external):
+    """A run's presence.json: P(no tumor) above its threshold answers 'no tumor' only where the
+    tumor decoder's peak stays below the veto (the evidence shows both); a corrupt file is refused
+    by name, with the command that rewrites it."""
+    from neurocbir.classify.presence import RULE_FILE
+    from neurocbir.errors import ConfigurationError
+
+    run, archive = lesion_site
+    ext = load_external(small_external)
+    images = [ext.load_image(i) for i in development_split(ext)[1] if not ext.tumor[i]]
+    svc = RetrievalService.from_archive(run, archive)
+    called = [im for im in images if svc.query(im)["tumor_found"] is False]
+    assert len(called) >= 4, f"{len(called)} of {len(images)} no-tumor slices answered 'no tumor' without a veto"
+    peaks = np.array([svc.model.analyse(im)[2].max() for im in called])
+    veto = float(np.median(peaks))  # about half of them peak at or above it
+    (run / RULE_FILE).write_text(json.dumps({"threshold": 0.5, "decoder_veto": veto, "how": "test"}))
+    vetoed = RetrievalService.from_archive(run, archive)
+    for im, peak in zip(called, peaks):
+        out = vetoed.query(im)
+        assert out["tumor_found"] is (bool(peak >= veto)), (peak, veto, out["tumor_presence"])
+        assert out["tumor_presence"]["decoder_veto"] == veto
+        assert out["tumor_presence"]["decoder_peak"] == pytest.approx(peak, abs=1e-3)
+    (run / RULE_FILE).write_text('{"threshold": 0.5}')
+    with pytest.raises(ConfigurationError, match="calibrate RUN --presence"):
+        RetrievalService.from_archive(run, archive)
+    (run / RULE_FILE).unlink()

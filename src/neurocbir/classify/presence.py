@@ -18,6 +18,10 @@ quadratically with the cases, so at most :data:`MAX_FIT_CASES` of each kind are 
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -25,6 +29,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_array, check_is_fitted
+
+from neurocbir.errors import ConfigurationError
+from neurocbir.files import write_json
 
 #: P(no tumor) above which a slice is answered "no tumor found" (chosen on the development part)
 NO_TUMOR_PROBABILITY = 0.5
@@ -79,3 +86,41 @@ def fit_presence(descriptors: np.ndarray | None, tumor: np.ndarray, seed: int = 
         ]
     )
     return TumorPresence().fit(np.asarray(descriptors, dtype=np.float32)[rows], tumor[rows])
+
+
+RULE_FILE = "presence.json"
+
+
+@dataclass(frozen=True)
+class PresenceRule:
+    """How a run answers "no tumor found": the archive's P(no tumor) above ``threshold`` and, with
+    ``decoder_veto``, the tumor decoder's highest probability on the slice below it (a tumor the
+    decoder plainly sees is never answered "no tumor"). Chosen on slices the network never trained
+    on (:mod:`neurocbir.training.presence_choice`); ``how`` says how."""
+
+    threshold: float = NO_TUMOR_PROBABILITY
+    decoder_veto: float | None = None
+    how: str = "not chosen for this run: P(no tumor) > 0.5, no decoder veto"
+
+    def no_tumor(self, p_none: float, peak: float | None) -> bool:
+        vetoed = self.decoder_veto is not None and peak is not None and peak >= self.decoder_veto
+        return bool(p_none > self.threshold and not vetoed)
+
+
+def load_rule(run: Path | str | None) -> PresenceRule:
+    """The run's ``presence.json``, or the default rule where it has none."""
+    path = None if run is None else Path(run) / RULE_FILE
+    if path is None or not path.is_file():
+        return PresenceRule()
+    try:
+        doc = json.loads(path.read_text())
+        veto = doc["decoder_veto"]
+        return PresenceRule(float(doc["threshold"]), None if veto is None else float(veto), str(doc["how"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(
+            f"{path} is corrupt ({type(exc).__name__}): choose it again with `neurocbir calibrate RUN --presence`"
+        ) from None
+
+
+def save_rule(run: Path | str, rule: PresenceRule, measured: dict) -> None:
+    write_json(Path(run) / RULE_FILE, {**asdict(rule), "measured": measured})

@@ -219,12 +219,19 @@ def calibrate(
         help="only how a lesion run answers searches by a drawn region (presence threshold, calibration), "
         "on its held-out training patients",
     ),
+    presence: bool = typer.Option(
+        False,
+        "--presence",
+        help="only how a CPU-preset run answers 'no tumor found', chosen on the slices it held out of training "
+        "(training patients and other hospitals' development groups; a few minutes, no training)",
+    ),
 ) -> None:
     """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
     training patients; for runs trained before calibration existed; a CPU lesion run: its held-out
     training patients), and a lesion run's tumor outline level. The trials stay as they are.
     With --study: the temperature of the one-answer-per-study confidence (seconds, no training).
-    With --regions: the region search's presence threshold and calibration (a minute, no training)."""
+    With --regions: the region search's presence threshold and calibration (a minute, no training).
+    With --presence: the slice's "no tumor" rule (threshold, decoder veto) on held-out slices."""
     from neurocbir.data.cases import load_cases
     from neurocbir.training.recalibrate import calibrate_existing_run, calibrate_studies
 
@@ -235,6 +242,13 @@ def calibrate(
 
         doc = _guard(fit_region_search, resolve_run(run), _guard(load_cases, data))
         typer.echo(f"region searches: {doc['how']}; threshold {doc['threshold']}: {run / 'region_search.json'}")
+        return
+    if presence:
+        from neurocbir.training.presence_choice import choose_presence
+
+        rule, _ = _guard(choose_presence, resolve_run(run), _guard(load_cases, data))
+        veto = "none" if rule.decoder_veto is None else rule.decoder_veto
+        typer.echo(f"'no tumor' at P > {rule.threshold}, decoder veto {veto}; {rule.how}: {run / 'presence.json'}")
         return
     if study:
         measured = _guard(calibrate_studies, resolve_run(run), _guard(load_cases, data) if data else None)

@@ -22,6 +22,7 @@ from scipy.special import softmax
 from neurocbir.classify import calibration
 from neurocbir.classify import region as region_search
 from neurocbir.classify.neighbors import knn_votes, nir_positions
+from neurocbir.classify.presence import PresenceRule, load_rule
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.data.regions import Region, RegionError, region_on_grid, region_peak
 from neurocbir.errors import InvalidInput, Unavailable
@@ -72,16 +73,22 @@ NO_TYPE = {
 }
 
 
-def tumor_presence(cases: CaseSource, trunk: np.ndarray) -> tuple[bool | None, dict]:
+def tumor_presence(
+    cases: CaseSource, trunk: np.ndarray, peak: float | None = None, rule: PresenceRule = PresenceRule()
+) -> tuple[bool | None, dict]:
     """(tumor found: True / False, or None where the case source cannot tell, and the evidence:
-    P(no tumor) and how it was decided), from the scan's descriptor (:mod:`neurocbir.classify.presence`)."""
+    P(no tumor), the decoder's peak and how it was decided), from the scan's descriptor
+    (:mod:`neurocbir.classify.presence`) and, with the run's ``rule``, its tumor map's peak ``peak``."""
     p_none = cases.tumor_presence(trunk)
     if p_none is None:
         note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
         return None, {"probability_no_tumor": None, "threshold": None, "note": note}
-    threshold = cases.presence.threshold
     note = "from the archive's cases with and without a tumor (descriptor of the whole slice)"
-    return bool(p_none <= threshold), {"probability_no_tumor": round(p_none, 4), "threshold": threshold, "note": note}
+    evidence = {"probability_no_tumor": round(p_none, 4), "threshold": rule.threshold, "note": note}
+    if rule.decoder_veto is not None and peak is not None:
+        evidence |= {"decoder_peak": round(float(peak), 4), "decoder_veto": rule.decoder_veto}
+        evidence["note"] += "; never 'no tumor' where the tumor decoder's peak reaches the veto"
+    return not rule.no_tumor(p_none, peak), evidence
 
 
 class ArchiveUnavailable(Unavailable):
@@ -99,6 +106,7 @@ class RetrievalService:
         self.calibrator = (calibration.load(model.run) or {}).get("nir")
         self.tumor_level = tumor_level(model.run)
         self.region_search = region_search.load(model.run, self.tumor_level)
+        self.presence_rule = load_rule(model.run)
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()
@@ -263,7 +271,8 @@ class RetrievalService:
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
-        search = (q, trunk, print_pair, k, one_per_patient, coverage, rerank, filters, None, in_region)
+        peak = None if tumor_prob is None else float(tumor_prob.max())
+        search = (q, trunk, print_pair, k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
         try:
             evidence = self._evidence(self.cases, *search)
             self._store_down = None
@@ -302,10 +311,12 @@ class RetrievalService:
         filters: CaseFilter | None,
         neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         in_region: tuple[bool, dict] | None = None,
+        peak: float | None = None,
     ) -> dict:
         """The prediction and its evidence from one view of the cases (one search, one NIR;
         ``neighbours``: that search's (distances, case ids, labels), where the caller has it;
-        ``in_region``: a region search's presence answer, which replaces the slice's).
+        ``in_region``: a region search's presence answer, which replaces the slice's; ``peak``:
+        the tumor decoder's highest probability on the slice, for the run's presence rule).
         ``print_pair``: the scan's fingerprint; an archive case that is the scan itself is shown,
         marked, and not counted as evidence."""
         dist, case_ids, labels = neighbours if neighbours is not None else cases.neighbours(q, one_per_patient)
@@ -368,7 +379,7 @@ class RetrievalService:
             if len(other)
             else None
         )
-        found, presence = tumor_presence(cases, trunk) if in_region is None else in_region
+        found, presence = tumor_presence(cases, trunk, peak, self.presence_rule) if in_region is None else in_region
         if found is False:  # no tumor type is asserted; the nearest cases, of any label, are context
             dist, ids = cases.nearest(q, k)
             info = cases.describe([int(c) for c in ids])

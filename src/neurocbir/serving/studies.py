@@ -39,7 +39,10 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     for i, s in enumerate(study.slices):
         searched = cases.neighbours(emb[i : i + 1], False)  # searched once: the slice's NIR and the study's
         pair = ImagePrints(s.pixels)
-        ev = service._evidence(cases, emb[i : i + 1], desc[i : i + 1], pair, k, False, coverage, False, None, searched)
+        peak = None if probs[i] is None else float(probs[i].max())
+        ev = service._evidence(
+            cases, emb[i : i + 1], desc[i : i + 1], pair, k, False, coverage, False, None, searched, None, peak
+        )
         own = [d.case_id for d in cases.duplicates_of(pair)]  # the slice itself in the archive: no evidence
         outline = None
         if ev["tumor_found"] is not False and probs[i] is not None:
