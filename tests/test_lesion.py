@@ -571,9 +571,9 @@ def test_training_with_other_hospitals_development_part(
     from neurocbir.training import presence_choice
     from neurocbir.training.holdout import extra_holdout_split
 
-    monkeypatch.setattr(presence_choice, "MAX_MISSED", -1.0)  # no rule can meet it
+    monkeypatch.setattr(presence_choice, "MAX_MISSED", -1.0)  # no rule can meet it: the fewest missed, said so
     res = CliRunner().invoke(cli, ["calibrate", str(run), "--presence", "--data", str(small_data_dir)])
-    assert res.exit_code == 2 and "no rule calls at most" in res.output and not (run / "presence.json").exists()
+    assert res.exit_code == 0 and "no rule kept every source's tumor slices" in load_rule(run).how, res.output
     monkeypatch.setattr(presence_choice, "MAX_MISSED", 1.0)  # every rule meets it: the most no-tumor slices found
     res = CliRunner().invoke(cli, ["calibrate", str(run), "--presence", "--data", str(small_data_dir)])
     assert res.exit_code == 0, res.output
