@@ -14,7 +14,13 @@ model: an RBF SVM (C = 1, class-balanced, Platt probabilities) called 1.1 % of t
 slices "no tumor" (Br35H 0.0 %) and found 98.0 % of the no-tumor slices; the logistic regression
 used before called 3.9 % (Br35H 4.6 %) for 99.2 %; adding the decoder's evidence, the embedding or
 mirrored slices to it, or nearest neighbours, did no better than 2.6 %. An SVM's fit grows
-quadratically with the cases, so at most :data:`MAX_FIT_CASES` of each kind are sampled."""
+quadratically with the cases, so at most :data:`MAX_FIT_CASES` of each kind are sampled.
+
+Those figures were optimistic: the network had trained on every development slice it was judged
+on, and the validation part then saw 12-18 % of other hospitals' tumor slices called "no tumor".
+A run trained with held-out development groups (the CPU preset since 2026-12-03) has its own
+:class:`PresenceRule` (``presence.json``: the threshold, and a veto by the tumor decoder's peak),
+chosen on slices it never trained on (:mod:`neurocbir.training.presence_choice`)."""
 
 from __future__ import annotations
 
