@@ -120,7 +120,9 @@ def choose_presence(run: Path | str, table: CaseTable, save: bool = True) -> tup
         best = min(tried, key=lambda x: (worst(x[1])[0], -worst(x[1])[1]))
         met = f"no rule kept every source's tumor slices called 'no tumor' within {MAX_MISSED:.0%}: the fewest so, then"
     held = ~s["trained"]
-    counts = {src: [int((held & (s["source"] == src) & k).sum()) for k in (s["tumor"], ~s["tumor"])] for src in best[1]}
+    counts = {
+        str(src): [int((held & (s["source"] == src) & k).sum()) for k in (s["tumor"], ~s["tumor"])] for src in best[1]
+    }
     how = (
         f"chosen on slices the network never trained on (held-out training patients and development groups; "
         f"{n_twins} held-out twins of trained-on slices and TCGA tumors under {MIN_TCGA_SHARE:.0%} of the slice "
@@ -129,5 +131,12 @@ def choose_presence(run: Path | str, table: CaseTable, save: bool = True) -> tup
     )
     rule = PresenceRule(best[0].threshold, best[0].decoder_veto, how)
     if save:
-        save_rule(run, rule, {src: {"no_tumor_found": f, "tumor_called_none": m} for src, (f, m) in best[1].items()})
+
+        def share(v: float) -> float | None:  # None where a source has none of the kind
+            return None if np.isnan(v) else round(v, 4)
+
+        measured = {
+            str(k): {"no_tumor_found": share(f), "tumor_called_none": share(m)} for k, (f, m) in best[1].items()
+        }
+        save_rule(run, rule, measured)
     return rule, tried
