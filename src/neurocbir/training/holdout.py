@@ -59,14 +59,11 @@ def holdout_embeddings(
     return cfg, fit_rows, cal_rows, emb[[where[r] for r in fit_rows]], emb[[where[r] for r in cal_rows]]
 
 
-def held_out_development(run: Path | str, cfg: TrainConfig, stored: list[np.ndarray]) -> dict | None:
-    """The other hospitals' development slices of a run trained with ``holdout_extra``, embedded by
-    its first trial: those of a known tumor type it trained on (``fit``, ``fit_y``) and those it
-    never saw (``held``, ``held_y``, ``held_groups``), less any held-out slice that twins
-    (:mod:`~neurocbir.retrieval.duplicates`) a trained-on one or one of ``stored`` (images, e.g.
-    the figshare training slices); None for a run without held-out development groups."""
+def development_holdout(cfg: TrainConfig, table: CaseTable):
+    """(the development part, its rows the run trained on, its held-out rows less any that twins
+    (:mod:`~neurocbir.retrieval.duplicates`) a trained-on slice of it or of ``table``'s training
+    patients, how many twins were left out); None for a run without held-out development groups."""
     from neurocbir.data.external import load_external, part
-    from neurocbir.models.inference import load_model
     from neurocbir.retrieval.duplicates import DuplicateIndex
 
     if not cfg.extra_cases:
@@ -75,8 +72,22 @@ def held_out_development(run: Path | str, cfg: TrainConfig, stored: list[np.ndar
     fit_rows, held_rows = extra_holdout_split(cfg, dev)
     if not len(held_rows):
         return None
+    stored = (table.load_image(int(i)) for i in holdout_split(cfg, table)[0])
     twins = DuplicateIndex.of_images([*stored, *(dev.load_image(int(i)) for i in fit_rows)])
-    held_rows = np.array([i for i in held_rows if not twins.find(dev.load_image(int(i)))], dtype=int)
+    kept = np.array([i for i in held_rows if not twins.find(dev.load_image(int(i)))], dtype=int)
+    return dev, fit_rows, kept, len(held_rows) - len(kept)
+
+
+def held_out_development(run: Path | str, cfg: TrainConfig, table: CaseTable) -> dict | None:
+    """The development slices of a known tumor type of a run trained with ``holdout_extra``,
+    embedded by its first trial: those it trained on (``fit``, ``fit_y``) and the held-out ones
+    that twin no trained-on slice (``held``, ``held_y``, ``held_groups``; :func:`development_holdout`)."""
+    from neurocbir.models.inference import load_model
+
+    found = development_holdout(cfg, table)
+    if found is None:
+        return None
+    dev, fit_rows, held_rows, _ = found
     typed = dev.label_index
     fit_rows, held_rows = fit_rows[typed[fit_rows] >= 0], held_rows[typed[held_rows] >= 0]
     model = load_model(run, cfg.first_seed)

@@ -53,7 +53,7 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     )
     archive, archive_y = [fit], [table.label[fit_rows]]
     queries, y, groups = [cal], [table.label[cal_rows]], [table.patient_id[cal_rows].astype(str)]
-    dev = held_out_development(run, cfg, [table.load_image(int(i)) for i in fit_rows])
+    dev = held_out_development(run, cfg, table)
     if dev is not None and len(dev["held"]):
         archive.append(dev["fit"]), archive_y.append(dev["fit_y"])
         queries.append(dev["held"]), y.append(dev["held_y"]), groups.append(dev["held_groups"])

@@ -51,38 +51,32 @@ def _evidence(model, images) -> tuple[np.ndarray, np.ndarray]:
 def held_out_slices(run: Path, table: CaseTable) -> tuple[dict, int]:
     """Every training-fold slice and development slice: descriptor, decoder peak, tumor, source,
     whether the network trained on it; and how many held-out development twins were left out."""
-    from neurocbir.data.external import load_external, part
     from neurocbir.models.inference import load_model
-    from neurocbir.retrieval.duplicates import DuplicateIndex
-    from neurocbir.training.holdout import extra_holdout_split, holdout_split
+    from neurocbir.training.holdout import development_holdout, holdout_split
 
     cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
     fit_rows, cal_rows = holdout_split(cfg, table)
-    dev = part(load_external(cfg.extra_cases), "development") if cfg.extra_cases else None
-    dev_fit, dev_held = extra_holdout_split(cfg, dev) if dev is not None else ([], [])
-    if not len(dev_held) or not len(cal_rows):
+    found = development_holdout(cfg, table)
+    if found is None or not len(cal_rows):
         raise InvalidInput(
             f"{run} holds no patients or development groups out of training (train it with the CPU preset)"
         )
+    dev, dev_fit, dev_held, n_twins = found
     model = load_model(run)
     fig_rows = np.concatenate([fit_rows, cal_rows])
     d1, p1 = _evidence(model, (table.load_image(int(i)) for i in fig_rows))
     d2, p2 = _evidence(model, (dev.load_image(int(i)) for i in range(len(dev))))
-    index = DuplicateIndex.of_images(
-        [*(table.load_image(int(i)) for i in fit_rows), *(dev.load_image(int(i)) for i in dev_fit)]
-    )
-    twin = np.zeros(len(dev), bool)
-    twin[dev_held] = [bool(index.find(dev.load_image(int(i)))) for i in dev_held]
+    held = np.isin(np.arange(len(dev)), dev_held)  # twins of trained-on slices are neither trained on nor held
     small = np.zeros(len(dev), bool)  # held-out tumors too small to see: not counted (trained-on ones fit as stored)
     small[dev_held] = [dev.tumor[i] and dev.has_mask(i) and dev.load_mask(i).mean() < MIN_TCGA_SHARE for i in dev_held]
-    keep = np.concatenate([np.ones(len(fig_rows), bool), ~twin & ~small])
+    keep = np.concatenate([np.ones(len(fig_rows), bool), (held | np.isin(np.arange(len(dev)), dev_fit)) & ~small])
     out = {
         "desc": np.vstack([d1, d2]), "peak": np.concatenate([p1, p2]),
         "trained": np.concatenate([np.isin(fig_rows, fit_rows), np.isin(np.arange(len(dev)), dev_fit)]),
         "tumor": np.concatenate([table.label[fig_rows] < 3, dev.tumor]),
         "source": np.concatenate([np.full(len(fig_rows), "figshare"), dev.sources.astype(str)]),
     }  # fmt: skip
-    return {k: v[keep] for k, v in out.items()}, int(twin.sum())
+    return {k: v[keep] for k, v in out.items()}, n_twins
 
 
 def rates(no_tumor: np.ndarray, s: dict) -> dict:
