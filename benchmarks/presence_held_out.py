@@ -2,7 +2,10 @@
 `neurocbir calibrate RUN --presence` chooses (:mod:`neurocbir.training.presence_choice`), every
 rule tried, per source of the held-out slices. The validation part and figshare fold 5 are not read.
 
-    .venv/bin/python benchmarks/presence_held_out.py --run runs/cpu-v3-fold5 [--save]
+    .venv/bin/python benchmarks/presence_held_out.py --run runs/cpu-v3-fold5 [--pool runs/cpu-v3-fold1 ...] [--save]
+
+``--pool``: runs of the same recipe on other test folds, whose held-out development groups (the
+held-out part turns with the fold) join the choice; the chosen run's test fold is never read.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from results_doc import machine, write_section
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/cpu-v3-fold5"))
+    ap.add_argument("--pool", type=Path, nargs="*", default=[], help="runs of the same recipe on other folds")
     ap.add_argument("--save", action="store_true", help="write the chosen rule as the run's presence.json")
     args = ap.parse_args()
     from neurocbir.data.cases import default_data_dir, load_cases
     from neurocbir.training.presence_choice import MAX_MISSED, choose_presence
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
-    rule, tried = choose_presence(args.run, load_cases(default_data_dir()), save=args.save)
+    rule, tried = choose_presence(args.run, load_cases(default_data_dir()), save=args.save, pool=tuple(args.pool))
     sources = list(tried[0][1])
 
     def cell(f: float, m: float) -> str:
@@ -40,7 +44,9 @@ def main() -> None:
     body = [
         "## Tumor presence chosen on held-out slices (issue 38)",
         "",
-        f"Command: `python benchmarks/presence_held_out.py --run {args.run}` | machine: {machine()} | {started} | "
+        f"Command: `python benchmarks/presence_held_out.py --run {args.run}"
+        + "".join(f" --pool {p}" for p in args.pool)
+        + f"` | machine: {machine()} | {started} | "
         f"{time.time() - t0:.0f} s",
         "",
         f"Rule chosen: **P(no tumor) > {rule.threshold}, decoder veto "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -594,6 +595,23 @@ def test_training_with_other_hospitals_development_part(
     assert (rule.threshold, rule.decoder_veto) == (min(presence_choice.THRESHOLDS), None)
     arrays = np.load(run / "trial_0" / "embeddings.npz")
     assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
+    # another fold's run pooled into the choice: its own held-out groups join, this fold's test slices
+    # are never read (the copy stands for a fold-4 run: its config says fold 4)
+    other = tmp_path / "fold4"
+    shutil.copytree(run, other)
+    (other / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()), "fold": 4}))
+    s, _, _ = presence_choice.pooled_slices(run, small_cases, (other,))
+    cfg4 = TrainConfig(**json.loads((other / "config.json").read_text()))
+    fig4 = np.concatenate(holdout_split(cfg4, small_cases))  # fold 4's training folds hold fold 5
+    assert (s["source"] == "figshare").sum() == (small_cases.fold != 5).sum() + (small_cases.fold[fig4] != 5).sum()
+    dev_part = part(ext, "development")
+    both = {*dev_part.groups[held], *dev_part.groups[extra_holdout_split(cfg4, dev_part)[1]]}
+    assert len(both) > len(set(dev_part.groups[held]))  # the held-out part turns with the fold
+    assert (~s["trained"]).sum() > (~presence_choice.held_out_slices(run, small_cases)[0]["trained"]).sum()
+    res = CliRunner().invoke(
+        cli, ["calibrate", str(run), "--presence", "--pool", str(run), "--data", str(small_data_dir)]
+    )
+    assert res.exit_code == 2 and "each be of another test fold" in res.output
     res = CliRunner().invoke(cli, [*args, "--extra-cases", str(small_data_dir)])  # the figshare layout
     assert res.exit_code == 2 and "is not a folder of other hospitals' slices" in res.output
 
@@ -601,7 +619,9 @@ def test_training_with_other_hospitals_development_part(
 def test_held_out_development_groups_are_whole_and_in_every_source(external):
     """The development groups a CPU-preset run keeps out of training (the real folder's): whole
     groups (a TCGA patient's series never on both sides), from every source with and without a
-    tumor, about 1/7 of them, the same split every time."""
+    tumor, about 1/7 of them, the same split every time, another part for another test fold."""
+    from dataclasses import asdict
+
     from neurocbir.data.external import load_external, part
     from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
     from neurocbir.training.holdout import extra_holdout_split
@@ -615,6 +635,9 @@ def test_held_out_development_groups_are_whole_and_in_every_source(external):
         assert set(dev.sources[held[dev.tumor[held] == tumor]]) == set(dev.sources[dev.tumor == tumor])
     again = extra_holdout_split(cfg, dev)[1]
     assert again.tolist() == held.tolist()
+    # the held-out part turns with the test fold: five disjoint parts, fold 5's the served model's
+    parts = [extra_holdout_split(TrainConfig(**{**asdict(cfg), "fold": f}), dev)[1] for f in range(1, 6)]
+    assert parts[4].tolist() == held.tolist() and len(set(np.concatenate(parts))) == sum(map(len, parts))
     off = extra_holdout_split(TrainConfig(**{**LESION_CPU_DEFAULTS, "recipe": "lesion", "holdout_extra": False}), dev)
     assert off[1].size == 0 and off[0].tolist() == list(range(len(dev)))
 

@@ -225,6 +225,12 @@ def calibrate(
         help="only how a CPU-preset run answers 'no tumor found', chosen on the slices it held out of training "
         "(training patients and other hospitals' development groups; a few minutes, no training)",
     ),
+    pool: list[Path] = typer.Option(
+        [],
+        "--pool",
+        help="with --presence: a run of the same recipe on another test fold whose held-out slices join the "
+        "choice (repeat it; this run's test fold is never read)",
+    ),
 ) -> None:
     """Fit the run's calibrated probabilities and prediction sets again (inner CV on the
     training patients; for runs trained before calibration existed; a CPU lesion run: its held-out
@@ -246,7 +252,8 @@ def calibrate(
     if presence:
         from neurocbir.training.presence_choice import choose_presence
 
-        rule, _ = _guard(choose_presence, resolve_run(run), _guard(load_cases, data))
+        table = _guard(load_cases, data)
+        rule, _ = _guard(choose_presence, resolve_run(run), table, pool=tuple(resolve_run(r) for r in pool))
         veto = "none" if rule.decoder_veto is None else rule.decoder_veto
         typer.echo(f"'no tumor' at P > {rule.threshold}, decoder veto {veto}; {rule.how}: {run / 'presence.json'}")
         return

@@ -14,6 +14,12 @@ the rules that call at most :data:`MAX_MISSED` of every source's held-out tumor 
 no-tumor slices in its worst source; ties go to the first tried (no veto, then the highest veto:
 the decoder overrules least). Where no rule meets the bound, the one whose worst source misses
 fewest, and ``how`` says so.
+
+A seventh of the development groups is few: Br35H's tumor slices come in near-duplicate sets, and
+the 36 held out of the served run are 8 of them. The held-out part turns with the test fold
+(:func:`~neurocbir.training.holdout.extra_holdout_split`), so runs of the same recipe on other
+folds (``pool``) add theirs, each scored by its own network and archive, never reading the
+chosen run's test fold.
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ def _evidence(model, images) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(desc).astype(np.float64), np.array(peak)
 
 
-def held_out_slices(run: Path, table: CaseTable) -> tuple[dict, int]:
+def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None) -> tuple[dict, int]:
     """Every training-fold slice and development slice: descriptor, decoder peak, tumor, source,
-    whether the network trained on it; and how many held-out development twins were left out."""
+    whether the network trained on it; and how many held-out development twins were left out.
+    ``without_fold``: figshare slices of that test fold are left out altogether (another fold's run
+    pooled into a choice for this fold's must not read its test slices)."""
     from neurocbir.models.inference import load_model
     from neurocbir.training.holdout import development_holdout, holdout_split
 
@@ -64,6 +72,7 @@ def held_out_slices(run: Path, table: CaseTable) -> tuple[dict, int]:
     dev, dev_fit, dev_held, n_twins = found
     model = load_model(run)
     fig_rows = np.concatenate([fit_rows, cal_rows])
+    fig_rows = fig_rows[table.fold[fig_rows] != without_fold] if without_fold is not None else fig_rows
     d1, p1 = _evidence(model, (table.load_image(int(i)) for i in fig_rows))
     d2, p2 = _evidence(model, (dev.load_image(int(i)) for i in range(len(dev))))
     held = np.isin(np.arange(len(dev)), dev_held)  # twins of trained-on slices are neither trained on nor held
@@ -92,11 +101,35 @@ def rates(no_tumor: np.ndarray, s: dict) -> dict:
     return out
 
 
-def choose_presence(run: Path | str, table: CaseTable, save: bool = True) -> tuple[PresenceRule, list]:
+def _fold(run: Path) -> int:
+    return int(json.loads((Path(run) / "config.json").read_text())["fold"])
+
+
+def pooled_slices(run: Path, table: CaseTable, pool: tuple = ()) -> tuple[dict, np.ndarray, int]:
+    """(held-out and trained-on slices of ``run`` and of the runs in ``pool``, the same recipe on
+    other test folds, each scored by its own network and its own archive's presence model; P(no
+    tumor) of each; held-out twins left out). Figshare slices of ``run``'s test fold are never read."""
+    fold = _fold(run)
+    folds = [_fold(r) for r in pool]
+    if fold in folds or len(set(folds)) < len(folds):
+        raise InvalidInput("runs pooled for the 'no tumor' choice must each be of another test fold")
+    parts, probs, twins = [], [], 0
+    for i, r in enumerate((run, *pool)):
+        s, n = held_out_slices(Path(r), table, fold if i else None)
+        probs.append(TumorPresence().fit(s["desc"][s["trained"]], s["tumor"][s["trained"]]).proba_no_tumor(s["desc"]))
+        parts.append(s)
+        twins += n
+    s = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
+    return s, np.concatenate(probs), twins
+
+
+def choose_presence(
+    run: Path | str, table: CaseTable, save: bool = True, pool: tuple = ()
+) -> tuple[PresenceRule, list]:
     """(the rule chosen, every rule tried with its per-source rates); ``save``: as the run's
-    ``presence.json``."""
-    s, n_twins = held_out_slices(Path(run), table)
-    p = TumorPresence().fit(s["desc"][s["trained"]], s["tumor"][s["trained"]]).proba_no_tumor(s["desc"])
+    ``presence.json``. ``pool``: runs of the same recipe on other test folds, whose held-out
+    slices (other development groups: the held-out part turns with the fold) join the choice."""
+    s, p, n_twins = pooled_slices(Path(run), table, tuple(pool))
     tried = []
     for veto in VETOES:
         for t in THRESHOLDS:
@@ -118,7 +151,8 @@ def choose_presence(run: Path | str, table: CaseTable, save: bool = True) -> tup
         str(src): [int((held & (s["source"] == src) & k).sum()) for k in (s["tumor"], ~s["tumor"])] for src in best[1]
     }
     how = (
-        f"chosen on slices the network never trained on (held-out training patients and development groups; "
+        f"chosen on slices the network never trained on (held-out training patients and development groups"
+        f"{f' of {1 + len(pool)} runs of this recipe, one per test fold, this fold its own' if pool else ''}; "
         f"{n_twins} held-out twins of trained-on slices and TCGA tumors under {MIN_TCGA_SHARE:.0%} of the slice "
         f"left out; tumor / no-tumor slices per source {counts}): {met} the most no-tumor slices found in the "
         f"worst source ({worst(best[1])[1]:.3f})"
