@@ -68,6 +68,37 @@ def test_copies_are_found_as_their_original_and_other_patients_are_not(cases, on
         assert others.find(prints[i]) == [], f"slice {one_per_patient[i]} taken for another patient's"
 
 
+def test_a_large_archive_s_inverted_file_finds_the_copies_and_added_cases_join_a_copy_only(
+    cases, one_per_patient, monkeypatch
+):
+    """From IVF_FROM cases the coarse prints are searched through an inverted file (its sizes made
+    small here): the copies are found as exhaustively; cases added to a copy (while others search
+    the original) are found by the copy, not by the original, and the large part is shared."""
+    from neurocbir.retrieval import duplicates
+
+    monkeypatch.setattr(duplicates, "IVF_FROM", 50)
+    monkeypatch.setattr(duplicates, "IVF_LISTS", 4)
+    monkeypatch.setattr(duplicates, "IVF_PROBE", 2)
+    images = [cases.load_image(r) for r in one_per_patient]
+    prints = [ImagePrints(im) for im in images]
+    coarse, fine = np.stack([p.coarse[0] for p in prints]), np.stack([p.fine for p in prints])
+    index = DuplicateIndex(lambda ids: fine[ids], expected=50).add(range(50), coarse[:50])  # fine ones read
+    assert index.parts[0].index.nlist == 4  # an inverted file
+    for i, image in enumerate(images[:10]):
+        for name, (copy, mirrored) in _copies(image).items():
+            found = index.find(copy)
+            assert found and (found[0].case_id, found[0].mirrored) == (i, mirrored), (name, found)
+    late = list(range(50, len(images)))
+    grown = index.with_added(late, coarse[late])
+    assert grown.parts[0] is index.parts[0] and len(grown) == len(images) and len(index) == 50
+    for i in late:
+        assert [d.case_id for d in grown.find(images[i])] == [i]
+        assert index.find(images[i]) == []
+    again = grown.with_added([len(images)], coarse[:1])  # a second addition copies the small part only
+    assert again.parts[0] is index.parts[0] and len(again.parts[1].ids) == len(late) + 1
+    assert len(grown.parts[1].ids) == len(late)
+
+
 def _add(folder, archive, run, *extra):
     cmd = [sys.executable, "-m", "neurocbir.cli", "add", str(folder), "--archive", str(archive), "--run", str(run)]
     r = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600)

@@ -41,17 +41,23 @@ class ArchiveReads:
                 group_keys(np.array([r[2] for r in rows]), np.array([r[3] or "" for r in rows])),
             )
 
-    def fingerprints(self, width: int, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    def fingerprints(self, width: int, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, the first ``width`` values of each stored print: the coarse fingerprint) of the
-        cases that have one (float32, one row each)."""
-        ids, prints = [], []
+        cases that have one (float32, one row each), ``chunk`` cases at a time."""
         cur = self.db.execute(
             "SELECT id, fingerprint FROM cases WHERE state != 'deleting' AND fingerprint IS NOT NULL ORDER BY id"
         )
         while rows := cur.fetchmany(chunk):
-            ids += [r[0] for r in rows]
-            prints.append(np.stack([np.frombuffer(r[1], dtype=np.float16)[:width] for r in rows]).astype(np.float32))
-        return np.array(ids, dtype=np.int64), (np.concatenate(prints) if prints else np.zeros((0, width), np.float32))
+            yield (
+                np.array([r[0] for r in rows], dtype=np.int64),
+                np.stack([np.frombuffer(r[1], dtype=np.float16)[:width] for r in rows]).astype(np.float32),
+            )
+
+    def n_prints(self) -> int:
+        """How many cases :meth:`fingerprints` gives."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM cases WHERE state != 'deleting' AND fingerprint IS NOT NULL"
+        ).fetchone()[0]
 
     def stored_prints(self, case_ids: list[int]) -> np.ndarray:
         """The whole stored print of each case (float32, in the order asked)."""

@@ -58,6 +58,10 @@ SPREAD = 2.5
 SCALES = (0.95, 1.0, 1.05)
 SHIFTS = (-0.02, 0.0, 0.02)
 CANDIDATES = 8
+#: from this many cases the coarse prints are searched through an inverted file, not exhaustively:
+#: at a million, 110 -> 8 ms a query (one core), planted copies found 300 of 300 either way, at coarse
+#: similarities down to the gate (benchmarks/duplicate_gate_scale.py)
+IVF_FROM, IVF_LISTS, IVF_PROBE = 200_000, 1024, 32
 #: the variants' windows (offset x, offset y, scale x, scale y), in units of the head's window
 VARIANTS = [(2 * dx, 2 * dy, sx, sy) for sx in SCALES for sy in SCALES for dx in SHIFTS for dy in SHIFTS]
 
@@ -300,15 +304,59 @@ class Duplicate:
     similarity: float
 
 
+class _Part:
+    """Coarse prints searched together: exhaustively (float16 codes: half the memory of float32, and
+    the gate, 0.91, is far coarser than their rounding), or, for :data:`IVF_FROM` cases or more,
+    through an inverted file of :data:`IVF_LISTS` lists (:data:`IVF_PROBE` probed), trained on the
+    first prints it is given."""
+
+    def __init__(self, inverted: bool = False):
+        import faiss
+
+        if inverted:
+            self.index = faiss.index_factory(SIDE * SIDE, f"IVF{IVF_LISTS},SQfp16", faiss.METRIC_INNER_PRODUCT)
+            self.index.nprobe = IVF_PROBE
+        else:
+            self.index = faiss.IndexScalarQuantizer(
+                SIDE * SIDE, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+            )
+        self.ids: list[int] = []
+
+    def add(self, case_ids: list[int], prints: np.ndarray) -> None:
+        if not self.index.is_trained:
+            self.index.train(prints)
+        self.index.add(prints)
+        self.ids += case_ids
+
+    def copy(self) -> _Part:
+        import copy
+
+        import faiss
+
+        out = copy.copy(self)
+        out.index, out.ids = faiss.clone_index(self.index), list(self.ids)
+        return out
+
+    def candidates(self, coarse: np.ndarray) -> set[int]:
+        sims, rows = self.index.search(coarse, min(CANDIDATES, len(self.ids)))
+        return {self.ids[int(r)] for s, r in zip(sims.ravel(), rows.ravel()) if r >= 0 and s >= GATE}
+
+
 class DuplicateIndex:
-    """Stored cases' coarse fingerprints (float16, searched exhaustively with FAISS) and a way to their fine prints
-    (``details``: case ids -> (n, FINE * FINE), e.g. read from the archive's database)."""
+    """Stored cases' coarse fingerprints (in memory, searched with FAISS) and a way to their fine prints
+    (``details``: case ids -> (n, FINE * FINE), e.g. read from the archive's database). ``expected``:
+    how many cases it will hold (from :data:`IVF_FROM`, an inverted file). Cases added to a copy
+    (:meth:`with_added`, while others search this one) go to a small exhaustive part of their own,
+    so the large one is never copied."""
 
     @classmethod
     def of_archive(cls, archive) -> DuplicateIndex:
-        """The prints an archive stores (coarse ones in memory, fine ones read when needed)."""
-        ids, coarse = archive.fingerprints(SIDE * SIDE)
-        return cls(lambda case_ids: archive.stored_prints(case_ids)[:, SIDE * SIDE :]).add(ids, coarse)
+        """The prints an archive stores (coarse ones in memory, read a chunk at a time; fine ones
+        read when needed)."""
+        out = cls(lambda case_ids: archive.stored_prints(case_ids)[:, SIDE * SIDE :], expected=archive.n_prints())
+        for ids, coarse in archive.fingerprints(SIDE * SIDE):
+            out.add(ids, coarse)
+        return out
 
     @classmethod
     def of_images(cls, images: Iterable[np.ndarray], case_ids=None) -> DuplicateIndex:
@@ -319,19 +367,16 @@ class DuplicateIndex:
             return cls(lambda ids: np.zeros((0, FINE * FINE), np.float32))
         return cls().add(case_ids, np.stack([p.coarse[0] for p in prints]), np.stack([p.fine for p in prints]))
 
-    def __init__(self, details: Callable[[list[int]], np.ndarray] | None = None, threshold: float = THRESHOLD):
-        import faiss
-
+    def __init__(
+        self, details: Callable[[list[int]], np.ndarray] | None = None, threshold: float = THRESHOLD, expected: int = 0
+    ):
         self.threshold = threshold
-        # float16 codes: half the memory of float32 (a 1M-case archive's prints: 512 MB) and a faster
-        # scan; the gate (0.91) is far coarser than their rounding
-        self.index = faiss.IndexScalarQuantizer(SIDE * SIDE, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-        self.ids: list[int] = []
+        self.parts = [_Part(inverted=expected >= IVF_FROM)]
         self._details: dict[int, np.ndarray] = {}
         self._read_details = details
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return sum(len(p.ids) for p in self.parts)
 
     def add(self, case_ids, prints: np.ndarray, details: np.ndarray | None = None) -> DuplicateIndex:
         """Add cases: ids, coarse fingerprints ((n, SIDE * SIDE), the first orientation) and, unless
@@ -343,19 +388,18 @@ class DuplicateIndex:
         elif self._read_details is None and case_ids:
             raise ValueError("fine prints are needed: pass details, or build the index with a reader of them")
         if case_ids:
-            self.index.add(prints)
-            self.ids += case_ids
+            self.parts[-1].add(case_ids, prints)
         return self
 
     def with_added(self, case_ids, prints: np.ndarray) -> DuplicateIndex:
         """A new index: this one's cases and ``case_ids`` with their coarse ``prints`` (fine ones
-        read as this index reads them); this one is not changed (others search it meanwhile)."""
+        read as this index reads them); this one is not changed (others search it meanwhile). The
+        first part is shared; only the small part of added cases is copied."""
         import copy
 
-        import faiss
-
         out = copy.copy(self)
-        out.index, out.ids, out._details = faiss.clone_index(self.index), list(self.ids), dict(self._details)
+        added = self.parts[1].copy() if len(self.parts) > 1 else _Part()
+        out.parts, out._details = [self.parts[0], added], dict(self._details)
         return out.add(case_ids, prints)
 
     def _fine(self, case_ids: list[int]) -> np.ndarray:
@@ -367,11 +411,10 @@ class DuplicateIndex:
     def find(self, image: np.ndarray | ImagePrints) -> list[Duplicate]:
         """The stored cases that ``image`` (or its :class:`ImagePrints`) duplicates, most similar
         first (an empty list for an image not yet stored)."""
-        if not self.ids:
+        if not len(self):
             return []
         prints = image if isinstance(image, ImagePrints) else ImagePrints(image)
-        sims, rows = self.index.search(prints.coarse, min(CANDIDATES, len(self.ids)))
-        candidates = sorted({self.ids[int(r)] for s, r in zip(sims.ravel(), rows.ravel()) if r >= 0 and s >= GATE})
+        candidates = sorted(set().union(*(p.candidates(prints.coarse) for p in self.parts if p.ids)))
         if not candidates:
             return []
         matches = match(prints, self._fine(candidates), refine_below=self.threshold)
