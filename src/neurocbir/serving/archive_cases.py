@@ -25,6 +25,14 @@ TRUNK_SAMPLE = 20_000
 REGROW_SHARE = 0.1
 
 
+def _code(codes: dict[str, int], keys: np.ndarray) -> np.ndarray:
+    """Each patient key's number (int32), new keys numbered as they come (``codes`` grows: views
+    made from one another share it, and a number never changes)."""
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    numbers = np.array([codes.setdefault(str(k), len(codes)) for k in uniq], dtype=np.int32)
+    return numbers[inverse]
+
+
 class ArchiveCases(SearchedCases):
     """A :class:`neurocbir.retrieval.archive.CaseArchive` built with ``neurocbir add``: any number of
     cases from any source folder, searched through its FAISS or Milvus store."""
@@ -47,7 +55,9 @@ class ArchiveCases(SearchedCases):
             )
         self.store = self.archive.store
         self.store_ids, self.attr_label = cols["id"], cols["label"]  # what the retrieval filters read
-        self.attr_plane, self.attr_area, self._patient_keys = cols["plane"], cols["area_mm2"], cols["patient_key"]
+        self.attr_plane, self.attr_area = cols["plane"], cols["area_mm2"]
+        self._codes: dict[str, int] = {}  # patient key -> a number: a million 32-character keys are 130 MB
+        self._patient_keys = _code(self._codes, cols["patient_key"])
         self.loaded_size = len(cols["id"])  # at the last full load (see grown)
         if not (cols["label"] < len(CLASS_NAMES)).any():
             raise InvalidInput(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
@@ -93,7 +103,7 @@ class ArchiveCases(SearchedCases):
         view.attr_label = np.concatenate([self.attr_label, new["label"]])
         view.attr_plane = np.concatenate([self.attr_plane, new["plane"]])
         view.attr_area = np.concatenate([self.attr_area, new["area_mm2"]])
-        view._patient_keys = np.concatenate([self._patient_keys, new["patient_key"]])
+        view._patient_keys = np.concatenate([self._patient_keys, _code(self._codes, new["patient_key"])])
         view._set_lookups()
         if isinstance(self.store, FaissStore):  # a Milvus server holds them already
             view.store = self.store.with_added(ids, new["embedding"], group_keys(new["label"], new["plane"]))
@@ -108,7 +118,7 @@ class ArchiveCases(SearchedCases):
         tumor = labels < len(CLASS_NAMES)  # typed tumor cases: the only tumor-type evidence
         self.label_of = lookup(ids, np.where(tumor, labels, -1))  # NIR skips the others
         self.any_label_of = lookup(ids, labels)
-        self.group_of = lookup(ids, self._patient_keys, missing="")
+        self.group_of = lookup(ids, self._patient_keys)  # -1: not a case of this view
         self.classes = np.unique(labels[tumor])
 
     def reopened(self) -> ArchiveCases:
