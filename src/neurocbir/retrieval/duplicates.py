@@ -61,7 +61,7 @@ CANDIDATES = 8
 #: from this many cases the coarse prints are searched through an inverted file, not exhaustively:
 #: at a million, 110 -> 8 ms a query (one core), planted copies found 300 of 300 either way, at coarse
 #: similarities down to the gate (benchmarks/duplicate_gate_scale.py)
-IVF_FROM, IVF_LISTS, IVF_PROBE = 200_000, 1024, 32
+IVF_FROM, IVF_LISTS, IVF_PROBE = 50_000, 1024, 32
 #: the variants' windows (offset x, offset y, scale x, scale y), in units of the head's window
 VARIANTS = [(2 * dx, 2 * dy, sx, sy) for sx in SCALES for sy in SCALES for dx in SHIFTS for dy in SHIFTS]
 
