@@ -3,8 +3,9 @@ trained by the same command without its test fold, each test fold read once thro
 path (`RetrievalService.from_run`: OpenVINO, full-resolution slices, the run's own index of its
 training folds, its own calibration, presence rule and outline level).
 
-    neurocbir train --fold F --out runs/cpu-v2-foldF          # F = 1..5, each about 40-100 min here
-    .venv/bin/python benchmarks/cpu_folds.py --runs runs/cpu-v2-fold1 ... runs/cpu-v2-fold5
+    neurocbir train --fold F --out runs/cpu-v3-foldF          # F = 1..5, each about 40-100 min here
+    neurocbir calibrate runs/cpu-v3-foldF --presence --pool runs/cpu-v3-foldG ...   # the other folds' runs
+    .venv/bin/python benchmarks/cpu_folds.py --runs runs/cpu-v3-fold1 ... runs/cpu-v3-fold5 [--section S --title T]
 
 Nothing is chosen here. Accuracy and kappa count every tumor slice of the fold (a slice answered
 "no tumor" is wrong); ECE is over the slices answered with a type; Dice is the outline the app
@@ -66,6 +67,8 @@ def fold_figures(run: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True)
+    ap.add_argument("--section", default="cpu-folds", help="docs/results.md section (one per recipe version)")
+    ap.add_argument("--title", default="The CPU recipe on every test fold (issue 39)")
     args = ap.parse_args()
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     figs = []
@@ -82,9 +85,11 @@ def main() -> None:
     mean = {k: np.mean([f[k] for f in figs]) for k in keys}
     sd = {k: np.std([f[k] for f in figs], ddof=1) if len(figs) > 1 else float("nan") for k in keys}
     body = [
-        "## The CPU recipe on every test fold (issue 39)",
+        f"## {args.title}",
         "",
-        f"Command: `python benchmarks/cpu_folds.py --runs {' '.join(str(r) for r in args.runs)}` | machine: {machine()} "
+        f"Command: `python benchmarks/cpu_folds.py --runs {' '.join(str(r) for r in args.runs)}"
+        + (f" --section {args.section} --title '{args.title}'" if args.section != "cpu-folds" else "")
+        + f"` | machine: {machine()} "
         f"| {started} | {time.time() - t0:.0f} s",
         "",
         __doc__.split("\n\n", 2)[2].strip(),
@@ -97,7 +102,7 @@ def main() -> None:
         f"{mean['kappa']:.3f} ± {sd['kappa']:.3f} | {mean['ece']:.3f} ± {sd['ece']:.3f} | "
         f"{100 * mean['called_none']:.1f} % | {mean['dice']:.3f} ± {sd['dice']:.3f} | |",
     ]
-    write_section("cpu-folds", "\n".join(body))
+    write_section(args.section, "\n".join(body))
     print("\n".join(body))
 
 

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--save", action="store_true", help="write the chosen rule as the run's presence.json")
     args = ap.parse_args()
     from neurocbir.data.cases import default_data_dir, load_cases
-    from neurocbir.training.presence_choice import MAX_MISSED, choose_presence
+    from neurocbir.training.presence_choice import choose_presence
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     rule, tried = choose_presence(args.run, load_cases(default_data_dir()), save=args.save, pool=tuple(args.pool))
@@ -51,7 +51,7 @@ def main() -> None:
         "",
         f"Rule chosen: **P(no tumor) > {rule.threshold}, decoder veto "
         f"{'none' if rule.decoder_veto is None else f'at a peak of {rule.decoder_veto}'}**; {rule.how}. "
-        f"Bound: {MAX_MISSED:.0%}. The validation part and fold 5 are not read.",
+        "The validation part and fold 5 are not read.",
         "",
         "Per source: held-out no-tumor slices called 'no tumor' / held-out tumor slices called 'no tumor'.",
         "",

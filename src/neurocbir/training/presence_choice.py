@@ -10,10 +10,15 @@ covers less than :data:`MIN_TCGA_SHARE` of the slice (no tumor plainly visible o
 other-hospitals issue counts them apart too). Rules tried: P(no tumor) above each of
 :data:`THRESHOLDS`, with and without the decoder's veto at each of :data:`VETOES`. Chosen: among
 the rules that call at most :data:`MAX_MISSED` of every source's held-out tumor slices "no tumor"
-(figshare patients and each development source apart), the one that finds the most held-out
-no-tumor slices in its worst source; ties go to the first tried (no veto, then the highest veto:
-the decoder overrules least). Where no rule meets the bound, the one whose worst source misses
-fewest, and ``how`` says so.
+(figshare patients and each development source apart; TCGA :data:`SOURCE_MAX_MISSED`), the one
+that finds the most held-out no-tumor slices, the mean of the sources' shares; ties go to the
+first tried (no veto, then the highest veto: the decoder overrules least). Where no rule meets the
+bounds, the one that exceeds them least, and ``how`` says so. (The mean, not the worst source as
+before: the worst was SARTAJ's 32 held-out slices, where one slice moves the share 3 points, and
+it chose a rule that found fewer no-tumor slices in Br35H and Kaggle. TCGA's own bound: the 2 %
+held TCGA to a stricter target than the issue's, and only a decoder veto that lost half of
+every source's no-tumor slices met it. Both seen on the pooled held-out slices of two runs,
+docs/results.md "presence-held-out".)
 
 A seventh of the development groups is few: Br35H's tumor slices come in near-duplicate sets, and
 the 36 held out of the served run are 8 of them. The held-out part turns with the test fold
@@ -37,6 +42,9 @@ from neurocbir.models.runs import TrainConfig
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 VETOES = (None, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 MAX_MISSED = 0.02
+#: a source's own bound where the issue's target differs: TCGA's lower-grade gliomas often do not
+#: enhance (its target for slices whose mask covers >= 1 %: 10 %; this keeps the same margin as 2 % to 3 %)
+SOURCE_MAX_MISSED = {"tcga-lgg": 0.08}
 MIN_TCGA_SHARE = 0.01
 
 
@@ -88,6 +96,11 @@ def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None
     return {k: v[keep] for k, v in out.items()}, n_twins
 
 
+def bound(source: str) -> float:
+    """The most of a source's held-out tumor slices a rule may call 'no tumor'."""
+    return max(MAX_MISSED, SOURCE_MAX_MISSED.get(source, MAX_MISSED))
+
+
 def rates(no_tumor: np.ndarray, s: dict) -> dict:
     """Per source of the held-out slices: (share of no-tumor slices called 'no tumor', share of
     tumor slices called it); NaN where a source has none of the kind."""
@@ -136,16 +149,19 @@ def choose_presence(
             rule = PresenceRule(t, veto)
             tried.append((rule, rates(np.array([rule.no_tumor(a, b) for a, b in zip(p, s["peak"])]), s)))
 
-    def worst(r: dict) -> tuple[float, float]:  # (the most missed, the least found) over the sources
-        return max(m for _, m in r.values() if not np.isnan(m)), min(f for f, _ in r.values() if not np.isnan(f))
+    def excess(r: dict) -> float:  # the most any source's missed share exceeds its bound
+        return max(m - bound(src) for src, (_, m) in r.items() if not np.isnan(m))
 
-    within = [(rule, r) for rule, r in tried if worst(r)[0] <= MAX_MISSED]
+    def found(r: dict) -> float:  # the mean over the sources with no-tumor slices, each the same weight
+        return float(np.mean([f for f, _ in r.values() if not np.isnan(f)]))
+
+    within = [(rule, r) for rule, r in tried if excess(r) <= 0]
     if within:  # max() keeps the first of equals
-        best = max(within, key=lambda x: worst(x[1])[1])
-        met = f"at most {MAX_MISSED:.0%} of every source's tumor slices called 'no tumor', then"
+        best = max(within, key=lambda x: found(x[1]))
+        met = "every source's tumor slices called 'no tumor' within its bound, then"
     else:
-        best = min(tried, key=lambda x: (worst(x[1])[0], -worst(x[1])[1]))
-        met = f"no rule kept every source's tumor slices called 'no tumor' within {MAX_MISSED:.0%}: the fewest so, then"
+        best = min(tried, key=lambda x: (excess(x[1]), -found(x[1])))
+        met = "no rule kept every source's tumor slices called 'no tumor' within its bound: the least over, then"
     held = ~s["trained"]
     counts = {
         str(src): [int((held & (s["source"] == src) & k).sum()) for k in (s["tumor"], ~s["tumor"])] for src in best[1]
@@ -154,8 +170,9 @@ def choose_presence(
         f"chosen on slices the network never trained on (held-out training patients and development groups"
         f"{f' of {1 + len(pool)} runs of this recipe, one per test fold, this fold its own' if pool else ''}; "
         f"{n_twins} held-out twins of trained-on slices and TCGA tumors under {MIN_TCGA_SHARE:.0%} of the slice "
-        f"left out; tumor / no-tumor slices per source {counts}): {met} the most no-tumor slices found in the "
-        f"worst source ({worst(best[1])[1]:.3f})"
+        f"left out; tumor / no-tumor slices per source {counts}; bounds: {MAX_MISSED:.0%}, TCGA "
+        f"{bound('tcga-lgg'):.0%}): {met} the most no-tumor slices found, the mean over the sources "
+        f"({found(best[1]):.3f})"
     )
     rule = PresenceRule(best[0].threshold, best[0].decoder_veto, how)
     if save:
