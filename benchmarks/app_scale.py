@@ -9,7 +9,8 @@ Synthetic cases (as benchmarks/store_scale.py makes them, on the real class mani
 model): each starts from a real case of the demo archive and carries that case's label, plane,
 area, image and report, its embedding moved along its class manifold, and its trunk descriptor and
 near-duplicate print with a little noise (so no two are duplicates). `--store milvus` starts a
-Milvus standalone server (tests/milvus_server.py) for the archive.
+Milvus standalone server (tests/milvus_server.py) for the archive, and the app starts once the
+server has indexed every case (the build time includes that wait).
 """
 
 from __future__ import annotations
@@ -63,8 +64,25 @@ def build(root: Path, source: Path, n: int, store: str, uri: str | None, seed: i
                 )
             )
         arch.add(batch)
+    if uri:
+        wait_for_index(arch.store, n)
     arch.close()
     return time.time() - t0
+
+
+def wait_for_index(store, n: int, limit_s: float = 1800) -> None:
+    """Until the Milvus server has indexed all ``n`` cases (a deployment serves a built index; a
+    search before that scans unindexed segments)."""
+    store.save()  # flush: sealed segments get their index built
+    client, collection = store.client, store.collection
+    name = client.list_indexes(collection)[0]
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        info = client.describe_index(collection, name)
+        if int(info.get("indexed_rows", 0)) >= n and not int(info.get("pending_index_rows", 0)):
+            return
+        time.sleep(5)
+    sys.exit(f"the Milvus server had not indexed {n} cases after {limit_s:.0f} s")
 
 
 def run_server(run: Path, archive: Path) -> tuple[subprocess.Popen, str, float]:
