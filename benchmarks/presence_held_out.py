@@ -5,7 +5,8 @@ rule tried, per source of the held-out slices. The validation part and figshare 
     .venv/bin/python benchmarks/presence_held_out.py --run runs/cpu-v3-fold5 [--pool runs/cpu-v3-fold1 ...] [--save]
 
 ``--pool``: runs of the same recipe on other test folds, whose held-out development groups (the
-held-out part turns with the fold) join the choice; the chosen run's test fold is never read.
+held-out part turns with the fold) join the choice; the chosen run's test slices are neither
+scored nor fitted on (their images only serve a pooled run's twin check of its held-out slices).
 """
 
 from __future__ import annotations

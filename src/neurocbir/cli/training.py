@@ -229,7 +229,7 @@ def calibrate(
         [],
         "--pool",
         help="with --presence: a run of the same recipe on another test fold whose held-out slices join the "
-        "choice (repeat it; this run's test fold is never read)",
+        "choice (repeat it; this run's test slices are neither scored nor fitted on)",
     ),
 ) -> None:
     """Fit the run's calibrated probabilities and prediction sets again (inner CV on the

@@ -23,8 +23,9 @@ docs/results.md "presence-held-out".)
 A seventh of the development groups is few: Br35H's tumor slices come in near-duplicate sets, and
 the 36 held out of the served run are 8 of them. The held-out part turns with the test fold
 (:func:`~neurocbir.training.holdout.extra_holdout_split`), so runs of the same recipe on other
-folds (``pool``) add theirs, each scored by its own network and archive, never reading the
-chosen run's test fold.
+folds (``pool``) add theirs, each scored by its own network and archive; the chosen run's test
+slices are neither scored nor fitted on (a pooled run trained on them, so their images only serve
+to leave out held-out development slices that twin them).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None
     """Every training-fold slice and development slice: descriptor, decoder peak, tumor, source,
     whether the network trained on it; and how many held-out development twins were left out.
     ``without_fold``: figshare slices of that test fold are left out altogether (another fold's run
-    pooled into a choice for this fold's must not read its test slices)."""
+    pooled into a choice for this fold's must not score or fit on its test slices)."""
     from neurocbir.models.inference import load_model
     from neurocbir.training.holdout import development_holdout, holdout_split
 
@@ -121,7 +122,7 @@ def _fold(run: Path) -> int:
 def pooled_slices(run: Path, table: CaseTable, pool: tuple = ()) -> tuple[dict, np.ndarray, int]:
     """(held-out and trained-on slices of ``run`` and of the runs in ``pool``, the same recipe on
     other test folds, each scored by its own network and its own archive's presence model; P(no
-    tumor) of each; held-out twins left out). Figshare slices of ``run``'s test fold are never read."""
+    tumor) of each; held-out twins left out). Figshare slices of ``run``'s test fold are neither scored nor fitted on."""
     fold = _fold(run)
     folds = [_fold(r) for r in pool]
     if fold in folds or len(set(folds)) < len(folds):
