@@ -76,6 +76,16 @@ def open_app(playwright, url: str, width: int = 1400, height: int = 1100):
     return browser, page
 
 
+def open_compare(page, i: int) -> None:
+    """Click retrieval ``i``'s Compare and wait (on the page's own count) until both images are in."""
+    from playwright.sync_api import expect
+
+    before = _handled(page, "compare")
+    page.locator(".retrieval").nth(i).get_by_role("button", name="Compare").click()
+    _wait_handled(page, "compare", before + 1)
+    expect(page.locator("#compare")).to_be_visible()
+
+
 def query_file(page, path) -> None:
     """Upload the scan at ``path`` and query it; wait for its 5 retrievals."""
     from playwright.sync_api import expect
@@ -152,8 +162,7 @@ def test_upload_predict_and_ask_in_a_browser(base_url, small_cases, tmp_path):
         expect(page.locator(".retrieval").nth(2)).to_contain_text("marked not relevant", timeout=10_000)
         page.screenshot(path=str(ARTIFACTS / "browser_e2e.png"), full_page=True)
         # side by side with zoom and window / level, by keyboard
-        page.locator(".retrieval").nth(1).get_by_role("button", name="Compare").click()
-        expect(page.locator("#compare")).to_be_visible()
+        open_compare(page, 1)
         expect(page.locator("#cmpTitle")).to_contain_text("retrieval #2")
         before = page.locator("#cmpCase").evaluate("c => c.toDataURL()")
         width = page.locator("#cmpQuery").evaluate("c => c.getBoundingClientRect().width")
@@ -214,8 +223,7 @@ def test_nothing_is_wider_than_a_laptop_or_phone_screen(base_url, small_cases, w
         browser, page = open_app(p, base_url, width, 800)
         query_file(page, scan)
         assert page.evaluate(overflow) <= 0
-        page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
-        expect(page.locator("#compare")).to_be_visible()
+        open_compare(page, 0)
         assert page.evaluate(overflow) <= 0
         for pane in ("#paneQ", "#paneC"):  # the scan fits its pane: nothing hidden at 1x
             inner = page.locator(pane).evaluate("p => [p.scrollWidth - p.clientWidth, p.scrollHeight - p.clientHeight]")
@@ -290,8 +298,7 @@ def test_a_failed_query_leaves_no_earlier_result_on_screen(base_url, tmp_path):
     with sync_playwright() as p:
         browser, page = open_app(p, base_url)
         query_example(page, 1)
-        page.locator(".retrieval").nth(0).get_by_role("button", name="Compare").click()
-        expect(page.locator("#compare")).to_be_visible()
+        open_compare(page, 0)
         page.set_input_files("#file", str(bad))
         page.click("#run")
         expect(page.locator("#error")).not_to_be_empty(timeout=30_000)
