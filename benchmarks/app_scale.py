@@ -7,8 +7,9 @@ resident memory, POST /query p50 / p95 with one client and with 4, errors, and a
 
 Synthetic cases (as benchmarks/store_scale.py makes them, on the real class manifolds of the served
 model): each starts from a real case of the demo archive and carries that case's label, plane,
-area, image and report, its embedding moved along its class manifold, and its trunk descriptor and
-near-duplicate print with a little noise (so no two are duplicates). `--store milvus` starts a
+area, image and report, its embedding moved along its class manifold, its trunk descriptor with a
+little noise, and its duplicate-check print moved away from its source's as another slice's would be
+(`another_print`: no two are duplicates, and a query is not a copy of them). `--store milvus` starts a
 Milvus standalone server (tests/milvus_server.py) for the archive, and the app starts once the
 server has indexed every case (the build time includes that wait).
 """
@@ -56,8 +57,7 @@ def build(root: Path, source: Path, n: int, store: str, uri: str | None, seed: i
         for i in range(b, min(n, b + 20_000)):
             r = rows[origin[i]]
             trunk = np.frombuffer(r[7], np.float32) * (1 + 0.01 * rng.standard_normal(1280).astype(np.float32))
-            fp = np.frombuffer(r[8], np.float16).astype(np.float32)
-            fp = (fp + 0.05 * rng.standard_normal(fp.shape)).astype(np.float16)
+            fp = another_print(np.frombuffer(r[8], np.float16).astype(np.float32), rng)
             batch.append(
                 CaseRecord(
                     f"synthetic-{i}", int(r[1]), f"{r[9]}-{i // 20}", r[2], r[3], r[4], x[i], trunk, None, r[5], fp
@@ -68,6 +68,22 @@ def build(root: Path, source: Path, n: int, store: str, uri: str | None, seed: i
         wait_for_index(arch.store, n)
     arch.close()
     return time.time() - t0
+
+
+def another_print(fp: np.ndarray, rng: np.random.Generator, similarity=(0.97, 0.9)) -> np.ndarray:
+    """A stored print ([coarse, fine], each centred and of unit norm) moved to about ``similarity``
+    with the original (coarse, fine), as another slice of the same kind of scan: a query meets
+    candidates (coarse prints past the gate) as it does in the demo archive, and no synthetic case
+    is a copy of another, nor of a query's source (fine prints far below a duplicate's)."""
+    from neurocbir.retrieval.duplicates import SIDE
+
+    out = []
+    for part, target in zip((fp[: SIDE * SIDE], fp[SIDE * SIDE :]), similarity):
+        sigma = np.sqrt((1 / target**2 - 1) / len(part))  # E[cos] ~ 1 / sqrt(1 + d sigma^2)
+        moved = part + sigma * rng.standard_normal(len(part))
+        moved -= moved.mean()
+        out.append(moved / np.linalg.norm(moved))
+    return np.concatenate(out).astype(np.float16)
 
 
 def wait_for_index(store, n: int, limit_s: float = 1800) -> None:

@@ -215,7 +215,7 @@ def test_a_photo_is_shown_with_no_confidence_in_a_browser(base_url, tmp_path):
 def test_nothing_is_wider_than_a_laptop_or_phone_screen(base_url, small_cases, width):
     """A 1024 px laptop window or a 390 px phone: the page never scrolls sideways, and the
     side-by-side comparison shows both scans whole at 1x, each at the pixels the server sent."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     scan = fold5_scan(small_cases)
     overflow = "() => document.documentElement.scrollWidth - window.innerWidth"

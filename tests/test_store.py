@@ -43,10 +43,15 @@ def test_faiss_and_milvus_agree(real, tmp_path, milvus_uri):
     assert not np.isin(f.search(q, 5)[1], ids[:10]).any() and not np.isin(m.search(q, 5)[1], ids[:10]).any()
 
 
-def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(real, small_cases, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["flat", "milvus-server"])
+def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(
+    real, small_cases, tmp_path, monkeypatch, kind, request
+):
     """Where the first retrievals all share a label, the partitioned store finds the nearest case
     of another label, then range-searches that label's partitions; NIR's positions and the
-    retrievals up to that case are the doubling search's, one slice per patient or not."""
+    retrievals up to that case are the doubling search's, one slice per patient or not, with
+    no-tumor cases (no type: skipped by NIR) nearest of all. On a
+    Milvus server the partitions are the collection's, the range search the server's (FLAT: exact)."""
     import neurocbir.retrieval.store as store_module
     from neurocbir.retrieval.store import group_keys
 
@@ -54,13 +59,28 @@ def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(real,
     original = store_module._run_of_one_label
     monkeypatch.setattr(store_module, "_run_of_one_label", lambda *a: two_steps.append(r := original(*a)) or r)
     x, ids, labels, q = real
+    label_of = lookup(ids, labels)  # typed cases only: a no-tumor case is no NIR retrieval (-1)
+    # beside each query ten no-tumor cases (label 3, their own partitions), nearer than any typed case
+    seed = 3
+    print("seed", seed)
+    near = np.repeat(q, 10, axis=0)
+    near += 0.002 * np.random.default_rng(seed).standard_normal(near.shape).astype(np.float32)
+    ids, x = np.concatenate([ids, ids.max() + 1 + np.arange(len(near))]), np.concatenate([x, near])
+    labels = np.concatenate([labels, np.full(len(near), 3)])
     planes = np.array(["axial", "coronal", "sagittal"])[ids % 3]  # several partitions per label
     flat = FaissStore(tmp_path / "f.faiss", x.shape[1])
-    parts = FaissStore(tmp_path / "p.faiss", x.shape[1])
+    if kind == "flat":
+        parts = FaissStore(tmp_path / "p.faiss", x.shape[1])
+    else:  # written, then read in a store of its own (Strong: the writes are a moment old)
+        uri = request.getfixturevalue("milvus_server").uri
+        name = collection_name()
+        MilvusStore(uri, name, x.shape[1]).add(ids, x, group_keys(labels, planes))
+        parts = MilvusStore(uri, name, x.shape[1], consistency="Strong")
     flat.add(ids, x)
-    parts.add(ids, x, group_keys(labels, planes))
-    label_of = lookup(ids, labels)
-    patient_of = lookup(ids, small_cases.patient_id[np.searchsorted(small_cases.idx, ids)].astype(str), missing="")
+    if kind == "flat":
+        parts.add(ids, x, group_keys(labels, planes))
+    typed = ids[labels < 3]
+    patient_of = lookup(typed, small_cases.patient_id[np.searchsorted(small_cases.idx, typed)].astype(str), missing="")
     long_runs = 0
     for group_of in (None, patient_of):
         for row in q:

@@ -30,6 +30,9 @@ CONSISTENCY = "Strong"
 #: the next time tick: 201 ms against 4 ms at 1M cases on the standalone server (docs/results.md)
 READER_CONSISTENCY = "Bounded"
 CALL_TIMEOUT_S = 30.0
+#: how long a reader reuses the collection's count and partition list (each an RPC otherwise, per
+#: query); Bounded consistency already lets a reader's view lag the writer's by up to 5 s
+READER_CACHE_S = 2.0
 
 
 def partition_name(group: str) -> str:
@@ -37,6 +40,13 @@ def partition_name(group: str) -> str:
     and plane searches only its partitions' own indexes, as the FAISS store does. A filter
     expression on the HNSW graph instead found 0.2-0.7 of the true top 25 (docs/results.md)."""
     return "g_" + re.sub(r"[^A-Za-z0-9_]", "_", str(group))
+
+
+def group_of_partition(name: str) -> str | None:
+    """The group key a partition holds ("g_1_axial" -> "1:axial", "g_1_" -> "1:"), as far as
+    :func:`partition_name` keeps it (it maps back to the same partition); None for another one."""
+    found = re.fullmatch(r"g_(_?)(\d+)_(.*)", name)
+    return None if found is None else f"{'-' if found[1] else ''}{found[2]}:{found[3]}"
 
 
 def search_defaults(index_type: str, k: int) -> dict:
@@ -270,6 +280,44 @@ class MilvusStore:
                 ids[q, j] = int(h["id"])
         return dist, ids
 
+    @property
+    def parts(self) -> list[str]:
+        """The group keys of the collection's partitions (none for an unpartitioned one): what
+        NIR's two-step deep search (:func:`neurocbir.retrieval.store.deep_search`) reads."""
+        if not self.partitioned:
+            return []
+        fresh = time.monotonic() - getattr(self, "_listed", -np.inf) >= READER_CACHE_S
+        if fresh:
+            self._listed = time.monotonic()
+        keys = (group_of_partition(name) for name in self._partitions(refresh=fresh))
+        return sorted(k for k in keys if k is not None)
+
+    def range_search(
+        self, query: np.ndarray, radius: float, groups, limit: int = 16384
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cases of the ``groups`` partitions closer than ``radius`` to one query, sorted
+        (distances, ids), at most ``limit`` (Milvus's range search: exact on a FLAT index, as
+        approximate as a search on HNSW); None for an unpartitioned collection."""
+        if not self.partitioned:
+            return None
+        limit = max(1, min(int(limit), 16384))
+        names = sorted({partition_name(g) for g in groups} & self._partitions(refresh=False))
+        if not names:
+            return np.zeros(0), np.zeros(0, np.int64)
+        params = {**(self.search_params or search_defaults(self.index_type, limit)), "radius": float(radius) ** 2}
+        res = self._call(
+            self.client.search,
+            self.collection,
+            data=_as_f32(np.asarray(query).reshape(1, -1), self.dim).tolist(),
+            limit=limit,
+            search_params={"params": params},
+            consistency_level=self.consistency,
+            partition_names=names,
+        )
+        hits = sorted((float(h["distance"]), int(h["id"])) for h in res[0])
+        dist = np.sqrt(np.maximum(np.array([d for d, _ in hits], dtype=float), 0.0))
+        return dist, np.array([i for _, i in hits], dtype=np.int64)
+
     def delete(self, ids: np.ndarray) -> None:
         self._call(self.client.delete, self.collection, ids=[int(i) for i in ids])
 
@@ -295,6 +343,10 @@ class MilvusStore:
         return np.array(sorted(int(r["id"]) for r in rows), dtype=np.int64)
 
     def count(self) -> int:
+        """Cases in the collection; a reader (not Strong) reuses it for :data:`READER_CACHE_S`."""
+        cached = getattr(self, "_count", None)
+        if self.consistency != CONSISTENCY and cached is not None and time.monotonic() - cached[0] < READER_CACHE_S:
+            return cached[1]
         rows = self._call(
             self.client.query,
             self.collection,
@@ -302,7 +354,8 @@ class MilvusStore:
             output_fields=["count(*)"],
             consistency_level=self.consistency,
         )
-        return int(rows[0]["count(*)"])
+        self._count = (time.monotonic(), int(rows[0]["count(*)"]))
+        return self._count[1]
 
     def save(self) -> None:
         self._call(self.client.flush, self.collection)

@@ -161,16 +161,19 @@ class FaissStore:
         order = np.argsort(d2, axis=1, kind="stable")[:, :k]
         return np.sqrt(np.take_along_axis(d2, order, 1)), np.take_along_axis(ids, order, 1)
 
-    def range_search(self, query: np.ndarray, radius: float, groups) -> tuple[np.ndarray, np.ndarray] | None:
+    def range_search(
+        self, query: np.ndarray, radius: float, groups, limit: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Every case of the ``groups`` partitions closer than ``radius`` to one query, sorted
-        (distances, ids); None for an HNSW store (exact range search needs flat partitions)."""
+        (distances, ids), the ``limit`` nearest at most; None for an HNSW store (exact range search
+        needs flat partitions)."""
         if self.kind != "flat":
             return None
         q = _as_f32(np.asarray(query).reshape(1, -1), self.dim)
         found = [ix.range_search(q, float(radius) ** 2)[1:] for key, ix in self.parts.items() if key in groups]
         d2 = np.concatenate([np.zeros(0, np.float32)] + [d for d, _ in found])
         ids = np.concatenate([np.zeros(0, np.int64)] + [i for _, i in found])
-        order = np.argsort(d2, kind="stable")
+        order = np.argsort(d2, kind="stable")[:limit]
         return np.sqrt(np.maximum(d2[order], 0)), ids[order]
 
     def _search_part(self, ix: faiss.Index, q: np.ndarray, k: int, allowed, sel) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +250,7 @@ def deep_search(
     patient keys) keeps only the closest slice of each patient."""
     total = store.count()
     k = min(start, total, cap)
-    first = True
+    untried = True
     while True:
         dist, ids = store.search(queries, k)
         known = label_of(ids) >= 0  # a reader may meet vectors of cases not yet committed as indexed
@@ -258,30 +261,32 @@ def deep_search(
         done = all((((labels >= 0) & (labels != c)).sum(1) >= nth).all() for c in range(n_classes))
         if done or k >= min(total, cap):
             return dist, ids, labels
-        if first and nth == 1 and len(queries) == 1 and labels[0][0] >= 0:
-            found = _run_of_one_label(store, label_of, queries, group_of, labels[0][0], cap)
+        if untried and nth == 1 and len(queries) == 1 and labels[0][0] >= 0:  # once, with a label to go on
+            untried = False
+            found = _run_of_one_label(store, label_of, queries, group_of, labels[0][0], cap, n_classes)
             if found is not None:
                 return found
-        first = False
         k = min(k * 2, total, cap)
 
 
-def _run_of_one_label(store, label_of, query, group_of, label: int, cap: int):
+def _run_of_one_label(store, label_of, query, group_of, label: int, cap: int, n_classes: int):
     """NIR's deep search in two steps where the first retrievals all have one label: the nearest
-    case of another label (its partitions), then every case of this label closer than it (a range
+    case of another of the ``n_classes`` labels (its partitions; cases of no tumor type, such as
+    no-tumor ones, are no NIR retrieval), then every case of this label closer than it (a range
     search of its partitions), instead of doubling the depth over every partition. For NIR (the
     first retrieval of another label) the list is exact up to that retrieval, where it ends. None
     where the store cannot (not flat, not partitioned by label) or the answer needs more."""
     parts = list(getattr(store, "parts", {}))
     if not parts or not hasattr(store, "range_search") or not all(":" in key for key in parts):
         return None
-    same = [key for key in parts if key.split(":", 1)[0] == str(int(label))]
-    other = [key for key in parts if key not in same]
+    label_of_part = {key: key.split(":", 1)[0] for key in parts}
+    same = [key for key in parts if label_of_part[key] == str(int(label))]
+    other = [key for key in parts if label_of_part[key] in {str(c) for c in range(n_classes) if c != int(label)}]
     if not other:
         return None
     d_other, i_other = store.search(query, 8, groups=other)
     known = np.flatnonzero((i_other[0] >= 0) & (label_of(i_other[0]) >= 0))
-    if not len(known) or (inside := store.range_search(query[0], d_other[0][known[0]], same)) is None:
+    if not len(known) or (inside := store.range_search(query[0], d_other[0][known[0]], same, cap)) is None:
         return None
     # as the doubling search would: the ``cap`` nearest at most, then unknown cases and patients'
     # farther slices dropped
