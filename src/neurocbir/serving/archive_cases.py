@@ -48,7 +48,8 @@ class ArchiveCases(SearchedCases):
             root, checkpoint_sha256=checkpoint_sha256, dim=dim, writer=False, store_wait_s=store_wait_s
         )
         self.version = self.archive.opened_version  # what this view holds (see changed())
-        cols = self.archive.columns()
+        self._codes: dict[str, int] = {}  # patient key -> a number: a million 32-character keys are 130 MB
+        cols = self.archive.columns(lambda keys: _code(self._codes, keys))
         if not len(cols["id"]):
             raise InvalidInput(
                 f"the archive {root} holds no cases: add some with `neurocbir add FOLDER --archive {root}`"
@@ -56,8 +57,7 @@ class ArchiveCases(SearchedCases):
         self.store = self.archive.store
         self.store_ids, self.attr_label = cols["id"], cols["label"]  # what the retrieval filters read
         self.attr_plane, self.attr_area = cols["plane"], cols["area_mm2"]
-        self._codes: dict[str, int] = {}  # patient key -> a number: a million 32-character keys are 130 MB
-        self._patient_keys = _code(self._codes, cols["patient_key"])
+        self._patient_keys = cols["patient_key"]
         self.loaded_size = len(cols["id"])  # at the last full load (see grown)
         if not (cols["label"] < len(CLASS_NAMES)).any():
             raise InvalidInput(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
