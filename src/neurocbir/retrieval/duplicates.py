@@ -62,6 +62,9 @@ CANDIDATES = 8
 #: at a million, 110 -> 8 ms a query (one core), planted copies found 300 of 300 either way, at coarse
 #: similarities down to the gate (benchmarks/duplicate_gate_scale.py)
 IVF_FROM, IVF_LISTS, IVF_PROBE = 50_000, 1024, 32
+#: k-means rounds of the inverted file's training (FAISS's default is 25; with 32 lists probed the
+#: lists need not be exact, and training is the slow part of loading a view)
+IVF_TRAIN_ROUNDS = 10
 #: the variants' windows (offset x, offset y, scale x, scale y), in units of the head's window
 VARIANTS = [(2 * dx, 2 * dy, sx, sy) for sx in SCALES for sy in SCALES for dx in SHIFTS for dy in SHIFTS]
 
@@ -317,6 +320,7 @@ class _Part:
         if inverted:
             self.index = faiss.index_factory(SIDE * SIDE, f"IVF{IVF_LISTS},SQ8", faiss.METRIC_INNER_PRODUCT)
             self.index.nprobe = IVF_PROBE
+            faiss.extract_index_ivf(self.index).cp.niter = IVF_TRAIN_ROUNDS
         else:
             self.index = faiss.IndexScalarQuantizer(
                 SIDE * SIDE, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
