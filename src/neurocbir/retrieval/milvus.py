@@ -280,6 +280,11 @@ class MilvusStore:
                 ids[q, j] = int(h["id"])
         return dist, ids
 
+    def reread(self) -> None:
+        """Ask the server for the count and the partitions next time (a reader whose archive
+        changed: its cached ones are no longer the archive's)."""
+        self._count, self._listed = None, -np.inf
+
     @property
     def parts(self) -> list[str]:
         """The group keys of the collection's partitions (none for an unpartitioned one): what

@@ -107,6 +107,8 @@ class ArchiveCases(SearchedCases):
         view._set_lookups()
         if isinstance(self.store, FaissStore):  # a Milvus server holds them already
             view.store = self.store.with_added(ids, new["embedding"], group_keys(new["label"], new["plane"]))
+        else:  # its count and partitions as the server has them now, not as cached a moment ago
+            self.store.reread()
         printed = np.isfinite(new["fingerprint"]).all(1)
         if self.duplicate_index is not None and printed.any():
             view.duplicate_index = self.duplicate_index.with_added(ids[printed], new["fingerprint"][printed])
