@@ -577,6 +577,7 @@ def test_training_with_other_hospitals_development_part(
     from neurocbir.training.holdout import extra_holdout_split
 
     monkeypatch.setattr(presence_choice, "SOURCE_MAX_MISSED", {})
+    monkeypatch.setattr(presence_choice, "MIN_ALLOWED_SLICES", 0)
     monkeypatch.setattr(presence_choice, "MAX_MISSED", -1.0)  # no rule can meet it: the one that misses fewest
     res = CliRunner().invoke(cli, ["calibrate", str(run), "--presence", "--data", str(small_data_dir)])
     assert res.exit_code == 0, res.output

@@ -194,3 +194,38 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     with pytest.raises(ConfigurationError, match="calibrate RUN --presence"):
         RetrievalService.from_archive(run, archive)
     (run / RULE_FILE).unlink()
+
+
+def test_a_source_with_few_held_out_tumor_slices_does_not_decide_the_no_tumor_rule(monkeypatch):
+    """The 'no tumor' rule is chosen on held-out slices per source, at most 2 % of each source's
+    tumor slices called 'no tumor': a source that held out 7 tumor slices may still have one so
+    called (2 % of 7 is none: one slice would force a decoder veto that loses half of every
+    source's no-tumor slices); counted strictly, that veto is what is chosen."""
+    from neurocbir.training import presence_choice
+
+    def source(name, tumor_p, tumor_peak, none_p, none_peak):
+        n_t, n_n = len(tumor_p), len(none_p)
+        return {
+            "source": np.array([name] * (n_t + n_n)),
+            "tumor": np.array([True] * n_t + [False] * n_n),
+            "peak": np.array(tumor_peak + none_peak, dtype=float),
+            "p": np.array(tumor_p + none_p, dtype=float),
+        }
+
+    parts = [  # Br35H: clear; Kaggle: one tumor slice the presence model calls 'no tumor' (decoder peak 0.6)
+        source("br35h", [0.1] * 100, [0.9] * 100, [0.95] * 50, [0.1] * 50),
+        source("kaggle-training", [0.95] + [0.1] * 6, [0.6] + [0.9] * 6, [0.95] * 40, [0.1] * 20 + [0.7] * 20),
+    ]
+    s = {k: np.concatenate([x[k] for x in parts]) for k in ("source", "tumor", "peak")}
+    s["trained"] = np.zeros(len(s["tumor"]), bool)
+    p = np.concatenate([x["p"] for x in parts])
+    monkeypatch.setattr(presence_choice, "pooled_slices", lambda run, table, pool: (s, p, 0))
+
+    rule, _ = presence_choice.choose_presence("run", None, save=False)
+    assert (rule.threshold, rule.decoder_veto) == (min(presence_choice.THRESHOLDS), None)
+    assert "at least 1 slice of a source" in rule.how
+    monkeypatch.setattr(presence_choice, "MIN_ALLOWED_SLICES", 0)
+    rule, tried = presence_choice.choose_presence("run", None, save=False)
+    assert rule.decoder_veto == 0.6  # the highest veto that keeps the slice: half of Kaggle's no-tumor slices lost
+    chosen = next(r for t, r in tried if (t.threshold, t.decoder_veto) == (rule.threshold, rule.decoder_veto))
+    assert chosen["kaggle-training"] == (0.5, 0.0) and chosen["br35h"] == (1.0, 0.0)
