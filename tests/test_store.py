@@ -71,11 +71,10 @@ def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(
     flat = FaissStore(tmp_path / "f.faiss", x.shape[1])
     if kind == "flat":
         parts = FaissStore(tmp_path / "p.faiss", x.shape[1])
-    else:  # written, then read in a store of its own (Strong: the writes are a moment old)
-        uri = request.getfixturevalue("milvus_server").uri
-        name = collection_name()
-        MilvusStore(uri, name, x.shape[1]).add(ids, x, group_keys(labels, planes))
-        parts = MilvusStore(uri, name, x.shape[1], consistency="Strong")
+    else:  # read with Session consistency: its own writes seen, no wait for a time tick per search (Strong)
+        parts = MilvusStore(request.getfixturevalue("milvus_server").uri, collection_name(), x.shape[1])
+        parts.add(ids, x, group_keys(labels, planes))
+        parts.consistency = "Session"
     flat.add(ids, x)
     if kind == "flat":
         parts.add(ids, x, group_keys(labels, planes))
