@@ -79,6 +79,7 @@ class MilvusStore:
         self.dim, self.collection, self.checkpoint_sha256 = dim, collection, checkpoint_sha256
         self.index_type, self.search_params, self.uri = index_type, search_params, uri
         self.consistency = consistency  # of searches and counts; `contains` is always Strong
+        self.reread()  # a reader's cached count and partition list: none yet
         self.client = (
             MilvusClient(uri, token=token, timeout=CALL_TIMEOUT_S)
             if token
@@ -291,7 +292,7 @@ class MilvusStore:
         NIR's two-step deep search (:func:`neurocbir.retrieval.store.deep_search`) reads."""
         if not self.partitioned:
             return []
-        fresh = time.monotonic() - getattr(self, "_listed", -np.inf) >= READER_CACHE_S
+        fresh = time.monotonic() - self._listed >= READER_CACHE_S
         if fresh:
             self._listed = time.monotonic()
         keys = (group_of_partition(name) for name in self._partitions(refresh=fresh))
@@ -349,7 +350,7 @@ class MilvusStore:
 
     def count(self) -> int:
         """Cases in the collection; a reader (not Strong) reuses it for :data:`READER_CACHE_S`."""
-        cached = getattr(self, "_count", None)
+        cached = self._count
         if self.consistency != CONSISTENCY and cached is not None and time.monotonic() - cached[0] < READER_CACHE_S:
             return cached[1]
         rows = self._call(

@@ -279,9 +279,9 @@ def _run_of_one_label(store, label_of, query, group_of, label: int, cap: int, n_
     parts = list(getattr(store, "parts", {}))
     if not parts or not hasattr(store, "range_search") or not all(":" in key for key in parts):
         return None
-    label_of_part = {key: key.split(":", 1)[0] for key in parts}
-    same = [key for key in parts if label_of_part[key] == str(int(label))]
-    other = [key for key in parts if label_of_part[key] in {str(c) for c in range(n_classes) if c != int(label)}]
+    others = {str(c) for c in range(n_classes) if c != int(label)}
+    same = [key for key in parts if key.split(":", 1)[0] == str(int(label))]
+    other = [key for key in parts if key.split(":", 1)[0] in others]
     if not other:
         return None
     d_other, i_other = store.search(query, 8, groups=other)
