@@ -135,7 +135,7 @@ def test_checkpoint_rebuilds_the_full_encoder(supcon_run, small_cases):
 
 
 def test_training_is_deterministic(small_cases, feature_cache, tmp_path):
-    cfg = TrainConfig(loss="ce", trials=1, epochs=3, n_copies=1, cache_dir=str(feature_cache))
+    cfg = TrainConfig(loss="ce", trials=1, epochs=2, n_copies=1, cache_dir=str(feature_cache))
     train_run(cfg, tmp_path / "a", table=small_cases, progress=False)
     train_run(cfg, tmp_path / "b", table=small_cases, progress=False)
     a, b = (np.load(tmp_path / r / "trial_0" / "embeddings.npz") for r in "ab")

@@ -227,5 +227,66 @@ def test_a_source_with_few_held_out_tumor_slices_does_not_decide_the_no_tumor_ru
     monkeypatch.setattr(presence_choice, "MIN_ALLOWED_SLICES", 0)
     rule, tried = presence_choice.choose_presence("run", None, save=False)
     assert rule.decoder_veto == 0.6  # the highest veto that keeps the slice: half of Kaggle's no-tumor slices lost
-    chosen = next(r for t, r in tried if (t.threshold, t.decoder_veto) == (rule.threshold, rule.decoder_veto))
+    chosen = next(r for t, r, _ in tried if (t.threshold, t.decoder_veto) == (rule.threshold, rule.decoder_veto))
     assert chosen["kaggle-training"] == (0.5, 0.0) and chosen["br35h"] == (1.0, 0.0)
+
+
+def test_the_decoder_weight_finds_no_tumor_slices_the_probability_alone_misses(lesion_site, small_external):
+    """A rule weighting the tumor decoder's peak (presence.json ``decoder_weight``) answers 'no
+    tumor' for no-tumor slices where the decoder sees nothing even though P(no tumor) alone stays
+    under the threshold, and still answers 'tumor' on tumor slices the decoder plainly sees; the
+    evidence shows the peak, the weight and the score."""
+    from neurocbir.classify.presence import RULE_FILE
+
+    run, archive = lesion_site
+    ext = load_external(small_external)
+    held = development_split(ext)[1]
+    plain = RetrievalService.from_archive(run, archive)
+    answers = {int(i): plain.query(ext.load_image(int(i))) for i in held}
+    p_none = {i: a["tumor_presence"]["probability_no_tumor"] for i, a in answers.items()}
+    peaks = {i: float(plain.model.analyse(ext.load_image(i))[2].max()) for i in answers}
+    missed = [i for i in answers if not ext.tumor[i] and p_none[i] <= 0.8 and peaks[i] < 0.15]
+    seen = [i for i in answers if ext.tumor[i] and peaks[i] >= 0.95]
+    assert missed and seen, (p_none, peaks)
+    (run / RULE_FILE).write_text(json.dumps({"threshold": 0.8, "decoder_veto": None, "decoder_weight": 0.7, "how": "test"}))  # fmt: skip
+    try:
+        weighted = RetrievalService.from_archive(run, archive)
+        for i in missed:
+            out = weighted.query(ext.load_image(i))
+            assert out["tumor_found"] is False and out["prediction"] is None, out["tumor_presence"]
+            evidence = out["tumor_presence"]
+            assert evidence["decoder_weight"] == 0.7 and evidence["score"] > 0.8 >= evidence["probability_no_tumor"]
+        for i in seen:
+            assert weighted.query(ext.load_image(i))["tumor_found"] is True
+    finally:
+        (run / RULE_FILE).unlink()
+
+
+def test_the_choice_weights_the_decoder_where_both_signals_carry_evidence(monkeypatch, test_seed):
+    """Where P(no tumor) and the decoder's peak each separate tumor from no-tumor slices only
+    partly (independent, equally informative), the rule chosen combines them (a decoder weight)
+    and finds more no-tumor slices within the bounds than any rule on P(no tumor) alone."""
+    from neurocbir.training import presence_choice
+
+    rng = np.random.default_rng(test_seed)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    n_t, n_n = 600, 600
+    tumor = np.array([True] * n_t + [False] * n_n)
+    centre = np.where(tumor, -1.5, 1.5)  # logit P(no tumor) and -logit(peak) both lean the right way
+    p = sig(centre + rng.normal(0, 1.5, n_t + n_n))
+    peak = sig(-(centre + rng.normal(0, 1.5, n_t + n_n)))
+    s = {
+        "source": np.array(["br35h"] * (n_t + n_n)),
+        "tumor": tumor,
+        "peak": peak,
+        "trained": np.zeros(n_t + n_n, bool),
+    }
+    monkeypatch.setattr(presence_choice, "pooled_slices", lambda run, table, pool: (s, p, 0))
+    monkeypatch.setattr(presence_choice, "MAX_MISSED", 0.1)  # 10 %: most thresholds stay within it
+
+    rule, tried = presence_choice.choose_presence("run", None, save=False)
+    alone = max(presence_choice.found(r) for t, r, ok in tried if ok and not t.decoder_weight)
+    key = (rule.threshold, rule.decoder_veto, rule.decoder_weight)
+    chosen = next(r for t, r, _ in tried if (t.threshold, t.decoder_veto, t.decoder_weight) == key)
+    assert rule.decoder_weight > 0, rule  # ties go to P(no tumor) alone: a weight is chosen only where it finds more
+    assert presence_choice.found(chosen) > alone and chosen["br35h"][1] <= 0.1

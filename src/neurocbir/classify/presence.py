@@ -99,18 +99,37 @@ RULE_FILE = "presence.json"
 
 @dataclass(frozen=True)
 class PresenceRule:
-    """How a run answers "no tumor found": the archive's P(no tumor) above ``threshold`` and, with
-    ``decoder_veto``, the tumor decoder's highest probability on the slice below it (a tumor the
-    decoder plainly sees is never answered "no tumor"). Chosen on slices the network never trained
-    on (:mod:`neurocbir.training.presence_choice`); ``how`` says how."""
+    """How a run answers "no tumor found": a score above ``threshold``, the score being the
+    archive's P(no tumor), or with ``decoder_weight`` w > 0 that and the tumor decoder's highest
+    probability on the slice (its peak) combined, ``sigmoid((1 - w) logit(P) - w logit(peak))``: a
+    slice where the decoder sees nothing leans to "no tumor", one where it plainly sees a tumor
+    leans away; and with ``decoder_veto``, never where the peak reaches the veto. Chosen on slices
+    the network never trained on (:mod:`neurocbir.training.presence_choice`); ``how`` says how."""
 
     threshold: float = NO_TUMOR_PROBABILITY
     decoder_veto: float | None = None
     how: str = "not chosen for this run: P(no tumor) > 0.5, no decoder veto"
+    decoder_weight: float = 0.0
 
-    def no_tumor(self, p_none: float, peak: float | None) -> bool:
-        vetoed = self.decoder_veto is not None and peak is not None and peak >= self.decoder_veto
-        return bool(p_none > self.threshold and not vetoed)
+    def score(self, p_none, peak):
+        """The score the threshold is on (arrays or floats; ``peak`` None: P(no tumor) itself)."""
+        if not self.decoder_weight or peak is None:
+            return p_none
+        w = self.decoder_weight
+        z = (1 - w) * _logit(p_none) - w * _logit(peak)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def no_tumor(self, p_none, peak):
+        """'No tumor' for a slice (floats: a bool) or for many (arrays: a bool array)."""
+        called = np.asarray(self.score(p_none, peak)) > self.threshold
+        if self.decoder_veto is not None and peak is not None:
+            called &= np.asarray(peak) < self.decoder_veto
+        return bool(called) if called.ndim == 0 else called
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
 
 
 def load_rule(run: Path | str | None) -> PresenceRule:
@@ -121,7 +140,8 @@ def load_rule(run: Path | str | None) -> PresenceRule:
     try:
         doc = json.loads(path.read_text())
         veto = doc["decoder_veto"]
-        return PresenceRule(float(doc["threshold"]), None if veto is None else float(veto), str(doc["how"]))
+        weight = float(doc.get("decoder_weight", 0.0))  # rules chosen before 2026-12-03 had none
+        return PresenceRule(float(doc["threshold"]), None if veto is None else float(veto), str(doc["how"]), weight)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(
             f"{path} is corrupt ({type(exc).__name__}): choose it again with `neurocbir calibrate RUN --presence`"

@@ -146,7 +146,8 @@ function showPrediction() {
     return;
   }
   if (none) {
-    $("noTumorWhy").textContent = `Probability of no tumor ${(100 * p.probability_no_tumor).toFixed(1)}% (${p.note}). ` +
+    const peak = p.decoder_peak == null ? "" : `, the tumor map's highest probability ${(100 * p.decoder_peak).toFixed(1)}%`;
+    $("noTumorWhy").textContent = `Probability of no tumor ${(100 * p.probability_no_tumor).toFixed(1)}%${peak} (${p.note}). ` +
       "The archive's answer is about tumor type only, so no tumor type is given; the most similar archive cases are shown as context.";
     return;
   }
