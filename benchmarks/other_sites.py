@@ -298,8 +298,10 @@ def main() -> None:
             "",
             "### A new site teaches the archive: the development part added, no retraining",
             "",
-            "Whole groups in a fixed random order (seed 0); validation part, per source: no-tumor slices handled / "
-            "tumor slices called 'no tumor' / tumor-type accuracy where known.",
+            "Whole groups in a fixed random order (seed 0); validation part, per source: no-tumor slices handled "
+            "(of which answered 'no tumor') / tumor slices called 'no tumor' / tumor-type accuracy where known. "
+            "With none of the development part added the archive holds no slice without a tumor: presence is "
+            "not assessed, and a no-tumor slice counts as handled only by being flagged 'no similar case'.",
             "",
             "| development slices added | " + " | ".join(np.unique(val.sources)) + " |",
             "|---|" + "---|" * len(np.unique(val.sources)),
@@ -309,7 +311,10 @@ def main() -> None:
             for s in np.unique(val.sources):
                 sel = np.flatnonzero(val.sources == s)
                 f = figures([o[i] for i in sel], val.labels[sel])
-                cells.append(f"{pct(f['none_handled'])} / {pct(f['tumor_called_none'])} / {num(f['accuracy'])}")
+                cells.append(
+                    f"{pct(f['none_handled'])} ({pct(f['none_called_none'])}) / {pct(f['tumor_called_none'])} / "
+                    f"{num(f['accuracy'])}"
+                )
             body.append(f"| {round(100 * g)} % ({n_added}) | " + " | ".join(cells) + " |")
     write_section(args.section, "\n".join(body))
     print("\n".join(body))

@@ -34,7 +34,9 @@ def best_per_weight(tried: list) -> set:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/cpu-v3-fold5"))
-    ap.add_argument("--pool", type=Path, nargs="*", default=[], help="runs of the same recipe on other folds")
+    ap.add_argument(
+        "--pool", type=Path, nargs="+", action="extend", default=[], help="runs of the same recipe on other folds"
+    )
     ap.add_argument("--save", action="store_true", help="write the chosen rule as the run's presence.json")
     args = ap.parse_args()
     from neurocbir.data.cases import default_data_dir, load_cases
@@ -65,6 +67,7 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/presence_held_out.py --run {args.run}"
         + "".join(f" --pool {p}" for p in args.pool)
+        + (" --save" if args.save else "")
         + f"` | machine: {machine()} | {started} | "
         f"{time.time() - t0:.0f} s",
         "",
