@@ -21,7 +21,7 @@ demo: setup
 # provider) is installed first when the machine allows it (else the one command to run is shown).
 test: setup
 	bash tools/test-deps.sh
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests tools/remote-gpu/tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=40 tests tools/remote-gpu/tests
 
 # Style: ruff lint and format check (configured in pyproject.toml); CI runs it before the tests.
 lint: setup

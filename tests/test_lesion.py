@@ -594,6 +594,9 @@ def test_training_with_other_hospitals_development_part(
     ]
     assert set(doc["measured"]) == {"figshare", *part(ext, "development").sources[held]}  # per source held out
     # the rule that finds the most held-out no-tumor slices (the mean over the sources) is chosen
+    assert (rule.threshold, rule.decoder_veto, rule.decoder_weight) == tuple(
+        doc[k] for k in ("threshold", "decoder_veto", "decoder_weight")
+    )  # what the app reads back is what was chosen
     found = np.mean([m["no_tumor_found"] for m in doc["measured"].values() if m["no_tumor_found"] is not None])
     assert found == pytest.approx(max(presence_choice.found(r) for _, r, _ in tried), abs=1e-4)
     arrays = np.load(run / "trial_0" / "embeddings.npz")
