@@ -126,6 +126,21 @@ class PresenceRule:
             called &= np.asarray(peak) < self.decoder_veto
         return bool(called) if called.ndim == 0 else called
 
+    def answer(self, p_none: float, peak: float | None) -> tuple[bool, dict]:
+        """(tumor found, the evidence as the answer shows it) for one slice."""
+        note = "from the archive's cases with and without a tumor (descriptor of the whole slice)"
+        evidence = {"probability_no_tumor": round(p_none, 4), "threshold": self.threshold, "note": note}
+        w, veto = self.decoder_weight, self.decoder_veto
+        if peak is not None and (w or veto is not None):
+            evidence["decoder_peak"] = round(float(peak), 4)
+        if peak is not None and w:
+            evidence |= {"decoder_weight": w, "score": round(float(self.score(p_none, peak)), 4)}
+            evidence["note"] += f"; the threshold is on P(no tumor) and the tumor decoder's peak combined (weight {w})"
+        if peak is not None and veto is not None:
+            evidence["decoder_veto"] = veto
+            evidence["note"] += "; never 'no tumor' where the tumor decoder's peak reaches the veto"
+        return not self.no_tumor(p_none, peak), evidence
+
 
 def _logit(p):
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)

@@ -83,20 +83,7 @@ def tumor_presence(
     if p_none is None:
         note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
         return None, {"probability_no_tumor": None, "threshold": None, "note": note}
-    note = "from the archive's cases with and without a tumor (descriptor of the whole slice)"
-    evidence = {"probability_no_tumor": round(p_none, 4), "threshold": rule.threshold, "note": note}
-    if (rule.decoder_veto is not None or rule.decoder_weight) and peak is not None:
-        evidence["decoder_peak"] = round(float(peak), 4)
-    if rule.decoder_weight and peak is not None:
-        evidence |= {"decoder_weight": rule.decoder_weight, "score": round(float(rule.score(p_none, peak)), 4)}
-        evidence["note"] += (
-            f"; 'no tumor' where the score (P(no tumor) and the tumor decoder's peak, weight {rule.decoder_weight}) "
-            "is above the threshold"
-        )
-    if rule.decoder_veto is not None and peak is not None:
-        evidence["decoder_veto"] = rule.decoder_veto
-        evidence["note"] += "; never 'no tumor' where the tumor decoder's peak reaches the veto"
-    return not rule.no_tumor(p_none, peak), evidence
+    return rule.answer(p_none, peak)
 
 
 class ArchiveUnavailable(Unavailable):
