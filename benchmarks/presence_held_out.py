@@ -49,14 +49,9 @@ def main() -> None:
     def cell(f: float, m: float) -> str:
         return ("-" if np.isnan(f) else f"{f:.3f}") + " / " + ("-" if np.isnan(m) else f"{m:.3f}")
 
-    def name(r) -> str:
-        return (
-            "P(no tumor)" if not r.decoder_weight else f"P and peak, weight {r.decoder_weight}"
-        ) + f" > {r.threshold}, veto {'none' if r.decoder_veto is None else r.decoder_veto}"
-
     key = (rule.threshold, rule.decoder_veto, rule.decoder_weight)
     lines = [  # every rule of P(no tumor) alone, then each weight's rule that finds the most within bounds
-        f"| {name(r)} | "
+        f"| {r.describe()} | "
         + " | ".join(cell(*rates[s]) for s in sources)
         + (" | **chosen** |" if (r.threshold, r.decoder_veto, r.decoder_weight) == key else " | |")
         for r, rates, _ in tried
@@ -71,7 +66,7 @@ def main() -> None:
         + f"` | machine: {machine()} | {started} | "
         f"{time.time() - t0:.0f} s",
         "",
-        f"Rule chosen: **{name(rule)}**; {rule.how}. The validation part and fold 5 are not read.",
+        f"Rule chosen: **{rule.describe()}**; {rule.how}. The validation part and fold 5 are not read.",
         "",
         "Per source: held-out no-tumor slices called 'no tumor' / held-out tumor slices called 'no tumor'.",
         "",

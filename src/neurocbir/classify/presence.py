@@ -126,6 +126,11 @@ class PresenceRule:
             called &= np.asarray(peak) < self.decoder_veto
         return bool(called) if called.ndim == 0 else called
 
+    def describe(self) -> str:
+        """The rule in one line, as the CLI and the benchmarks print it."""
+        score = f"P(no tumor) and peak, weight {self.decoder_weight}" if self.decoder_weight else "P(no tumor)"
+        return f"{score} > {self.threshold}, veto {'none' if self.decoder_veto is None else self.decoder_veto}"
+
     def answer(self, p_none: float, peak: float | None) -> tuple[bool, dict]:
         """(tumor found, the evidence as the answer shows it) for one slice."""
         note = "from the archive's cases with and without a tumor (descriptor of the whole slice)"

@@ -254,11 +254,7 @@ def calibrate(
 
         table = _guard(load_cases, data)
         rule, _ = _guard(choose_presence, resolve_run(run), table, pool=tuple(resolve_run(r) for r in pool))
-        veto = "none" if rule.decoder_veto is None else rule.decoder_veto
-        score = f"the score of P and the decoder's peak (weight {rule.decoder_weight})" if rule.decoder_weight else "P"
-        typer.echo(
-            f"'no tumor' at {score} > {rule.threshold}, decoder veto {veto}; {rule.how}: {run / 'presence.json'}"
-        )
+        typer.echo(f"'no tumor' at {rule.describe()}; {rule.how}: {run / 'presence.json'}")
         return
     if study:
         measured = _guard(calibrate_studies, resolve_run(run), _guard(load_cases, data) if data else None)
