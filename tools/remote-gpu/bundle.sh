@@ -26,27 +26,11 @@ sd = _map_state_dict_by_order(torch.load(_lite2_weights_file(), map_location="cp
 keep = {k: v.half().contiguous() for k, v in sd.items() if not k.startswith("classifier.")}
 save_file(keep, "gpu/tf_efficientnet_lite2.fp16.safetensors")
 PY
-# other hospitals' slices: metadata.csv whole (the development split is computed from it) and only the
-# development part's images (recipe.sh --extra-cases gpu/external never reads the validation part)
-rm -rf gpu/external
-if [ -f "$EXTERNAL/metadata.csv" ]; then
-  python - "$EXTERNAL" <<'PY'
-import shutil
-import sys
-from pathlib import Path
-
-from neurocbir.data.external import development_split, load_external
-
-src, out = Path(sys.argv[1]), Path("gpu/external")
-cases = load_external(src)
-out.mkdir(parents=True)
-shutil.copy(src / "metadata.csv", out / "metadata.csv")
-for i in development_split(cases)[0]:
-    (out / cases.files[i]).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(cases.path(i), out / cases.files[i])
-PY
-fi
-tar czf gpu/data.tgz -C gpu data $( [ -d gpu/external ] && echo external )
+# other hospitals' slices: their development part, in a folder of its own name (bundle_external.py)
+NAME=$(basename "$EXTERNAL")
+rm -rf gpu/external "gpu/$NAME"
+if [ -f "$EXTERNAL/metadata.csv" ]; then python tools/remote-gpu/bundle_external.py "$EXTERNAL" gpu; fi
+tar czf gpu/data.tgz -C gpu data $( [ -d "gpu/$NAME" ] && echo "$NAME" )
 carried=$( (git ls-files -z | xargs -0 cat; cat gpu/data.tgz gpu/wheels/*.whl gpu/tf_efficientnet_lite2.fp16.safetensors) | wc -c)
 echo "what travels (tracked files + gpu/data.tgz, wheels, weights): $((carried / 1048576)) MiB of 64"
 [ "$carried" -le $((64 * 1048576)) ] || { echo "over the 64 MiB transfer limit: carry less" >&2; exit 1; }

@@ -44,6 +44,9 @@ def train(
     weight_decay: Optional[float] = typer.Option(None),
     tta: Optional[bool] = typer.Option(None, help="average the embeddings of augmented views at test time"),
     image_size: Optional[int] = typer.Option(None, help="network input side in px (lesion: 256 GPU, 224 CPU)"),
+    intensity: Optional[str] = typer.Option(
+        None, help="lesion: how a slice is scaled to [-1, 1]: minmax (its range) or head (a window set inside the head)"
+    ),
     frozen_stages: Optional[int] = typer.Option(
         None, help="lesion: first trunk stages kept pretrained (CPU preset: those up to stride 8)"
     ),
@@ -120,6 +123,7 @@ def train(
         trials=trials,
         encoder=encoder,
         image_size=image_size,
+        intensity=intensity,
         frozen_stages=frozen_stages,
         decoder_stride=decoder_stride,
     )

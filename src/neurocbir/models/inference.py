@@ -52,6 +52,12 @@ class Model:
 
     input_size = IMAGE_SIZE
 
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """A scan as this network reads it ((3, 224, 224), scaled by its range)."""
+        from neurocbir.data.transforms import preprocess
+
+        return preprocess(image)
+
     def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable embeddings of preprocessed images (for similarity maps)."""
         return self.top(self.encoder.forward_stages(x, 0, self.top.cut))
@@ -86,12 +92,9 @@ class LesionModel:
     ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """``regions``: each scan's region to search by, on the input grid (S, S) in [0, 1]
         (:func:`neurocbir.data.regions.region_on_grid`); it replaces the predicted tumor in the pooling."""
-        from neurocbir.data.transforms import preprocess
-
-        size = self.config.image_size
-        x = torch.stack([preprocess(im, size) for im in images])
+        x = torch.stack([self.prepare(im) for im in images])
         r = None if regions is None else torch.from_numpy(np.stack(regions).astype(np.float32)[:, None])
-        compiled = compile_net(self.net, size, self.checkpoint_sha256, region=r is not None)
+        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256, region=r is not None)
         if compiled is not None:
             emb, desc, logits = compiled(x.numpy()) if r is None else compiled(x.numpy(), r.numpy())
             return emb, desc, torch.from_numpy(logits)
@@ -106,6 +109,12 @@ class LesionModel:
     @property
     def input_size(self) -> int:
         return self.config.image_size
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """A scan as this network reads it ((3, S, S), its run's size and intensity scaling)."""
+        from neurocbir.data.transforms import preprocess
+
+        return preprocess(image, self.config.image_size, self.config.intensity)
 
     def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable embeddings of preprocessed images (for similarity maps)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neurocbir.data.cases import DEFAULT_TEST_FOLD
+from neurocbir.data.transforms import INTENSITY
 from neurocbir.errors import InvalidInput
 from neurocbir.files import sha256_file
 from neurocbir.models.encoders import DEFAULT_ENCODER, Encoder, create_encoder
@@ -91,6 +92,7 @@ class TrainConfig:
     tta: bool = False  # average embeddings of the cached augmented views at inference
     cross_patient_positives: bool = False  # SupCon/triplet: positives only from other patients
     image_size: int = 224  # the network's input side (the cached recipe's features are at 224)
+    intensity: str = "minmax"  # lesion recipe: how a slice is scaled to [-1, 1] (data.transforms.INTENSITY)
     seg_weight: float = 1.0  # lesion recipe: weight of the tumor-mask loss beside the metric loss
     frozen_stages: int = 0  # lesion recipe: first trunk stages kept at their pretrained weights
     frozen_stride: int = 0  # lesion recipe: or every trunk stage up to this output stride (4, 8, 16)
@@ -130,6 +132,8 @@ class TrainConfig:
             )
         if not 32 <= self.image_size <= 1024:
             raise InvalidInput(f"image_size must be 32..1024, got {self.image_size}")
+        if self.intensity not in INTENSITY:
+            raise InvalidInput(f"intensity must be one of {INTENSITY}, got {self.intensity!r}")
         if not 0.0 <= self.holdout_patients <= 0.5:
             raise InvalidInput(f"holdout_patients must be 0..0.5, got {self.holdout_patients}")
         if self.frozen_stages < 0:

@@ -103,17 +103,14 @@ def similarity_halves(
     """The decomposed similarity of ``image`` with ``other`` on the tumor map's grid, as its
     whole-slice half and its tumor-weighted half ((1, 1, s, s) each; lesion models only).
     ``region`` / ``other_region`` (S, S): the side searched by a drawn region pools over it."""
-    from neurocbir.data.transforms import preprocess
-
     if not hasattr(model, "similarity_contributions"):
         raise InvalidInput(f"{DECOMPOSITION} needs a lesion model (its embedding pools over the tumor map)")
-    size = model.input_size
     if other_region is not None:
         target = torch.from_numpy(model.analyse(other, other_region)[0])
     else:
         with torch.inference_mode():
-            target = model.embed_tensor(preprocess(other, size)[None]).clone()
-    x = preprocess(image, size)[None]
+            target = model.embed_tensor(model.prepare(other)[None]).clone()
+    x = model.prepare(image)[None]
     if region is None:
         return model.similarity_contributions(x, target, halves=True)
     return model.similarity_contributions(x, target, halves=True, region=region)
@@ -155,17 +152,14 @@ def explain_similarity(
 
 def attribution_map(model, image: np.ndarray, other: np.ndarray, attribution: str) -> torch.Tensor:
     """The raw (1, 1, s, s) attribution on the network's grid, before smoothing and scaling."""
-    from neurocbir.data.transforms import preprocess
-
-    size = model.input_size
     if attribution == DECOMPOSITION:
         context, lesion = similarity_halves(model, image, other)
         return (context + lesion).clamp(min=0)
-    x = preprocess(image, size)[None]
+    x = model.prepare(image)[None]
     if attribution == OCCLUSION:
-        return occlusion_map(model, x, model.embed_preprocessed(preprocess(other, size)[None]))
+        return occlusion_map(model, x, model.embed_preprocessed(model.prepare(other)[None]))
     with torch.inference_mode():
-        target = model.embed_tensor(preprocess(other, size)[None]).clone()
+        target = model.embed_tensor(model.prepare(other)[None]).clone()
     noise = SMOOTHGRAD.get(attribution)
     if noise is None:
         xs = x.clone()

@@ -35,20 +35,20 @@ log_warning = logging.getLogger(__name__).warning
 _compile_failed = False  # once torch.compile has failed here, later trials do not try again
 
 
-def load_tensors(table: CaseTable, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_tensors(table: CaseTable, size: int, intensity: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Every slice preprocessed as at query time ((N, 1, size, size) float16 in [-1, 1]) and its
     tumor mask ((N, 1, size, size) uint8)."""
     images = torch.empty(len(table), 1, size, size, dtype=torch.float16)
     masks = torch.empty(len(table), 1, size, size, dtype=torch.uint8)
     for i in tqdm(range(len(table)), desc=f"loading slices at {size} px", unit="slice", mininterval=5):
-        images[i, 0] = preprocess(table.load_image(i), size)[0]
+        images[i, 0] = preprocess(table.load_image(i), size, intensity)[0]
         m = torch.from_numpy(np.asarray(table.load_mask(i), dtype=np.float32))[None, None]
         masks[i] = (F.interpolate(m, size=(size, size), mode="area")[0] >= 0.5).to(torch.uint8)
     return images, masks
 
 
 def load_extra_tensors(
-    folder: Path | str, size: int, rows: np.ndarray | None = None
+    folder: Path | str, size: int, rows: np.ndarray | None = None, intensity: str = "minmax"
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
     """The development part of an other-hospitals folder (``metadata.csv`` layout, see
     :mod:`neurocbir.data.external`; its validation part is never read) as training cases: images as
@@ -66,7 +66,7 @@ def load_extra_tensors(
     images = torch.empty(len(dev), 1, size, size, dtype=torch.float16)
     masks = torch.zeros(len(dev), 1, size, size, dtype=torch.uint8)
     for i in tqdm(range(len(dev)), desc=f"loading {folder} (development part)", unit="slice", mininterval=5):
-        images[i, 0] = preprocess(dev.load_image(i), size)[0]
+        images[i, 0] = preprocess(dev.load_image(i), size, intensity)[0]
         if dev.mask_files[i]:
             m = torch.from_numpy(dev.load_mask(i).astype(np.float32))[None, None]
             masks[i] = (F.interpolate(m, size=(size, size), mode="area")[0] >= 0.5).to(torch.uint8)

@@ -135,7 +135,7 @@ def extra_training_cases(cfg: TrainConfig) -> tuple[tuple | None, np.ndarray]:
     from neurocbir.data.external import load_external, part
 
     fit, held = extra_holdout_split(cfg, part(load_external(cfg.extra_cases), "development"))
-    return load_extra_tensors(cfg.extra_cases, cfg.image_size, fit), held
+    return load_extra_tensors(cfg.extra_cases, cfg.image_size, fit, cfg.intensity), held
 
 
 def lesion_inner_cv_neighbours(
@@ -213,7 +213,7 @@ def recalibrate_lesion_run(
         calibrate_on_holdout(run, table)
         return
     device = pick_device()
-    images, masks = load_tensors(table, cfg.image_size)
+    images, masks = load_tensors(table, cfg.image_size, cfg.intensity)
     encoder = cfg.build_encoder()
     calibrate_by_inner_cv(cfg, run, table, encoder, images.to(device), masks.to(device), device, compile_net)
 
@@ -273,7 +273,7 @@ def train_lesion_run(
     device = pick_device()
     encoder = cfg.build_encoder()
     t0 = time.time()
-    images, masks = load_tensors(table, cfg.image_size)
+    images, masks = load_tensors(table, cfg.image_size, cfg.intensity)
     images, masks = images.to(device), masks.to(device)
     old = json.loads((out / "timings.json").read_text()) if resume and (out / "timings.json").is_file() else {}
     timings: dict = {

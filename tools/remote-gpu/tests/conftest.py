@@ -1,3 +1,3 @@
 """The tooling suite's fixtures: the product suite's own (the bundled dataset)."""
 
-from tests.conftest import data_dir  # noqa: F401  (a fixture, registered by being imported here)
+from tests.conftest import data_dir, external  # noqa: F401  (fixtures, registered by being imported here)

@@ -178,3 +178,24 @@ def test_trials_of_two_leases_ensemble_as_if_trained_in_one(tmp_path, data_dir, 
     with pytest.raises(ValueError):
         merge_runs.merge(1, [back["a"], back["b"]], tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
+
+
+def test_bundled_development_part_is_what_training_reads(tmp_path, external):
+    """The other hospitals' slices a GPU machine gets: every slice a training there reads (the
+    development part, its figshare copies left out as in the shared folder) is there, and no slice
+    of the validation part. (Copied under another folder name, the errata were not applied: the
+    training there asked for 5 figshare copies that were never copied.)"""
+    from neurocbir.data.external import load_external, part
+
+    sys.path.insert(0, str(TOOLS))
+    from bundle_external import copy_development
+
+    out = copy_development(external, tmp_path)
+    copied = {str(p.relative_to(out)) for p in out.rglob("*.jpg")} | {
+        str(p.relative_to(out)) for p in out.rglob("*.png")
+    }
+    dev = part(load_external(external), "development")
+    wanted = set(dev.files) | {m for m in dev.mask_files if m}
+    assert set(part(load_external(out), "development").files) == set(dev.files)
+    assert wanted <= copied and any(dev.mask_files)
+    assert not copied & set(part(load_external(external), "validation").files)
