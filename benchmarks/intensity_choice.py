@@ -12,6 +12,7 @@ source's share of no-tumor slices found with its tumor slices kept within their 
 test fold nor the validation part is read.
 
     python benchmarks/intensity_choice.py --folds 5 1 --out runs/intensity [--data D] [--extra-cases E] [--jobs 4]
+    python benchmarks/intensity_choice.py --runs RUN ...     # runs already trained (`neurocbir train --intensity`)
 
 A GPU only makes it quicker (each training takes about 20 minutes on 2 CPU cores with native
 bf16); the runs it writes are comparisons, never served.
@@ -29,22 +30,17 @@ from pathlib import Path
 SCALINGS = ("minmax", "head")
 
 
-def train_one(fold: int, intensity: str, out: Path, data: str | None, extra: str, smoke: int = 0) -> dict:
-    """One run of the CPU preset with this scaling, and its own "no tumor" rule (``smoke``: that many
-    slices per fold and class, one epoch: a check that it runs)."""
+def train_one(fold: int, intensity: str, out: Path, data: str | None, extra: str, smoke: int = 0) -> None:
+    """One run of the CPU preset with this scaling (``smoke``: that many slices per fold and class,
+    one epoch: a check that it runs)."""
     from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
     from neurocbir.training.lesion_run import train_lesion_run
-    from neurocbir.training.presence_choice import choose_presence
 
     cfg = TrainConfig(recipe="lesion", fold=fold, data=data, extra_cases=extra)
     for k, v in {**LESION_CPU_DEFAULTS, "intensity": intensity}.items():
         setattr(cfg, k, v)
-    table = cases(data, smoke)
     cfg.epochs = 1 if smoke else cfg.epochs
-    t0 = time.time()
-    train_lesion_run(cfg, out, table, progress=False)
-    rule, _ = choose_presence(out, table)
-    return {"fold": fold, "intensity": intensity, "train_s": round(time.time() - t0), **summary(out)}
+    train_lesion_run(cfg, out, cases(data, smoke), progress=False)
 
 
 def cases(data: str | None, smoke: int = 0):
@@ -60,22 +56,25 @@ def cases(data: str | None, smoke: int = 0):
     return table.subset(np.sort(np.concatenate(keep)))
 
 
-def summary(run: Path) -> dict:
-    p = json.loads((run / "presence.json").read_text())
-    inner = json.loads((run / "calibration.json").read_text())["inner_cv"]  # held-out training patients
+def chosen(runs: list[Path], table) -> dict:
+    """The "no tumor" rule chosen on the held-out slices of ``runs`` pooled (as `neurocbir calibrate
+    RUN --presence --pool ...`, nothing saved), its per-source rates, and the first run's NIR kappa on
+    its held-out training patients."""
+    from neurocbir.training.presence_choice import choose_presence
+
+    rule, tried = choose_presence(runs[0], table, save=False, pool=tuple(runs[1:]))
+    key = (rule.threshold, rule.decoder_veto, rule.decoder_weight)
+    rates = next(r for t, r, _ in tried if (t.threshold, t.decoder_veto, t.decoder_weight) == key)
+    inner = json.loads((runs[0] / "calibration.json").read_text())["inner_cv"]
     return {
-        "rule": {k: p[k] for k in ("threshold", "decoder_veto", "decoder_weight")},
-        "measured": p["measured"],
+        "rule": dict(zip(("threshold", "decoder_veto", "decoder_weight"), key)),
+        "measured": {
+            str(src): {"no_tumor_found": None if f != f else float(f), "tumor_called_none": float(m)}
+            for src, (f, m) in rates.items()
+        },
         "held_out_nir_kappa": inner["kappa"]["nir"],
         "held_out_n": inner["n"],
     }
-
-
-def pooled(runs: list[Path], data: str | None, smoke: int = 0) -> dict:
-    from neurocbir.training.presence_choice import choose_presence
-
-    choose_presence(runs[0], cases(data, smoke), pool=tuple(runs[1:]))
-    return summary(runs[0])
 
 
 def row(name: str, s: dict) -> str:
@@ -93,21 +92,43 @@ def row(name: str, s: dict) -> str:
     return f"| {name} | {rule} | " + "; ".join(cells) + f" | {sum(found) / len(found):.3f} | {kappa} |"
 
 
+def compare(runs: list[Path], table) -> None:
+    """Each run's own choice, then each scaling's runs pooled."""
+    print(
+        "| run | rule chosen | per source: no-tumor found / tumor called 'no tumor' | mean found | NIR kappa, held-out patients (slices) |"
+    )
+    print("|---|---|---|---|---|")
+    by_scaling: dict[str, list[Path]] = {}
+    for run in runs:
+        cfg = json.loads((run / "config.json").read_text())
+        scaling = cfg.get("intensity", "minmax")
+        by_scaling.setdefault(scaling, []).append(run)
+        print(row(f"`{run}` ({scaling}, fold {cfg['fold']})", chosen([run], table)), flush=True)
+    for scaling, group in by_scaling.items():
+        if len(group) > 1:
+            print(row(f"{scaling}: {len(group)} runs pooled", chosen(group, table)), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folds", type=int, nargs="+", default=[5, 1])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="train the runs compared here")
+    ap.add_argument("--runs", type=Path, nargs="+", help="or compare these runs, already trained")
     ap.add_argument("--data", default=None)
     ap.add_argument("--extra-cases", default="../shared/data/brain-tumor-external-v2")
     ap.add_argument("--jobs", type=int, default=1, help="trainings at a time (separate processes)")
     ap.add_argument("--smoke", type=int, default=0, help="a check that it runs: N slices per fold and class, 1 epoch")
     ap.add_argument("--one", nargs=2, metavar=("FOLD", "SCALING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.runs:
+        compare(args.runs, cases(args.data, args.smoke))
+        return
+    if args.out is None:
+        ap.error("give --out (train, then compare) or --runs (compare)")
     extra = str(Path(args.extra_cases).resolve())
     if args.one:  # a worker: one training
         fold, intensity = int(args.one[0]), args.one[1]
-        res = train_one(fold, intensity, args.out / f"{intensity}-fold{fold}", args.data, extra, args.smoke)
-        (args.out / f"{intensity}-fold{fold}.json").write_text(json.dumps(res, indent=1))
+        train_one(fold, intensity, args.out / f"{intensity}-fold{fold}", args.data, extra, args.smoke)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     todo = [(f, s) for f in args.folds for s in SCALINGS]
@@ -122,22 +143,8 @@ def main() -> None:
             running.append(subprocess.Popen([*base, "--one", str(f), s], stdout=log, stderr=subprocess.STDOUT))
     for p in running:
         p.wait()
-    print(
-        "| run | rule chosen | per source: no-tumor found / tumor called 'no tumor' | mean found | NIR kappa, held-out patients (slices) |"
-    )
-    print("|---|---|---|---|---|")
-    for f, s in todo:
-        res = args.out / f"{s}-fold{f}.json"
-        print(
-            row(f"{s}, fold {f}", json.loads(res.read_text()))
-            if res.is_file()
-            else f"| {s}, fold {f} | failed: see its log |"
-        )
-    if len(args.folds) > 1:
-        for s in SCALINGS:
-            runs = [args.out / f"{s}-fold{f}" for f in args.folds]
-            if all((r / "presence.json").is_file() for r in runs):
-                print(row(f"{s}, pooled folds {args.folds}", pooled(runs, args.data, args.smoke)))
+    done = [args.out / f"{s}-fold{f}" for f, s in todo if (args.out / f"{s}-fold{f}" / "calibration.json").is_file()]
+    compare(done, cases(args.data, args.smoke))
 
 
 if __name__ == "__main__":
