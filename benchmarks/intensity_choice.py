@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 SCALINGS = ("minmax", "head")
+TITLE = "Intensity scaling inside the head, on held-out slices (issue 38, item 5)"
 
 
 def train_one(fold: int, intensity: str, out: Path, data: str | None, extra: str, smoke: int = 0) -> None:
@@ -117,11 +118,26 @@ def main() -> None:
     ap.add_argument("--data", default=None)
     ap.add_argument("--extra-cases", default="../shared/data/brain-tumor-external-v2")
     ap.add_argument("--jobs", type=int, default=1, help="trainings at a time (separate processes)")
+    ap.add_argument("--save", action="store_true", help="with --runs: write the table into docs/results.md")
     ap.add_argument("--smoke", type=int, default=0, help="a check that it runs: N slices per fold and class, 1 epoch")
     ap.add_argument("--one", nargs=2, metavar=("FOLD", "SCALING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.runs:
-        compare(args.runs, cases(args.data, args.smoke))
+        started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+        lines = compare(args.runs, cases(args.data, args.smoke))
+        if args.save:
+            from results_doc import machine, write_section
+
+            command = f"python benchmarks/intensity_choice.py --runs {' '.join(str(r) for r in args.runs)} --save"
+            head = [
+                f"## {TITLE}",
+                "",
+                f"Command: `{command}` | machine: {machine()} | {started} | {time.time() - t0:.0f} s",
+            ]
+            write_section(
+                "intensity-choice",
+                "\n".join([*head, "", __doc__.split("\n\n", 1)[1].split("\n\n    python")[0].strip(), "", *lines]),
+            )
         return
     if args.out is None:
         ap.error("give --out (train, then compare) or --runs (compare)")
