@@ -6,6 +6,12 @@ training folds, its own calibration, presence rule and outline level).
     neurocbir train --fold F --out runs/cpu-v3-foldF          # F = 1..5, each about 40-100 min here
     neurocbir calibrate runs/cpu-v3-foldF --presence --pool runs/cpu-v3-foldG ...   # the other folds' runs
     .venv/bin/python benchmarks/cpu_folds.py --runs runs/cpu-v3-fold1 ... runs/cpu-v3-fold5 [--section S --title T]
+    .venv/bin/python benchmarks/cpu_folds.py --runs runs/cpu-v3-fold4 --record docs/folds/cpu-v3.json ...
+
+A session's machine keeps no run for the next one, and a fold takes 20-80 minutes to train: with
+``--record FILE`` each fold's figures (with the date, machine, commit and precision it was measured
+with) are kept in FILE, a fold measured again replaces its row, and the table shows every fold the
+file holds, of one recipe (a run of another recipe is refused).
 
 Nothing is chosen here. Accuracy and kappa count every tumor slice of the fold (a slice answered
 "no tumor" is wrong); ECE is over the slices answered with a type; Dice is the outline the app
@@ -17,7 +23,9 @@ the 2 cores with other work took longer than they would alone, so they are upper
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -64,22 +72,58 @@ def fold_figures(run: Path) -> dict:
     }
 
 
+#: config fields that do not make a run another recipe
+NOT_RECIPE = ("fold", "first_seed", "data", "extra_cases", "cache_dir", "weights")
+
+
+def recipe_of(run: Path) -> dict:
+    from neurocbir.models.runs import TrainConfig
+
+    cfg = dataclasses.asdict(TrainConfig(**json.loads((run / "config.json").read_text())))
+    return {k: v for k, v in cfg.items() if k not in NOT_RECIPE}
+
+
+def recorded(path: Path, figs: list[dict], recipe: dict) -> list[dict]:
+    """``figs`` merged into the record at ``path`` (one row per fold, the newest kept), written back."""
+    from neurocbir.files import write_json
+
+    old = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe, "folds": []}
+    if old["recipe"] != recipe:
+        diff = sorted(k for k in {*recipe, *old["recipe"]} if recipe.get(k) != old["recipe"].get(k))
+        raise SystemExit(f"{path} records another recipe (differs in {', '.join(diff)}): record it elsewhere")
+    rows = {f["fold"]: f for f in old["folds"]} | {f["fold"]: f for f in figs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"recipe": recipe, "folds": [rows[k] for k in sorted(rows)]})
+    return [rows[k] for k in sorted(rows)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True)
     ap.add_argument("--section", default="cpu-folds", help="docs/results.md section (one per recipe version)")
     ap.add_argument("--title", default="The CPU recipe on every test fold (issue 39)")
+    ap.add_argument("--record", type=Path, help="keep each fold's figures in this JSON file, and show all it holds")
     args = ap.parse_args()
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+    recipes = [recipe_of(run) for run in args.runs]
+    if any(r != recipes[0] for r in recipes):
+        raise SystemExit("the runs given are of different recipes: one table per recipe")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     figs = []
     for run in args.runs:
-        figs.append(fold_figures(run))
+        precision = json.loads((run / "timings.json").read_text()).get("precision", "?")
+        figs.append(
+            {**fold_figures(run), "measured": f"{started}, {machine().split(';')[0]}, {commit}", "precision": precision}
+        )
         print(figs[-1], flush=True)
+    if args.record:
+        figs = recorded(args.record, figs, recipes[0])
     keys = ("accuracy", "kappa", "ece", "called_none", "dice")
     rows = [
         f"| {f['fold']} | `{f['run']}` ({f['encoder']}) | {f['slices']} | {f['accuracy']:.3f} | {f['kappa']:.3f} | "
         f"{f['ece']:.3f} | {100 * f['called_none']:.1f} % | {f['dice']:.3f} | "
-        + (f"resumed: {f['train_min']:.0f} after the last start |" if f["resumed"] else f"{f['train_min']:.0f} |")
+        + (f"resumed: {f['train_min']:.0f} after the last start" if f["resumed"] else f"{f['train_min']:.0f}")
+        + f" ({f.get('precision', '?')}) | {f.get('measured', '')} |"
         for f in figs
     ]
     mean = {k: np.mean([f[k] for f in figs]) for k in keys}
@@ -89,18 +133,19 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/cpu_folds.py --runs {' '.join(str(r) for r in args.runs)}"
         + (f" --section {args.section} --title '{args.title}'" if args.section != "cpu-folds" else "")
+        + (f" --record {args.record}" if args.record else "")
         + f"` | machine: {machine()} "
         f"| {started} | {time.time() - t0:.0f} s",
         "",
         __doc__.split("\n\n", 2)[2].strip(),
         "",
         "| test fold | run | slices | accuracy | kappa | ECE (typed answers) | tumor slices called 'no tumor' "
-        "| outline Dice median | `neurocbir train` (min, from timings.json) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| outline Dice median | `neurocbir train` (min, from timings.json; precision) | measured (date, machine, commit) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         f"| mean ± sd ({len(figs)} folds) | | | {mean['accuracy']:.3f} ± {sd['accuracy']:.3f} | "
         f"{mean['kappa']:.3f} ± {sd['kappa']:.3f} | {mean['ece']:.3f} ± {sd['ece']:.3f} | "
-        f"{100 * mean['called_none']:.1f} % | {mean['dice']:.3f} ± {sd['dice']:.3f} | |",
+        f"{100 * mean['called_none']:.1f} % | {mean['dice']:.3f} ± {sd['dice']:.3f} | | |",
     ]
     write_section(args.section, "\n".join(body))
     print("\n".join(body))

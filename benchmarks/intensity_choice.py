@@ -93,21 +93,27 @@ def row(name: str, s: dict) -> str:
     return f"| {name} | {rule} | " + "; ".join(cells) + f" | {sum(found) / len(found):.3f} | {kappa} |"
 
 
-def compare(runs: list[Path], table) -> None:
-    """Each run's own choice, then each scaling's runs pooled."""
-    print(
-        "| run | rule chosen | per source: no-tumor found / tumor called 'no tumor' | mean found | NIR kappa, held-out patients (slices) |"
-    )
-    print("|---|---|---|---|---|")
+def compare(runs: list[Path], table) -> list[str]:
+    """Each run's own choice, then each scaling's runs pooled: the table's lines."""
+    lines = [
+        "| run | rule chosen | per source: no-tumor found / tumor called 'no tumor' | mean found "
+        "| NIR kappa, held-out patients (slices) |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(lines))
     by_scaling: dict[str, list[Path]] = {}
     for run in runs:
         cfg = json.loads((run / "config.json").read_text())
         scaling = cfg.get("intensity", "minmax")
         by_scaling.setdefault(scaling, []).append(run)
-        print(row(f"`{run}` ({scaling}, fold {cfg['fold']})", chosen([run], table)), flush=True)
+        precision = json.loads((run / "timings.json").read_text()).get("precision", "?")
+        lines.append(row(f"`{run}` ({scaling}, fold {cfg['fold']}, trained in {precision})", chosen([run], table)))
+        print(lines[-1], flush=True)
     for scaling, group in by_scaling.items():
         if len(group) > 1:
-            print(row(f"{scaling}: {len(group)} runs pooled", chosen(group, table)), flush=True)
+            lines.append(row(f"{scaling}: {len(group)} runs pooled", chosen(group, table)))
+            print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> None:
