@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -88,3 +89,18 @@ def test_lesion_results_says_which_runs_were_compiled(tmp_path):
     ]
     merged = lesion_results.run_sentence("g", [{**job, "merged_from": leases}], [path])
     assert "seeds 0,1 on 2026-11-27; seeds 2,3,4 on 2026-11-28 (compiled)" in merged
+
+
+def test_cpu_folds_record_keeps_folds_across_sessions_and_refuses_another_recipe(tmp_path):
+    """A fold measured in one session stays in the record for the next (a session keeps no run); the
+    same fold measured again replaces its row; a run of another recipe is refused, not mixed in."""
+    import cpu_folds
+
+    record = tmp_path / "folds" / "cpu.json"
+    recipe = {"encoder": "mobilenetv2", "epochs": 16, "intensity": "minmax"}
+    assert [f["fold"] for f in cpu_folds.recorded(record, [{"fold": 4, "kappa": 0.88}], recipe)] == [4]
+    rows = cpu_folds.recorded(record, [{"fold": 1, "kappa": 0.91}, {"fold": 4, "kappa": 0.90}], recipe)
+    assert [(f["fold"], f["kappa"]) for f in rows] == [(1, 0.91), (4, 0.90)]
+    with pytest.raises(SystemExit, match="another recipe.*intensity"):
+        cpu_folds.recorded(record, [{"fold": 2, "kappa": 0.9}], {**recipe, "intensity": "head"})
+    assert [f["fold"] for f in json.loads(record.read_text())["folds"]] == [1, 4]  # the refused row is not kept
