@@ -269,6 +269,11 @@ def test_similarity_map_is_hot_exactly_where_the_embedding_reads(attribution):
     class QuadrantModel:
         input_size = 112
 
+        def prepare(self, image: np.ndarray) -> torch.Tensor:
+            from neurocbir.data.transforms import preprocess
+
+            return preprocess(image, self.input_size)
+
         def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
             return x[:, 0, :56, :56].reshape(len(x), -1)
 
