@@ -281,7 +281,7 @@ def test_dicomweb_the_ui_opens_a_scan_by_instance_uid(pacs, pacs_archive, small_
             # the PACS image is shown (it loads beside the query, and may come after the answer)
             page.wait_for_function("() => document.querySelector('#queryImg').complete", timeout=30_000)
             assert page.locator("#queryImg").evaluate("i => i.naturalWidth") > 0
-            page.wait_for_function("[...document.querySelectorAll('.retrieval img')].every(i => i.complete)")
+            page.wait_for_function("() => [...document.querySelectorAll('.retrieval img')].every(i => i.complete)")
             widths = page.locator(".retrieval img:not(.heat)").evaluate_all("l => l.map(i => i.naturalWidth)")
             assert widths and min(widths) > 0  # the archive's copies show, with no mask to outline
             if page.locator("#disagree").is_visible():  # says which disagreement it is
