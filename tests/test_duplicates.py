@@ -192,3 +192,22 @@ def test_registration_ranks_agree_with_scipy():
         keep = rng.random(400) < rng.uniform(0.3, 1.0)
         np.testing.assert_allclose(_rank(values), rankdata(values))
         np.testing.assert_allclose(_SubsetRanks(values).of(keep), rankdata(values[keep]))
+
+
+def test_print_ranks_agree_with_scipy():
+    """The prints rank many windows at once by their own code (speed): each row's ranks, ties sharing
+    their mean rank, as scipy's rankdata gives them, on windows with a flat background (many ties)."""
+    from scipy.stats import rankdata
+
+    from neurocbir.retrieval.duplicates import _ranks
+
+    seed = 43
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    windows = rng.random((81, 32, 32)).astype(np.float32)
+    windows[:, :8] = 0.25  # the padded background: one long tie per window
+    windows[::3, :, :4] = rng.integers(0, 3, (27, 32, 4))  # short ties, other values in other rows
+    r = rankdata(windows.reshape(81, -1), axis=1)
+    r -= r.mean(1, keepdims=True)
+    expected = r / np.linalg.norm(r, axis=1, keepdims=True)
+    np.testing.assert_allclose(_ranks(windows), expected, atol=1e-6)

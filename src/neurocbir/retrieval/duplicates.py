@@ -81,9 +81,19 @@ def _gray(image: np.ndarray) -> np.ndarray:
 def _ranks(small: np.ndarray) -> np.ndarray:
     """Each row's ranks (ties, the background's above all, share their mean rank), centred and of
     unit length: (n, ...) -> (n, D) float32."""
-    from scipy.stats import rankdata
-
-    r = rankdata(np.asarray(small, dtype=np.float32).reshape(len(small), -1), axis=1).astype(np.float32)
+    x = np.asarray(small, dtype=np.float32).reshape(len(small), -1)
+    n, m = x.shape
+    # scipy's rankdata(x, axis=1), at twice its speed (a query ranks 2 x 81 windows): rows sorted
+    # unstably (ties are averaged anyway), a group per run of equal values, each row its own groups
+    order = np.argsort(x, axis=1)
+    ordered = np.take_along_axis(x, order, 1)
+    new = np.ones((n, m), bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = np.cumsum(new.ravel()) - 1
+    position = np.tile(np.arange(1, m + 1, dtype=np.float64), n)
+    mean = (np.bincount(group, position) / np.bincount(group))[group].reshape(n, m)
+    r = np.empty((n, m), np.float32)
+    np.put_along_axis(r, order, mean.astype(np.float32), 1)
     r -= r.mean(1, keepdims=True)
     return r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-6)
 
