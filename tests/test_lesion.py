@@ -615,6 +615,12 @@ def test_training_with_other_hospitals_development_part(
     cfg4 = TrainConfig(**json.loads((other / "config.json").read_text()))
     fig4 = np.concatenate(holdout_split(cfg4, small_cases))  # fold 4's training folds hold fold 5
     assert (s["source"] == "figshare").sum() == (small_cases.fold != 5).sum() + (small_cases.fold[fig4] != 5).sum()
+    # what each slice's tumor map shows: its top 1 % no higher than its peak, a share of it above 0.5
+    assert (s["top"] <= s["peak"] + 1e-6).all() and ((s["area"] >= 0) & (s["area"] <= 1)).all()
+    assert (s["area"][s["peak"] <= 0.5] == 0).all() and (s["area"][s["peak"] > 0.5] > 0).all()
+    assert (
+        set(s["fold"][s["source"] == "figshare"]) <= {1, 2, 3, 4} and (s["fold"][s["source"] != "figshare"] == 0).all()
+    )
     dev_part = part(ext, "development")
     both = {*dev_part.groups[held], *dev_part.groups[extra_holdout_split(cfg4, dev_part)[1]]}
     assert len(both) > len(set(dev_part.groups[held]))  # the held-out part turns with the fold

@@ -62,23 +62,30 @@ MIN_ALLOWED_SLICES = 1
 MIN_TCGA_SHARE = 0.01
 
 
-def _evidence(model, images) -> tuple[np.ndarray, np.ndarray]:
-    """Stored descriptors and the decoder's peak probability of ``images``, 32 at a time."""
-    desc, peak, batch = [], [], []
+def _evidence(model, images) -> tuple[np.ndarray, dict]:
+    """Stored descriptors of ``images``, 32 at a time, and what their tumor maps show: the
+    decoder's peak probability (``peak``), the mean of the map's highest 1 % (``top``) and the
+    share of the map above 0.5 (``area``)."""
+    desc, maps, batch = [], {"peak": [], "top": [], "area": []}, []
     for image in [*images, None]:
         if image is not None:
             batch.append(image)
         if batch and (image is None or len(batch) == 32):
             _, d, probs = model.analyse_batch(batch)
             desc.append(d)
-            peak += [float(p.max()) for p in probs]
+            for p in probs:
+                flat = np.sort(p.ravel())[::-1]
+                maps["peak"].append(float(flat[0]))
+                maps["top"].append(float(flat[: max(1, len(flat) // 100)].mean()))
+                maps["area"].append(float((flat > 0.5).mean()))
             batch = []
-    return np.concatenate(desc).astype(np.float64), np.array(peak)
+    return np.concatenate(desc).astype(np.float64), {k: np.array(v) for k, v in maps.items()}
 
 
 def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None) -> tuple[dict, int]:
-    """Every training-fold slice and development slice: descriptor, decoder peak, tumor, source,
-    whether the network trained on it; and how many held-out development twins were left out.
+    """Every training-fold slice and development slice: descriptor, what the tumor map shows
+    (:func:`_evidence`), tumor, source, figshare fold (0 for other sources), whether the network
+    trained on it; and how many held-out development twins were left out.
     ``without_fold``: figshare slices of that test fold are left out altogether (another fold's run
     pooled into a choice for this fold's must not score or fit on its test slices)."""
     from neurocbir.models.inference import load_model
@@ -95,14 +102,15 @@ def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None
     model = load_model(run)
     fig_rows = np.concatenate([fit_rows, cal_rows])
     fig_rows = fig_rows[table.fold[fig_rows] != without_fold] if without_fold is not None else fig_rows
-    d1, p1 = _evidence(model, (table.load_image(int(i)) for i in fig_rows))
-    d2, p2 = _evidence(model, (dev.load_image(int(i)) for i in range(len(dev))))
+    d1, m1 = _evidence(model, (table.load_image(int(i)) for i in fig_rows))
+    d2, m2 = _evidence(model, (dev.load_image(int(i)) for i in range(len(dev))))
     held = np.isin(np.arange(len(dev)), dev_held)  # twins of trained-on slices are neither trained on nor held
     small = np.zeros(len(dev), bool)  # held-out tumors too small to see: not counted (trained-on ones fit as stored)
     small[dev_held] = [dev.tumor[i] and dev.has_mask(i) and dev.load_mask(i).mean() < MIN_TCGA_SHARE for i in dev_held]
     keep = np.concatenate([np.ones(len(fig_rows), bool), (held | np.isin(np.arange(len(dev)), dev_fit)) & ~small])
     out = {
-        "desc": np.vstack([d1, d2]), "peak": np.concatenate([p1, p2]),
+        "desc": np.vstack([d1, d2]), **{k: np.concatenate([m1[k], m2[k]]) for k in m1},
+        "fold": np.concatenate([table.fold[fig_rows], np.zeros(len(dev), int)]),  # 0: not figshare
         "trained": np.concatenate([np.isin(fig_rows, fit_rows), np.isin(np.arange(len(dev)), dev_fit)]),
         "tumor": np.concatenate([table.label[fig_rows] < 3, dev.tumor]),
         "source": np.concatenate([np.full(len(fig_rows), "figshare"), dev.sources.astype(str)]),
