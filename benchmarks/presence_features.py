@@ -100,6 +100,13 @@ def family(s: dict, fitted=None) -> dict:
     return out
 
 
+def describe(rule: tuple) -> str:
+    if rule[0] == "stacked":
+        return f"regression > {float(rule[1]):.2f}"
+    _, t, veto, w = rule
+    return f"P and peak, weight {w} > {t}, veto {veto}" if w else f"P(no tumor) > {t}, veto {veto}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True, help="runs of one recipe, one per test fold")
@@ -173,7 +180,7 @@ def main() -> None:
         "|---|" + "---|" * (len(sources) + 1),
         *rows,
         "",
-        "Chosen per run: " + "; ".join(f"fold {f}: {r}" for f, r in chosen) + ".",
+        "Chosen per run: " + "; ".join(f"fold {f}: {describe(r)}" for f, r in chosen) + ".",
     ]
     write_section("presence-features", "\n".join(body))
     print("\n".join(body))
