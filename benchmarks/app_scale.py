@@ -167,6 +167,7 @@ def main() -> None:
 
         milvus = MilvusServer(Path(tempfile.mkdtemp(prefix="milvus-")))
         milvus.start()
+    (ROOT / "cache").mkdir(exist_ok=True)  # on the checkout's disk: a million cases outgrow a small /tmp
     try:
         for n in args.sizes:
             with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
