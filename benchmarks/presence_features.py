@@ -82,22 +82,23 @@ def choose(s: dict, scores: dict) -> tuple:
     return min(tried, key=lambda x: (excess(x[1], n_tumor), -found(x[1])))[0]
 
 
-def family(s: dict, fitted=None) -> dict:
-    """Every rule of the served family (and, with ``fitted``, every threshold of the stacker's
-    score) -> its 'no tumor' answers on ``s``."""
-    from neurocbir.classify.presence import PresenceRule
+def rules(fitted=None) -> list[tuple]:
+    """Every rule of the served family, or with ``fitted`` every threshold of the stacker's score."""
     from neurocbir.training.presence_choice import THRESHOLDS, VETOES, WEIGHTS
 
     if fitted is not None:
-        p = fitted.predict_proba(features(s))[:, 1]
-        return {("stacked", t): p > t for t in np.round(np.arange(0.05, 1.0, 0.05), 2)}
-    out = {}
-    for w in WEIGHTS:
-        for veto in VETOES:
-            for t in THRESHOLDS:
-                rule = PresenceRule(t, veto, decoder_weight=w)
-                out[("served", t, veto, w)] = rule.no_tumor(s["p"], s["peak"])
-    return out
+        return [("stacked", t) for t in np.round(np.arange(0.05, 1.0, 0.05), 2)]
+    return [("served", t, veto, w) for w in WEIGHTS for veto in VETOES for t in THRESHOLDS]
+
+
+def answers(s: dict, rule: tuple, fitted=None) -> np.ndarray:
+    """The 'no tumor' answers of one rule on the slices ``s``."""
+    from neurocbir.classify.presence import PresenceRule
+
+    if rule[0] == "stacked":
+        return fitted.predict_proba(features(s))[:, 1] > rule[1]
+    _, t, veto, w = rule
+    return PresenceRule(t, veto, decoder_weight=w).no_tumor(s["p"], s["peak"])
 
 
 def describe(rule: tuple) -> str:
@@ -123,16 +124,14 @@ def main() -> None:
     totals: dict = {}
     chosen = []
     for i, fold in enumerate(folds):
-        others = [
-            {k: v[v_keep] for k, v in s.items()} for j, s in enumerate(runs) if j != i for v_keep in [s["fold"] != fold]
-        ]
-        choice = {k: np.concatenate([o[k] for o in others]) for k in KEYS}
+        others = [s for j, s in enumerate(runs) if j != i]  # less their figshare slices of this test fold
+        choice = {k: np.concatenate([o[k][o["fold"] != fold] for o in others]) for k in KEYS}
         test = runs[i]
         fitted = stacker(choice)
         for kind, fit in (("served", None), ("stacked", fitted)):
-            rule = choose(choice, family(choice, fit))
+            rule = choose(choice, {r: answers(choice, r, fit) for r in rules(fit)})
             chosen.append((fold, rule))
-            answer = family(test, fit)[rule]
+            answer = answers(test, rule, fit)
             held = ~test["trained"]
             for src in sorted(set(test["source"][held])):
                 for want, label in ((~test["tumor"], "none"), (test["tumor"], "tumor")):
