@@ -1,14 +1,14 @@
-"""NIR's deep search at scale (issue 41): the doubling search against the two-step one.
+"""NIR's deep search at scale (issue 41): the doubling search against the search by label.
 
     .venv/bin/python benchmarks/deep_search.py [--cases 100000]
 
 A flat FAISS store partitioned by label and plane as an archive's is, of synthetic unit vectors
 (four labels around four centres that overlap, so a query's first retrievals are often all of
 one label, the case the depth doubling is for; 20 slices per patient, one kept per patient).
-Each query is searched twice: the depth doubling from 64 over every partition (what every query
-did before), and the two-step search (the nearest case of another label in its partitions, then
-a range search of the first label's partitions). The same queries both ways, interleaved; NIR's
-positions must agree.
+Each query is searched twice: the depth doubling from 64 over every partition, and the search by
+label (`neurocbir.retrieval.store._by_label`: the 64 nearest of each label in its partitions, merged;
+where they all share a label, a range search of that label's partitions up to the nearest case of
+another, which is in hand). The same queries both ways, interleaved; NIR's positions must agree.
 """
 
 from __future__ import annotations
@@ -41,19 +41,19 @@ def main() -> None:
     store = FaissStore("unused.faiss", d)
     store.add(ids, x, group_keys(labels, planes))
     label_of, patient_of = lookup(ids, labels), lookup(ids, ids // 20)
-    two_step = store_module._run_of_one_label
-    ways = {"doubling the depth (before)": lambda *a: None, "two steps (now)": two_step}
+    by_label = store_module._by_label
+    ways = {"doubling the depth": lambda *a: None, "by label (the app's)": by_label}
     times = {w: [] for w in ways}
     runs, agree = [], 0
     for q in x[rng.choice(n, args.queries, replace=False)] + 0.01:
         positions = []
         for way, fn in ways.items():
-            store_module._run_of_one_label = fn
+            store_module._by_label = fn
             t = time.perf_counter()
             _, _, found = deep_search(store, label_of, q[None], 3, 1, patient_of, 64)
             times[way].append(1000 * (time.perf_counter() - t))
             positions.append(nir_positions(found, 3))
-        store_module._run_of_one_label = two_step
+        store_module._by_label = by_label
         agree += int((positions[0] == positions[1]).all())
         runs.append(int(positions[1].max()))
     rows = [

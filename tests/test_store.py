@@ -47,17 +47,18 @@ def test_faiss_and_milvus_agree(real, tmp_path, milvus_uri):
 def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(
     real, small_cases, tmp_path, monkeypatch, kind, request
 ):
-    """Where the first retrievals all share a label, the partitioned store finds the nearest case
-    of another label, then range-searches that label's partitions; NIR's positions and the
+    """The partitioned store searches each label's partitions and merges them; where the first
+    retrievals all share a label, it range-searches that label's partitions up to the nearest case
+    of another; NIR's positions and the
     retrievals up to that case are the doubling search's, one slice per patient or not, with
     no-tumor cases (no type: skipped by NIR) nearest of all. On a
     Milvus server the partitions are the collection's, the range search the server's (FLAT: exact)."""
     import neurocbir.retrieval.store as store_module
     from neurocbir.retrieval.store import group_keys
 
-    two_steps = []  # what the two-step search answered (None: it left it to the doubling search)
-    original = store_module._run_of_one_label
-    monkeypatch.setattr(store_module, "_run_of_one_label", lambda *a: two_steps.append(r := original(*a)) or r)
+    by_label = []  # what the search by label answered (None: it left it to the doubling search)
+    original = store_module._by_label
+    monkeypatch.setattr(store_module, "_by_label", lambda *a: by_label.append(r := original(*a)) or r)
     x, ids, labels, q = real
     label_of = lookup(ids, labels)  # typed cases only: a no-tumor case is no NIR retrieval (-1)
     # beside each query ten no-tumor cases (label 3, their own partitions), nearer than any typed case
@@ -78,6 +79,9 @@ def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(
     flat.add(ids, x)
     if kind == "flat":
         parts.add(ids, x, group_keys(labels, planes))
+    ranged = []  # the range searches the search by label made (the run of one label)
+    range_search = parts.range_search
+    monkeypatch.setattr(parts, "range_search", lambda *a: ranged.append(r := range_search(*a)) or r)
     typed = ids[labels < 3]
     patient_of = lookup(typed, small_cases.patient_id[np.searchsorted(small_cases.idx, typed)].astype(str), missing="")
     long_runs = 0
@@ -91,7 +95,8 @@ def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(
             assert (a[1][0][:n] == b[1][0][:n]).all()
             long_runs += int(pb.max() >= 2)
     assert long_runs >= 5, "too few queries needed more than the first search"
-    assert sum(r is not None for r in two_steps) >= 5, "the two-step search was hardly used"
+    assert sum(r is not None for r in by_label) >= 2 * len(q) - 5, "the search by label was hardly used"
+    assert len(ranged) >= 5, "too few queries needed the range search"
 
 
 def test_hnsw_recall_and_persistence(real, tmp_path):

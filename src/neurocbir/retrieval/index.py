@@ -66,11 +66,17 @@ class VectorIndex:
     checkpoint_sha256: str = ""
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, checkpoint_sha256: str = "") -> VectorIndex:
+    def build(cls, embeddings: np.ndarray, checkpoint_sha256: str = "", half: bool = False) -> VectorIndex:
+        """An exhaustive index of ``embeddings``; ``half``: stored as float16 (half the memory, and a
+        single query over 20,000 x 1280 trunk descriptors 4-5x faster than float32 on 2 cores;
+        distances within 1e-4 of the float32 ones, docs/results.md "The query's parts at scale")."""
         x = _as_f32(embeddings)
         if faiss is None:
             return cls(ExactL2(x), checkpoint_sha256)
-        index = faiss.IndexFlatL2(x.shape[1])
+        if half:
+            index = faiss.IndexScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+        else:
+            index = faiss.IndexFlatL2(x.shape[1])
         index.add(x)
         return cls(index, checkpoint_sha256)
 

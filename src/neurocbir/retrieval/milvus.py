@@ -62,6 +62,9 @@ class MilvusStore:
     """Milvus (Lite file, standalone or cluster), L2. A server builds the ``index_type`` asked
     for (FLAT, exact, by default); Milvus Lite builds its own AUTOINDEX whatever is asked."""
 
+    #: searches of several label's partitions go to the server side by side (store.deep_search)
+    remote = True
+
     def __init__(
         self,
         uri: str,
@@ -276,9 +279,9 @@ class MilvusStore:
         dist = np.full((len(res), k), np.inf)
         ids = np.full((len(res), k), -1, dtype=np.int64)
         for q, hits in enumerate(res):
-            for j, h in enumerate(hits):
-                dist[q, j] = np.sqrt(max(float(h["distance"]), 0.0))  # Milvus L2 is squared
-                ids[q, j] = int(h["id"])
+            n = len(hits.ids)  # the hits' columns, as received: not a Python object per hit
+            dist[q, :n] = np.sqrt(np.maximum(np.asarray(hits.distances, dtype=float), 0.0))  # Milvus L2 is squared
+            ids[q, :n] = np.asarray(hits.ids, dtype=np.int64)
         return dist, ids
 
     def reread(self) -> None:
@@ -320,9 +323,9 @@ class MilvusStore:
             consistency_level=self.consistency,
             partition_names=names,
         )
-        hits = sorted((float(h["distance"]), int(h["id"])) for h in res[0])
-        dist = np.sqrt(np.maximum(np.array([d for d, _ in hits], dtype=float), 0.0))
-        return dist, np.array([i for _, i in hits], dtype=np.int64)
+        d2, ids = np.asarray(res[0].distances, dtype=float), np.asarray(res[0].ids, dtype=np.int64)
+        order = np.lexsort((ids, d2))  # by distance, then id (ties as a sort of the pairs had them)
+        return np.sqrt(np.maximum(d2[order], 0.0)), ids[order]
 
     def delete(self, ids: np.ndarray) -> None:
         self._call(self.client.delete, self.collection, ids=[int(i) for i in ids])

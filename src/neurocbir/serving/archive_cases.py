@@ -65,7 +65,7 @@ class ArchiveCases(SearchedCases):
         # "no similar case" and presence read the trunk descriptors of at most TRUNK_SAMPLE cases
         # (all of an archive that size): memory that does not grow with the archive
         sample = self.archive.trunk_sample(TRUNK_SAMPLE)
-        self.trunk_index = VectorIndex.build(sample["trunk"]) if sample is not None else None
+        self.trunk_index = VectorIndex.build(sample["trunk"], half=True) if sample is not None else None
         # presence: every sampled case with a tumor (of a known type or not) against those without
         self.presence = fit_presence(
             None if sample is None else sample["trunk"],

@@ -36,8 +36,11 @@ from neurocbir.serving.archive_cases import ArchiveCases
 from neurocbir.serving.feedback import FILE as FEEDBACK_FILE
 from neurocbir.serving.feedback import FeedbackStore, fingerprint
 from neurocbir.serving.sources import CaseFilter, CaseSource, RunCases
+from neurocbir.serving.threads import one_thread, side_work
 
 log = logging.getLogger(__name__)
+
+
 DISCLAIMER = (
     "Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
     "and must be reviewed by a qualified clinician."
@@ -233,6 +236,7 @@ class RetrievalService:
         with self.inference_lock:
             return self.model.analyse(image) if grid is None else self.model.analyse(image, grid)
 
+    @one_thread
     def query(
         self,
         image: np.ndarray,
@@ -314,8 +318,14 @@ class RetrievalService:
         the tumor decoder's highest probability on the slice, for the run's presence rule).
         ``print_pair``: the scan's fingerprint; an archive case that is the scan itself is shown,
         marked, and not counted as evidence."""
-        dist, case_ids, labels = neighbours if neighbours is not None else cases.neighbours(q, one_per_patient)
+        remote = neighbours is None and getattr(getattr(cases, "store", None), "remote", False)
+        # a vector store server searches while this thread checks the scan against the archive here
+        searching = side_work().submit(cases.neighbours, q, one_per_patient) if remote else None
         own = cases.duplicates_of(print_pair) if print_pair is not None else []
+        nearest = cases.nearest_trunk(trunk)
+        if neighbours is None:
+            neighbours = searching.result() if searching is not None else cases.neighbours(q, one_per_patient)
+        dist, case_ids, labels = neighbours
         own_ids = {d.case_id for d in own}
         shown_dist, shown_ids = dist, case_ids
         keep = ~np.isin(case_ids, list(own_ids))
@@ -334,7 +344,6 @@ class RetrievalService:
         winner = int(np.argmax(proba))
         in_set = cal.prediction_set(proba, coverage)[0] if cal is not None else None
         disagree = bool(int(np.argmax(knn)) != winner or (in_set is not None and in_set.sum() > 1))
-        nearest = cases.nearest_trunk(trunk)
         nearest = float(dist[0]) if nearest is None else nearest
         far = nearest > cases.far_threshold
         if far and in_set is not None:

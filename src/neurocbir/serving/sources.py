@@ -273,7 +273,7 @@ class RunCases(SearchedCases):
         self.group_of = lookup(rows, self.table.patient_id[self.archive_rows], missing="")
         self.store_ids, self.attr_label = rows, labels  # what the retrieval filters read
         self.attr_plane, self.attr_area = self.table.plane[self.archive_rows], self.table.area_mm2[self.archive_rows]
-        self.trunk_index = VectorIndex.build(emb["archive_trunk"]) if "archive_trunk" in emb else None
+        self.trunk_index = VectorIndex.build(emb["archive_trunk"], half=True) if "archive_trunk" in emb else None
         self.far_threshold = self._far_threshold(self.table.patient_id[self.archive_rows])
         self.case_row = {int(i): r for r, i in enumerate(self.table.idx)}
         self.llm_reports = cached_llm_reports()

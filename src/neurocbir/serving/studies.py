@@ -16,10 +16,12 @@ from neurocbir.errors import InvalidInput
 from neurocbir.models.lesion import tumor_outline
 from neurocbir.retrieval.duplicates import ImagePrints
 from neurocbir.serving.service import DISCLAIMER, RELOAD_WAIT_S, RetrievalService
+from neurocbir.serving.threads import one_thread
 
 BATCH = 32  # slices per CNN pass
 
 
+@one_thread  # as a single query is answered
 def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: float = 0.95) -> dict:
     """The per-slice answers and the study's one answer (see the module's docstring)."""
     if not 1 <= k <= 50:

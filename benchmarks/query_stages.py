@@ -1,0 +1,225 @@
+"""What one query costs, part by part (issue 41), and what each way of answering it faster gives:
+the app's query service in process over the demo archive and over synthetic archives of N cases
+(as benchmarks/app_scale.py makes them; `--store milvus`: on a Milvus standalone server).
+
+    .venv/bin/python benchmarks/query_stages.py [--sizes 0 100000] [--store flat|milvus] [--queries 60]
+
+Size 0 is the demo archive itself (flat). Fold-5 test slices are the queries (never in the
+archive). Each archive is queried the app's way and, the same queries interleaved in rounds, with
+one of its choices undone:
+- "OpenMP as the process has it": the query's thread keeps the process's OpenMP threads (two
+  here) instead of one (`neurocbir.serving.threads.one_thread`);
+- "NIR by doubling the depth": the deep search doubles its depth over every partition instead of
+  searching each label's partitions (`neurocbir.retrieval.store._by_label`);
+- "server calls one after another" (Milvus only): the labels' searches, and the search beside the
+  duplicate check, wait for each other;
+- "no similar case over float32": the trunk descriptors held as float32 instead of float16; its
+  nearest distances and flags are compared with the app's.
+The parts are timed where the service calls them (the NIR search runs beside the duplicate check
+on a server, so the parts add up to more than the whole there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from results_doc import machine, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PARTS = ("analyse", "neighbours", "duplicates_of", "nearest_trunk", "tumor_presence")
+
+
+class _AsTheProcessHasIt:
+    def limit(self, **_):
+        return contextlib.nullcontext()
+
+
+def timed(obj, name: str, into: dict, recording: dict) -> None:
+    """Time ``obj.name`` into ``into[name]`` while ``recording["on"]``."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            if recording["on"]:
+                into.setdefault(name, []).append(1000 * (time.perf_counter() - t))
+
+    setattr(obj, name, wrapper)
+
+
+def variants(svc, remote: bool) -> dict:
+    """name -> (enter, leave): each undoes one of the app's choices while it is entered."""
+    import neurocbir.retrieval.store as store_module
+    import neurocbir.serving.threads as threads
+    from neurocbir.retrieval.index import VectorIndex
+    from neurocbir.serving.archive_cases import TRUNK_SAMPLE
+
+    by_label, threads_of = store_module._by_label, threads._threads
+    half = svc.cases.trunk_index
+    sample = svc.cases.archive.trunk_sample(TRUNK_SAMPLE)
+    full = VectorIndex.build(sample["trunk"]) if sample is not None else None
+    out = {
+        "the app": (lambda: None, lambda: None),
+        "OpenMP as the process has it": (
+            lambda: setattr(threads, "_threads", _AsTheProcessHasIt),
+            lambda: setattr(threads, "_threads", threads_of),
+        ),
+        "NIR by doubling the depth": (
+            lambda: setattr(store_module, "_by_label", lambda *a: None),
+            lambda: setattr(store_module, "_by_label", by_label),
+        ),
+        "no similar case over float32": (
+            lambda: setattr(svc.cases, "trunk_index", full),
+            lambda: setattr(svc.cases, "trunk_index", half),
+        ),
+    }
+    if remote:
+        store = svc.cases.store
+        out["server calls one after another"] = (
+            lambda: setattr(store, "remote", False),
+            lambda: store.__dict__.pop("remote", None),
+        )
+    return out
+
+
+def measure(svc, images: list, rounds: int, remote: bool) -> dict:
+    """Each way's query times and answers (the same images in the same order), and the app's parts."""
+    ways = variants(svc, remote)
+    times, answers = {w: [] for w in ways}, {w: [] for w in ways}
+    parts: dict[str, list] = {}
+    recording = {"on": False}
+    for part in PARTS:
+        timed(svc.cases if part != "analyse" else svc, part, parts, recording)
+    for im in images[:5]:  # warm-up
+        svc.query(im, k=5)
+    per = int(np.ceil(len(images) / rounds))
+    for r in range(rounds):
+        for way, (enter, leave) in ways.items():
+            enter()
+            recording["on"] = way == "the app"
+            try:
+                for im in images[r * per : (r + 1) * per]:
+                    t = time.perf_counter()
+                    answers[way].append(svc.query(im, k=5))
+                    times[way].append(1000 * (time.perf_counter() - t))
+            finally:
+                leave()
+                recording["on"] = False
+    return {"times": times, "parts": parts, "answers": answers}
+
+
+def archives(sizes: list[int], store: str, run: Path):
+    """(label, archive folder) for each size, built (and removed) as it is reached."""
+    from app_scale import build
+    from neurocbir.serving.demo import demo_archive
+
+    source = demo_archive(run)
+    milvus = None
+    if store == "milvus":
+        from tests.milvus_server import MilvusServer
+
+        milvus = MilvusServer(Path(tempfile.mkdtemp(prefix="milvus-", dir=ROOT / "cache")))
+        milvus.start()
+    try:
+        for n in sizes:
+            if n == 0:
+                yield "demo archive", source
+                continue
+            with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
+                archive = Path(tmp) / "archive"
+                built = build(archive, source, n, store, milvus.uri if milvus else None)
+                print(f"{n} cases built in {built:.0f} s", flush=True)
+                yield f"{n:,} cases ({store})", archive
+    finally:
+        if milvus is not None:
+            milvus.stop()
+
+
+def agreement(res: dict) -> list[str]:
+    app = res["answers"]["the app"]
+    lines = []
+    for way, answers in res["answers"].items():
+        if way == "the app" or not answers:
+            continue
+        # the same queries in the same order: each way answered every image once
+        same = sum(
+            a["prediction"] == b["prediction"] and a["confidence"] == b["confidence"] for a, b in zip(app, answers)
+        )
+        far = sum(a["no_similar_case"] == b["no_similar_case"] for a, b in zip(app, answers))
+        gap = max(abs(a["nearest_distance"] - b["nearest_distance"]) for a, b in zip(app, answers))
+        lines.append(
+            f"{way}: same prediction and confidence {same} of {len(app)}, same 'no similar case' {far} of "
+            f"{len(app)}, nearest trunk distance at most {gap:.4f} apart"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=ROOT / "models" / "lesion-fold5")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[0, 100_000])
+    ap.add_argument("--store", choices=("flat", "milvus"), default="flat")
+    ap.add_argument("--queries", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    from neurocbir.data.cases import load_cases
+    from neurocbir.data.uploads import read_scan
+    from neurocbir.serving.service import RetrievalService
+
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+    (ROOT / "cache").mkdir(exist_ok=True)
+    table = load_cases()
+    test = np.flatnonzero(table.fold == 5)[: args.queries]
+    images = [read_scan(table.loader.image_path(int(table.idx[r])).read_bytes(), "q.jpg") for r in test]
+    body = [
+        "## The query's parts at scale (issue 41)",
+        "",
+        f"Command: `python benchmarks/query_stages.py {' '.join(sys.argv[1:])}` | machine: {machine()} | {started}",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+    ]
+    for label, archive in archives(args.sizes, args.store, args.run):
+        svc = RetrievalService.from_archive(args.run, archive)
+        remote = getattr(svc.cases.store, "remote", False)
+        res = measure(svc, images, args.rounds, remote)
+        app = np.median(res["times"]["the app"])
+        body += [
+            "",
+            f"**{label}**: {len(images)} queries each way, {args.rounds} rounds",
+            "",
+            "| way | p50 (ms) | p95 (ms) | p50 against the app's |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {w} | {np.median(t):.1f} | {np.percentile(t, 95):.1f} | {np.median(t) / app:.2f}x |"
+                for w, t in res["times"].items()
+            ],
+            "",
+            "| part (the app's queries) | calls | p50 (ms) | p95 (ms) |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {p} | {len(v)} | {np.median(v):.1f} | {np.percentile(v, 95):.1f} |"
+                for p, v in res["parts"].items()
+                if v
+            ],
+            "",
+            *[f"- {line}" for line in agreement(res)],
+        ]
+        print("\n".join(body[-20:]), flush=True)
+        del svc
+    body += ["", f"{time.time() - t0:.0f} s in all."]
+    write_section("query-stages", "\n".join(body))
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

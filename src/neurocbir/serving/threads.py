@@ -1,0 +1,34 @@
+"""How a query uses the threads of the serving process: one OpenMP thread for the calling thread
+while it answers (:func:`one_thread`), and a pool for work that waits on a server (:func:`side_work`)."""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+from threadpoolctl import ThreadpoolController
+
+
+@functools.cache
+def _threads() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+@functools.cache
+def side_work() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-search")
+
+
+def one_thread(fn):
+    """``fn`` with the calling thread's OpenMP parallel regions (FAISS's searches, PyTorch's pre- and
+    post-processing) on one thread while it runs. Per thread: other requests and a background reload
+    keep theirs. On 2 cores a query's small parallel regions waited more than they gained: over the
+    demo archive, in process, p50 44 -> 33 ms and p95 102 -> 36 ms (benchmarks/query_stages.py).
+    The CNN itself runs in OpenVINO's own thread pool, which this does not touch."""
+
+    @functools.wraps(fn)
+    def on_one_thread(*args, **kwargs):
+        with _threads().limit(limits=1, user_api="openmp"):
+            return fn(*args, **kwargs)
+
+    return on_one_thread
