@@ -1,9 +1,10 @@
 """Latency of POST /query (image -> prediction + top-5) on this machine, over loopback.
 
     .venv/bin/python benchmarks/query_latency.py [--run models/lesion-fold5 runs/bench/supcon-fold5] [--n 200]
+        [--demo-archive]
 
 Starts the real app (uvicorn) for each run in this process and sends N sequential requests
-with real test-fold JPEGs to each, interleaved in rounds (this machine's speed drifts, so runs
+with real test-fold JPEGs (the first run's test fold) to each, interleaved in rounds (this machine's speed drifts, so runs
 are compared within one invocation); writes p50 / p95 (and the in-process time of the service
 alone) to docs/results.md.
 """
@@ -27,16 +28,27 @@ def main() -> None:
     p.add_argument("--run", type=Path, nargs="+", default=[ROOT / "models" / "lesion-fold5"])
     p.add_argument("--n", type=int, default=200, help="requests per run")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument(
+        "--demo-archive",
+        action="store_true",
+        help="serve each run over its demo archive (what `make demo` serves) instead of its own index",
+    )
     args = p.parse_args()
     import httpx
 
     from neurocbir.app.api import create_app
+    from neurocbir.data.cases import load_cases
     from neurocbir.data.uploads import read_scan
+    from neurocbir.serving.demo import demo_archive
     from neurocbir.serving.service import RetrievalService
 
-    services = [RetrievalService.from_run(r) for r in args.run]
-    table = services[0].cases.table
-    files = [table.loader.image_path(int(table.idx[r])).read_bytes() for r in services[0].cases.example_rows[: args.n]]
+    if args.demo_archive:
+        services = [RetrievalService.from_archive(r, demo_archive(r)) for r in args.run]
+    else:
+        services = [RetrievalService.from_run(r) for r in args.run]
+    table = load_cases()
+    test = np.flatnonzero(table.fold == services[0].model.config.fold)  # the first run's test fold
+    files = [table.loader.image_path(int(table.idx[r])).read_bytes() for r in test[: args.n]]
     servers = [serve_in_thread(create_app(s)) for s in services]
     http = {r: [] for r in args.run}
     inproc = {r: [] for r in args.run}
@@ -69,10 +81,13 @@ def main() -> None:
         ]
     body = "\n".join(
         [
-            "## Query latency: POST /query, image -> prediction + top-5 (issues 4, 9)",
+            "## Query latency: POST /query, image -> prediction + top-5 (issues 4, 9)"
+            if not args.demo_archive
+            else "## Query latency over the demo archive: what `make demo` serves (issues 39, 41)",
             "",
             f"Command: `python benchmarks/query_latency.py {' '.join(sys.argv[1:])}` | machine: {machine()} | "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {services[0].archive_size} archive cases | "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {services[0].archive_size} archive cases "
+            f"({'the demo archive' if args.demo_archive else 'the run index'}) | "
             f"{len(http[args.run[0]])} sequential requests per run with 512x512 test-fold JPEGs, runs interleaved in "
             f"{args.rounds} rounds (10 warm-up requests per round excluded)",
             "",
@@ -81,7 +96,7 @@ def main() -> None:
             *rows,
         ]
     )
-    write_section("latency", body)
+    write_section("latency-demo-archive" if args.demo_archive else "latency", body)
     print(body)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,50 +31,22 @@ from neurocbir.models.cpu_runtime import backend
 from neurocbir.models.inference import LesionModel, Model, load_model
 from neurocbir.models.lesion import tumor_level, tumor_outline
 from neurocbir.models.runs import first_weights, trial_dir
-from neurocbir.retrieval.duplicates import ImagePrints
+from neurocbir.retrieval.duplicates import Duplicate, ImagePrints
 from neurocbir.retrieval.store import StoreUnavailable
 from neurocbir.serving.archive_cases import ArchiveCases
 from neurocbir.serving.feedback import FILE as FEEDBACK_FILE
 from neurocbir.serving.feedback import FeedbackStore, fingerprint
 from neurocbir.serving.sources import CaseFilter, CaseSource, RunCases
 from neurocbir.serving.threads import one_thread, side_work
+from neurocbir.serving.wording import DISCLAIMER, NO_TYPE, REGION_NO_TUMOR_NOTE
 
 log = logging.getLogger(__name__)
 
 
-DISCLAIMER = (
-    "Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
-    "and must be reviewed by a qualified clinician."
-)
 KNN_K = 7  # the KNN vote shown beside NIR, for comparison
 RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (see refresh_cases)
 #: the longest a query that needs the new view (a case removed under it) waits before a 503
 RELOAD_MAX_WAIT_S = 10.0
-
-
-NO_TUMOR_NOTE = (
-    "No tumor found on this slice. The archive's answer is about tumor type only, so none is given; "
-    "the most similar archive cases are shown as context."
-)
-REGION_NO_TUMOR_NOTE = (
-    "No tumor found in the drawn region. The archive's answer is about tumor type only, so none is given; "
-    "the cases most similar to the region are shown as context."
-)
-#: what a "no tumor found" answer leaves out: every claim about a tumor type
-NO_TYPE = {
-    "prediction": None,
-    "confidence": None,
-    "calibrated": False,
-    "calibration_applies": False,
-    "probabilities": None,
-    "prediction_set": None,
-    "coverage": None,
-    "neighbours_disagree": False,
-    "nir_positions": None,
-    "knn_vote": None,
-    "nearest_other_class": None,
-    "note": NO_TUMOR_NOTE,
-}
 
 
 def tumor_presence(
@@ -87,6 +60,11 @@ def tumor_presence(
         note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
         return None, {"probability_no_tumor": None, "threshold": None, "note": note}
     return rule.answer(p_none, peak)
+
+
+@one_thread
+def _own_copies(cases: CaseSource, image: np.ndarray) -> list[Duplicate]:
+    return cases.duplicates_of(ImagePrints(image))
 
 
 class ArchiveUnavailable(Unavailable):
@@ -261,17 +239,20 @@ class RetrievalService:
         if not 0.5 <= coverage < 1:
             raise InvalidInput("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
         grid = None if region is None else self.region_grid(image, region)
+        viewed = self.cases  # the duplicate check needs only the image: it runs beside the CNN
+        checking = side_work().submit(_own_copies, viewed, image)
         q, trunk, tumor_prob = self.analyse(image, grid)
         in_region = None
         if grid is not None:
             rs = self.region_search
             in_region = region_search.presence(region_peak(tumor_prob, grid), rs.threshold)
-        print_pair = ImagePrints(image)  # computed when the archive has a candidate
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
+        if self.cases is not viewed:  # checked again against the new view
+            checking = side_work().submit(_own_copies, self.cases, image)
         peak = None if tumor_prob is None else float(tumor_prob.max())
-        search = (q, trunk, print_pair, k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
+        search = (q, trunk, checking, k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
         try:
             evidence = self._evidence(self.cases, *search)
             self._store_down = None
@@ -282,7 +263,7 @@ class RetrievalService:
             fresh = self._fresh_cases()
             if fresh is None:
                 raise
-            evidence = self._evidence(fresh, *search)
+            evidence = self._evidence(fresh, q, trunk, _own_copies(fresh, image), *search[3:])
         # the slice's own outline is context for a region search, whatever the region holds
         outline = (region is not None or evidence["tumor_found"] is not False) and tumor_prob is not None
         return {
@@ -302,7 +283,7 @@ class RetrievalService:
         cases: CaseSource,
         q: np.ndarray,
         trunk: np.ndarray,
-        print_pair: ImagePrints | None,
+        own: list[Duplicate] | Future,
         k: int,
         one_per_patient: bool,
         coverage: float,
@@ -316,12 +297,12 @@ class RetrievalService:
         ``neighbours``: that search's (distances, case ids, labels), where the caller has it;
         ``in_region``: a region search's presence answer, which replaces the slice's; ``peak``:
         the tumor decoder's highest probability on the slice, for the run's presence rule).
-        ``print_pair``: the scan's fingerprint; an archive case that is the scan itself is shown,
-        marked, and not counted as evidence."""
+        ``own``: the cases that are the scan itself (:meth:`CaseSource.duplicates_of`, or its
+        pending check): shown, marked, and not counted as evidence."""
         remote = neighbours is None and getattr(getattr(cases, "store", None), "remote", False)
         # a vector store server searches while this thread checks the scan against the archive here
         searching = side_work().submit(cases.neighbours, q, one_per_patient) if remote else None
-        own = cases.duplicates_of(print_pair) if print_pair is not None else []
+        own = own.result() if isinstance(own, Future) else own
         nearest = cases.nearest_trunk(trunk)
         if neighbours is None:
             neighbours = searching.result() if searching is not None else cases.neighbours(q, one_per_patient)

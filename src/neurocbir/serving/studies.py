@@ -40,12 +40,12 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     slices, tumor_rows, labels = [], [], []
     for i, s in enumerate(study.slices):
         searched = cases.neighbours(emb[i : i + 1], False)  # searched once: the slice's NIR and the study's
-        pair = ImagePrints(s.pixels)
+        copies = cases.duplicates_of(ImagePrints(s.pixels))  # the slice itself in the archive: no evidence
         peak = None if probs[i] is None else float(probs[i].max())
         ev = service._evidence(
-            cases, emb[i : i + 1], desc[i : i + 1], pair, k, False, coverage, False, None, searched, None, peak
+            cases, emb[i : i + 1], desc[i : i + 1], copies, k, False, coverage, False, None, searched, None, peak
         )
-        own = [d.case_id for d in cases.duplicates_of(pair)]  # the slice itself in the archive: no evidence
+        own = [d.case_id for d in copies]
         outline = None
         if ev["tumor_found"] is not False and probs[i] is not None:
             outline = tumor_outline(probs[i], s.pixels.shape[:2], s.spacing_mm, service.tumor_level)

@@ -1,0 +1,31 @@
+"""What an answer says in words: the decision-support notice every answer carries, and what a
+"no tumor found" answer says and leaves out."""
+
+DISCLAIMER = (
+    "Decision support only, not a diagnosis: the prediction is derived from similar archive cases "
+    "and must be reviewed by a qualified clinician."
+)
+
+NO_TUMOR_NOTE = (
+    "No tumor found on this slice. The archive's answer is about tumor type only, so none is given; "
+    "the most similar archive cases are shown as context."
+)
+REGION_NO_TUMOR_NOTE = (
+    "No tumor found in the drawn region. The archive's answer is about tumor type only, so none is given; "
+    "the cases most similar to the region are shown as context."
+)
+#: what a "no tumor found" answer leaves out: every claim about a tumor type
+NO_TYPE = {
+    "prediction": None,
+    "confidence": None,
+    "calibrated": False,
+    "calibration_applies": False,
+    "probabilities": None,
+    "prediction_set": None,
+    "coverage": None,
+    "neighbours_disagree": False,
+    "nir_positions": None,
+    "knn_vote": None,
+    "nearest_other_class": None,
+    "note": NO_TUMOR_NOTE,
+}
