@@ -129,20 +129,24 @@ class ArchiveReads:
                     (int(limit),),
                 )
             ]
-            rows = []
+            parts = []  # each chunk's rows made arrays at once: never every descriptor as a Python object
             for b in range(0, len(ids), chunk):
                 part = ids[b : b + chunk]
                 q = f"SELECT id, label, patient_key, trunk FROM cases WHERE id IN ({','.join('?' * len(part))})"
-                rows += self.db.execute(q, part).fetchall()
-        if not rows:
+                rows = self.db.execute(q, part).fetchall()
+                parts.append(
+                    {
+                        "id": np.array([r[0] for r in rows], dtype=np.int64),
+                        "label": np.array([r[1] for r in rows], dtype=np.int64),
+                        "patient_key": np.array([r[2] for r in rows]),
+                        "trunk": np.stack([np.frombuffer(r[3], dtype=np.float32) for r in rows]),
+                    }
+                )
+                del rows
+        if not parts:
             return None
-        rows.sort(key=lambda r: r[0])
-        return {
-            "id": np.array([r[0] for r in rows], dtype=np.int64),
-            "label": np.array([r[1] for r in rows], dtype=np.int64),
-            "patient_key": np.array([r[2] for r in rows]),
-            "trunk": np.stack([np.frombuffer(r[3], dtype=np.float32) for r in rows]),
-        }
+        order = np.argsort(np.concatenate([p["id"] for p in parts]), kind="stable")
+        return {key: np.concatenate([p[key] for p in parts])[order] for key in parts[0]}
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self._vectors("state = 'indexed'"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,11 +59,6 @@ def tumor_presence(
         note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
         return None, {"probability_no_tumor": None, "threshold": None, "note": note}
     return rule.answer(p_none, peak)
-
-
-@one_thread
-def _own_copies(cases: CaseSource, image: np.ndarray) -> list[Duplicate]:
-    return cases.duplicates_of(ImagePrints(image))
 
 
 class ArchiveUnavailable(Unavailable):
@@ -239,8 +233,6 @@ class RetrievalService:
         if not 0.5 <= coverage < 1:
             raise InvalidInput("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
         grid = None if region is None else self.region_grid(image, region)
-        viewed = self.cases  # the duplicate check needs only the image: it runs beside the CNN
-        checking = side_work().submit(_own_copies, viewed, image)
         q, trunk, tumor_prob = self.analyse(image, grid)
         in_region = None
         if grid is not None:
@@ -249,10 +241,8 @@ class RetrievalService:
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
-        if self.cases is not viewed:  # checked again against the new view
-            checking = side_work().submit(_own_copies, self.cases, image)
         peak = None if tumor_prob is None else float(tumor_prob.max())
-        search = (q, trunk, checking, k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
+        search = (q, trunk, ImagePrints(image), k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
         try:
             evidence = self._evidence(self.cases, *search)
             self._store_down = None
@@ -263,7 +253,7 @@ class RetrievalService:
             fresh = self._fresh_cases()
             if fresh is None:
                 raise
-            evidence = self._evidence(fresh, q, trunk, _own_copies(fresh, image), *search[3:])
+            evidence = self._evidence(fresh, *search)
         # the slice's own outline is context for a region search, whatever the region holds
         outline = (region is not None or evidence["tumor_found"] is not False) and tumor_prob is not None
         return {
@@ -283,7 +273,7 @@ class RetrievalService:
         cases: CaseSource,
         q: np.ndarray,
         trunk: np.ndarray,
-        own: list[Duplicate] | Future,
+        own: list[Duplicate] | ImagePrints,
         k: int,
         one_per_patient: bool,
         coverage: float,
@@ -297,12 +287,13 @@ class RetrievalService:
         ``neighbours``: that search's (distances, case ids, labels), where the caller has it;
         ``in_region``: a region search's presence answer, which replaces the slice's; ``peak``:
         the tumor decoder's highest probability on the slice, for the run's presence rule).
-        ``own``: the cases that are the scan itself (:meth:`CaseSource.duplicates_of`, or its
-        pending check): shown, marked, and not counted as evidence."""
+        ``own``: the cases that are the scan itself (:meth:`CaseSource.duplicates_of`), or the
+        scan's prints to find them with (here, while a vector store server searches): shown,
+        marked, and not counted as evidence."""
         remote = neighbours is None and getattr(getattr(cases, "store", None), "remote", False)
         # a vector store server searches while this thread checks the scan against the archive here
         searching = side_work().submit(cases.neighbours, q, one_per_patient) if remote else None
-        own = own.result() if isinstance(own, Future) else own
+        own = cases.duplicates_of(own) if isinstance(own, ImagePrints) else own
         nearest = cases.nearest_trunk(trunk)
         if neighbours is None:
             neighbours = searching.result() if searching is not None else cases.neighbours(q, one_per_patient)
