@@ -146,20 +146,21 @@ def archives(sizes: list[int], store: str, run: Path):
 
 
 def agreement(res: dict) -> list[str]:
+    """Each way's answers against the app's, query by query (the same images in the same order)."""
     app = res["answers"]["the app"]
     lines = []
     for way, answers in res["answers"].items():
-        if way == "the app" or not answers:
+        if way == "the app":
             continue
-        # the same queries in the same order: each way answered every image once
-        same = sum(
-            a["prediction"] == b["prediction"] and a["confidence"] == b["confidence"] for a, b in zip(app, answers)
-        )
-        far = sum(a["no_similar_case"] == b["no_similar_case"] for a, b in zip(app, answers))
-        gap = max(abs(a["nearest_distance"] - b["nearest_distance"]) for a, b in zip(app, answers))
+        pairs = list(zip(app, answers))
+        same = sum(a["prediction"] == b["prediction"] and a["tumor_found"] == b["tumor_found"] for a, b in pairs)
+        conf = [abs(a["confidence"] - b["confidence"]) for a, b in pairs if a["confidence"] and b["confidence"]]
+        far = sum(a["no_similar_case"] == b["no_similar_case"] for a, b in pairs)
+        gap = max(abs(a["nearest_distance"] - b["nearest_distance"]) for a, b in pairs)
         lines.append(
-            f"{way}: same prediction and confidence {same} of {len(app)}, same 'no similar case' {far} of "
-            f"{len(app)}, nearest trunk distance at most {gap:.4f} apart"
+            f"{way}: same answer (tumor found, type) {same} of {len(pairs)}, confidence at most "
+            f"{max(conf, default=0):.4f} apart, same 'no similar case' {far} of {len(pairs)}, nearest trunk "
+            f"distance at most {gap:.4f} apart"
         )
     return lines
 

@@ -250,7 +250,8 @@ def deep_search(
     """(distances, ids, labels) deep enough for NIR: the search depth doubles until every class
     has its ``nth`` incorrect retrieval or ``cap`` retrievals were read. ``group_of`` (ids ->
     patient keys) keeps only the closest slice of each patient. For NIR of one query over a store
-    partitioned by label, :func:`_by_label` first (the same answer in fewer, smaller searches)."""
+    partitioned by label, :func:`_by_label` first (the same answer in fewer, smaller searches;
+    cases of labels beyond the ``n_classes`` are then no NIR retrieval: ``label_of`` -1)."""
     total = store.count()
     k = min(start, total, cap)
     if nth == 1 and len(queries) == 1 and (found := _by_label(store, label_of, queries, group_of, k, cap, n_classes)):
@@ -277,16 +278,15 @@ def _nir_done(labels: np.ndarray, n_classes: int, nth: int) -> bool:
     return all((((labels >= 0) & (labels != c)).sum(1) >= nth).all() for c in range(n_classes))
 
 
-def _label_partitions(store, n_classes: int) -> dict[int, list[str]]:
-    """A store partitioned by label (group keys "label:plane", :func:`group_keys`): each of the
-    ``n_classes`` labels' partitions; empty for any other store."""
+def _label_partitions(store) -> dict[int, list[str]]:
+    """A store partitioned by label (group keys "label:plane", :func:`group_keys`): each label's
+    partitions; empty for any other store."""
     parts = list(getattr(store, "parts", {}))
-    if not parts or not hasattr(store, "range_search") or not all(":" in key for key in parts):
+    if not parts or not hasattr(store, "range_search") or not all(key.split(":", 1)[0].isdigit() for key in parts):
         return {}
     by_label: dict[int, list[str]] = {}
     for key in parts:
-        if (label := key.split(":", 1)[0]).isdigit() and int(label) < n_classes:
-            by_label.setdefault(int(label), []).append(key)
+        by_label.setdefault(int(key.split(":", 1)[0]), []).append(key)
     return by_label
 
 
@@ -297,17 +297,19 @@ def _side_by_side() -> ThreadPoolExecutor:
 
 def _by_label(store, label_of, query, group_of, k: int, cap: int, n_classes: int):
     """NIR's deep search of one query over a store partitioned by label: the ``k`` nearest of each
-    label (its partitions; on a server, searched side by side), merged: exactly the ``k`` nearest of
-    all, no-tumor cases aside (no NIR retrieval). Where they all share one label, every case of that
-    label closer than the nearest case of another (already in hand: a range search of the label's
-    partitions) instead of doubling the depth over every partition. For NIR (the first retrieval of
-    another label) the list is exact up to that retrieval, where it ends. None where the store is
-    not so partitioned or the answer needs more (then the doubling search)."""
-    parts = _label_partitions(store, n_classes)
-    if len(parts) < 2:
+    of the ``n_classes`` labels (its partitions; on a server, searched side by side), merged:
+    exactly the ``k`` nearest of all. The partitions of other labels are not searched: their cases
+    (no tumor type) are no NIR retrieval, ``label_of`` gives them -1, as an archive's does.
+    Where the ``k`` all share one label, every case of that label closer than the nearest case of
+    another (already in hand: a range search of the label's partitions) instead of doubling the
+    depth over every partition. For NIR (the first retrieval of another label) the list is exact up
+    to that retrieval, where it ends. None where the store is not so partitioned or the answer needs
+    more (then the doubling search)."""
+    parts = _label_partitions(store)
+    groups = [parts[c] for c in range(n_classes) if c in parts]
+    if len(groups) < 2:
         return None
-    labels_searched = sorted(parts)
-    jobs = [lambda keys=parts[c]: store.search(query, k, groups=keys) for c in labels_searched]
+    jobs = [lambda keys=keys: store.search(query, k, groups=keys) for keys in groups]
     remote = getattr(store, "remote", False)  # a server answers side by side; FAISS is searched here
     each = list(_side_by_side().map(lambda job: job(), jobs)) if remote else [job() for job in jobs]
     dist, ids = np.concatenate([d for d, _ in each], 1), np.concatenate([i for _, i in each], 1)
@@ -319,14 +321,11 @@ def _by_label(store, label_of, query, group_of, k: int, cap: int, n_classes: int
     if labels[0][0] < 0:  # not one known case among them
         return None
     label = int(labels[0][0])  # the first k all of one label: the nearest known case of another
-    others = []
-    for c, (d, i) in zip(labels_searched, each):
-        known = np.flatnonzero((i[0] >= 0) & (label_of(i[0]) >= 0))
-        if c != label and len(known):
-            others.append((d[0][known[0]], i[0][known[0]]))
-    if not others:
+    known = (ids[0] >= 0) & (label_of(ids[0]) >= 0) & (label_of(ids[0]) != label)
+    if not known.any() or label not in parts:
         return None
-    d_other, i_other = min(others)
+    other = np.flatnonzero(known)[np.argmin(dist[0][known])]
+    d_other, i_other = dist[0][other], ids[0][other]
     inside = store.range_search(query[0], d_other, parts[label], cap)
     if inside is None:
         return None
