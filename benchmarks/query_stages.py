@@ -5,8 +5,8 @@ the app's query service in process over the demo archive and over synthetic arch
     .venv/bin/python benchmarks/query_stages.py [--sizes 0 100000] [--store flat|milvus] [--queries 60]
 
 Size 0 is the demo archive itself (flat). Fold-5 test slices are the queries (never in the
-archive). Each archive is queried the app's way and, the same queries interleaved in rounds, with
-one of its choices undone:
+archive). Each archive is queried the app's way and, the same queries interleaved in rounds (each
+round begun by another way), with one of its choices undone:
 - "OpenMP as the process has it": the query's thread keeps the process's OpenMP threads (two
   here) instead of one (`neurocbir.serving.threads.one_thread`);
 - "NIR by doubling the depth": the deep search doubles its depth over every partition instead of
@@ -103,8 +103,10 @@ def measure(svc, images: list, rounds: int, remote: bool) -> dict:
     for im in images[:5]:  # warm-up
         svc.query(im, k=5)
     per = int(np.ceil(len(images) / rounds))
-    for r in range(rounds):
-        for way, (enter, leave) in ways.items():
+    names = list(ways)
+    for r in range(rounds):  # each round begins with another way: none always comes first
+        for way in names[r % len(names) :] + names[: r % len(names)]:
+            enter, leave = ways[way]
             enter()
             recording["on"] = way == "the app"
             try:
@@ -171,7 +173,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[0, 100_000])
     ap.add_argument("--store", choices=("flat", "milvus"), default="flat")
     ap.add_argument("--queries", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     from neurocbir.data.cases import load_cases
     from neurocbir.data.uploads import read_scan

@@ -6,8 +6,8 @@ count, persist. Two backends with the same results on exact search:
 * :class:`neurocbir.retrieval.milvus.MilvusStore`: Milvus Lite, standalone or a cluster.
 
 :func:`deep_search` searches deep enough for NIR / I-NIR (doubling the depth until every
-class has its n-th incorrect retrieval, up to a documented cap; for NIR on a flat store
-partitioned by label, in two steps: the nearest case of another label, then a range search).
+class has its n-th incorrect retrieval, up to a documented cap; for NIR on a store partitioned
+by label, each label's nearest cases, then, where they all share one label, a range search).
 """
 
 from __future__ import annotations
