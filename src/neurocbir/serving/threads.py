@@ -22,9 +22,9 @@ def side_work() -> ThreadPoolExecutor:
 def one_thread(fn):
     """``fn`` with the calling thread's OpenMP parallel regions (FAISS's searches, PyTorch's pre- and
     post-processing) on one thread while it runs. Per thread: other requests and a background reload
-    keep theirs. On 2 cores a query's small parallel regions waited more than they gained: over the
-    demo archive, in process, p50 44 -> 33 ms and p95 102 -> 36 ms (benchmarks/query_stages.py).
-    The CNN itself runs in OpenVINO's own thread pool, which this does not touch."""
+    keep theirs. On 2 cores a query's small parallel regions waited more than they gained
+    (docs/results.md, "The query's parts at scale", benchmarks/query_stages.py). The CNN itself
+    runs in OpenVINO's own thread pool, which this does not touch."""
 
     @functools.wraps(fn)
     def on_one_thread(*args, **kwargs):
