@@ -321,7 +321,8 @@ def _by_label(store, label_of, query, group_of, k: int, cap: int, n_classes: int
     if labels[0][0] < 0:  # not one known case among them
         return None
     label = int(labels[0][0])  # the first k all of one label: the nearest known case of another
-    known = (ids[0] >= 0) & (label_of(ids[0]) >= 0) & (label_of(ids[0]) != label)
+    found = label_of(ids[0])  # -1 for padding and cases not known
+    known = (found >= 0) & (found != label)
     if not known.any() or label not in parts:
         return None
     other = np.flatnonzero(known)[np.argmin(dist[0][known])]
