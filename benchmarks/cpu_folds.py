@@ -13,7 +13,8 @@ A session's machine keeps no run for the next one, and a fold takes 20-80 minute
 with) are kept in FILE, a fold measured again replaces its row, and the table shows every fold the
 file holds, of one recipe (a run of another recipe is refused).
 
-Nothing is chosen here. Accuracy and kappa count every tumor slice of the fold (a slice answered
+Nothing is chosen here (each run chose its embedding, the scan alone or with its mirror, on its own
+held-out training patients: `neurocbir calibrate RUN`, mirror.json). Accuracy and kappa count every tumor slice of the fold (a slice answered
 "no tumor" is wrong); ECE is over the slices answered with a type; Dice is the outline the app
 draws against the dataset's mask. The mean and standard deviation are over the folds given (the
 table says how many). Training minutes are wall time from the run's timings.json: runs that shared
@@ -40,6 +41,7 @@ def fold_figures(run: Path) -> dict:
 
     from neurocbir.classify.calibration import expected_calibration_error
     from neurocbir.data.cases import CLASS_NAMES, default_data_dir, load_cases
+    from neurocbir.models.mirror import mirrored
     from neurocbir.serving.service import RetrievalService
 
     cfg = json.loads((run / "config.json").read_text())
@@ -60,6 +62,7 @@ def fold_figures(run: Path) -> dict:
         "fold": int(cfg["fold"]),
         "run": str(run),
         "encoder": f"{cfg['encoder']} {cfg.get('image_size', '')} px, {cfg['epochs']} epochs",
+        "mirror": mirrored(run),
         "slices": len(rows),
         "accuracy": float((pred == y).mean()),
         "kappa": float(cohen_kappa_score(y, pred)),
@@ -97,6 +100,11 @@ def recorded(path: Path, figs: list[dict], recipe: dict) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+def _embedding(fig: dict) -> str:
+    """How the fold's run embedded each scan (folds recorded before the choice existed: its own)."""
+    return "with its mirror" if fig.get("mirror") else "its own"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True)
@@ -120,7 +128,7 @@ def main() -> None:
         figs = recorded(args.record, figs, recipes[0])
     keys = ("accuracy", "kappa", "ece", "called_none", "dice")
     rows = [
-        f"| {f['fold']} | `{f['run']}` ({f['encoder']}) | {f['slices']} | {f['accuracy']:.3f} | {f['kappa']:.3f} | "
+        f"| {f['fold']} | `{f['run']}` ({f['encoder']}) | {_embedding(f)} | {f['slices']} | {f['accuracy']:.3f} | {f['kappa']:.3f} | "
         f"{f['ece']:.3f} | {100 * f['called_none']:.1f} % | {f['dice']:.3f} | "
         + (f"resumed: {f['train_min']:.0f} after the last start" if f["resumed"] else f"{f['train_min']:.0f}")
         + f" ({f.get('precision', '?')}) | {f.get('measured', '')} |"
@@ -139,11 +147,11 @@ def main() -> None:
         "",
         __doc__.split("\n\n", 2)[2].strip(),
         "",
-        "| test fold | run | slices | accuracy | kappa | ECE (typed answers) | tumor slices called 'no tumor' "
+        "| test fold | run | embedding (mirror.json) | slices | accuracy | kappa | ECE (typed answers) | tumor slices called 'no tumor' "
         "| outline Dice median | `neurocbir train` (min, from timings.json; precision) | measured (date, machine, commit) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
-        f"| mean ± sd ({len(figs)} folds) | | | {mean['accuracy']:.3f} ± {sd['accuracy']:.3f} | "
+        f"| mean ± sd ({len(figs)} folds) | | | | {mean['accuracy']:.3f} ± {sd['accuracy']:.3f} | "
         f"{mean['kappa']:.3f} ± {sd['kappa']:.3f} | {mean['ece']:.3f} ± {sd['ece']:.3f} | "
         f"{100 * mean['called_none']:.1f} % | {mean['dice']:.3f} ± {sd['dice']:.3f} | | |",
     ]

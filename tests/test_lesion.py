@@ -291,6 +291,42 @@ def test_similarity_map_is_hot_exactly_where_the_embedding_reads(attribution):
     assert mass_inside(sal, quadrant, dilate_px=224 // 7 + 2)[0] == pytest.approx(1.0)
 
 
+def test_mirror_averaged_embedding_is_one_point_for_a_scan_and_its_mirror(small_cases):
+    """With the mirror (a run's ``mirror.json``), a scan and its mirror image embed at the same
+    point, the mean of the two single-view embeddings; the descriptor and the tumor map stay the
+    scan's own; regions and similarity maps follow the mirror; the model's id differs, so no
+    index of single-view embeddings is served with it."""
+    from neurocbir.data.regions import box_region, region_on_grid
+    from neurocbir.models.inference import load_model
+
+    plain, both = load_model(BUNDLED, mirror=False), load_model(BUNDLED, mirror=True)
+    image = small_cases.load_image(0)
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    e, d, p = both.analyse(image)
+    e0, d0, p0 = plain.analyse(image)
+    e0m = plain.analyse(flipped)[0]
+    assert not np.allclose(e0, e0m, atol=1e-3)  # one view tells the sides apart
+    mean = (e0 + e0m) / np.linalg.norm(e0 + e0m)
+    assert np.allclose(e, mean, atol=1e-5) and np.allclose(both.analyse(flipped)[0], e, atol=1e-5)
+    assert np.array_equal(d, d0) and np.array_equal(p, p0)
+    assert both.checkpoint_sha256 != plain.checkpoint_sha256
+    x = both.prepare(image)[None]
+    assert np.allclose(both.embed_tensor(x).detach().numpy(), e, atol=1e-5)
+    assert np.allclose(both.embed_preprocessed(x), e, atol=1e-5)
+    batch = both.analyse_batch([image, flipped, small_cases.load_image(1)])[0]  # each scan with its own mirror
+    assert np.allclose(batch[0], batch[1], atol=1e-5) and not np.allclose(batch[0], batch[2], atol=1e-2)
+    h, w = image.shape[:2]
+    grid = region_on_grid(box_region((0, 0, w // 3, h // 2), image.shape), both.input_size)
+    by_region = both.analyse(image, grid)[0]
+    assert np.allclose(by_region, both.analyse(flipped, np.ascontiguousarray(grid[:, ::-1]))[0], atol=1e-5)
+    assert not np.allclose(by_region, e, atol=1e-3)
+    # the similarity map of the mirror image is the scan's map, mirrored
+    target = torch.from_numpy(both.analyse(small_cases.load_image(1))[0])
+    m = both.similarity_contributions(x, target)
+    m_flipped = both.similarity_contributions(both.prepare(flipped)[None], target)
+    assert torch.allclose(m, m_flipped.flip(-1), atol=1e-5)
+
+
 def test_lesion_model_grows_and_serves_a_case_archive(bundled_service, small_data_dir, small_cases, tmp_path):
     """`neurocbir add` with the committed model, then serving that archive: same tumor outline
     and the archive's own cases as evidence."""
@@ -317,7 +353,7 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
 
     from neurocbir.cli import app as cli
     from neurocbir.models.inference import load_model
-    from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig
+    from neurocbir.models.runs import LESION_CPU_DEFAULTS, TrainConfig, checkpoint_sha256
 
     run = tmp_path / "run"
     res = CliRunner().invoke(
@@ -392,6 +428,28 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     assert res.exit_code == 0, res.output
     assert json.loads((run / "calibration.json").read_text()) == json.loads(before)
     assert json.loads((run / "tumor_level.json").read_text()) == level
+    # the embedding (the scan alone or with its mirror) was chosen on the same held-out patients,
+    # and the run's index holds what the app computes; a choice that changes it rebuilds the index
+    from neurocbir.models import mirror
+    from neurocbir.retrieval.index import read_manifest
+    from neurocbir.retrieval.ingest import index_run
+    from neurocbir.training.mirror_choice import choose_mirror
+
+    chosen = json.loads((run / "mirror.json").read_text())
+    measured = chosen["measured"]
+    assert chosen["mirror_average"] == (measured["kappa_mirror"] > measured["kappa_own"])
+    assert measured["n_slices"] == len(cal_rows)
+
+    def index_id() -> str:
+        return read_manifest(run / "trial_0" / "index.faiss")["checkpoint_sha256"]
+
+    assert load_model(run, 0).mirror == chosen["mirror_average"]
+    assert index_id() == load_model(run, 0).checkpoint_sha256
+    mirror.save(run, not chosen["mirror_average"], "the other way, by hand", {})
+    index_run(run, data=small_data_dir)
+    assert index_id() != checkpoint_sha256(run, 0, chosen["mirror_average"])
+    assert choose_mirror(run, small_cases)["mirror_average"] == chosen["mirror_average"]
+    assert index_id() == checkpoint_sha256(run, 0, chosen["mirror_average"]) == load_model(run, 0).checkpoint_sha256
 
 
 def test_lesion_training_goes_on_uncompiled_when_the_compiler_fails(small_cases, monkeypatch, caplog):

@@ -19,6 +19,7 @@ from neurocbir.errors import InvalidInput
 from neurocbir.models.cpu_runtime import compile_net
 from neurocbir.models.encoders import Encoder, Top, create_encoder
 from neurocbir.models.lesion import LesionNet, fuse_for_inference
+from neurocbir.models.mirror import mirrored
 from neurocbir.models.runs import TrainConfig, checkpoint_sha256, first_trial, trial_dir
 
 
@@ -82,6 +83,9 @@ class LesionModel:
     net: LesionNet
     config: TrainConfig
     checkpoint_sha256: str
+    #: the embedding averaged over the scan and its left-right mirror (the run's ``mirror.json``,
+    #: :mod:`neurocbir.models.mirror`); the descriptor and the tumor map stay the scan's own
+    mirror: bool = False
 
     @property
     def embedding_dim(self) -> int:
@@ -92,15 +96,22 @@ class LesionModel:
     ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """``regions``: each scan's region to search by, on the input grid (S, S) in [0, 1]
         (:func:`neurocbir.data.regions.region_on_grid`); it replaces the predicted tumor in the pooling."""
+        n = len(images)
         x = torch.stack([self.prepare(im) for im in images])
         r = None if regions is None else torch.from_numpy(np.stack(regions).astype(np.float32)[:, None])
+        if self.mirror:  # one batch of both views
+            x, r = with_mirror(x), None if r is None else with_mirror(r)
         compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256, region=r is not None)
         if compiled is not None:
             emb, desc, logits = compiled(x.numpy()) if r is None else compiled(x.numpy(), r.numpy())
-            return emb, desc, torch.from_numpy(logits)
-        with torch.inference_mode():
-            emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last), r)
-        return emb.numpy(), desc.numpy(), logits
+            emb, desc, logits = emb, desc, torch.from_numpy(logits)
+        else:
+            with torch.inference_mode():
+                emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last), r)
+            emb, desc = emb.numpy(), desc.numpy()
+        if self.mirror:
+            emb, desc, logits = mean_of_views(emb, n), desc[:n], logits[:n]
+        return emb, desc, logits
 
     def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         emb, desc, _ = self._forward(images)
@@ -118,15 +129,21 @@ class LesionModel:
 
     def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable embeddings of preprocessed images (for similarity maps)."""
-        return self.net(x.contiguous(memory_format=torch.channels_last))[0]
+        if not self.mirror:
+            return self.net(x.contiguous(memory_format=torch.channels_last))[0]
+        emb = self.net(with_mirror(x).contiguous(memory_format=torch.channels_last))[0]
+        return F.normalize(emb[: len(x)] + emb[len(x) :], dim=1)
 
     def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
         """Embeddings of a batch of preprocessed images through the CPU runtime (occlusion maps)."""
+        xs = with_mirror(x) if self.mirror else x
         compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256)
         if compiled is not None:
-            return compiled(x.numpy())[0]
-        with torch.inference_mode():
-            return self.net(x.contiguous(memory_format=torch.channels_last))[0].numpy()
+            emb = compiled(xs.numpy())[0]
+        else:
+            with torch.inference_mode():
+                emb = self.net(xs.contiguous(memory_format=torch.channels_last))[0].numpy()
+        return mean_of_views(emb, len(x)) if self.mirror else emb
 
     def feature_layers(self) -> list[torch.nn.Module]:
         """The module whose output is the last spatial feature map (feature-level maps)."""
@@ -140,7 +157,12 @@ class LesionModel:
         from neurocbir.models.lesion import similarity_contributions
 
         r = None if region is None else torch.from_numpy(np.asarray(region, np.float32))[None, None]
-        return similarity_contributions(self.net, x.contiguous(memory_format=torch.channels_last), target, halves, r)
+        maps = similarity_contributions(self.net, x.contiguous(memory_format=torch.channels_last), target, True, r)
+        if self.mirror:  # the mirror's maps, flipped back onto the scan; each view half the weight
+            xm, rm = x.flip(-1).contiguous(memory_format=torch.channels_last), None if r is None else r.flip(-1)
+            mirrored = similarity_contributions(self.net, xm, target, True, rm)
+            maps = tuple((a + b.flip(-1)) / 2 for a, b in zip(maps, mirrored, strict=True))
+        return maps if halves else maps[0] + maps[1]
 
     def analyse(
         self, image: np.ndarray, region: np.ndarray | None = None
@@ -161,8 +183,23 @@ class LesionModel:
         return emb, desc, [p[0].numpy() for p in prob]
 
 
-def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | None = None) -> Model | LesionModel:
-    """Load trial ``trial`` of ``run`` (default: the first trained one) for new images."""
+def with_mirror(x: torch.Tensor) -> torch.Tensor:
+    """(2B, ...): the batch, then each of its images mirrored left to right."""
+    return torch.cat([x, x.flip(-1)])
+
+
+def mean_of_views(emb: np.ndarray, n: int) -> np.ndarray:
+    """(n, D): the L2-normalised mean of each scan's embedding and its mirror's (rows n..2n)."""
+    both = emb[:n] + emb[n:]
+    return both / np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
+
+
+def load_model(
+    run: Path | str, trial: int | None = None, encoder: Encoder | None = None, mirror: bool | None = None
+) -> Model | LesionModel:
+    """Load trial ``trial`` of ``run`` (default: the first trained one) for new images. A lesion
+    run's embedding is averaged over the scan and its mirror where the run's ``mirror.json`` says
+    so (``mirror``: either way, whatever it says)."""
     run = Path(run)
     trial = first_trial(run) if trial is None else trial
     ckpt = trial_dir(run, trial) / "checkpoint.pt"
@@ -178,7 +215,8 @@ def load_model(run: Path | str, trial: int | None = None, encoder: Encoder | Non
         net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
         net = fuse_for_inference(net).to(memory_format=torch.channels_last)
-        return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial))
+        mirror = mirrored(run) if mirror is None else mirror
+        return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial, mirror), mirror)
     encoder = encoder or cfg.build_encoder()
     if encoder.weights.sha256 != blob["weights_sha256"]:
         raise InvalidInput(

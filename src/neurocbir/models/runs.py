@@ -8,6 +8,7 @@ Training writes runs; inference, evaluation and the app read them through this m
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,9 +215,11 @@ def first_weights(run: Path | str) -> int:
     return seeds[0]
 
 
-def checkpoint_sha256(run: Path | str, seed: int) -> str:
-    """What ties an index or a case archive to the trial whose encoder embedded it."""
-    return sha256_file(trial_dir(run, seed) / "checkpoint.pt")
+def checkpoint_sha256(run: Path | str, seed: int, mirror: bool = False) -> str:
+    """What ties an index or a case archive to the trial whose encoder embedded it (``mirror``:
+    embeddings averaged over each scan and its mirror, another embedding of the same checkpoint)."""
+    sha = sha256_file(trial_dir(run, seed) / "checkpoint.pt")
+    return hashlib.sha256(f"{sha}+mirror".encode()).hexdigest() if mirror else sha
 
 
 def find_default_run() -> Path | None:

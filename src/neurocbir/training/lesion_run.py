@@ -44,7 +44,12 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     the other training patients with the first trial's embeddings. One training instead of the
     three of inner CV: what makes calibration affordable on a CPU. A run that held out some of
     the other hospitals' development groups too (``holdout_extra``) calibrates on their slices of a
-    known tumor type as well, queried against every trained-on case (as the app's archive holds them)."""
+    known tumor type as well, queried against every trained-on case (as the app's archive holds them).
+    First the run's embedding is chosen (the scan alone, or with its mirror: :mod:`~neurocbir.training.mirror_choice`),
+    and all of this is fitted on what it chose."""
+    from neurocbir.training.mirror_choice import choose_mirror
+
+    choose_mirror(run, table)
     cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
     how = (
         f"{len(np.unique(table.patient_id[cal_rows]))} training patients ({len(cal_rows)} slices, "

@@ -1,0 +1,73 @@
+"""Choose whether a lesion run embeds each scan together with its mirror (:mod:`neurocbir.models.mirror`),
+on the training patients it held out of training (``holdout_patients``): they are queried against
+the other training patients with NIR, once with each scan's own embedding and once with the mean
+of its own and its mirror's (on both sides, query and archive), and the mirror is kept only where
+its Cohen's kappa there is higher (a tie keeps the cheaper single view). Then the run's own index
+and embeddings are rebuilt with what was chosen, so that calibration, the outline level and
+region searches are fitted on the embeddings the app will compute. The test fold is embedded for
+the run's index, never scored here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import cohen_kappa_score
+
+from neurocbir.classify.neighbors import NIRClassifier
+from neurocbir.data.cases import CaseTable
+from neurocbir.errors import InvalidInput
+from neurocbir.models import mirror
+from neurocbir.models.runs import TrainConfig
+from neurocbir.retrieval.index import read_manifest
+
+
+def _embed(model, table: CaseTable, rows: np.ndarray, batch: int = 32) -> np.ndarray:
+    chunks = [model.embed([table.load_image(int(i)) for i in rows[b : b + batch]])[0] for b in range(0, len(rows), batch)]
+    return np.concatenate(chunks)
+
+
+def choose_mirror(run: Path | str, table: CaseTable) -> dict:
+    """Choose and save ``run``'s ``mirror.json`` (see the module), rebuild its index where the
+    choice changed the embedding; returns what was saved."""
+    from neurocbir.models.inference import LesionModel, load_model
+    from neurocbir.models.runs import checkpoint_sha256, trial_dir, trial_seeds
+    from neurocbir.retrieval.ingest import index_run
+    from neurocbir.training.holdout import holdout_split
+
+    run = Path(run)
+    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    fit_rows, cal_rows = holdout_split(cfg, table)
+    if not len(cal_rows):
+        raise InvalidInput(f"{run} holds no training patients out of training: the mirror cannot be chosen")
+    kappa, acc = {}, {}
+    for both in (False, True):
+        model = load_model(run, mirror=both)
+        if not isinstance(model, LesionModel):
+            raise InvalidInput(f"{run} is not a lesion run: only those embed with the mirror")
+        pred = NIRClassifier().fit(_embed(model, table, fit_rows), table.label[fit_rows]).predict(_embed(model, table, cal_rows))
+        kappa[both] = float(cohen_kappa_score(table.label[cal_rows], pred))
+        acc[both] = float(np.mean(pred == table.label[cal_rows]))
+    chosen = kappa[True] > kappa[False]
+    n_patients = len(np.unique(table.patient_id[cal_rows]))
+    how = (
+        f"NIR kappa on {n_patients} training patients held out of training ({len(cal_rows)} slices) against the other "
+        f"training patients: {kappa[False]:.4f} with each scan's own embedding, {kappa[True]:.4f} with the mean of "
+        f"its own and its mirror's; {'the mirror' if chosen else 'the scan alone'} (the mirror only where higher)"
+    )
+    measured = {
+        "n_slices": len(cal_rows),
+        "n_patients": n_patients,
+        **{f"kappa_{k}": round(kappa[b], 4) for k, b in (("own", False), ("mirror", True))},
+        **{f"accuracy_{k}": round(acc[b], 4) for k, b in (("own", False), ("mirror", True))},
+    }
+    mirror.save(run, chosen, how, measured)
+    for trial in trial_seeds(run, needs="checkpoint.pt"):  # every trial embeds as the file now says
+        try:
+            current = read_manifest(trial_dir(run, trial) / "index.faiss")["checkpoint_sha256"]
+        except FileNotFoundError:
+            current = None
+        if current != checkpoint_sha256(run, trial, chosen):
+            index_run(run, trial=trial)
+    return {"mirror_average": chosen, "how": how, "measured": measured}
