@@ -43,7 +43,7 @@ def choose_mirror(run: Path | str, table: CaseTable) -> dict:
         raise InvalidInput(f"{run} holds no training patients out of training: the mirror cannot be chosen")
     kappa, acc = {}, {}
     for both in (False, True):
-        model = load_model(run, mirror=both)
+        model = load_model(run, cfg.first_seed, mirror=both)  # explicit: a run still being trained has no first_trial
         if not isinstance(model, LesionModel):
             raise InvalidInput(f"{run} is not a lesion run: only those embed with the mirror")
         pred = NIRClassifier().fit(_embed(model, table, fit_rows), table.label[fit_rows]).predict(_embed(model, table, cal_rows))
