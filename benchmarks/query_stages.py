@@ -14,7 +14,10 @@ round begun by another way), with one of its choices undone:
 - "server calls one after another" (Milvus only): the labels' searches, and the search beside the
   duplicate check, wait for each other;
 - "no similar case over float32": the trunk descriptors held as float32 instead of float16; its
-  nearest distances and flags are compared with the app's.
+  nearest distances and flags are compared with the app's;
+- "the scan alone (no mirror)" (a run whose `mirror.json` chose the mirror): the query embedded
+  from one view instead of two; what it costs, and how many answers it changes (the archive still
+  holds both views' means: its answers are not the run's other choice, only the mirror's cost).
 The parts are timed where the service calls them (the NIR search runs beside the duplicate check
 on a server, so the parts add up to more than the whole there).
 """
@@ -83,6 +86,11 @@ def variants(svc, remote: bool) -> dict:
             lambda: setattr(svc.cases, "trunk_index", half),
         ),
     }
+    if getattr(svc.model, "mirror", False):
+        out["the scan alone (no mirror)"] = (
+            lambda: setattr(svc.model, "mirror", False),
+            lambda: setattr(svc.model, "mirror", True),
+        )
     if remote:
         store = svc.cases.store
         out["server calls one after another"] = (

@@ -28,40 +28,43 @@ def _embed(model, table: CaseTable, rows: np.ndarray, batch: int = 32) -> np.nda
     return np.concatenate(chunks)
 
 
-def choose_mirror(run: Path | str, table: CaseTable) -> dict:
-    """Choose and save ``run``'s ``mirror.json`` (see the module), rebuild its index where the
-    choice changed the embedding; returns what was saved."""
+def held_out_kappas(run: Path | str, table: CaseTable) -> dict:
+    """NIR kappa and accuracy of ``run``'s held-out training patients against its other training
+    patients, with each scan's own embedding (``own``) and with the mirror's mean (``mirror``)."""
     from neurocbir.models.inference import LesionModel, load_model
-    from neurocbir.models.runs import checkpoint_sha256, trial_dir, trial_seeds
-    from neurocbir.retrieval.ingest import index_run
     from neurocbir.training.holdout import holdout_split
 
-    run = Path(run)
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
     fit_rows, cal_rows = holdout_split(cfg, table)
     if not len(cal_rows):
         raise InvalidInput(f"{run} holds no training patients out of training: the mirror cannot be chosen")
-    kappa, acc = {}, {}
-    for both in (False, True):
+    out = {"n_slices": len(cal_rows), "n_patients": len(np.unique(table.patient_id[cal_rows]))}
+    for name, both in (("own", False), ("mirror", True)):
         model = load_model(run, cfg.first_seed, mirror=both)  # explicit: a run still being trained has no first_trial
         if not isinstance(model, LesionModel):
             raise InvalidInput(f"{run} is not a lesion run: only those embed with the mirror")
-        pred = NIRClassifier().fit(_embed(model, table, fit_rows), table.label[fit_rows]).predict(_embed(model, table, cal_rows))
-        kappa[both] = float(cohen_kappa_score(table.label[cal_rows], pred))
-        acc[both] = float(np.mean(pred == table.label[cal_rows]))
-    chosen = kappa[True] > kappa[False]
-    n_patients = len(np.unique(table.patient_id[cal_rows]))
+        nir = NIRClassifier().fit(_embed(model, table, fit_rows), table.label[fit_rows])
+        pred = nir.predict(_embed(model, table, cal_rows))
+        out[f"kappa_{name}"] = round(float(cohen_kappa_score(table.label[cal_rows], pred)), 4)
+        out[f"accuracy_{name}"] = round(float(np.mean(pred == table.label[cal_rows])), 4)
+    return out
+
+
+def choose_mirror(run: Path | str, table: CaseTable) -> dict:
+    """Choose and save ``run``'s ``mirror.json`` (see the module), rebuild its index where the
+    choice changed the embedding; returns what was saved."""
+    from neurocbir.models.runs import checkpoint_sha256, trial_dir, trial_seeds
+    from neurocbir.retrieval.ingest import index_run
+
+    run = Path(run)
+    measured = held_out_kappas(run, table)
+    chosen = measured["kappa_mirror"] > measured["kappa_own"]
     how = (
-        f"NIR kappa on {n_patients} training patients held out of training ({len(cal_rows)} slices) against the other "
-        f"training patients: {kappa[False]:.4f} with each scan's own embedding, {kappa[True]:.4f} with the mean of "
-        f"its own and its mirror's; {'the mirror' if chosen else 'the scan alone'} (the mirror only where higher)"
+        f"NIR kappa on {measured['n_patients']} training patients held out of training ({measured['n_slices']} slices) "
+        f"against the other training patients: {measured['kappa_own']:.4f} with each scan's own embedding, "
+        f"{measured['kappa_mirror']:.4f} with the mean of its own and its mirror's; "
+        f"{'the mirror' if chosen else 'the scan alone'} (the mirror only where higher)"
     )
-    measured = {
-        "n_slices": len(cal_rows),
-        "n_patients": n_patients,
-        **{f"kappa_{k}": round(kappa[b], 4) for k, b in (("own", False), ("mirror", True))},
-        **{f"accuracy_{k}": round(acc[b], 4) for k, b in (("own", False), ("mirror", True))},
-    }
     mirror.save(run, chosen, how, measured)
     for trial in trial_seeds(run, needs="checkpoint.pt"):  # every trial embeds as the file now says
         try:
