@@ -24,7 +24,9 @@ from neurocbir.retrieval.index import read_manifest
 
 
 def _embed(model, table: CaseTable, rows: np.ndarray, batch: int = 32) -> np.ndarray:
-    chunks = [model.embed([table.load_image(int(i)) for i in rows[b : b + batch]])[0] for b in range(0, len(rows), batch)]
+    chunks = [
+        model.embed([table.load_image(int(i)) for i in rows[b : b + batch]])[0] for b in range(0, len(rows), batch)
+    ]
     return np.concatenate(chunks)
 
 

@@ -85,8 +85,9 @@ def _evidence(model, images) -> tuple[np.ndarray, dict]:
 
 def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None) -> tuple[dict, int]:
     """Every training-fold slice and development slice: descriptor, what the tumor map shows
-    (:func:`_evidence`), tumor, source, figshare fold (0 for other sources), whether the network
-    trained on it; and how many held-out development twins were left out.
+    (:func:`_evidence`), tumor, source, group (a patient, or a development group), figshare fold (0
+    for other sources), whether the network trained on it; and how many held-out development twins
+    were left out.
     ``without_fold``: figshare slices of that test fold are left out altogether (another fold's run
     pooled into a choice for this fold's must not score or fit on its test slices)."""
     from neurocbir.models.inference import load_model
@@ -115,6 +116,7 @@ def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None
         "trained": np.concatenate([np.isin(fig_rows, fit_rows), np.isin(np.arange(len(dev)), dev_fit)]),
         "tumor": np.concatenate([table.label[fig_rows] < 3, dev.tumor]),
         "source": np.concatenate([np.full(len(fig_rows), "figshare"), dev.sources.astype(str)]),
+        "group": np.concatenate([np.char.add("patient:", table.patient_id[fig_rows].astype(str)), np.char.add("group:", dev.groups.astype(str))]),
     }  # fmt: skip
     return {k: v[keep] for k, v in out.items()}, n_twins
 
