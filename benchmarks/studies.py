@@ -6,9 +6,10 @@ of a 24-slice series (p50 over HTTP).
 
     .venv/bin/python benchmarks/studies.py [--run models/lesion-fold5]
 
-The study confidence uses the run's slice temperature (fitted by inner CV; the committed model
-holds no training patient out, so no study temperature can be fitted honestly for it: see
-neurocbir.classify.study). Nothing is chosen here; fold 5 is read once, to report.
+The study confidence uses the run's study temperature (`study_calibration.json`, fitted on its
+training patients held out of training, each as one study; see neurocbir.classify.study), and the
+ECE with the slice temperature instead is shown beside it. Nothing is chosen here; fold 5 is read
+once, to report.
 """
 
 from __future__ import annotations
@@ -192,9 +193,8 @@ def main() -> None:
     if args.section == "studies":
         body += [
             "",
-            "Only fold 5 has a served model (the other folds' GPU runs kept their metrics, not their weights); the "
-            "study figures across all five folds are measured for the CPU recipe, one run per test fold: 'Studies "
-            "across folds'.",
+            "Only fold 5 has a served model; the same figures for one run of the CPU recipe per test fold, each "
+            "over its own demo archive: benchmarks/studies_across_folds.py.",
         ]
     write_section(args.section, "\n".join(body))
     print("\n".join(body))

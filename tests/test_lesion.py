@@ -299,7 +299,7 @@ def test_mirror_averaged_embedding_is_one_point_for_a_scan_and_its_mirror(small_
     from neurocbir.data.regions import box_region, region_on_grid
     from neurocbir.models.inference import load_model
 
-    plain, both = load_model(BUNDLED, mirror=False), load_model(BUNDLED, mirror=True)
+    plain, both = load_model(BUNDLED, 0, mirror=False), load_model(BUNDLED, 0, mirror=True)  # no index needed
     image = small_cases.load_image(0)
     flipped = np.ascontiguousarray(image[:, ::-1])
     e, d, p = both.analyse(image)
