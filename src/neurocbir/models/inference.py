@@ -101,17 +101,20 @@ class LesionModel:
         r = None if regions is None else torch.from_numpy(np.stack(regions).astype(np.float32)[:, None])
         if self.mirror:  # one batch of both views
             x, r = with_mirror(x), None if r is None else with_mirror(r)
-        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256, region=r is not None)
-        if compiled is not None:
-            emb, desc, logits = compiled(x.numpy()) if r is None else compiled(x.numpy(), r.numpy())
-            emb, desc, logits = emb, desc, torch.from_numpy(logits)
-        else:
-            with torch.inference_mode():
-                emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last), r)
-            emb, desc = emb.numpy(), desc.numpy()
+        emb, desc, logits = self._run(x, r)
         if self.mirror:
             emb, desc, logits = mean_of_views(emb, n), desc[:n], logits[:n]
         return emb, desc, logits
+
+    def _run(self, x: torch.Tensor, r: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """The network on a preprocessed batch: compiled for this CPU, else PyTorch."""
+        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256, region=r is not None)
+        if compiled is not None:
+            emb, desc, logits = compiled(x.numpy()) if r is None else compiled(x.numpy(), r.numpy())
+            return emb, desc, torch.from_numpy(logits)
+        with torch.inference_mode():
+            emb, desc, logits = self.net(x.contiguous(memory_format=torch.channels_last), r)
+        return emb.numpy(), desc.numpy(), logits
 
     def embed(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         emb, desc, _ = self._forward(images)
@@ -136,13 +139,7 @@ class LesionModel:
 
     def embed_preprocessed(self, x: torch.Tensor) -> np.ndarray:
         """Embeddings of a batch of preprocessed images through the CPU runtime (occlusion maps)."""
-        xs = with_mirror(x) if self.mirror else x
-        compiled = compile_net(self.net, self.config.image_size, self.checkpoint_sha256)
-        if compiled is not None:
-            emb = compiled(xs.numpy())[0]
-        else:
-            with torch.inference_mode():
-                emb = self.net(xs.contiguous(memory_format=torch.channels_last))[0].numpy()
+        emb = self._run(with_mirror(x) if self.mirror else x)[0]
         return mean_of_views(emb, len(x)) if self.mirror else emb
 
     def feature_layers(self) -> list[torch.nn.Module]:
