@@ -84,7 +84,8 @@ class LesionModel:
     config: TrainConfig
     checkpoint_sha256: str
     #: the embedding averaged over the scan and its left-right mirror (the run's ``mirror.json``,
-    #: :mod:`neurocbir.models.mirror`); the descriptor and the tumor map stay the scan's own
+    #: :mod:`neurocbir.models.mirror`), and so is the tumor map (the mirror's flipped back: its
+    #: second view costs nothing more); the descriptor stays the scan's own
     mirror: bool = False
 
     @property
@@ -102,8 +103,8 @@ class LesionModel:
         if self.mirror:  # one batch of both views
             x, r = with_mirror(x), None if r is None else with_mirror(r)
         emb, desc, logits = self._run(x, r)
-        if self.mirror:
-            emb, desc, logits = mean_of_views(emb, n), desc[:n], logits[:n]
+        if self.mirror:  # the tumor logits of both views stay: analyse_batch averages their maps
+            emb, desc = mean_of_views(emb, n), desc[:n]
         return emb, desc, logits
 
     def _run(self, x: torch.Tensor, r: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
@@ -177,6 +178,9 @@ class LesionModel:
         emb, desc, logits = self._forward(images, regions)
         size = self.config.image_size
         prob = torch.sigmoid(F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False))
+        if self.mirror:  # the two views' maps, the mirror's flipped back onto the scan (chosen on
+            # held-out slices: docs/results.md "The mirror's tumor map")
+            prob = (prob[: len(images)] + prob[len(images) :].flip(-1)) / 2
         return emb, desc, [p[0].numpy() for p in prob]
 
 

@@ -2,8 +2,10 @@
 (test-time augmentation): the run's ``mirror.json``, chosen on training patients held out of
 training (:mod:`neurocbir.training.mirror_choice`). A tumor's type does not depend on its side,
 and the mean of both views is a steadier point than either; a mirrored copy of a case then
-embeds exactly where the case does. The descriptor ("unlike the archive", tumor presence) and the
-tumor map stay the scan's own, so neither the presence rule nor the outline level changes."""
+embeds exactly where the case does. The tumor map is both views' mean too (the mirror's flipped
+back: a steadier outline and decoder peak, measured on held-out slices, docs/results.md
+"mirror-map"), so a run whose choice changes has its outline level, region searches and "no tumor"
+rule fitted again on it; the descriptor ("unlike the archive", the presence model) stays the scan's own."""
 
 from __future__ import annotations
 

@@ -83,13 +83,16 @@ def _evidence(model, images) -> tuple[np.ndarray, dict]:
     return np.concatenate(desc).astype(np.float64), {k: np.array(v) for k, v in maps.items()}
 
 
-def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None) -> tuple[dict, int]:
+def held_out_slices(
+    run: Path, table: CaseTable, without_fold: int | None = None, mirror: bool | None = None
+) -> tuple[dict, int]:
     """Every training-fold slice and development slice: descriptor, what the tumor map shows
     (:func:`_evidence`), tumor, source, group (a patient, or a development group), figshare fold (0
     for other sources), whether the network trained on it; and how many held-out development twins
     were left out.
     ``without_fold``: figshare slices of that test fold are left out altogether (another fold's run
-    pooled into a choice for this fold's must not score or fit on its test slices)."""
+    pooled into a choice for this fold's must not score or fit on its test slices). ``mirror``: the
+    tumor maps of the scan alone, or with its mirror (default: as the run's ``mirror.json`` says)."""
     from neurocbir.models.inference import load_model
     from neurocbir.training.holdout import development_holdout, holdout_split
 
@@ -101,7 +104,7 @@ def held_out_slices(run: Path, table: CaseTable, without_fold: int | None = None
             f"{run} holds no patients or development groups out of training (train it with the CPU preset)"
         )
     dev, dev_fit, dev_held, n_twins = found
-    model = load_model(run)
+    model = load_model(run, mirror=mirror)
     fig_rows = np.concatenate([fit_rows, cal_rows])
     fig_rows = fig_rows[table.fold[fig_rows] != without_fold] if without_fold is not None else fig_rows
     d1, m1 = _evidence(model, (table.load_image(int(i)) for i in fig_rows))
