@@ -125,7 +125,7 @@ def main() -> None:
         sources = sorted({s for s, _ in totals})
         shares = [totals[(s, "none")][0] / totals[(s, "none")][1] for s in sources if totals[(s, "none")][1]]
 
-        def cell(src: str) -> str:
+        def cell(src: str, totals: dict = totals) -> str:
             (fn, nn), (ft, nt) = totals[(src, "none")], totals[(src, "tumor")]
             return (f"{fn / nn:.3f} ({fn}/{nn})" if nn else "-") + (f" / {ft / nt:.3f} ({ft}/{nt})" if nt else " / -")
 
