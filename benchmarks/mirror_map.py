@@ -75,16 +75,16 @@ def outlines(run: Path, table) -> dict:
     cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
     _, cal_rows = holdout_split(cfg, table)
     dev, _, dev_held, _ = development_holdout(cfg, table)
-    items = [("figshare", table.load_image(int(i)), table.load_mask(int(i))) for i in cal_rows]
+    items = [("figshare", table, int(i)) for i in cal_rows]  # loaded 32 at a time: a run's slices fill GBs
     for i in dev_held:
         if dev.sources[i] == "tcga-lgg" and dev.tumor[i] and dev.has_mask(i) and dev.load_mask(int(i)).mean() >= 0.01:
-            items.append(("tcga-lgg", dev.load_image(int(i)), dev.load_mask(int(i))))
+            items.append(("tcga-lgg", dev, int(i)))
     out = {}
     for way, mirror in WAYS.items():
         model = load_model(run, mirror=mirror)
         size = model.input_size
         for b in range(0, len(items), 32):
-            chunk = items[b : b + 32]
+            chunk = [(src, cases.load_image(i), cases.load_mask(i)) for src, cases, i in items[b : b + 32]]
             for (src, _, mask), prob in zip(chunk, model.analyse_batch([im for _, im, _ in chunk])[2]):
                 m = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
                 m = F.interpolate(m, size=(size, size), mode="area")[0, 0].numpy() >= 0.5
