@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from presence_features import answers, choose, rules
+from presence_features import answers, choose, count_answers, rules
 from results_doc import machine, write_section
 
 KEYS = ("p", "peak", "tumor", "source", "trained", "fold")
@@ -114,14 +114,7 @@ def main() -> None:
             choice = {k: np.concatenate([o[k][o["fold"] != fold] for o in others]) for k in KEYS}
             rule = choose(choice, {r: answers(choice, r) for r in rules()})
             chosen.append(f"{way}, fold {fold}: {rule[1:]}")
-            test, answer = runs[i], answers(runs[i], rule)
-            held = ~test["trained"]
-            for src in sorted(set(test["source"][held])):
-                for want, label in ((~test["tumor"], "none"), (test["tumor"], "tumor")):
-                    at = held & (test["source"] == src) & want
-                    cell = totals.setdefault((src, label), [0, 0])
-                    cell[0] += int(answer[at].sum())
-                    cell[1] += int(at.sum())
+            count_answers(totals, runs[i], answers(runs[i], rule))
         sources = sorted({s for s, _ in totals})
         shares = [totals[(s, "none")][0] / totals[(s, "none")][1] for s in sources if totals[(s, "none")][1]]
 

@@ -101,6 +101,18 @@ def answers(s: dict, rule: tuple, fitted=None) -> np.ndarray:
     return PresenceRule(t, veto, decoder_weight=w).no_tumor(s["p"], s["peak"])
 
 
+def count_answers(totals: dict, s: dict, no_tumor: np.ndarray, prefix: tuple = ()) -> None:
+    """Add one run's held-out 'no tumor' answers to ``totals``: (*prefix, source, 'none' | 'tumor')
+    -> [slices called 'no tumor', slices], no-tumor and tumor slices of each source apart."""
+    held = ~s["trained"]
+    for src in sorted(set(s["source"][held])):
+        for want, label in ((~s["tumor"], "none"), (s["tumor"], "tumor")):
+            at = held & (s["source"] == src) & want
+            cell = totals.setdefault((*prefix, src, label), [0, 0])
+            cell[0] += int(no_tumor[at].sum())
+            cell[1] += int(at.sum())
+
+
 def describe(rule: tuple) -> str:
     if rule[0] == "stacked":
         return f"regression > {float(rule[1]):.2f}"
@@ -131,14 +143,7 @@ def main() -> None:
         for kind, fit in (("served", None), ("stacked", fitted)):
             rule = choose(choice, {r: answers(choice, r, fit) for r in rules(fit)})
             chosen.append((fold, rule))
-            answer = answers(test, rule, fit)
-            held = ~test["trained"]
-            for src in sorted(set(test["source"][held])):
-                for want, label in ((~test["tumor"], "none"), (test["tumor"], "tumor")):
-                    at = held & (test["source"] == src) & want
-                    cell = totals.setdefault((kind, src, label), [0, 0])
-                    cell[0] += int(answer[at].sum())
-                    cell[1] += int(at.sum())
+            count_answers(totals, test, answers(test, rule, fit), (kind,))
     sources = sorted({src for _, src, _ in totals})
 
     def cell(kind: str, src: str) -> str:
