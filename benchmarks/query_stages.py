@@ -12,14 +12,18 @@ round begun by another way), with one of its choices undone:
 - "NIR by doubling the depth": the deep search doubles its depth over every partition instead of
   searching each label's partitions (`neurocbir.retrieval.store._by_label`);
 - "server calls one after another" (Milvus only): the labels' searches, and the search beside the
-  duplicate check, wait for each other;
+  "no similar case" check, wait for each other;
+- "the duplicate check before the CNN": the scan's check against the archive's prints runs on
+  the query's thread before the CNN instead of on another thread while the CNN runs
+  (`neurocbir.serving.service._own_cases`);
 - "no similar case over float32": the trunk descriptors held as float32 instead of float16; its
   nearest distances and flags are compared with the app's;
 - "the scan alone (no mirror)" (a run whose `mirror.json` chose the mirror): the query embedded
   from one view instead of two; what it costs, and how many answers it changes (the archive still
   holds both views' means: its answers are not the run's other choice, only the mirror's cost).
-The parts are timed where the service calls them (the NIR search runs beside the duplicate check
-on a server, so the parts add up to more than the whole there).
+The parts are timed where the service calls them (the duplicate check runs beside the CNN, and
+the NIR search beside the "no similar case" check on a server, so the parts add up to more than
+the whole).
 """
 
 from __future__ import annotations
@@ -60,9 +64,29 @@ def timed(obj, name: str, into: dict, recording: dict) -> None:
     setattr(obj, name, wrapper)
 
 
+class _CheckFirst:
+    """A pool that runs the scan's duplicate check at once, on the calling thread (before the CNN),
+    and hands everything else to ``pool``."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+
+        import neurocbir.serving.service as service
+
+        if fn is not service._own_cases:
+            return self.pool.submit(fn, *args, **kwargs)
+        done = Future()
+        done.set_result(fn(*args, **kwargs))
+        return done
+
+
 def variants(svc, remote: bool) -> dict:
     """name -> (enter, leave): each undoes one of the app's choices while it is entered."""
     import neurocbir.retrieval.store as store_module
+    import neurocbir.serving.service as service
     import neurocbir.serving.threads as threads
     from neurocbir.retrieval.index import VectorIndex
     from neurocbir.serving.archive_cases import TRUNK_SAMPLE
@@ -80,6 +104,10 @@ def variants(svc, remote: bool) -> dict:
         "NIR by doubling the depth": (
             lambda: setattr(store_module, "_by_label", lambda *a: None),
             lambda: setattr(store_module, "_by_label", by_label),
+        ),
+        "the duplicate check before the CNN": (
+            lambda: setattr(service, "side_work", lambda: _CheckFirst(threads.side_work())),
+            lambda: setattr(service, "side_work", threads.side_work),
         ),
         "no similar case over float32": (
             lambda: setattr(svc.cases, "trunk_index", full),

@@ -211,3 +211,38 @@ def test_print_ranks_agree_with_scipy():
     r -= r.mean(1, keepdims=True)
     expected = r / np.linalg.norm(r, axis=1, keepdims=True)
     np.testing.assert_allclose(_ranks(windows), expected, atol=1e-6)
+
+
+def test_print_windows_equal_pil_box_resampling_of_each(cases, one_per_patient):
+    """A query's 2 x 81 fine windows come from one matrix product per axis (speed); archives store
+    prints that PIL's BOX resampling made window by window, so both must give the same pixels (to
+    float32 rounding) on real slices, both orientations, at every variant's window."""
+    from neurocbir.retrieval import duplicates as dup
+
+    boxes = [(ox - sx, oy - sy, ox + sx, oy + sy) for ox, oy, sx, sy in dup.VARIANTS] + [(-1, -1, 1, 1)]
+    unranked = dup._ranks
+    for i in one_per_patient[:8]:
+        prints = ImagePrints(cases.load_image(i))
+        for view in (0, 1):
+            patch = prints._fine_patches[view]
+            e = max(dup.SCALES) + 2 * max(abs(v) for v in dup.SHIFTS)
+            c, r = patch.width / 2, patch.width / (2 * e)
+            by_pil = np.stack(
+                [
+                    np.asarray(
+                        patch.resize(
+                            (dup.FINE, dup.FINE),
+                            Image.Resampling.BOX,
+                            box=(c + x0 * r, c + y0 * r, c + x1 * r, c + y1 * r),
+                        )
+                    )
+                    for x0, y0, x1, y1 in boxes
+                ]
+            )
+            try:
+                dup._ranks = lambda windows: windows.reshape(len(windows), -1)  # the pixels, before ranking
+                by_product = prints._fine_windows(view, boxes)
+            finally:
+                dup._ranks = unranked
+            np.testing.assert_allclose(by_product, by_pil.reshape(len(boxes), -1), rtol=1e-6, atol=1e-5)
+            assert np.array_equal(prints._fine_windows(view, boxes), unranked(by_pil))  # the same ranks

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
@@ -233,6 +234,8 @@ class RetrievalService:
         if not 0.5 <= coverage < 1:
             raise InvalidInput("coverage must be at least 0.5 and below 1 (e.g. 0.95)")
         grid = None if region is None else self.region_grid(image, region)
+        # is the scan already in the archive? checked on the other core while the CNN runs
+        own = side_work().submit(_own_cases, self.cases, image)
         q, trunk, tumor_prob = self.analyse(image, grid)
         in_region = None
         if grid is not None:
@@ -242,7 +245,7 @@ class RetrievalService:
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
         peak = None if tumor_prob is None else float(tumor_prob.max())
-        search = (q, trunk, ImagePrints(image), k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
+        search = (q, trunk, own, k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
         try:
             evidence = self._evidence(self.cases, *search)
             self._store_down = None
@@ -273,7 +276,7 @@ class RetrievalService:
         cases: CaseSource,
         q: np.ndarray,
         trunk: np.ndarray,
-        own: list[Duplicate] | ImagePrints,
+        own: list[Duplicate] | ImagePrints | Future,
         k: int,
         one_per_patient: bool,
         coverage: float,
@@ -288,11 +291,14 @@ class RetrievalService:
         ``in_region``: a region search's presence answer, which replaces the slice's; ``peak``:
         the tumor decoder's highest probability on the slice, for the run's presence rule).
         ``own``: the cases that are the scan itself (:meth:`CaseSource.duplicates_of`), or the
-        scan's prints to find them with (here, while a vector store server searches): shown,
-        marked, and not counted as evidence."""
+        scan's prints to find them with (here, while a vector store server searches), or the
+        :func:`_own_cases` begun for the scan: shown, marked, and not counted as evidence."""
         remote = neighbours is None and getattr(getattr(cases, "store", None), "remote", False)
         # a vector store server searches while this thread checks the scan against the archive here
         searching = side_work().submit(cases.neighbours, q, one_per_patient) if remote else None
+        if isinstance(own, Future):  # begun on another view of the cases: checked again on this one
+            checked, prints, found = own.result()
+            own = found if checked is cases and found is not None else prints
         own = cases.duplicates_of(own) if isinstance(own, ImagePrints) else own
         nearest = cases.nearest_trunk(trunk)
         if neighbours is None:
@@ -430,3 +436,14 @@ class RetrievalService:
             if side == "query":
                 return explain_similarity(self.model, image, case_image, region=grid)
             return explain_similarity(self.model, case_image, image, other_region=grid)
+
+
+@one_thread
+def _own_cases(cases: CaseSource, image: np.ndarray) -> tuple[CaseSource, ImagePrints, list[Duplicate] | None]:
+    """(``cases``, the scan's prints, the cases of ``cases`` that are the scan itself; None where
+    a case left ``cases`` meanwhile: the answer's view checks it again)."""
+    prints = ImagePrints(image)
+    try:
+        return cases, prints, cases.duplicates_of(prints)
+    except KeyError:
+        return cases, prints, None
