@@ -209,7 +209,7 @@ async def query(
     other = [out["nearest_other_class"]["case_id"]] if out.get("nearest_other_class") else []
     shown = [r["case_id"] for r in out["retrievals"]] + other + ([case_id] if case_id is not None else [])
     note(request, shown, _audited_fingerprint(out["query_fingerprint"], drawn))
-    return out
+    return JSONResponse(out)  # plain JSON types already: no second walk through FastAPI's encoder
 
 
 @queries.post("/similarity", response_class=Response)

@@ -37,7 +37,7 @@ from neurocbir.serving.archive_cases import ArchiveCases
 from neurocbir.serving.feedback import FILE as FEEDBACK_FILE
 from neurocbir.serving.feedback import FeedbackStore, fingerprint
 from neurocbir.serving.sources import CaseFilter, CaseSource, RunCases
-from neurocbir.serving.threads import one_thread, side_work
+from neurocbir.serving.threads import one_blas_thread, one_thread, side_work
 from neurocbir.serving.wording import DISCLAIMER, NO_TYPE, REGION_NO_TUMOR_NOTE
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class RetrievalService:
         # OpenVINO runtime gives each thread its own request, so its passes need no lock
         self.inference_lock = threading.Lock() if backend() == "torch" else contextlib.nullcontext()
         self._store_down: str | None = None  # why the vector store's server did not answer, last asked
+        one_blas_thread()
 
     @property
     def feedback(self) -> FeedbackStore:

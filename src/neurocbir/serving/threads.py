@@ -1,5 +1,6 @@
 """How a query uses the threads of the serving process: one OpenMP thread for the calling thread
-while it answers (:func:`one_thread`), and a pool for work that waits on a server (:func:`side_work`)."""
+while it answers (:func:`one_thread`), numpy's BLAS on one thread (:func:`one_blas_thread`), and a
+pool for work beside the CNN or waiting on a server (:func:`side_work`)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def one_thread(fn):
             return fn(*args, **kwargs)
 
     return on_one_thread
+
+
+@functools.cache
+def one_blas_thread() -> None:
+    """The BLAS libraries (OpenBLAS: numpy's, FAISS's) on one thread from now on, in this process
+    (OpenBLAS's count is per process, not per thread). A query's products are small (the duplicate
+    check's windows and prints, run beside the CNN); OpenBLAS's threads spun on the cores the CNN
+    needed: in process over the demo archive, query p50 42-44 -> 26-28 ms on 2 cores
+    (docs/results.md, "The query's parts at scale", benchmarks/query_stages.py). Called when a
+    query service is made: a process that serves."""
+    _threads().limit(limits=1, user_api="blas")  # kept: the limiter is not undone
