@@ -103,17 +103,22 @@ def _ranks(small: np.ndarray) -> np.ndarray:
     unit length: (n, ...) -> (n, D) float32."""
     x = np.asarray(small, dtype=np.float32).reshape(len(small), -1)
     n, m = x.shape
-    # scipy's rankdata(x, axis=1), at twice its speed (a query ranks 2 x 81 windows): rows sorted
-    # unstably (ties are averaged anyway), a group per run of equal values, each row its own groups
+    # scipy's rankdata(x, axis=1), at three times its speed (a query ranks 2 x 81 windows): rows
+    # sorted unstably, each position its rank, then the runs of equal values (the background's, a
+    # fifth of a window) given their mean rank
     order = np.argsort(x, axis=1)
     ordered = np.take_along_axis(x, order, 1)
-    new = np.ones((n, m), bool)
-    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    group = np.cumsum(new.ravel()) - 1
-    position = np.tile(np.arange(1, m + 1, dtype=np.float64), n)
-    mean = (np.bincount(group, position) / np.bincount(group))[group].reshape(n, m)
+    same = ordered[:, 1:] == ordered[:, :-1]  # (n, m - 1): equal to the value before it
+    rank = np.broadcast_to(np.arange(1, m + 1, dtype=np.float32), (n, m)).copy()
+    tied = np.zeros((n, m), bool)
+    tied[:, 1:] = same
+    tied[:, :-1] |= same
+    rows, cols = np.nonzero(tied)  # row by row, each run's positions one after another
+    if len(rows):
+        run = np.cumsum(~((cols > 0) & same[rows, np.maximum(cols - 1, 0)])) - 1
+        rank[rows, cols] = (np.bincount(run, cols + 1.0) / np.bincount(run))[run]
     r = np.empty((n, m), np.float32)
-    np.put_along_axis(r, order, mean.astype(np.float32), 1)
+    np.put_along_axis(r, order, rank, 1)
     r -= r.mean(1, keepdims=True)
     return r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-6)
 
@@ -142,6 +147,15 @@ def _rank(values: np.ndarray) -> np.ndarray:
     return _SubsetRanks(values).of(np.ones(len(values), bool))
 
 
+def _spread(counts: np.ndarray) -> tuple[float, float]:
+    """(centre + 0.5, SPREAD x standard deviation) of the positions 0, 1, ... weighted by ``counts``
+    (the head's pixels in each row or column)."""
+    at = np.arange(len(counts), dtype=np.float64)
+    n = float(counts.sum())
+    mean = float(counts @ at) / n
+    return mean + 0.5, SPREAD * float(np.sqrt(counts @ (at - mean) ** 2 / n))
+
+
 class ImagePrints:
     """One image's prints, computed once and on demand: ``coarse`` (2, SIDE * SIDE), ``fine``
     (FINE * FINE,) and ``variants`` (2, V, FINE * FINE); the second row of each pair is the mirror
@@ -157,8 +171,7 @@ class ImagePrints:
         if hi <= lo or inside.sum() < 16:  # nothing stands out: the whole image
             cy, cx, ry, rx = h / 2, w / 2, h / 2, w / 2
         else:
-            ys, xs = np.nonzero(inside)
-            cy, cx, ry, rx = ys.mean() + 0.5, xs.mean() + 0.5, SPREAD * ys.std(), SPREAD * xs.std()
+            (cy, ry), (cx, rx) = (_spread(inside.sum(axis)) for axis in (1, 0))
         e = max(SCALES) + 2 * max(abs(v) for v in SHIFTS)  # the widest window of the variants
         pad = int(np.ceil(max(e * ry - cy, cy + e * ry - h, e * rx - cx, cx + e * rx - w, 0))) + 1
         padded = Image.fromarray(np.pad(arr, pad, constant_values=float(lo)))
