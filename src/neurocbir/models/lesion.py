@@ -275,7 +275,7 @@ def tumor_outline(
     return {
         "area_mm2": round(area, 1),
         # cell centres to scan pixel coordinates
-        "outline": [[round((c + 0.5) * sx - 0.5, 1), round((r + 0.5) * sy - 0.5, 1)] for r, c in contour],
+        "outline": np.round((contour[:, ::-1] + 0.5) * (sx, sy) - 0.5, 1).tolist(),
         "image_size": [int(rows), int(cols)],  # rows, columns the outline refers to
         "pixel_spacing_mm": [round(float(s), 4) for s in pixel_spacing_mm],
         "spacing_assumed": assumed,
