@@ -13,6 +13,8 @@ round begun by another way), with one of its choices undone:
   searching each label's partitions (`neurocbir.retrieval.store._by_label`);
 - "server calls one after another" (Milvus only): the labels' searches, and the search beside the
   "no similar case" check, wait for each other;
+- "BLAS threads as the process has them": numpy's and FAISS's OpenBLAS on every core instead of
+  one (`neurocbir.serving.threads.one_blas_thread`);
 - "the duplicate check before the CNN": the scan's check against the archive's prints runs on
   the query's thread before the CNN instead of on another thread while the CNN runs
   (`neurocbir.serving.service._own_cases`);
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -104,6 +107,10 @@ def variants(svc, remote: bool) -> dict:
         "NIR by doubling the depth": (
             lambda: setattr(store_module, "_by_label", lambda *a: None),
             lambda: setattr(store_module, "_by_label", by_label),
+        ),
+        "BLAS threads as the process has them": (
+            lambda: threads._threads().limit(limits=os.cpu_count(), user_api="blas"),
+            lambda: threads._threads().limit(limits=1, user_api="blas"),
         ),
         "the duplicate check before the CNN": (
             lambda: setattr(service, "side_work", lambda: _CheckFirst(threads.side_work())),
