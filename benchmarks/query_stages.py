@@ -13,8 +13,8 @@ round begun by another way), with one of its choices undone:
   searching each label's partitions (`neurocbir.retrieval.store._by_label`);
 - "server calls one after another" (Milvus only): the labels' searches, and the search beside the
   "no similar case" check, wait for each other;
-- "BLAS threads as the process has them": numpy's and FAISS's OpenBLAS on every core instead of
-  one (`neurocbir.serving.threads.one_blas_thread`);
+- "BLAS threads as the process has them": numpy's OpenBLAS on every core instead of one
+  (`neurocbir.serving.threads.one_blas_thread`);
 - "the duplicate check before the CNN": the scan's check against the archive's prints runs on
   the query's thread before the CNN instead of on another thread while the CNN runs
   (`neurocbir.serving.service._own_cases`);
@@ -109,8 +109,8 @@ def variants(svc, remote: bool) -> dict:
             lambda: setattr(store_module, "_by_label", by_label),
         ),
         "BLAS threads as the process has them": (
-            lambda: threads._threads().limit(limits=os.cpu_count(), user_api="blas"),
-            lambda: threads._threads().limit(limits=1, user_api="blas"),
+            lambda: threads._threads().select(prefix="libscipy_openblas").limit(limits=os.cpu_count()),
+            lambda: threads.one_blas_thread.__wrapped__(),
         ),
         "the duplicate check before the CNN": (
             lambda: setattr(service, "side_work", lambda: _CheckFirst(threads.side_work())),

@@ -37,10 +37,12 @@ def one_thread(fn):
 
 @functools.cache
 def one_blas_thread() -> None:
-    """The BLAS libraries (OpenBLAS: numpy's, FAISS's) on one thread from now on, in this process
-    (OpenBLAS's count is per process, not per thread). A query's products are small (the duplicate
-    check's windows and prints, run beside the CNN); OpenBLAS's threads spun on the cores the CNN
-    needed: in process over the demo archive, query p50 42-44 -> 26-28 ms on 2 cores
-    (docs/results.md, "The query's parts at scale", benchmarks/query_stages.py). Called when a
-    query service is made: a process that serves."""
-    _threads().limit(limits=1, user_api="blas")  # kept: the limiter is not undone
+    """numpy's and scipy's OpenBLAS (their wheels' ``libscipy_openblas``) on one thread from now on,
+    in this process (OpenBLAS's count is per process, not per thread). A query's products are small
+    (the duplicate check's windows and prints, run beside the CNN); OpenBLAS's threads spun on the
+    cores the CNN needed: in process over the demo archive, query p50 1.64x the app's with them
+    (docs/results.md, "The query's parts at scale", benchmarks/query_stages.py). FAISS's own
+    OpenBLAS keeps its threads: it trains a large archive's inverted file when a view loads (with it
+    on one thread too, `neurocbir serve` over 100,000 cases on Milvus took 77 s instead of 20 s to
+    answer its first query). Called when a query service is made: a process that serves."""
+    _threads().select(prefix="libscipy_openblas").limit(limits=1)  # kept: the limiter is not undone
