@@ -305,19 +305,8 @@ def fingerprint(image: np.ndarray) -> np.ndarray:
     return ImagePrints(image).coarse
 
 
-def detail(image: np.ndarray) -> np.ndarray:
-    """(FINE * FINE,) float32: the fine print of the slice as stored (its window as it is)."""
-    return ImagePrints(image).fine
-
-
-def detail_variants(image: np.ndarray) -> np.ndarray:
-    """(2, V, FINE * FINE): fine prints of the slice and of its mirror image over windows scaled
-    (each side apart) and shifted a little, V = len(SCALES) ** 2 * len(SHIFTS) ** 2."""
-    return ImagePrints(image).variants
-
-
 def aligned_similarity(variants: np.ndarray, stored: np.ndarray) -> np.ndarray:
-    """(2, c): the correlation of each orientation's best window (:func:`detail_variants`) with
+    """(2, c): the correlation of each orientation's best window (:attr:`ImagePrints.variants`) with
     each stored fine print ((c, FINE * FINE))."""
     return (variants @ np.asarray(stored, dtype=np.float32).T).max(1)
 

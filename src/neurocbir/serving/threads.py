@@ -40,7 +40,7 @@ def one_blas_thread() -> None:
     """numpy's and scipy's OpenBLAS (their wheels' ``libscipy_openblas``) on one thread from now on,
     in this process (OpenBLAS's count is per process, not per thread). A query's products are small
     (the duplicate check's windows and prints, run beside the CNN); OpenBLAS's threads spun on the
-    cores the CNN needed: in process over the demo archive, query p50 1.64x the app's with them
+    cores the CNN needed: in process over the demo archive, query p50 1.56-1.64x the app's with them
     (docs/results.md, "The query's parts at scale", benchmarks/query_stages.py). FAISS's own
     OpenBLAS keeps its threads: it trains a large archive's inverted file when a view loads (with it
     on one thread too, `neurocbir serve` over 100,000 cases on Milvus took 77 s instead of 20 s to
