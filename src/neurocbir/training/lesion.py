@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from neurocbir.data.cases import PIXEL_AREA_MM2_512, CaseTable
+from neurocbir.data.cases import NO_TUMOR_LABEL, PIXEL_AREA_MM2_512, CaseTable
 from neurocbir.data.transforms import preprocess
 from neurocbir.files import atomic_write, sha256_file
 from neurocbir.models.encoders import Encoder
@@ -129,6 +130,8 @@ STATE_FILE = "training_state.pt"  # a trial's last finished epoch (removed once 
 def _build(cfg: TrainConfig, encoder: Encoder, n: int, device: torch.device):
     """The network, its frozen stages, optimiser and schedule of one trial."""
     net = LesionNet(encoder, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride).to(device)
+    if cfg.extra.get("presence_weight"):  # a linear probe of tumor presence on the descriptor (training only)
+        net.presence_probe = nn.Linear(net.num_features, 1).to(device)
     net = net.to(memory_format=torch.channels_last)
     frozen = net.trunk[: net.frozen_stages(cfg.frozen_stride) if cfg.frozen_stride else cfg.frozen_stages]
     frozen.requires_grad_(False)  # no backward pass through them: the cost of a CPU step nearly halves
@@ -221,19 +224,24 @@ def train_lesion(
     known_all = None if mask_known is None else torch.as_tensor(mask_known, dtype=torch.bool, device=device)
     fingerprint = {"config": dataclasses.asdict(cfg), "seed": seed, "n": n, "labels": int(np.sum(labels))}
     start = _load_state(state_path, fingerprint, net, opt, sched, gen)
+    presence_weight = float(cfg.extra.get("presence_weight", 0.0))
 
     def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with _autocast(device, amp):
-            emb, _, logits = model(x)
+            emb, desc, logits = model(x)
             up = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
         typed = y != UNTYPED_LABEL
         loss = metric_loss(emb[typed].float(), y[typed]) if bool(typed.any()) else emb.sum() * 0
+        if presence_weight:  # the descriptor (what the archive's presence model reads) learns presence
+            tumor = (y != NO_TUMOR_LABEL).float()
+            logit = net.presence_probe(desc.float()).squeeze(1)
+            loss = loss + presence_weight * F.binary_cross_entropy_with_logits(logit, tumor)
         if known is None:
             return _step(loss + cfg.seg_weight * seg_loss(up, m))
         if bool(known.any()):
             loss = loss + cfg.seg_weight * seg_loss(up[known], m[known])
-        unknown_tumor = ~known & (y != 3)
+        unknown_tumor = ~known & (y != NO_TUMOR_LABEL)
         if bool(unknown_tumor.any()):  # a tumor somewhere, where is not known: its peak logit up
             peak = logits.float()[unknown_tumor].flatten(1).amax(1)
             loss = loss + cfg.seg_weight * F.binary_cross_entropy_with_logits(peak, torch.ones_like(peak))
@@ -328,7 +336,11 @@ def save_checkpoint(path: Path, cfg: TrainConfig, net: LesionNet, weights_sha256
         "config": dataclasses.asdict(cfg),
         "cut": 0,
         "weights_sha256": weights_sha256,
-        "state": {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in net.state_dict().items()},
+        "state": {
+            k: (v.half() if v.is_floating_point() else v).cpu()
+            for k, v in net.state_dict().items()
+            if not k.startswith("presence_probe.")  # a training aid: the served network has no such head
+        },
     }
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 

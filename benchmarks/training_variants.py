@@ -1,0 +1,137 @@
+"""Runs of one test fold trained differently, compared on slices none of them trained on (issues 38, 39).
+
+    .venv/bin/python benchmarks/training_variants.py --runs models/lesion-fold5 runs/pw05-fold5
+
+Runs of the CPU preset hold 1/7 of the training patients and of the other hospitals' development
+groups out of training; runs of the same test fold hold out the same ones, whatever their seed. A
+variant is trained with `neurocbir train --out RUN --params P` (P's "best" sets the config, e.g.
+`{"best": {"extra": {"cpu_bf16": true, "presence_weight": 0.5}}}`: a linear probe of tumor presence
+on the descriptor, trained beside the metric loss); its config's `extra` names it below. For each run,
+on those held-out slices only (never the test fold, never the validation part):
+- **tumor presence**: the archive's presence model (an RBF SVM on the descriptor,
+  `neurocbir.classify.presence.TumorPresence`) fitted on the slices the run trained on, as an
+  archive fits it; AUROC per source (no tumor against tumor, by P(no tumor)); and the rule
+  `neurocbir calibrate RUN --presence` would choose from this run's held-out slices alone (no
+  other fold's run pooled), with its per-source share of no-tumor slices found / tumor slices
+  called "no tumor" (TCGA tumors under 1 % of the slice and held-out twins of trained-on slices
+  left out, as that choice takes them);
+- **tumor type**: NIR kappa and accuracy of the held-out training patients against the other
+  training patients (each scan's own embedding, and with its mirror);
+- **outline**: the median Dice of the tumor map above 0.5 against the mask, held-out training patients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from results_doc import machine, write_section
+
+SOURCES = ("br35h", "kaggle-training", "sartaj-training", "tcga-lgg")
+
+
+def presence(run: Path, table) -> tuple[dict, str, dict]:
+    """(AUROC per source, the rule chosen, its per-source (found, called none))."""
+    from sklearn.metrics import roc_auc_score
+
+    from neurocbir.classify.presence import TumorPresence
+    from neurocbir.training.presence_choice import choose_presence, held_out_slices
+
+    s, _ = held_out_slices(run, table)
+    held = ~s["trained"]
+    p = TumorPresence().fit(s["desc"][s["trained"]], s["tumor"][s["trained"]]).proba_no_tumor(s["desc"][held])
+    tumor, source = s["tumor"][held], s["source"][held]
+    auc = {}
+    for src in SOURCES:
+        at = source == src
+        auc[src] = roc_auc_score(~tumor[at], p[at]) if len(set(tumor[at])) == 2 else float("nan")
+    rule, tried = choose_presence(run, table, save=False)
+    rates = next(
+        r
+        for t, r, _ in tried
+        if (t.threshold, t.decoder_veto, t.decoder_weight) == (rule.threshold, rule.decoder_veto, rule.decoder_weight)
+    )
+    chosen = f"P > {rule.threshold}, veto {rule.decoder_veto}, decoder weight {rule.decoder_weight}"
+    return auc, chosen, rates
+
+
+def outline_dice(run: Path, table) -> tuple[float, int]:
+    """Median Dice (map > 0.5, resized to the mask) over the held-out training patients' slices."""
+    import torch
+    import torch.nn.functional as F
+
+    from neurocbir.models.inference import load_model
+    from neurocbir.models.runs import TrainConfig
+    from neurocbir.training.holdout import holdout_split
+
+    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    _, rows = holdout_split(cfg, table)
+    model = load_model(run, cfg.first_seed)
+    dice = []
+    for r in rows:
+        mask = table.load_mask(int(r)) > 0
+        prob = model.analyse(table.load_image(int(r)))[2]
+        up = F.interpolate(torch.from_numpy(np.asarray(prob, np.float32))[None, None], size=mask.shape, mode="bilinear")
+        pred = up[0, 0].numpy() > 0.5
+        dice.append(2 * (pred & mask).sum() / max(pred.sum() + mask.sum(), 1))
+    return float(np.median(dice)), len(dice)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="runs of one test fold")
+    args = ap.parse_args()
+    from neurocbir.data.cases import default_data_dir, load_cases
+    from neurocbir.training.mirror_choice import held_out_kappas
+
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+    table = load_cases(default_data_dir())
+    configs = [json.loads((r / "config.json").read_text()) for r in args.runs]
+    if len({c["fold"] for c in configs}) != 1:
+        raise SystemExit("the runs must share their test fold (the same held-out slices)")
+    rows_p, rows_t = [], []
+    for run, cfg in zip(args.runs, configs):
+        auc, chosen, rates = presence(run, table)
+        k = held_out_kappas(run, table)
+        dice, n_dice = outline_dice(run, table)
+        timing = json.loads((run / "timings.json").read_text())
+        name = f"`{run}` ({json.dumps(cfg.get('extra', {}))}; seed {cfg['first_seed']}; {timing.get('precision', '?')})"
+        cells = " | ".join(
+            f"{auc[src]:.3f}; {rates[src][0]:.3f} / {rates[src][1]:.3f}" if src in rates else "-" for src in SOURCES
+        )
+        rows_p.append(f"| {name} | {chosen} | {cells} |")
+        rows_t.append(
+            f"| {name} | {k['kappa_own']:.3f} / {k['accuracy_own']:.3f} | {k['kappa_mirror']:.3f} / "
+            f"{k['accuracy_mirror']:.3f} | {dice:.3f} ({n_dice}) |"
+        )
+        print(run, "done", flush=True)
+    body = [
+        "## Training variants of one test fold, on held-out slices (issues 38, 39)",
+        "",
+        f"Command: `python benchmarks/training_variants.py --runs {' '.join(str(r) for r in args.runs)}` | machine: "
+        f"{machine()} | {started} | {time.time() - t0:.0f} s",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+        "Presence, per source: AUROC; the chosen rule's no-tumor slices found / tumor slices called 'no tumor'.",
+        "",
+        "| run (config extra; seed; training precision) | rule chosen | " + " | ".join(SOURCES) + " |",
+        "|---|---|" + "---|" * len(SOURCES),
+        *rows_p,
+        "",
+        f"Tumor type and outline ({k['n_slices']} slices of {k['n_patients']} held-out training patients).",
+        "",
+        "| run (config extra; seed; training precision) | NIR kappa / accuracy, own | with its mirror | outline Dice median (slices) |",
+        "|---|---|---|---|",
+        *rows_t,
+    ]
+    write_section("training-variants", "\n".join(body))
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
