@@ -257,3 +257,24 @@ def test_a_size_range_far_from_the_query_is_found_by_searching_deeper(tmp_path):
     want = far[np.argsort(np.linalg.norm(x[far], axis=1))[:5]]
     assert found[0][:5].tolist() == want.tolist()
     assert (np.diff(dist[0][:5]) >= 0).all()
+
+
+def test_a_flat_range_search_returns_the_nearest_first_as_a_full_sort_would(tmp_path):
+    """A range search that meets more cases than its limit keeps the limit nearest, in order, ties
+    in the partitions' order: the same as sorting every hit (it no longer sorts them all)."""
+    seed = 7
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    n, dim = 3000, 8
+    x = rng.integers(0, 3, (n, dim)).astype(np.float32)  # a coarse grid: many equal distances
+    store = FaissStore(tmp_path / "s", dim, "flat", "sha")
+    store.add(np.arange(n), x, [f"{i % 3}:axial" for i in range(n)])
+    groups = ["0:axial", "1:axial"]
+    q = x[0]
+    d, ids = store.range_search(q, 2.5, groups, limit=None)
+    assert len(ids) > 200 and (np.diff(d) >= 0).all()
+    ties = (np.diff(d) == 0).sum()
+    assert ties > 100  # the case that needs care
+    for limit in (1, 50, 199, len(ids), len(ids) + 5):
+        d_lim, ids_lim = store.range_search(q, 2.5, groups, limit=limit)
+        assert np.array_equal(ids_lim, ids[:limit]) and np.array_equal(d_lim, d[:limit])
