@@ -111,19 +111,25 @@ def run_server(run: Path, archive: Path) -> tuple[subprocess.Popen, str, float]:
     return server, f"http://127.0.0.1:{port}", t0
 
 
-def first_answer(server, base: str, t0: float, scan: bytes) -> float:
+def first_answer(server, base: str, t0: float, scan: bytes, limit_s: float = 600) -> float:
+    """Seconds from the app's start to its first answered query; the benchmark stops with the app's
+    last answer when none comes within ``limit_s`` (e.g. the Milvus server died: the app answers 503)."""
     import httpx
 
-    while True:
+    last = "no answer"
+    while time.time() - t0 < limit_s:
         try:
             r = httpx.post(base + "/query", files={"file": ("q.jpg", scan, "image/jpeg")}, timeout=120)
             if r.status_code == 200:
                 return time.time() - t0
-        except httpx.HTTPError:
-            pass
+            last = f"HTTP {r.status_code}: {r.text[:300]}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}"
         if server.poll() is not None:
             sys.exit(f"the server exited: {server.stderr.read()[-2000:]}")
         time.sleep(0.2)
+    server.kill()
+    sys.exit(f"the app answered no query within {limit_s:.0f} s of its start; its last answer: {last}")
 
 
 def found_after_add(base: str, archive: Path, run: Path, scan: Path, tmp: Path) -> float:
