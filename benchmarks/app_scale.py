@@ -171,7 +171,7 @@ def main() -> None:
     if args.store == "milvus":
         from tests.milvus_server import MilvusServer
 
-        milvus = MilvusServer(Path(tempfile.mkdtemp(prefix="milvus-")))
+        milvus = MilvusServer(Path(tempfile.mkdtemp(prefix="milvus-")), session_ttl_s=60)
         milvus.start()
     (ROOT / "cache").mkdir(exist_ok=True)  # on the checkout's disk: a million cases outgrow a small /tmp
     try:

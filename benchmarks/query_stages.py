@@ -173,7 +173,7 @@ def archives(sizes: list[int], store: str, run: Path):
     if store == "milvus":
         from tests.milvus_server import MilvusServer
 
-        milvus = MilvusServer(Path(tempfile.mkdtemp(prefix="milvus-", dir=ROOT / "cache")))
+        milvus = MilvusServer(Path(tempfile.mkdtemp(prefix="milvus-", dir=ROOT / "cache")), session_ttl_s=60)
         milvus.start()
     try:
         for n in sizes:

@@ -69,8 +69,12 @@ def _free_ports(n: int) -> list[int]:
 
 
 class MilvusServer:
-    def __init__(self, data: Path):
+    def __init__(self, data: Path, session_ttl_s: int = 5):
+        """``session_ttl_s``: 5 s suits the tests' kills and restarts; a benchmark that writes
+        gigabytes beside the server passes more (a disk stall longer than the TTL expires the
+        server's own etcd session, and the server then stops itself)."""
         self.data = Path(data)
+        self.session_ttl_s = int(session_ttl_s)
         *ports, self.etcd_peer_port = _free_ports(len(PORT_OPTIONS) + 1)
         self.ports = dict(zip(PORT_OPTIONS, ports))
         self.uri = f"http://127.0.0.1:{self.ports['--proxy-port']}"
@@ -98,7 +102,7 @@ class MilvusServer:
         etcd = self._write_etcd_config()
         # a killed server's etcd lease outlives it by the session TTL (30 s by default) before a new
         # one may register: shorter here, so that the tests' restarts take seconds, not minutes
-        args = [binary(), "--data", str(self.data), "--extra-config", "common.session.ttl=5"]
+        args = [binary(), "--data", str(self.data), "--extra-config", f"common.session.ttl={self.session_ttl_s}"]
         for option, port in self.ports.items():
             args += [option, str(port)]
         self.log = open(self.data / "server.log", "a")  # noqa: SIM115 - closed in stop()
