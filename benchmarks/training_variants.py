@@ -38,25 +38,19 @@ def presence(run: Path, table) -> tuple[dict, str, dict]:
     """(AUROC per source, the rule chosen, its per-source (found, called none))."""
     from sklearn.metrics import roc_auc_score
 
-    from neurocbir.classify.presence import TumorPresence
-    from neurocbir.training.presence_choice import choose_presence, held_out_slices
+    from neurocbir.training.presence_choice import choose_presence, pooled_slices, rates
 
-    s, _ = held_out_slices(run, table)
+    s, p, n_twins = pooled_slices(run, table)  # the network's pass over the slices, once
     held = ~s["trained"]
-    p = TumorPresence().fit(s["desc"][s["trained"]], s["tumor"][s["trained"]]).proba_no_tumor(s["desc"][held])
     tumor, source = s["tumor"][held], s["source"][held]
     auc = {}
     for src in SOURCES:
         at = source == src
-        auc[src] = roc_auc_score(~tumor[at], p[at]) if len(set(tumor[at])) == 2 else float("nan")
-    rule, tried = choose_presence(run, table, save=False)
-    rates = next(
-        r
-        for t, r, _ in tried
-        if (t.threshold, t.decoder_veto, t.decoder_weight) == (rule.threshold, rule.decoder_veto, rule.decoder_weight)
-    )
+        auc[src] = roc_auc_score(~tumor[at], p[held][at]) if len(set(tumor[at])) == 2 else float("nan")
+    rule, _ = choose_presence(run, table, save=False, slices=(s, p, n_twins))
+    found = rates(rule.no_tumor(p, s["peak"]), s)
     chosen = f"P > {rule.threshold}, veto {rule.decoder_veto}, decoder weight {rule.decoder_weight}"
-    return auc, chosen, rates
+    return auc, chosen, found
 
 
 def outline_dice(run: Path, table) -> tuple[float, int]:

@@ -177,13 +177,14 @@ def found(r: dict) -> float:
 
 
 def choose_presence(
-    run: Path | str, table: CaseTable, save: bool = True, pool: tuple = ()
+    run: Path | str, table: CaseTable, save: bool = True, pool: tuple = (), slices: tuple | None = None
 ) -> tuple[PresenceRule, list]:
     """(the rule chosen, every rule tried with its per-source rates and whether it keeps every
     source within its bound); ``save``: as the run's
     ``presence.json``. ``pool``: runs of the same recipe on other test folds, whose held-out
-    slices (other development groups: the held-out part turns with the fold) join the choice."""
-    s, p, n_twins = pooled_slices(Path(run), table, tuple(pool))
+    slices (other development groups: the held-out part turns with the fold) join the choice.
+    ``slices``: what :func:`pooled_slices` gave for these runs, where the caller has it already."""
+    s, p, n_twins = slices if slices is not None else pooled_slices(Path(run), table, tuple(pool))
     tried = []
     for weight in WEIGHTS:
         for veto in VETOES:
