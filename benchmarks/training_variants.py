@@ -6,7 +6,8 @@ Runs of the CPU preset hold 1/7 of the training patients and of the other hospit
 groups out of training; runs of the same test fold hold out the same ones, whatever their seed. A
 variant is trained with `neurocbir train --out RUN --params P` (P's "best" sets the config, e.g.
 `{"best": {"extra": {"cpu_bf16": true, "presence_weight": 0.5}}}`: a linear probe of tumor presence
-on the descriptor, trained beside the metric loss); its config's `extra` names it below. For each run,
+on the descriptor, trained beside the metric loss; or `{"best": {"epochs": 24}}`); its config's
+`extra`, epochs and image size name it below. For each run,
 on those held-out slices only (never the test fold, never the validation part):
 - **tumor presence**: the archive's presence model (an RBF SVM on the descriptor,
   `neurocbir.classify.presence.TumorPresence`) fitted on the slices the run trained on, as an
@@ -53,6 +54,11 @@ def presence(run: Path, table) -> tuple[dict, str, dict]:
     return auc, chosen, found
 
 
+def recipe_of(cfg: dict) -> str:
+    """What a run's config sets beyond the preset: its ``extra``, and its epochs and image size."""
+    return f"{json.dumps(cfg.get('extra', {}))}, {cfg['epochs']} epochs, {cfg['image_size']} px"
+
+
 def outline_dice(run: Path, table) -> tuple[float, int]:
     """Median Dice (map > 0.5, resized to the mask) over the held-out training patients' slices."""
     import torch
@@ -93,7 +99,7 @@ def main() -> None:
         k = held_out_kappas(run, table)
         dice, n_dice = outline_dice(run, table)
         timing = json.loads((run / "timings.json").read_text())
-        name = f"`{run}` ({json.dumps(cfg.get('extra', {}))}; seed {cfg['first_seed']}; {timing.get('precision', '?')})"
+        name = f"`{run}` ({recipe_of(cfg)}; seed {cfg['first_seed']}; {timing.get('precision', '?')})"
         cells = " | ".join(
             f"{auc[src]:.3f}; {rates[src][0]:.3f} / {rates[src][1]:.3f}" if src in rates else "-" for src in SOURCES
         )
@@ -113,13 +119,13 @@ def main() -> None:
         "",
         "Presence, per source: AUROC; the chosen rule's no-tumor slices found / tumor slices called 'no tumor'.",
         "",
-        "| run (config extra; seed; training precision) | rule chosen | " + " | ".join(SOURCES) + " |",
+        "| run (config extra, epochs, size; seed; training precision) | rule chosen | " + " | ".join(SOURCES) + " |",
         "|---|---|" + "---|" * len(SOURCES),
         *rows_p,
         "",
         f"Tumor type and outline ({k['n_slices']} slices of {k['n_patients']} held-out training patients).",
         "",
-        "| run (config extra; seed; training precision) | NIR kappa / accuracy, own | with its mirror | outline Dice median (slices) |",
+        "| run (config extra, epochs, size; seed; training precision) | NIR kappa / accuracy, own | with its mirror | outline Dice median (slices) |",
         "|---|---|---|---|",
         *rows_t,
     ]
