@@ -18,7 +18,8 @@ on those held-out slices only (never the test fold, never the validation part):
   left out, as that choice takes them);
 - **tumor type**: NIR kappa and accuracy of the held-out training patients against the other
   training patients (each scan's own embedding, and with its mirror);
-- **outline**: the median Dice of the tumor map above 0.5 against the mask, held-out training patients.
+- **outline**: the median Dice of the tumor map above 0.5 against the mask, held-out training patients;
+- **two networks**: NIR of every pair of the runs, their embeddings concatenated (a small ensemble).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,15 @@ def presence(run: Path, table) -> tuple[dict, str, dict]:
     found = rates(rule.no_tumor(p, s["peak"]), s)
     chosen = f"P > {rule.threshold}, veto {rule.decoder_veto}, decoder weight {rule.decoder_weight}"
     return auc, chosen, found
+
+
+def concatenated(table, a: dict, b: dict) -> tuple[float, float]:
+    """NIR (kappa, accuracy) of two runs' held-out embeddings (with their mirrors) concatenated."""
+    from neurocbir.training.mirror_choice import nir_scores
+
+    (fit_rows, fit_a, cal_rows, cal_a), (_, fit_b, _, cal_b) = a["mirror"], b["mirror"]
+    fit, cal = (np.concatenate([x, y], 1) / np.sqrt(2) for x, y in ((fit_a, fit_b), (cal_a, cal_b)))
+    return nir_scores(table, fit_rows, fit, cal_rows, cal)
 
 
 def recipe_of(cfg: dict) -> str:
@@ -86,17 +97,20 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, nargs="+", required=True, help="runs of one test fold")
     args = ap.parse_args()
     from neurocbir.data.cases import default_data_dir, load_cases
-    from neurocbir.training.mirror_choice import held_out_kappas
+    from neurocbir.training.mirror_choice import held_out_embeddings, nir_scores
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     table = load_cases(default_data_dir())
     configs = [json.loads((r / "config.json").read_text()) for r in args.runs]
     if len({c["fold"] for c in configs}) != 1:
         raise SystemExit("the runs must share their test fold (the same held-out slices)")
-    rows_p, rows_t = [], []
+    rows_p, rows_t, views = [], [], {}
     for run, cfg in zip(args.runs, configs):
         auc, chosen, rates = presence(run, table)
-        k = held_out_kappas(run, table)
+        k, views[run] = {}, {}
+        for name, both in (("own", False), ("mirror", True)):
+            fit_rows, fit_emb, cal_rows, cal_emb = views[run][name] = held_out_embeddings(run, table, both)
+            k[f"kappa_{name}"], k[f"accuracy_{name}"] = nir_scores(table, fit_rows, fit_emb, cal_rows, cal_emb)
         dice, n_dice = outline_dice(run, table)
         timing = json.loads((run / "timings.json").read_text())
         name = f"`{run}` ({recipe_of(cfg)}; seed {cfg['first_seed']}; {timing.get('precision', '?')})"
@@ -109,6 +123,11 @@ def main() -> None:
             f"{k['accuracy_mirror']:.3f} | {dice:.3f} ({n_dice}) |"
         )
         print(run, "done", flush=True)
+    pairs = [
+        f"| `{a}` + `{b}` | {' / '.join(map(str, concatenated(table, views[a], views[b])))} |"
+        for a, b in combinations(args.runs, 2)
+    ]
+    n_slices, n_patients = len(cal_rows), len(np.unique(table.patient_id[cal_rows]))
     body = [
         "## Training variants of one test fold, on held-out slices (issues 38, 39)",
         "",
@@ -123,11 +142,19 @@ def main() -> None:
         "|---|---|" + "---|" * len(SOURCES),
         *rows_p,
         "",
-        f"Tumor type and outline ({k['n_slices']} slices of {k['n_patients']} held-out training patients).",
+        f"Tumor type and outline ({n_slices} slices of {n_patients} held-out training patients).",
         "",
         "| run (config extra, epochs, size; seed; training precision) | NIR kappa / accuracy, own | with its mirror | outline Dice median (slices) |",
         "|---|---|---|---|",
         *rows_t,
+        "",
+        "Two runs as one embedding (each run's embedding with its mirror, the two concatenated and scaled by",
+        "1/sqrt(2): a distance is both runs' distances together), NIR on the same held-out slices; a second",
+        "network costs what the mirror's second view does.",
+        "",
+        "| runs | NIR kappa / accuracy, with their mirrors |",
+        "|---|---|",
+        *pairs,
     ]
     write_section("training-variants", "\n".join(body))
     print("\n".join(body))

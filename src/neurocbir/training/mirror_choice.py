@@ -30,9 +30,11 @@ def _embed(model, table: CaseTable, rows: np.ndarray, batch: int = 32) -> np.nda
     return np.concatenate(chunks)
 
 
-def held_out_kappas(run: Path | str, table: CaseTable) -> dict:
-    """NIR kappa and accuracy of ``run``'s held-out training patients against its other training
-    patients, with each scan's own embedding (``own``) and with the mirror's mean (``mirror``)."""
+def held_out_embeddings(
+    run: Path | str, table: CaseTable, both: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(training rows, their embeddings, held-out rows, theirs) of ``run``'s training patients, each
+    scan embedded alone or (``both``) as the mean of its own and its mirror's."""
     from neurocbir.models.inference import LesionModel, load_model
     from neurocbir.training.holdout import holdout_split
 
@@ -40,16 +42,27 @@ def held_out_kappas(run: Path | str, table: CaseTable) -> dict:
     fit_rows, cal_rows = holdout_split(cfg, table)
     if not len(cal_rows):
         raise InvalidInput(f"{run} holds no training patients out of training: the mirror cannot be chosen")
-    out = {"n_slices": len(cal_rows), "n_patients": len(np.unique(table.patient_id[cal_rows]))}
+    model = load_model(run, cfg.first_seed, mirror=both)  # explicit: a run still being trained has no first_trial
+    if not isinstance(model, LesionModel):
+        raise InvalidInput(f"{run} is not a lesion run: only those embed with the mirror")
+    return fit_rows, _embed(model, table, fit_rows), cal_rows, _embed(model, table, cal_rows)
+
+
+def nir_scores(table: CaseTable, fit_rows, fit_emb, cal_rows, cal_emb) -> tuple[float, float]:
+    """(Cohen's kappa, accuracy) of NIR of the held-out embeddings against the training ones."""
+    pred = NIRClassifier().fit(fit_emb, table.label[fit_rows]).predict(cal_emb)
+    y = table.label[cal_rows]
+    return round(float(cohen_kappa_score(y, pred)), 4), round(float(np.mean(pred == y)), 4)
+
+
+def held_out_kappas(run: Path | str, table: CaseTable) -> dict:
+    """NIR kappa and accuracy of ``run``'s held-out training patients against its other training
+    patients, with each scan's own embedding (``own``) and with the mirror's mean (``mirror``)."""
+    out = {}
     for name, both in (("own", False), ("mirror", True)):
-        model = load_model(run, cfg.first_seed, mirror=both)  # explicit: a run still being trained has no first_trial
-        if not isinstance(model, LesionModel):
-            raise InvalidInput(f"{run} is not a lesion run: only those embed with the mirror")
-        nir = NIRClassifier().fit(_embed(model, table, fit_rows), table.label[fit_rows])
-        pred = nir.predict(_embed(model, table, cal_rows))
-        out[f"kappa_{name}"] = round(float(cohen_kappa_score(table.label[cal_rows], pred)), 4)
-        out[f"accuracy_{name}"] = round(float(np.mean(pred == table.label[cal_rows])), 4)
-    return out
+        fit_rows, fit_emb, cal_rows, cal_emb = held_out_embeddings(run, table, both)
+        out[f"kappa_{name}"], out[f"accuracy_{name}"] = nir_scores(table, fit_rows, fit_emb, cal_rows, cal_emb)
+    return {"n_slices": len(cal_rows), "n_patients": len(np.unique(table.patient_id[cal_rows])), **out}
 
 
 def choose_mirror(run: Path | str, table: CaseTable) -> dict:
