@@ -399,13 +399,22 @@ def test_maps_and_answers_are_shown_only_with_the_scan_they_are_about(base_url):
         query_example(page, 1)
         page.locator(".retrieval").nth(0).get_by_role("button", name="Why similar?").click()
         expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_visible(timeout=30_000)
-        page.locator(".retrieval").nth(1).get_by_role("button", name="Why similar?").click()
-        expect(page.locator("#heatNote")).to_contain_text("retrieval #2", timeout=30_000)
-        expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_hidden()
-        expect(page.locator(".retrieval").nth(1).locator("img.heat")).to_be_visible()
-
         held = []
         page.route("**/similarity?*", lambda route: held.append(route))
+        page.locator(".retrieval").nth(1).get_by_role("button", name="Why similar?").click()
+        wait_held(page, held, 2)
+        # while the second pair is computed the first is gone, and the note says which is coming
+        expect(page.locator("#heatNote")).to_contain_text("Computing why retrieval #2")
+        expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_hidden()
+        expect(page.locator("#heatQuery")).to_be_hidden()
+        for route in held:
+            route.continue_()
+        expect(page.locator("#heatNote")).to_contain_text("retrieval #2 (case", timeout=30_000)
+        expect(page.locator(".retrieval").nth(0).locator("img.heat")).to_be_hidden()
+        expect(page.locator(".retrieval").nth(1).locator("img.heat")).to_be_visible()
+        expect(page.locator("#heatQuery")).to_be_visible()
+
+        held.clear()
         page.locator(".retrieval").nth(2).get_by_role("button", name="Why similar?").click()
         wait_held(page, held, 2)
         query_example(page, 2)

@@ -270,12 +270,14 @@ let simToken = 0;  // the latest "Why similar?" click: only its maps are drawn
 
 async function showSimilarity(i, caseId, heat) {
   const token = ++simToken, shown = last;
+  // one pair of maps at a time: the last pair goes now, not when these arrive (the note names #i)
+  for (const h of document.querySelectorAll(".card .heat")) h.hidden = true;
+  $("heatQuery").hidden = true;
   $("heatNote").textContent = `Computing why retrieval #${i + 1} is similar (a second or two)...`;
   try {
     const [q, c] = await Promise.all([similarityMap(caseId, "query"), similarityMap(caseId, "case")]);
     // a later click, or a new query, came first: these maps belong to a view no longer shown
     if (token !== simToken || shown !== last) return;
-    for (const h of document.querySelectorAll(".card .heat")) h.hidden = true;  // one pair of maps at a time
     $("heatQuery").src = q.url; $("heatQuery").hidden = false;
     heat.src = c.url; heat.hidden = false;
     const share = q.lesionShare === null ? "" : ` ${Math.round(100 * Number(q.lesionShare))}% of this similarity comes from ` +
