@@ -115,6 +115,48 @@ def test_search_by_the_tumor_box_and_by_a_box_away_from_it(bundled_service, smal
     assert whole["region"] is None
 
 
+def test_no_tumor_is_claimed_for_a_region_only_where_the_decoder_locates_one_elsewhere(
+    bundled_service, small_external, tumor_slices
+):
+    """Where the decoder outlines nothing on the slice it cannot say a region is free of tumor: the
+    slice's own presence answer decides (on real other-hospital slices without a tumor, where the
+    decoder stays silent); where it outlines a tumor elsewhere, the region is answered 'no tumor'."""
+    from neurocbir.data.external import load_external
+
+    threshold = bundled_service.region_search.threshold
+    ext = load_external(small_external)
+    silent = 0
+    for i in np.flatnonzero(~ext.tumor):
+        image = ext.load_image(int(i))
+        if bundled_service.model.analyse(image)[2].max() >= threshold:
+            continue
+        rows, cols = image.shape[:2]
+        box = (cols // 4, rows // 4, cols // 2, rows // 2)
+        out = bundled_service.query(image, region=box_region(box, image.shape))
+        whole = bundled_service.query(image)
+        assert out["tumor_presence"]["located"] is False, out["tumor_presence"]
+        assert "outlines no tumor anywhere" in out["tumor_presence"]["note"]
+        assert out["tumor_found"] == whole["tumor_found"]
+        assert out["tumor_presence"]["on_slice"] == whole["tumor_presence"]
+        silent += 1
+        if silent == 3:
+            break
+    assert silent == 3, f"only {silent} slices without a tumor where the decoder outlines nothing"
+    # a tumor the decoder outlines: a box on the far side of the slice is answered "no tumor"
+    for _, image, mask in tumor_slices:
+        if bundled_service.model.analyse(image)[2].max() < 0.9:
+            continue
+        box = away_box(image, mask, np.random.default_rng(0))
+        if box is None:
+            continue
+        out = bundled_service.query(image, region=box_region(box, image.shape))
+        if out["tumor_presence"]["probability_tumor_in_region"] < threshold:
+            assert out["tumor_presence"]["located"] is True and out["tumor_found"] is False
+            assert out["prediction"] is None and "on_slice" not in out["tumor_presence"]
+            return
+    pytest.fail("no away box below the threshold on a slice whose tumor the decoder outlines")
+
+
 def test_a_model_without_a_decoder_says_it_cannot_search_by_region(small_run, small_cases):
     from neurocbir.serving.service import RetrievalService
 

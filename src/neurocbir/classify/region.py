@@ -6,7 +6,9 @@ predicted tumor (:meth:`neurocbir.models.lesion.LesionNet.pool`). Two things are
 * **presence in the region**: the tumor decoder's highest probability inside the region
   (:func:`neurocbir.data.regions.region_peak`) against a threshold chosen on training patients
   held out of training (true tumor boxes against boxes of the same size on tissue away from
-  the tumor, :func:`neurocbir.training.regions.fit_region_search`);
+  the tumor, :func:`neurocbir.training.regions.fit_region_search`); "no tumor in this region"
+  only where the decoder locates a tumor elsewhere on the slice or the slice holds none
+  (:func:`presence`);
 * **calibration**: the NIR temperature and conformal scores of region searches, fitted on the
   same held-out patients' tumor boxes, where they behave differently from whole-slice searches
   (else the whole-slice calibration applies, and ``region_search.json`` says so).
@@ -25,6 +27,12 @@ from neurocbir.errors import ConfigurationError
 from neurocbir.files import write_json
 
 FILE = "region_search.json"
+
+#: how a region search is answered where the decoder outlines no tumor on the slice
+NOT_LOCATED = (
+    "the tumor decoder outlines no tumor anywhere on this slice, so it cannot tell whether one lies in the "
+    "drawn region: the slice's own tumor-presence answer decides"
+)
 
 
 @dataclass
@@ -60,12 +68,22 @@ def save(run: Path | str, doc: dict) -> None:
     write_json(Path(run) / FILE, doc)
 
 
-def presence(peak: float, threshold: float) -> tuple[bool, dict]:
-    """(a tumor in the region?, the evidence as the answer shows it)."""
+def presence(peak: float, threshold: float, slice_peak: float | None = None) -> tuple[bool | None, dict]:
+    """(a tumor in the region: True / False, or None where the decoder outlines no tumor anywhere on
+    the slice, and the evidence as the answer shows it).
+
+    "No tumor in this region" is claimed only where the decoder locates a tumor elsewhere on the
+    slice (its peak on the slice, ``slice_peak``, reaches the threshold) or the slice holds none:
+    where the decoder outlines nothing at all, it cannot say where a tumor the slice's other
+    evidence finds lies, and the caller lets the slice's presence answer decide (None)."""
     note = "from the tumor decoder's highest probability inside the drawn region"
-    return bool(peak >= threshold), {
+    evidence = {
         "probability_tumor_in_region": round(float(peak), 4),
         "probability_no_tumor": None,
         "threshold": round(float(threshold), 4),
+        "located": None if slice_peak is None else bool(slice_peak >= threshold),
         "note": note,
     }
+    if peak >= threshold or slice_peak is None or slice_peak >= threshold:
+        return bool(peak >= threshold), evidence
+    return None, {**evidence, "note": NOT_LOCATED}

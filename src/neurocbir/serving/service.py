@@ -241,7 +241,7 @@ class RetrievalService:
         in_region = None
         if grid is not None:
             rs = self.region_search
-            in_region = region_search.presence(region_peak(tumor_prob, grid), rs.threshold)
+            in_region = region_search.presence(region_peak(tumor_prob, grid), rs.threshold, float(tumor_prob.max()))
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
@@ -289,7 +289,8 @@ class RetrievalService:
     ) -> dict:
         """The prediction and its evidence from one view of the cases (one search, one NIR;
         ``neighbours``: that search's (distances, case ids, labels), where the caller has it;
-        ``in_region``: a region search's presence answer, which replaces the slice's; ``peak``:
+        ``in_region``: a region search's presence answer, which replaces the slice's (found None: the
+        slice's answer decides, :func:`neurocbir.classify.region.presence`); ``peak``:
         the tumor decoder's highest probability on the slice, for the run's presence rule).
         ``own``: the cases that are the scan itself (:meth:`CaseSource.duplicates_of`), or the
         scan's prints to find them with (here, while a vector store server searches), or the
@@ -363,6 +364,9 @@ class RetrievalService:
             else None
         )
         found, presence = tumor_presence(cases, trunk, peak, self.presence_rule) if in_region is None else in_region
+        if in_region is not None and found is None:  # the decoder locates no tumor: the slice's answer decides
+            found, on_slice = tumor_presence(cases, trunk, peak, self.presence_rule)
+            presence = {**presence, "on_slice": on_slice}
         if found is False:  # no tumor type is asserted; the nearest cases, of any label, are context
             dist, ids = cases.nearest(q, k)
             info = cases.describe([int(c) for c in ids])

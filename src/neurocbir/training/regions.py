@@ -4,8 +4,9 @@ training patients held out of training: never the test fold.
 Each held-out tumor slice is searched by its tumor's bounding box (the region a clinician would
 draw) and by a box of the same size on tissue away from the tumor. The presence threshold is
 the highest share of tumor boxes found among thresholds that answer "no tumor in this region"
-for at least :data:`MIN_AWAY_NONE` of the away boxes. The calibration: a temperature and
-conformal scores fitted on half the held-out patients' tumor-box searches replace the whole-slice
+for at least :data:`MIN_AWAY_NONE` of the away boxes, each answered as the app answers it (no
+claim about a region where the decoder outlines no tumor on the slice: :func:`choose_threshold`).
+The calibration: a temperature and conformal scores fitted on half the held-out patients' tumor-box searches replace the whole-slice
 calibration only where they lower the ECE on the other half by :data:`MIN_ECE_GAIN` or more.
 """
 
@@ -37,7 +38,7 @@ def region_searches(model, table: CaseTable, rows: np.ndarray, seed: int = 0) ->
     tumor-box embeddings and the decoder's peak inside each box."""
     rng = np.random.default_rng(seed)
     size = model.input_size
-    out = {"rows": [], "embedding": [], "box_peak": [], "away_peak": []}
+    out = {"rows": [], "embedding": [], "box_peak": [], "away_peak": [], "slice_peak": [], "away_slice_peak": []}
     for r in rows:
         mask = table.load_mask(int(r)) > 0
         if table.label[r] >= len(CLASS_NAMES) or not mask.any():
@@ -48,16 +49,27 @@ def region_searches(model, table: CaseTable, rows: np.ndarray, seed: int = 0) ->
         out["rows"].append(int(r))
         out["embedding"].append(emb[0])
         out["box_peak"].append(region_peak(prob, grid))
+        out["slice_peak"].append(float(prob.max()))
         away = away_box(image, mask, rng)
         if away is not None:
             grid = region_on_grid(box_region(away, image.shape), size)
             out["away_peak"].append(region_peak(model.analyse(image, grid)[2], grid))
+            out["away_slice_peak"].append(float(prob.max()))
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def choose_threshold(box_peak: np.ndarray, away_peak: np.ndarray) -> tuple[float, dict]:
-    """(threshold, the found / none rates of every threshold tried)."""
-    rates = {t: (float(np.mean(box_peak >= t)), float(np.mean(away_peak < t))) for t in THRESHOLDS}
+def choose_threshold(
+    box_peak: np.ndarray, away_peak: np.ndarray, slice_peak: np.ndarray, away_slice_peak: np.ndarray
+) -> tuple[float, dict]:
+    """(threshold, the found / none rates of every threshold tried), the region answered as the app
+    answers it (:func:`neurocbir.classify.region.presence`) on slices that hold a tumor: where the
+    decoder's peak on the whole slice (``slice_peak``) stays below the threshold, the slice's
+    presence answer decides, taken here as "tumor" (every slice fitted on holds one)."""
+    blind, away_blind = np.asarray(slice_peak), np.asarray(away_slice_peak)
+    rates = {
+        t: (float(np.mean((box_peak >= t) | (blind < t))), float(np.mean((away_peak < t) & (away_blind >= t))))
+        for t in THRESHOLDS
+    }
     ok = [t for t, (_, none) in rates.items() if none >= MIN_AWAY_NONE] or [max(THRESHOLDS)]
     best = max(ok, key=lambda t: (rates[t][0], rates[t][1]))
     return best, {str(t): {"tumor_box_found": round(f, 4), "away_box_none": round(n, 4)} for t, (f, n) in rates.items()}
@@ -75,7 +87,9 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
     found = region_searches(model, table, cal_rows)
     if len(found["rows"]) < MIN_SLICES or len(found["away_peak"]) < MIN_SLICES:
         raise InvalidInput(f"{run}: too few held-out tumor slices with masks to fit region searches")
-    threshold, rates = choose_threshold(found["box_peak"], found["away_peak"])
+    threshold, rates = choose_threshold(
+        found["box_peak"], found["away_peak"], found["slice_peak"], found["away_slice_peak"]
+    )
     rows = found["rows"]
     y, groups = table.label[rows], table.patient_id[rows]
     labels = NIRClassifier().fit(fit_emb, table.label[fit_rows]).neighbour_labels(found["embedding"])
@@ -97,7 +111,8 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
             f"{len(rows)} tumor slices of {n_patients} training patients held out of training, each searched by "
             f"its tumor's bounding box and by a box of that size on tissue away from the tumor "
             f"({len(found['away_peak'])}); threshold: the most tumor boxes found with >= {MIN_AWAY_NONE:.0%} of away "
-            "boxes answered 'no tumor'; "
+            "boxes answered 'no tumor' (where the decoder outlines no tumor on the slice, the slice's answer "
+            "decides: taken as 'tumor' here); "
             + (
                 "own calibration (it lowered the ECE on the other half of the patients)"
                 if use_own

@@ -138,8 +138,20 @@ function showPrediction() {
     `${dup.mirrored ? " (mirrored left-right)" : ""}: that case is shown but not counted as evidence.` : "";
   const none = last.tumor_found === false, p = last.tumor_presence;
   $("noTumor").hidden = !none; $("typeAnswer").hidden = none;
-  $("presence").textContent = last.tumor_found === null ? `Tumor presence ${p.note}.` : "";
-  $("noTumorTitle").textContent = r ? "No tumor found in the drawn region" : "No tumor found on this slice";
+  const blind = r && p && p.located === false;  // the tumor map outlines nothing: the slice's answer decides
+  const slice = blind && p.on_slice ? (last.tumor_found === null
+    ? `tumor presence on the slice is ${p.on_slice.note}`
+    : `the slice's evidence says a tumor is present (probability of no tumor ${(100 * p.on_slice.probability_no_tumor).toFixed(1)}%)`) : "";
+  $("presence").textContent = blind && !none
+    ? `The tumor map outlines no tumor anywhere on this slice, so it cannot tell whether a tumor lies in the drawn region; ` +
+      `${slice}. Read the answer as the region's nearest cases, not as proof that a tumor is inside it.`
+    : last.tumor_found === null ? `Tumor presence ${p.note}.` : "";
+  $("noTumorTitle").textContent = r && !blind ? "No tumor found in the drawn region" : "No tumor found on this slice";
+  if (none && blind) {
+    $("noTumorWhy").textContent = `The tumor map outlines no tumor anywhere on this slice, and the slice's evidence says there is none ` +
+      `(probability of no tumor ${(100 * p.on_slice.probability_no_tumor).toFixed(1)}%). No tumor type is given; the archive cases most similar to the region are shown as context.`;
+    return;
+  }
   if (none && r) {
     $("noTumorWhy").textContent = `The tumor map's highest probability inside the region is ${(100 * p.probability_tumor_in_region).toFixed(1)}% ` +
       `(a tumor from ${(100 * p.threshold).toFixed(0)}%; ${p.note}). No tumor type is given; the archive cases most similar to the region are shown as context.`;
