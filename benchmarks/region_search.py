@@ -69,7 +69,23 @@ def figures(out: list[dict], labels: np.ndarray) -> dict:
     typed = [i for i, o in enumerate(out) if o["prediction"] is not None]
     proba = np.array([[out[i]["probabilities"].get(c, 0.0) for c in CLASS_NAMES] for i in typed])
     ece = expected_calibration_error(proba, labels[typed]) if len(typed) > 1 else float("nan")
-    return {"n": len(out), "accuracy": float(correct.mean()), "ece": ece, "none": float(none.mean())}
+    # a region's "no tumor": the decoder outlines a tumor elsewhere on the slice, or outlines none
+    # and the slice's own answer decided (classify.region.presence); whole-slice answers: neither
+    blind = np.array([(o["tumor_presence"] or {}).get("located") is False for o in out])
+    return {
+        "n": len(out),
+        "accuracy": float(correct.mean()),
+        "ece": ece,
+        "none": float(none.mean()),
+        "none_elsewhere": float((none & ~blind).mean()),
+        "none_slice": float((none & blind).mean()),
+    }
+
+
+def none_cell(f: dict, region: bool) -> str:
+    if not region:
+        return f"{100 * f['none']:.1f} %"
+    return f"{100 * f['none']:.1f} % ({100 * f['none_elsewhere']:.1f} / {100 * f['none_slice']:.1f})"
 
 
 def retrieval_map(run: Path, emb: np.ndarray, labels: np.ndarray, table) -> float:
@@ -158,18 +174,20 @@ def main() -> None:
         lines += [
             f"**{name}** ({len(ims)} tumor slices)",
             "",
-            "| searched by | queries | tumor-type accuracy | ECE | retrieval mAP | answered 'no tumor' |",
+            "| searched by | queries | tumor-type accuracy | ECE | retrieval mAP | answered 'no tumor' (region searches: "
+            "decoder outlines a tumor elsewhere / outlines none and the slice says none) |",
             "|---|---|---|---|---|---|",
         ]
         for kind in KINDS:
             if kind == "away box":
                 f = figures(answers[kind], np.zeros(len(answers[kind]), int))
-                lines.append(f"| {kind} | {f['n']} | - | - | - | {100 * f['none']:.1f} % |")
+                lines.append(f"| {kind} | {f['n']} | - | - | - | {none_cell(f, True)} |")
                 continue
             f = figures(answers[kind], ys)
             m = retrieval_map(args.run, emb[kind], ys, table)
             lines.append(
-                f"| {kind} | {f['n']} | {f['accuracy']:.3f} | {f['ece']:.3f} | {m:.3f} | {100 * f['none']:.1f} % |"
+                f"| {kind} | {f['n']} | {f['accuracy']:.3f} | {f['ece']:.3f} | {m:.3f} | "
+                f"{none_cell(f, kind != 'whole slice')} |"
             )
         lines.append("")
     boxes = [box_region(tumor_box(m), im.shape) for im, m in zip(images, masks)]

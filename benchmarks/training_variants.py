@@ -70,6 +70,31 @@ def recipe_of(cfg: dict) -> str:
     return f"{json.dumps(cfg.get('extra', {}))}, {cfg['epochs']} epochs, {cfg['image_size']} px"
 
 
+def same_recipe(configs: list[dict]) -> list[str]:
+    """Each run's recipe with its training precision left out (runs that differ only in seed or precision share it)."""
+    return [
+        json.dumps({k: v for k, v in c.get("extra", {}).items() if k != "cpu_bf16"})
+        + f", {c['epochs']} epochs, {c['image_size']} px"
+        for c in configs
+    ]
+
+
+def spread_rows(recipes: list[str], figures: list[dict]) -> list[str]:
+    """One row per recipe with two runs or more: the range of each held-out figure over its runs."""
+    out = []
+    for recipe in dict.fromkeys(recipes):
+        group = [f for r, f in zip(recipes, figures) if r == recipe]
+        if len(group) < 2:
+            continue
+        cells = " | ".join(
+            f"{min(g[key] for g in group):.3f} - {max(g[key] for g in group):.3f} "
+            f"({max(g[key] for g in group) - min(g[key] for g in group):.3f})"
+            for key in ("kappa_own", "kappa_mirror", "dice")
+        )
+        out.append(f"| {recipe} | {len(group)} | {cells} |")
+    return out
+
+
 def outline_dice(run: Path, table) -> tuple[float, int]:
     """Median Dice (map > 0.5, resized to the mask) over the held-out training patients' slices."""
     import torch
@@ -104,7 +129,7 @@ def main() -> None:
     configs = [json.loads((r / "config.json").read_text()) for r in args.runs]
     if len({c["fold"] for c in configs}) != 1:
         raise SystemExit("the runs must share their test fold (the same held-out slices)")
-    rows_p, rows_t, views = [], [], {}
+    rows_p, rows_t, views, figures = [], [], {}, []
     for run, cfg in zip(args.runs, configs):
         auc, chosen, rates = presence(run, table)
         k, views[run] = {}, {}
@@ -112,6 +137,7 @@ def main() -> None:
             fit_rows, fit_emb, cal_rows, cal_emb = views[run][name] = held_out_embeddings(run, table, both)
             k[f"kappa_{name}"], k[f"accuracy_{name}"] = nir_scores(table, fit_rows, fit_emb, cal_rows, cal_emb)
         dice, n_dice = outline_dice(run, table)
+        figures.append({**k, "dice": dice})
         timing = json.loads((run / "timings.json").read_text())
         name = f"`{run}` ({recipe_of(cfg)}; seed {cfg['first_seed']}; {timing.get('precision', '?')})"
         cells = " | ".join(
@@ -148,6 +174,13 @@ def main() -> None:
         "| run (config extra, epochs, size; seed; training precision) | NIR kappa / accuracy, own | with its mirror | outline Dice median (slices) |",
         "|---|---|---|---|",
         *rows_t,
+        "",
+        "Runs of one recipe that differ only in seed or training precision: the range of each held-out figure",
+        "over them (max - min in brackets), the noise a variant's difference must exceed.",
+        "",
+        "| recipe (config extra without the precision, epochs, size) | runs | NIR kappa, own | with its mirror | outline Dice median |",
+        "|---|---|---|---|---|",
+        *(spread_rows(same_recipe(configs), figures) or ["| (no two runs of one recipe given) | | | | |"]),
         "",
         "Two runs as one embedding: their embeddings concatenated and scaled by 1/sqrt(2) (a distance is both",
         "runs' distances together), NIR on the same held-out slices. Each scan alone through both networks",
