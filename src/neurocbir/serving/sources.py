@@ -25,7 +25,7 @@ from neurocbir.reports.text import cached_llm_reports, case_attributes, make_rep
 from neurocbir.retrieval.duplicates import Duplicate, DuplicateIndex, ImagePrints
 from neurocbir.retrieval.index import VectorIndex
 from neurocbir.retrieval.neighbours import compact, first_per_group
-from neurocbir.retrieval.store import Searchable, deep_search, group_keys, lookup
+from neurocbir.retrieval.store import NIR_MAX_DEPTH, Searchable, deep_search, group_keys, lookup
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ class SearchedCases:
     attr_area: np.ndarray
     trunk_index: VectorIndex | None
     first_depth = 64  # deep_search doubles it only when NIR needs more
+    nir_cap = NIR_MAX_DEPTH  # the most retrievals NIR reads (its positions, and so its confidence, stop there)
     partitioned = False  # the store is split by tumor type and plane (group_keys): filters pick partitions
     presence: TumorPresence | None = None  # fitted on the source's tumor and no-tumor cases, if it has both
     duplicate_index: DuplicateIndex | None = None  # the cases' fingerprints, where the source keeps them
@@ -151,7 +152,7 @@ class SearchedCases:
     def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         group_of = self.group_of if one_per_patient else None
         dist, ids, labels = deep_search(
-            self.store, self.label_of, query, len(CLASS_NAMES), 1, group_of, self.first_depth
+            self.store, self.label_of, query, len(CLASS_NAMES), 1, group_of, self.first_depth, self.nir_cap
         )
         valid = ids[0] >= 0
         return dist[0][valid], self._case_ids(ids[0][valid]), labels[0][valid]

@@ -1,0 +1,142 @@
+"""Does the shown confidence still hold when the archive grows (issue 41)? NIR's evidence for a type
+is its position: how many of the nearest cases share the type before the first case of another.
+The calibration maps ``log(1 + position)`` to a probability, fitted on held-out training patients
+against an archive of a few thousand cases; a position grows where an archive grows denser, and the
+app's search stops at a cap (``SearchedCases.nir_cap``, 4096).
+
+    .venv/bin/python benchmarks/scale_confidence.py [--sizes 100000] [--depths 16 64 256 1024]
+
+Figshare fold 5 (never in any archive) is queried through the app's path (RetrievalService.query)
+over the demo archive and over synthetic archives of N cases made from it on the served model's
+class manifolds (benchmarks/app_scale.py `build`, a FAISS flat store). Each answer's positions
+are then read three ways:
+- **the app**: as served (positions up to the cap, the run's calibration);
+- **read to depth K, the run's calibration**: positions cut at K, the calibration unchanged (what a
+  shallower search alone would show);
+- **read to depth K, calibrated at depth K**: positions cut at K, the temperature and conformal
+  scores fitted again on the run's held-out patients with their positions cut at K, as
+  `neurocbir calibrate` fits them (the same held-out patients and archive: its temperature at
+  full depth is printed beside the run's to check that).
+Per archive and way: tumor-type accuracy (answers with a type; cutting positions changes no type)
+and ECE, their mean confidence, the median position of the answer's type, and the share at the
+depth. Nothing is chosen here: the validation part is not read, fold 5 is read to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from app_scale import ROOT, build
+from results_doc import machine, write_section
+
+
+def held_out_neighbours(run: Path, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(neighbour labels, types, patients) of the run's held-out calibration queries, as
+    :func:`neurocbir.training.lesion_run.calibrate_on_holdout` makes them."""
+    from neurocbir.classify.calibration import held_out_labels
+    from neurocbir.classify.neighbors import NIRClassifier
+    from neurocbir.training.holdout import held_out_development, holdout_embeddings
+
+    cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
+    archive, archive_y = [fit], [table.label[fit_rows]]
+    queries, y, groups = [cal], [table.label[cal_rows]], [table.patient_id[cal_rows].astype(str)]
+    dev = held_out_development(run, cfg, table)
+    if dev is not None and len(dev["held"]):
+        archive.append(dev["fit"]), archive_y.append(dev["fit_y"])
+        queries.append(dev["held"]), y.append(dev["held_y"]), groups.append(dev["held_groups"])
+    nir = NIRClassifier().fit(np.vstack(archive), np.concatenate(archive_y))
+    return held_out_labels([nir.neighbour_labels(q) for q in queries]), np.concatenate(y), np.concatenate(groups)
+
+
+def calibrated_at(depth: int | None, labels: np.ndarray, y: np.ndarray, groups: np.ndarray):
+    from neurocbir.classify.calibration import Calibrator
+    from neurocbir.classify.neighbors import nir_positions
+    from neurocbir.data.cases import CLASS_NAMES
+
+    cut = labels if depth is None else labels[:, :depth]
+    return Calibrator.fit(np.log1p(nir_positions(cut, len(CLASS_NAMES)).astype(float)), y, groups)
+
+
+def figures(positions: np.ndarray, y: np.ndarray, calibrator, depth: int) -> str:
+    from neurocbir.classify.calibration import expected_calibration_error
+
+    pos = np.minimum(positions, depth)
+    proba = calibrator.proba(np.log1p(pos.astype(float)))
+    top = pos[np.arange(len(pos)), proba.argmax(1)]
+    return (
+        f"{np.mean(proba.argmax(1) == y):.3f} | {expected_calibration_error(proba, y):.3f} | "
+        f"{proba.max(1).mean():.3f} | {np.median(top):.0f} | {100 * np.mean(top >= depth):.1f} %"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=ROOT / "models" / "lesion-fold5")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--depths", type=int, nargs="+", default=[16, 64, 256, 1024])
+    ap.add_argument("--queries", type=int, default=None, help="the first N fold-5 slices only (default: all)")
+    args = ap.parse_args()
+    from neurocbir.classify import calibration
+    from neurocbir.data.cases import CLASS_NAMES, load_cases
+    from neurocbir.serving.demo import demo_archive
+    from neurocbir.serving.service import RetrievalService
+    from neurocbir.serving.sources import SearchedCases
+
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+    table = load_cases()
+    labels, y_held, groups = held_out_neighbours(args.run, table)
+    served = calibration.load(args.run)["nir"]
+    refit = {d: calibrated_at(d, labels, y_held, groups) for d in args.depths}
+    check = calibrated_at(None, labels, y_held, groups).temperature
+    rows = np.flatnonzero(table.fold == 5)[: args.queries]
+    images, y = [table.load_image(int(r)) for r in rows], table.label[rows]
+    cap = SearchedCases.nir_cap
+    lines = []
+    with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
+        for n in [0, *args.sizes]:
+            archive = demo_archive(args.run) if n == 0 else Path(tmp) / f"archive-{n}"
+            built = 0.0 if n == 0 else build(archive, demo_archive(args.run), n, "flat", None)
+            service = RetrievalService.from_archive(args.run, archive)
+            name = f"the demo archive ({service.cases.size():,} cases)" if n == 0 else f"{n:,} synthetic"
+            out = [service.query(im, k=5) for im in images]
+            typed = [i for i, o in enumerate(out) if o["prediction"] is not None]
+            pos = np.array([[out[i]["nir_positions"][c] for c in CLASS_NAMES] for i in typed])
+            yt = y[typed]
+            lines.append(f"| {name} | the app (depth {cap}) | {len(typed)} | {figures(pos, yt, served, cap)} |")
+            for d in args.depths:
+                lines.append(
+                    f"| {name} | depth {d}, the run's calibration | {len(typed)} | {figures(pos, yt, served, d)} |"
+                )
+                lines.append(
+                    f"| {name} | depth {d}, calibrated at depth {d} (T {refit[d].temperature:.2f}) | {len(typed)} | "
+                    f"{figures(pos, yt, refit[d], d)} |"
+                )
+            print("\n".join(lines[-1 - 2 * len(args.depths) :]), f"(built in {built:.0f} s)", flush=True)
+            del service
+    body = [
+        "## Confidence as the archive grows (issue 41)",
+        "",
+        f"Command: `python benchmarks/scale_confidence.py --sizes {' '.join(map(str, args.sizes))} --depths "
+        f"{' '.join(map(str, args.depths))}{'' if args.queries is None else f' --queries {args.queries}'}` | "
+        f"machine: {machine()} | {started} | {time.time() - t0:.0f} s",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+        f"Figshare fold 5: {len(rows)} tumor slices. The run's calibration (`{args.run}/calibration.json`): "
+        f"temperature {served.temperature:.3f}; fitted again here at full depth: {check:.3f}.",
+        "",
+        "| archive | positions read | answered with a type | accuracy | ECE | mean confidence | median position | at the depth |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+    write_section("scale-confidence", "\n".join(body))
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
