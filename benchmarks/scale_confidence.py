@@ -8,18 +8,15 @@ app's search stops at a cap (``SearchedCases.nir_cap``, 4096).
 
 Figshare fold 5 (never in any archive) is queried through the app's path (RetrievalService.query)
 over the demo archive and over synthetic archives of N cases made from it on the served model's
-class manifolds (benchmarks/app_scale.py `build`, a FAISS flat store). Each answer's positions
-are then read three ways:
-- **the app**: as served (positions up to the cap, the run's calibration);
-- **read to depth K, the run's calibration**: positions cut at K, the calibration unchanged (what a
-  shallower search alone would show);
-- **read to depth K, calibrated at depth K**: positions cut at K, the temperature and conformal
-  scores fitted again on the run's held-out patients with their positions cut at K, as
-  `neurocbir calibrate` fits them (the same held-out patients and archive: its temperature at
-  full depth is printed beside the run's to check that).
-Per archive and way: tumor-type accuracy (answers with a type; cutting positions changes no type)
-and ECE, their mean confidence, the median position of the answer's type, and the share at the
-depth. Nothing is chosen here: the validation part is not read, fold 5 is read to report.
+class manifolds (benchmarks/app_scale.py `build`, a FAISS flat store). Rows: **the app** (the
+confidence each answer showed, with the run's calibration: `calibration.json` says to what depth
+it reads NIR's positions, :func:`neurocbir.classify.calibration.nir_depth`); then each answer's
+positions read to depth K (all: up to the app's cap) with a calibration fitted at that depth on
+the run's held-out patients, as `neurocbir calibrate` fits it (its temperature at the run's own
+depth is printed beside the run's, to check that it is the same fit). Per archive and row:
+tumor-type accuracy (answers with a type; reading fewer positions changes no type) and ECE, the
+mean confidence, the median position of the answer's type as read, and the share at the depth.
+Nothing is chosen here: the validation part is not read, fold 5 is read to report.
 """
 
 from __future__ import annotations
@@ -62,16 +59,20 @@ def calibrated_at(depth: int | None, labels: np.ndarray, y: np.ndarray, groups: 
     return Calibrator.fit(np.log1p(nir_positions(cut, len(CLASS_NAMES)).astype(float)), y, groups)
 
 
-def figures(positions: np.ndarray, y: np.ndarray, calibrator, depth: int) -> str:
+def figures(proba: np.ndarray, y: np.ndarray, top: np.ndarray, depth: int) -> str:
     from neurocbir.classify.calibration import expected_calibration_error
 
-    pos = np.minimum(positions, depth)
-    proba = calibrator.proba(np.log1p(pos.astype(float)))
-    top = pos[np.arange(len(pos)), proba.argmax(1)]
     return (
         f"{np.mean(proba.argmax(1) == y):.3f} | {expected_calibration_error(proba, y):.3f} | "
         f"{proba.max(1).mean():.3f} | {np.median(top):.0f} | {100 * np.mean(top >= depth):.1f} %"
     )
+
+
+def read_to(depth: int, positions: np.ndarray, calibrator) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, the answer's position) of answers whose positions are read to ``depth``."""
+    pos = np.minimum(positions, depth)
+    proba = calibrator.proba(np.log1p(pos.astype(float)))
+    return proba, pos[np.arange(len(pos)), proba.argmax(1)]
 
 
 def main() -> None:
@@ -91,11 +92,12 @@ def main() -> None:
     table = load_cases()
     labels, y_held, groups = held_out_neighbours(args.run, table)
     served = calibration.load(args.run)["nir"]
-    refit = {d: calibrated_at(d, labels, y_held, groups) for d in args.depths}
-    check = calibrated_at(None, labels, y_held, groups).temperature
+    cap = SearchedCases.nir_cap
+    depths = [*args.depths, cap]
+    refit = {d: calibrated_at(None if d == cap else d, labels, y_held, groups) for d in depths}
+    check = calibrated_at(served.depth, labels, y_held, groups).temperature
     rows = np.flatnonzero(table.fold == 5)[: args.queries]
     images, y = [table.load_image(int(r)) for r in rows], table.label[rows]
-    cap = SearchedCases.nir_cap
     lines = []
     with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
         for n in [0, *args.sizes]:
@@ -107,16 +109,20 @@ def main() -> None:
             typed = [i for i, o in enumerate(out) if o["prediction"] is not None]
             pos = np.array([[out[i]["nir_positions"][c] for c in CLASS_NAMES] for i in typed])
             yt = y[typed]
-            lines.append(f"| {name} | the app (depth {cap}) | {len(typed)} | {figures(pos, yt, served, cap)} |")
-            for d in args.depths:
+            shown = np.array([[out[i]["probabilities"][c] for c in CLASS_NAMES] for i in typed])
+            app_depth = served.depth or cap
+            top = np.minimum(pos[np.arange(len(pos)), shown.argmax(1)], app_depth)
+            lines.append(
+                f"| {name} | the app (depth {app_depth}) | {len(typed)} | {figures(shown, yt, top, app_depth)} |"
+            )
+            for d in depths:
+                proba, top = read_to(d, pos, refit[d])
+                way = f"all (the cap, {cap})" if d == cap else f"depth {d}"
                 lines.append(
-                    f"| {name} | depth {d}, the run's calibration | {len(typed)} | {figures(pos, yt, served, d)} |"
+                    f"| {name} | {way}, calibrated there (T {refit[d].temperature:.2f}) | {len(typed)} | "
+                    f"{figures(proba, yt, top, d)} |"
                 )
-                lines.append(
-                    f"| {name} | depth {d}, calibrated at depth {d} (T {refit[d].temperature:.2f}) | {len(typed)} | "
-                    f"{figures(pos, yt, refit[d], d)} |"
-                )
-            print("\n".join(lines[-1 - 2 * len(args.depths) :]), f"(built in {built:.0f} s)", flush=True)
+            print("\n".join(lines[-1 - len(depths) :]), f"(built in {built:.0f} s)", flush=True)
             del service
     body = [
         "## Confidence as the archive grows (issue 41)",
@@ -128,7 +134,7 @@ def main() -> None:
         __doc__.split("\n\n", 2)[2].strip(),
         "",
         f"Figshare fold 5: {len(rows)} tumor slices. The run's calibration (`{args.run}/calibration.json`): "
-        f"temperature {served.temperature:.3f}; fitted again here at full depth: {check:.3f}.",
+        f"temperature {served.temperature:.3f} at depth {served.depth}; fitted again here at that depth: {check:.3f}.",
         "",
         "| archive | positions read | answered with a type | accuracy | ECE | mean confidence | median position | at the depth |",
         "|---|---|---|---|---|---|---|---|",

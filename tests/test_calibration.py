@@ -130,3 +130,49 @@ def test_the_api_shows_the_probabilities_that_were_evaluated(small_run, small_ca
         expected = cal.proba(neighbour_logits("nir", nir.neighbour_labels(q), 3))[0]
         shown = svc.query(small_cases.load_image(int(row)))["probabilities"]
         assert [shown[c] for c in CLASS_NAMES] == pytest.approx(expected, abs=1e-4)
+
+
+def _neighbour_lists(sizes: tuple[int, ...], n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour labels of ``n`` queries over an archive with ``sizes`` cases per type, each query
+    inside a type's cluster (every case of that type comes first: what the served model's
+    embedding shows, docs/results.md scale-confidence), 4 % of them of another type than the
+    cluster's. (labels, true types, patients)."""
+    labels, y = np.empty((n, sum(sizes)), int), np.empty(n, int)
+    for i in range(n):
+        c = int(rng.integers(3))
+        labels[i] = [c] * sizes[c] + [k for k in range(3) if k != c for _ in range(sizes[k])]
+        y[i] = c if rng.random() < 0.96 else (c + 1) % 3
+    return labels, y, rng.integers(0, n // 8, n)
+
+
+def test_nir_confidence_read_to_its_depth_holds_when_the_archive_grows(test_seed, tmp_path):
+    """Calibrated on a small archive, NIR's confidence at full depth rises with the archive's size
+    for the same evidence; read to ``nir_depth`` (which every type of the calibration archive
+    fills) it stays what it was, calibrated, in an archive ten times larger."""
+    from neurocbir.classify.calibration import fit_calibrators, load, neighbour_logits, nir_depth, save
+
+    rng = np.random.default_rng(test_seed)
+    small, grown = (60, 90, 120), (600, 900, 1200)
+    labels, y, groups = _neighbour_lists(small, 2000, rng)
+    depth = nir_depth(np.repeat(np.arange(3), small), 3)
+    assert depth == 32  # the largest power of two not above the smallest type (60)
+    full = Calibrator.fit(neighbour_logits("nir", labels, 3), y, groups)
+    cut = Calibrator.fit(neighbour_logits("nir", labels, 3, depth), y, groups, depth=depth)
+    again, y_again, _ = _neighbour_lists(small, 2000, rng)
+    test, y_test, _ = _neighbour_lists(grown, 2000, rng)
+    conf = {
+        (name, size): cal.proba(neighbour_logits("nir", lists, 3, cal.depth)).max(1).mean()
+        for name, cal in (("full", full), ("cut", cut))
+        for size, lists in (("small", again), ("grown", test))
+    }
+    assert conf["full", "grown"] - conf["full", "small"] > 0.02, conf  # the same evidence, more confident
+    assert abs(conf["cut", "grown"] - conf["cut", "small"]) < 0.002, conf
+    ece = {
+        n: expected_calibration_error(c.proba(neighbour_logits("nir", test, 3, c.depth)), y_test)
+        for n, c in (("full", full), ("cut", cut))
+    }
+    assert ece["cut"] < 0.02 < ece["full"], ece
+    # the depth is kept with the calibration, and only NIR's lists are cut
+    save(tmp_path, fit_calibrators(labels, y, groups, 3, depth), how="test")
+    loaded = load(tmp_path)
+    assert loaded["nir"].depth == depth and loaded["inir"].depth is None and loaded["knn7"].depth is None

@@ -11,6 +11,10 @@ the numbers a clinician reads, both fitted on training patients only:
   true class with the stated coverage ("meningioma or glioma" when the evidence does not
   separate them).
 
+NIR's positions are read to a depth every tumor type of the calibration archive fills
+(:func:`nir_depth`, kept in ``calibration.json``), so that the same evidence shows the same
+confidence in an archive many times larger than the one the calibration was fitted against.
+
 The held-out logits come from patient-grouped inner CV on the training folds, with the
 encoder top trained afresh on each inner training part (:func:`neurocbir.training.cached.inner_cv_neighbours`):
 the run's own embeddings of its training cases are fitted to them and would flatter NIR.
@@ -39,18 +43,37 @@ DEFAULT_COVERAGE = 0.95
 FILE = "calibration.json"
 
 
-def neighbour_logits(name: str, labels: np.ndarray, n_classes: int) -> np.ndarray:
+def neighbour_logits(name: str, labels: np.ndarray, n_classes: int, depth: int | None = None) -> np.ndarray:
     """Pre-softmax scores of a classifier: ``log(1 + I_c)`` for NIR / I-NIR, log votes for KNN-7.
 
     ``I_c`` is a count with a heavy tail (hundreds when the nearest cases are all of one class),
     so no single temperature fits ``softmax(I_c / T)`` both at 3 and at 300; on the inner CV of
     the SupCon fold-5 run, ``log(1 + I_c)`` gave cross-fitted ECE 0.044 / 0.052 against 0.073 /
-    0.080 for raw ``I_c`` (docs/results.md, trust section)."""
+    0.080 for raw ``I_c`` (docs/results.md, trust section). ``depth``: the neighbour lists read to
+    that depth only (:func:`nir_depth`)."""
+    if depth is not None:
+        labels = np.asarray(labels)[:, :depth]
     if name in ("nir", "inir"):
         return np.log1p(nir_positions(labels, n_classes, 1 if name == "nir" else 10).astype(float))
     if name == "knn7":
         return np.log(knn_votes(labels, n_classes, 7) + 1.0 / 14)  # half a vote keeps zero votes finite
     raise InvalidInput(f"no calibration for classifier {name!r}; choose one of {CALIBRATED}")
+
+
+def nir_depth(archive_labels: np.ndarray, n_classes: int) -> int:
+    """How deep NIR's calibrated confidence reads: the largest power of two not above the count of
+    the archive's smallest tumor type, in the archive the calibration is fitted against.
+
+    Where a query's nearest cases are all of its type, its NIR position is about the whole count
+    of that type in the archive (docs/results.md, scale-confidence): a calibration fitted on a
+    few-thousand-case archive then maps archive size, not evidence, to a probability, and an
+    archive ten times larger shows higher confidence for the same evidence. Read to a depth that
+    every type of the calibration archive fills, "the first ``depth`` cases are all of one type"
+    is evidence of the same strength in any archive at least that large."""
+    counts = np.bincount(np.asarray(archive_labels)[np.asarray(archive_labels) >= 0], minlength=n_classes)[:n_classes]
+    if counts.min() < 1:
+        raise InvalidInput("the calibration archive lacks a tumor type: NIR's depth cannot be set")
+    return int(2 ** np.floor(np.log2(counts.min())))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -90,6 +113,7 @@ class Calibrator:
 
     temperature: float
     scores: np.ndarray  # sorted nonconformity scores 1 - p_true of held-out patients
+    depth: int | None = None  # its neighbour lists read to this depth only (neighbour_logits); None: all
 
     def proba(self, logits: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(logits, dtype=float) / self.temperature, axis=-1)
@@ -111,22 +135,28 @@ class Calibrator:
         return keep
 
     @classmethod
-    def fit(cls, logits: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> Calibrator:
-        """Fit on held-out logits: half the patients give ``T``, the other half the scores."""
+    def fit(
+        cls, logits: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, depth: int | None = None
+    ) -> Calibrator:
+        """Fit on held-out logits (made at ``depth``): half the patients give ``T``, the other half the scores."""
         patients = np.unique(groups)
         half = np.random.default_rng(seed).permutation(patients)[: len(patients) // 2]
         a = np.isin(groups, half)
         temperature = fit_temperature(logits[a], y[a])
         p = softmax(logits[~a] / temperature, axis=1)
-        return cls(temperature, np.sort(1.0 - p[np.arange(len(p)), y[~a]]))
+        return cls(temperature, np.sort(1.0 - p[np.arange(len(p)), y[~a]]), depth)
 
     def as_dict(self) -> dict:
-        return {"temperature": self.temperature, "scores": [round(float(s), 6) for s in self.scores]}
+        depth = {} if self.depth is None else {"depth": self.depth}
+        return {"temperature": self.temperature, "scores": [round(float(s), 6) for s in self.scores], **depth}
 
 
-def fit_calibrators(labels: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int) -> dict:
+def fit_calibrators(
+    labels: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, nir_depth: int | None = None
+) -> dict:
     """Calibrators for every classifier in :data:`CALIBRATED` from held-out neighbour labels,
-    with the held-out ECE before and after (what the results document quotes)."""
+    with the held-out ECE before and after (what the results document quotes); NIR's read to
+    ``nir_depth`` (:func:`nir_depth`; None: the whole list)."""
     shown_before = {
         "nir": nir_proba(labels, n_classes, 1),
         "inir": nir_proba(labels, n_classes, 10),
@@ -134,8 +164,9 @@ def fit_calibrators(labels: np.ndarray, y: np.ndarray, groups: np.ndarray, n_cla
     }  # what the classifiers showed uncalibrated
     out = {}
     for name in CALIBRATED:
-        logits = neighbour_logits(name, labels, n_classes)
-        cal = Calibrator.fit(logits, y, groups)
+        depth = nir_depth if name == "nir" else None
+        logits = neighbour_logits(name, labels, n_classes, depth)
+        cal = Calibrator.fit(logits, y, groups, depth=depth)
         out[name] = {
             **cal.as_dict(),
             "inner_cv_ece_before": expected_calibration_error(shown_before[name], y),
@@ -174,7 +205,10 @@ def load(run: Path | str) -> dict[str, Calibrator] | None:
         return None
     try:
         doc = json.loads(path.read_text())["classifiers"]
-        return {k: Calibrator(float(v["temperature"]), np.asarray(v["scores"], dtype=float)) for k, v in doc.items()}
+        return {
+            k: Calibrator(float(v["temperature"]), np.asarray(v["scores"], dtype=float), v.get("depth"))
+            for k, v in doc.items()
+        }
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(
             f"{path} is corrupt ({type(exc).__name__}): retrain the run, or delete the file "

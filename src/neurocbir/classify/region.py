@@ -56,7 +56,11 @@ def load(run: Path | str, default_threshold: float) -> RegionSearch:
     try:
         doc = json.loads(path.read_text())
         cal = doc.get("calibration")
-        calibrator = None if cal is None else Calibrator(float(cal["temperature"]), np.asarray(cal["scores"], float))
+        calibrator = (
+            None
+            if cal is None
+            else Calibrator(float(cal["temperature"]), np.asarray(cal["scores"], float), cal.get("depth"))
+        )
         return RegionSearch(float(doc["threshold"]), calibrator, str(doc["how"]), True)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(

@@ -47,7 +47,7 @@ def evaluate_trial(
         results["mlp"] = emb["test_mlp_proba"]
     ev.update({"proba_" + name: p for name, p in results.items()})
     for name, cal in (calibrators or {}).items():  # calibration changes no ranking: ECE only
-        ev["calibrated_" + name] = cal.proba(neighbour_logits(name, neighbour_labels, len(clf.classes_)))
+        ev["calibrated_" + name] = cal.proba(neighbour_logits(name, neighbour_labels, len(clf.classes_), cal.depth))
     # latent structure of the retrievals
     _, ids = NIRClassifier().fit(emb["archive"], y_a).kneighbors(emb["test"], max(TSD_KS))
     planes_q, planes_a = table.plane[q_rows], table.plane[a_rows]

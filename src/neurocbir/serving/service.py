@@ -317,7 +317,9 @@ class RetrievalService:
         if in_region is not None and self.region_search.calibrator is not None:
             cal = self.region_search.calibrator
         if cal is not None:  # the same logits the calibration was fitted on
-            proba = cal.proba(calibration.neighbour_logits("nir", labels[None], len(CLASS_NAMES))[0][classes])
+            proba = cal.proba(
+                calibration.neighbour_logits("nir", labels[None], len(CLASS_NAMES), cal.depth)[0][classes]
+            )
         else:
             proba = softmax(positions.astype(float))
         knn = knn_votes(labels[None], len(CLASS_NAMES), KNN_K)[0][classes]

@@ -13,11 +13,13 @@ from neurocbir.classify import calibration
 from neurocbir.evaluate.metrics import inner_cv_scores
 
 
-def fit_calibration(run: Path, parts: list[np.ndarray], y: list, groups: list, how: str, n_classes: int) -> None:
+def fit_calibration(
+    run: Path, parts: list[np.ndarray], y: list, groups: list, how: str, n_classes: int, nir_depth: int | None = None
+) -> None:
     """Calibrators and inner-CV scores from the inner folds' held-out neighbour labels, saved
-    as the run's ``calibration.json``."""
+    as the run's ``calibration.json`` (NIR's read to ``nir_depth``: :func:`~neurocbir.classify.calibration.nir_depth`)."""
     labels, y_all = calibration.held_out_labels(parts), np.concatenate(y)
-    cals = calibration.fit_calibrators(labels, y_all, np.concatenate(groups), n_classes)
+    cals = calibration.fit_calibrators(labels, y_all, np.concatenate(groups), n_classes, nir_depth)
     calibration.save(run, cals, how=how, inner_cv=inner_cv_scores(labels, y_all, n_classes))
 
 

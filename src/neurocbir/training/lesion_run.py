@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from neurocbir.classify import study
+from neurocbir.classify.calibration import nir_depth
 from neurocbir.classify.neighbors import NIRClassifier
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.errors import InvalidInput
@@ -68,7 +69,9 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
         )
     nir = NIRClassifier().fit(np.vstack(archive), np.concatenate(archive_y))
     held_out = [nir.neighbour_labels(q) for q in queries]
-    fit_calibration(Path(run), held_out, y, groups, how, len(CLASS_NAMES))
+    depth = nir_depth(np.concatenate(archive_y), len(CLASS_NAMES))
+    read = f"; NIR read to depth {depth} (the largest power of two not above the archive's smallest tumor type)"
+    fit_calibration(Path(run), held_out, y, groups, how + read, len(CLASS_NAMES), depth)
     fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
     cal, measured = study.fit_study_temperature_from_neighbours(
         list(held_out[0]), y[0], groups[0], len(CLASS_NAMES), f"held-out training patients as studies: {how}"

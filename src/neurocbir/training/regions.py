@@ -93,9 +93,10 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
     rows = found["rows"]
     y, groups = table.label[rows], table.patient_id[rows]
     labels = NIRClassifier().fit(fit_emb, table.label[fit_rows]).neighbour_labels(found["embedding"])
-    logits = calibration.neighbour_logits("nir", labels, len(CLASS_NAMES))
-    own = calibration.Calibrator.fit(logits, y, groups)
     whole = (calibration.load(run) or {}).get("nir")
+    depth = None if whole is None else whole.depth  # read as the whole-slice calibration reads them
+    logits = calibration.neighbour_logits("nir", labels, len(CLASS_NAMES), depth)
+    own = calibration.Calibrator.fit(logits, y, groups, depth=depth)
     half = np.random.default_rng(0).permutation(np.unique(groups))[: len(np.unique(groups)) // 2]
     other = ~np.isin(groups, half)  # the patients Calibrator.fit took no temperature from
     ece_own = calibration.expected_calibration_error(own.proba(logits[other]), y[other])
