@@ -97,7 +97,10 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     cal = study_calibration.load(service.run)
     if cal is not None:
         proba, calibrated = cal.proba(logits), "study"
-    elif service.calibrator is not None:  # a run without a study fit: the slice temperature, said so
+    elif service.calibrator is not None:  # a run without a study fit: the slice temperature, said so,
+        depth = service.calibrator.depth  # on the lists read as deep as the slice calibration reads them
+        cut = labels if depth is None else [np.asarray(each)[:depth] for each in labels]
+        logits = study_calibration.study_logits(cut, len(CLASS_NAMES), weight)[cases.classes]
         proba, calibrated = service.calibrator.proba(logits), "slice temperature (inner CV)"
     else:
         proba, calibrated = np.exp(logits) / np.exp(logits).sum(), False
