@@ -34,20 +34,12 @@ from results_doc import machine, write_section
 
 def held_out_neighbours(run: Path, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(neighbour labels, types, patients) of the run's held-out calibration queries, as
-    :func:`neurocbir.training.lesion_run.calibrate_on_holdout` makes them."""
+    `neurocbir calibrate` makes them (:func:`neurocbir.training.lesion_run.held_out_neighbours`)."""
     from neurocbir.classify.calibration import held_out_labels
-    from neurocbir.classify.neighbors import NIRClassifier
-    from neurocbir.training.holdout import held_out_development, holdout_embeddings
+    from neurocbir.training.lesion_run import held_out_neighbours as calibration_queries
 
-    cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
-    archive, archive_y = [fit], [table.label[fit_rows]]
-    queries, y, groups = [cal], [table.label[cal_rows]], [table.patient_id[cal_rows].astype(str)]
-    dev = held_out_development(run, cfg, table)
-    if dev is not None and len(dev["held"]):
-        archive.append(dev["fit"]), archive_y.append(dev["fit_y"])
-        queries.append(dev["held"]), y.append(dev["held_y"]), groups.append(dev["held_groups"])
-    nir = NIRClassifier().fit(np.vstack(archive), np.concatenate(archive_y))
-    return held_out_labels([nir.neighbour_labels(q) for q in queries]), np.concatenate(y), np.concatenate(groups)
+    _, _, lists, y, groups, _, _ = calibration_queries(run, table)
+    return held_out_labels(lists), np.concatenate(y), np.concatenate(groups)
 
 
 def calibrated_at(depth: int | None, labels: np.ndarray, y: np.ndarray, groups: np.ndarray):

@@ -39,18 +39,11 @@ log = logging.getLogger(__name__)
 TUMOR_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
-def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
-    """Calibrated probabilities, prediction sets, the study temperature and the outline level of a run whose encoder
-    never saw some training patients (``holdout_patients``): those patients are queried against
-    the other training patients with the first trial's embeddings. One training instead of the
-    three of inner CV: what makes calibration affordable on a CPU. A run that held out some of
-    the other hospitals' development groups too (``holdout_extra``) calibrates on their slices of a
-    known tumor type as well, queried against every trained-on case (as the app's archive holds them).
-    First the run's embedding is chosen (the scan alone, or with its mirror: :mod:`~neurocbir.training.mirror_choice`),
-    and all of this is fitted on what it chose."""
-    from neurocbir.training.mirror_choice import choose_mirror
-
-    choose_mirror(run, table)
+def held_out_neighbours(run: Path | str, table: CaseTable) -> tuple:
+    """What the run's calibration is fitted on: (config, held-out figshare rows, the neighbour-label
+    lists of each query group (held-out training patients; held-out typed development slices, where
+    the run held some out), their types, their patient groups, the archive's types, how it was made).
+    Each group is queried against every case the run trained on, with its first trial's embeddings."""
     cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
     how = (
         f"{len(np.unique(table.patient_id[cal_rows]))} training patients ({len(cal_rows)} slices, "
@@ -69,7 +62,23 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
         )
     nir = NIRClassifier().fit(np.vstack(archive), np.concatenate(archive_y))
     held_out = [nir.neighbour_labels(q) for q in queries]
-    depth = nir_depth(np.concatenate(archive_y), len(CLASS_NAMES))
+    return cfg, cal_rows, held_out, y, groups, np.concatenate(archive_y), how
+
+
+def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
+    """Calibrated probabilities, prediction sets, the study temperature and the outline level of a run whose encoder
+    never saw some training patients (``holdout_patients``): those patients are queried against
+    the other training patients with the first trial's embeddings. One training instead of the
+    three of inner CV: what makes calibration affordable on a CPU. A run that held out some of
+    the other hospitals' development groups too (``holdout_extra``) calibrates on their slices of a
+    known tumor type as well, queried against every trained-on case (as the app's archive holds them).
+    First the run's embedding is chosen (the scan alone, or with its mirror: :mod:`~neurocbir.training.mirror_choice`),
+    and all of this is fitted on what it chose."""
+    from neurocbir.training.mirror_choice import choose_mirror
+
+    choose_mirror(run, table)
+    cfg, cal_rows, held_out, y, groups, archive_y, how = held_out_neighbours(run, table)
+    depth = nir_depth(archive_y, len(CLASS_NAMES))
     read = f"; NIR read to depth {depth} (the largest power of two not above the archive's smallest tumor type)"
     fit_calibration(Path(run), held_out, y, groups, how + read, len(CLASS_NAMES), depth)
     fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
