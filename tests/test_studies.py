@@ -134,6 +134,65 @@ def test_one_answer_per_study(small_run, small_cases, patient):
     assert all(a["distance"] <= b["distance"] for a, b in zip(out["patients"], out["patients"][1:]))
 
 
+def test_nir_reads_the_archive_only_as_deep_as_its_calibrations(
+    lesion_archive, small_cases, patient, monkeypatch, tmp_path
+):
+    """The committed calibrations (slice and study) read NIR's list to depth 256, and the search
+    asks the store for no more than that (with room for the scan's own copies), every answer,
+    slice and study, the one the whole list gives. The small archive is shallower than 256 (36
+    cases per type), so a copy of the run reads its calibrations to depth 8."""
+    import json
+
+    from neurocbir.serving.sources import OWN_COPIES_ROOM
+
+    run, archive = lesion_archive
+    assert RetrievalService.from_archive(run, archive).nir_read == 256
+    shallow = tmp_path / run.name
+    shutil.copytree(run, shallow)
+    for name, key in (("calibration.json", ("classifiers", "nir")), ("study_calibration.json", ())):
+        doc = json.loads((shallow / name).read_text())
+        (doc[key[0]][key[1]] if key else doc)["depth"] = 8
+        (shallow / name).write_text(json.dumps(doc))
+    svc = RetrievalService.from_archive(shallow, archive)
+    assert svc.nir_read == 8
+    store, asked, grouped = svc.cases.store, [], []
+    for name in ("search", "range_search"):
+        real = getattr(store, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if not grouped:  # NIR's searches (a study's similar patients search one slice per patient)
+                asked.append(args[1] if _name == "search" else args[3])  # k, or the range search's limit
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, spy)
+    neighbours = svc.cases.neighbours
+
+    def each_patient_apart(query, one_per_patient, depth=None):
+        grouped.extend([True] * one_per_patient)
+        try:
+            return neighbours(query, one_per_patient, depth)
+        finally:
+            grouped.clear()
+
+    monkeypatch.setattr(svc.cases, "neighbours", each_patient_apart)
+    study = read_study(_series(small_cases, patient))
+    images = [small_cases.load_image(int(r)) for r in patient[:3]]
+
+    def answers():
+        asked.clear()
+        slices = [svc.query(im, k=3) for im in images]
+        return slices, answer_study(svc, study, k=3), max(asked)
+
+    cut_slices, cut_study, cut_depth = answers()
+    svc.nir_read = None  # the whole list, as deep as the store's cap
+    whole_slices, whole_study, whole_depth = answers()
+    print("deepest read", cut_depth, "against", whole_depth)
+    assert cut_depth <= 8 + OWN_COPIES_ROOM < whole_depth
+    for a, b in zip(cut_slices, whole_slices):
+        assert (a["prediction"], a["probabilities"], a["tumor_found"]) == (b["prediction"], b["probabilities"], b["tumor_found"])
+    assert cut_study["calibrated"] == "study" and cut_study["probabilities"] == whole_study["probabilities"]
+
+
 def test_a_study_mixed_with_no_tumor_slices_keeps_its_answer(
     site_archive, small_run, small_cases, patient, small_external
 ):

@@ -34,11 +34,17 @@ from neurocbir.files import write_json
 FILE = "study_calibration.json"
 
 
-def study_logits(slice_labels: list[np.ndarray], n_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+def study_logits(
+    slice_labels: list[np.ndarray], n_classes: int, weights: np.ndarray | None = None, depth: int | None = None
+) -> np.ndarray:
     """(n_classes,) logits of a study from the neighbour-label lists of its tumor slices, each
-    weighted by how likely it shows a tumor (``weights``: 1 - P(no tumor); default equal)."""
+    weighted by how likely it shows a tumor (``weights``: 1 - P(no tumor); default equal), each list
+    read to ``depth`` (as the slice calibration reads NIR's: :func:`~neurocbir.classify.calibration.nir_depth`;
+    None: the whole list)."""
     if not slice_labels:
         raise ValueError("a study needs at least one slice with a tumor")
+    if depth is not None:
+        slice_labels = [np.asarray(lab)[:depth] for lab in slice_labels]
     width = max(len(lab) for lab in slice_labels)
     padded = np.stack([np.pad(lab, (0, width - len(lab)), constant_values=-1) for lab in slice_labels])
     w = np.ones(len(slice_labels)) if weights is None else np.maximum(np.asarray(weights, float), 1e-6)
@@ -49,6 +55,7 @@ def study_logits(slice_labels: list[np.ndarray], n_classes: int, weights: np.nda
 class StudyCalibrator:
     temperature: float
     how: str = ""
+    depth: int | None = None  # how deep each slice's neighbour list is read (None: the whole list)
 
     def proba(self, logits: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(logits, dtype=float) / self.temperature, axis=-1)
@@ -70,15 +77,22 @@ def fit_study_temperature(
 
 
 def fit_study_temperature_from_neighbours(
-    neighbour: list[np.ndarray], labels: np.ndarray, patients: np.ndarray, n_classes: int, how: str
+    neighbour: list[np.ndarray],
+    labels: np.ndarray,
+    patients: np.ndarray,
+    n_classes: int,
+    how: str,
+    depth: int | None = None,
 ) -> tuple[StudyCalibrator, dict]:
     """The same from each held-out slice's neighbour labels (nearest first), as inner CV gives them:
-    one study per patient."""
+    one study per patient; each list read to ``depth`` (None: the whole list)."""
     labels, patients = np.asarray(labels), np.asarray(patients)
     keys = np.unique(patients)
-    logits = np.stack([study_logits([neighbour[i] for i in np.flatnonzero(patients == p)], n_classes) for p in keys])
+    logits = np.stack(
+        [study_logits([neighbour[i] for i in np.flatnonzero(patients == p)], n_classes, None, depth) for p in keys]
+    )
     y = np.array([np.bincount(labels[patients == p]).argmax() for p in keys])
-    cal = StudyCalibrator(fit_temperature(logits, y), how)
+    cal = StudyCalibrator(fit_temperature(logits, y), how, depth)
     proba = cal.proba(logits)
     return cal, {
         "n_patients": int(len(keys)),
@@ -88,7 +102,10 @@ def fit_study_temperature_from_neighbours(
 
 
 def save(run: Path | str, cal: StudyCalibrator, measured: dict) -> None:
-    write_json(Path(run) / FILE, {"temperature": cal.temperature, "how": cal.how, "training_patients": measured})
+    depth = {} if cal.depth is None else {"depth": cal.depth}
+    write_json(
+        Path(run) / FILE, {"temperature": cal.temperature, "how": cal.how, **depth, "training_patients": measured}
+    )
 
 
 def load(run: Path | str) -> StudyCalibrator | None:
@@ -97,6 +114,7 @@ def load(run: Path | str) -> StudyCalibrator | None:
         return None
     try:
         doc = json.loads(path.read_text())
-        return StudyCalibrator(float(doc["temperature"]), str(doc.get("how", "")))
+        depth = doc.get("depth")
+        return StudyCalibrator(float(doc["temperature"]), str(doc.get("how", "")), None if depth is None else int(depth))
     except (ValueError, KeyError, TypeError):
         raise ConfigurationError(f"{path} is corrupt: delete it (studies then use the slice calibration)") from None

@@ -22,6 +22,7 @@ from scipy.special import softmax
 
 from neurocbir.classify import calibration
 from neurocbir.classify import region as region_search
+from neurocbir.classify import study as study_calibration
 from neurocbir.classify.neighbors import knn_votes, nir_positions
 from neurocbir.classify.presence import PresenceRule, load_rule
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
@@ -62,6 +63,16 @@ def tumor_presence(
     return rule.answer(p_none, peak)
 
 
+def nir_read_depth(*calibrators) -> int | None:
+    """How deep a query's NIR list is read: as deep as the deepest of the calibrations in use reads
+    it (``depth``; an absent calibration reads nothing), None (the store's cap) where one reads
+    the whole list or there is no slice calibration (the uncalibrated positions read all of it)."""
+    if calibrators[0] is None:
+        return None
+    depths = [c.depth for c in calibrators if c is not None]
+    return None if any(d is None for d in depths) else max(depths)
+
+
 class ArchiveUnavailable(Unavailable):
     """The served archive changed into one that cannot be served (e.g. every case removed)."""
 
@@ -78,6 +89,7 @@ class RetrievalService:
         self.tumor_level = tumor_level(model.run)
         self.region_search = region_search.load(model.run, self.tumor_level)
         self.presence_rule = load_rule(model.run)
+        self.nir_read = nir_read_depth(self.calibrator, self.region_search.calibrator, study_calibration.load(model.run))
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()
@@ -297,14 +309,14 @@ class RetrievalService:
         :func:`_own_cases` begun for the scan: shown, marked, and not counted as evidence."""
         remote = neighbours is None and getattr(getattr(cases, "store", None), "remote", False)
         # a vector store server searches while this thread checks the scan against the archive here
-        searching = side_work().submit(cases.neighbours, q, one_per_patient) if remote else None
+        searching = side_work().submit(cases.neighbours, q, one_per_patient, self.nir_read) if remote else None
         if isinstance(own, Future):  # begun on another view of the cases: checked again on this one
             checked, prints, found = own.result()
             own = found if checked is cases and found is not None else prints
         own = cases.duplicates_of(own) if isinstance(own, ImagePrints) else own
         nearest = cases.nearest_trunk(trunk)
         if neighbours is None:
-            neighbours = searching.result() if searching is not None else cases.neighbours(q, one_per_patient)
+            neighbours = searching.result() if searching is not None else cases.neighbours(q, one_per_patient, self.nir_read)
         dist, case_ids, labels = neighbours
         own_ids = {d.case_id for d in own}
         shown_dist, shown_ids = dist, case_ids

@@ -88,6 +88,9 @@ class CaseFilter:
 
 #: the deepest over-fetch of a size-filtered search (Milvus's top-k cap)
 OVERFETCH_MAX = 16384
+#: how many of the scan's own copies (duplicates found in the archive, no evidence) a search read
+#: to NIR's depth makes room for
+OWN_COPIES_ROOM = 16
 
 
 class CaseSource(Protocol):
@@ -97,8 +100,11 @@ class CaseSource(Protocol):
     far_threshold: float  # nearest trunk distance beyond which a query is "unlike the archive"
 
     def size(self) -> int: ...
-    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(distances, case ids, labels) of one query, distance-sorted, deep enough for NIR."""
+    def neighbours(
+        self, query: np.ndarray, one_per_patient: bool, depth: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distances, case ids, labels) of one query, distance-sorted, deep enough for NIR read to
+        ``depth`` (None: as deep as the source's cap)."""
         ...
 
     def filtered(
@@ -149,10 +155,15 @@ class SearchedCases:
     def size(self) -> int:
         return self.store.count()
 
-    def neighbours(self, query: np.ndarray, one_per_patient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def neighbours(
+        self, query: np.ndarray, one_per_patient: bool, depth: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         group_of = self.group_of if one_per_patient else None
+        # NIR read to ``depth`` needs the list that deep, with room for the scan's own copies (dropped
+        # after the search); one slice per patient thins the list after the search: read to the cap
+        cap = self.nir_cap if depth is None or one_per_patient else min(self.nir_cap, depth + OWN_COPIES_ROOM)
         dist, ids, labels = deep_search(
-            self.store, self.label_of, query, len(CLASS_NAMES), 1, group_of, self.first_depth, self.nir_cap
+            self.store, self.label_of, query, len(CLASS_NAMES), 1, group_of, min(self.first_depth, cap), cap
         )
         valid = ids[0] >= 0
         return dist[0][valid], self._case_ids(ids[0][valid]), labels[0][valid]

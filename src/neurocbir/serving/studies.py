@@ -39,7 +39,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     cases = service.cases
     slices, tumor_rows, labels = [], [], []
     for i, s in enumerate(study.slices):
-        searched = cases.neighbours(emb[i : i + 1], False)  # searched once: the slice's NIR and the study's
+        searched = cases.neighbours(emb[i : i + 1], False, service.nir_read)  # once: the slice's NIR and the study's
         copies = cases.duplicates_of(ImagePrints(s.pixels))  # the slice itself in the archive: no evidence
         peak = None if probs[i] is None else float(probs[i].max())
         ev = service._evidence(
@@ -93,16 +93,16 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         }
     # a slice counts as much as it is likely to show a tumor (1 - P(no tumor); 1 where not assessed)
     weight = np.array([1.0 - (slices[i]["probability_no_tumor"] or 0.0) for i in tumor_rows])
-    logits = study_calibration.study_logits(labels, len(CLASS_NAMES), weight)[cases.classes]
     cal = study_calibration.load(service.run)
-    if cal is not None:
+    if cal is not None:  # each slice's list read as deep as the study calibration read them
+        logits = study_calibration.study_logits(labels, len(CLASS_NAMES), weight, cal.depth)[cases.classes]
         proba, calibrated = cal.proba(logits), "study"
     elif service.calibrator is not None:  # a run without a study fit: the slice temperature, said so,
         depth = service.calibrator.depth  # on the lists read as deep as the slice calibration reads them
-        cut = labels if depth is None else [np.asarray(each)[:depth] for each in labels]
-        logits = study_calibration.study_logits(cut, len(CLASS_NAMES), weight)[cases.classes]
+        logits = study_calibration.study_logits(labels, len(CLASS_NAMES), weight, depth)[cases.classes]
         proba, calibrated = service.calibrator.proba(logits), "slice temperature (inner CV)"
     else:
+        logits = study_calibration.study_logits(labels, len(CLASS_NAMES), weight)[cases.classes]
         proba, calibrated = np.exp(logits) / np.exp(logits).sum(), False
     names = [CLASS_NAMES[int(c)] for c in cases.classes]
     answer = names[int(np.argmax(proba))]
