@@ -99,6 +99,28 @@ def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(
     assert len(ranged) >= 5, "too few queries needed the range search"
 
 
+def test_nir_read_to_a_depth_skips_the_no_tumor_cases_nearest_of_all(real, tmp_path):
+    """Read to a depth (the calibration's), NIR's doubling search counts the retrievals it can use:
+    with more no-tumor cases (no type: skipped) beside each query than the depth, the search reads
+    past them and returns the first typed retrievals of the whole list, NIR's positions the same
+    (up to the depth)."""
+    x, ids, labels, q = real
+    seed = 5
+    print("seed", seed)
+    near = np.repeat(q, 40, axis=0)  # 40 no-tumor cases beside each query, nearer than any typed case
+    near += 0.002 * np.random.default_rng(seed).standard_normal(near.shape).astype(np.float32)
+    ids, x = np.concatenate([ids, ids.max() + 1 + np.arange(len(near))]), np.concatenate([x, near])
+    label_of = lookup(ids[: len(labels)], labels)  # typed cases only: a no-tumor case gives -1
+    store = FaissStore(tmp_path / "f.faiss", x.shape[1])
+    store.add(ids, x)
+    for row in q:
+        whole = deep_search(store, label_of, row[None], 3, 1, start=4, cap=len(x))
+        cut = deep_search(store, label_of, row[None], 3, 1, start=4, cap=16)
+        n = int((cut[2] >= 0).sum())  # the search stops where NIR is decided, or at 16
+        assert 1 <= n <= 16 and (cut[1][0][:n] == whole[1][0][:n]).all()
+        assert (nir_positions(cut[2], 3) == nir_positions(whole[2][:, :16], 3)).all()
+
+
 def test_hnsw_recall_and_persistence(real, tmp_path):
     x, ids, _, q = real
     exact = FaissStore(tmp_path / "e.faiss", x.shape[1])

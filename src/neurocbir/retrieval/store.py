@@ -35,6 +35,9 @@ from neurocbir.retrieval.neighbours import compact, first_per_group
 
 #: Deepest search NIR makes; beyond it a class's I_c is taken as at least the cap.
 NIR_MAX_DEPTH = 4096
+#: The most retrievals one search asks the store for (Milvus's largest top-K): where cases NIR
+#: skips (no tumor type) lie among the nearest, the store is read deeper than NIR's depth, up to this
+STORE_MAX_K = 16384
 
 
 def group_keys(labels: np.ndarray, planes: np.ndarray) -> np.ndarray:
@@ -248,10 +251,11 @@ def deep_search(
     cap: int = NIR_MAX_DEPTH,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(distances, ids, labels) deep enough for NIR: the search depth doubles until every class
-    has its ``nth`` incorrect retrieval or ``cap`` retrievals were read. ``group_of`` (ids ->
-    patient keys) keeps only the closest slice of each patient. For NIR of one query over a store
-    partitioned by label, :func:`_by_label` first (the same answer in fewer, smaller searches;
-    cases of labels beyond the ``n_classes`` are then no NIR retrieval: ``label_of`` -1)."""
+    has its ``nth`` incorrect retrieval or ``cap`` retrievals of cases with a label (``label_of``
+    >= 0: cases it gives -1, such as those without a tumor, are no NIR retrieval and are skipped)
+    were read; at most ``cap`` of them are returned. ``group_of`` (ids -> patient keys) keeps only
+    the closest slice of each patient. For NIR of one query over a store partitioned by label,
+    :func:`_by_label` first (the same answer in fewer, smaller searches)."""
     total = store.count()
     k = min(start, total, cap)
     if nth == 1 and len(queries) == 1 and (found := _by_label(store, label_of, queries, group_of, k, cap, n_classes)):
@@ -259,9 +263,10 @@ def deep_search(
     while True:
         dist, ids = store.search(queries, k)
         dist, ids, labels = _known(dist, ids, label_of, group_of)
-        if _nir_done(labels, n_classes, nth) or k >= min(total, cap):
-            return dist, ids, labels
-        k = min(k * 2, total, cap)
+        deep = ((labels >= 0).sum(1) >= cap).all()
+        if _nir_done(labels, n_classes, nth) or deep or k >= min(total, STORE_MAX_K):
+            return dist[:, :cap], ids[:, :cap], labels[:, :cap]
+        k = min(k * 2, total, STORE_MAX_K)
 
 
 def _known(dist, ids, label_of, group_of):
