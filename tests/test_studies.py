@@ -155,26 +155,26 @@ def test_nir_reads_the_archive_only_as_deep_as_its_calibrations(
         (shallow / name).write_text(json.dumps(doc))
     svc = RetrievalService.from_archive(shallow, archive)
     assert svc.nir_read == 8
-    store, asked, grouped = svc.cases.store, [], []
+    store, asked, nir = svc.cases.store, [], []
     for name in ("search", "range_search"):
         real = getattr(store, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            if not grouped:  # NIR's searches (a study's similar patients search one slice per patient)
+            if nir:  # NIR's searches (a study's similar patients are searched one slice per patient)
                 asked.append(args[1] if _name == "search" else args[3])  # k, or the range search's limit
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(store, name, spy)
     neighbours = svc.cases.neighbours
 
-    def each_patient_apart(query, one_per_patient, depth=None):
-        grouped.extend([True] * one_per_patient)
+    def nir_search(query, one_per_patient, depth=None):
+        nir.extend([True] * (not one_per_patient))
         try:
             return neighbours(query, one_per_patient, depth)
         finally:
-            grouped.clear()
+            nir.clear()
 
-    monkeypatch.setattr(svc.cases, "neighbours", each_patient_apart)
+    monkeypatch.setattr(svc.cases, "neighbours", nir_search)
     study = read_study(_series(small_cases, patient))
     images = [small_cases.load_image(int(r)) for r in patient[:3]]
 
@@ -189,7 +189,11 @@ def test_nir_reads_the_archive_only_as_deep_as_its_calibrations(
     print("deepest read", cut_depth, "against", whole_depth)
     assert cut_depth <= 8 + OWN_COPIES_ROOM < whole_depth
     for a, b in zip(cut_slices, whole_slices):
-        assert (a["prediction"], a["probabilities"], a["tumor_found"]) == (b["prediction"], b["probabilities"], b["tumor_found"])
+        assert (a["prediction"], a["probabilities"], a["tumor_found"]) == (
+            b["prediction"],
+            b["probabilities"],
+            b["tumor_found"],
+        )
     assert cut_study["calibrated"] == "study" and cut_study["probabilities"] == whole_study["probabilities"]
 
 

@@ -115,6 +115,8 @@ def load(run: Path | str) -> StudyCalibrator | None:
     try:
         doc = json.loads(path.read_text())
         depth = doc.get("depth")
-        return StudyCalibrator(float(doc["temperature"]), str(doc.get("how", "")), None if depth is None else int(depth))
+        return StudyCalibrator(
+            float(doc["temperature"]), str(doc.get("how", "")), None if depth is None else int(depth)
+        )
     except (ValueError, KeyError, TypeError):
         raise ConfigurationError(f"{path} is corrupt: delete it (studies then use the slice calibration)") from None

@@ -89,7 +89,9 @@ class RetrievalService:
         self.tumor_level = tumor_level(model.run)
         self.region_search = region_search.load(model.run, self.tumor_level)
         self.presence_rule = load_rule(model.run)
-        self.nir_read = nir_read_depth(self.calibrator, self.region_search.calibrator, study_calibration.load(model.run))
+        self.nir_read = nir_read_depth(
+            self.calibrator, self.region_search.calibrator, study_calibration.load(model.run)
+        )
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()
@@ -316,7 +318,9 @@ class RetrievalService:
         own = cases.duplicates_of(own) if isinstance(own, ImagePrints) else own
         nearest = cases.nearest_trunk(trunk)
         if neighbours is None:
-            neighbours = searching.result() if searching is not None else cases.neighbours(q, one_per_patient, self.nir_read)
+            neighbours = (
+                searching.result() if searching is not None else cases.neighbours(q, one_per_patient, self.nir_read)
+            )
         dist, case_ids, labels = neighbours
         own_ids = {d.case_id for d in own}
         shown_dist, shown_ids = dist, case_ids

@@ -16,6 +16,7 @@ from neurocbir.errors import InvalidInput
 from neurocbir.models.lesion import tumor_outline
 from neurocbir.retrieval.duplicates import ImagePrints
 from neurocbir.serving.service import DISCLAIMER, RELOAD_WAIT_S, RetrievalService
+from neurocbir.serving.sources import CaseFilter
 from neurocbir.serving.threads import one_thread
 
 BATCH = 32  # slices per CNN pass
@@ -146,9 +147,8 @@ def similar_patients(cases, queries: np.ndarray, k: int) -> list[dict]:
     """The k archive patients nearest to any of the study's tumor slices, each once, with the
     slice of theirs that came nearest (patient keys stay on the server)."""
     best: dict[str, tuple[float, int]] = {}
-    for q in queries:
-        dist, case_ids, _ = cases.neighbours(q[None], True)  # one slice per patient, nearest first
-        dist, case_ids = dist[: 4 * k], case_ids[: 4 * k]
+    for q in queries:  # each slice's k nearest patients (their nearest slices): the k nearest of all are among them
+        dist, case_ids = cases.filtered(q[None], CaseFilter(), k, True)
         for d, c, p in zip(dist, case_ids, cases.patients(case_ids)):
             if p not in best or d < best[p][0]:
                 best[p] = (float(d), int(c))

@@ -83,7 +83,12 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     fit_calibration(Path(run), held_out, y, groups, how + read, len(CLASS_NAMES), depth)
     fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
     cal, measured = study.fit_study_temperature_from_neighbours(
-        list(held_out[0]), y[0], groups[0], len(CLASS_NAMES), f"held-out training patients as studies: {how}{read}", depth
+        list(held_out[0]),
+        y[0],
+        groups[0],
+        len(CLASS_NAMES),
+        f"held-out training patients as studies: {how}{read}",
+        depth,
     )
     study.save(Path(run), cal, measured)
     from neurocbir.training.regions import fit_region_search
