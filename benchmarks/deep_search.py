@@ -73,8 +73,9 @@ def main() -> None:
         __doc__.split("\n\n", 2)[2].strip(),
         "",
         f"{n} cases, {args.queries} queries; NIR positions identical both ways for {agree} of {args.queries} "
-        f"(where the doubling search read its cap, {NIR_MAX_DEPTH}, of cases of no type and found no typed case, "
-        f"the search by label, which skips them, did: {none_typed} of {args.queries}); "
+        f"(both read at most {NIR_MAX_DEPTH} retrievals of a typed case, one per patient, and skip cases of no type; "
+        f"queries where the doubling search found no typed case and the search by label did: {none_typed} of "
+        f"{args.queries}); "
         f"the first label's run (patients before another label) median {int(np.median(runs))}, "
         f"longest {max(runs)}.",
         "",

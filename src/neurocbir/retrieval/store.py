@@ -332,16 +332,20 @@ def _by_label(store, label_of, query, group_of, k: int, cap: int, n_classes: int
         return None
     other = np.flatnonzero(known)[np.argmin(dist[0][known])]
     d_other, i_other = dist[0][other], ids[0][other]
-    inside = store.range_search(query[0], d_other, parts[label], cap)
+    limit = cap if group_of is None else STORE_MAX_K  # one slice per patient thins the list: read deeper
+    inside = store.range_search(query[0], d_other, parts[label], limit)
     if inside is None:
         return None
-    # as the doubling search would: the ``cap`` nearest at most, then unknown cases and patients'
-    # farther slices dropped
-    dist = np.concatenate([inside[0], [d_other]])[None, :cap]
-    ids = np.concatenate([inside[1], [i_other]])[None, :cap]
+    complete = len(inside[0]) < limit  # every case of the label closer than the other one: it comes next
+    dist = np.concatenate([inside[0], [d_other] if complete else []])[None]
+    ids = np.concatenate([inside[1], [i_other] if complete else []]).astype(np.int64)[None]
+    # as the doubling search would: patients' farther slices dropped, then the ``cap`` nearest at most
     dist, ids, labels = _known(dist, ids, label_of, group_of)
-    if ids.shape[1] < cap and labels[0][int((ids[0] >= 0).sum()) - 1] == label:
-        return None  # the other label's case is a patient seen closer: the doubling search goes on
+    n = int((ids[0] >= 0).sum())
+    if n >= cap:
+        return dist[:, :cap], ids[:, :cap], labels[:, :cap]
+    if not complete or labels[0][n - 1] == label:
+        return None  # the list stops short of the depth and of another label: the doubling search goes on
     return dist, ids, labels
 
 
