@@ -11,6 +11,9 @@ round begun by another way), with one of its choices undone:
   here) instead of one (`neurocbir.serving.threads.one_thread`);
 - "NIR by doubling the depth": the deep search doubles its depth over every partition instead of
   searching each label's partitions (`neurocbir.retrieval.store._by_label`);
+- "NIR in two rounds": each label's 64 nearest, then a range search of the nearest label's
+  partitions, instead of each label's nearest to the calibration's depth at once
+  (`neurocbir.retrieval.store.ONE_ROUND_MAX`);
 - "server calls one after another" (Milvus only): the labels' searches, and the search beside the
   "no similar case" check, wait for each other;
 - "BLAS threads as the process has them": numpy's OpenBLAS on every core instead of one
@@ -94,7 +97,7 @@ def variants(svc, remote: bool) -> dict:
     from neurocbir.retrieval.index import VectorIndex
     from neurocbir.serving.archive_cases import TRUNK_SAMPLE
 
-    by_label, threads_of = store_module._by_label, threads._threads
+    by_label, threads_of, one_round = store_module._by_label, threads._threads, store_module.ONE_ROUND_MAX
     half = svc.cases.trunk_index
     sample = svc.cases.archive.trunk_sample(TRUNK_SAMPLE)
     full = VectorIndex.build(sample["trunk"]) if sample is not None else None
@@ -107,6 +110,10 @@ def variants(svc, remote: bool) -> dict:
         "NIR by doubling the depth": (
             lambda: setattr(store_module, "_by_label", lambda *a: None),
             lambda: setattr(store_module, "_by_label", by_label),
+        ),
+        "NIR in two rounds": (
+            lambda: setattr(store_module, "ONE_ROUND_MAX", 0),
+            lambda: setattr(store_module, "ONE_ROUND_MAX", one_round),
         ),
         "BLAS threads as the process has them": (
             lambda: threads._threads().select(prefix="libscipy_openblas").limit(limits=os.cpu_count()),

@@ -99,11 +99,15 @@ def test_nir_deep_search_over_label_partitions_matches_the_doubling_search(
     assert len(ranged) >= 5, "too few queries needed the range search"
 
 
-def test_nir_read_to_a_depth_skips_the_no_tumor_cases_nearest_of_all(real, tmp_path):
+def test_nir_read_to_a_depth_skips_the_no_tumor_cases_nearest_of_all(real, tmp_path, monkeypatch):
     """Read to a depth (the calibration's), NIR's doubling search counts the retrievals it can use:
     with more no-tumor cases (no type: skipped) beside each query than the depth, the search reads
     past them and returns the first typed retrievals of the whole list, NIR's positions the same
-    (up to the depth)."""
+    (up to the depth). Over a store partitioned by label, each label's partitions are searched to
+    that depth in one round (no range search), with the same answer."""
+    import neurocbir.retrieval.store as store_module
+    from neurocbir.retrieval.store import group_keys
+
     x, ids, labels, q = real
     seed = 5
     print("seed", seed)
@@ -111,14 +115,23 @@ def test_nir_read_to_a_depth_skips_the_no_tumor_cases_nearest_of_all(real, tmp_p
     near += 0.002 * np.random.default_rng(seed).standard_normal(near.shape).astype(np.float32)
     ids, x = np.concatenate([ids, ids.max() + 1 + np.arange(len(near))]), np.concatenate([x, near])
     label_of = lookup(ids[: len(labels)], labels)  # typed cases only: a no-tumor case gives -1
-    store = FaissStore(tmp_path / "f.faiss", x.shape[1])
+    labels = np.concatenate([labels, np.full(len(near), 3)])
+    store, parts = FaissStore(tmp_path / "f.faiss", x.shape[1]), FaissStore(tmp_path / "p.faiss", x.shape[1])
     store.add(ids, x)
+    parts.add(ids, x, group_keys(labels, np.array(["axial", "coronal"])[ids % 2]))
+    ranged, by_label = [], []
+    range_search, original = parts.range_search, store_module._by_label
+    monkeypatch.setattr(parts, "range_search", lambda *a: ranged.append(a) or range_search(*a))
+    monkeypatch.setattr(store_module, "_by_label", lambda *a: by_label.append(r := original(*a)) or r)
     for row in q:
         whole = deep_search(store, label_of, row[None], 3, 1, start=4, cap=len(x))
-        cut = deep_search(store, label_of, row[None], 3, 1, start=4, cap=16)
-        n = int((cut[2] >= 0).sum())  # the search stops where NIR is decided, or at 16
-        assert 1 <= n <= 16 and (cut[1][0][:n] == whole[1][0][:n]).all()
-        assert (nir_positions(cut[2], 3) == nir_positions(whole[2][:, :16], 3)).all()
+        for s in (store, parts):
+            cut = deep_search(s, label_of, row[None], 3, 1, start=4, cap=16)
+            n = int((cut[2] >= 0).sum())  # the doubling search may stop where NIR is decided, before 16
+            m = min(n, int((whole[2] >= 0).sum()))
+            assert 1 <= n <= 16 and (cut[1][0][:m] == whole[1][0][:m]).all()
+            assert (nir_positions(cut[2], 3) == nir_positions(whole[2][:, :16], 3)).all()
+    assert not ranged and sum(r is not None for r in by_label) == len(q)  # the search by label answered each
 
 
 def test_hnsw_recall_and_persistence(real, tmp_path):

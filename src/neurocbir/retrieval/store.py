@@ -38,6 +38,9 @@ NIR_MAX_DEPTH = 4096
 #: The most retrievals one search asks the store for (Milvus's largest top-K): where cases NIR
 #: skips (no tumor type) lie among the nearest, the store is read deeper than NIR's depth, up to this
 STORE_MAX_K = 16384
+#: NIR read to at most this depth searches each label's partitions that deep at once (one round to
+#: the store) instead of 64 deep and then a range search of the nearest label's
+ONE_ROUND_MAX = 1024
 
 
 def group_keys(labels: np.ndarray, planes: np.ndarray) -> np.ndarray:
@@ -258,8 +261,11 @@ def deep_search(
     :func:`_by_label` first (the same answer in fewer, smaller searches)."""
     total = store.count()
     k = min(start, total, cap)
-    if nth == 1 and len(queries) == 1 and (found := _by_label(store, label_of, queries, group_of, k, cap, n_classes)):
-        return found
+    if nth == 1 and len(queries) == 1:
+        # read to a shallow depth (a calibration's), each label's ``cap`` nearest in one round
+        first = cap if group_of is None and cap <= ONE_ROUND_MAX else k
+        if found := _by_label(store, label_of, queries, group_of, min(first, total), cap, n_classes):
+            return found
     while True:
         dist, ids = store.search(queries, k)
         dist, ids, labels = _known(dist, ids, label_of, group_of)
@@ -321,8 +327,8 @@ def _by_label(store, label_of, query, group_of, k: int, cap: int, n_classes: int
     order = np.argsort(dist[0], kind="stable")[:k]
     first = _known(dist[:, order], ids[:, order], label_of, group_of)
     labels = first[2]
-    if _nir_done(labels, n_classes, 1):
-        return first
+    if _nir_done(labels, n_classes, 1) or (group_of is None and k >= cap):
+        return first  # NIR decided, or the ``cap`` nearest in hand
     if labels[0][0] < 0:  # not one known case among them
         return None
     label = int(labels[0][0])  # the first k all of one label: the nearest known case of another
