@@ -60,6 +60,17 @@ def neighbour_logits(name: str, labels: np.ndarray, n_classes: int, depth: int |
     raise InvalidInput(f"no calibration for classifier {name!r}; choose one of {CALIBRATED}")
 
 
+def read_depth(*calibrators) -> int | None:
+    """How deep a query's NIR list is read: as deep as the deepest of the calibrations in use (the
+    slice calibration first; any with a ``depth``) reads it (an absent one reads nothing), None
+    (the store's cap) where one reads the whole list or there is no slice calibration (the
+    uncalibrated positions read all of it)."""
+    if calibrators[0] is None:
+        return None
+    depths = [c.depth for c in calibrators if c is not None]
+    return None if any(d is None for d in depths) else max(depths)
+
+
 def nir_depth(archive_labels: np.ndarray, n_classes: int) -> int:
     """How deep NIR's calibrated confidence reads: the largest power of two not above the count of
     the archive's smallest tumor type, in the archive the calibration is fitted against.

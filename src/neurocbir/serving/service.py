@@ -63,16 +63,6 @@ def tumor_presence(
     return rule.answer(p_none, peak)
 
 
-def nir_read_depth(*calibrators) -> int | None:
-    """How deep a query's NIR list is read: as deep as the deepest of the calibrations in use reads
-    it (``depth``; an absent calibration reads nothing), None (the store's cap) where one reads
-    the whole list or there is no slice calibration (the uncalibrated positions read all of it)."""
-    if calibrators[0] is None:
-        return None
-    depths = [c.depth for c in calibrators if c is not None]
-    return None if any(d is None for d in depths) else max(depths)
-
-
 class ArchiveUnavailable(Unavailable):
     """The served archive changed into one that cannot be served (e.g. every case removed)."""
 
@@ -89,9 +79,8 @@ class RetrievalService:
         self.tumor_level = tumor_level(model.run)
         self.region_search = region_search.load(model.run, self.tumor_level)
         self.presence_rule = load_rule(model.run)
-        self.nir_read = nir_read_depth(
-            self.calibrator, self.region_search.calibrator, study_calibration.load(model.run)
-        )
+        study = study_calibration.load(model.run)
+        self.nir_read = calibration.read_depth(self.calibrator, self.region_search.calibrator, study)
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()
@@ -317,11 +306,9 @@ class RetrievalService:
             own = found if checked is cases and found is not None else prints
         own = cases.duplicates_of(own) if isinstance(own, ImagePrints) else own
         nearest = cases.nearest_trunk(trunk)
-        if neighbours is None:
-            neighbours = (
-                searching.result() if searching is not None else cases.neighbours(q, one_per_patient, self.nir_read)
-            )
-        dist, case_ids, labels = neighbours
+        if neighbours is None and searching is not None:
+            neighbours = searching.result()
+        dist, case_ids, labels = neighbours or cases.neighbours(q, one_per_patient, self.nir_read)
         own_ids = {d.case_id for d in own}
         shown_dist, shown_ids = dist, case_ids
         keep = ~np.isin(case_ids, list(own_ids))
