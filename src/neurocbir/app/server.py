@@ -5,6 +5,7 @@ server refuses to start without users or an identity provider, unless ``--allow-
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,13 +107,21 @@ def build_app(run: Path, archive: Path | None, dicomweb: str | None, opts: Serve
         llm = llm_from_env()
     except LLMUnavailable:
         llm = None
+    began = time.perf_counter()
     service = (
         RetrievalService.from_archive(run, archive, store_wait_s=opts.milvus_wait_s)
         if archive is not None
         else RetrievalService.from_run(run)
     )
+    loaded = time.perf_counter()
     # compile the CPU runtime now (about a second), so that the first clinician's scan does not wait for it
     service.model.embed([np.zeros((64, 64), np.float32)])
+    parts = getattr(service.cases, "load_seconds", None) or {}
+    say(
+        f"neurocbir: loaded in {time.perf_counter() - began:.1f} s: the model and the cases {loaded - began:.1f} s"
+        + (f" ({', '.join(f'{k} {v:.1f} s' for k, v in parts.items())})" if parts else "")
+        + f", the CPU runtime compiled {time.perf_counter() - loaded:.1f} s"
+    )
     if llm is not None:
         say("neurocbir: answers are phrased by the configured LLM and checked against the reports")
     if getattr(llm, "remote", False):

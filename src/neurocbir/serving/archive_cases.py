@@ -4,6 +4,7 @@ FAISS or Milvus store, following what `neurocbir add` and `remove` commit while 
 from __future__ import annotations
 
 import copy
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def _code(codes: dict[str, int], keys: np.ndarray) -> np.ndarray:
     return numbers[inverse]
 
 
+class _Phases:
+    """Seconds since the last call, by phase: ``clock("what just ended")``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase], self._last = round(now - self._last, 1), now
+
+
 class ArchiveCases(SearchedCases):
     """A :class:`neurocbir.retrieval.archive.CaseArchive` built with ``neurocbir add``: any number of
     cases from any source folder, searched through its FAISS or Milvus store."""
@@ -45,10 +58,12 @@ class ArchiveCases(SearchedCases):
 
         self.root, self.checkpoint_sha256, self.dim = Path(root), checkpoint_sha256, dim
         self.store_wait_s = store_wait_s
+        clock = _Phases()  # where a load's seconds go (load_seconds: the operator is told at start)
         self.archive = CaseArchive.open(
             root, checkpoint_sha256=checkpoint_sha256, dim=dim, writer=False, store_wait_s=store_wait_s
         )
         self.version = self.archive.opened_version  # what this view holds (see changed())
+        clock("store opened")
         self._codes: dict[str, int] = {}  # patient key -> a number: a million 32-character keys are 130 MB
         cols = self.archive.columns(lambda keys: _code(self._codes, keys))
         if not len(cols["id"]):
@@ -63,9 +78,11 @@ class ArchiveCases(SearchedCases):
         if not (cols["label"] < len(CLASS_NAMES)).any():
             raise InvalidInput(f"the archive {root} holds no tumor cases, only slices without a tumor: add some")
         self._set_lookups()
+        clock("case columns read")
         # "no similar case" and presence read the trunk descriptors of at most TRUNK_SAMPLE cases
         # (all of an archive that size): memory that does not grow with the archive
         sample = self.archive.trunk_sample(TRUNK_SAMPLE)
+        clock("trunk sample read")
         # the three parts of a load that take seconds run side by side: the presence model's fit
         # (libsvm) and the prints' inverted file (FAISS) let go of the GIL while they compute
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-load") as pool:
@@ -78,7 +95,12 @@ class ArchiveCases(SearchedCases):
             prints = pool.submit(DuplicateIndex.of_archive, self.archive)
             self.trunk_index = VectorIndex.build(sample["trunk"], half=True) if sample is not None else None
             self.far_threshold = self._far_threshold(np.array([]) if sample is None else sample["patient_key"])
-            self.presence, self.duplicate_index = presence.result(), prints.result()
+            clock("'no similar case' index built")
+            self.presence = presence.result()
+            clock("presence fitted (beside it)")
+            self.duplicate_index = prints.result()
+            clock("prints indexed (beside it)")
+        self.load_seconds = clock.seconds
 
     def changed(self) -> bool:
         """Has `neurocbir add` or `remove` changed the archive since this view was loaded?"""

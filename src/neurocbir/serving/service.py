@@ -79,8 +79,8 @@ class RetrievalService:
         self.tumor_level = tumor_level(model.run)
         self.region_search = region_search.load(model.run, self.tumor_level)
         self.presence_rule = load_rule(model.run)
-        study = study_calibration.load(model.run)
-        self.nir_read = calibration.read_depth(self.calibrator, self.region_search.calibrator, study)
+        self.study_calibrator = study_calibration.load(model.run)
+        self.nir_read = calibration.read_depth(self.calibrator, self.region_search.calibrator, self.study_calibrator)
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
         self._feedback_lock = threading.Lock()

@@ -94,7 +94,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         }
     # a slice counts as much as it is likely to show a tumor (1 - P(no tumor); 1 where not assessed)
     weight = np.array([1.0 - (slices[i]["probability_no_tumor"] or 0.0) for i in tumor_rows])
-    cal = study_calibration.load(service.run)
+    cal = service.study_calibrator  # loaded with the run, not read again per study
     if cal is not None:  # each slice's list read as deep as the study calibration read them
         logits = study_calibration.study_logits(labels, len(CLASS_NAMES), weight, cal.depth)[cases.classes]
         proba, calibrated = cal.proba(logits), "study"
