@@ -684,3 +684,66 @@ def test_the_trunk_sample_is_bounded_fixed_and_whole_below_its_bound(tmp_path):
     assert np.array_equal(some["trunk"][:, 0], some["id"] - whole["id"][0])  # each id with its own descriptor
     arch.add(_records(1, start=999))  # no descriptor
     assert arch.trunk_sample(1000) is None
+
+
+def test_what_the_app_reads_at_start_comes_from_narrow_indexes_also_in_older_archives(tmp_path):
+    """The app's start reads every case's columns, coarse print and whether it has a trunk
+    descriptor. A case's row is kilobytes wide, so each of those reads must come from an index of
+    its own, not a scan of the table; an archive made before those indexes is read the same by the
+    app (which never writes) and gets them at the writer's next open."""
+    import dataclasses
+    import sqlite3
+
+    from neurocbir.retrieval.duplicates import FINE, SIDE
+
+    rng = np.random.default_rng(5)
+    records = [
+        dataclasses.replace(
+            r,
+            trunk=rng.normal(size=16).astype(np.float32),
+            fingerprint=rng.normal(size=SIDE * SIDE + FINE * FINE).astype(np.float16),
+        )
+        for r in _records(120)
+    ]
+    records[7] = dataclasses.replace(records[7], fingerprint=None)  # a case without a print
+    CaseArchive.create(tmp_path / "a", 8, "ck").add(records)
+
+    def start_reads(writer: bool) -> tuple[dict, list[str]]:
+        arch = CaseArchive.open(tmp_path / "a", "ck", writer=writer)
+        statements = []
+        arch.db.set_trace_callback(statements.append)
+        reads = {
+            "columns": arch.columns(),
+            "prints": list(arch.fingerprints(SIDE * SIDE)),
+            "n_prints": arch.n_prints(),
+            "trunks": arch.trunk_sample(50),
+        }
+        arch.db.set_trace_callback(None)
+        plans = [
+            " / ".join(row[3] for row in arch.db.execute("EXPLAIN QUERY PLAN " + q))
+            for q in statements
+            if q.lstrip().upper().startswith("SELECT") and " id IN (" not in q  # by id: the primary key
+        ]
+        return reads, plans
+
+    new, plans = start_reads(writer=False)
+    assert len(plans) >= 4 and not [p for p in plans if "SCAN cases" in p and "INDEX" not in p], plans
+    assert sum(len(ids) for ids, _ in new["prints"]) == new["n_prints"] == 119
+    with closing(sqlite3.connect(tmp_path / "a" / CaseArchive.DB)) as db:  # as archives made before 2026-12-06
+        made = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'cases_%'")]
+        for name in ("cases_columns", "cases_coarse_prints", "cases_without_trunk"):
+            assert name in made
+            db.execute(f"DROP INDEX {name}")
+    old, plans = start_reads(writer=False)
+    assert [p for p in plans if "SCAN cases" in p and "INDEX" not in p], plans  # read the slow way, not written
+    upgraded, plans = start_reads(writer=True)
+    assert not [p for p in plans if "SCAN cases" in p and "INDEX" not in p], plans
+    for reads in (old, upgraded):
+        for key in ("id", "label", "patient_key", "plane", "area_mm2"):
+            assert np.array_equal(reads["columns"][key], new["columns"][key], equal_nan=key == "area_mm2")
+        assert reads["n_prints"] == 119
+        for (ids, coarse), (ids_new, coarse_new) in zip(reads["prints"], new["prints"], strict=True):
+            assert np.array_equal(ids, ids_new) and np.array_equal(coarse, coarse_new)
+        assert np.array_equal(reads["trunks"]["trunk"], new["trunks"]["trunk"])
+    ids, coarse = new["prints"][0]
+    assert np.array_equal(coarse[0], records[0].fingerprint[: SIDE * SIDE].astype(np.float32))

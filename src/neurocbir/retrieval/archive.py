@@ -34,7 +34,7 @@ import numpy as np
 from neurocbir.data.cases import CASE_LABELS
 from neurocbir.errors import InvalidInput
 from neurocbir.files import atomic_path
-from neurocbir.retrieval.archive_reads import ArchiveReads
+from neurocbir.retrieval.archive_reads import READ_INDEXES, ArchiveReads
 from neurocbir.retrieval.index import IndexMismatchError
 from neurocbir.retrieval.milvus import CONSISTENCY, READER_CONSISTENCY, MilvusStore
 from neurocbir.retrieval.store import CaseStore, FaissStore, StaleCollection, StoreUnavailable
@@ -125,6 +125,7 @@ class CaseArchive(ArchiveReads):
             columns = {r[1] for r in db.execute("PRAGMA table_info(cases)")}
             if "fingerprint" not in columns:  # an archive made before duplicates were recognised
                 db.execute("ALTER TABLE cases ADD COLUMN fingerprint BLOB")
+            db.executescript(READ_INDEXES)
         else:
             db.execute("PRAGMA query_only=ON")
         return db

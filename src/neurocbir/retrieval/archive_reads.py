@@ -10,7 +10,21 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from neurocbir.data.cases import CASE_LABELS
+from neurocbir.retrieval.duplicates import SIDE
 from neurocbir.retrieval.store import group_keys
+
+#: the coarse fingerprint at the start of a stored print (float16: 2 bytes a value)
+COARSE_BYTES = 2 * SIDE * SIDE
+#: What the app reads of every case at start, in narrow indexes of their own: a case's row is
+#: several kilobytes (its trunk descriptor, its print), so a scan of the table reads gigabytes at a
+#: million cases (16 s from a cold disk, docs/results.md "The app at scale"), a scan of these a few
+#: dozen megabytes. The writer (``neurocbir add``) makes them, on an older archive at its next add.
+READ_INDEXES = f"""
+CREATE INDEX IF NOT EXISTS cases_columns ON cases(state, id, label, patient_key, plane, area_mm2);
+CREATE INDEX IF NOT EXISTS cases_coarse_prints ON cases(id, state, substr(fingerprint, 1, {COARSE_BYTES}))
+    WHERE fingerprint IS NOT NULL;
+CREATE INDEX IF NOT EXISTS cases_without_trunk ON cases(state) WHERE trunk IS NULL;
+"""
 
 
 def _columns(rows: list[tuple]) -> dict[str, np.ndarray]:
@@ -46,10 +60,9 @@ class ArchiveReads:
         cases that have one (float32, one row each), ``chunk`` cases at a time."""
         # only the coarse part leaves SQLite (float16: 2 bytes a value), read as one buffer a chunk:
         # at a million cases 3 s, where whole prints made an array a row took 8 s
-        cur = self.db.execute(
-            "SELECT id, substr(fingerprint, 1, ?) FROM cases WHERE state != 'deleting' AND fingerprint IS NOT NULL "
-            "ORDER BY id",
-            (2 * int(width),),
+        cur = self.db.execute(  # the length written out: so the query reads the expression's index (READ_INDEXES)
+            f"SELECT id, substr(fingerprint, 1, {2 * int(width)}) FROM cases "
+            "WHERE state != 'deleting' AND fingerprint IS NOT NULL ORDER BY id"
         )
         while rows := cur.fetchmany(chunk):
             coarse = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), width)
