@@ -31,6 +31,7 @@ from workers import tree_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+ALTERED = "again, without the start's indexes"
 
 
 def build(root: Path, source: Path, n: int, store: str, uri: str | None, seed: int = 0) -> float:
@@ -132,6 +133,20 @@ def start_once(run: Path, archive: Path, log: Path, scan: bytes) -> tuple[subpro
     return server, base, start_s, load_parts(log)
 
 
+def drop_start_indexes(archive: Path) -> None:
+    """Drop the indexes the app's start reads from (an archive made before them)."""
+    import sqlite3
+
+    from neurocbir.retrieval.archive import CaseArchive
+    from neurocbir.retrieval.archive_reads import READ_INDEXES
+
+    db = sqlite3.connect(archive / CaseArchive.DB)
+    for line in READ_INDEXES.split(";"):
+        if "CREATE INDEX" in line:
+            db.execute(f"DROP INDEX {line.split('IF NOT EXISTS')[1].split()[0]}")
+    db.close()
+
+
 def stop(server: subprocess.Popen) -> None:
     server.terminate()
     server.wait(60)
@@ -182,7 +197,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     ap.add_argument("--store", choices=("flat", "milvus"), default="flat")
     ap.add_argument("--duration", type=float, default=30)
-    ap.add_argument("--restarts", type=int, default=2, help="starts of the app again on each archive, timed")
+    ap.add_argument(
+        "--restarts",
+        type=int,
+        default=2,
+        help="starts of the app again on each archive, timed (as many again without its start indexes)",
+    )
     args = ap.parse_args()
     from load_test import level
     from neurocbir.data.cases import load_cases
@@ -216,12 +236,15 @@ def main() -> None:
                     added = found_after_add(base, archive, args.run, paths[-1], Path(tmp))
                 finally:
                     stop(server)
-                starts = [(start_s, parts)]
-                for _ in range(args.restarts):  # the same archive again: is a slow start the archive's or the moment's?
-                    server, _, again, parts = start_once(args.run, archive, Path(tmp) / "serve.log", files[0])
-                    stop(server)
-                    starts.append((again, parts))
-                    print(f"started again: first answer after {again:.0f} s; loaded in {parts}", flush=True)
+                starts = [("first", start_s, parts)]
+                for again in ("again", ALTERED):  # a slow start: the archive's or the moment's?
+                    if again != "again":  # as an archive made before them (the app then scans the table)
+                        drop_start_indexes(archive)
+                    for _ in range(args.restarts):
+                        server, _, seconds, parts = start_once(args.run, archive, Path(tmp) / "serve.log", files[0])
+                        stop(server)
+                        starts.append((again, seconds, parts))
+                        print(f"started {again}: first answer after {seconds:.0f} s; loaded in {parts}", flush=True)
                 rows.append(dict(n=n, starts=starts, one=one, four=four, rss=rss, added=added, built=built))
                 print(rows[-1], flush=True)
     finally:
@@ -234,22 +257,29 @@ def main() -> None:
             f"Machine: {machine()}; {started}; `neurocbir serve --archive` over synthetic archives ({args.store} store) "
             f"made from the demo archive's cases; {args.duration:.0f} s per load level, clients on the same 2 cores.",
             "",
-            "| cases | start to first answer (s); started again | RSS, most sampled (MB) | 1 client p50 / p95 (ms) | 4 clients p95 (ms), errors "
+            "| cases | start to first answer (s); started again; again without the start's indexes | RSS, most sampled (MB) | 1 client p50 / p95 (ms) | 4 clients p95 (ms), errors "
             "| added case found after (s) |",
             "|---:|---:|---:|---:|---:|---:|",
             *[
-                f"| {r['n']:,} | {r['starts'][0][0]:.0f}; {', '.join(f'{s:.0f}' for s, _ in r['starts'][1:])} | {r['rss']:.0f} | {r['one']['p50']:.0f} / {r['one']['p95']:.0f} | "
+                f"| {r['n']:,} | {r['starts'][0][1]:.0f}; "
+                + "; ".join(
+                    ", ".join(f"{s:.0f}" for w, s, _ in r["starts"] if w == kind) for kind in ("again", ALTERED)
+                )
+                + f" | {r['rss']:.0f} | {r['one']['p50']:.0f} / {r['one']['p95']:.0f} | "
                 f"{r['four']['p95']:.0f}, {r['four']['errors']} | {r['added']:.1f} |"
                 for r in rows
             ],
             "",
-            "Where each start's seconds went, as the app says it when it has loaded (the rest of a start: "
-            "Python's imports, the web server, the first query):",
+            "Each archive is served once (the load levels, the added case), then started again on the same "
+            f"archive {args.restarts} times, then {args.restarts} more times without the indexes the start reads "
+            "from (dropped: as an archive made before them, whose rows the app then scans). Where each start's "
+            "seconds went, as the app says it when it has loaded (the rest of a start: Python's imports, the "
+            "web server, the first query):",
             "",
             *[
-                f"- {r['n']:,} cases, start {i + 1}: {s:.0f} s; loaded in {parts}"
+                f"- {r['n']:,} cases, start {i + 1} ({kind}): {s:.0f} s; loaded in {parts}"
                 for r in rows
-                for i, (s, parts) in enumerate(r["starts"])
+                for i, (kind, s, parts) in enumerate(r["starts"])
             ],
             "",
             f"`.venv/bin/python benchmarks/app_scale.py {' '.join(sys.argv[1:])}`",
