@@ -138,12 +138,11 @@ def drop_start_indexes(archive: Path) -> None:
     import sqlite3
 
     from neurocbir.retrieval.archive import CaseArchive
-    from neurocbir.retrieval.archive_reads import READ_INDEXES
+    from neurocbir.retrieval.archive_reads import READ_INDEX_NAMES
 
     db = sqlite3.connect(archive / CaseArchive.DB)
-    for line in READ_INDEXES.split(";"):
-        if "CREATE INDEX" in line:
-            db.execute(f"DROP INDEX {line.split('IF NOT EXISTS')[1].split()[0]}")
+    for name in READ_INDEX_NAMES:
+        db.execute(f"DROP INDEX {name}")
     db.close()
 
 

@@ -694,6 +694,7 @@ def test_what_the_app_reads_at_start_comes_from_narrow_indexes_also_in_older_arc
     import dataclasses
     import sqlite3
 
+    from neurocbir.retrieval.archive_reads import READ_INDEX_NAMES
     from neurocbir.retrieval.duplicates import FINE, SIDE
 
     rng = np.random.default_rng(5)
@@ -731,7 +732,7 @@ def test_what_the_app_reads_at_start_comes_from_narrow_indexes_also_in_older_arc
     assert sum(len(ids) for ids, _ in new["prints"]) == new["n_prints"] == 119
     with closing(sqlite3.connect(tmp_path / "a" / CaseArchive.DB)) as db:  # as archives made before 2026-12-06
         made = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'cases_%'")]
-        for name in ("cases_columns", "cases_coarse_prints", "cases_without_trunk"):
+        for name in READ_INDEX_NAMES:
             assert name in made
             db.execute(f"DROP INDEX {name}")
     old, plans = start_reads(writer=False)

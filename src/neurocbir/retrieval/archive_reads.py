@@ -15,10 +15,12 @@ from neurocbir.retrieval.store import group_keys
 
 #: the coarse fingerprint at the start of a stored print (float16: 2 bytes a value)
 COARSE_BYTES = 2 * SIDE * SIDE
-#: What the app reads of every case at start, in narrow indexes of their own: a case's row is
-#: several kilobytes (its trunk descriptor, its print), so a scan of the table reads gigabytes at a
-#: million cases (16 s from a cold disk, docs/results.md "The app at scale"), a scan of these a few
-#: dozen megabytes. The writer (``neurocbir add``) makes them, on an older archive at its next add.
+#: What the app reads of every case at start, in narrow indexes of their own (named in
+#: READ_INDEX_NAMES): a case's row is kilobytes wide (its trunk descriptor, its print), so without
+#: them those reads walk the whole table. At a million cases a warm start reads the prints in 3-5 s
+#: with them, 10-11 s without (docs/results.md app-scale-milvus); a cold start stays bound by its
+#: disk reads either way. The writer (``neurocbir add``) makes them, on an older archive at its next add.
+READ_INDEX_NAMES = ("cases_columns", "cases_coarse_prints", "cases_without_trunk")
 READ_INDEXES = f"""
 CREATE INDEX IF NOT EXISTS cases_columns ON cases(state, id, label, patient_key, plane, area_mm2);
 CREATE INDEX IF NOT EXISTS cases_coarse_prints ON cases(id, state, substr(fingerprint, 1, {COARSE_BYTES}))
