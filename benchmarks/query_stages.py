@@ -95,7 +95,7 @@ def variants(svc, remote: bool) -> dict:
     import neurocbir.serving.service as service
     import neurocbir.serving.threads as threads
     from neurocbir.retrieval.index import VectorIndex
-    from neurocbir.serving.archive_cases import TRUNK_SAMPLE
+    from neurocbir.retrieval.start_file import TRUNK_SAMPLE
 
     by_label, threads_of, one_round = store_module._by_label, threads._threads, store_module.ONE_ROUND_MAX
     half = svc.cases.trunk_index

@@ -748,3 +748,86 @@ def test_what_the_app_reads_at_start_comes_from_narrow_indexes_also_in_older_arc
         assert np.array_equal(reads["trunks"]["trunk"], new["trunks"]["trunk"])
     ids, coarse = new["prints"][0]
     assert np.array_equal(coarse[0], records[0].fingerprint[: SIDE * SIDE].astype(np.float32))
+
+
+def test_a_large_archive_starts_from_its_start_file_as_from_its_table(
+    scans, small_run, reference, tmp_path, monkeypatch
+):
+    """What the app reads of every case at start (the trunk sample, the prints' index) comes from
+    one file the writer keeps beside a large archive: the view made from it answers as the one read
+    from the table; cases added since join it from the table; a removal makes the writer remake it,
+    and a file that no longer describes the archive (or is cut short) is passed over for the table."""
+    from neurocbir.data.uploads import read_scan
+    from neurocbir.models.inference import load_model
+    from neurocbir.retrieval import start_file
+    from neurocbir.retrieval.ingest import add_folder
+    from neurocbir.serving.archive_cases import ArchiveCases
+
+    archive, sha = tmp_path / "archive", _sha(small_run)
+    shutil.copytree(reference, archive)
+    path = archive / start_file.NAME
+    assert not path.exists()  # 48 cases: under START_FILE_FROM, the writer made none
+    images = {p.name: read_scan(p.read_bytes(), p.name) for p in sorted(scans.glob("scan_*.jpg"))}
+
+    def view() -> ArchiveCases:
+        return ArchiveCases(archive, sha, load_model(small_run).embedding_dim)
+
+    def same(a: ArchiveCases, b: ArchiveCases, names) -> None:
+        """The same trunk sample ("no similar case" reference, presence) and the same duplicates found."""
+        assert a.trunk_index is not None and a.far_threshold == b.far_threshold
+        probe = np.random.default_rng(0).normal(size=(5, a.trunk_index.dim)).astype(np.float32)
+        assert np.array_equal(a.trunk_index.search(probe, 3)[1], b.trunk_index.search(probe, 3)[1])
+        assert (a.presence is None) == (b.presence is None)  # these scans all show a tumor: none fitted
+        if a.presence is not None:
+            assert np.allclose(a.presence.proba_no_tumor(probe), b.presence.proba_no_tumor(probe))
+        for name in names:
+            assert a.duplicate_index.find(images[name]) == b.duplicate_index.find(images[name]), name
+
+    from_table = view()
+    arch = CaseArchive.open(archive, sha)
+    start_file.write(arch)
+    arch.close()
+    from_file = view()
+    assert any(k.startswith("start file read") for k in from_file.load_seconds)
+    assert not any(k.startswith("start file read") for k in from_table.load_seconds)
+    names = list(images)[:12]
+    same(from_file, from_table, names)
+    assert all(from_file.duplicate_index.find(images[n]) for n in names)  # each scan finds its own case
+
+    # a case added since the file: found among the prints (joined from the table), the file kept
+    monkeypatch.setattr(start_file, "START_FILE_FROM", 1)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    new_name = sorted(scans.glob("scan_*.jpg"))[0].name
+    mirrored = np.ascontiguousarray(images[new_name][:, ::-1])
+    from PIL import Image
+
+    Image.fromarray(np.clip(mirrored, 0, 255).astype(np.uint8)).save(extra / "flipped.png")
+    (extra / "cases.csv").write_text("file,label\nflipped.png,glioma\n")
+    before = path.stat().st_mtime_ns
+    arch = CaseArchive.open(archive, sha)
+    assert add_folder(arch, scan_folder(extra), load_model(small_run).embed, keep_duplicates=True)["added"] == 1
+    new_id = int(arch.db.execute("SELECT MAX(id) FROM cases").fetchone()[0])
+    arch.close()
+    assert path.stat().st_mtime_ns == before  # one case more: the file still describes the archive
+    grown = view()
+    assert any(k.startswith("start file read") for k in grown.load_seconds)
+    assert new_id in {d.case_id for d in grown.duplicate_index.find(mirrored)}
+
+    # a removal: the writer remakes the file; a copy of the old one put back is passed over
+    stale = tmp_path / "stale.npz"
+    shutil.copy(path, stale)
+    removed = grown.duplicate_index.find(images[names[0]])[0].case_id
+    arch = CaseArchive.open(archive, sha)
+    arch.delete([removed])
+    arch.close()
+    assert path.stat().st_mtime_ns != before
+    remade = view()
+    assert any(k.startswith("start file read") for k in remade.load_seconds)
+    assert removed not in {d.case_id for d in remade.duplicate_index.find(images[names[0]])}
+    shutil.copy(stale, path)
+    passed_over = view()
+    assert not any(k.startswith("start file read") for k in passed_over.load_seconds)
+    same(passed_over, remade, names)
+    path.write_bytes(stale.read_bytes()[:1000])  # cut short
+    assert not any(k.startswith("start file read") for k in view().load_seconds)

@@ -20,6 +20,7 @@ patient, never shown or logged.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import sqlite3
 import threading
@@ -102,6 +103,7 @@ class CaseArchive(ArchiveReads):
     ):
         self.root, self.db, self.meta, self.writer = root, db, meta, writer
         self.store_wait_s = store_wait_s  # how long to wait for a store server that is not ready yet
+        self.changed = False  # cases added or removed by this writer (its start file is remade at close)
         self._lock = threading.RLock()
         self.dim = int(meta["dim"])
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
@@ -350,6 +352,7 @@ class CaseArchive(ArchiveReads):
                 rows,
             )
         new = self.db.total_changes - before
+        self.changed |= new > 0
         if index:
             self.index_pending()
         return new
@@ -362,6 +365,7 @@ class CaseArchive(ArchiveReads):
         with self._transaction():
             self.db.executemany("UPDATE cases SET state = 'deleting' WHERE id = ?", [(i,) for i in found])
         self.reconcile()
+        self.changed |= bool(found)
         return found
 
     # --- reading --------------------------------------------------------------------------
@@ -388,6 +392,16 @@ class CaseArchive(ArchiveReads):
         }
 
     def close(self) -> None:
+        """Close the store and the table; a writer that changed the archive first brings its start
+        file (:mod:`neurocbir.retrieval.start_file`: what the app reads at start) up to date."""
+        if self.writer and self.changed:
+            from neurocbir.retrieval import start_file
+
+            try:
+                start_file.refresh(self)
+            except OSError as exc:  # e.g. a full disk: the archive is whole, only its start reads the table
+                logging.getLogger(__name__).warning("the archive's start file was not written (%s)", exc)
+            self.changed = False
         if hasattr(self.store, "close"):
             self.store.close()
         self.db.close()

@@ -57,14 +57,17 @@ class ArchiveReads:
                 group_keys(np.array([r[2] for r in rows]), np.array([r[3] or "" for r in rows])),
             )
 
-    def fingerprints(self, width: int, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def fingerprints(
+        self, width: int, chunk: int = 50_000, after_id: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, the first ``width`` values of each stored print: the coarse fingerprint) of the
-        cases that have one (float32, one row each), ``chunk`` cases at a time."""
+        cases that have one (float32, one row each; ids above ``after_id``), ``chunk`` cases at a time."""
         # only the coarse part leaves SQLite (float16: 2 bytes a value), read as one buffer a chunk:
         # at a million cases 3 s, where whole prints made an array a row took 8 s
         cur = self.db.execute(  # the length written out: so the query reads the expression's index (READ_INDEXES)
             f"SELECT id, substr(fingerprint, 1, {2 * int(width)}) FROM cases "
-            "WHERE state != 'deleting' AND fingerprint IS NOT NULL ORDER BY id"
+            "WHERE id > ? AND state != 'deleting' AND fingerprint IS NOT NULL ORDER BY id",
+            (int(after_id),),
         )
         while rows := cur.fetchmany(chunk):
             coarse = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), width)

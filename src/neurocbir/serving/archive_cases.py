@@ -14,15 +14,13 @@ from neurocbir.classify.presence import fit_presence
 from neurocbir.data.cases import CLASS_NAMES, NO_TUMOR, NO_TUMOR_LABEL, mask_for_image
 from neurocbir.errors import InvalidInput
 from neurocbir.reports.text import ReportAttributes, make_report
+from neurocbir.retrieval import start_file
 from neurocbir.retrieval.duplicates import DuplicateIndex
 from neurocbir.retrieval.examples import find_example, list_examples
 from neurocbir.retrieval.index import VectorIndex
 from neurocbir.retrieval.store import group_keys, lookup
 from neurocbir.serving.sources import SearchedCases
 
-#: the most cases whose trunk descriptors a view holds ("no similar case", presence): 20,000 x 1280
-#: float32 is 100 MB, and one flat search of them ~10 ms on 2 cores; an archive this size or smaller is read whole
-TRUNK_SAMPLE = 20_000
 #: an archive view grown by more than this share of the cases it loaded is loaded afresh
 REGROW_SHARE = 0.1
 
@@ -80,9 +78,11 @@ class ArchiveCases(SearchedCases):
         self._set_lookups()
         clock("case columns read")
         # "no similar case" and presence read the trunk descriptors of at most TRUNK_SAMPLE cases
-        # (all of an archive that size): memory that does not grow with the archive
-        sample = self.archive.trunk_sample(TRUNK_SAMPLE)
-        clock("trunk sample read")
+        # (all of an archive that size): memory that does not grow with the archive. A large
+        # archive keeps them, and its prints' index, in a start file (a few large reads)
+        kept = start_file.read(self.archive)
+        sample = self.archive.trunk_sample(start_file.TRUNK_SAMPLE) if kept is None else kept[0]
+        clock("trunk sample read" if kept is None else "start file read (trunk sample, prints)")
         # the three parts of a load that take seconds run side by side: the presence model's fit
         # (libsvm) and the prints' inverted file (FAISS) let go of the GIL while they compute
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-load") as pool:
@@ -92,14 +92,15 @@ class ArchiveCases(SearchedCases):
                 None if sample is None else sample["trunk"],
                 cols["label"] != NO_TUMOR_LABEL if sample is None else sample["label"] != NO_TUMOR_LABEL,
             )
-            prints = pool.submit(DuplicateIndex.of_archive, self.archive)
+            prints = pool.submit(DuplicateIndex.of_archive, self.archive) if kept is None else None
             self.trunk_index = VectorIndex.build(sample["trunk"], half=True) if sample is not None else None
             self.far_threshold = self._far_threshold(np.array([]) if sample is None else sample["patient_key"])
             clock("'no similar case' index built")
             self.presence = presence.result()
             clock("presence fitted (beside it)")
-            self.duplicate_index = prints.result()
-            clock("prints indexed (beside it)")
+            self.duplicate_index = kept[1] if prints is None else prints.result()
+            if prints is not None:
+                clock("prints indexed (beside it)")
         self.load_seconds = clock.seconds
 
     def changed(self) -> bool:

@@ -200,6 +200,9 @@ def train_lesion(
     embedding (it adds no SupCon term). ``mask_known`` (N,) bool: a slice whose mask is unknown adds
     no mask loss; a tumor slice among them still teaches the decoder that there is a tumor: its
     peak tumor logit is pushed up (multiple-instance learning). Default: every mask is known.
+    ``cfg.extra["peak_weight"]`` (a training variant, default 0): every slice whose mask is known
+    also teaches the decoder's peak logit whether its augmented view shows a tumor (BCE), aimed at
+    the decoder firing on other hospitals' slices without one.
     ``compile_net``: run the training passes through ``torch.compile`` (on a GPU); should the
     compiler fail in the first step, training goes on uncompiled and says so.
     ``state_path``: after each epoch the whole training state is written there, and a trial
@@ -225,6 +228,7 @@ def train_lesion(
     fingerprint = {"config": dataclasses.asdict(cfg), "seed": seed, "n": n, "labels": int(np.sum(labels))}
     start = _load_state(state_path, fingerprint, net, opt, sched, gen)
     presence_weight = float(cfg.extra.get("presence_weight", 0.0))
+    peak_weight = float(cfg.extra.get("peak_weight", 0.0))
 
     def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -237,6 +241,11 @@ def train_lesion(
             tumor = (y != NO_TUMOR_LABEL).float()
             logit = net.presence_probe(desc.float()).squeeze(1)
             loss = loss + presence_weight * F.binary_cross_entropy_with_logits(logit, tumor)
+        if peak_weight:  # the decoder's peak (what the presence rule reads) says if the view shows a tumor
+            shown = torch.ones_like(y, dtype=torch.bool) if known is None else known
+            if bool(shown.any()):
+                peak = logits.float()[shown].flatten(1).amax(1)
+                loss = loss + peak_weight * F.binary_cross_entropy_with_logits(peak, m[shown].flatten(1).amax(1))
         if known is None:
             return _step(loss + cfg.seg_weight * seg_loss(up, m))
         if bool(known.any()):
