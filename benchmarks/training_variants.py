@@ -11,7 +11,8 @@ on the descriptor, trained beside the metric loss; or `{"best": {"epochs": 24}}`
 on those held-out slices only (never the test fold, never the validation part):
 - **tumor presence**: the archive's presence model (an RBF SVM on the descriptor,
   `neurocbir.classify.presence.TumorPresence`) fitted on the slices the run trained on, as an
-  archive fits it; AUROC per source (no tumor against tumor, by P(no tumor)); and the rule
+  archive fits it; AUROC per source (no tumor against tumor, by P(no tumor), and by the tumor
+  decoder's peak alone: the evidence `extra.peak_weight` trains); and the rule
   `neurocbir calibrate RUN --presence` would choose from this run's held-out slices alone (no
   other fold's run pooled), with its per-source share of no-tumor slices found / tumor slices
   called "no tumor" (TCGA tumors under 1 % of the slice and held-out twins of trained-on slices
@@ -38,7 +39,8 @@ SOURCES = ("br35h", "kaggle-training", "sartaj-training", "tcga-lgg")
 
 
 def presence(run: Path, table) -> tuple[dict, str, dict]:
-    """(AUROC per source, the rule chosen, its per-source (found, called none))."""
+    """(AUROC per source, by P(no tumor) and by the decoder's peak, the rule chosen, its
+    per-source (found, called none))."""
     from sklearn.metrics import roc_auc_score
 
     from neurocbir.training.presence_choice import choose_presence, pooled_slices, rates
@@ -49,7 +51,10 @@ def presence(run: Path, table) -> tuple[dict, str, dict]:
     auc = {}
     for src in SOURCES:
         at = source == src
-        auc[src] = roc_auc_score(~tumor[at], p[held][at]) if len(set(tumor[at])) == 2 else float("nan")
+        both = len(set(tumor[at])) == 2
+        auc[src] = tuple(
+            roc_auc_score(~tumor[at], score[at]) if both else float("nan") for score in (p[held], -s["peak"][held])
+        )
     rule, _ = choose_presence(run, table, save=False, slices=(s, p, n_twins))
     found = rates(rule.no_tumor(p, s["peak"]), s)
     chosen = f"P > {rule.threshold}, veto {rule.decoder_veto}, decoder weight {rule.decoder_weight}"
@@ -141,7 +146,8 @@ def main() -> None:
         timing = json.loads((run / "timings.json").read_text())
         name = f"`{run}` ({recipe_of(cfg)}; seed {cfg['first_seed']}; {timing.get('precision', '?')})"
         cells = " | ".join(
-            f"{auc[src]:.3f}; {rates[src][0]:.3f} / {rates[src][1]:.3f}" if src in rates else "-" for src in SOURCES
+            f"{auc[src][0]:.3f} / {auc[src][1]:.3f}; {rates[src][0]:.3f} / {rates[src][1]:.3f}" if src in rates else "-"
+            for src in SOURCES
         )
         rows_p.append(f"| {name} | {chosen} | {cells} |")
         rows_t.append(
@@ -163,7 +169,8 @@ def main() -> None:
         "",
         __doc__.split("\n\n", 2)[2].strip(),
         "",
-        "Presence, per source: AUROC; the chosen rule's no-tumor slices found / tumor slices called 'no tumor'.",
+        "Presence, per source: AUROC by P(no tumor) / by the decoder's peak (the slice's and its mirror's maps "
+        "averaged, as served); the chosen rule's no-tumor slices found / tumor slices called 'no tumor'.",
         "",
         "| run (config extra, epochs, size; seed; training precision) | rule chosen | " + " | ".join(SOURCES) + " |",
         "|---|---|" + "---|" * len(SOURCES),
