@@ -142,7 +142,7 @@ def as_older_archive(archive: Path) -> None:
     from neurocbir.retrieval.archive import CaseArchive
     from neurocbir.retrieval.archive_reads import READ_INDEX_NAMES
 
-    (archive / start_file.NAME).unlink()
+    (archive / start_file.NAME).unlink(missing_ok=True)  # none under START_FILE_FROM cases
     db = sqlite3.connect(archive / CaseArchive.DB)
     for name in READ_INDEX_NAMES:
         db.execute(f"DROP INDEX {name}")
