@@ -638,6 +638,40 @@ def test_a_presence_probe_trains_the_descriptor_and_is_not_served(small_cases, t
     fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})  # strict
 
 
+def test_the_decoder_peak_loss_on_no_tumor_slices_only(small_cases):
+    """``extra.peak_weight`` with ``peak_on = "no_tumor"``: only slices without a tumor teach the
+    decoder's peak. On tumor slices alone it trains to the bit as without the peak loss; with slices
+    without a tumor among them it does not; the default ("known") changes training on tumor slices too;
+    an unknown ``peak_on`` is refused by name."""
+    from neurocbir.data.cases import NO_TUMOR_LABEL
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
+    from neurocbir.training import lesion as finetune
+
+    base = {**LESION_DEFAULTS, "epochs": 1, "batch_size": 8, "image_size": 64}
+    encoder = create_encoder("mobilenetv2")
+    images, masks = finetune.load_tensors(small_cases.subset(np.arange(16)), 64)
+    tumors = small_cases.label[:16].copy()
+    assert (tumors != NO_TUMOR_LABEL).all()
+    mixed, emptied = tumors.copy(), masks.clone()
+    mixed[:6], emptied[:6] = NO_TUMOR_LABEL, 0
+
+    def trained(extra: dict, labels=tumors, m=masks) -> dict:
+        cfg = TrainConfig(**{**base, "extra": extra}, recipe="lesion")
+        net = finetune.train_lesion(cfg, encoder, images, m, labels, 0, torch.device("cpu"), progress=False)
+        return net.state_dict()
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    negatives = {"peak_weight": 0.5, "peak_on": "no_tumor"}
+    assert same(trained(negatives), trained({}))
+    assert not same(trained({"peak_weight": 0.5}), trained({}))
+    assert not same(trained(negatives, mixed, emptied), trained({}, mixed, emptied))
+    with pytest.raises(ValueError, match="peak_on"):
+        trained({"peak_weight": 0.5, "peak_on": "tumor"})
+
+
 def test_training_with_other_hospitals_development_part(
     tmp_path, small_data_dir, small_cases, small_external, monkeypatch
 ):

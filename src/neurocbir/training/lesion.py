@@ -202,7 +202,9 @@ def train_lesion(
     peak tumor logit is pushed up (multiple-instance learning). Default: every mask is known.
     ``cfg.extra["peak_weight"]`` (a training variant, default 0): every slice whose mask is known
     also teaches the decoder's peak logit whether its augmented view shows a tumor (BCE), aimed at
-    the decoder firing on other hospitals' slices without one.
+    the decoder firing on other hospitals' slices without one; with ``cfg.extra["peak_on"] ==
+    "no_tumor"`` only the slices without a tumor do (their peak logit down), tumor slices keep the
+    mask loss alone.
     ``compile_net``: run the training passes through ``torch.compile`` (on a GPU); should the
     compiler fail in the first step, training goes on uncompiled and says so.
     ``state_path``: after each epoch the whole training state is written there, and a trial
@@ -229,6 +231,9 @@ def train_lesion(
     start = _load_state(state_path, fingerprint, net, opt, sched, gen)
     presence_weight = float(cfg.extra.get("presence_weight", 0.0))
     peak_weight = float(cfg.extra.get("peak_weight", 0.0))
+    peak_on = str(cfg.extra.get("peak_on", "known"))
+    if peak_on not in ("known", "no_tumor"):
+        raise ValueError(f'extra.peak_on must be "known" or "no_tumor", not {peak_on!r}')
 
     def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -243,6 +248,8 @@ def train_lesion(
             loss = loss + presence_weight * F.binary_cross_entropy_with_logits(logit, tumor)
         if peak_weight:  # the decoder's peak (what the presence rule reads) says if the view shows a tumor
             shown = torch.ones_like(y, dtype=torch.bool) if known is None else known
+            if peak_on == "no_tumor":
+                shown = shown & (y == NO_TUMOR_LABEL)
             if bool(shown.any()):
                 peak = logits.float()[shown].flatten(1).amax(1)
                 loss = loss + peak_weight * F.binary_cross_entropy_with_logits(peak, m[shown].flatten(1).amax(1))
