@@ -12,14 +12,17 @@ on those held-out slices only (never the test fold, never the validation part):
 - **tumor presence**: the archive's presence model (an RBF SVM on the descriptor,
   `neurocbir.classify.presence.TumorPresence`) fitted on the slices the run trained on, as an
   archive fits it; AUROC per source (no tumor against tumor, by P(no tumor), and by the tumor
-  decoder's peak alone: the evidence `extra.peak_weight` trains); and the rule
+  decoder's peak alone: the evidence `extra.peak_weight` trains, on every slice with a known mask
+  or, with `extra.peak_on` "no_tumor", on slices without a tumor only); and the rule
   `neurocbir calibrate RUN --presence` would choose from this run's held-out slices alone (no
   other fold's run pooled), with its per-source share of no-tumor slices found / tumor slices
   called "no tumor" (TCGA tumors under 1 % of the slice and held-out twins of trained-on slices
   left out, as that choice takes them);
 - **tumor type**: NIR kappa and accuracy of the held-out training patients against the other
   training patients (each scan's own embedding, and with its mirror);
-- **outline**: the median Dice of the tumor map above 0.5 against the mask, held-out training patients;
+- **outline**: the median Dice of the tumor map above 0.5 against the mask, held-out training patients,
+  and above the run's own outline level (`tumor_level.json`, what the app draws at: chosen by
+  `neurocbir train` on the same held-out slices by the median area error);
 - **two networks**: NIR of every pair of the runs, their embeddings concatenated (a small ensemble).
 """
 
@@ -100,8 +103,9 @@ def spread_rows(recipes: list[str], figures: list[dict]) -> list[str]:
     return out
 
 
-def outline_dice(run: Path, table) -> tuple[float, int]:
-    """Median Dice (map > 0.5, resized to the mask) over the held-out training patients' slices."""
+def outline_dice(run: Path, table) -> tuple[float, float, float, int]:
+    """Median Dice (map > 0.5, resized to the mask), the run's outline level and the median Dice
+    above it, over the held-out training patients' slices."""
     import torch
     import torch.nn.functional as F
 
@@ -112,14 +116,17 @@ def outline_dice(run: Path, table) -> tuple[float, int]:
     cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
     _, rows = holdout_split(cfg, table)
     model = load_model(run, cfg.first_seed)
-    dice = []
+    level_file = run / "tumor_level.json"
+    level = float(json.loads(level_file.read_text())["level"]) if level_file.is_file() else 0.5
+    dice, at_level = [], []
     for r in rows:
         mask = table.load_mask(int(r)) > 0
         prob = model.analyse(table.load_image(int(r)))[2]
         up = F.interpolate(torch.from_numpy(np.asarray(prob, np.float32))[None, None], size=mask.shape, mode="bilinear")
-        pred = up[0, 0].numpy() > 0.5
-        dice.append(2 * (pred & mask).sum() / max(pred.sum() + mask.sum(), 1))
-    return float(np.median(dice)), len(dice)
+        for out, cut in ((dice, 0.5), (at_level, level)):
+            pred = up[0, 0].numpy() > cut
+            out.append(2 * (pred & mask).sum() / max(pred.sum() + mask.sum(), 1))
+    return float(np.median(dice)), level, float(np.median(at_level)), len(dice)
 
 
 def main() -> None:
@@ -141,7 +148,7 @@ def main() -> None:
         for name, both in (("own", False), ("mirror", True)):
             fit_rows, fit_emb, cal_rows, cal_emb = views[run][name] = held_out_embeddings(run, table, both)
             k[f"kappa_{name}"], k[f"accuracy_{name}"] = nir_scores(table, fit_rows, fit_emb, cal_rows, cal_emb)
-        dice, n_dice = outline_dice(run, table)
+        dice, level, dice_level, n_dice = outline_dice(run, table)
         figures.append({**k, "dice": dice})
         timing = json.loads((run / "timings.json").read_text())
         name = f"`{run}` ({recipe_of(cfg)}; seed {cfg['first_seed']}; {timing.get('precision', '?')})"
@@ -152,7 +159,7 @@ def main() -> None:
         rows_p.append(f"| {name} | {chosen} | {cells} |")
         rows_t.append(
             f"| {name} | {k['kappa_own']:.3f} / {k['accuracy_own']:.3f} | {k['kappa_mirror']:.3f} / "
-            f"{k['accuracy_mirror']:.3f} | {dice:.3f} ({n_dice}) |"
+            f"{k['accuracy_mirror']:.3f} | {dice:.3f} ({n_dice}) | {dice_level:.3f} ({level:g}) |"
         )
         print(run, "done", flush=True)
     pairs = [
@@ -178,8 +185,8 @@ def main() -> None:
         "",
         f"Tumor type and outline ({n_slices} slices of {n_patients} held-out training patients).",
         "",
-        "| run (config extra, epochs, size; seed; training precision) | NIR kappa / accuracy, own | with its mirror | outline Dice median (slices) |",
-        "|---|---|---|---|",
+        "| run (config extra, epochs, size; seed; training precision) | NIR kappa / accuracy, own | with its mirror | outline Dice median (slices) | above its outline level (level) |",
+        "|---|---|---|---|---|",
         *rows_t,
         "",
         "Runs of one recipe that differ only in seed or training precision: the range of each held-out figure",
