@@ -644,6 +644,7 @@ def test_the_decoder_peak_loss_on_no_tumor_slices_only(small_cases):
     without a tumor among them it does not; the default ("known") changes training on tumor slices too;
     an unknown ``peak_on`` is refused by name."""
     from neurocbir.data.cases import NO_TUMOR_LABEL
+    from neurocbir.errors import ConfigurationError
     from neurocbir.models.encoders import create_encoder
     from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
     from neurocbir.training import lesion as finetune
@@ -668,7 +669,7 @@ def test_the_decoder_peak_loss_on_no_tumor_slices_only(small_cases):
     assert same(trained(negatives), trained({}))
     assert not same(trained({"peak_weight": 0.5}), trained({}))
     assert not same(trained(negatives, mixed, emptied), trained({}, mixed, emptied))
-    with pytest.raises(ValueError, match="peak_on"):
+    with pytest.raises(ConfigurationError, match="peak_on"):
         trained({"peak_weight": 0.5, "peak_on": "tumor"})
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from neurocbir.data.cases import NO_TUMOR_LABEL, PIXEL_AREA_MM2_512, CaseTable
 from neurocbir.data.transforms import preprocess
+from neurocbir.errors import ConfigurationError
 from neurocbir.files import atomic_write, sha256_file
 from neurocbir.models.encoders import Encoder
 from neurocbir.models.lesion import LesionNet
@@ -233,7 +234,7 @@ def train_lesion(
     peak_weight = float(cfg.extra.get("peak_weight", 0.0))
     peak_on = str(cfg.extra.get("peak_on", "known"))
     if peak_on not in ("known", "no_tumor"):
-        raise ValueError(f'extra.peak_on must be "known" or "no_tumor", not {peak_on!r}')
+        raise ConfigurationError(f'the training config\'s extra.peak_on must be "known" or "no_tumor", not {peak_on!r}')
 
     def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
