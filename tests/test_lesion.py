@@ -642,9 +642,9 @@ def test_the_decoder_peak_loss_on_no_tumor_slices_only(small_cases):
     """``extra.peak_weight`` with ``peak_on = "no_tumor"``: only slices without a tumor teach the
     decoder's peak. On tumor slices alone it trains to the bit as without the peak loss; with slices
     without a tumor among them it does not; the default ("known") changes training on tumor slices too;
-    an unknown ``peak_on`` is refused by name."""
+    an unknown ``peak_on`` is refused by name before anything is trained."""
     from neurocbir.data.cases import NO_TUMOR_LABEL
-    from neurocbir.errors import ConfigurationError
+    from neurocbir.errors import InvalidInput
     from neurocbir.models.encoders import create_encoder
     from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
     from neurocbir.training import lesion as finetune
@@ -665,12 +665,12 @@ def test_the_decoder_peak_loss_on_no_tumor_slices_only(small_cases):
     def same(a: dict, b: dict) -> bool:
         return all(torch.equal(a[k], b[k]) for k in a)
 
-    negatives = {"peak_weight": 0.5, "peak_on": "no_tumor"}
-    assert same(trained(negatives), trained({}))
-    assert not same(trained({"peak_weight": 0.5}), trained({}))
+    negatives, plain = {"peak_weight": 0.5, "peak_on": "no_tumor"}, trained({})
+    assert same(trained(negatives), plain)
+    assert not same(trained({"peak_weight": 0.5}), plain)
     assert not same(trained(negatives, mixed, emptied), trained({}, mixed, emptied))
-    with pytest.raises(ConfigurationError, match="peak_on"):
-        trained({"peak_weight": 0.5, "peak_on": "tumor"})
+    with pytest.raises(InvalidInput, match="peak_on"):
+        TrainConfig(**{**base, "extra": {"peak_weight": 0.5, "peak_on": "tumor"}}, recipe="lesion").validate()
 
 
 def test_training_with_other_hospitals_development_part(

@@ -68,6 +68,10 @@ BUNDLED_MODEL = Path("models/lesion-fold5")
 DEFAULT_RUNS = (BUNDLED_MODEL, Path("runs/bench/supcon-fold5"), Path("runs/demo"))
 
 
+#: which slices ``extra.peak_weight``'s loss on the decoder's peak reads (``neurocbir.training.lesion``)
+PEAK_ON = ("known", "no_tumor")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; saved as ``config.json`` and in every checkpoint."""
@@ -148,6 +152,8 @@ class TrainConfig:
             raise InvalidInput(f"decoder_stride must be one of {DECODER_STRIDES}, got {self.decoder_stride}")
         if self.trials < 1 or self.epochs < 1 or self.batch_size < 6:
             raise InvalidInput("trials and epochs must be >= 1, batch_size >= 6")
+        if self.extra.get("peak_on", "known") not in PEAK_ON:
+            raise InvalidInput(f"extra.peak_on must be one of {PEAK_ON}, got {self.extra['peak_on']!r}")
         if self.extra_cases is not None:
             from neurocbir.data.external import is_external_layout
 

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from neurocbir.data.cases import NO_TUMOR_LABEL, PIXEL_AREA_MM2_512, CaseTable
 from neurocbir.data.transforms import preprocess
-from neurocbir.errors import ConfigurationError
 from neurocbir.files import atomic_write, sha256_file
 from neurocbir.models.encoders import Encoder
 from neurocbir.models.lesion import LesionNet
@@ -232,9 +231,7 @@ def train_lesion(
     start = _load_state(state_path, fingerprint, net, opt, sched, gen)
     presence_weight = float(cfg.extra.get("presence_weight", 0.0))
     peak_weight = float(cfg.extra.get("peak_weight", 0.0))
-    peak_on = str(cfg.extra.get("peak_on", "known"))
-    if peak_on not in ("known", "no_tumor"):
-        raise ConfigurationError(f'the training config\'s extra.peak_on must be "known" or "no_tumor", not {peak_on!r}')
+    peak_on = cfg.extra.get("peak_on", "known")  # checked by TrainConfig.validate
 
     def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
