@@ -1,6 +1,6 @@
 """Runs of one test fold trained differently, compared on slices none of them trained on (issues 38, 39).
 
-    .venv/bin/python benchmarks/training_variants.py --runs models/lesion-fold5 runs/pw05-fold5
+    .venv/bin/python benchmarks/training_variants.py --runs models/lesion-fold5 runs/pw05-fold5 [--section S --title T]
 
 Runs of the CPU preset hold 1/7 of the training patients and of the other hospitals' development
 groups out of training; runs of the same test fold hold out the same ones, whatever their seed. A
@@ -132,6 +132,15 @@ def outline_dice(run: Path, table) -> tuple[float, float, float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True, help="runs of one test fold")
+    ap.add_argument(
+        "--section",
+        default="training-variants",
+        help=(
+            "the section of docs/results.md it writes; another than the default keeps that one (runs of a later "
+            "session, compared without the earlier runs, which a new machine no longer holds)"
+        ),
+    )
+    ap.add_argument("--title", default="Training variants of one test fold, on held-out slices (issues 38, 39)")
     args = ap.parse_args()
     from neurocbir.data.cases import default_data_dir, load_cases
     from neurocbir.training.mirror_choice import held_out_embeddings, nir_scores
@@ -142,6 +151,7 @@ def main() -> None:
     if len({c["fold"] for c in configs}) != 1:
         raise SystemExit("the runs must share their test fold (the same held-out slices)")
     rows_p, rows_t, views, figures = [], [], {}, []
+    named = "" if args.section == ap.get_default("section") else f" --section {args.section} --title '{args.title}'"
     for run, cfg in zip(args.runs, configs):
         auc, chosen, rates = presence(run, table)
         k, views[run] = {}, {}
@@ -169,9 +179,9 @@ def main() -> None:
     held = views[args.runs[0]]["own"][2]  # every run of the fold holds out the same rows
     n_slices, n_patients = len(held), len(np.unique(table.patient_id[held]))
     body = [
-        "## Training variants of one test fold, on held-out slices (issues 38, 39)",
+        f"## {args.title}",
         "",
-        f"Command: `python benchmarks/training_variants.py --runs {' '.join(str(r) for r in args.runs)}` | machine: "
+        f"Command: `python benchmarks/training_variants.py --runs {' '.join(str(r) for r in args.runs)}{named}` | machine: "
         f"{machine()} | {started} | {time.time() - t0:.0f} s",
         "",
         __doc__.split("\n\n", 2)[2].strip(),
@@ -204,7 +214,7 @@ def main() -> None:
         "|---|---|---|",
         *pairs,
     ]
-    write_section("training-variants", "\n".join(body))
+    write_section(args.section, "\n".join(body))
     print("\n".join(body))
 
 
