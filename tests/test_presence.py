@@ -290,3 +290,42 @@ def test_the_choice_weights_the_decoder_where_both_signals_carry_evidence(monkey
     chosen = next(r for t, r, _ in tried if (t.threshold, t.decoder_veto, t.decoder_weight) == key)
     assert rule.decoder_weight > 0, rule  # ties go to P(no tumor) alone: a weight is chosen only where it finds more
     assert presence_choice.found(chosen) > alone and chosen["br35h"][1] <= 0.1
+
+
+def test_the_summary_and_the_chat_leave_out_cases_without_a_report(site_archive, small_run):
+    """Other hospitals' slices come without a report, and without the plane and size to write one
+    from: the summary and the chat read the retrieved cases that have one, each numbered by its
+    rank among the retrieved cases, and say which were left out, instead of failing as a whole."""
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app.api import create_app
+
+    svc = RetrievalService.from_archive(small_run, site_archive)
+    client = TestClient(create_app(svc))
+    arch = CaseArchive.open(site_archive, writer=False)
+    cols = arch.columns()
+    arch.close()
+    typed = cols["label"] < len(CLASS_NAMES)
+    known = typed & (cols["plane"] != "") & ~np.isnan(cols["area_mm2"])
+    with_report, without = cols["id"][known][:3].tolist(), cols["id"][typed & (cols["plane"] == "")][:2].tolist()
+    assert len(with_report) == 3 and len(without) == 2, "the archive holds both kinds"
+    ids = [with_report[0], without[0], with_report[1], with_report[2], without[1]]  # ranks 1, 3, 4 have one
+    areas = {1: svc.cases.describe([ids[0]])[ids[0]]["area_mm2"]}
+    areas |= {n: svc.cases.describe([ids[n - 1]])[ids[n - 1]]["area_mm2"] for n in (3, 4)}
+    largest = max(areas, key=areas.get)
+
+    s = client.post("/summary", json={"case_ids": ids})
+    assert s.status_code == 200, s.text
+    s = s.json()
+    assert s["without_report"] == [2, 5] and s["facts"]["report_numbers"] == [1, 3, 4]
+    assert s["reports"] == svc.cases.reports([ids[0], ids[2], ids[3]])
+    assert s["facts"]["size_max_report"] == largest
+    a = client.post("/ask", json={"case_ids": ids, "question": "Which retrieved report shows the largest tumor?"})
+    assert a.status_code == 200, a.text
+    assert a.json()["reports"] == [largest] and a.json()["without_report"] == [2, 5]
+
+    none = client.post("/summary", json={"case_ids": without}).json()
+    assert none["facts"] is None and none["reports"] == [] and none["without_report"] == [1, 2]
+    a = client.post("/ask", json={"case_ids": without, "question": "Which retrieved report shows the largest tumor?"})
+    assert a.status_code == 200 and a.json()["reports"] == []
+    assert client.post("/summary", json={"case_ids": [*ids, 999_999_999]}).status_code == 404  # unknown: not found

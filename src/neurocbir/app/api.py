@@ -32,7 +32,7 @@ from neurocbir.app.study_api import router as study_router
 from neurocbir.data.regions import Region
 from neurocbir.data.uploads import MAX_UPLOAD_BYTES, read_scan_with_spacing
 from neurocbir.errors import NeurocbirError
-from neurocbir.reports.explain import PAPER_QUESTIONS, Explainer
+from neurocbir.reports.explain import NO_REPORTS, PAPER_QUESTIONS, Answer, Explainer, left_out
 from neurocbir.reports.text import STYLES
 from neurocbir.serving.service import DISCLAIMER, RetrievalService
 from neurocbir.serving.sources import CaseFilter
@@ -281,7 +281,10 @@ def feedback_csv(service: Service) -> Response:
     )
 
 
-def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[str], str | None]:
+def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[int], list[str], str | None, list[int]]:
+    """(the ranks of the retrieved cases with a report, their reports, the query's report, the
+    ranks of those without one: a case of another hospital may come with neither a report nor
+    the plane and size to write one from)."""
     _check_style(req.style)
     try:
         found = service.cases.reports(req.case_ids, req.style)
@@ -290,7 +293,9 @@ def _case_reports(service: RetrievalService, req: CasesRequest) -> tuple[list[st
             query = service.cases.reports([req.query_case_id], req.style)[0]
     except KeyError as exc:
         raise _not_found(exc) from None
-    return found, query
+    numbers = [n for n, text in enumerate(found, start=1) if text is not None]
+    without = [n for n, text in enumerate(found, start=1) if text is None]
+    return numbers, [found[n - 1] for n in numbers], query, without
 
 
 async def _explain(explainer: Explainer, method: str, *args) -> tuple[object, bool]:
@@ -308,20 +313,32 @@ async def _explain(explainer: Explainer, method: str, *args) -> tuple[object, bo
 @reports.post("/summary")
 async def summary(req: CasesRequest, request: Request, service: Service, explainer: Explaining) -> dict:
     note(request, req.case_ids + ([req.query_case_id] if req.query_case_id is not None else []))
-    texts, query = _case_reports(service, req)
+    numbers, texts, query, without = _case_reports(service, req)
+    if not texts:
+        return {"summary": NO_REPORTS, "facts": None, "source": "none", "reports": [], "without_report": without}
     area = None if query else req.query_tumor_area_mm2
-    out, timed_out = await _explain(explainer, "summarize", texts, query, area)
+    out, timed_out = await _explain(explainer, "summarize", texts, query, area, numbers)
     source = "grounded (the LLM timed out)" if timed_out else out["source"]
-    return {"summary": out["summary"], "facts": out["facts"], "source": source, "reports": texts}
+    text = out["summary"] + (f" {left_out(without)}" if without else "")
+    return {"summary": text, "facts": out["facts"], "source": source, "reports": texts, "without_report": without}
 
 
 @reports.post("/ask")
 async def ask(req: AskRequest, request: Request, service: Service, explainer: Explaining) -> dict:
     note(request, req.case_ids + ([req.query_case_id] if req.query_case_id is not None else []))
-    texts, query = _case_reports(service, req)
+    numbers, texts, query, without = _case_reports(service, req)
+    if not texts:
+        return {**Answer(NO_REPORTS).as_dict(), "corrected": False, "llm_timed_out": False, "without_report": without}
     area = None if query else req.query_tumor_area_mm2
-    (ans, _), timed_out = await _explain(explainer, "answer", req.question, texts, query, area)
-    return {**ans.as_dict(), "corrected": ans.corrected, "llm_timed_out": timed_out}
+    (ans, _), timed_out = await _explain(explainer, "answer", req.question, texts, query, area, numbers)
+    text = ans.answer + (f" {left_out(without)}" if without else "")
+    return {
+        **ans.as_dict(),
+        "answer": text,
+        "corrected": ans.corrected,
+        "llm_timed_out": timed_out,
+        "without_report": without,
+    }
 
 
 @cases.get("/cases/{case_id}")

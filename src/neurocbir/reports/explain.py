@@ -44,11 +44,30 @@ def _refs(nums: list[int]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
+#: what a summary or an answer says where none of the retrieved cases has a report
+NO_REPORTS = (
+    "None of the retrieved cases has a report, nor a recorded plane and size to write one from: "
+    "there is nothing to summarise or to answer from."
+)
+
+
+def left_out(nums: list[int]) -> str:
+    """What a summary or an answer says of the retrieved cases it could not read (their ranks)."""
+    verb = "is" if len(nums) == 1 else "are"
+    return f"{_refs(nums).capitalize()} {verb} left out: no report, nor a recorded plane and size to write one from."
+
+
+def _all_reports(nums: list[int]) -> str:
+    if nums == list(range(1, len(nums) + 1)):
+        return f"All {len(nums)} retrieved reports"
+    return f"The {len(nums)} retrieved reports ({_refs(nums)})"
+
+
 def render_summary(f: dict) -> str:
     types = "; ".join(f"{TYPE_PHRASE[t]} in {_refs(n)}" for t, n in f["tumor_types"].items())
     planes = "; ".join(f"{p} in {_refs(n)}" for p, n in f["planes"].items())
     return (
-        f"All {f['n_reports']} retrieved reports are {' / '.join(f['modalities'])} scans "
+        f"{_all_reports(f['report_numbers'])} are {' / '.join(f['modalities'])} scans "
         f"({' / '.join(f['techniques'])}). Tumor types: {types}. "
         f"Tumor size: smallest {_fmt(f['size_min_mm2'])} (report {f['size_min_report']}), largest "
         f"{_fmt(f['size_max_mm2'])} (report {f['size_max_report']}), average {_fmt(f['size_mean_mm2'])}. "
@@ -77,7 +96,7 @@ def answer_question(question: str, f: dict) -> Answer:
     if re.search(r"\b(average|mean)\b", q) and re.search(r"size|area|big|large", q):
         return Answer(
             f"The average tumor size of the {f['n_reports']} reports is {_fmt(f['size_mean_mm2'])}.",
-            list(range(1, f["n_reports"] + 1)),
+            list(f["report_numbers"]),
             f["size_mean_mm2"],
             "mean_size",
         )
@@ -148,7 +167,7 @@ def answer_question(question: str, f: dict) -> Answer:
     if re.search(r"size|area|how big", q):
         return Answer(
             f"Sizes: {', '.join(f'report {n}: {_fmt(v)}' for n, v in f['sizes_mm2'].items())}.",
-            list(range(1, f["n_reports"] + 1)),
+            list(f["report_numbers"]),
             None,
             "sizes",
         )
@@ -177,8 +196,8 @@ def check_against(text: str, expected: Answer, f: dict) -> list[str]:
             whose = "the query" if subject == "query" else f"report {subject}"
             problems.append(f"gives {v:g} mm² to {whose}, whose size is {_fmt(true)}")
     refs = report_refs(text)
-    if refs - set(range(1, f["n_reports"] + 1)):
-        problems.append(f"names reports that do not exist: {sorted(refs - set(range(1, f['n_reports'] + 1)))}")
+    if refs - set(f["report_numbers"]):
+        problems.append(f"names reports that do not exist: {sorted(refs - set(f['report_numbers']))}")
     if expected.intent not in ("mean_size", "unknown") and refs != set(expected.reports):
         named = f"names reports {sorted(refs)}" if refs else "names no report"
         problems.append(f"{named} instead of {expected.reports or 'none'}")
@@ -201,10 +220,15 @@ class Explainer:
         self.llm, self.mode, self.verify = llm, mode, verify
 
     def summarize(
-        self, reports: list[str], query_report: str | None = None, query_area_mm2: float | None = None
+        self,
+        reports: list[str],
+        query_report: str | None = None,
+        query_area_mm2: float | None = None,
+        numbers: list[int] | None = None,
     ) -> dict:
+        """``numbers``: each report's number (its rank among the retrieved cases; 1, 2, ... by default)."""
         attrs = [parse_report(r) for r in reports]
-        f = compute_facts(attrs, parse_report(query_report) if query_report else None, query_area_mm2)
+        f = compute_facts(attrs, parse_report(query_report) if query_report else None, query_area_mm2, numbers)
         grounded = render_summary(f)
         if self.llm is None:
             return {"summary": grounded, "facts": f, "source": "grounded"}
@@ -226,14 +250,19 @@ class Explainer:
         return {"summary": text, "facts": f, "source": f"llm ({self.mode})"}
 
     def answer(
-        self, question: str, reports: list[str], query_report: str | None = None, query_area_mm2: float | None = None
+        self,
+        question: str,
+        reports: list[str],
+        query_report: str | None = None,
+        query_area_mm2: float | None = None,
+        numbers: list[int] | None = None,
     ) -> tuple[Answer, dict]:
         """``query_area_mm2``: the query scan's tumor area estimated from its predicted outline,
-        used for size comparisons when there is no query report."""
+        used for size comparisons when there is no query report; ``numbers`` as in :meth:`summarize`."""
         if not question or not question.strip():
             raise InvalidInput("empty question")
         attrs = [parse_report(r) for r in reports]
-        f = compute_facts(attrs, parse_report(query_report) if query_report else None, query_area_mm2)
+        f = compute_facts(attrs, parse_report(query_report) if query_report else None, query_area_mm2, numbers)
         grounded = answer_question(question, f)
         if self.llm is None:
             return grounded, f

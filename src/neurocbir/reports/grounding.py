@@ -131,14 +131,19 @@ def planes_mentioned(text: str) -> set[str]:
 # --- facts and grading --------------------------------------------------------------------------
 
 
-def compute_facts(reports: list, query=None, query_area_estimate_mm2: float | None = None) -> dict:
-    """Facts about retrieved reports (:class:`neurocbir.reports.text.ReportAttributes`; 1-based
-    report numbers), all sizes in mm². Without a query report, a query scan's tumor area
+def compute_facts(
+    reports: list, query=None, query_area_estimate_mm2: float | None = None, numbers: list[int] | None = None
+) -> dict:
+    """Facts about retrieved reports (:class:`neurocbir.reports.text.ReportAttributes`), all sizes
+    in mm². Reports are numbered 1, 2, ... or by ``numbers`` (their ranks among the retrieved cases,
+    where some of those have no report). Without a query report, a query scan's tumor area
     estimated from its predicted outline stands in for size comparisons (flagged ``estimated``)."""
     if not reports:
         raise InvalidInput("no reports to summarise")
+    nums = list(range(1, len(reports) + 1)) if numbers is None else [int(n) for n in numbers]
+    if len(nums) != len(reports) or len(set(nums)) != len(nums) or min(nums) < 1:
+        raise InvalidInput("one distinct report number (1 or more) per report")
     sizes = np.array([r.area_mm2 for r in reports])
-    nums = list(range(1, len(reports) + 1))
     types: dict[str, list[int]] = {}
     planes: dict[str, list[int]] = {}
     for n, r in zip(nums, reports):
@@ -146,14 +151,15 @@ def compute_facts(reports: list, query=None, query_area_estimate_mm2: float | No
         planes.setdefault(r.plane, []).append(n)
     facts = {
         "n_reports": len(reports),
+        "report_numbers": nums,
         "modalities": sorted({r.modality for r in reports}),
         "techniques": sorted({r.technique for r in reports}),
         "tumor_types": types,
         "planes": planes,
         "size_min_mm2": float(sizes.min()),
-        "size_min_report": int(np.argmin(sizes)) + 1,
+        "size_min_report": nums[int(np.argmin(sizes))],
         "size_max_mm2": float(sizes.max()),
-        "size_max_report": int(np.argmax(sizes)) + 1,
+        "size_max_report": nums[int(np.argmax(sizes))],
         "size_mean_mm2": round(float(sizes.mean()), 2),
         "sizes_mm2": {str(n): float(s) for n, s in zip(nums, sizes)},
     }
@@ -165,7 +171,7 @@ def compute_facts(reports: list, query=None, query_area_estimate_mm2: float | No
         facts["query"] = {"area_mm2": float(query_area_estimate_mm2), "estimated": True}
     if "query" in facts:
         closest = int(np.argmin(np.abs(sizes - facts["query"]["area_mm2"])))
-        facts["closest_size_report"] = closest + 1
+        facts["closest_size_report"] = nums[closest]
         facts["closest_size_mm2"] = float(sizes[closest])
     return facts
 

@@ -43,8 +43,19 @@ def scrub(text: str) -> str:
     return text
 
 
-def _fenced(reports: list[str]) -> str:
-    return "\n".join(f'<report n="{i}">{scrub(r)}</report>' for i, r in enumerate(reports, start=1))
+def _fenced(reports: list[str], numbers: list[int]) -> str:
+    return "\n".join(f'<report n="{n}">{scrub(r)}</report>' for n, r in zip(numbers, reports))
+
+
+def _numbered(numbers: list[int]) -> str:
+    plain = numbers == list(range(1, len(numbers) + 1))
+    return f"1 to {len(numbers)}" if plain else ", ".join(map(str, numbers))
+
+
+def _stated(facts: dict) -> dict:
+    """The facts an LLM phrases: not the query's, and the report numbers only where they are not 1, 2, ..."""
+    plain = facts["report_numbers"] == list(range(1, facts["n_reports"] + 1))
+    return {k: v for k, v in facts.items() if k != "query" and not (k == "report_numbers" and plain)}
 
 
 def summary_messages(reports: list[str], facts: dict, mode: str) -> list[dict]:
@@ -52,13 +63,13 @@ def summary_messages(reports: list[str], facts: dict, mode: str) -> list[dict]:
         user = (
             "Summarise the following retrieved radiology reports. Cover the imaging modality, the "
             "technique, the tumor type(s), the tumor size (minimum, maximum and average) and the "
-            f"anatomical plane(s).\n{_fenced(reports)}"
+            f"anatomical plane(s).\n{_fenced(reports, facts['report_numbers'])}"
         )
     else:
         user = (
             "Write a short summary for a radiologist of these verified facts about the retrieved reports. "
             "Use exactly these numbers (mm²) and report numbers; add nothing else.\n"
-            f"FACTS: {json.dumps({k: v for k, v in facts.items() if k != 'query'})}"
+            f"FACTS: {json.dumps(_stated(facts))}"
         )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
@@ -66,11 +77,11 @@ def summary_messages(reports: list[str], facts: dict, mode: str) -> list[dict]:
 def answer_messages(
     question: str, reports: list[str], query_report: str | None, facts: dict, grounded, mode: str
 ) -> list[dict]:
-    q = scrub(question)
+    q, numbers = scrub(question), facts["report_numbers"]
     if mode == "paper":
         query = f'The query scan\'s report: <report n="query">{scrub(query_report)}</report>\n' if query_report else ""
         user = (
-            f"{query}Retrieved reports, numbered 1 to {len(reports)}:\n{_fenced(reports)}\n"
+            f"{query}Retrieved reports, numbered {_numbered(numbers)}:\n{_fenced(reports, numbers)}\n"
             f"Question: {q}\nAnswer and name the report numbers you use."
         )
     else:

@@ -175,24 +175,23 @@ class ArchiveCases(SearchedCases):
         out = {k: stored[k] for k in ("case_id", "label", "plane", "area_mm2")} | {
             "in_archive": "example" not in stored
         }
-        writable = stored["report"] or (stored["plane"] and stored["area_mm2"] is not None)
-        out["report"] = self.reports([case_id], style)[0] if writable else None
+        out["report"] = self.reports([case_id], style)[0]
         return out
 
-    def reports(self, case_ids: list[int], style: str = "normal") -> list[str]:
-        """The report stored with the case (from cases.csv), else one written from its attributes."""
+    def reports(self, case_ids: list[int], style: str = "normal") -> list[str | None]:
+        """The report stored with the case (from cases.csv), else one written from its plane and
+        size; None for a case with neither (no tumor, or another hospital's slice recorded without
+        them). KeyError for a case the archive does not hold."""
         found = self._stored(case_ids)
         out = []
         for c in case_ids:
             r = found[c]
             if r["report"]:
                 out.append(r["report"])
-            elif r["label"] == NO_TUMOR:
-                raise KeyError(f"case {c} shows no tumor and has no report")
-            elif r["plane"] and r["area_mm2"] is not None:
+            elif r["label"] != NO_TUMOR and r["plane"] and r["area_mm2"] is not None:
                 out.append(make_report(ReportAttributes(r["label"], r["plane"], r["area_mm2"]), style, c))
             else:
-                raise KeyError(f"case {c} has no report and no plane/size to write one from")
+                out.append(None)
         return out
 
     def image(self, case_id: int) -> np.ndarray:
