@@ -165,19 +165,26 @@ def development_split(
     StratifiedGroupKFold; a fixed seed, so the split is the same everywhere). The split is made on
     every slice; then, with ``errata``, the folder's known figshare copies leave both parts and its
     validation slices with a twin in the development part leave the validation part."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     n_splits = max(2, round(1 / validation_share))
-    strata = np.char.add(np.char.add(cases.sources.astype(str), ":"), cases.labels.astype(str))
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # a stratum of one slice (Kaggle's one glioma) falls on one side: expected
-        warnings.filterwarnings("ignore", "The least populated class in y", UserWarning)
-        dev, val = next(cv.split(np.zeros(len(cases)), strata, groups=cases.groups))
+    dev, val = group_folds(cases, n_splits, seed)[0]
     dev, val = np.sort(dev), np.sort(val)
     if not errata:
         return dev, val
     copies, twins = errata_of(cases)
     return dev[~copies[dev]], val[~(copies | twins)[val]]
+
+
+def group_folds(cases: ExternalCases, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's StratifiedGroupKFold over ``cases``: whole groups, each source's labels (the
+    strata) in about the same share in every fold. A stratum smaller than the folds (Kaggle's one
+    glioma) cannot be in all of them: expected here, so not warned about."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    strata = np.char.add(np.char.add(cases.sources.astype(str), ":"), cases.labels.astype(str))
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The least populated class in y", UserWarning)
+        return list(cv.split(np.zeros(len(cases)), strata, groups=cases.groups))
 
 
 def errata_of(cases: ExternalCases) -> tuple[np.ndarray, np.ndarray]:

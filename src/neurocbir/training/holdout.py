@@ -38,15 +38,13 @@ def extra_holdout_split(cfg: TrainConfig, cases) -> tuple[np.ndarray, np.ndarray
     folds' runs together hold out 5/7 of the groups, each scored by a network that never saw it,
     which is what choosing the recipe's "no tumor" rule needs (a seventh of the groups is too few
     of Br35H's near-duplicate sets to tell)."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    from neurocbir.data.external import group_folds
 
     rows = np.arange(len(cases))
     n_splits = max(2, round(1 / cfg.holdout_patients)) if cfg.holdout_patients > 0 else 0
     if not cfg.holdout_extra or not n_splits or len(np.unique(cases.groups)) < n_splits:
         return rows, rows[:0]
-    strata = np.char.add(np.char.add(cases.sources.astype(str), ":"), cases.labels.astype(str))
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=0)
-    parts = list(cv.split(rows, strata, groups=cases.groups))
+    parts = group_folds(cases, n_splits, 0)
     fit, held = parts[cfg.fold % FIGSHARE_FOLDS % n_splits]
     return np.sort(fit), np.sort(held)
 
