@@ -19,6 +19,7 @@ from neurocbir.reports.grounding import (
     attributed_sizes,
     compute_facts,
     grade_summary,
+    in_order,
     report_refs,
     same_size,
     sizes_mm2,
@@ -58,7 +59,7 @@ def left_out(nums: list[int]) -> str:
 
 
 def _all_reports(nums: list[int]) -> str:
-    if nums == list(range(1, len(nums) + 1)):
+    if in_order(nums):
         return f"All {len(nums)} retrieved reports"
     return f"The {len(nums)} retrieved reports ({_refs(nums)})"
 

@@ -131,6 +131,11 @@ def planes_mentioned(text: str) -> set[str]:
 # --- facts and grading --------------------------------------------------------------------------
 
 
+def in_order(numbers: list[int]) -> bool:
+    """Reports numbered 1, 2, ... (every retrieved case had one)."""
+    return list(numbers) == list(range(1, len(numbers) + 1))
+
+
 def compute_facts(
     reports: list, query=None, query_area_estimate_mm2: float | None = None, numbers: list[int] | None = None
 ) -> dict:

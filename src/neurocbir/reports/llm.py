@@ -22,6 +22,7 @@ import threading
 from typing import Protocol
 
 from neurocbir.errors import ConfigurationError, Unavailable
+from neurocbir.reports.grounding import in_order
 
 SYSTEM = (
     "You are an assistant for radiologists. You answer only from the retrieved MRI reports given "
@@ -48,13 +49,12 @@ def _fenced(reports: list[str], numbers: list[int]) -> str:
 
 
 def _numbered(numbers: list[int]) -> str:
-    plain = numbers == list(range(1, len(numbers) + 1))
-    return f"1 to {len(numbers)}" if plain else ", ".join(map(str, numbers))
+    return f"1 to {len(numbers)}" if in_order(numbers) else ", ".join(map(str, numbers))
 
 
 def _stated(facts: dict) -> dict:
     """The facts an LLM phrases: not the query's, and the report numbers only where they are not 1, 2, ..."""
-    plain = facts["report_numbers"] == list(range(1, facts["n_reports"] + 1))
+    plain = in_order(facts["report_numbers"])
     return {k: v for k, v in facts.items() if k != "query" and not (k == "report_numbers" and plain)}
 
 
