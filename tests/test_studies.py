@@ -342,6 +342,26 @@ def test_a_series_from_the_pacs_and_its_results_written_back(
         assert bad.exit_code == 2 and "no series 1.2.3.999" in bad.output
 
 
+def test_a_study_says_when_its_areas_rest_on_an_assumed_pixel_spacing(lesion_archive, small_cases, patient, tmp_path):
+    """A series of image files carries no pixel spacing: its areas in mm² are said to rest on the
+    dataset's, in the answer and on the command line; the same slices as DICOM (spacing given,
+    here the dataset's own 0.49 mm) answer the same areas with no such note."""
+    run, archive = lesion_archive
+    svc = RetrievalService.from_archive(run, archive)
+    images = [(small_cases.loader.root / "images" / f"{int(small_cases.idx[r])}.jpg") for r in patient]
+    as_images = answer_study(svc, read_study([(p.read_bytes(), p.name) for p in images]), k=3)
+    as_dicom = answer_study(svc, read_study(_series(small_cases, patient)), k=3)
+    print("largest areas", as_images["largest_area_mm2"], as_dicom["largest_area_mm2"], as_images["area_note"])
+    assert as_images["largest_area_mm2"] and as_images["largest_area_mm2"] == pytest.approx(
+        as_dicom["largest_area_mm2"], rel=0.02
+    )
+    assert as_dicom["area_note"] is None and as_images["area_note"] is not None
+    assert "0.490 mm" in as_images["area_note"]  # the spacing the area was computed with
+    res = runner.invoke(cli, ["query-study", *map(str, images), "--run", str(run), "--archive", str(archive)])
+    assert res.exit_code == 0, res.output
+    assert as_images["area_note"] in res.output
+
+
 def test_the_study_view_in_a_browser(lesion_archive, small_cases, patient, tmp_path):
     """The page answers a series: the study's answer first, a strip of its slices (those with a
     tumor marked, the key slice apart), the key slice with its outline, and similar patients."""

@@ -299,7 +299,9 @@ def query_study(
     else:
         key = out["key_slice"]
         typer.echo(f"study: {out['prediction']} ({out['confidence']:.1%}, calibrated: {out['calibrated']})")
-        typer.echo(f"key slice {key['index']} ({key['name']}): about {key['area_mm2'] or 0:.0f} mm²")
+        area = "no tumor outlined" if key["area_mm2"] is None else f"about {key['area_mm2']:.0f} mm²"
+        note = f" ({out['area_note']})" if out["area_note"] else ""
+        typer.echo(f"key slice {key['index']} ({key['name']}): {area}{note}")
         if out["volume_ml"] is not None:
             typer.echo(f"volume about {out['volume_ml']:.1f} ml ({out['volume_note']})")
         for p in out["patients"]:

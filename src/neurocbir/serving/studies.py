@@ -86,6 +86,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
             "calibrated": None,
             "key_slice": None,
             "largest_area_mm2": None,
+            "area_note": None,
             "volume_ml": None,
             "patients": [],
             "note": "No tumor found on any slice of this study."
@@ -115,6 +116,14 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     candidates = [(a * w, w, i) for (a, i), w, ok in zip(areas, weight, agree) if ok or not any(agree)]
     key = max(candidates)[2]
     outlined = [a for a, _ in areas if a > 0]
+    # an area is in mm only as far as the pixel spacing is known: a JPEG's is assumed, and said so
+    assumed = sorted(
+        {
+            slices[i]["query_tumor"]["note"]
+            for i in tumor_rows
+            if slices[i]["query_tumor"] and slices[i]["query_tumor"]["spacing_assumed"]
+        }
+    )
     volume, volume_note = None, None
     if study.slice_spacing_mm and outlined:
         volume = round(sum(outlined) * study.slice_spacing_mm / 1000.0, 2)
@@ -136,6 +145,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
             "prediction": slices[key]["prediction"],
         },
         "largest_area_mm2": max(outlined) if outlined else None,
+        "area_note": assumed[0] if assumed else None,
         "volume_ml": volume,
         "volume_note": volume_note,
         "patients": similar_patients(cases, emb[tumor_rows], k),

@@ -405,7 +405,9 @@ async function runStudy() {
     pred.replaceChildren(el("span", out.prediction, `chip ${out.prediction}`));
     $("studyConf").textContent = `confidence ${(100 * out.confidence).toFixed(1)}% (${out.calibrated || "uncalibrated"}), ` +
       `from the ${out.tumor_slices.length} of ${out.n_slices} slices that show a tumor`;
-    $("studySize").textContent = `largest outlined area about ${Math.round(out.largest_area_mm2 || 0)} mm²` +
+    $("studySize").textContent = (out.largest_area_mm2 === null ? "no tumor outlined" :
+      `largest outlined area about ${Math.round(out.largest_area_mm2)} mm²`) +
+      (out.area_note ? ` (${out.area_note})` : "") +
       (out.volume_ml !== null ? `; volume about ${out.volume_ml.toFixed(1)} ml (${out.volume_note})` : "");
   } else {
     pred.textContent = out.tumor_found === false ? "No tumor found on this study" : "No tumor type for this study";
