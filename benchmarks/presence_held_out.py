@@ -38,6 +38,8 @@ def main() -> None:
         "--pool", type=Path, nargs="+", action="extend", default=[], help="runs of the same recipe on other folds"
     )
     ap.add_argument("--save", action="store_true", help="write the chosen rule as the run's presence.json")
+    ap.add_argument("--section", default="presence-held-out", help="the section of docs/results.md to write")
+    ap.add_argument("--title", default="Tumor presence chosen on held-out slices (issue 38)")
     args = ap.parse_args()
     from neurocbir.data.cases import default_data_dir, load_cases
     from neurocbir.training.presence_choice import choose_presence
@@ -58,11 +60,12 @@ def main() -> None:
         if not r.decoder_weight or (r.threshold, r.decoder_veto, r.decoder_weight) in best_per_weight(tried)
     ]
     body = [
-        "## Tumor presence chosen on held-out slices (issue 38)",
+        f"## {args.title}",
         "",
         f"Command: `python benchmarks/presence_held_out.py --run {args.run}"
         + "".join(f" --pool {p}" for p in args.pool)
         + (" --save" if args.save else "")
+        + ("" if args.section == "presence-held-out" else f" --section {args.section} --title '{args.title}'")
         + f"` | machine: {machine()} | {started} | "
         f"{time.time() - t0:.0f} s",
         "",
@@ -77,7 +80,7 @@ def main() -> None:
         "|---|" + "---|" * (len(sources) + 1),
         *lines,
     ]
-    write_section("presence-held-out", "\n".join(body))
+    write_section(args.section, "\n".join(body))
     print("\n".join(body[:7]))
 
 

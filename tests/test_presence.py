@@ -168,7 +168,7 @@ def lesion_site(tmp_path_factory, small_data_dir, small_external) -> tuple[Path,
     return run, archive
 
 
-def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_site, small_external):
+def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_site, small_external, tmp_path):
     """A run's presence.json: P(no tumor) above its threshold answers 'no tumor' only where the
     tumor decoder's peak stays below the veto (the evidence shows both); a corrupt file is refused
     by name, with the command that rewrites it."""
@@ -179,7 +179,9 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     ext = load_external(small_external)
     images = [ext.load_image(i) for i in development_split(ext)[1] if not ext.tumor[i]]
     svc = RetrievalService.from_archive(run, archive)
+    rows = [i for i in development_split(ext)[1] if not ext.tumor[i]]
     called = [im for im in images if svc.query(im)["tumor_found"] is False]
+    called_rows = [i for i, im in zip(rows, images) if svc.query(im)["tumor_found"] is False]
     assert len(called) >= 4, f"{len(called)} of {len(images)} no-tumor slices answered 'no tumor' without a veto"
     peaks = np.array([svc.model.analyse(im)[2].max() for im in called])
     veto = float(np.median(peaks))  # about half of them peak at or above it
@@ -190,10 +192,42 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
         assert out["tumor_found"] is (bool(peak >= veto)), (peak, veto, out["tumor_presence"])
         assert out["tumor_presence"]["decoder_veto"] == veto
         assert out["tumor_presence"]["decoder_peak"] == pytest.approx(peak, abs=1e-3)
+        # kept a tumor by the veto alone: the evidence conflicts, and the answer says so beside its type
+        assert (out["presence_warning"] is not None) is bool(peak >= veto)
+    tumors = [ext.load_image(i) for i in development_split(ext)[1] if ext.tumor[i]]
+    plain = [out for out in map(vetoed.query, tumors) if out["tumor_presence"]["probability_no_tumor"] <= 0.5]
+    assert plain and all(out["tumor_found"] and out["presence_warning"] is None for out in plain)
+    _the_warning_is_shown(vetoed, run, archive, Path(ext.root) / ext.files[called_rows[int(np.argmax(peaks))]])
     (run / RULE_FILE).write_text('{"threshold": 0.5}')
     with pytest.raises(ConfigurationError, match="calibrate RUN --presence"):
         RetrievalService.from_archive(run, archive)
     (run / RULE_FILE).unlink()
+
+
+def _the_warning_is_shown(svc, run, archive, path) -> None:
+    """A slice kept a tumor by the veto alone (its file): the command line and the page say that
+    its tumor presence is uncertain, before the type, and the page's confidence is the type's if a
+    tumor."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from neurocbir.app.api import create_app
+    from neurocbir.data.uploads import read_scan_with_spacing
+    from tests.test_browser import open_app, query_file, serve_in_thread
+
+    warning = svc.query(read_scan_with_spacing(path.read_bytes(), path.name)[0])["presence_warning"]
+    assert warning
+    res = runner.invoke(cli, ["query", str(path), "--run", str(run), "--archive", str(archive)])
+    assert res.exit_code == 0 and warning in res.output, res.output
+    url, server = serve_in_thread(create_app(svc))
+    try:
+        with sync_playwright() as p:
+            browser, page = open_app(p, url)
+            query_file(page, path)
+            expect(page.locator("#uncertain")).to_have_text(warning)
+            expect(page.locator("#conf")).to_contain_text("if it is a tumor")
+            browser.close()
+    finally:
+        server.should_exit = True
 
 
 def test_a_source_with_few_held_out_tumor_slices_does_not_decide_the_no_tumor_rule(monkeypatch):

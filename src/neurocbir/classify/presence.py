@@ -144,7 +144,10 @@ class PresenceRule:
         if peak is not None and veto is not None:
             evidence["decoder_veto"] = veto
             evidence["note"] += "; never 'no tumor' where the tumor decoder's peak reaches the veto"
-        return not self.no_tumor(p_none, peak), evidence
+        found = not self.no_tumor(p_none, peak)
+        # the score says "no tumor" and only the decoder's peak keeps the tumor: the evidence conflicts
+        evidence["uncertain"] = bool(found and peak is not None and self.score(p_none, peak) > self.threshold)
+        return found, evidence
 
 
 def _logit(p):

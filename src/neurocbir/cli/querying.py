@@ -85,6 +85,8 @@ def query(
         typer.echo(f"No tumor found on this slice (P(no tumor) {p:.0%}); no tumor type is given.")
         typer.echo("The most similar archive cases, as context:")
     else:
+        if out["presence_warning"]:
+            typer.secho(out["presence_warning"], fg=typer.colors.RED)
         if out["no_similar_case"]:  # a calibrated probability would not hold for this scan
             shown = "confidence withheld: no similar archive case"
         else:

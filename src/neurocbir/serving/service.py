@@ -39,7 +39,7 @@ from neurocbir.serving.feedback import FILE as FEEDBACK_FILE
 from neurocbir.serving.feedback import FeedbackStore, fingerprint
 from neurocbir.serving.sources import CaseFilter, CaseSource, RunCases
 from neurocbir.serving.threads import one_blas_thread, one_thread, side_work
-from neurocbir.serving.wording import DISCLAIMER, NO_TYPE, REGION_NO_TUMOR_NOTE
+from neurocbir.serving.wording import DISCLAIMER, NO_TYPE, REGION_NO_TUMOR_NOTE, uncertain_presence
 
 log = logging.getLogger(__name__)
 
@@ -396,10 +396,12 @@ class RetrievalService:
                 "no_similar_case": far,
                 "nearest_distance": round(nearest, 4),
             }
+        conflict = next((e for e in (presence, presence.get("on_slice") or {}) if e.get("uncertain")), None)
         return {
             **already,
             "tumor_found": found,
             "tumor_presence": presence,
+            "presence_warning": None if conflict is None else uncertain_presence(conflict),
             "prediction": names[winner],
             "confidence": round(float(proba[winner]), 4),
             "calibrated": cal is not None,

@@ -28,4 +28,16 @@ NO_TYPE = {
     "knn_vote": None,
     "nearest_other_class": None,
     "note": NO_TUMOR_NOTE,
+    "presence_warning": None,
 }
+
+
+def uncertain_presence(evidence: dict) -> str:
+    """What an answer says where the presence rule's score calls the slice "no tumor" and only the
+    tumor decoder's veto keeps it a tumor (``evidence["uncertain"]``, :meth:`PresenceRule.answer`)."""
+    return (
+        "Tumor presence uncertain: the archive's cases with and without a tumor point to no tumor "
+        f"(probability of no tumor {evidence['probability_no_tumor']:.0%}), but the tumor decoder's highest "
+        f"probability on the slice is {evidence['decoder_peak']:.0%} (from {evidence['decoder_veto']:.0%} a slice "
+        "is never called 'no tumor'). The tumor type below holds only if the outlined region is a tumor: check it."
+    )

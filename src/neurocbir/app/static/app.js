@@ -163,11 +163,14 @@ function showPrediction() {
       "The archive's answer is about tumor type only, so no tumor type is given; the most similar archive cases are shown as context.";
     return;
   }
+  $("uncertain").hidden = !last.presence_warning;  // presence evidence in conflict: the type is conditional
+  $("uncertain").textContent = last.presence_warning || "";
   const chip = document.createElement("span");
   chip.className = `chip ${last.prediction}`; chip.textContent = last.prediction;
   $("pred").replaceChildren(chip);
   const ic = last.nir_positions[last.prediction];
-  const kind = last.calibrated ? "calibrated confidence" : "uncalibrated confidence";
+  const kind = (last.presence_warning ? "if it is a tumor: " : "") +
+    (last.calibrated ? "calibrated confidence" : "uncalibrated confidence");
   // Far from every archive case a calibrated probability would not hold: show none.
   $("conf").textContent = (last.no_similar_case
     ? "confidence withheld (no similar archive case) — "
