@@ -7,7 +7,8 @@ archive growth curve (the development part added 0, 25, 50, 100 %, no network re
 
 Per source: tumor-type accuracy and ECE where the type is known, slices flagged 'no similar case',
 tumor slices called 'no tumor' (TCGA: by the mask's share of the slice), no-tumor slices handled
-('no tumor', or flagged). TCGA: outline Dice against its masks (they outline the FLAIR
+('no tumor', or flagged), and the slices answered with a type but "tumor presence uncertain" (the
+presence rule's score said "no tumor", the decoder's veto kept a tumor). TCGA: outline Dice against its masks (they outline the FLAIR
 abnormality, not the enhancement: larger than what a T1c outline shows), and every validation
 patient's whole series sent as one study (its answer, its key slice against the tumor's slice
 range, presence slice by slice). Figshare fold 5 over the same archive and over the run's own index.
@@ -76,6 +77,7 @@ def figures(out: list[dict], labels) -> dict:
     tumor, typed_label = labels != NO_TUMOR, np.isin(labels, CLASS_NAMES)
     called_none = np.array([o["tumor_found"] is False for o in out], dtype=bool)
     far = np.array([o["no_similar_case"] for o in out], dtype=bool)
+    unsure = np.array([bool(o.get("presence_warning")) for o in out], dtype=bool)
     typed = [i for i in np.flatnonzero(typed_label) if out[i]["prediction"] is not None]
     correct = np.array([out[i]["prediction"] == labels[i] for i in typed])
     proba = np.array([[out[i]["probabilities"].get(c, 0.0) for c in CLASS_NAMES] for i in typed])
@@ -91,6 +93,8 @@ def figures(out: list[dict], labels) -> dict:
         "tumor_called_none": float(called_none[tumor].mean()) if tumor.any() else nan,
         "none_handled": float((called_none | far)[~tumor].mean()) if (~tumor).any() else nan,
         "none_called_none": float(called_none[~tumor].mean()) if (~tumor).any() else nan,
+        "tumor_unsure": float(unsure[tumor].mean()) if tumor.any() else nan,
+        "none_unsure": float(unsure[~tumor].mean()) if (~tumor).any() else nan,
     }
 
 
@@ -131,15 +135,17 @@ def source_rows(out: list[dict], ext, tcga_share: np.ndarray) -> list[str]:
         f = figures([out[i] for i in np.flatnonzero(sel)], ext.labels[sel])
         rows.append(
             f"| {name} | {f['n_tumor']} ({f['n_typed']} typed) / {f['n_none']} | {num(f['accuracy'])} | {num(f['ece'])} | "
-            f"{pct(f['flagged'])} | {pct(f['tumor_called_none'])} | {pct(f['none_handled'])} | {pct(f['none_called_none'])} |"
+            f"{pct(f['flagged'])} | {pct(f['tumor_called_none'])} | {pct(f['none_handled'])} | {pct(f['none_called_none'])} | "
+            f"{pct(f['tumor_unsure'])} / {pct(f['none_unsure'])} |"
         )
     return rows
 
 
 HEAD = [
     "| source | slices: tumor (type known) / no tumor | tumor-type accuracy | ECE | flagged 'no similar case' | "
-    "tumor slices called 'no tumor' | no-tumor slices handled | of which 'no tumor' |",
-    "|---|---|---|---|---|---|---|---|",
+    "tumor slices called 'no tumor' | no-tumor slices handled | of which 'no tumor' | "
+    "answered 'tumor presence uncertain': tumor / no-tumor slices |",
+    "|---|---|---|---|---|---|---|---|---|",
 ]
 
 
