@@ -218,7 +218,7 @@ function drawCompare() {
     // the scan's own pixels (at most 512 on a side), so zooming in shows detail, not blocks
     const scale = Math.min(1, 512 / Math.max(im.naturalWidth, im.naturalHeight));
     const w = Math.max(1, Math.round(im.naturalWidth * scale)), h = Math.max(1, Math.round(im.naturalHeight * scale));
-    const c = $(id), ctx = c.getContext("2d");
+    const c = $(id), ctx = c.getContext("2d", {willReadFrequently: true});
     c.width = w; c.height = h;
     c.style.width = `${fit * zoom}px`; c.style.height = `${fit * zoom * h / w}px`;
     ctx.drawImage(im, 0, 0, w, h);
