@@ -198,10 +198,28 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     plain = [out for out in map(vetoed.query, tumors) if out["tumor_presence"]["probability_no_tumor"] <= 0.5]
     assert plain and all(out["tumor_found"] and out["presence_warning"] is None for out in plain)
     _the_warning_is_shown(vetoed, run, archive, Path(ext.root) / ext.files[called_rows[int(np.argmax(peaks))]])
+    _a_study_says_which_slices(vetoed, [Path(ext.root) / ext.files[r] for r in called_rows], peaks >= veto)
     (run / RULE_FILE).write_text('{"threshold": 0.5}')
     with pytest.raises(ConfigurationError, match="calibrate RUN --presence"):
         RetrievalService.from_archive(run, archive)
     (run / RULE_FILE).unlink()
+
+
+def _a_study_says_which_slices(svc, paths: list[Path], vetoed: np.ndarray) -> None:
+    """The same slices sent as one series: the study names the slices it counts as a tumor only
+    by the veto (numbered as the page's strip numbers them)."""
+    from neurocbir.data.studies import read_study
+    from neurocbir.serving.studies import answer_study
+
+    study = read_study([(p.read_bytes(), f"{n:03d}{p.suffix}") for n, p in enumerate(paths)])
+    out = answer_study(svc, study, k=3)
+    unsure = [s["index"] + 1 for s in out["slices"] if s["presence_uncertain"]]
+    print("vetoed slices", np.flatnonzero(vetoed) + 1, "uncertain", unsure, out["presence_warning"])
+    assert unsure == [int(i) + 1 for i in np.flatnonzero(vetoed)]
+    counted = [s["index"] + 1 for s in out["slices"] if s["tumor_found"] and not s["no_similar_case"]]
+    assert set(unsure) <= set(counted) and out["prediction"] is not None
+    named = out["presence_warning"].split("(slice ")[1].split(")")[0]
+    assert named == ", ".join(map(str, [n for n in unsure if n in counted]))
 
 
 def _the_warning_is_shown(svc, run, archive, path) -> None:

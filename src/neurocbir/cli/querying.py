@@ -300,6 +300,8 @@ def query_study(
         typer.echo(out["note"])
     else:
         key = out["key_slice"]
+        if out["presence_warning"]:
+            typer.secho(out["presence_warning"], fg=typer.colors.RED)
         typer.echo(f"study: {out['prediction']} ({out['confidence']:.1%}, calibrated: {out['calibrated']})")
         area = "no tumor outlined" if key["area_mm2"] is None else f"about {key['area_mm2']:.0f} mm²"
         note = f" ({out['area_note']})" if out["area_note"] else ""

@@ -61,6 +61,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
                 "area_mm2": outline["area_mm2"] if outline else None,
                 "query_tumor": outline,
                 "probability_no_tumor": ev["tumor_presence"]["probability_no_tumor"],
+                "presence_uncertain": bool(ev.get("presence_warning")),
             }
         )
         if ev["tumor_found"] is not False and not ev["no_similar_case"]:
@@ -87,6 +88,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
             "key_slice": None,
             "largest_area_mm2": None,
             "area_note": None,
+            "presence_warning": None,
             "volume_ml": None,
             "patients": [],
             "note": "No tumor found on any slice of this study."
@@ -146,11 +148,27 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         },
         "largest_area_mm2": max(outlined) if outlined else None,
         "area_note": assumed[0] if assumed else None,
+        "presence_warning": _uncertain_study(slices, tumor_rows),
         "volume_ml": volume,
         "volume_note": volume_note,
         "patients": similar_patients(cases, emb[tumor_rows], k),
         "note": None,
     }
+
+
+def _uncertain_study(slices: list[dict], tumor_rows: list[int]) -> str | None:
+    """What the study's answer says where some of the slices it counts as showing a tumor are
+    tumors only by the decoder's veto (each slice's ``presence_warning``); None where none is."""
+    unsure = [slices[i]["index"] + 1 for i in tumor_rows if slices[i]["presence_uncertain"]]
+    if not unsure:
+        return None
+    which = "all" if len(unsure) == len(tumor_rows) else f"{len(unsure)} of the {len(tumor_rows)}"
+    return (
+        f"Tumor presence uncertain on {which} slices that count as showing a tumor (slice "
+        + ", ".join(map(str, unsure))
+        + "): on each, the archive's cases point to no tumor and only the tumor decoder's outline keeps it a tumor."
+        + (" The study's type holds only if those outlines are tumors: check them." if which == "all" else "")
+    )
 
 
 def similar_patients(cases, queries: np.ndarray, k: int) -> list[dict]:

@@ -404,6 +404,7 @@ async function runStudy() {
   $("queryImg").removeAttribute("src");
   $("studyBox").hidden = false;
   const pred = $("studyPred");
+  $("studyUncertain").hidden = !out.presence_warning; $("studyUncertain").textContent = out.presence_warning || "";
   if (out.prediction) {
     pred.replaceChildren(el("span", out.prediction, `chip ${out.prediction}`));
     $("studyConf").textContent = `confidence ${(100 * out.confidence).toFixed(1)}% (${out.calibrated || "uncalibrated"}), ` +
