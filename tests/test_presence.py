@@ -198,28 +198,54 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     plain = [out for out in map(vetoed.query, tumors) if out["tumor_presence"]["probability_no_tumor"] <= 0.5]
     assert plain and all(out["tumor_found"] and out["presence_warning"] is None for out in plain)
     _the_warning_is_shown(vetoed, run, archive, Path(ext.root) / ext.files[called_rows[int(np.argmax(peaks))]])
-    _a_study_says_which_slices(vetoed, [Path(ext.root) / ext.files[r] for r in called_rows], peaks >= veto)
+    _a_study_says_which_slices(vetoed, [Path(ext.root) / ext.files[r] for r in called_rows])
     (run / RULE_FILE).write_text('{"threshold": 0.5}')
     with pytest.raises(ConfigurationError, match="calibrate RUN --presence"):
         RetrievalService.from_archive(run, archive)
     (run / RULE_FILE).unlink()
 
 
-def _a_study_says_which_slices(svc, paths: list[Path], vetoed: np.ndarray) -> None:
-    """The same slices sent as one series: the study names the slices it counts as a tumor only
-    by the veto (numbered as the page's strip numbers them)."""
+def _a_study_says_which_slices(svc, paths: list[Path]) -> None:
+    """The same slices sent as one DICOM series: the study names the slices it counts as a tumor
+    only by the veto (numbered as the page's strip numbers them), and its SR says so (dciodvfy)."""
+    import io
+    import shutil
+    import subprocess
+    import tempfile
+
+    from PIL import Image
+
     from neurocbir.data.studies import read_study
+    from neurocbir.data.uploads import read_scan_with_spacing
+    from neurocbir.retrieval.dicomweb import to_dicom
+    from neurocbir.serving.results_dicom import write_results
     from neurocbir.serving.studies import answer_study
 
-    study = read_study([(p.read_bytes(), f"{n:03d}{p.suffix}") for n, p in enumerate(paths)])
+    files, uid = [], "1.2.826.0.1.3680043.10.543.31"
+    for n, p in enumerate(paths):
+        pixels = read_scan_with_spacing(p.read_bytes(), p.name)[0]  # one series: one size, as a scanner's
+        pixels = np.asarray(Image.fromarray(pixels.astype(np.float32)).resize((256, 256), Image.BILINEAR))
+        ds = to_dicom(pixels, "PAT-V", uid, f"{uid}.1", f"{uid}.1.{n + 1}", position_mm=6.0 * n, instance_number=n + 1)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append((buf.getvalue(), f"{n:03d}.dcm"))
+    study = read_study(files)
     out = answer_study(svc, study, k=3)
     unsure = [s["index"] + 1 for s in out["slices"] if s["presence_uncertain"]]
-    print("vetoed slices", np.flatnonzero(vetoed) + 1, "uncertain", unsure, out["presence_warning"])
-    assert unsure == [int(i) + 1 for i in np.flatnonzero(vetoed)]
+    alone = [n + 1 for n, s in enumerate(study.slices) if svc.query(s.pixels)["presence_warning"]]
+    print("uncertain alone", alone, "in the study", unsure, out["presence_warning"])
+    assert alone and unsure == alone  # each slice as it is answered alone
     counted = [s["index"] + 1 for s in out["slices"] if s["tumor_found"] and not s["no_similar_case"]]
     assert set(unsure) <= set(counted) and out["prediction"] is not None
     named = out["presence_warning"].split("(slice ")[1].split(")")[0]
     assert named == ", ".join(map(str, [n for n in unsure if n in counted]))
+    with tempfile.TemporaryDirectory() as tmp:
+        sr = write_results(study, out, Path(tmp))["sr.dcm"]
+        report = subprocess.run([shutil.which("dciodvfy") or "dciodvfy", sr], capture_output=True, text=True).stderr
+        assert not [line for line in report.splitlines() if line.startswith("Error")], report
+        import pydicom
+
+        assert "Tumor presence uncertain" in str(pydicom.dcmread(sr))
 
 
 def _the_warning_is_shown(svc, run, archive, path) -> None:

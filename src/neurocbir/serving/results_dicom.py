@@ -148,6 +148,12 @@ def build_sr(study: Study, answer: dict, seg=None):
             hd.sr.QualitativeEvaluation(_code("tumor-found", "Tumor found"), _code("no", "No tumor found"))
         )
     else:
+        if answer.get("presence_warning"):  # a tumor only by the decoder's veto on its slices: said so
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    _code("tumor-found", "Tumor found"), _code("uncertain", "Tumor presence uncertain")
+                )
+            )
         evaluations.append(
             hd.sr.QualitativeEvaluation(
                 _code("tumor-type", "Predicted tumor type"), _code(answer["prediction"], answer["prediction"])
