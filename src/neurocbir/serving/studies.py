@@ -157,17 +157,17 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
 
 
 def _uncertain_study(slices: list[dict], tumor_rows: list[int]) -> str | None:
-    """What the study's answer says where some of the slices it counts as showing a tumor are
-    tumors only by the decoder's veto (each slice's ``presence_warning``); None where none is."""
+    """What the study's answer says where every slice it counts as showing a tumor is a tumor
+    only by the decoder's veto (each slice's ``presence_uncertain``); None where one at least is
+    a tumor by the archive's evidence too (the strip still marks the others)."""
     unsure = [slices[i]["index"] + 1 for i in tumor_rows if slices[i]["presence_uncertain"]]
-    if not unsure:
+    if not unsure or len(unsure) < len(tumor_rows):
         return None
-    which = "all" if len(unsure) == len(tumor_rows) else f"{len(unsure)} of the {len(tumor_rows)}"
     return (
-        f"Tumor presence uncertain on {which} slices that count as showing a tumor (slice "
+        "Tumor presence uncertain on every slice that counts as showing a tumor (slice "
         + ", ".join(map(str, unsure))
-        + "): on each, the archive's cases point to no tumor and only the tumor decoder's outline keeps it a tumor."
-        + (" The study's type holds only if those outlines are tumors: check them." if which == "all" else "")
+        + "): on each, the archive's cases point to no tumor and only the tumor decoder's outline keeps it a"
+        " tumor. The study's type holds only if those outlines are tumors: check them."
     )
 
 

@@ -423,7 +423,9 @@ async function runStudy() {
     fig.dataset.name = s.name;
     if (out.key_slice && s.index === out.key_slice.index) fig.classList.add("key");
     const img = el("img"); img.src = s.thumbnail; img.alt = `slice ${s.index + 1}`;
-    fig.append(img, el("figcaption", s.tumor_found === false ? `${s.index + 1}` : `${s.index + 1} ●`));
+    // ● a tumor; ? a tumor only by the decoder's veto (its presence uncertain)
+    fig.append(img, el("figcaption", s.tumor_found === false ? `${s.index + 1}`
+      : `${s.index + 1} ${s.presence_uncertain ? "?" : "●"}`));
     // a slice of its own file opens as the query: then a region of it can be drawn and searched
     const file = Array.from(files).find(f => f.name === s.name);
     if (file) {
