@@ -12,6 +12,7 @@ scored nor fitted on (their images only serve a pooled run's twin check of its h
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def main() -> None:
         + " | ".join(cell(*rates[s]) for s in sources)
         + (" | **chosen** |" if (r.threshold, r.decoder_veto, r.decoder_weight) == key else " | |")
         for r, rates, _ in tried
-        if not r.decoder_weight or (r.threshold, r.decoder_veto, r.decoder_weight) in best_per_weight(tried)
+        if not r.decoder_weight or (r.threshold, r.decoder_veto, r.decoder_weight) in best_per_weight(tried) | {key}
     ]
     body = [
         f"## {args.title}",
@@ -65,7 +66,11 @@ def main() -> None:
         f"Command: `python benchmarks/presence_held_out.py --run {args.run}"
         + "".join(f" --pool {p}" for p in args.pool)
         + (" --save" if args.save else "")
-        + ("" if args.section == "presence-held-out" else f" --section {args.section} --title '{args.title}'")
+        + (
+            ""
+            if args.section == "presence-held-out"
+            else f" --section {args.section} --title {shlex.quote(args.title)}"
+        )
         + f"` | machine: {machine()} | {started} | "
         f"{time.time() - t0:.0f} s",
         "",
@@ -74,7 +79,7 @@ def main() -> None:
         "Per source: held-out no-tumor slices called 'no tumor' / held-out tumor slices called 'no tumor'.",
         "",
         "Rows: every rule on P(no tumor) alone; for each weight of the decoder's peak, the rule of that weight"
-        " that finds the most (mean over the sources) within every source's bound.",
+        " that finds the most (mean over the sources) within every source's bound; and the rule chosen.",
         "",
         "| rule | " + " | ".join(sources) + " | |",
         "|---|" + "---|" * (len(sources) + 1),

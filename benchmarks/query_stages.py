@@ -16,6 +16,9 @@ round begun by another way), with one of its choices undone:
   (`neurocbir.retrieval.store.ONE_ROUND_MAX`);
 - "server calls one after another" (Milvus only): the labels' searches, and the search beside the
   "no similar case" check, wait for each other;
+- "tumor presence after the server's search" (Milvus only): the slice's presence (its descriptor's
+  P(no tumor)) decided once the server has answered, instead of while it searches
+  (`neurocbir.serving.service.PRESENCE_BESIDE_SEARCH`);
 - "BLAS threads as the process has them": numpy's OpenBLAS on every core instead of one
   (`neurocbir.serving.threads.one_blas_thread`);
 - "the duplicate check before the CNN": the scan's check against the archive's prints runs on
@@ -138,6 +141,10 @@ def variants(svc, remote: bool) -> dict:
         out["server calls one after another"] = (
             lambda: setattr(store, "remote", False),
             lambda: store.__dict__.pop("remote", None),
+        )
+        out["tumor presence after the server's search"] = (
+            lambda: setattr(service, "PRESENCE_BESIDE_SEARCH", False),
+            lambda: setattr(service, "PRESENCE_BESIDE_SEARCH", True),
         )
     return out
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from itertools import combinations
 from pathlib import Path
@@ -151,7 +152,11 @@ def main() -> None:
     if len({c["fold"] for c in configs}) != 1:
         raise SystemExit("the runs must share their test fold (the same held-out slices)")
     rows_p, rows_t, views, figures = [], [], {}, []
-    named = "" if args.section == ap.get_default("section") else f" --section {args.section} --title '{args.title}'"
+    named = (
+        ""
+        if args.section == ap.get_default("section")
+        else f" --section {args.section} --title {shlex.quote(args.title)}"
+    )
     for run, cfg in zip(args.runs, configs):
         auc, chosen, rates = presence(run, table)
         k, views[run] = {}, {}

@@ -131,6 +131,14 @@ class PresenceRule:
         score = f"P(no tumor) and peak, weight {self.decoder_weight}" if self.decoder_weight else "P(no tumor)"
         return f"{score} > {self.threshold}, veto {'none' if self.decoder_veto is None else self.decoder_veto}"
 
+    def decide(self, p_none: float | None, peak: float | None) -> tuple[bool | None, dict]:
+        """:meth:`answer`, or None where the case source cannot tell (``p_none`` None: an archive
+        with no slices without a tumor), and the evidence says so."""
+        if p_none is None:
+            note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
+            return None, {"probability_no_tumor": None, "threshold": None, "note": note}
+        return self.answer(p_none, peak)
+
     def answer(self, p_none: float, peak: float | None) -> tuple[bool, dict]:
         """(tumor found, the evidence as the answer shows it) for one slice."""
         note = "from the archive's cases with and without a tumor (descriptor of the whole slice)"

@@ -24,7 +24,7 @@ from neurocbir.classify import calibration
 from neurocbir.classify import region as region_search
 from neurocbir.classify import study as study_calibration
 from neurocbir.classify.neighbors import knn_votes, nir_positions
-from neurocbir.classify.presence import PresenceRule, load_rule
+from neurocbir.classify.presence import load_rule
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.data.regions import Region, RegionError, region_on_grid, region_peak
 from neurocbir.errors import InvalidInput, Unavailable
@@ -48,19 +48,9 @@ KNN_K = 7  # the KNN vote shown beside NIR, for comparison
 RELOAD_WAIT_S = 2.0  # how long a query waits for a changed archive's new view (see refresh_cases)
 #: the longest a query that needs the new view (a case removed under it) waits before a 503
 RELOAD_MAX_WAIT_S = 10.0
-
-
-def tumor_presence(
-    cases: CaseSource, trunk: np.ndarray, peak: float | None = None, rule: PresenceRule = PresenceRule()
-) -> tuple[bool | None, dict]:
-    """(tumor found: True / False, or None where the case source cannot tell, and the evidence:
-    P(no tumor), the decoder's peak and how it was decided), from the scan's descriptor
-    (:mod:`neurocbir.classify.presence`) and, with the run's ``rule``, its tumor map's peak ``peak``."""
-    p_none = cases.tumor_presence(trunk)
-    if p_none is None:
-        note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
-        return None, {"probability_no_tumor": None, "threshold": None, "note": note}
-    return rule.answer(p_none, peak)
+#: on a vector store server, the slice's tumor presence is decided while the server searches
+#: (benchmarks/query_stages.py measures it against after the search)
+PRESENCE_BESIDE_SEARCH = True
 
 
 class ArchiveUnavailable(Unavailable):
@@ -306,6 +296,10 @@ class RetrievalService:
             own = found if checked is cases and found is not None else prints
         own = cases.duplicates_of(own) if isinstance(own, ImagePrints) else own
         nearest = cases.nearest_trunk(trunk)
+        # the slice's presence (where the answer reads it) needs no neighbour: decided while a server searches
+        needed, on_slice = in_region is None or in_region[0] is None, None
+        if needed and searching is not None and PRESENCE_BESIDE_SEARCH:
+            on_slice = self.presence_rule.decide(cases.tumor_presence(trunk), peak)
         if neighbours is None and searching is not None:
             neighbours = searching.result()
         dist, case_ids, labels = neighbours or cases.neighbours(q, one_per_patient, self.nir_read)
@@ -368,10 +362,11 @@ class RetrievalService:
             if len(other)
             else None
         )
-        found, presence = tumor_presence(cases, trunk, peak, self.presence_rule) if in_region is None else in_region
+        if needed and on_slice is None:
+            on_slice = self.presence_rule.decide(cases.tumor_presence(trunk), peak)
+        found, presence = on_slice if in_region is None else in_region
         if in_region is not None and found is None:  # the decoder locates no tumor: the slice's answer decides
-            found, on_slice = tumor_presence(cases, trunk, peak, self.presence_rule)
-            presence = {**presence, "on_slice": on_slice}
+            found, presence = on_slice[0], {**presence, "on_slice": on_slice[1]}
         if found is False:  # no tumor type is asserted; the nearest cases, of any label, are context
             dist, ids = cases.nearest(q, k)
             info = cases.describe([int(c) for c in ids])
