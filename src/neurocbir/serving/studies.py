@@ -119,13 +119,8 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     key = max(candidates)[2]
     outlined = [a for a, _ in areas if a > 0]
     # an area is in mm only as far as the pixel spacing is known: a JPEG's is assumed, and said so
-    assumed = sorted(
-        {
-            slices[i]["query_tumor"]["note"]
-            for i in tumor_rows
-            if slices[i]["query_tumor"] and slices[i]["query_tumor"]["spacing_assumed"]
-        }
-    )
+    outlines = [slices[i]["query_tumor"] for i in tumor_rows if slices[i]["query_tumor"]]
+    assumed = next((t["note"] for t in outlines if t["spacing_assumed"]), None)
     volume, volume_note = None, None
     if study.slice_spacing_mm and outlined:
         volume = round(sum(outlined) * study.slice_spacing_mm / 1000.0, 2)
@@ -147,7 +142,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
             "prediction": slices[key]["prediction"],
         },
         "largest_area_mm2": max(outlined) if outlined else None,
-        "area_note": assumed[0] if assumed else None,
+        "area_note": assumed,
         "presence_warning": _uncertain_study(slices, tumor_rows),
         "volume_ml": volume,
         "volume_note": volume_note,
