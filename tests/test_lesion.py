@@ -393,6 +393,17 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     # the archive holds every training patient, the held-out ones included; the test fold none
     arrays = np.load(run / "trial_0" / "embeddings.npz")
     assert sorted(arrays["archive_rows"]) == np.flatnonzero(small_cases.fold != 5).tolist()
+    # how far the type evidence may lie ("no close tumor case"): the 99th percentile of the held-out
+    # patients' distance to their 5th nearest trained-on case, measured here by FAISS on the run's embeddings
+    import faiss
+
+    where = {int(r): i for i, r in enumerate(arrays["archive_rows"])}
+    fit_rows = holdout_split(TrainConfig(**cfg), small_cases)[0]
+    flat = faiss.IndexFlatL2(arrays["archive"].shape[1])
+    flat.add(arrays["archive"][[where[int(r)] for r in fit_rows]].astype(np.float32))
+    fifth = flat.search(arrays["archive"][[where[int(r)] for r in cal_rows]].astype(np.float32), 5)[0][:, 4]
+    reach = json.loads((run / "evidence_reach.json").read_text())
+    assert reach["rank"] == 5 and reach["threshold"] == pytest.approx(np.percentile(fifth, 99), abs=1e-4)
     # frozen stages keep their pretrained weights; the next stage has trained
     state = torch.load(run / "trial_0" / "checkpoint.pt", weights_only=True)["state"]
     pretrained = TrainConfig(encoder=cfg["encoder"]).build_encoder().stages

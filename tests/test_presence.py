@@ -407,3 +407,53 @@ def test_the_summary_and_the_chat_leave_out_cases_without_a_report(site_archive,
     a = client.post("/ask", json={"case_ids": without, "question": "Which retrieved report shows the largest tumor?"})
     assert a.status_code == 200 and a.json()["reports"] == []
     assert client.post("/summary", json={"case_ids": [*ids, 999_999_999]}).status_code == 404  # unknown: not found
+
+
+def test_an_answer_whose_typed_cases_all_lie_far_withholds_its_confidence(lesion_site, small_external):
+    """The run's evidence reach (``evidence_reach.json``): where the 5th nearest archive case of a
+    tumor type (the 5th shown) lies beyond it, the answer says 'no close tumor case', shows no
+    calibrated confidence and rules no type out; within it, the calibrated answer stands. Other
+    hospitals' held-out slices hold both kinds; the command line and the page say so."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from neurocbir.app.api import create_app
+    from tests.test_browser import open_app, query_file, serve_in_thread
+
+    run, archive = lesion_site
+    threshold = json.loads((run / "evidence_reach.json").read_text())["threshold"]
+    svc = RetrievalService.from_archive(run, archive)
+    ext = load_external(small_external)
+    far, near = [], []
+    for i in development_split(ext)[1]:
+        out = svc.query(ext.load_image(int(i)), k=5)
+        if out["prediction"] is None or out["already_in_archive"]:
+            continue
+        fifth = out["retrievals"][4]["distance"]
+        if abs(fifth - threshold) < 1e-3:  # the shown distance is rounded: too close to tell here
+            continue
+        assert bool(out["no_close_tumor_case"]) is (fifth > threshold), (fifth, threshold)
+        if out["no_close_tumor_case"]:
+            assert not out["calibration_applies"] and out["prediction_set"] == list(CLASS_NAMES)
+            far.append((Path(ext.root) / ext.files[i], out["no_close_tumor_case"]["warning"]))
+        else:
+            assert out["calibration_applies"] and out["no_similar_case"] is False
+            near.append(Path(ext.root) / ext.files[i])
+    print(f"threshold {threshold}: {len(far)} answers beyond it, {len(near)} within")
+    assert far and near
+    path, warning = far[0]
+    res = runner.invoke(cli, ["query", str(path), "--run", str(run), "--archive", str(archive)])
+    assert res.exit_code == 0 and warning in res.output and "confidence withheld" in res.output, res.output
+    url, server = serve_in_thread(create_app(svc))
+    try:
+        with sync_playwright() as p:
+            browser, page = open_app(p, url)
+            query_file(page, path)
+            expect(page.locator("#distant")).to_have_text(warning)
+            expect(page.locator("#conf")).to_contain_text("withheld")
+            page.goto(url)
+            query_file(page, near[0])
+            expect(page.locator("#conf")).to_contain_text("calibrated confidence")
+            expect(page.locator("#distant")).to_be_hidden()
+            browser.close()
+    finally:
+        server.should_exit = True

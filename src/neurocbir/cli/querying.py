@@ -87,8 +87,12 @@ def query(
     else:
         if out["presence_warning"]:
             typer.secho(out["presence_warning"], fg=typer.colors.RED)
-        if out["no_similar_case"]:  # a calibrated probability would not hold for this scan
-            shown = "confidence withheld: no similar archive case"
+        if out["no_close_tumor_case"]:
+            typer.secho(out["no_close_tumor_case"]["warning"], fg=typer.colors.RED)
+        if out["no_similar_case"] or out["no_close_tumor_case"]:  # a calibrated probability would not hold
+            shown = "confidence withheld: " + (
+                "no similar archive case" if out["no_similar_case"] else "no close tumor case"
+            )
         else:
             kind = "calibrated confidence" if out["calibrated"] else "uncalibrated softmax(I_c)"
             shown = f"{kind} {out['confidence']:.1%}"

@@ -229,6 +229,12 @@ def calibrate(
         help="only how a CPU-preset run answers 'no tumor found', chosen on the slices it held out of training "
         "(training patients and other hospitals' development groups; a few minutes, no training)",
     ),
+    reach: bool = typer.Option(
+        False,
+        "--reach",
+        help="only how far a CPU-preset run's tumor-type evidence may lie before its answer says 'no close "
+        "tumor case' (from its held-out slices; a minute, no training)",
+    ),
     pool: list[Path] = typer.Option(
         [],
         "--pool",
@@ -241,7 +247,8 @@ def calibrate(
     training patients), and a lesion run's tumor outline level. The trials stay as they are.
     With --study: the temperature of the one-answer-per-study confidence (seconds, no training).
     With --regions: the region search's presence threshold and calibration (a minute, no training).
-    With --presence: the slice's "no tumor" rule (threshold, decoder veto) on held-out slices."""
+    With --presence: the slice's "no tumor" rule (threshold, decoder veto) on held-out slices.
+    With --reach: how far the tumor-type evidence may lie ("no close tumor case"), on held-out slices."""
     from neurocbir.data.cases import load_cases
     from neurocbir.training.recalibrate import calibrate_existing_run, calibrate_studies
 
@@ -252,6 +259,12 @@ def calibrate(
 
         doc = _guard(fit_region_search, resolve_run(run), _guard(load_cases, data))
         typer.echo(f"region searches: {doc['how']}; threshold {doc['threshold']}: {run / 'region_search.json'}")
+        return
+    if reach:
+        from neurocbir.training.lesion_run import fit_reach
+
+        doc = _guard(fit_reach, resolve_run(run), _guard(load_cases, data))
+        typer.echo(f"no close tumor case beyond {doc['threshold']}: {doc['how']}: {run / 'evidence_reach.json'}")
         return
     if presence:
         from neurocbir.training.presence_choice import choose_presence

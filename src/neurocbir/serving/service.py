@@ -21,6 +21,7 @@ import numpy as np
 from scipy.special import softmax
 
 from neurocbir.classify import calibration
+from neurocbir.classify import reach as evidence_reach
 from neurocbir.classify import region as region_search
 from neurocbir.classify import study as study_calibration
 from neurocbir.classify.neighbors import knn_votes, nir_positions
@@ -39,7 +40,7 @@ from neurocbir.serving.feedback import FILE as FEEDBACK_FILE
 from neurocbir.serving.feedback import FeedbackStore, fingerprint
 from neurocbir.serving.sources import CaseFilter, CaseSource, RunCases
 from neurocbir.serving.threads import one_blas_thread, one_thread, side_work
-from neurocbir.serving.wording import DISCLAIMER, NO_TYPE, REGION_NO_TUMOR_NOTE, uncertain_presence
+from neurocbir.serving.wording import DISCLAIMER, NO_TYPE, REGION_NO_TUMOR_NOTE, distant_evidence, uncertain_presence
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class RetrievalService:
         self.region_search = region_search.load(model.run, self.tumor_level)
         self.presence_rule = load_rule(model.run)
         self.study_calibrator = study_calibration.load(model.run)
+        self.reach = evidence_reach.load(model.run)  # whole-slice searches' 'no close tumor case'
         self.nir_read = calibration.read_depth(self.calibrator, self.region_search.calibrator, self.study_calibrator)
         self.feedback_path = Path(feedback_path) if feedback_path else Path(model.run) / FEEDBACK_FILE
         self._feedback: FeedbackStore | None = None
@@ -325,9 +327,10 @@ class RetrievalService:
         disagree = bool(int(np.argmax(knn)) != winner or (in_set is not None and in_set.sum() > 1))
         nearest = float(dist[0]) if nearest is None else nearest
         far = nearest > cases.far_threshold
-        if far and in_set is not None:
-            # The calibration and the set's coverage hold for scans like the calibration cases;
-            # for one unlike every archive case no class is ruled out.
+        distant = None if self.reach is None or in_region is not None else self.reach.check(dist)
+        distant = distant and {**distant, "warning": distant_evidence(distant)}
+        if (far or distant) and in_set is not None:
+            # calibration and coverage hold for scans like the calibration queries: else no class is ruled out
             in_set = np.ones_like(in_set)
         filtering = filters is not None and filters.active()
         pool_dist, pool_ids = (
@@ -400,8 +403,8 @@ class RetrievalService:
             "prediction": names[winner],
             "confidence": round(float(proba[winner]), 4),
             "calibrated": cal is not None,
-            # False when no similar case is found: the confidence is then no calibrated probability
-            "calibration_applies": cal is not None and not far,
+            # False for no similar case, or no close tumor case: the confidence is then no calibrated probability
+            "calibration_applies": cal is not None and not far and distant is None,
             "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
             "prediction_set": None if in_set is None else [n for n, keep in zip(names, in_set) if keep],
             "coverage": coverage if cal is not None else None,
@@ -414,6 +417,7 @@ class RetrievalService:
             "nearest_other_class": nearest_other,
             "no_similar_case": far,
             "nearest_distance": round(nearest, 4),
+            "no_close_tumor_case": distant,
         }
 
     def _region_answer(self, region: Region) -> dict:

@@ -58,6 +58,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
                 "prediction": ev["prediction"],
                 "confidence": ev["confidence"] if ev["calibration_applies"] else None,
                 "no_similar_case": ev["no_similar_case"],
+                "no_close_tumor_case": bool(ev["no_close_tumor_case"]),
                 "area_mm2": outline["area_mm2"] if outline else None,
                 "query_tumor": outline,
                 "probability_no_tumor": ev["tumor_presence"]["probability_no_tumor"],
@@ -89,6 +90,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
             "largest_area_mm2": None,
             "area_note": None,
             "presence_warning": None,
+            "no_close_tumor_case": None,
             "volume_ml": None,
             "patients": [],
             "note": "No tumor found on any slice of this study."
@@ -134,7 +136,9 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         "prediction": answer,
         "confidence": round(float(proba.max()), 4),
         "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
-        "calibrated": calibrated,
+        # every counted slice's typed cases lie beyond the run's reach: no calibration holds for them
+        "calibrated": False if _distant_study(slices, tumor_rows) else calibrated,
+        "no_close_tumor_case": _distant_study(slices, tumor_rows),
         "key_slice": {
             "index": key,
             "name": slices[key]["name"],
@@ -163,6 +167,17 @@ def _uncertain_study(slices: list[dict], tumor_rows: list[int]) -> str | None:
         + ", ".join(map(str, unsure))
         + "): on each, the archive's cases point to no tumor and only the tumor decoder's outline keeps it a"
         " tumor. The study's type holds only if those outlines are tumors: check them."
+    )
+
+
+def _distant_study(slices: list[dict], tumor_rows: list[int]) -> str | None:
+    """What the study's answer says where every slice it counts has no close tumor case."""
+    if not all(slices[i]["no_close_tumor_case"] for i in tumor_rows):
+        return None
+    return (
+        "No close tumor case on any slice that counts as showing a tumor: the study's type is the vote of "
+        "archive cases that all lie farther than the calibration's held-out scans did, so its confidence is "
+        "not calibrated and no type is ruled out. Read the retrieved cases."
     )
 
 

@@ -29,6 +29,7 @@ NO_TYPE = {
     "nearest_other_class": None,
     "note": NO_TUMOR_NOTE,
     "presence_warning": None,
+    "no_close_tumor_case": None,
 }
 
 
@@ -40,4 +41,15 @@ def uncertain_presence(evidence: dict) -> str:
         f"(probability of no tumor {evidence['probability_no_tumor']:.0%}), but the tumor decoder's highest "
         f"probability on the slice is {evidence['decoder_peak']:.0%} (from {evidence['decoder_veto']:.0%} a slice "
         "is never called 'no tumor'). The tumor type below holds only if the outlined region is a tumor: check it."
+    )
+
+
+def distant_evidence(reach: dict) -> str:
+    """What an answer says where its nearest cases of a tumor type all lie farther than the
+    calibration's held-out queries' did (:meth:`neurocbir.classify.reach.EvidenceReach.check`)."""
+    return (
+        f"No close tumor case: the {reach['rank']} nearest archive cases of a tumor type lie up to "
+        f"{reach['distance']:.3f} away, farther than for 99% of the held-out scans the confidence was "
+        f"calibrated on ({reach['threshold']:.3f}). The tumor type below is these cases' vote, not a "
+        "calibrated answer, and no type is ruled out: read the retrieved cases."
     )

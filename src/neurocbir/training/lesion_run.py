@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neurocbir.classify import study
+from neurocbir.classify import reach, study
 from neurocbir.classify.calibration import nir_depth
 from neurocbir.classify.neighbors import NIRClassifier
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 TUMOR_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
-def held_out_neighbours(run: Path | str, table: CaseTable) -> tuple:
-    """What the run's calibration is fitted on: (config, held-out figshare rows, the neighbour-label
-    lists of each query group (held-out training patients; held-out typed development slices, where
-    the run held some out), their types, their patient groups, the archive's types, how it was made).
-    Each group is queried against every case the run trained on, with its first trial's embeddings."""
+def held_out_queries(run: Path | str, table: CaseTable) -> tuple:
+    """What the run's calibration is fitted on: (config, held-out figshare rows, the archive's
+    embeddings and types (every case the run trained on), the query groups' embeddings (held-out
+    training patients; held-out typed development slices, where the run held some out), their
+    types, their patient groups, how it was made), with the run's first trial's embeddings."""
     cfg, fit_rows, cal_rows, fit, cal = holdout_embeddings(run, table)
     how = (
         f"{len(np.unique(table.patient_id[cal_rows]))} training patients ({len(cal_rows)} slices, "
@@ -60,9 +60,28 @@ def held_out_neighbours(run: Path | str, table: CaseTable) -> tuple:
             f"; and {len(dev['held'])} typed slices of the other hospitals' development groups held out of training "
             f"(no twin of a trained-on slice), against the figshare and development cases trained on"
         )
-    nir = NIRClassifier().fit(np.vstack(archive), np.concatenate(archive_y))
-    held_out = [nir.neighbour_labels(q) for q in queries]
-    return cfg, cal_rows, held_out, y, groups, np.concatenate(archive_y), how
+    return cfg, cal_rows, np.vstack(archive), np.concatenate(archive_y), queries, y, groups, how
+
+
+def held_out_neighbours(run: Path | str, table: CaseTable) -> tuple:
+    """(config, held-out figshare rows, the neighbour-label lists of each query group of
+    :func:`held_out_queries`, their types, their patient groups, the archive's types, how it was made)."""
+    cfg, cal_rows, archive, archive_y, queries, y, groups, how = held_out_queries(run, table)
+    nir = NIRClassifier().fit(archive, archive_y)
+    return cfg, cal_rows, [nir.neighbour_labels(q) for q in queries], y, groups, archive_y, how
+
+
+def save_reach(run: Path | str, archive: np.ndarray, queries: list[np.ndarray], how: str) -> dict:
+    """Fit and save how far the run's tumor-type evidence may lie (:mod:`neurocbir.classify.reach`)."""
+    doc = reach.fit(reach.rank_distances(np.vstack(queries), archive), how)
+    reach.save(run, doc)
+    return doc
+
+
+def fit_reach(run: Path | str, table: CaseTable) -> dict:
+    """Only the reach of a calibrated run (``neurocbir calibrate RUN --reach``)."""
+    _, _, archive, _, queries, _, _, how = held_out_queries(run, table)
+    return save_reach(run, archive, queries, how)
 
 
 def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
@@ -77,10 +96,13 @@ def calibrate_on_holdout(run: Path, table: CaseTable) -> None:
     from neurocbir.training.mirror_choice import choose_mirror
 
     choose_mirror(run, table)
-    cfg, cal_rows, held_out, y, groups, archive_y, how = held_out_neighbours(run, table)
+    cfg, cal_rows, archive, archive_y, queries, y, groups, how = held_out_queries(run, table)
+    nir = NIRClassifier().fit(archive, archive_y)
+    held_out = [nir.neighbour_labels(q) for q in queries]
     depth = nir_depth(archive_y, len(CLASS_NAMES))
     read = f"; NIR read to depth {depth} (the largest power of two not above the archive's smallest tumor type)"
     fit_calibration(Path(run), held_out, y, groups, how + read, len(CLASS_NAMES), depth)
+    save_reach(run, archive, queries, how)
     fit_tumor_level(Path(run), table, cal_rows, cfg.first_seed)
     cal, measured = study.fit_study_temperature_from_neighbours(
         list(held_out[0]),

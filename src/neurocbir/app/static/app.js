@@ -163,17 +163,19 @@ function showPrediction() {
       "The archive's answer is about tumor type only, so no tumor type is given; the most similar archive cases are shown as context.";
     return;
   }
+  const distant = last.no_close_tumor_case;  // the nearest typed cases all lie far: the type is their vote
+  $("distant").hidden = !distant; $("distant").textContent = distant ? distant.warning : "";
   $("uncertain").hidden = !last.presence_warning;  // presence evidence in conflict: the type is conditional
   $("uncertain").textContent = last.presence_warning || "";
   const chip = document.createElement("span");
   chip.className = `chip ${last.prediction}`; chip.textContent = last.prediction;
   $("pred").replaceChildren(chip);
   const ic = last.nir_positions[last.prediction];
-  const kind = (last.presence_warning ? "if it is a tumor: " : "") +
-    (last.calibrated ? "calibrated confidence" : "uncalibrated confidence");
-  // Far from every archive case a calibrated probability would not hold: show none.
-  $("conf").textContent = (last.no_similar_case
-    ? "confidence withheld (no similar archive case) — "
+  const kind = last.calibrated ? "calibrated confidence" : "uncalibrated confidence";
+  // Far from every archive case, or from every typed one, a calibrated probability would not hold: show none.
+  const withheld = last.no_similar_case || distant;
+  $("conf").textContent = (last.presence_warning ? "if it is a tumor: " : "") + (withheld
+    ? `confidence withheld (${last.no_similar_case ? "no similar archive case" : "no close tumor case"}) — `
     : `${kind} ${(100 * last.confidence).toFixed(1)}% — `) + (ic === 1
     ? `the nearest archive case is a ${last.prediction}; the second is not`
     : `the ${ic} nearest archive cases are all ${last.prediction}`);
@@ -194,7 +196,7 @@ function showPrediction() {
   for (const h of ["class", last.calibrated ? "probability (calibrated)" : "softmax(I_c)", "I_c", "KNN-7 vote"]) cell(head, h, "th");
   for (const c of Object.keys(last.probabilities)) {
     const r = table.insertRow();
-    cell(r, c); cell(r, last.no_similar_case ? "—" : `${(100 * last.probabilities[c]).toFixed(1)}%`);
+    cell(r, c); cell(r, withheld ? "—" : `${(100 * last.probabilities[c]).toFixed(1)}%`);
     cell(r, last.nir_positions[c]);
     cell(r, `${(100 * (last.knn_vote[c] || 0)).toFixed(0)}%`);
   }
@@ -405,6 +407,7 @@ async function runStudy() {
   $("studyBox").hidden = false;
   const pred = $("studyPred");
   $("studyUncertain").hidden = !out.presence_warning; $("studyUncertain").textContent = out.presence_warning || "";
+  $("studyDistant").hidden = !out.no_close_tumor_case; $("studyDistant").textContent = out.no_close_tumor_case || "";
   if (out.prediction) {
     pred.replaceChildren(el("span", out.prediction, `chip ${out.prediction}`));
     $("studyConf").textContent = `confidence ${(100 * out.confidence).toFixed(1)}% (${out.calibrated || "uncalibrated"}), ` +
