@@ -8,7 +8,9 @@ archive growth curve (the development part added 0, 25, 50, 100 %, no network re
 Per source: tumor-type accuracy and ECE where the type is known, slices flagged 'no similar case',
 tumor slices called 'no tumor' (TCGA: by the mask's share of the slice), no-tumor slices handled
 ('no tumor', or flagged), and the slices answered with a type but "tumor presence uncertain" (the
-presence rule's score said "no tumor", the decoder's veto kept a tumor). TCGA: outline Dice against its masks (they outline the FLAIR
+presence rule's score said "no tumor", the decoder's veto kept a tumor) or "no close tumor case" (the 5th
+nearest typed case beyond the run's evidence reach: no confidence shown, no type ruled out), and the
+accuracy and ECE of the typed slices whose answer shows a confidence. TCGA: outline Dice against its masks (they outline the FLAIR
 abnormality, not the enhancement: larger than what a T1c outline shows), and every validation
 patient's whole series sent as one study (its answer, its key slice against the tumor's slice
 range, presence slice by slice). Figshare fold 5 over the same archive and over the run's own index.
@@ -78,10 +80,12 @@ def figures(out: list[dict], labels) -> dict:
     called_none = np.array([o["tumor_found"] is False for o in out], dtype=bool)
     far = np.array([o["no_similar_case"] for o in out], dtype=bool)
     unsure = np.array([bool(o.get("presence_warning")) for o in out], dtype=bool)
+    distant = np.array([bool(o.get("no_close_tumor_case")) for o in out], dtype=bool)
     typed = [i for i in np.flatnonzero(typed_label) if out[i]["prediction"] is not None]
     correct = np.array([out[i]["prediction"] == labels[i] for i in typed])
     proba = np.array([[out[i]["probabilities"].get(c, 0.0) for c in CLASS_NAMES] for i in typed])
     y = np.array([CLASS_NAMES.index(labels[i]) for i in typed])
+    shown = np.array([bool(out[i]["calibration_applies"]) for i in typed], dtype=bool)  # a confidence shown
     nan = float("nan")
     return {
         "n_typed": int(typed_label.sum()),
@@ -95,6 +99,11 @@ def figures(out: list[dict], labels) -> dict:
         "none_called_none": float(called_none[~tumor].mean()) if (~tumor).any() else nan,
         "tumor_unsure": float(unsure[tumor].mean()) if tumor.any() else nan,
         "none_unsure": float(unsure[~tumor].mean()) if (~tumor).any() else nan,
+        "tumor_distant": float(distant[tumor].mean()) if tumor.any() else nan,
+        "none_distant": float(distant[~tumor].mean()) if (~tumor).any() else nan,
+        "n_shown": int(shown.sum()),
+        "accuracy_shown": float(correct[shown].mean()) if shown.any() else nan,
+        "ece_shown": expected_calibration_error(proba[shown], y[shown]) if shown.sum() > 1 else nan,
     }
 
 
@@ -136,7 +145,8 @@ def source_rows(out: list[dict], ext, tcga_share: np.ndarray) -> list[str]:
         rows.append(
             f"| {name} | {f['n_tumor']} ({f['n_typed']} typed) / {f['n_none']} | {num(f['accuracy'])} | {num(f['ece'])} | "
             f"{pct(f['flagged'])} | {pct(f['tumor_called_none'])} | {pct(f['none_handled'])} | {pct(f['none_called_none'])} | "
-            f"{pct(f['tumor_unsure'])} / {pct(f['none_unsure'])} |"
+            f"{pct(f['tumor_unsure'])} / {pct(f['none_unsure'])} | {pct(f['tumor_distant'])} / {pct(f['none_distant'])} | "
+            f"{f['n_shown']}: {num(f['accuracy_shown'])} / {num(f['ece_shown'])} |"
         )
     return rows
 
@@ -144,8 +154,9 @@ def source_rows(out: list[dict], ext, tcga_share: np.ndarray) -> list[str]:
 HEAD = [
     "| source | slices: tumor (type known) / no tumor | tumor-type accuracy | ECE | flagged 'no similar case' | "
     "tumor slices called 'no tumor' | no-tumor slices handled | of which 'no tumor' | "
-    "answered 'tumor presence uncertain': tumor / no-tumor slices |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "answered 'tumor presence uncertain': tumor / no-tumor slices | answered 'no close tumor case': tumor / "
+    "no-tumor slices | typed slices with a confidence shown: accuracy / ECE |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -294,10 +305,13 @@ def main() -> None:
         "",
         f"### Figshare fold {fold} (664 slices)",
         "",
-        "| case source | accuracy | ECE | tumor slices called 'no tumor' | outline Dice median |",
-        "|---|---|---|---|---|",
-        f"| the run's own index (folds 1-4) | {num(own5['accuracy'])} | {num(own5['ece'])} | {pct(own5['tumor_called_none'])} | |",
-        f"| the archive above (what `make demo` serves) | {num(fig5['accuracy'])} | {num(fig5['ece'])} | {pct(fig5['tumor_called_none'])} | {fig_dice:.3f} |",
+        "| case source | accuracy | ECE | tumor slices called 'no tumor' | answered 'no close tumor case' | "
+        "with a confidence shown: accuracy / ECE | outline Dice median |",
+        "|---|---|---|---|---|---|---|",
+        f"| the run's own index (folds 1-4) | {num(own5['accuracy'])} | {num(own5['ece'])} | {pct(own5['tumor_called_none'])} | "
+        f"{pct(own5['tumor_distant'])} | {own5['n_shown']}: {num(own5['accuracy_shown'])} / {num(own5['ece_shown'])} | |",
+        f"| the archive above (what `make demo` serves) | {num(fig5['accuracy'])} | {num(fig5['ece'])} | {pct(fig5['tumor_called_none'])} | "
+        f"{pct(fig5['tumor_distant'])} | {fig5['n_shown']}: {num(fig5['accuracy_shown'])} / {num(fig5['ece_shown'])} | {fig_dice:.3f} |",
     ]
     if len(growth) > 1:
         body += [
