@@ -205,31 +205,38 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     (run / RULE_FILE).unlink()
 
 
-def _a_study_says_which_slices(svc, paths: list[Path]) -> None:
-    """The same slices sent as one DICOM series: the study names the slices it counts as a tumor
-    only by the veto (numbered as the page's strip numbers them), and its SR says so (dciodvfy)."""
+def _series(paths: list[Path]):
+    """The slices at ``paths`` as one DICOM series (one size, as a scanner's), read as a study."""
     import io
-    import shutil
-    import subprocess
-    import tempfile
 
     from PIL import Image
 
     from neurocbir.data.studies import read_study
     from neurocbir.data.uploads import read_scan_with_spacing
     from neurocbir.retrieval.dicomweb import to_dicom
-    from neurocbir.serving.results_dicom import write_results
-    from neurocbir.serving.studies import answer_study
 
     files, uid = [], "1.2.826.0.1.3680043.10.543.31"
     for n, p in enumerate(paths):
-        pixels = read_scan_with_spacing(p.read_bytes(), p.name)[0]  # one series: one size, as a scanner's
+        pixels = read_scan_with_spacing(p.read_bytes(), p.name)[0]
         pixels = np.asarray(Image.fromarray(pixels.astype(np.float32)).resize((256, 256), Image.BILINEAR))
         ds = to_dicom(pixels, "PAT-V", uid, f"{uid}.1", f"{uid}.1.{n + 1}", position_mm=6.0 * n, instance_number=n + 1)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         files.append((buf.getvalue(), f"{n:03d}.dcm"))
-    study = read_study(files)
+    return read_study(files)
+
+
+def _a_study_says_which_slices(svc, paths: list[Path]) -> None:
+    """The same slices sent as one DICOM series: the study names the slices it counts as a tumor
+    only by the veto (numbered as the page's strip numbers them), and its SR says so (dciodvfy)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from neurocbir.serving.results_dicom import write_results
+    from neurocbir.serving.studies import answer_study
+
+    study = _series(paths)
     out = answer_study(svc, study, k=3)
     unsure = [s["index"] + 1 for s in out["slices"] if s["presence_uncertain"]]
     alone = [n + 1 for n, s in enumerate(study.slices) if svc.query(s.pixels)["presence_warning"]]
@@ -440,6 +447,17 @@ def test_an_answer_whose_typed_cases_all_lie_far_withholds_its_confidence(lesion
             near.append(Path(ext.root) / ext.files[i])
     print(f"threshold {threshold}: {len(far)} answers beyond it, {len(near)} within")
     assert far and near
+    # a series of such slices: each slice flagged as it is alone; where every counted slice is, the study too
+    from neurocbir.serving.studies import answer_study
+
+    study = _series([p for p, _ in far[:4]])
+    out = answer_study(svc, study, k=3)
+    alone = [bool(svc.query(s.pixels)["no_close_tumor_case"]) for s in study.slices]
+    assert [s["no_close_tumor_case"] for s in out["slices"]] == alone
+    counted = [s for s in out["slices"] if s["tumor_found"] is not False and not s["no_similar_case"]]
+    assert counted and (out["no_close_tumor_case"] is not None) is all(s["no_close_tumor_case"] for s in counted)
+    assert (out["calibrated"] is False) is (out["no_close_tumor_case"] is not None)
+    print("series", alone, "study flagged", out["no_close_tumor_case"] is not None)
     path, warning = far[0]
     res = runner.invoke(cli, ["query", str(path), "--run", str(run), "--archive", str(archive)])
     assert res.exit_code == 0 and warning in res.output and "confidence withheld" in res.output, res.output
