@@ -229,11 +229,6 @@ def _series(paths: list[Path]):
 def _a_study_says_which_slices(svc, paths: list[Path]) -> None:
     """The same slices sent as one DICOM series: the study names the slices it counts as a tumor
     only by the veto (numbered as the page's strip numbers them), and its SR says so (dciodvfy)."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    from neurocbir.serving.results_dicom import write_results
     from neurocbir.serving.studies import answer_study
 
     study = _series(paths)
@@ -246,13 +241,24 @@ def _a_study_says_which_slices(svc, paths: list[Path]) -> None:
     assert set(unsure) <= set(counted) and out["prediction"] is not None
     named = out["presence_warning"].split("(slice ")[1].split(")")[0]
     assert named == ", ".join(map(str, [n for n in unsure if n in counted]))
+    _the_sr_says(study, out, "Tumor presence uncertain", True)
+
+
+def _the_sr_says(study, out: dict, words: str, said: bool) -> None:
+    """The study's DICOM SR passes dciodvfy and holds ``words`` exactly when ``said``."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import pydicom
+
+    from neurocbir.serving.results_dicom import write_results
+
     with tempfile.TemporaryDirectory() as tmp:
         sr = write_results(study, out, Path(tmp))["sr.dcm"]
         report = subprocess.run([shutil.which("dciodvfy") or "dciodvfy", sr], capture_output=True, text=True).stderr
         assert not [line for line in report.splitlines() if line.startswith("Error")], report
-        import pydicom
-
-        assert "Tumor presence uncertain" in str(pydicom.dcmread(sr))
+        assert (words in str(pydicom.dcmread(sr))) is said
 
 
 def _the_warning_is_shown(svc, run, archive, path) -> None:
@@ -458,6 +464,7 @@ def test_an_answer_whose_typed_cases_all_lie_far_withholds_its_confidence(lesion
     assert counted and (out["no_close_tumor_case"] is not None) is all(s["no_close_tumor_case"] for s in counted)
     assert (out["calibrated"] is False) is (out["no_close_tumor_case"] is not None)
     print("series", alone, "study flagged", out["no_close_tumor_case"] is not None)
+    _the_sr_says(study, out, "No close tumor case", out["no_close_tumor_case"] is not None)
     path, warning = far[0]
     res = runner.invoke(cli, ["query", str(path), "--run", str(run), "--archive", str(archive)])
     assert res.exit_code == 0 and warning in res.output and "confidence withheld" in res.output, res.output

@@ -154,6 +154,12 @@ def build_sr(study: Study, answer: dict, seg=None):
                     _code("tumor-found", "Tumor found"), _code("uncertain", "Tumor presence uncertain")
                 )
             )
+        if answer.get("no_close_tumor_case"):  # its typed evidence lies beyond the run's reach: said so
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    _code("type-evidence", "Tumor-type evidence"), _code("not-close", "No close tumor case")
+                )
+            )
         evaluations.append(
             hd.sr.QualitativeEvaluation(
                 _code("tumor-type", "Predicted tumor type"), _code(answer["prediction"], answer["prediction"])
