@@ -432,9 +432,14 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     from neurocbir.serving.studies import answer_study
 
     test = np.flatnonzero(small_cases.fold == 5)[:3]
-    answer = answer_study(svc, Study([StudySlice(small_cases.load_image(r), None, f"s{r}") for r in test], "images"))
-    assert answer["calibrated"] == "study"
-    # `neurocbir calibrate` refits both from the run's files alone, to the same result
+    series = Study([StudySlice(small_cases.load_image(r), None, f"s{r}") for r in test], "images")
+    answer = answer_study(svc, series)
+    # where every slice's typed cases lie beyond this one-epoch run's reach, the study says so, uncalibrated
+    assert answer["calibrated"] == (False if answer["no_close_tumor_case"] else "study")
+    reach_before = (run / "evidence_reach.json").read_text()
+    (run / "evidence_reach.json").unlink()  # without a reach, the study temperature applies
+    assert answer_study(RetrievalService.from_run(run, table=small_cases), series)["calibrated"] == "study"
+    # `neurocbir calibrate` refits them from the run's files alone, to the same result
     before = (run / "calibration.json").read_text()
     (run / "calibration.json").unlink()
     (run / "tumor_level.json").unlink()
@@ -442,6 +447,7 @@ def test_cpu_lesion_preset_trains_calibrates_on_held_out_patients_and_serves(tmp
     assert res.exit_code == 0, res.output
     assert json.loads((run / "calibration.json").read_text()) == json.loads(before)
     assert json.loads((run / "tumor_level.json").read_text()) == level
+    assert json.loads((run / "evidence_reach.json").read_text()) == json.loads(reach_before)
     # the embedding (the scan alone or with its mirror) was chosen on the same held-out patients,
     # and the run's index holds what the app computes; a choice that changes it rebuilds the index
     from neurocbir.models import mirror
