@@ -265,14 +265,21 @@ def _the_warning_is_shown(svc, run, archive, path) -> None:
     """A slice kept a tumor by the veto alone (its file): the command line and the page say that
     its tumor presence is uncertain, before the type, and the page's confidence is the type's if a
     tumor."""
-    from playwright.sync_api import expect, sync_playwright
-
-    from neurocbir.app.api import create_app
     from neurocbir.data.uploads import read_scan_with_spacing
-    from tests.test_browser import open_app, query_file, serve_in_thread
 
     warning = svc.query(read_scan_with_spacing(path.read_bytes(), path.name)[0])["presence_warning"]
     assert warning
+    _said_by_cli_and_page(svc, run, archive, path, warning, "#uncertain", "if it is a tumor")
+
+
+def _said_by_cli_and_page(svc, run, archive, path, warning: str, where: str, conf: str, then=None) -> None:
+    """`neurocbir query` prints ``warning`` for the scan at ``path``; the page shows it in ``where``
+    and its confidence line holds ``conf``; ``then(page, url)`` goes on in the same browser."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from neurocbir.app.api import create_app
+    from tests.test_browser import open_app, query_file, serve_in_thread
+
     res = runner.invoke(cli, ["query", str(path), "--run", str(run), "--archive", str(archive)])
     assert res.exit_code == 0 and warning in res.output, res.output
     url, server = serve_in_thread(create_app(svc))
@@ -280,8 +287,10 @@ def _the_warning_is_shown(svc, run, archive, path) -> None:
         with sync_playwright() as p:
             browser, page = open_app(p, url)
             query_file(page, path)
-            expect(page.locator("#uncertain")).to_have_text(warning)
-            expect(page.locator("#conf")).to_contain_text("if it is a tumor")
+            expect(page.locator(where)).to_have_text(warning)
+            expect(page.locator("#conf")).to_contain_text(conf)
+            if then is not None:
+                then(page, url)
             browser.close()
     finally:
         server.should_exit = True
@@ -427,10 +436,9 @@ def test_an_answer_whose_typed_cases_all_lie_far_withholds_its_confidence(lesion
     tumor type (the 5th shown) lies beyond it, the answer says 'no close tumor case', shows no
     calibrated confidence and rules no type out; within it, the calibrated answer stands. Other
     hospitals' held-out slices hold both kinds; the command line and the page say so."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from neurocbir.app.api import create_app
-    from tests.test_browser import open_app, query_file, serve_in_thread
+    from tests.test_browser import query_file
 
     run, archive = lesion_site
     threshold = json.loads((run / "evidence_reach.json").read_text())["threshold"]
@@ -467,18 +475,12 @@ def test_an_answer_whose_typed_cases_all_lie_far_withholds_its_confidence(lesion
     _the_sr_says(study, out, "No close tumor case", out["no_close_tumor_case"] is not None)
     path, warning = far[0]
     res = runner.invoke(cli, ["query", str(path), "--run", str(run), "--archive", str(archive)])
-    assert res.exit_code == 0 and warning in res.output and "confidence withheld" in res.output, res.output
-    url, server = serve_in_thread(create_app(svc))
-    try:
-        with sync_playwright() as p:
-            browser, page = open_app(p, url)
-            query_file(page, path)
-            expect(page.locator("#distant")).to_have_text(warning)
-            expect(page.locator("#conf")).to_contain_text("withheld")
-            page.goto(url)
-            query_file(page, near[0])
-            expect(page.locator("#conf")).to_contain_text("calibrated confidence")
-            expect(page.locator("#distant")).to_be_hidden()
-            browser.close()
-    finally:
-        server.should_exit = True
+    assert res.exit_code == 0 and "confidence withheld" in res.output, res.output
+
+    def near_one(page, url) -> None:  # a calibrated answer after it: no warning left over
+        page.goto(url)
+        query_file(page, near[0])
+        expect(page.locator("#conf")).to_contain_text("calibrated confidence")
+        expect(page.locator("#distant")).to_be_hidden()
+
+    _said_by_cli_and_page(svc, run, archive, path, warning, "#distant", "withheld", near_one)

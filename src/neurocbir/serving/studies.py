@@ -129,6 +129,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         volume_note = (
             f"an estimate: outlined areas x {study.slice_spacing_mm:.2f} mm slice spacing, over {len(outlined)} slices"
         )
+    distant = _distant_study(slices, tumor_rows)
     return {
         **out,
         "tumor_found": True,
@@ -137,8 +138,8 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
         "confidence": round(float(proba.max()), 4),
         "probabilities": {n: round(float(p), 4) for n, p in zip(names, proba)},
         # every counted slice's typed cases lie beyond the run's reach: no calibration holds for them
-        "calibrated": False if _distant_study(slices, tumor_rows) else calibrated,
-        "no_close_tumor_case": _distant_study(slices, tumor_rows),
+        "calibrated": False if distant else calibrated,
+        "no_close_tumor_case": distant,
         "key_slice": {
             "index": key,
             "name": slices[key]["name"],
