@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from neurocbir.cli import app as cli
@@ -130,6 +132,30 @@ def test_examples_are_listed_and_answer_by_id(site_archive, small_run):
     out = client.post("/query", data={"case_id": str(none["case_id"])}).json()
     assert "tumor_found" in out and out["query_fingerprint"]
     assert client.get(f"/cases/{EXAMPLE_ID_BASE + 999_999}").status_code == 404
+
+
+def test_other_hospitals_cases_with_a_mask_are_shown_with_their_outline(site_archive, small_run, small_external):
+    from fastapi.testclient import TestClient
+
+    from neurocbir.app.api import create_app
+
+    ext = load_external(small_external)
+    arch = CaseArchive.open(site_archive, writer=False)
+    rows = arch.db.execute("SELECT id, image_path, label FROM cases").fetchall()
+    arch.close()
+    tcga = {str(ext.path(i)): i for i in np.flatnonzero((ext.sources == "tcga-lgg") & (ext.mask_files != ""))}
+    added = [(c, tcga[p], label) for c, p, label in rows if p in tcga]
+    assert added, "the development part's TCGA slices are archive cases"
+    client = TestClient(create_app(RetrievalService.from_archive(small_run, site_archive)))
+    for case_id, i, label in added:
+        png = client.get(f"/cases/{case_id}/mask.png")
+        assert png.status_code == 200, png.text
+        shown = np.asarray(Image.open(io.BytesIO(png.content)).convert("L").resize(ext.load_mask(i).shape[::-1])) > 127
+        truth = ext.load_mask(i)
+        assert (shown != truth).mean() < 0.02  # the slice's own FLAIR-abnormality mask
+        plain = client.get(f"/cases/{case_id}/image.png").content
+        outlined = client.get(f"/cases/{case_id}/image.png?outline=true").content
+        assert (plain != outlined) == bool(truth.any()), (case_id, label)  # an outline only where a tumor is
 
 
 def test_a_run_without_no_tumor_cases_does_not_assess_tumor_presence(small_run, small_cases):

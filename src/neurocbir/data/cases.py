@@ -272,16 +272,18 @@ def load_cases(root: Path | str | None = None) -> CaseTable:
 
 
 def mask_for_image(path: Path | str) -> np.ndarray | None:
-    """The tumor mask that goes with an image file of either dataset layout (``images/N.jpg``
-    beside ``masks/N.png``, or a figshare ``N.mat``), or None when the layout has none."""
+    """The tumor mask that goes with an image file of a dataset layout (``images/N.jpg`` beside
+    ``masks/N.png``: the bundled folder, or other hospitals' TCGA slices, whose masks outline the
+    FLAIR abnormality; or a figshare ``N.mat``), or None when the layout has none."""
     path = Path(path)
     if not path.stem.isdigit():
         return None
     try:
         if path.suffix == ".mat":
             return FigshareSource(path.parent).load_mask(int(path.stem))
-        if path.parent.name == "images" and (path.parent.parent / "masks" / f"{path.stem}.png").is_file():
-            return FolderSource(path.parent.parent).load_mask(int(path.stem))
+        mask = path.parent.parent / "masks" / f"{path.stem}.png"  # the stem as written: 00074 or 74
+        if path.parent.name == "images" and mask.is_file():
+            return read_gray(mask) > 127
     except (ValueError, OSError):  # DatasetError is a ValueError
         return None
     return None
