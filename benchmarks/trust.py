@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,8 @@ def main() -> None:
             got.append(r.json()["no_similar_case"])
         flags.append((name, int(sum(got)), len(got), "; ".join(notes)))
 
+    cal_how = json.loads((args.run / "calibration.json").read_text())["how"]
+    unsure, singles = shown.max(1) < 0.9, np.array(sizes) == 1
     cmd = "python benchmarks/trust.py " + " ".join(sys.argv[1:])
     lines = [
         "## Trust: calibration, prediction sets, no similar case (issue 10)",
@@ -122,11 +125,12 @@ def main() -> None:
         f"Command: `{cmd}` | machine: {machine()} | {started} | run `{args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run}`"
         f" ({metrics['trials']} trials, test fold {metrics['fold']}, {metrics['n_test']} slices)",
         "",
-        "How each choice was made: the temperature and the conformal scores come from `neurocbir train`'s "
-        "3-fold patient-grouped inner CV on the training folds (top retrained per inner fold; half the "
-        "inner-validation patients fit T, the other half give the scores). The no-similar-case threshold is "
-        "1.1 x the 99.5th percentile of training cases' trunk distance to the nearest case of another patient. "
-        "The test fold is read only here.",
+        "How each choice was made: the temperature and the conformal scores come from the run's held-out "
+        f"slices (calibration.json: {cal_how}; half the patients fit T, the other half give the scores). "
+        "The prediction set is the conformal set widened to the most probable types whose calibrated "
+        "probabilities reach the coverage (so that a set of one type never comes with a lower confidence). "
+        "The no-similar-case threshold is 1.1 x the 99.5th percentile of training cases' trunk distance to "
+        "the nearest case of another patient. The test fold is read only here.",
         "",
         "Test-fold ECE (10 bins, top label) and NIR prediction sets:",
     ]
@@ -136,7 +140,10 @@ def main() -> None:
         f"Through `POST /query` (the served trial, {len(y)} random test-fold slices, default coverage 0.95): "
         f"accuracy {api_acc:.3f}, ECE of the shown probabilities {expected_calibration_error(shown, y):.3f}, "
         f"mean confidence {shown.max(1).mean():.3f}, answers above 99% {np.mean(shown.max(1) > 0.99):.1%}, "
-        f"prediction-set coverage {np.mean(covered):.3f}, mean set size {np.mean(sizes):.2f} "
+        f"prediction-set coverage {np.mean(covered):.3f}, mean set size {np.mean(sizes):.2f}; "
+        f"answers below 0.9 confidence: {unsure.sum()}, their set coverage "
+        f"{np.mean(np.array(covered)[unsure]) if unsure.any() else float('nan'):.3f}, sets of one type among them "
+        f"{int((unsure & singles).sum())} "
         f"({api_flagged} flagged no similar case: the app shows them with no confidence and every class in the set; "
         "the figures count their API probabilities as shown).",
         "",

@@ -46,6 +46,45 @@ def test_conformal_sets_cover_new_patients_at_the_stated_rate():
         cal.threshold(1.0)
 
 
+def _mostly_sure(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits like a good retrieval model's: nine answers in ten sure (all neighbours of one type),
+    one in ten torn between types; the true class drawn from softmax(z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.random((n, 3)) * 1.5
+    sure = rng.random(n) < 0.9
+    z[sure, rng.integers(0, 3, sure.sum())] += 6.0
+    p = softmax(z, axis=1)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    return z, y, rng.integers(0, n // 8, n)
+
+
+def test_a_set_of_one_type_is_never_shown_beside_a_low_confidence():
+    """The set grows where the calibrated confidence is low, so that low-confidence answers are
+    covered at about the stated rate too; the conformal threshold alone (forced non-empty) covers
+    them far less often, and showed one type beside a confidence under 50 %."""
+    seed = 3
+    print("seed", seed)
+    cal = Calibrator.fit(*_mostly_sure(4000, seed))
+    z, y, _ = _mostly_sure(4000, seed + 1)
+    p = cal.proba(z)
+    rows, low = np.arange(len(y)), p.max(1) < 0.7
+    assert low.sum() > 200
+    conformal = 1 - p <= cal.threshold(0.95)
+    conformal[rows, p.argmax(1)] = True
+    sets = cal.prediction_set(p, 0.95)
+    assert (sets >= conformal).all()  # never narrower than the conformal set
+    assert ((p * sets).sum(1) >= 0.95 - 1e-9).all()  # a set holds at least 95 % of its answer's probability
+    assert (p[sets.sum(1) == 1].max(1) >= 0.95).all()  # one type only with a confidence of at least 95 %
+    assert (p[conformal.sum(1) == 1].max(1) < 0.5).any()  # which the conformal set alone did not keep
+    covered, before = sets[rows, y], conformal[rows, y]
+    print(
+        "coverage, all / confidence < 0.7:", covered.mean(), covered[low].mean(), "conformal alone:", before[low].mean()
+    )
+    assert covered.mean() >= 0.95 and covered[low].mean() >= 0.93
+    assert before[low].mean() < 0.8
+    assert Calibrator.from_dict(cal.as_dict()).threshold(0.9) == pytest.approx(cal.threshold(0.9), abs=1e-6)
+
+
 def test_a_run_is_calibrated_on_training_patients_only(small_run):
     doc = json.loads((small_run / "calibration.json").read_text())
     assert set(doc["classifiers"]) == {"nir", "inir", "knn7"}

@@ -6,10 +6,14 @@ the numbers a clinician reads, both fitted on training patients only:
 
 * **Temperature scaling**: ``softmax(logits / T)``, one parameter ``T`` fitted by negative
   log-likelihood (Guo et al. 2017), so the ranking (and AUROC, kappa) is unchanged.
-* **Split-conformal prediction sets** (LAC score ``1 - p_true``): the set of classes whose
+* **Prediction sets**: the split-conformal set (LAC score ``1 - p_true``: the classes whose
   calibrated probability clears a threshold read from held-out scores, so that it holds the
-  true class with the stated coverage ("meningioma or glioma" when the evidence does not
-  separate them).
+  true class with the stated coverage: "meningioma or glioma" when the evidence does not
+  separate them), widened where needed to the most probable classes whose calibrated
+  probabilities together reach the coverage. The conformal set alone, forced non-empty, named one
+  type beside a confidence as low as 46 % (its threshold let a second type in only above 54 %):
+  a "95 % set" of one type must mean a confidence of at least 95 %. The wider set covers at least
+  as often as the conformal one promises.
 
 NIR's positions are read to a depth every tumor type of the calibration archive fills
 (:func:`nir_depth`, kept in ``calibration.json``), so that the same evidence shows the same
@@ -126,6 +130,11 @@ class Calibrator:
     scores: np.ndarray  # sorted nonconformity scores 1 - p_true of held-out patients
     depth: int | None = None  # its neighbour lists read to this depth only (neighbour_logits); None: all
 
+    @classmethod
+    def from_dict(cls, doc: dict) -> Calibrator:
+        """One classifier's entry of ``calibration.json`` (or of ``region_search.json``)."""
+        return cls(float(doc["temperature"]), np.asarray(doc["scores"], dtype=float), doc.get("depth"))
+
     def proba(self, logits: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(logits, dtype=float) / self.temperature, axis=-1)
 
@@ -139,11 +148,13 @@ class Calibrator:
 
     def prediction_set(self, proba: np.ndarray, coverage: float = DEFAULT_COVERAGE) -> np.ndarray:
         """Boolean mask (n, classes): the classes in each prediction set (never empty: the
-        most probable class is always in)."""
+        most probable class is always in), the conformal set and the classes that bring the set's
+        calibrated probability up to ``coverage``."""
         proba = np.atleast_2d(proba)
-        keep = 1.0 - proba <= self.threshold(coverage)
-        keep[np.arange(len(proba)), proba.argmax(1)] = True
-        return keep
+        conformal = 1.0 - proba <= self.threshold(coverage)
+        # the most probable classes until their summed probability reaches the coverage
+        above = np.where(proba[:, None, :] > proba[:, :, None], proba[:, None, :], 0.0).sum(2)
+        return conformal | (above < coverage)
 
     @classmethod
     def fit(
@@ -216,10 +227,7 @@ def load(run: Path | str) -> dict[str, Calibrator] | None:
         return None
     try:
         doc = json.loads(path.read_text())["classifiers"]
-        return {
-            k: Calibrator(float(v["temperature"]), np.asarray(v["scores"], dtype=float), v.get("depth"))
-            for k, v in doc.items()
-        }
+        return {k: Calibrator.from_dict(v) for k, v in doc.items()}
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(
             f"{path} is corrupt ({type(exc).__name__}): retrain the run, or delete the file "

@@ -20,8 +20,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from neurocbir.classify.calibration import Calibrator
 from neurocbir.errors import ConfigurationError
 from neurocbir.files import write_json
@@ -56,11 +54,7 @@ def load(run: Path | str, default_threshold: float) -> RegionSearch:
     try:
         doc = json.loads(path.read_text())
         cal = doc.get("calibration")
-        calibrator = (
-            None
-            if cal is None
-            else Calibrator(float(cal["temperature"]), np.asarray(cal["scores"], float), cal.get("depth"))
-        )
+        calibrator = None if cal is None else Calibrator.from_dict(cal)
         return RegionSearch(float(doc["threshold"]), calibrator, str(doc["how"]), True)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(
