@@ -85,7 +85,7 @@ def main() -> None:
     client = TestClient(create_app(svc))
     table = svc.cases.table
     rows = np.random.default_rng(0).permutation(svc.cases.example_rows)
-    shown, y, covered, sizes, flagged_mri, api_flagged = [], [], [], [], [], 0
+    shown, y, covered, sizes, flagged_mri, api_flagged, flagged_api = [], [], [], [], [], 0, []
     for r in rows[: args.n_api]:
         jpg = table.loader.image_path(int(table.idx[r])).read_bytes()
         out = client.post("/query", files={"file": ("q.jpg", jpg, "image/jpeg")}).json()
@@ -94,6 +94,7 @@ def main() -> None:
         covered.append(CLASS_NAMES[int(table.label[r])] in out["prediction_set"])
         sizes.append(len(out["prediction_set"]))
         api_flagged += out["no_similar_case"]  # shown with every class in its set, no confidence
+        flagged_api.append(bool(out["no_similar_case"] or out.get("no_close_tumor_case")))
     all_rows = svc.cases.example_rows
     for r in all_rows:  # every held-out slice for the flag rate (in process: same code path)
         flagged_mri.append(svc.query(table.load_image(int(r)), k=1)["no_similar_case"])
@@ -118,6 +119,11 @@ def main() -> None:
 
     cal_how = json.loads((args.run / "calibration.json").read_text())["how"]
     unsure, singles = shown.max(1) < 0.9, np.array(sizes) == 1
+    # the conformal set alone (what the app showed before the set was widened), same answers
+    alone = 1 - shown <= svc.calibrator.threshold(0.95)
+    alone[np.arange(len(y)), shown.argmax(1)] = True
+    alone[np.array(flagged_api)] = True  # flagged answers hold every type either way
+    alone_covered = alone[np.arange(len(y)), y]
     cmd = "python benchmarks/trust.py " + " ".join(sys.argv[1:])
     lines = [
         "## Trust: calibration, prediction sets, no similar case (issue 10)",
@@ -143,7 +149,10 @@ def main() -> None:
         f"prediction-set coverage {np.mean(covered):.3f}, mean set size {np.mean(sizes):.2f}; "
         f"answers below 0.9 confidence: {unsure.sum()}, their set coverage "
         f"{np.mean(np.array(covered)[unsure]) if unsure.any() else float('nan'):.3f}, sets of one type among them "
-        f"{int((unsure & singles).sum())} "
+        f"{int((unsure & singles).sum())}; the conformal set alone: coverage {alone_covered.mean():.3f}, "
+        f"mean set size {alone.sum(1).mean():.2f}, below 0.9 confidence: coverage "
+        f"{alone_covered[unsure].mean() if unsure.any() else float('nan'):.3f}, sets of one type "
+        f"{int((unsure & (alone.sum(1) == 1)).sum())} "
         f"({api_flagged} flagged no similar case: the app shows them with no confidence and every class in the set; "
         "the figures count their API probabilities as shown).",
         "",
