@@ -1,7 +1,10 @@
 """Each slice alone, or with its mirror: the choice `neurocbir calibrate RUN` makes for a lesion run
 (issue 39; `neurocbir.training.mirror_choice`), remade for the runs given, one per test fold.
 
-    .venv/bin/python benchmarks/mirror_choice.py --runs runs/cpu-v3-fold1 ... models/lesion-fold5
+    .venv/bin/python benchmarks/mirror_choice.py --runs runs/cpu-v3-fold1 ... models/lesion-fold5 [--saved]
+
+``--saved``: each run's figures as its training measured them (``mirror.json``'s ``measured``, written by
+`neurocbir train` or `neurocbir calibrate` with the same function), not remade (seconds, not minutes).
 
 For each run, its training patients held out of training are queried with NIR against its other
 training patients, once with each slice's own embedding and once with the mean of its own and its
@@ -14,6 +17,9 @@ a choice for the recipe as a whole, rather than per run, would have rested on.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +31,11 @@ from results_doc import machine, write_section
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True)
+    ap.add_argument("--saved", action="store_true", help="read each run's mirror.json instead of measuring again")
+    ap.add_argument("--section", default="mirror-choice")
+    ap.add_argument(
+        "--title", default="Each slice alone, or with its mirror: the embedding chosen on held-out patients"
+    )
     args = ap.parse_args()
     from neurocbir.data.cases import default_data_dir, load_cases
     from neurocbir.training.mirror_choice import held_out_kappas
@@ -33,7 +44,7 @@ def main() -> None:
     table = load_cases(default_data_dir())
     rows, found = [], []
     for run in args.runs:
-        m = held_out_kappas(run, table)
+        m = json.loads((run / "mirror.json").read_text())["measured"] if args.saved else held_out_kappas(run, table)
         found.append(m)
         chosen = "the mirror" if m["kappa_mirror"] > m["kappa_own"] else "the slice alone"
         rows.append(
@@ -43,9 +54,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     gain = [m["kappa_mirror"] - m["kappa_own"] for m in found]
     body = [
-        "## Each slice alone, or with its mirror: the embedding chosen on held-out patients (issue 39)",
+        f"## {args.title} (issue 39)",
         "",
-        f"Command: `python benchmarks/mirror_choice.py --runs {' '.join(str(r) for r in args.runs)}` | machine: "
+        f"Command: `python benchmarks/mirror_choice.py {shlex.join(sys.argv[1:])}` | machine: "
         f"{machine()} | {started} | {time.time() - t0:.0f} s",
         "",
         __doc__.split("\n\n", 2)[2].strip(),
@@ -56,7 +67,7 @@ def main() -> None:
         f"| mean over the {len(found)} runs | | {np.mean([m['kappa_own'] for m in found]):.4f} | "
         f"{np.mean([m['kappa_mirror'] for m in found]):.4f} | {np.mean(gain):+.4f} (sd {np.std(gain, ddof=1) if len(gain) > 1 else float('nan'):.4f}) | |",
     ]
-    write_section("mirror-choice", "\n".join(body))
+    write_section(args.section, "\n".join(body))
     print("\n".join(body))
 
 
