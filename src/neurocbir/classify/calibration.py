@@ -10,10 +10,10 @@ the numbers a clinician reads, both fitted on training patients only:
   calibrated probability clears a threshold read from held-out scores, so that it holds the
   true class with the stated coverage: "meningioma or glioma" when the evidence does not
   separate them), widened where needed to the most probable classes whose calibrated
-  probabilities together reach the coverage. The conformal set alone, forced non-empty, named one
-  type beside a confidence as low as 46 % (its threshold let a second type in only above 54 %):
-  a "95 % set" of one type must mean a confidence of at least 95 %. The wider set covers at least
-  as often as the conformal one promises.
+  probabilities together reach the coverage. The conformal set alone, forced non-empty, could
+  name one type beside a confidence under 50 % (where its threshold lets a second type in only
+  above 50 %): a "95 % set" of one type must mean a confidence of at least 95 %. The wider set
+  covers at least as often as the conformal one promises (docs/results.md, trust).
 
 NIR's positions are read to a depth every tumor type of the calibration archive fills
 (:func:`nir_depth`, kept in ``calibration.json``), so that the same evidence shows the same
