@@ -3,15 +3,16 @@
 
     .venv/bin/python benchmarks/mirror_choice.py --runs runs/cpu-v3-fold1 ... models/lesion-fold5 [--saved]
 
-``--saved``: each run's figures as its training measured them (``mirror.json``'s ``measured``, written by
-`neurocbir train` or `neurocbir calibrate` with the same function), not remade (seconds, not minutes).
-
 For each run, its training patients held out of training are queried with NIR against its other
 training patients, once with each slice's own embedding and once with the mean of its own and its
 mirror's (both sides, query and archive); the mirror is chosen where its kappa is higher. Nothing
-of a test fold is read here; what each choice gave on the test folds is in the cpu-folds-v3-record
+of a test fold is read here; what each choice gave on the test folds (the served recipe) is in the cpu-folds-v3-record
 section (one run per fold, each with what it chose). The last row is the mean over the runs: what
-a choice for the recipe as a whole, rather than per run, would have rested on.
+a choice for the recipe as a whole, rather than per run, would have rested on; and the mean of each
+run's chosen embedding's kappa (what the runs serve).
+
+``--saved``: each run's figures as its training measured them (``mirror.json``'s ``measured``, written by
+`neurocbir train` or `neurocbir calibrate` with the same function), not remade (seconds, not minutes).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
         *rows,
         f"| mean over the {len(found)} runs | | {np.mean([m['kappa_own'] for m in found]):.4f} | "
         f"{np.mean([m['kappa_mirror'] for m in found]):.4f} | {np.mean(gain):+.4f} (sd {np.std(gain, ddof=1) if len(gain) > 1 else float('nan'):.4f}) | |",
+        f"| mean of the chosen embedding's kappa | | {np.mean([max(m['kappa_own'], m['kappa_mirror']) for m in found]):.4f} | | | |",
     ]
     write_section(args.section, "\n".join(body))
     print("\n".join(body))
