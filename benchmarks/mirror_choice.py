@@ -33,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True)
     ap.add_argument("--saved", action="store_true", help="read each run's mirror.json instead of measuring again")
+    ap.add_argument("--variants", action="store_true", help="runs of different recipes on one fold: no mean rows")
     ap.add_argument("--section", default="mirror-choice")
     ap.add_argument(
         "--title", default="Each slice alone, or with its mirror: the embedding chosen on held-out patients"
@@ -65,10 +66,13 @@ def main() -> None:
         "| run | held-out patients (slices) | own embedding: NIR kappa / accuracy | with the mirror | kappa gain | chosen |",
         "|---|---|---|---|---|---|",
         *rows,
-        f"| mean over the {len(found)} runs | | {np.mean([m['kappa_own'] for m in found]):.4f} | "
-        f"{np.mean([m['kappa_mirror'] for m in found]):.4f} | {np.mean(gain):+.4f} (sd {np.std(gain, ddof=1) if len(gain) > 1 else float('nan'):.4f}) | |",
-        f"| mean of the chosen embedding's kappa | | {np.mean([max(m['kappa_own'], m['kappa_mirror']) for m in found]):.4f} | | | |",
     ]
+    if not args.variants:
+        body += [
+            f"| mean over the {len(found)} runs | | {np.mean([m['kappa_own'] for m in found]):.4f} | "
+            f"{np.mean([m['kappa_mirror'] for m in found]):.4f} | {np.mean(gain):+.4f} (sd {np.std(gain, ddof=1) if len(gain) > 1 else float('nan'):.4f}) | |",
+            f"| mean of the chosen embedding's kappa | | {np.mean([max(m['kappa_own'], m['kappa_mirror']) for m in found]):.4f} | | | |",
+        ]
     write_section(args.section, "\n".join(body))
     print("\n".join(body))
 
