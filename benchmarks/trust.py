@@ -120,8 +120,7 @@ def main() -> None:
     cal_how = json.loads((args.run / "calibration.json").read_text())["how"]
     unsure, singles = shown.max(1) < 0.9, np.array(sizes) == 1
     # the conformal set alone (what the app showed before the set was widened), same answers
-    alone = 1 - shown <= svc.calibrator.threshold(0.95)
-    alone[np.arange(len(y)), shown.argmax(1)] = True
+    alone = svc.calibrator.conformal_set(shown, 0.95)
     alone[np.array(flagged_api)] = True  # flagged answers hold every type either way
     alone_covered = alone[np.arange(len(y)), y]
     cmd = "python benchmarks/trust.py " + " ".join(sys.argv[1:])

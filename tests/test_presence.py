@@ -150,8 +150,8 @@ def test_other_hospitals_cases_with_a_mask_are_shown_with_their_outline(site_arc
     for case_id, i, label in added:
         png = client.get(f"/cases/{case_id}/mask.png")
         assert png.status_code == 200, png.text
-        shown = np.asarray(Image.open(io.BytesIO(png.content)).convert("L").resize(ext.load_mask(i).shape[::-1])) > 127
         truth = ext.load_mask(i)
+        shown = np.asarray(Image.open(io.BytesIO(png.content)).convert("L").resize(truth.shape[::-1])) > 127
         assert (shown != truth).mean() < 0.02  # the slice's own FLAIR-abnormality mask
         plain = client.get(f"/cases/{case_id}/image.png").content
         outlined = client.get(f"/cases/{case_id}/image.png?outline=true").content

@@ -151,10 +151,17 @@ class Calibrator:
         most probable class is always in), the conformal set and the classes that bring the set's
         calibrated probability up to ``coverage``."""
         proba = np.atleast_2d(proba)
-        conformal = 1.0 - proba <= self.threshold(coverage)
         # the most probable classes until their summed probability reaches the coverage
         above = np.where(proba[:, None, :] > proba[:, :, None], proba[:, None, :], 0.0).sum(2)
-        return conformal | (above < coverage)
+        return self.conformal_set(proba, coverage) | (above < coverage)
+
+    def conformal_set(self, proba: np.ndarray, coverage: float = DEFAULT_COVERAGE) -> np.ndarray:
+        """The split-conformal set alone (the classes whose ``1 - p`` clears the threshold), the most
+        probable class always in: what :meth:`prediction_set` widens."""
+        proba = np.atleast_2d(proba)
+        keep = 1.0 - proba <= self.threshold(coverage)
+        keep[np.arange(len(proba)), proba.argmax(1)] = True
+        return keep
 
     @classmethod
     def fit(
