@@ -690,6 +690,39 @@ def test_the_decoder_peak_loss_on_no_tumor_slices_only(small_cases):
         TrainConfig(**{**base, "extra": {"peak_weight": 0.5, "peak_on": "tumor"}}, recipe="lesion").validate()
 
 
+def test_the_decoder_peak_loss_stopped_at_the_trunk(small_cases):
+    """``extra.peak_detach``: the peak loss trains the decoder alone. After one step the trunk is the
+    same, to the bit, as without the peak loss while the decoder is not; without ``peak_detach`` the
+    trunk changes too; ``peak_detach`` without a peak loss is refused by name."""
+    from neurocbir.data.cases import NO_TUMOR_LABEL
+    from neurocbir.errors import InvalidInput
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.runs import LESION_DEFAULTS, TrainConfig
+    from neurocbir.training import lesion as finetune
+
+    base = {**LESION_DEFAULTS, "epochs": 1, "batch_size": 8, "image_size": 64}
+    encoder = create_encoder("mobilenetv2")
+    images, masks = finetune.load_tensors(small_cases.subset(np.arange(8)), 64)
+    labels = small_cases.label[:8].copy()
+    labels[:3], masks[:3] = NO_TUMOR_LABEL, 0  # one step: a batch of tumor and no-tumor slices
+
+    def trained(extra: dict) -> dict:
+        cfg = TrainConfig(**{**base, "extra": extra}, recipe="lesion")
+        net = finetune.train_lesion(cfg, encoder, images, masks, labels, 0, torch.device("cpu"), progress=False)
+        return net.state_dict()
+
+    def same(a: dict, b: dict, part: str) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a if k.startswith(part))
+
+    plain, detached = trained({}), trained({"peak_weight": 0.5, "peak_detach": True})
+    whole = trained({"peak_weight": 0.5})
+    assert any(k.startswith("trunk.") for k in plain)
+    assert same(detached, plain, "trunk.") and not same(detached, plain, "mask_head.")
+    assert not same(whole, plain, "trunk.")
+    with pytest.raises(InvalidInput, match="peak_detach"):
+        TrainConfig(**{**base, "extra": {"peak_detach": True}}, recipe="lesion").validate()
+
+
 def test_training_with_other_hospitals_development_part(
     tmp_path, small_data_dir, small_cases, small_external, monkeypatch
 ):

@@ -121,12 +121,23 @@ class LesionNet(nn.Module):
         """(embedding, descriptor, tumor logits). ``region`` (B, 1, h, w) in [0, 1]: a region to
         search by, whose share of each cell takes the predicted tumor's place in the pooling."""
         fmap, logits = self.features(x)
+        return (*self.embed(fmap, logits, region), logits)
+
+    def embed(
+        self, fmap: torch.Tensor, logits: torch.Tensor, region: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding, descriptor) of a feature map pooled with its tumor logits (or a region)."""
         context, lesion, _ = self.pool(fmap, logits, region)
         emb = self.head(torch.cat([context, lesion], dim=1))
-        return F.normalize(emb.float(), dim=1), F.normalize(context.float(), dim=1), logits
+        return F.normalize(emb.float(), dim=1), F.normalize(context.float(), dim=1)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(last feature map (B, C, H/32, W/32), tumor logits (B, 1, H/s, W/s))."""
+        fmap, feats, fine = self.trunk_features(x)
+        return fmap, self.decode(feats, fine)
+
+    def trunk_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """(last feature map, the trunk stages the decoder reads, the stride-2 stage or None)."""
         feats, fine = [], None
         for i, stage in enumerate(self.trunk):
             x = stage(x)
@@ -134,7 +145,10 @@ class LesionNet(nn.Module):
                 fine = x
             if i in self.taps:
                 feats.append(x)
-        fmap = self.neck(x)
+        return self.neck(x), feats, fine
+
+    def decode(self, feats: list[torch.Tensor], fine: torch.Tensor | None) -> torch.Tensor:
+        """Tumor logits (B, 1, H/s, W/s) from the trunk stages ``trunk_features`` returns."""
         y = self.lateral[-1](feats[-1])
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
@@ -142,7 +156,7 @@ class LesionNet(nn.Module):
         if fine is not None:  # the stride-4 output is features here, refined at stride 2
             up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
             logits = self.fine_head(up + self.fine_lateral(fine))
-        return fmap, logits
+        return logits
 
     @staticmethod
     def pool(

@@ -154,6 +154,8 @@ class TrainConfig:
             raise InvalidInput("trials and epochs must be >= 1, batch_size >= 6")
         if self.extra.get("peak_on", "known") not in PEAK_ON:
             raise InvalidInput(f"extra.peak_on must be one of {PEAK_ON}, got {self.extra['peak_on']!r}")
+        if self.extra.get("peak_detach") and not self.extra.get("peak_weight"):
+            raise InvalidInput("extra.peak_detach stops the peak loss at the trunk: it needs extra.peak_weight > 0")
         if self.extra_cases is not None:
             from neurocbir.data.external import is_external_layout
 

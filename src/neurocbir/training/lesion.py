@@ -180,6 +180,10 @@ def _load_state(path: Path | None, fingerprint: dict, net, opt, sched, gen: torc
 
 
 @torch.enable_grad()
+def _detached(feats: list[torch.Tensor], fine: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    return [f.detach() for f in feats], None if fine is None else fine.detach()
+
+
 def train_lesion(
     cfg: TrainConfig,
     encoder: Encoder,
@@ -204,7 +208,8 @@ def train_lesion(
     also teaches the decoder's peak logit whether its augmented view shows a tumor (BCE), aimed at
     the decoder firing on other hospitals' slices without one; with ``cfg.extra["peak_on"] ==
     "no_tumor"`` only the slices without a tumor do (their peak logit down), tumor slices keep the
-    mask loss alone.
+    mask loss alone; with ``cfg.extra["peak_detach"]`` that loss trains the decoder alone (its
+    gradient stopped at the trunk, so the trunk learns from the other losses only).
     ``compile_net``: run the training passes through ``torch.compile`` (on a GPU); should the
     compiler fail in the first step, training goes on uncompiled and says so.
     ``state_path``: after each epoch the whole training state is written there, and a trial
@@ -232,11 +237,18 @@ def train_lesion(
     presence_weight = float(cfg.extra.get("presence_weight", 0.0))
     peak_weight = float(cfg.extra.get("peak_weight", 0.0))
     peak_on = cfg.extra.get("peak_on", "known")  # checked by TrainConfig.validate
+    peak_detach = bool(peak_weight and cfg.extra.get("peak_detach", False))
 
     def backward(model, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with _autocast(device, amp):
-            emb, desc, logits = model(x)
+            if peak_detach:  # the peak loss reaches the decoder alone: a second decoder pass on detached taps
+                fmap, feats, fine = net.trunk_features(x)
+                logits = net.decode(feats, fine)
+                (emb, desc), peak_logits = net.embed(fmap, logits), net.decode(*_detached(feats, fine))
+            else:
+                emb, desc, logits = model(x)
+                peak_logits = logits
             up = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
         typed = y != UNTYPED_LABEL
         loss = metric_loss(emb[typed].float(), y[typed]) if bool(typed.any()) else emb.sum() * 0
@@ -249,7 +261,7 @@ def train_lesion(
             if peak_on == "no_tumor":
                 shown = shown & (y == NO_TUMOR_LABEL)
             if bool(shown.any()):
-                peak = logits.float()[shown].flatten(1).amax(1)
+                peak = peak_logits.float()[shown].flatten(1).amax(1)
                 loss = loss + peak_weight * F.binary_cross_entropy_with_logits(peak, m[shown].flatten(1).amax(1))
         if known is None:
             return _step(loss + cfg.seg_weight * seg_loss(up, m))
