@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": training.evaluate,
     "calibrate": training.calibrate,
     "index": training.index,
+    "presence-decoder": training.presence_decoder,
     "add": archive.add,
     "remove": archive.remove,
     "query": querying.query,

@@ -193,6 +193,24 @@ def index(
     typer.echo(f"indexed {tdir}")
 
 
+def presence_decoder(
+    run: Path = typer.Argument(..., help="a lesion run (its tumor decoder is copied)"),
+    epochs: int = typer.Option(6, min=1, help="epochs over the slices the run trained on"),
+) -> None:
+    """Teach a second tumor decoder whether a slice shows a tumor, on the run's frozen network
+    (a few minutes on 2 cores): the "no tumor" rule reads its peak; the embedding, the outline and
+    the neighbours stay the run's. Then choose the rule again: `neurocbir calibrate RUN --presence`."""
+    from neurocbir.training.presence_decoder import add_presence_decoder
+
+    if not (run / "config.json").is_file():
+        _fail(f"{run} is not a run directory (no config.json)")
+    info = _guard(add_presence_decoder, run, epochs)
+    typer.echo(
+        f"trained {run}'s presence decoder in {info['train_s']:.0f} s ({info['slices']} slices, {epochs} epochs) "
+        f"and re-indexed it; now choose its 'no tumor' rule: neurocbir calibrate {run} --presence"
+    )
+
+
 def evaluate(
     run: Path = typer.Argument(..., help="run directory written by `neurocbir train`"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics JSON here"),

@@ -47,9 +47,10 @@ class Model:
         has no tumor decoder."""
         return (*self.embed([image]), None)
 
-    def analyse_batch(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
-        """:meth:`analyse` of several scans in one pass (the slices of a series)."""
-        return (*self.embed(images), None)
+    def analyse_batch(self, images: list[np.ndarray], presence: bool = False) -> tuple:
+        """:meth:`analyse` of several scans in one pass (the slices of a series); ``presence``: a
+        fourth item, None (no tumor decoder)."""
+        return (*self.embed(images), None, None) if presence else (*self.embed(images), None)
 
     input_size = IMAGE_SIZE
 
@@ -172,16 +173,22 @@ class LesionModel:
         return emb, desc, probs[0]
 
     def analyse_batch(
-        self, images: list[np.ndarray], regions: list[np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """:meth:`analyse` of several scans in one pass (the slices of a series)."""
+        self, images: list[np.ndarray], regions: list[np.ndarray] | None = None, presence: bool = False
+    ) -> tuple:
+        """:meth:`analyse` of several scans in one pass (the slices of a series). ``presence``: a
+        fourth item, each scan's tumor presence evidence (the peak of its presence decoder's map,
+        :meth:`~neurocbir.models.lesion.LesionNet.add_presence_decoder`, where the network has
+        one; of its tumor map otherwise)."""
         emb, desc, logits = self._forward(images, regions)
         size = self.config.image_size
         prob = torch.sigmoid(F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False))
         if self.mirror:  # the two views' maps, the mirror's flipped back onto the scan (chosen on
             # held-out slices: docs/results.md "The mirror's tumor map")
             prob = (prob[: len(images)] + prob[len(images) :].flip(-1)) / 2
-        return emb, desc, [p[0].numpy() for p in prob]
+        maps = [p[0].numpy() for p in prob]
+        if not presence:
+            return emb, desc, maps
+        return emb, desc, maps, prob[:, -1].flatten(1).amax(1).numpy().astype(float)
 
 
 def with_mirror(x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +221,8 @@ def load_model(
     if cfg.recipe == "lesion":  # every weight is in the checkpoint: no pretrained weights needed
         arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
         net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
+        if any(k.startswith("presence_decoder.") for k in blob["state"]):
+            net.add_presence_decoder()
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
         net = fuse_for_inference(net).to(memory_format=torch.channels_last)
         mirror = mirrored(run) if mirror is None else mirror

@@ -56,7 +56,8 @@ def _pool_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 class LesionNet(nn.Module):
     """``forward(x)`` -> (embedding (B, dim) L2-normalised, descriptor (B, C) L2-normalised,
-    tumor logits (B, 1, H/s, W/s), s = ``decoder_stride``).
+    tumor logits (B, 1, H/s, W/s), s = ``decoder_stride``; a second channel, the presence
+    decoder's, where :meth:`add_presence_decoder` gave it one).
 
     With ``decoder_stride`` 2 the stride-4 pyramid output is refined with the stride-2 trunk
     features (a few channels), so small tumors (a few stride-4 cells) get sharper outlines.
@@ -111,6 +112,21 @@ class LesionNet(nn.Module):
             nn.Linear(head_hidden, embedding_dim),
         )
 
+    def add_presence_decoder(self) -> LesionNet:
+        """A second tumor decoder, a copy of the first, whose peak says whether the slice shows a
+        tumor (``neurocbir.training.presence_decoder`` trains it on the frozen network): the outline
+        and the embedding stay the first decoder's. With it, :meth:`forward`'s tumor logits have a
+        second channel, the presence decoder's."""
+        import copy
+
+        names = ("lateral", "mask_head", "fine_lateral", "fine_head")
+        self.presence_decoder = nn.ModuleDict({n: copy.deepcopy(getattr(self, n)) for n in names if hasattr(self, n)})
+        return self
+
+    @property
+    def has_presence_decoder(self) -> bool:
+        return "presence_decoder" in self._modules
+
     def frozen_stages(self, stride: int) -> int:
         """How many trunk stages end at or before output ``stride`` (0 for stride 0)."""
         return self.taps[TAP_STRIDES.index(stride)] + 1 if stride else 0
@@ -120,8 +136,12 @@ class LesionNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embedding, descriptor, tumor logits). ``region`` (B, 1, h, w) in [0, 1]: a region to
         search by, whose share of each cell takes the predicted tumor's place in the pooling."""
-        fmap, logits = self.features(x)
-        return (*self.embed(fmap, logits, region), logits)
+        fmap, feats, fine = self.trunk_features(x)
+        logits = self.decode(feats, fine)
+        emb, desc = self.embed(fmap, logits, region)
+        if self.has_presence_decoder:
+            logits = torch.cat([logits, self.decode(feats, fine, presence=True)], dim=1)
+        return emb, desc, logits
 
     def embed(
         self, fmap: torch.Tensor, logits: torch.Tensor, region: torch.Tensor | None = None
@@ -147,15 +167,17 @@ class LesionNet(nn.Module):
                 feats.append(x)
         return self.neck(x), feats, fine
 
-    def decode(self, feats: list[torch.Tensor], fine: torch.Tensor | None) -> torch.Tensor:
-        """Tumor logits (B, 1, H/s, W/s) from the trunk stages ``trunk_features`` returns."""
-        y = self.lateral[-1](feats[-1])
-        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+    def decode(self, feats: list[torch.Tensor], fine: torch.Tensor | None, presence: bool = False) -> torch.Tensor:
+        """Tumor logits (B, 1, H/s, W/s) from the trunk stages ``trunk_features`` returns (of the
+        presence decoder with ``presence``)."""
+        d = self.presence_decoder if presence else self
+        y = d.lateral[-1](feats[-1])
+        for lat, f in zip(reversed(d.lateral[:-1]), reversed(feats[:-1])):
             y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
-        logits = self.mask_head(y)
+        logits = d.mask_head(y)
         if fine is not None:  # the stride-4 output is features here, refined at stride 2
             up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-            logits = self.fine_head(up + self.fine_lateral(fine))
+            logits = d.fine_head(up + d.fine_lateral(fine))
         return logits
 
     @staticmethod

@@ -197,13 +197,14 @@ class RetrievalService:
             )
         return region_on_grid(region, self.model.input_size)
 
-    def analyse(
-        self, image: np.ndarray, grid: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def analyse(self, image: np.ndarray, grid: np.ndarray | None = None, presence: bool = False) -> tuple:
         """(embedding, trunk descriptor, tumor probability map or None) of one image; ``grid``:
-        a region to search by, on the input grid (:meth:`region_grid`)."""
+        a region to search by, on the input grid (:meth:`region_grid`); ``presence``: and the
+        tumor presence evidence (``LesionModel.analyse_batch``), a float or None."""
         with self.inference_lock:
-            return self.model.analyse(image) if grid is None else self.model.analyse(image, grid)
+            found = self.model.analyse_batch([image], *([] if grid is None else [[grid]]), presence=True)
+        (q, trunk, probs, peaks), one = found, lambda v: None if v is None else v[0]
+        return (q, trunk, one(probs), one(peaks)) if presence else (q, trunk, one(probs))
 
     @one_thread
     def query(
@@ -232,7 +233,7 @@ class RetrievalService:
         grid = None if region is None else self.region_grid(image, region)
         # is the scan already in the archive? checked on the other core while the CNN runs
         own = side_work().submit(_own_cases, self.cases, image)
-        q, trunk, tumor_prob = self.analyse(image, grid)
+        q, trunk, tumor_prob, peak = self.analyse(image, grid, presence=True)
         in_region = None
         if grid is not None:
             rs = self.region_search
@@ -240,7 +241,6 @@ class RetrievalService:
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)
-        peak = None if tumor_prob is None else float(tumor_prob.max())
         search = (q, trunk, own, k, one_per_patient, coverage, rerank, filters, None, in_region, peak)
         try:
             evidence = self._evidence(self.cases, *search)

@@ -28,13 +28,14 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     if not 1 <= k <= 50:
         raise InvalidInput("k must be between 1 and 50")
     images = [s.pixels for s in study.slices]
-    emb, desc, probs = [], [], []
+    emb, desc, probs, peaks = [], [], [], []
     with service.inference_lock:  # batched over the slices
         for b in range(0, len(images), BATCH):
-            e, d, p = service.model.analyse_batch(images[b : b + BATCH])
+            e, d, p, pk = service.model.analyse_batch(images[b : b + BATCH], presence=True)
             emb.append(e)
             desc.append(d)
             probs += p if p is not None else [None] * len(e)
+            peaks += list(pk) if pk is not None else [None] * len(e)
     emb, desc = np.concatenate(emb), np.concatenate(desc)
     service.refresh_cases(wait_s=RELOAD_WAIT_S)
     cases = service.cases
@@ -42,7 +43,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     for i, s in enumerate(study.slices):
         searched = cases.neighbours(emb[i : i + 1], False, service.nir_read)  # once: the slice's NIR and the study's
         copies = cases.duplicates_of(ImagePrints(s.pixels))  # the slice itself in the archive: no evidence
-        peak = None if probs[i] is None else float(probs[i].max())
+        peak = None if peaks[i] is None else float(peaks[i])
         ev = service._evidence(
             cases, emb[i : i + 1], desc[i : i + 1], copies, k, False, coverage, False, None, searched, None, peak
         )

@@ -64,19 +64,19 @@ MIN_TCGA_SHARE = 0.01
 
 def _evidence(model, images) -> tuple[np.ndarray, dict]:
     """Stored descriptors of ``images``, 32 at a time, and what their tumor maps show: the
-    decoder's peak probability (``peak``), the mean of the map's highest 1 % (``top``) and the
+    decoder's peak probability (``peak``: the presence decoder's where the run has one), the mean of the map's highest 1 % (``top``) and the
     share of the map above 0.5 (``area``)."""
     desc, maps, batch = [], {"peak": [], "top": [], "area": []}, []
     for image in [*images, None]:
         if image is not None:
             batch.append(image)
         if batch and (image is None or len(batch) == 32):
-            _, d, probs = model.analyse_batch(batch)
+            _, d, probs, peaks = model.analyse_batch(batch, presence=True)
             desc.append(d)
+            maps["peak"] += [float(v) for v in peaks]  # the presence decoder's, where the run has one
             for p in probs:
                 flat = p.ravel()
                 k = max(1, len(flat) // 100)  # the highest 1 %, without sorting the whole map
-                maps["peak"].append(float(flat.max()))
                 maps["top"].append(float(np.partition(flat, -k)[-k:].mean()))
                 maps["area"].append(float((flat > 0.5).mean()))
             batch = []

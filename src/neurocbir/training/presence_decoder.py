@@ -1,0 +1,162 @@
+"""A presence decoder for a trained lesion run: whether a slice shows a tumor, taught to a second
+tumor decoder on the run's frozen network.
+
+The run's own decoder draws the outline and weights the embedding's pooling; the "no tumor" rule
+(:mod:`neurocbir.training.presence_choice`) also reads its peak, and on other hospitals' slices
+without a tumor it often fires. Teaching that decoder's peak whether a slice shows a tumor while
+the whole network trains (``extra.peak_weight``) found more no-tumor slices but cost tumor type
+(docs/training.md). Here a copy of the decoder (:meth:`~neurocbir.models.lesion.LesionNet.add_presence_decoder`)
+learns it alone, on the frozen trunk: the mask loss where the mask is known, the peak of its map
+pushed towards "a tumor is shown" (BCE) on the same slices, and up on tumor slices whose mask is
+unknown, on fresh augmented views of the slices the run trained on (its held-out patients and
+development groups stay unseen, for choosing the rule). The embedding, the outline and every
+neighbour stay the run's; only the presence evidence changes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from neurocbir.data.cases import NO_TUMOR_LABEL
+from neurocbir.models.lesion import LesionNet
+
+#: the recipe: epochs over the run's training slices, the peak loss's weight, AdamW's learning rate
+EPOCHS, PEAK_WEIGHT, LR, BATCH = 6, 0.5, 5e-4, 32
+INFO_FILE = "presence_decoder.json"
+
+
+def train_presence_decoder(
+    net: LesionNet,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    labels: np.ndarray,
+    known: torch.Tensor | None,
+    seed: int = 0,
+    epochs: int = EPOCHS,
+    bf16: bool = False,
+    progress: bool = True,
+) -> LesionNet:
+    """Add a presence decoder to ``net`` (a copy of its decoder) and train it alone on the frozen
+    network (see the module). ``images`` / ``masks`` / ``labels`` / ``known`` as
+    :func:`neurocbir.training.lesion.train_lesion` takes them. Returns ``net``."""
+    from monai.losses import DiceCELoss
+
+    from neurocbir.training.common import seed_everything
+    from neurocbir.training.lesion import _autocast, augment_batch
+
+    if epochs < 1 or len(labels) < BATCH:
+        raise ValueError(f"a presence decoder needs at least one epoch and {BATCH} slices")
+    seed_everything(seed)
+    net.add_presence_decoder().requires_grad_(False)
+    net.eval()  # the trunk's batch norms keep their statistics
+    head = net.presence_decoder.requires_grad_(True).train()
+    opt = torch.optim.AdamW(head.parameters(), lr=LR, weight_decay=1e-4)
+    steps = len(labels) // BATCH
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=epochs * steps, pct_start=0.15)
+    seg, gen = DiceCELoss(sigmoid=True), torch.Generator().manual_seed(seed)
+    y_all = torch.as_tensor(labels)
+    k_all = torch.ones(len(labels), dtype=torch.bool) if known is None else torch.as_tensor(known, dtype=torch.bool)
+    bar = tqdm(total=epochs * steps, desc="presence decoder", unit="step", disable=not progress, mininterval=10)
+    for epoch in range(epochs):
+        order = torch.randperm(len(labels), generator=gen)
+        for s in range(steps):
+            rows = order[s * BATCH : (s + 1) * BATCH]
+            x, m = augment_batch(images[rows], masks[rows], gen)
+            with _autocast(torch.device("cpu"), bf16):
+                with torch.no_grad():
+                    _, feats, fine = net.trunk_features(x)
+                logits = net.decode(feats, fine, presence=True).float()
+            loss = _loss(logits, m, y_all[rows], k_all[rows], seg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{float(loss.detach()):.3f}", refresh=False)
+    bar.close()
+    return net.eval()
+
+
+def _loss(logits: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known: torch.Tensor, seg) -> torch.Tensor:
+    """Mask loss and peak loss where the mask is known; the peak up on tumor slices without one."""
+    loss = logits.sum() * 0
+    if bool(known.any()):
+        up = F.interpolate(logits[known], size=m.shape[-2:], mode="bilinear", align_corners=False)
+        peak = logits[known].flatten(1).amax(1)
+        loss = (
+            loss
+            + seg(up, m[known])
+            + PEAK_WEIGHT * F.binary_cross_entropy_with_logits(peak, m[known].flatten(1).amax(1))
+        )
+    unknown = ~known & (y != NO_TUMOR_LABEL)
+    if bool(unknown.any()):
+        peak = logits[unknown].flatten(1).amax(1)
+        loss = loss + F.binary_cross_entropy_with_logits(peak, torch.ones_like(peak))
+    return loss
+
+
+def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool = True) -> dict:
+    """Train a presence decoder for ``run``'s first trial on the slices it trained on, write the
+    checkpoint (atomically) and :data:`INFO_FILE`, and re-embed the run's archive (the embeddings
+    are the same: the checkpoint's hash, which the index is keyed by, is not). Returns the info."""
+    from neurocbir.data.cases import load_cases
+    from neurocbir.errors import InvalidInput
+    from neurocbir.files import write_json
+    from neurocbir.models.runs import first_trial, trial_dir
+    from neurocbir.retrieval.ingest import index_run
+    from neurocbir.training.holdout import holdout_split
+    from neurocbir.training.lesion import cpu_bf16_supported, load_tensors, save_checkpoint
+    from neurocbir.training.lesion_run import cpu_name, extra_training_cases, with_extra_cases
+
+    run = Path(run)
+    t0 = time.time()
+    ckpt = trial_dir(run, first_trial(run)) / "checkpoint.pt"
+    cfg, net, weights_sha256 = _load_trainable(ckpt)
+    if cfg.recipe != "lesion":
+        raise InvalidInput(f"{run} is a {cfg.recipe} run: only a lesion run has a tumor decoder")
+    table = load_cases(cfg.data)
+    images, masks = load_tensors(table, cfg.image_size, cfg.intensity)
+    fit_rows, _ = holdout_split(cfg, table)
+    extra, _ = extra_training_cases(cfg)
+    x, m, y, known = with_extra_cases(images[fit_rows], masks[fit_rows], table.label[fit_rows], extra)
+    bf16 = bool(cfg.extra.get("cpu_bf16")) and cpu_bf16_supported()
+    train_presence_decoder(net, x, m, y, known, cfg.first_seed, epochs, bf16, progress)
+    save_checkpoint(ckpt, cfg, net, weights_sha256)
+    info = {
+        "how": (
+            "a copy of the tumor decoder trained alone on the frozen network (mask loss, and the peak of its map "
+            f"taught whether the view shows a tumor, weight {PEAK_WEIGHT}), {epochs} epochs over the {len(y)} slices "
+            "the run trained on; held-out patients and development groups unseen"
+        ),
+        "epochs": epochs,
+        "slices": len(y),
+        "precision": "bfloat16" if bf16 else "float32",
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "train_s": round(time.time() - t0, 1),
+    }
+    index_run(run, cfg.data)
+    write_json(run / INFO_FILE, info)
+    return info
+
+
+def _load_trainable(ckpt: Path):
+    """(config, the network unfused and in float32, the pretrained weights' hash) of a checkpoint."""
+    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.runs import TrainConfig
+
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = TrainConfig(**blob["config"])
+    arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
+    net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()}
+    if any(k.startswith("presence_decoder.") for k in state):  # trained again from the outline decoder
+        state = {k: v for k, v in state.items() if not k.startswith("presence_decoder.")}
+    net.load_state_dict(state)
+    return cfg, net, blob["weights_sha256"]

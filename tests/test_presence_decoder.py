@@ -1,0 +1,78 @@
+"""`neurocbir presence-decoder RUN`: a second tumor decoder, trained on the frozen network, whose
+peak the "no tumor" rule reads; the embedding, the outline and the neighbours stay the run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from neurocbir.cli import app as cli
+from neurocbir.data.external import development_split, load_external
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_lesion_run(tmp_path_factory, small_data_dir, small_external) -> Path:
+    """A copy of the committed model whose config reads the small dataset and the small external
+    folder (what a presence decoder trains on), indexed over the small dataset."""
+    from neurocbir.retrieval.ingest import index_run
+
+    run = tmp_path_factory.mktemp("presence-decoder") / "run"
+    ignore = shutil.ignore_patterns("embeddings.npz", "index.faiss*", "metrics.*", "demo-archive", "*.png")
+    shutil.copytree(ROOT / "models" / "lesion-fold5", run, ignore=ignore)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg |= {"data": str(small_data_dir), "extra_cases": str(small_external)}
+    (run / "config.json").write_text(json.dumps(cfg))
+    index_run(run, small_data_dir)
+    return run
+
+
+def test_a_presence_decoder_changes_the_presence_evidence_alone(
+    small_lesion_run, small_cases, small_data_dir, small_external
+):
+    """Before: the presence evidence is the tumor map's peak. After `neurocbir presence-decoder`:
+    the embedding, the descriptor and the outline map are the same, the presence evidence is another
+    decoder's, the app's "no tumor" rule reads that one, and the run records how it was trained."""
+    from neurocbir.models.inference import load_model
+    from neurocbir.serving.service import RetrievalService
+
+    run = small_lesion_run
+    ext = load_external(small_external)
+    held = development_split(ext)[1]
+    images = [small_cases.load_image(i) for i in np.flatnonzero(small_cases.fold == 5)[:4]]
+    images += [ext.load_image(int(i)) for i in held if not ext.tumor[i]][:4]
+    e0, d0, p0, k0 = load_model(run).analyse_batch(images, presence=True)
+    assert np.allclose(k0, [p.max() for p in p0])
+
+    res = runner.invoke(cli, ["presence-decoder", str(run), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    info = json.loads((run / "presence_decoder.json").read_text())
+    assert info["epochs"] == 1 and info["slices"] > 0 and "calibrate" in res.output
+
+    e1, d1, p1, k1 = load_model(run).analyse_batch(images, presence=True)
+    assert np.allclose(e1, e0, atol=1e-5) and np.allclose(d1, d0, atol=1e-5)
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1, strict=True))
+    outline_peaks = np.array([p.max() for p in p1])
+    assert np.abs(k1 - outline_peaks).max() > 1e-3, (k1, outline_peaks)
+
+    archive = run.parent / "archive"  # slices without a tumor too: presence is assessed
+    for args in ([str(small_data_dir), "--fold", "1"], [str(small_external), "--part", "development"]):
+        res = runner.invoke(cli, ["add", *args, "--archive", str(archive), "--run", str(run)])
+        assert res.exit_code == 0, res.output
+    svc = RetrievalService.from_archive(run, archive)
+    for image, peak in zip(images, k1, strict=True):
+        evidence = svc.query(image)["tumor_presence"]  # the committed rule reads the decoder's peak
+        assert evidence["decoder_peak"] == pytest.approx(float(peak), abs=1e-3), evidence
+
+
+def test_a_presence_decoder_needs_a_run(tmp_path):
+    """A folder that is no run is refused by name, without a traceback."""
+    res = runner.invoke(cli, ["presence-decoder", str(tmp_path)])
+    assert res.exit_code != 0 and "not a run directory" in res.output and "Traceback" not in res.output
