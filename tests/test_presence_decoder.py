@@ -54,7 +54,9 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
     res = runner.invoke(cli, ["presence-decoder", str(run), "--epochs", "1"])
     assert res.exit_code == 0, res.output
     info = json.loads((run / "presence_decoder.json").read_text())
-    assert info["epochs"] == 1 and info["slices"] > 0 and "calibrate" in res.output
+    assert info["epochs"] == 1 and info["slices"] > 0 and info["rule"] in res.output
+    rule = json.loads((run / "presence.json").read_text())  # chosen again, on the new decoder's peaks
+    assert rule != json.loads((ROOT / "models" / "lesion-fold5" / "presence.json").read_text())
 
     e1, d1, p1, k1 = load_model(run).analyse_batch(images, presence=True)
     assert np.allclose(e1, e0, atol=1e-5) and np.allclose(d1, d0, atol=1e-5)
@@ -66,9 +68,10 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
     for args in ([str(small_data_dir), "--fold", "1"], [str(small_external), "--part", "development"]):
         res = runner.invoke(cli, ["add", *args, "--archive", str(archive), "--run", str(run)])
         assert res.exit_code == 0, res.output
+    (run / "presence.json").write_text(json.dumps({"threshold": 0.5, "decoder_veto": 0.5, "how": "test"}))
     svc = RetrievalService.from_archive(run, archive)
     for image, peak in zip(images, k1, strict=True):
-        evidence = svc.query(image)["tumor_presence"]  # the committed rule reads the decoder's peak
+        evidence = svc.query(image)["tumor_presence"]  # a rule with a decoder veto shows the peak it read
         assert evidence["decoder_peak"] == pytest.approx(float(peak), abs=1e-3), evidence
 
 

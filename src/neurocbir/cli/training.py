@@ -199,7 +199,8 @@ def presence_decoder(
 ) -> None:
     """Teach a second tumor decoder whether a slice shows a tumor, on the run's frozen network
     (a few minutes on 2 cores): the "no tumor" rule reads its peak; the embedding, the outline and
-    the neighbours stay the run's. Then choose the rule again: `neurocbir calibrate RUN --presence`."""
+    the neighbours stay the run's. The rule is chosen again on the run's held-out slices (with runs
+    of other folds pooled: `neurocbir calibrate RUN --presence --pool ...`)."""
     from neurocbir.training.presence_decoder import add_presence_decoder
 
     if not (run / "config.json").is_file():
@@ -207,7 +208,7 @@ def presence_decoder(
     info = _guard(add_presence_decoder, run, epochs)
     typer.echo(
         f"trained {run}'s presence decoder in {info['train_s']:.0f} s ({info['slices']} slices, {epochs} epochs) "
-        f"and re-indexed it; now choose its 'no tumor' rule: neurocbir calibrate {run} --presence"
+        f"and re-indexed it; its 'no tumor' rule, chosen again on its held-out slices: {info['rule']}"
     )
 
 

@@ -142,8 +142,25 @@ def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool =
         "train_s": round(time.time() - t0, 1),
     }
     index_run(run, cfg.data)
+    info["rule"] = _choose_rule_again(run, table)
     write_json(run / INFO_FILE, info)
     return info
+
+
+def _choose_rule_again(run: Path, table) -> str:
+    """The run's "no tumor" rule read the old decoder's peak: chosen again on the run's own held-out
+    slices (``neurocbir calibrate RUN --presence --pool ...`` pools other folds' runs), or removed
+    where the run holds none out (the app then answers without it: presence not assessed)."""
+    from neurocbir.classify.presence import RULE_FILE
+    from neurocbir.errors import InvalidInput
+    from neurocbir.training.presence_choice import choose_presence
+
+    try:
+        rule, _ = choose_presence(run, table)
+    except InvalidInput as exc:
+        (run / RULE_FILE).unlink(missing_ok=True)
+        return f"none: {exc}"
+    return rule.describe()
 
 
 def _load_trainable(ckpt: Path):
