@@ -75,7 +75,12 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
         assert evidence["decoder_peak"] == pytest.approx(float(peak), abs=1e-3), evidence
 
 
-def test_a_presence_decoder_needs_a_run(tmp_path):
-    """A folder that is no run is refused by name, without a traceback."""
+def test_a_presence_decoder_needs_a_lesion_run(tmp_path, small_run):
+    """A folder that is no run, or a run without a tumor decoder, is refused by name, without a
+    traceback, and the run is left as it was."""
     res = runner.invoke(cli, ["presence-decoder", str(tmp_path)])
     assert res.exit_code != 0 and "not a run directory" in res.output and "Traceback" not in res.output
+    before = {p.name: p.stat().st_mtime_ns for p in small_run.rglob("*")}
+    res = runner.invoke(cli, ["presence-decoder", str(small_run)])
+    assert res.exit_code != 0 and "only a lesion run" in res.output and "Traceback" not in res.output
+    assert {p.name: p.stat().st_mtime_ns for p in small_run.rglob("*")} == before

@@ -106,7 +106,6 @@ def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool =
     checkpoint (atomically) and :data:`INFO_FILE`, and re-embed the run's archive (the embeddings
     are the same: the checkpoint's hash, which the index is keyed by, is not). Returns the info."""
     from neurocbir.data.cases import load_cases
-    from neurocbir.errors import InvalidInput
     from neurocbir.files import write_json
     from neurocbir.models.runs import first_trial, trial_dir
     from neurocbir.retrieval.ingest import index_run
@@ -117,9 +116,7 @@ def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool =
     run = Path(run)
     t0 = time.time()
     ckpt = trial_dir(run, first_trial(run)) / "checkpoint.pt"
-    cfg, net, weights_sha256 = _load_trainable(ckpt)
-    if cfg.recipe != "lesion":
-        raise InvalidInput(f"{run} is a {cfg.recipe} run: only a lesion run has a tumor decoder")
+    cfg, net, weights_sha256 = _load_trainable(run, ckpt)
     table = load_cases(cfg.data)
     images, masks = load_tensors(table, cfg.image_size, cfg.intensity)
     fit_rows, _ = holdout_split(cfg, table)
@@ -163,13 +160,16 @@ def _choose_rule_again(run: Path, table) -> str:
     return rule.describe()
 
 
-def _load_trainable(ckpt: Path):
-    """(config, the network unfused and in float32, the pretrained weights' hash) of a checkpoint."""
+def _load_trainable(run: Path, ckpt: Path):
+    """(config, the network unfused and in float32, the pretrained weights' hash) of a lesion run's checkpoint."""
+    from neurocbir.errors import InvalidInput
     from neurocbir.models.encoders import create_encoder
     from neurocbir.models.runs import TrainConfig
 
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
     cfg = TrainConfig(**blob["config"])
+    if cfg.recipe != "lesion":
+        raise InvalidInput(f"{run} is a {cfg.recipe} run: only a lesion run has a tumor decoder")
     arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
     net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()}
