@@ -202,6 +202,17 @@ def mean_of_views(emb: np.ndarray, n: int) -> np.ndarray:
     return both / np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
 
 
+def lesion_net(cfg: TrainConfig, state: dict) -> LesionNet:
+    """A lesion checkpoint's network, float32 and unfused (with its presence decoder where the
+    state holds one)."""
+    arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
+    net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
+    if any(k.startswith("presence_decoder.") for k in state):
+        net.add_presence_decoder()
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return net
+
+
 def load_model(
     run: Path | str, trial: int | None = None, encoder: Encoder | None = None, mirror: bool | None = None
 ) -> Model | LesionModel:
@@ -219,12 +230,7 @@ def load_model(
     except Exception as exc:  # torch raises many types on a corrupt or foreign file
         raise InvalidInput(f"{ckpt} is not a readable neurocbir checkpoint ({type(exc).__name__})") from None
     if cfg.recipe == "lesion":  # every weight is in the checkpoint: no pretrained weights needed
-        arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
-        net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
-        if any(k.startswith("presence_decoder.") for k in blob["state"]):
-            net.add_presence_decoder()
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
-        net = fuse_for_inference(net).to(memory_format=torch.channels_last)
+        net = fuse_for_inference(lesion_net(cfg, blob["state"])).to(memory_format=torch.channels_last)
         mirror = mirrored(run) if mirror is None else mirror
         return LesionModel(run, trial, net, cfg, checkpoint_sha256(run, trial, mirror), mirror)
     encoder = encoder or cfg.build_encoder()

@@ -161,19 +161,16 @@ def _choose_rule_again(run: Path, table) -> str:
 
 
 def _load_trainable(run: Path, ckpt: Path):
-    """(config, the network unfused and in float32, the pretrained weights' hash) of a lesion run's checkpoint."""
+    """(config, the network unfused and in float32 without a presence decoder, the pretrained
+    weights' hash) of a lesion run's checkpoint."""
     from neurocbir.errors import InvalidInput
-    from neurocbir.models.encoders import create_encoder
+    from neurocbir.models.inference import lesion_net
     from neurocbir.models.runs import TrainConfig
 
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
     cfg = TrainConfig(**blob["config"])
     if cfg.recipe != "lesion":
         raise InvalidInput(f"{run} is a {cfg.recipe} run: only a lesion run has a tumor decoder")
-    arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
-    net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()}
-    if any(k.startswith("presence_decoder.") for k in state):  # trained again from the outline decoder
-        state = {k: v for k, v in state.items() if not k.startswith("presence_decoder.")}
-    net.load_state_dict(state)
-    return cfg, net, blob["weights_sha256"]
+    # a decoder trained again starts from the outline decoder, not from the old presence decoder
+    state = {k: v for k, v in blob["state"].items() if not k.startswith("presence_decoder.")}
+    return cfg, lesion_net(cfg, state), blob["weights_sha256"]
