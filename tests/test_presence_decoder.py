@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from neurocbir.cli import app as cli
 from neurocbir.data.external import development_split, load_external
+from neurocbir.data.regions import box_region, region_on_grid, region_peak
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
     images = [small_cases.load_image(i) for i in np.flatnonzero(small_cases.fold == 5)[:4]]
     images += [ext.load_image(int(i)) for i in held if not ext.tumor[i]][:4]
     e0, d0, p0, k0 = load_model(run).analyse_batch(images, presence=True)
-    assert np.allclose(k0, [p.max() for p in p0])
+    assert all(np.array_equal(a, b) for a, b in zip(k0, p0, strict=True))  # no presence decoder: the tumor map
 
     res = runner.invoke(cli, ["presence-decoder", str(run), "--epochs", "1"])
     assert res.exit_code == 0, res.output
@@ -61,8 +62,8 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
     e1, d1, p1, k1 = load_model(run).analyse_batch(images, presence=True)
     assert np.allclose(e1, e0, atol=1e-5) and np.allclose(d1, d0, atol=1e-5)
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1, strict=True))
-    outline_peaks = np.array([p.max() for p in p1])
-    assert np.abs(k1 - outline_peaks).max() > 1e-3, (k1, outline_peaks)
+    outline_peaks, presence_peaks = np.array([p.max() for p in p1]), np.array([m.max() for m in k1])
+    assert np.abs(presence_peaks - outline_peaks).max() > 1e-3, (presence_peaks, outline_peaks)
 
     archive = run.parent / "archive"  # slices without a tumor too: presence is assessed
     for args in ([str(small_data_dir), "--fold", "1"], [str(small_external), "--part", "development"]):
@@ -70,9 +71,23 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
         assert res.exit_code == 0, res.output
     (run / "presence.json").write_text(json.dumps({"threshold": 0.5, "decoder_veto": 0.5, "how": "test"}))
     svc = RetrievalService.from_archive(run, archive)
-    for image, peak in zip(images, k1, strict=True):
+    for image, peak in zip(images, presence_peaks, strict=True):
         evidence = svc.query(image)["tumor_presence"]  # a rule with a decoder veto shows the peak it read
         assert evidence["decoder_peak"] == pytest.approx(float(peak), abs=1e-3), evidence
+
+    # the region search was fitted again on both decoders' maps: a drawn region reads the one chosen
+    fitted = json.loads((run / "region_search.json").read_text())
+    assert set(fitted["measured"]["decoders"]) == {"tumor", "presence"} and fitted["decoder"] in res.output
+    print("region search reads the", fitted["decoder"], "decoder:", fitted["measured"]["decoders"])
+    differ = 0
+    for image, tumor_map, presence_map in zip(images, p1, k1, strict=True):
+        region = box_region((0, 0, image.shape[1] // 2, image.shape[0] // 2), image.shape)
+        grid = region_on_grid(region, svc.model.input_size)
+        seen = {"tumor": tumor_map, "presence": presence_map}[fitted["decoder"]]
+        shown = svc.query(image, region=region)["tumor_presence"]
+        assert shown["probability_tumor_in_region"] == pytest.approx(region_peak(seen, grid), abs=1e-3), shown
+        differ += abs(region_peak(tumor_map, grid) - region_peak(presence_map, grid)) > 1e-2
+    assert differ, "the two maps agree in every region: the test cannot tell which one was read"
 
 
 def test_a_presence_decoder_needs_a_lesion_run(tmp_path, small_run):

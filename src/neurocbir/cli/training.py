@@ -209,6 +209,11 @@ def presence_decoder(
     typer.echo(
         f"trained {run}'s presence decoder in {info['train_s']:.0f} s ({info['slices']} slices, {epochs} epochs) "
         f"and re-indexed it; its 'no tumor' rule, chosen again on its held-out slices: {info['rule']}"
+        + (
+            ""
+            if info["region_search"] is None
+            else f"; a drawn region's presence reads the {info['region_search']} decoder"
+        )
     )
 
 

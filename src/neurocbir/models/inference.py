@@ -176,9 +176,9 @@ class LesionModel:
         self, images: list[np.ndarray], regions: list[np.ndarray] | None = None, presence: bool = False
     ) -> tuple:
         """:meth:`analyse` of several scans in one pass (the slices of a series). ``presence``: a
-        fourth item, each scan's tumor presence evidence (the peak of its presence decoder's map,
+        fourth item, each scan's tumor presence map on the same grid (its presence decoder's,
         :meth:`~neurocbir.models.lesion.LesionNet.add_presence_decoder`, where the network has
-        one; of its tumor map otherwise)."""
+        one; its tumor map otherwise): its peak is the scan's tumor presence evidence."""
         emb, desc, logits = self._forward(images, regions)
         size = self.config.image_size
         prob = torch.sigmoid(F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False))
@@ -188,7 +188,7 @@ class LesionModel:
         maps = [p[0].numpy() for p in prob]
         if not presence:
             return emb, desc, maps
-        return emb, desc, maps, prob[:, -1].flatten(1).amax(1).numpy().astype(float)
+        return emb, desc, maps, [p[-1].numpy() for p in prob]
 
 
 def with_mirror(x: torch.Tensor) -> torch.Tensor:

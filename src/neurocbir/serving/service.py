@@ -200,11 +200,11 @@ class RetrievalService:
     def analyse(self, image: np.ndarray, grid: np.ndarray | None = None, presence: bool = False) -> tuple:
         """(embedding, trunk descriptor, tumor probability map or None) of one image; ``grid``:
         a region to search by, on the input grid (:meth:`region_grid`); ``presence``: and the
-        tumor presence evidence (``LesionModel.analyse_batch``), a float or None."""
+        tumor presence map (``LesionModel.analyse_batch``) or None."""
         with self.inference_lock:
             found = self.model.analyse_batch([image], *([] if grid is None else [[grid]]), presence=True)
-        (q, trunk, probs, peaks), one = found, lambda v: None if v is None else v[0]
-        return (q, trunk, one(probs), one(peaks)) if presence else (q, trunk, one(probs))
+        (q, trunk, probs, shown), one = found, lambda v: None if v is None else v[0]
+        return (q, trunk, one(probs), one(shown)) if presence else (q, trunk, one(probs))
 
     @one_thread
     def query(
@@ -233,11 +233,11 @@ class RetrievalService:
         grid = None if region is None else self.region_grid(image, region)
         # is the scan already in the archive? checked on the other core while the CNN runs
         own = side_work().submit(_own_cases, self.cases, image)
-        q, trunk, tumor_prob, peak = self.analyse(image, grid, presence=True)
-        in_region = None
-        if grid is not None:
-            rs = self.region_search
-            in_region = region_search.presence(region_peak(tumor_prob, grid), rs.threshold, float(tumor_prob.max()))
+        q, trunk, tumor_prob, shown = self.analyse(image, grid, presence=True)
+        peak, in_region = None if shown is None else float(shown.max()), None
+        if grid is not None:  # the decoder's map the run's region search was fitted on
+            rs, seen = self.region_search, shown if self.region_search.decoder == "presence" else tumor_prob
+            in_region = region_search.presence(region_peak(seen, grid), rs.threshold, float(seen.max()), rs.decoder)
         # an archive changed by `add` / `remove` since its view loaded: a view of a small one loads
         # within this wait, so the answer reads the archive as it is; a large one's loads meanwhile
         self.refresh_cases(wait_s=RELOAD_WAIT_S)

@@ -35,7 +35,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
             emb.append(e)
             desc.append(d)
             probs += p if p is not None else [None] * len(e)
-            peaks += list(pk) if pk is not None else [None] * len(e)
+            peaks += [float(m.max()) for m in pk] if pk is not None else [None] * len(e)
     emb, desc = np.concatenate(emb), np.concatenate(desc)
     service.refresh_cases(wait_s=RELOAD_WAIT_S)
     cases = service.cases

@@ -71,9 +71,9 @@ def _evidence(model, images) -> tuple[np.ndarray, dict]:
         if image is not None:
             batch.append(image)
         if batch and (image is None or len(batch) == 32):
-            _, d, probs, peaks = model.analyse_batch(batch, presence=True)
+            _, d, probs, shown = model.analyse_batch(batch, presence=True)
             desc.append(d)
-            maps["peak"] += [float(v) for v in peaks]  # the presence decoder's, where the run has one
+            maps["peak"] += [float(m.max()) for m in shown]  # the presence decoder's, where the run has one
             for p in probs:
                 flat = p.ravel()
                 k = max(1, len(flat) // 100)  # the highest 1 %, without sorting the whole map

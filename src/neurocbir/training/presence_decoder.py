@@ -140,8 +140,25 @@ def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool =
     }
     index_run(run, cfg.data)
     info["rule"] = _choose_rule_again(run, table)
+    info["region_search"] = _fit_region_search_again(run, table)
     write_json(run / INFO_FILE, info)
     return info
+
+
+def _fit_region_search_again(run: Path, table) -> str | None:
+    """A region's presence may read the new decoder's map: the run's region search is fitted again
+    on its held-out slices (the decoder whose map finds more tumor boxes is chosen); where it cannot
+    be, the old fit stays (it reads the tumor decoder's map, which is unchanged). The decoder read."""
+    from neurocbir.classify import region
+    from neurocbir.errors import InvalidInput
+    from neurocbir.training.regions import fit_region_search
+
+    if not (run / region.FILE).is_file():
+        return None
+    try:
+        return fit_region_search(run, table)["decoder"]
+    except InvalidInput:
+        return region.load(run, 0.5).decoder
 
 
 def _choose_rule_again(run: Path, table) -> str:

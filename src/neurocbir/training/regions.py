@@ -19,6 +19,7 @@ import numpy as np
 from neurocbir.classify import calibration
 from neurocbir.classify import region as region_search
 from neurocbir.classify.neighbors import NIRClassifier
+from neurocbir.classify.region import DECODERS
 from neurocbir.data.cases import CLASS_NAMES, CaseTable
 from neurocbir.data.regions import away_box, box_region, region_on_grid, region_peak, tumor_box
 from neurocbir.errors import InvalidInput
@@ -35,27 +36,33 @@ MIN_ECE_GAIN = 0.005
 
 def region_searches(model, table: CaseTable, rows: np.ndarray, seed: int = 0) -> dict:
     """Tumor-box and away-box searches of the tumor slices among ``rows``: their rows, the
-    tumor-box embeddings and the decoder's peak inside each box."""
+    tumor-box embeddings and, per decoder (:data:`~neurocbir.classify.region.DECODERS`; the
+    presence decoder's map is the tumor decoder's where the run has none), its map's peak inside
+    each box and on the whole slice (the map does not depend on the region searched by)."""
     rng = np.random.default_rng(seed)
     size = model.input_size
-    out = {"rows": [], "embedding": [], "box_peak": [], "away_peak": [], "slice_peak": [], "away_slice_peak": []}
+    out = {"rows": [], "embedding": []}
+    peaks = {d: {"box_peak": [], "away_peak": [], "slice_peak": [], "away_slice_peak": []} for d in DECODERS}
     for r in rows:
         mask = table.load_mask(int(r)) > 0
         if table.label[r] >= len(CLASS_NAMES) or not mask.any():
             continue
         image = table.load_image(int(r))
         grid = region_on_grid(box_region(tumor_box(mask), image.shape), size)
-        emb, _, prob = model.analyse(image, grid)
+        emb, _, probs, shown = model.analyse_batch([image], [grid], presence=True)
         out["rows"].append(int(r))
         out["embedding"].append(emb[0])
-        out["box_peak"].append(region_peak(prob, grid))
-        out["slice_peak"].append(float(prob.max()))
         away = away_box(image, mask, rng)
-        if away is not None:
-            grid = region_on_grid(box_region(away, image.shape), size)
-            out["away_peak"].append(region_peak(model.analyse(image, grid)[2], grid))
-            out["away_slice_peak"].append(float(prob.max()))
-    return {k: np.asarray(v) for k, v in out.items()}
+        away = None if away is None else region_on_grid(box_region(away, image.shape), size)
+        for decoder, prob in zip(DECODERS, (probs[0], shown[0]), strict=True):
+            p = peaks[decoder]
+            p["box_peak"].append(region_peak(prob, grid))
+            p["slice_peak"].append(float(prob.max()))
+            if away is not None:
+                p["away_peak"].append(region_peak(prob, away))
+                p["away_slice_peak"].append(float(prob.max()))
+    arrays = {d: {k: np.asarray(v) for k, v in p.items()} for d, p in peaks.items()}
+    return {"rows": out["rows"], "embedding": np.asarray(out["embedding"]), **arrays}
 
 
 def choose_threshold(
@@ -85,11 +92,13 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
     if not isinstance(model, LesionModel):
         raise InvalidInput(f"{run} is not a lesion run: only a tumor decoder's runs search by region")
     found = region_searches(model, table, cal_rows)
-    if len(found["rows"]) < MIN_SLICES or len(found["away_peak"]) < MIN_SLICES:
+    if len(found["rows"]) < MIN_SLICES or len(found["tumor"]["away_peak"]) < MIN_SLICES:
         raise InvalidInput(f"{run}: too few held-out tumor slices with masks to fit region searches")
-    threshold, rates = choose_threshold(
-        found["box_peak"], found["away_peak"], found["slice_peak"], found["away_slice_peak"]
-    )
+    decoders = DECODERS if model.net.has_presence_decoder else DECODERS[:1]
+    chosen = {d: choose_threshold(**found[d]) for d in decoders}
+    # the decoder whose map finds the most tumor boxes at its threshold (the tumor decoder's on a tie)
+    decoder = max(decoders, key=lambda d: (chosen[d][1][str(chosen[d][0])]["tumor_box_found"], d == "tumor"))
+    threshold, rates = chosen[decoder]
     rows = found["rows"]
     y, groups = table.label[rows], table.patient_id[rows]
     labels = NIRClassifier().fit(fit_emb, table.label[fit_rows]).neighbour_labels(found["embedding"])
@@ -107,13 +116,15 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
     n_patients = len(np.unique(groups))
     doc = {
         "threshold": threshold,
+        "decoder": decoder,
         "calibration": own.as_dict() if use_own else None,
         "how": (
             f"{len(rows)} tumor slices of {n_patients} training patients held out of training, each searched by "
             f"its tumor's bounding box and by a box of that size on tissue away from the tumor "
-            f"({len(found['away_peak'])}); threshold: the most tumor boxes found with >= {MIN_AWAY_NONE:.0%} of away "
-            "boxes answered 'no tumor' (where the decoder outlines no tumor on the slice, the slice's answer "
-            "decides: taken as 'tumor' here); "
+            f"({len(found['tumor']['away_peak'])}); threshold: the most tumor boxes found with >= {MIN_AWAY_NONE:.0%} "
+            f"of away boxes answered 'no tumor' (where the decoder outlines no tumor on the slice, the slice's answer "
+            f"decides: taken as 'tumor' here), on the {decoder} decoder's map"
+            + (" (it found more than the other decoder's); " if len(decoders) > 1 else "; ")
             + (
                 "own calibration (it lowered the ECE on the other half of the patients)"
                 if use_own
@@ -127,6 +138,7 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
             "ece_other_half_own": round(ece_own, 4),
             "ece_other_half_whole_slice": None if ece_whole is None else round(ece_whole, 4),
             "thresholds": rates,
+            "decoders": {d: {"threshold": t, **r[str(t)]} for d, (t, r) in chosen.items()},
         },
     }
     region_search.save(run, doc)
