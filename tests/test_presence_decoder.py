@@ -21,13 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def small_lesion_run(tmp_path_factory, small_data_dir, small_external) -> Path:
-    """A copy of the committed model whose config reads the small dataset and the small external
-    folder (what a presence decoder trains on), indexed over the small dataset."""
+    """A copy of the committed model without its presence decoder, whose config reads the small
+    dataset and the small external folder (what a presence decoder trains on), indexed over the
+    small dataset."""
+    import torch
+
     from neurocbir.retrieval.ingest import index_run
 
     run = tmp_path_factory.mktemp("presence-decoder") / "run"
-    ignore = shutil.ignore_patterns("embeddings.npz", "index.faiss*", "metrics.*", "demo-archive", "*.png")
+    ignore = shutil.ignore_patterns(
+        "embeddings.npz", "index.faiss*", "metrics.*", "demo-archive", "*.png", "presence_decoder.json"
+    )
     shutil.copytree(ROOT / "models" / "lesion-fold5", run, ignore=ignore)
+    ckpt = run / "trial_0" / "checkpoint.pt"
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    blob["state"] = {k: v for k, v in blob["state"].items() if not k.startswith("presence_decoder.")}
+    torch.save(blob, ckpt)
     cfg = json.loads((run / "config.json").read_text())
     cfg |= {"data": str(small_data_dir), "extra_cases": str(small_external)}
     (run / "config.json").write_text(json.dumps(cfg))
@@ -74,6 +83,7 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
     for image, peak in zip(images, presence_peaks, strict=True):
         evidence = svc.query(image)["tumor_presence"]  # a rule with a decoder veto shows the peak it read
         assert evidence["decoder_peak"] == pytest.approx(float(peak), abs=1e-3), evidence
+        assert "the presence decoder's peak reaches the veto" in evidence["note"], evidence
 
     # the region search was fitted again on both decoders' maps: a drawn region reads the one chosen
     fitted = json.loads((run / "region_search.json").read_text())

@@ -104,12 +104,15 @@ class PresenceRule:
     probability on the slice (its peak) combined, ``sigmoid((1 - w) logit(P) - w logit(peak))``: a
     slice where the decoder sees nothing leans to "no tumor", one where it plainly sees a tumor
     leans away; and with ``decoder_veto``, never where the peak reaches the veto. Chosen on slices
-    the network never trained on (:mod:`neurocbir.training.presence_choice`); ``how`` says how."""
+    the network never trained on (:mod:`neurocbir.training.presence_choice`); ``how`` says how.
+    ``decoder``: whose peak it reads, the tumor decoder's or the run's presence decoder's (the
+    answer names it)."""
 
     threshold: float = NO_TUMOR_PROBABILITY
     decoder_veto: float | None = None
     how: str = "not chosen for this run: P(no tumor) > 0.5, no decoder veto"
     decoder_weight: float = 0.0
+    decoder: str = "tumor"
 
     def score(self, p_none, peak):
         """The score the threshold is on (arrays or floats; ``peak`` None: P(no tumor) itself)."""
@@ -148,10 +151,12 @@ class PresenceRule:
             evidence["decoder_peak"] = round(float(peak), 4)
         if peak is not None and w:
             evidence |= {"decoder_weight": w, "score": round(float(self.score(p_none, peak)), 4)}
-            evidence["note"] += f"; the threshold is on P(no tumor) and the tumor decoder's peak combined (weight {w})"
+            evidence["note"] += (
+                f"; the threshold is on P(no tumor) and the {self.decoder} decoder's peak combined (weight {w})"
+            )
         if peak is not None and veto is not None:
             evidence["decoder_veto"] = veto
-            evidence["note"] += "; never 'no tumor' where the tumor decoder's peak reaches the veto"
+            evidence["note"] += f"; never 'no tumor' where the {self.decoder} decoder's peak reaches the veto"
         found = not self.no_tumor(p_none, peak)
         # the score says "no tumor" and only the decoder's peak keeps the tumor: the evidence conflicts
         evidence["uncertain"] = bool(found and peak is not None and self.score(p_none, peak) > self.threshold)
@@ -172,7 +177,11 @@ def load_rule(run: Path | str | None) -> PresenceRule:
         doc = json.loads(path.read_text())
         veto = doc["decoder_veto"]
         weight = float(doc.get("decoder_weight", 0.0))  # rules chosen before 2026-12-03 had none
-        return PresenceRule(float(doc["threshold"]), None if veto is None else float(veto), str(doc["how"]), weight)
+        # the run's presence decoder, trained by `neurocbir presence-decoder`, gives the peak where it has one
+        decoder = "presence" if (Path(run) / "presence_decoder.json").is_file() else "tumor"
+        return PresenceRule(
+            float(doc["threshold"]), None if veto is None else float(veto), str(doc["how"]), weight, decoder
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(
             f"{path} is corrupt ({type(exc).__name__}): choose it again with `neurocbir calibrate RUN --presence`"

@@ -123,8 +123,7 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
             f"its tumor's bounding box and by a box of that size on tissue away from the tumor "
             f"({len(found['tumor']['away_peak'])}); threshold: the most tumor boxes found with >= {MIN_AWAY_NONE:.0%} "
             f"of away boxes answered 'no tumor' (where the decoder outlines no tumor on the slice, the slice's answer "
-            f"decides: taken as 'tumor' here), on the {decoder} decoder's map"
-            + (" (it found more than the other decoder's); " if len(decoders) > 1 else "; ")
+            f"decides: taken as 'tumor' here), on the {decoder} decoder's map{_versus(chosen)}; "
             + (
                 "own calibration (it lowered the ECE on the other half of the patients)"
                 if use_own
@@ -143,3 +142,13 @@ def fit_region_search(run: Path | str, table: CaseTable) -> dict:
     }
     region_search.save(run, doc)
     return doc
+
+
+def _versus(chosen: dict) -> str:
+    """How the decoders compared on the held-out boxes (empty where the run has one decoder)."""
+    if len(chosen) < 2:
+        return ""
+    found = {d: r[str(t)]["tumor_box_found"] for d, (t, r) in chosen.items()}
+    tie = len(set(found.values())) == 1
+    shares = " vs ".join(f"the {d} decoder's {f:.1%}" for d, f in found.items())
+    return f" (tumor boxes found at each decoder's threshold: {shares}{'; the tumor decoder kept on a tie' if tie else ''})"
