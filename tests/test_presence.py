@@ -180,7 +180,7 @@ def test_the_cli_says_no_tumor_found(site_archive, small_run, small_external):
 
 @pytest.fixture(scope="module")
 def lesion_site(tmp_path_factory, small_data_dir, small_external) -> tuple[Path, Path]:
-    """A copy of the committed model (its tumor decoder) and an archive it built through the CLI:
+    """A copy of the committed model (its tumor and presence decoders) and an archive it built through the CLI:
     the small dataset's training folds and the external development part (no-tumor slices too)."""
     import shutil
 
@@ -196,7 +196,7 @@ def lesion_site(tmp_path_factory, small_data_dir, small_external) -> tuple[Path,
 
 def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_site, small_external, tmp_path):
     """A run's presence.json: P(no tumor) above its threshold answers 'no tumor' only where the
-    tumor decoder's peak stays below the veto (the evidence shows both); a corrupt file is refused
+    decoder's peak (its presence decoder's) stays below the veto (the evidence shows both); a corrupt file is refused
     by name, with the command that rewrites it."""
     from neurocbir.classify.presence import RULE_FILE
     from neurocbir.errors import ConfigurationError
@@ -209,7 +209,8 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     called = [im for im in images if svc.query(im)["tumor_found"] is False]
     called_rows = [i for i, im in zip(rows, images) if svc.query(im)["tumor_found"] is False]
     assert len(called) >= 4, f"{len(called)} of {len(images)} no-tumor slices answered 'no tumor' without a veto"
-    peaks = np.array([svc.model.analyse(im)[2].max() for im in called])
+    # the peak the rule reads: the presence decoder's (the committed model has one)
+    peaks = np.array([svc.model.analyse_batch([im], presence=True)[3][0].max() for im in called])
     veto = float(np.median(peaks))  # about half of them peak at or above it
     (run / RULE_FILE).write_text(json.dumps({"threshold": 0.5, "decoder_veto": veto, "how": "test"}))
     vetoed = RetrievalService.from_archive(run, archive)
