@@ -22,14 +22,18 @@ from results_doc import machine, write_section
 
 
 def best_per_weight(tried: list) -> set:
-    """(threshold, veto, weight) of each weight's rule that finds the most within the bounds."""
+    """:func:`key` of each (weight, tumor decoder's veto)'s rule that finds the most within the bounds."""
     from neurocbir.training.presence_choice import found
 
     best = {}
     for r, rates, ok in tried:
-        if ok and found(rates) > best.get(r.decoder_weight, (-1, None))[0]:
-            best[r.decoder_weight] = (found(rates), (r.threshold, r.decoder_veto, r.decoder_weight))
+        if ok and found(rates) > best.get((r.decoder_weight, r.tumor_veto), (-1, None))[0]:
+            best[r.decoder_weight, r.tumor_veto] = (found(rates), key(r))
     return {b for _, b in best.values()}
+
+
+def key(r) -> tuple:
+    return r.threshold, r.decoder_veto, r.decoder_weight, r.tumor_veto
 
 
 def main() -> None:
@@ -52,13 +56,13 @@ def main() -> None:
     def cell(f: float, m: float) -> str:
         return ("-" if np.isnan(f) else f"{f:.3f}") + " / " + ("-" if np.isnan(m) else f"{m:.3f}")
 
-    key = (rule.threshold, rule.decoder_veto, rule.decoder_weight)
+    chosen, shown = key(rule), best_per_weight(tried) | {key(rule)}
     lines = [  # every rule of P(no tumor) alone, then each weight's rule that finds the most within bounds
         f"| {r.describe()} | "
         + " | ".join(cell(*rates[s]) for s in sources)
-        + (" | **chosen** |" if (r.threshold, r.decoder_veto, r.decoder_weight) == key else " | |")
+        + (" | **chosen** |" if key(r) == chosen else " | |")
         for r, rates, _ in tried
-        if not r.decoder_weight or (r.threshold, r.decoder_veto, r.decoder_weight) in best_per_weight(tried) | {key}
+        if (not r.decoder_weight and r.tumor_veto is None) or key(r) in shown
     ]
     body = [
         f"## {args.title}",
@@ -78,8 +82,9 @@ def main() -> None:
         "",
         "Per source: held-out no-tumor slices called 'no tumor' / held-out tumor slices called 'no tumor'.",
         "",
-        "Rows: every rule on P(no tumor) alone; for each weight of the decoder's peak, the rule of that weight"
-        " that finds the most (mean over the sources) within every source's bound; and the rule chosen.",
+        "Rows: every rule on P(no tumor) alone; for each weight of the decoder's peak (and each veto of the tumor"
+        " decoder's, where the rule reads a presence decoder), the rule that finds the most (mean over the"
+        " sources) within every source's bound; and the rule chosen.",
         "",
         "| rule | " + " | ".join(sources) + " | |",
         "|---|" + "---|" * (len(sources) + 1),

@@ -232,6 +232,41 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     (run / RULE_FILE).unlink()
 
 
+def test_the_tumor_decoders_veto_keeps_what_the_outline_shows(lesion_site, small_external):
+    """A rule that reads the presence decoder's peak may also have the tumor decoder's veto (the
+    map the outline is drawn from): a slice whose tumor decoder peaks at or above it is never 'no
+    tumor', the answer shows that peak and says which decoder kept the tumor, alone and in a study."""
+    from neurocbir.classify.presence import RULE_FILE
+    from neurocbir.serving.studies import answer_study
+
+    run, archive = lesion_site
+    ext = load_external(small_external)
+    rows = [i for i in development_split(ext)[1] if not ext.tumor[i]]
+    svc = RetrievalService.from_archive(run, archive)
+    called = [r for r in rows if svc.query(ext.load_image(r))["tumor_found"] is False]
+    assert len(called) >= 4, f"{len(called)} of {len(rows)} no-tumor slices answered 'no tumor'"
+    images = [ext.load_image(r) for r in called]
+    peaks = np.array([svc.model.analyse_batch([im], presence=True)[2][0].max() for im in images])
+    veto = float(np.median(peaks))
+    print("tumor decoder peaks", np.round(peaks, 3), "veto", veto)
+    (run / RULE_FILE).write_text(json.dumps({"threshold": 0.5, "decoder_veto": None, "how": "t", "tumor_veto": veto}))
+    try:
+        vetoed = RetrievalService.from_archive(run, archive)
+        answers = [vetoed.query(im) for im in images]
+        for out, peak in zip(answers, peaks):
+            kept = bool(peak >= veto)
+            assert out["tumor_found"] is kept, (peak, veto, out["tumor_presence"])
+            assert out["tumor_presence"]["tumor_decoder_peak"] == pytest.approx(peak, abs=1e-3)
+            assert ("tumor decoder's highest probability" in (out["presence_warning"] or "")) is kept
+        series = _series([Path(ext.root) / ext.files[r] for r in called])
+        study = answer_study(vetoed, series, k=3)  # each slice of the study as it is answered alone
+        assert [s["tumor_found"] for s in study["slices"]] == [
+            vetoed.query(s.pixels)["tumor_found"] for s in series.slices
+        ]
+    finally:
+        (run / RULE_FILE).unlink()
+
+
 def _series(paths: list[Path]):
     """The slices at ``paths`` as one DICOM series (one size, as a scanner's), read as a study."""
     import io
@@ -417,6 +452,32 @@ def test_the_choice_weights_the_decoder_where_both_signals_carry_evidence(monkey
     chosen = next(r for t, r, _ in tried if (t.threshold, t.decoder_veto, t.decoder_weight) == key)
     assert rule.decoder_weight > 0, rule  # ties go to P(no tumor) alone: a weight is chosen only where it finds more
     assert presence_choice.found(chosen) > alone and chosen["br35h"][1] <= 0.1
+
+
+def test_the_tumor_decoders_veto_is_chosen_where_it_keeps_what_the_presence_decoder_misses(monkeypatch):
+    """Where the presence decoder misses some tumor slices (its peak low, P(no tumor) high) that the
+    tumor decoder plainly sees, and the tumor decoder stays quiet on no-tumor slices, the rule
+    chosen has the tumor decoder's veto and finds every no-tumor slice; where the tumor decoder
+    fires on no-tumor slices too and the presence decoder misses none, it is tried and not chosen."""
+    from neurocbir.training import presence_choice
+
+    n_t, n_n = 100, 100
+    tumor = np.array([True] * n_t + [False] * n_n)
+    p = np.where(tumor, 0.1, 0.95)
+    peak = np.where(tumor, 0.9, 0.05)
+    p[:5], peak[:5] = 0.95, 0.05  # five tumor slices the presence decoder misses
+    tumor_peak = np.where(tumor, 0.95, 0.1)
+    s = {"source": np.array(["br35h"] * (n_t + n_n)), "tumor": tumor, "peak": peak, "tumor_peak": tumor_peak}
+    s["trained"] = np.zeros(n_t + n_n, bool)
+    monkeypatch.setattr(presence_choice, "pooled_slices", lambda run, table, pool: (s, p, 0))
+    rule, tried = presence_choice.choose_presence("run", None, save=False)
+    assert rule.tumor_veto is not None, rule
+    same = lambda t: t.describe() == rule.describe()  # noqa: E731
+    assert presence_choice.found(next(r for t, r, _ in tried if same(t))) == 1.0
+    # the presence decoder misses none, and the tumor decoder fires everywhere: its veto would find nothing
+    p[:5], peak[:5], s["tumor_peak"] = 0.1, 0.9, np.where(tumor, 0.95, 0.97)
+    rule, tried = presence_choice.choose_presence("run", None, save=False)
+    assert rule.tumor_veto is None and any(t.tumor_veto for t, _, _ in tried), rule
 
 
 def test_the_summary_and_the_chat_leave_out_cases_without_a_report(site_archive, small_run):

@@ -109,3 +109,47 @@ def test_a_presence_decoder_needs_a_lesion_run(tmp_path, small_run):
     res = runner.invoke(cli, ["presence-decoder", str(small_run)])
     assert res.exit_code != 0 and "only a lesion run" in res.output and "Traceback" not in res.output
     assert {p.name: p.stat().st_mtime_ns for p in small_run.rglob("*")} == before
+
+
+def test_a_presence_decoder_can_draw_sources_evenly_and_paste_tumors(small_cases, small_external, test_seed):
+    """The presence decoder's drawing weights give each source's tumor and no-tumor slices the
+    same weight (each source keeping its share); a pasted tumor is a donor's masked tumor, inside
+    the receiving head, which changes the slice only near that mask and makes it a tumor slice
+    with the donor's mask; tumor slices and slices left without a paste are untouched."""
+    import torch
+
+    from neurocbir.data.cases import NO_TUMOR_LABEL
+    from neurocbir.training.lesion import load_extra_tensors, load_tensors
+    from neurocbir.training.presence_decoder import balanced_weights, paste_tumors
+
+    ext = load_external(small_external)
+    w = balanced_weights(
+        np.r_[np.full(len(small_cases), "figshare"), ext.sources], np.r_[small_cases.label < 3, ext.tumor]
+    )
+    for src in np.unique(ext.sources):
+        at = np.r_[np.zeros(len(small_cases), bool), ext.sources == src]
+        tumor = np.r_[np.ones(len(small_cases), bool), ext.tumor]
+        assert w[at & tumor].sum() == pytest.approx(w[at & ~tumor].sum())
+        assert w[at].sum() == pytest.approx(at.mean())
+    fx, fm = load_tensors(small_cases, 224)
+    ex, em, ey, ek = load_extra_tensors(small_external, 224)
+    images, masks = torch.cat([fx, ex]).float(), torch.cat([fm, em]).float()
+    y = torch.as_tensor(np.r_[small_cases.label, ey])
+    known = torch.cat([torch.ones(len(fx), dtype=torch.bool), ek])
+    donors = torch.nonzero(known & (masks.flatten(1).amax(1) > 0)).flatten()
+    print("seed", test_seed)
+    gen = torch.Generator().manual_seed(test_seed)
+    x2, m2, y2, k2 = paste_tumors(images, masks, y.clone(), known.clone(), images, masks, donors, 0.5, gen)
+    pasted = torch.nonzero(y2 != y).flatten()
+    was_none = int((y == NO_TUMOR_LABEL).sum())
+    assert 0.25 * was_none <= len(pasted) <= 0.75 * was_none, (len(pasted), was_none)
+    assert bool((y[pasted] == NO_TUMOR_LABEL).all()) and bool(k2[pasted].all())
+    untouched = torch.ones(len(y), dtype=torch.bool)
+    untouched[pasted] = False
+    assert torch.equal(x2[untouched], images[untouched]) and torch.equal(m2[untouched], masks[untouched])
+    for i in pasted.tolist():
+        mask = m2[i, 0] > 0
+        assert any(torch.equal(m2[i], masks[d]) or torch.equal(m2[i], masks[d].flip(-1)) for d in donors.tolist())
+        assert (images[i, 0][mask] > -0.9).float().mean() >= 0.95  # inside the receiving head
+        near = torch.nn.functional.max_pool2d(mask[None, None].float(), 9, 1, 4)[0, 0] > 0
+        assert torch.equal(x2[i, 0][~near], images[i, 0][~near]) and not torch.equal(x2[i, 0][mask], images[i, 0][mask])

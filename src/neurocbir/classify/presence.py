@@ -106,13 +106,15 @@ class PresenceRule:
     leans away; and with ``decoder_veto``, never where the peak reaches the veto. Chosen on slices
     the network never trained on (:mod:`neurocbir.training.presence_choice`); ``how`` says how.
     ``decoder``: whose peak it reads, the tumor decoder's or the run's presence decoder's (the
-    answer names it)."""
+    answer names it); ``tumor_veto``: where it reads the presence decoder's, never "no tumor" where
+    the tumor decoder's peak (the map the outline is drawn from) reaches this either."""
 
     threshold: float = NO_TUMOR_PROBABILITY
     decoder_veto: float | None = None
     how: str = "not chosen for this run: P(no tumor) > 0.5, no decoder veto"
     decoder_weight: float = 0.0
     decoder: str = "tumor"
+    tumor_veto: float | None = None
 
     def score(self, p_none, peak):
         """The score the threshold is on (arrays or floats; ``peak`` None: P(no tumor) itself)."""
@@ -122,27 +124,34 @@ class PresenceRule:
         z = (1 - w) * _logit(p_none) - w * _logit(peak)
         return 1.0 / (1.0 + np.exp(-z))
 
-    def no_tumor(self, p_none, peak):
-        """'No tumor' for a slice (floats: a bool) or for many (arrays: a bool array)."""
+    def no_tumor(self, p_none, peak, tumor_peak=None):
+        """'No tumor' for a slice (floats: a bool) or for many (arrays: a bool array); ``tumor_peak``:
+        the tumor decoder's peak, for :attr:`tumor_veto` (None: ``peak`` is the tumor decoder's)."""
         called = np.asarray(self.score(p_none, peak)) > self.threshold
         if self.decoder_veto is not None and peak is not None:
             called &= np.asarray(peak) < self.decoder_veto
+        tumor_peak = peak if tumor_peak is None else tumor_peak
+        if self.tumor_veto is not None and tumor_peak is not None:
+            called &= np.asarray(tumor_peak) < self.tumor_veto
         return bool(called) if called.ndim == 0 else called
 
     def describe(self) -> str:
         """The rule in one line, as the CLI and the benchmarks print it."""
         score = f"P(no tumor) and peak, weight {self.decoder_weight}" if self.decoder_weight else "P(no tumor)"
-        return f"{score} > {self.threshold}, veto {'none' if self.decoder_veto is None else self.decoder_veto}"
+        veto = f"{score} > {self.threshold}, veto {'none' if self.decoder_veto is None else self.decoder_veto}"
+        return veto + ("" if self.tumor_veto is None else f", tumor decoder's veto {self.tumor_veto}")
 
-    def decide(self, p_none: float | None, peak: float | None) -> tuple[bool | None, dict]:
+    def decide(
+        self, p_none: float | None, peak: float | None, tumor_peak: float | None = None
+    ) -> tuple[bool | None, dict]:
         """:meth:`answer`, or None where the case source cannot tell (``p_none`` None: an archive
         with no slices without a tumor), and the evidence says so."""
         if p_none is None:
             note = "not assessed: the archive holds no slices without a tumor (add some with `neurocbir add`)"
             return None, {"probability_no_tumor": None, "threshold": None, "note": note}
-        return self.answer(p_none, peak)
+        return self.answer(p_none, peak, tumor_peak)
 
-    def answer(self, p_none: float, peak: float | None) -> tuple[bool, dict]:
+    def answer(self, p_none: float, peak: float | None, tumor_peak: float | None = None) -> tuple[bool, dict]:
         """(tumor found, the evidence as the answer shows it) for one slice."""
         note = "from the archive's cases with and without a tumor (descriptor of the whole slice)"
         evidence = {"probability_no_tumor": round(p_none, 4), "threshold": self.threshold, "note": note}
@@ -155,9 +164,13 @@ class PresenceRule:
                 f"; the threshold is on P(no tumor) and the {self.decoder} decoder's peak combined (weight {w})"
             )
         if peak is not None and veto is not None:
-            evidence["decoder_veto"] = veto
+            evidence |= {"decoder_veto": veto, "decoder": self.decoder}
             evidence["note"] += f"; never 'no tumor' where the {self.decoder} decoder's peak reaches the veto"
-        found = not self.no_tumor(p_none, peak)
+        if self.tumor_veto is not None and (tumor_peak is not None or peak is not None):
+            tumor_peak = float(peak if tumor_peak is None else tumor_peak)
+            evidence |= {"tumor_decoder_peak": round(tumor_peak, 4), "tumor_veto": self.tumor_veto}
+            evidence["note"] += f"; never 'no tumor' where the tumor decoder's peak reaches {self.tumor_veto}"
+        found = not self.no_tumor(p_none, peak, tumor_peak)
         # the score says "no tumor" and only the decoder's peak keeps the tumor: the evidence conflicts
         evidence["uncertain"] = bool(found and peak is not None and self.score(p_none, peak) > self.threshold)
         return found, evidence
@@ -179,8 +192,14 @@ def load_rule(run: Path | str | None) -> PresenceRule:
         weight = float(doc.get("decoder_weight", 0.0))  # rules chosen before 2026-12-03 had none
         # the run's presence decoder, trained by `neurocbir presence-decoder`, gives the peak where it has one
         decoder = "presence" if (Path(run) / "presence_decoder.json").is_file() else "tumor"
+        tumor_veto = doc.get("tumor_veto")  # rules chosen before 2026-12-07 had none
         return PresenceRule(
-            float(doc["threshold"]), None if veto is None else float(veto), str(doc["how"]), weight, decoder
+            float(doc["threshold"]),
+            None if veto is None else float(veto),
+            str(doc["how"]),
+            weight,
+            decoder,
+            None if tumor_veto is None else float(tumor_veto),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(

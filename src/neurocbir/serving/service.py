@@ -234,7 +234,7 @@ class RetrievalService:
         # is the scan already in the archive? checked on the other core while the CNN runs
         own = side_work().submit(_own_cases, self.cases, image)
         q, trunk, tumor_prob, shown = self.analyse(image, grid, presence=True)
-        peak, in_region = None if shown is None else float(shown.max()), None
+        peak, in_region = None if shown is None else (float(shown.max()), float(tumor_prob.max())), None
         if grid is not None:  # the decoder's map the run's region search was fitted on
             rs, seen = self.region_search, shown if self.region_search.decoder == "presence" else tumor_prob
             in_region = region_search.presence(region_peak(seen, grid), rs.threshold, float(seen.max()), rs.decoder)
@@ -280,13 +280,13 @@ class RetrievalService:
         filters: CaseFilter | None,
         neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         in_region: tuple[bool, dict] | None = None,
-        peak: float | None = None,
+        peak: tuple[float, float] | None = None,
     ) -> dict:
         """The prediction and its evidence from one view of the cases (one search, one NIR;
         ``neighbours``: that search's (distances, case ids, labels), where the caller has it;
         ``in_region``: a region search's presence answer, which replaces the slice's (found None: the
-        slice's answer decides, :func:`neurocbir.classify.region.presence`); ``peak``:
-        the tumor decoder's highest probability on the slice, for the run's presence rule).
+        slice's answer decides, :func:`neurocbir.classify.region.presence`); ``peak``: the highest
+        probability on the slice of the decoder the run's presence rule reads, and of the tumor decoder).
         ``own``: the cases that are the scan itself (:meth:`CaseSource.duplicates_of`), or the
         scan's prints to find them with (here, while a vector store server searches), or the
         :func:`_own_cases` begun for the scan: shown, marked, and not counted as evidence."""
@@ -301,7 +301,7 @@ class RetrievalService:
         # the slice's presence (where the answer reads it) needs no neighbour: decided while a server searches
         needed, on_slice = in_region is None or in_region[0] is None, None
         if needed and searching is not None and PRESENCE_BESIDE_SEARCH:
-            on_slice = self.presence_rule.decide(cases.tumor_presence(trunk), peak)
+            on_slice = self.presence_rule.decide(cases.tumor_presence(trunk), *(peak or (None,)))
         if neighbours is None and searching is not None:
             neighbours = searching.result()
         dist, case_ids, labels = neighbours or cases.neighbours(q, one_per_patient, self.nir_read)
@@ -366,7 +366,7 @@ class RetrievalService:
             else None
         )
         if needed and on_slice is None:
-            on_slice = self.presence_rule.decide(cases.tumor_presence(trunk), peak)
+            on_slice = self.presence_rule.decide(cases.tumor_presence(trunk), *(peak or (None,)))
         found, presence = on_slice if in_region is None else in_region
         if in_region is not None and found is None:  # the decoder locates no tumor: the slice's answer decides
             found, presence = on_slice[0], {**presence, "on_slice": on_slice[1]}

@@ -35,7 +35,7 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
             emb.append(e)
             desc.append(d)
             probs += p if p is not None else [None] * len(e)
-            peaks += [float(m.max()) for m in pk] if pk is not None else [None] * len(e)
+            peaks += [(float(m.max()), float(t.max())) for m, t in zip(pk, p)] if pk is not None else [None] * len(e)
     emb, desc = np.concatenate(emb), np.concatenate(desc)
     service.refresh_cases(wait_s=RELOAD_WAIT_S)
     cases = service.cases
@@ -43,9 +43,8 @@ def answer_study(service: RetrievalService, study: Study, k: int = 5, coverage: 
     for i, s in enumerate(study.slices):
         searched = cases.neighbours(emb[i : i + 1], False, service.nir_read)  # once: the slice's NIR and the study's
         copies = cases.duplicates_of(ImagePrints(s.pixels))  # the slice itself in the archive: no evidence
-        peak = None if peaks[i] is None else float(peaks[i])
         ev = service._evidence(
-            cases, emb[i : i + 1], desc[i : i + 1], copies, k, False, coverage, False, None, searched, None, peak
+            cases, emb[i : i + 1], desc[i : i + 1], copies, k, False, coverage, False, None, searched, None, peaks[i]
         )
         own = [d.case_id for d in copies]
         outline = None

@@ -34,12 +34,21 @@ NO_TYPE = {
 
 
 def uncertain_presence(evidence: dict) -> str:
-    """What an answer says where the presence rule's score calls the slice "no tumor" and only the
-    tumor decoder's veto keeps it a tumor (``evidence["uncertain"]``, :meth:`PresenceRule.answer`)."""
+    """What an answer says where the presence rule's score calls the slice "no tumor" and only a
+    decoder's veto keeps it a tumor (``evidence["uncertain"]``, :meth:`PresenceRule.answer`): the
+    tumor decoder's where its veto held, else the decoder the rule reads."""
+    if evidence.get("tumor_veto") is not None and evidence["tumor_decoder_peak"] >= evidence["tumor_veto"]:
+        name, peak, veto = "tumor decoder", evidence["tumor_decoder_peak"], evidence["tumor_veto"]
+    else:
+        name, peak, veto = (
+            f"{evidence.get('decoder', 'tumor')} decoder",
+            evidence["decoder_peak"],
+            evidence["decoder_veto"],
+        )
     return (
         "Tumor presence uncertain: the archive's cases with and without a tumor point to no tumor "
-        f"(probability of no tumor {evidence['probability_no_tumor']:.0%}), but the tumor decoder's highest "
-        f"probability on the slice is {evidence['decoder_peak']:.0%} (from {evidence['decoder_veto']:.0%} a slice "
+        f"(probability of no tumor {evidence['probability_no_tumor']:.0%}), but the {name}'s highest "
+        f"probability on the slice is {peak:.0%} (from {veto:.0%} a slice "
         "is never called 'no tumor'). The tumor type below holds only if the outlined region is a tumor: check it."
     )
 

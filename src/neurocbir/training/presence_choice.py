@@ -10,7 +10,10 @@ covers less than :data:`MIN_TCGA_SHARE` of the slice (no tumor plainly visible o
 other-hospitals issue counts them apart too). Rules tried: P(no tumor) above each of
 :data:`THRESHOLDS` of a score (P(no tumor) itself, or that and the decoder's peak combined with
 each weight of :data:`WEIGHTS`, :class:`~neurocbir.classify.presence.PresenceRule`), with and
-without the decoder's veto at each of :data:`VETOES`. Chosen: among
+without the decoder's veto at each of :data:`VETOES`, and where the run reads a presence
+decoder, with and without the tumor decoder's veto at each of :data:`TUMOR_VETOES` (added after
+the validation part showed a plainly visible meningioma called "no tumor" at a presence decoder
+peak of 0.02 and a tumor decoder peak of 0.73). Chosen: among
 the rules that call at most :data:`MAX_MISSED` of every source's held-out tumor slices "no tumor"
 (figshare patients and each development source apart; TCGA :data:`SOURCE_MAX_MISSED`; always
 :data:`MIN_ALLOWED_SLICES` slice of a source: with three runs pooled, Kaggle and SARTAJ hold out 7
@@ -50,6 +53,8 @@ from neurocbir.models.runs import TrainConfig
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 VETOES = (None, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+#: the tumor decoder's vetoes, where the rule reads a presence decoder (None, tried first: no such veto)
+TUMOR_VETOES = (None, 0.9, 0.8, 0.7, 0.6, 0.5)
 #: weights of the decoder's peak in the score (0: P(no tumor) alone, tried first)
 WEIGHTS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8)
 MAX_MISSED = 0.02
@@ -64,9 +69,10 @@ MIN_TCGA_SHARE = 0.01
 
 def _evidence(model, images) -> tuple[np.ndarray, dict]:
     """Stored descriptors of ``images``, 32 at a time, and what their tumor maps show: the
-    decoder's peak probability (``peak``: the presence decoder's where the run has one), the mean of the map's highest 1 % (``top``) and the
-    share of the map above 0.5 (``area``)."""
-    desc, maps, batch = [], {"peak": [], "top": [], "area": []}, []
+    decoder's peak probability (``peak``: the presence decoder's where the run has one; ``tumor_peak``:
+    the tumor decoder's), the mean of the map's highest 1 % (``top``) and the share of the map above
+    0.5 (``area``)."""
+    desc, maps, batch = [], {"peak": [], "tumor_peak": [], "top": [], "area": []}, []
     for image in [*images, None]:
         if image is not None:
             batch.append(image)
@@ -74,6 +80,7 @@ def _evidence(model, images) -> tuple[np.ndarray, dict]:
             _, d, probs, shown = model.analyse_batch(batch, presence=True)
             desc.append(d)
             maps["peak"] += [float(m.max()) for m in shown]  # the presence decoder's, where the run has one
+            maps["tumor_peak"] += [float(p.max()) for p in probs]  # the tumor decoder's
             for p in probs:
                 flat = p.ravel()
                 k = max(1, len(flat) // 100)  # the highest 1 %, without sorting the whole map
@@ -186,11 +193,15 @@ def choose_presence(
     ``slices``: what :func:`pooled_slices` gave for these runs, where the caller has it already."""
     s, p, n_twins = slices if slices is not None else pooled_slices(Path(run), table, tuple(pool))
     tried = []
-    for weight in WEIGHTS:
-        for veto in VETOES:
-            for t in THRESHOLDS:
-                rule = PresenceRule(t, veto, decoder_weight=weight)
-                tried.append((rule, rates(rule.no_tumor(p, s["peak"]), s)))
+    # a second decoder's veto only where the runs read a presence decoder (else both peaks are the tumor decoder's)
+    tumor_peak = s.get("tumor_peak", s["peak"])
+    tumor_vetoes = TUMOR_VETOES if not np.array_equal(s["peak"], tumor_peak) else (None,)
+    for tumor_veto in tumor_vetoes:
+        for weight in WEIGHTS:
+            for veto in VETOES:
+                for t in THRESHOLDS:
+                    rule = PresenceRule(t, veto, decoder_weight=weight, tumor_veto=tumor_veto)
+                    tried.append((rule, rates(rule.no_tumor(p, s["peak"], tumor_peak), s)))
 
     held = ~s["trained"]
     n_tumor = {src: int((held & (s["source"] == src) & s["tumor"]).sum()) for src in set(s["source"][held])}
@@ -213,7 +224,9 @@ def choose_presence(
         f"{bound('tcga-lgg'):.0%}, and at least {MIN_ALLOWED_SLICES} slice of a source): {met} the most no-tumor slices found, the mean over the sources "
         f"({found(best[1]):.3f})"
     )
-    rule = PresenceRule(best[0].threshold, best[0].decoder_veto, how, best[0].decoder_weight)
+    rule = PresenceRule(
+        best[0].threshold, best[0].decoder_veto, how, best[0].decoder_weight, tumor_veto=best[0].tumor_veto
+    )
     if save:
 
         def share(v: float) -> float | None:  # None where a source has none of the kind

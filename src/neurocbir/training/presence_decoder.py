@@ -28,6 +28,10 @@ from neurocbir.models.lesion import LesionNet
 
 #: the recipe: epochs over the run's training slices, the peak loss's weight, AdamW's learning rate
 EPOCHS, PEAK_WEIGHT, LR, BATCH = 6, 0.5, 5e-4, 32
+#: share of a batch's no-tumor slices given a pasted tumor (:func:`paste_tumors`; 0: none)
+PASTE = 0.0
+#: draw slices so that each source's tumor and no-tumor slices weigh the same (:func:`balanced_weights`)
+BALANCE = False
 INFO_FILE = "presence_decoder.json"
 
 
@@ -41,10 +45,15 @@ def train_presence_decoder(
     epochs: int = EPOCHS,
     bf16: bool = False,
     progress: bool = True,
+    sources: np.ndarray | None = None,
+    paste: float = PASTE,
 ) -> LesionNet:
     """Add a presence decoder to ``net`` (a copy of its decoder) and train it alone on the frozen
     network (see the module). ``images`` / ``masks`` / ``labels`` / ``known`` as
-    :func:`neurocbir.training.lesion.train_lesion` takes them. Returns ``net``."""
+    :func:`neurocbir.training.lesion.train_lesion` takes them. ``sources``: each slice's source,
+    to draw each source's tumor and no-tumor slices with the same weight (None: every slice once an
+    epoch); ``paste``: the share of no-tumor slices given a tumor pasted from a slice with a known
+    mask (:func:`paste_tumors`). Returns ``net``."""
     from monai.losses import DiceCELoss
 
     from neurocbir.training.common import seed_everything
@@ -63,16 +72,25 @@ def train_presence_decoder(
     y_all = torch.as_tensor(labels)
     k_all = torch.ones(len(labels), dtype=torch.bool) if known is None else torch.as_tensor(known, dtype=torch.bool)
     bar = tqdm(total=epochs * steps, desc="presence decoder", unit="step", disable=not progress, mininterval=10)
+    weights = None if sources is None else torch.as_tensor(balanced_weights(sources, labels != NO_TUMOR_LABEL))
+    donors = torch.nonzero(k_all & (masks.flatten(1).amax(1) > 0)).flatten()
     for epoch in range(epochs):
-        order = torch.randperm(len(labels), generator=gen)
+        order = (
+            torch.randperm(len(labels), generator=gen)
+            if weights is None
+            else torch.multinomial(weights, len(labels), replacement=True, generator=gen)
+        )
         for s in range(steps):
             rows = order[s * BATCH : (s + 1) * BATCH]
-            x, m = augment_batch(images[rows], masks[rows], gen)
+            x, m, y, k = images[rows].float(), masks[rows].float(), y_all[rows].clone(), k_all[rows].clone()
+            if paste and len(donors):
+                x, m, y, k = paste_tumors(x, m, y, k, images, masks, donors, paste, gen)
+            x, m = augment_batch(x, m, gen)
             with _autocast(torch.device("cpu"), bf16):
                 with torch.no_grad():
                     _, feats, fine = net.trunk_features(x)
                 logits = net.decode(feats, fine, presence=True).float()
-            loss = _loss(logits, m, y_all[rows], k_all[rows], seg)
+            loss = _loss(logits, m, y, k, seg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -81,6 +99,43 @@ def train_presence_decoder(
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{float(loss.detach()):.3f}", refresh=False)
     bar.close()
     return net.eval()
+
+
+def balanced_weights(sources: np.ndarray, tumor: np.ndarray) -> np.ndarray:
+    """Each slice's chance of being drawn: within a source, its tumor and its no-tumor slices weigh
+    the same (a source of 50 tumor and 450 no-tumor slices no longer teaches that its look means
+    "no tumor"); each source keeps its share of the slices."""
+    sources, tumor = np.asarray(sources).astype(str), np.asarray(tumor, bool)
+    w = np.ones(len(sources))
+    for src in np.unique(sources):
+        at = sources == src
+        kinds = [k for k in (True, False) if (at & (tumor == k)).any()]
+        for k in kinds:
+            w[at & (tumor == k)] = at.sum() / (len(kinds) * (at & (tumor == k)).sum())
+    return w / w.sum()
+
+
+def paste_tumors(x, m, y, known, images, masks, donors, share: float, gen: torch.Generator):
+    """Give ``share`` of the batch's no-tumor slices a tumor: a donor slice's tumor (a slice with a
+    known, non-empty mask, possibly mirrored) blended in at the same place with a soft edge, its
+    intensities matched to the receiving head's; skipped where the tumor would leave the head.
+    The slice then has the donor's mask, known. ``x`` / ``m``: (B, 1, S, S) float in [-1, 1] / 0-1."""
+    x, m = x.clone(), m.clone()
+    for i in torch.nonzero((y == NO_TUMOR_LABEL) & (torch.rand(len(y), generator=gen) < share)).flatten():
+        d = donors[torch.randint(len(donors), (1,), generator=gen)].item()
+        dx, dm = images[d].float(), masks[d].float()
+        if torch.rand(1, generator=gen).item() < 0.5:
+            dx, dm = dx.flip(-1), dm.flip(-1)
+        head, donor_head = x[i] > -0.9, dx > -0.9
+        if (head & (dm > 0)).sum() < 0.95 * dm.sum() or head.sum() < 100:
+            continue
+        alpha = F.avg_pool2d(F.avg_pool2d(dm[None], 5, 1, 2), 5, 1, 2)[0]
+        mu, sd = x[i][head].mean(), x[i][head].std() + 1e-3
+        dmu, dsd = dx[donor_head].mean(), dx[donor_head].std() + 1e-3
+        lesion = ((dx - dmu) / dsd * sd + mu).clamp(-1, 1)
+        x[i] = x[i] * (1 - alpha) + lesion * alpha
+        m[i], y[i], known[i] = dm, 0, True
+    return x, m, y, known
 
 
 def _loss(logits: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known: torch.Tensor, seg) -> torch.Tensor:
@@ -101,7 +156,9 @@ def _loss(logits: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known: torch.T
     return loss
 
 
-def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool = True) -> dict:
+def add_presence_decoder(
+    run: Path | str, epochs: int = EPOCHS, progress: bool = True, balance: bool = BALANCE, paste: float = PASTE
+) -> dict:
     """Train a presence decoder for ``run``'s first trial on the slices it trained on, write the
     checkpoint (atomically) and :data:`INFO_FILE`, and re-embed the run's archive (the embeddings
     are the same: the checkpoint's hash, which the index is keyed by, is not). Returns the info."""
@@ -123,14 +180,19 @@ def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool =
     extra, _ = extra_training_cases(cfg)
     x, m, y, known = with_extra_cases(images[fit_rows], masks[fit_rows], table.label[fit_rows], extra)
     bf16 = bool(cfg.extra.get("cpu_bf16")) and cpu_bf16_supported()
-    train_presence_decoder(net, x, m, y, known, cfg.first_seed, epochs, bf16, progress)
+    sources = _sources(cfg, len(fit_rows)) if balance else None
+    train_presence_decoder(net, x, m, y, known, cfg.first_seed, epochs, bf16, progress, sources, paste)
     save_checkpoint(ckpt, cfg, net, weights_sha256)
     info = {
         "how": (
             "a copy of the tumor decoder trained alone on the frozen network (mask loss, and the peak of its map "
             f"taught whether the view shows a tumor, weight {PEAK_WEIGHT}), {epochs} epochs over the {len(y)} slices "
             "the run trained on; held-out patients and development groups unseen"
+            + ("; each source's tumor and no-tumor slices drawn with the same weight" if balance else "")
+            + (f"; {paste:.0%} of the no-tumor slices drawn given a tumor pasted from a masked slice" if paste else "")
         ),
+        "balance": balance,
+        "paste": paste,
         "epochs": epochs,
         "slices": len(y),
         "precision": "bfloat16" if bf16 else "float32",
@@ -143,6 +205,18 @@ def add_presence_decoder(run: Path | str, epochs: int = EPOCHS, progress: bool =
     info["region_search"] = _fit_region_search_again(run, table)
     write_json(run / INFO_FILE, info)
     return info
+
+
+def _sources(cfg, n_figshare: int) -> np.ndarray:
+    """The source of each slice a run trained on: its figshare slices, then its development slices."""
+    from neurocbir.data.external import load_external, part
+    from neurocbir.training.holdout import extra_holdout_split
+
+    if not cfg.extra_cases:
+        return np.full(n_figshare, "figshare")
+    fit, _ = extra_holdout_split(cfg, part(load_external(cfg.extra_cases), "development"))
+    dev = part(load_external(cfg.extra_cases), "development")
+    return np.concatenate([np.full(n_figshare, "figshare"), dev.sources[fit].astype(str)])
 
 
 def _fit_region_search_again(run: Path, table) -> str | None:
