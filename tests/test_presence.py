@@ -225,6 +225,7 @@ def test_the_decoder_veto_keeps_a_seen_tumor_from_being_called_no_tumor(lesion_s
     plain = [out for out in map(vetoed.query, tumors) if out["tumor_presence"]["probability_no_tumor"] <= 0.5]
     assert plain and all(out["tumor_found"] and out["presence_warning"] is None for out in plain)
     _the_warning_is_shown(vetoed, run, archive, Path(ext.root) / ext.files[called_rows[int(np.argmax(peaks))]])
+    _the_page_names_the_decoder(vetoed, Path(ext.root) / ext.files[called_rows[int(np.argmin(peaks))]])
     _a_study_says_which_slices(vetoed, [Path(ext.root) / ext.files[r] for r in called_rows])
     (run / RULE_FILE).write_text('{"threshold": 0.5}')
     with pytest.raises(ConfigurationError, match="calibrate RUN --presence"):
@@ -332,6 +333,32 @@ def _the_warning_is_shown(svc, run, archive, path) -> None:
     warning = svc.query(read_scan_with_spacing(path.read_bytes(), path.name)[0])["presence_warning"]
     assert warning
     _said_by_cli_and_page(svc, run, archive, path, warning, "#uncertain", "if it is a tumor")
+
+
+def _the_page_names_the_decoder(svc, path) -> None:
+    """A slice answered 'no tumor': the page's reason gives the peak of the decoder the rule reads
+    (here the presence decoder's), named as such, with the number the answer holds."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from neurocbir.app.api import create_app
+    from neurocbir.data.uploads import read_scan_with_spacing
+    from tests.test_browser import open_app, serve_in_thread
+
+    out = svc.query(read_scan_with_spacing(path.read_bytes(), path.name)[0])
+    assert out["tumor_found"] is False and out["tumor_presence"]["decoder"] == "presence", out["tumor_presence"]
+    url, server = serve_in_thread(create_app(svc))
+    try:
+        with sync_playwright() as p:
+            browser, page = open_app(p, url)
+            page.set_input_files("#file", str(path))
+            page.click("#run")
+            peak = 100 * out["tumor_presence"]["decoder_peak"]
+            expect(page.locator("#noTumorWhy")).to_contain_text(
+                f"the presence decoder's highest probability {peak:.1f}%"
+            )
+            browser.close()
+    finally:
+        server.should_exit = True
 
 
 def _said_by_cli_and_page(svc, run, archive, path, warning: str, where: str, conf: str, then=None) -> None:

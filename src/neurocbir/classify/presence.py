@@ -157,14 +157,14 @@ class PresenceRule:
         evidence = {"probability_no_tumor": round(p_none, 4), "threshold": self.threshold, "note": note}
         w, veto = self.decoder_weight, self.decoder_veto
         if peak is not None and (w or veto is not None):
-            evidence["decoder_peak"] = round(float(peak), 4)
+            evidence |= {"decoder_peak": round(float(peak), 4), "decoder": self.decoder}
         if peak is not None and w:
             evidence |= {"decoder_weight": w, "score": round(float(self.score(p_none, peak)), 4)}
             evidence["note"] += (
                 f"; the threshold is on P(no tumor) and the {self.decoder} decoder's peak combined (weight {w})"
             )
         if peak is not None and veto is not None:
-            evidence |= {"decoder_veto": veto, "decoder": self.decoder}
+            evidence["decoder_veto"] = veto
             evidence["note"] += f"; never 'no tumor' where the {self.decoder} decoder's peak reaches the veto"
         if self.tumor_veto is not None and (tumor_peak is not None or peak is not None):
             tumor_peak = float(peak if tumor_peak is None else tumor_peak)

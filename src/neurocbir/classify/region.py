@@ -91,6 +91,7 @@ def presence(
         "probability_no_tumor": None,
         "threshold": round(float(threshold), 4),
         "located": None if slice_peak is None else bool(slice_peak >= threshold),
+        "decoder": decoder,
         "note": note,
     }
     if peak >= threshold or slice_peak is None or slice_peak >= threshold:

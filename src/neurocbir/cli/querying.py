@@ -78,7 +78,8 @@ def query(
         typer.echo(f"searched by the drawn region ({r['kind']} {','.join(map(str, r['box']))}, {r['pixels']} pixels)")
     if out["tumor_found"] is False and out.get("region"):
         p = out["tumor_presence"]["probability_tumor_in_region"]
-        typer.echo(f"No tumor found in the drawn region (decoder's peak there {p:.0%}); no tumor type is given.")
+        name = out["tumor_presence"].get("decoder", "tumor")
+        typer.echo(f"No tumor found in the drawn region ({name} decoder's peak there {p:.0%}); no tumor type is given.")
         typer.echo("The archive cases most similar to the region, as context:")
     elif out["tumor_found"] is False:
         p = out["tumor_presence"]["probability_no_tumor"]

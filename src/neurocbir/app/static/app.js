@@ -153,12 +153,12 @@ function showPrediction() {
     return;
   }
   if (none && r) {
-    $("noTumorWhy").textContent = `The tumor map's highest probability inside the region is ${(100 * p.probability_tumor_in_region).toFixed(1)}% ` +
+    $("noTumorWhy").textContent = `The ${p.decoder || "tumor"} decoder's highest probability inside the region is ${(100 * p.probability_tumor_in_region).toFixed(1)}% ` +
       `(a tumor from ${(100 * p.threshold).toFixed(0)}%; ${p.note}). No tumor type is given; the archive cases most similar to the region are shown as context.`;
     return;
   }
   if (none) {
-    const peak = p.decoder_peak == null ? "" : `, the tumor map's highest probability ${(100 * p.decoder_peak).toFixed(1)}%`;
+    const peak = p.decoder_peak == null ? "" : `, the ${p.decoder || "tumor"} decoder's highest probability ${(100 * p.decoder_peak).toFixed(1)}%`;
     $("noTumorWhy").textContent = `Probability of no tumor ${(100 * p.probability_no_tumor).toFixed(1)}%${peak} (${p.note}). ` +
       "The archive's answer is about tumor type only, so no tumor type is given; the most similar archive cases are shown as context.";
     return;
