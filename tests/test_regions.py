@@ -229,7 +229,7 @@ def test_the_api_searches_by_a_box_or_a_mask_and_audits_the_region(audited, tumo
     assert whole.headers["X-Lesion-Share"] != drawn.headers["X-Lesion-Share"]
 
 
-def test_the_cli_searches_by_a_region(bundled_service, small_data_dir, small_cases, tumor_slices, tmp_path):
+def test_the_cli_searches_by_a_region(bundled_service, small_data_dir, small_cases, tumor_slices, tmp_path, test_seed):
     from typer.testing import CliRunner
 
     from neurocbir.cli import app as cli
@@ -247,6 +247,16 @@ def test_the_cli_searches_by_a_region(bundled_service, small_data_dir, small_cas
     assert res.exit_code == 2 and "the scan's size" in res.output
     res = CliRunner().invoke(cli, ["query", str(path), "--run", run, "--region", "9,9,3,3"])
     assert res.exit_code == 2 and "empty" in res.output
+    rng = np.random.default_rng(test_seed)  # a box away from the tumor that the service answers 'no tumor' for
+    away = next(
+        (b for b in (away_box(image, mask, rng) for _ in range(20)) if b is not None and
+         bundled_service.query(image, region=box_region(b, image.shape))["tumor_found"] is False),
+        None,
+    )  # fmt: skip
+    assert away is not None, "no away-from-tumor box was answered 'no tumor'"
+    res = CliRunner().invoke(cli, ["query", str(path), "--run", run, "--region", ",".join(map(str, away))])
+    decoder = bundled_service.region_search.decoder  # the peak is named by the decoder it was read from
+    assert f"No tumor found in the drawn region ({decoder} decoder's peak there" in res.output, res.output
 
 
 def test_a_region_drawn_on_one_slice_of_a_study(audited, bundled_service, small_cases, small_data_dir):
