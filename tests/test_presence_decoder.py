@@ -153,3 +153,24 @@ def test_a_presence_decoder_can_draw_sources_evenly_and_paste_tumors(small_cases
         assert (images[i, 0][mask] > -0.9).float().mean() >= 0.95  # inside the receiving head
         near = torch.nn.functional.max_pool2d(mask[None, None].float(), 9, 1, 4)[0, 0] > 0
         assert torch.equal(x2[i, 0][~near], images[i, 0][~near]) and not torch.equal(x2[i, 0][mask], images[i, 0][mask])
+
+
+def test_the_sources_drawn_evenly_line_up_with_the_slices_trained_on(small_lesion_run, small_cases, small_external):
+    """`--balance` reads each training slice's source: figshare's training patients, then the
+    development slices the run trains on, one source per slice, in the order they are appended."""
+    from neurocbir.data.cases import NO_TUMOR_LABEL
+    from neurocbir.models.runs import TrainConfig
+    from neurocbir.training.holdout import holdout_split
+    from neurocbir.training.lesion_run import extra_training_cases
+    from neurocbir.training.presence_decoder import _sources
+
+    cfg = TrainConfig(**json.loads((small_lesion_run / "config.json").read_text()))
+    fit_rows, _ = holdout_split(cfg, small_cases)
+    extra, _ = extra_training_cases(cfg)
+    sources = _sources(cfg, len(fit_rows))
+    assert len(sources) == len(fit_rows) + len(extra[2])
+    assert set(sources[: len(fit_rows)]) == {"figshare"}
+    assert set(sources[len(fit_rows) :]) == set(load_external(small_external).sources.astype(str))
+    # TCGA's tumor slices are the tumor slices appended with a mask: the sources and the masks agree
+    tumor = extra[2] != NO_TUMOR_LABEL
+    assert np.array_equal((sources[len(fit_rows) :] == "tcga-lgg") & tumor, extra[3].numpy() & tumor)

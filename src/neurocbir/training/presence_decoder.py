@@ -214,8 +214,8 @@ def _sources(cfg, n_figshare: int) -> np.ndarray:
 
     if not cfg.extra_cases:
         return np.full(n_figshare, "figshare")
-    fit, _ = extra_holdout_split(cfg, part(load_external(cfg.extra_cases), "development"))
     dev = part(load_external(cfg.extra_cases), "development")
+    fit, _ = extra_holdout_split(cfg, dev)
     return np.concatenate([np.full(n_figshare, "figshare"), dev.sources[fit].astype(str)])
 
 
