@@ -198,6 +198,7 @@ def presence_decoder(
     epochs: int = typer.Option(6, min=1, help="epochs over the slices the run trained on"),
     balance: bool = typer.Option(False, help="draw each source's tumor and no-tumor slices with the same weight"),
     paste: float = typer.Option(0.0, min=0.0, max=1.0, help="share of no-tumor slices given a pasted tumor"),
+    branch: bool = typer.Option(False, help="give the decoder its own copy of the trunk's stages after stride 8"),
 ) -> None:
     """Teach a second tumor decoder whether a slice shows a tumor, on the run's frozen network
     (a few minutes on 2 cores): the "no tumor" rule reads its peak; the embedding, the outline and
@@ -207,7 +208,7 @@ def presence_decoder(
 
     if not (run / "config.json").is_file():
         _fail(f"{run} is not a run directory (no config.json)")
-    info = _guard(add_presence_decoder, run, epochs, balance=balance, paste=paste)
+    info = _guard(add_presence_decoder, run, epochs, balance=balance, paste=paste, branch=branch)
     typer.echo(
         f"trained {run}'s presence decoder in {info['train_s']:.0f} s ({info['slices']} slices, {epochs} epochs) "
         f"and re-indexed it; its 'no tumor' rule, chosen again on its held-out slices: {info['rule']}"

@@ -208,7 +208,7 @@ def lesion_net(cfg: TrainConfig, state: dict) -> LesionNet:
     arch = create_encoder(cfg.encoder, pretrained=False, embedding_dim=cfg.embedding_dim)
     net = LesionNet(arch, cfg.embedding_dim, cfg.head_hidden, cfg.dropout, cfg.decoder_stride)
     if any(k.startswith("presence_decoder.") for k in state):
-        net.add_presence_decoder()
+        net.add_presence_decoder(branch=any(k.startswith("presence_decoder.trunk.") for k in state))
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return net
 

@@ -112,15 +112,19 @@ class LesionNet(nn.Module):
             nn.Linear(head_hidden, embedding_dim),
         )
 
-    def add_presence_decoder(self) -> LesionNet:
+    def add_presence_decoder(self, branch: bool = False) -> LesionNet:
         """A second tumor decoder, a copy of the first, whose peak says whether the slice shows a
         tumor (``neurocbir.training.presence_decoder`` trains it on the frozen network): the outline
         and the embedding stay the first decoder's. With it, :meth:`forward`'s tumor logits have a
-        second channel, the presence decoder's."""
+        second channel, the presence decoder's. ``branch``: it also gets its own copy of the trunk's
+        stages after stride 8 (its stride-16 and -32 features; the stages up to stride 8 stay shared)."""
         import copy
 
         names = ("lateral", "mask_head", "fine_lateral", "fine_head")
         self.presence_decoder = nn.ModuleDict({n: copy.deepcopy(getattr(self, n)) for n in names if hasattr(self, n)})
+        if branch:
+            start = self.taps[1] + 1
+            self.presence_decoder["trunk"] = copy.deepcopy(self.trunk[start : self.taps[-1] + 1])
         return self
 
     @property
@@ -171,6 +175,8 @@ class LesionNet(nn.Module):
         """Tumor logits (B, 1, H/s, W/s) from the trunk stages ``trunk_features`` returns (of the
         presence decoder with ``presence``)."""
         d = self.presence_decoder if presence else self
+        if presence and "trunk" in d:
+            feats = self._branch(d["trunk"], feats)
         y = d.lateral[-1](feats[-1])
         for lat, f in zip(reversed(d.lateral[:-1]), reversed(feats[:-1])):
             y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
@@ -179,6 +185,16 @@ class LesionNet(nn.Module):
             up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
             logits = d.fine_head(up + d.fine_lateral(fine))
         return logits
+
+    def _branch(self, stages: nn.ModuleList, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The decoder's inputs with the stride-16 and -32 features of the presence decoder's own
+        trunk stages (run from the shared stride-8 features)."""
+        x, out, start = feats[1], list(feats[:2]), self.taps[1] + 1
+        for i, stage in enumerate(stages, start):
+            x = stage(x)
+            if i in self.taps[2:]:
+                out.append(x)
+        return out
 
     @staticmethod
     def pool(

@@ -32,6 +32,9 @@ EPOCHS, PEAK_WEIGHT, LR, BATCH = 6, 0.5, 5e-4, 32
 PASTE = 0.0
 #: draw slices so that each source's tumor and no-tumor slices weigh the same (:func:`balanced_weights`)
 BALANCE = False
+#: the presence decoder's own copy of the trunk's stages after stride 8, trained at this share of LR
+#: (False: it reads the run's frozen trunk alone)
+BRANCH, BRANCH_LR_SHARE = False, 0.2
 INFO_FILE = "presence_decoder.json"
 
 
@@ -47,13 +50,15 @@ def train_presence_decoder(
     progress: bool = True,
     sources: np.ndarray | None = None,
     paste: float = PASTE,
+    branch: bool = BRANCH,
 ) -> LesionNet:
     """Add a presence decoder to ``net`` (a copy of its decoder) and train it alone on the frozen
     network (see the module). ``images`` / ``masks`` / ``labels`` / ``known`` as
     :func:`neurocbir.training.lesion.train_lesion` takes them. ``sources``: each slice's source,
     to draw each source's tumor and no-tumor slices with the same weight (None: every slice once an
     epoch); ``paste``: the share of no-tumor slices given a tumor pasted from a slice with a known
-    mask (:func:`paste_tumors`). Returns ``net``."""
+    mask (:func:`paste_tumors`); ``branch``: the decoder gets its own copy of the trunk's stages
+    after stride 8, trained with it (their batch norms keep the run's statistics). Returns ``net``."""
     from monai.losses import DiceCELoss
 
     from neurocbir.training.common import seed_everything
@@ -62,12 +67,19 @@ def train_presence_decoder(
     if epochs < 1 or len(labels) < BATCH:
         raise ValueError(f"a presence decoder needs at least one epoch and {BATCH} slices")
     seed_everything(seed)
-    net.add_presence_decoder().requires_grad_(False)
+    net.add_presence_decoder(branch).requires_grad_(False)
     net.eval()  # the trunk's batch norms keep their statistics
     head = net.presence_decoder.requires_grad_(True).train()
-    opt = torch.optim.AdamW(head.parameters(), lr=LR, weight_decay=1e-4)
+    own = [p for n, p in head.named_parameters() if not n.startswith("trunk.")]
+    groups = [{"params": own, "lr": LR}]
+    if branch:
+        head["trunk"].eval()  # the copied stages' batch norms keep the run's statistics
+        groups.append({"params": list(head["trunk"].parameters()), "lr": LR * BRANCH_LR_SHARE})
+    opt = torch.optim.AdamW(groups, lr=LR, weight_decay=1e-4)
     steps = len(labels) // BATCH
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=epochs * steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=epochs * steps, pct_start=0.15
+    )
     seg, gen = DiceCELoss(sigmoid=True), torch.Generator().manual_seed(seed)
     y_all = torch.as_tensor(labels)
     k_all = torch.ones(len(labels), dtype=torch.bool) if known is None else torch.as_tensor(known, dtype=torch.bool)
@@ -157,7 +169,12 @@ def _loss(logits: torch.Tensor, m: torch.Tensor, y: torch.Tensor, known: torch.T
 
 
 def add_presence_decoder(
-    run: Path | str, epochs: int = EPOCHS, progress: bool = True, balance: bool = BALANCE, paste: float = PASTE
+    run: Path | str,
+    epochs: int = EPOCHS,
+    progress: bool = True,
+    balance: bool = BALANCE,
+    paste: float = PASTE,
+    branch: bool = BRANCH,
 ) -> dict:
     """Train a presence decoder for ``run``'s first trial on the slices it trained on, write the
     checkpoint (atomically) and :data:`INFO_FILE`, and re-embed the run's archive (the embeddings
@@ -181,7 +198,7 @@ def add_presence_decoder(
     x, m, y, known = with_extra_cases(images[fit_rows], masks[fit_rows], table.label[fit_rows], extra)
     bf16 = bool(cfg.extra.get("cpu_bf16")) and cpu_bf16_supported()
     sources = _sources(cfg, len(fit_rows)) if balance else None
-    train_presence_decoder(net, x, m, y, known, cfg.first_seed, epochs, bf16, progress, sources, paste)
+    train_presence_decoder(net, x, m, y, known, cfg.first_seed, epochs, bf16, progress, sources, paste, branch)
     save_checkpoint(ckpt, cfg, net, weights_sha256)
     info = {
         "how": (
@@ -190,7 +207,9 @@ def add_presence_decoder(
             "the run trained on; held-out patients and development groups unseen"
             + ("; each source's tumor and no-tumor slices drawn with the same weight" if balance else "")
             + (f"; {paste:.0%} of the no-tumor slices drawn given a tumor pasted from a masked slice" if paste else "")
+            + ("; with its own copy of the trunk's stages after stride 8, trained with it" if branch else "")
         ),
+        "branch": branch,
         "balance": balance,
         "paste": paste,
         "epochs": epochs,
