@@ -177,31 +177,39 @@ def test_the_sources_drawn_evenly_line_up_with_the_slices_trained_on(small_lesio
 
 
 def test_a_presence_decoder_with_its_own_trunk_branch_leaves_the_run_alone(
-    small_lesion_run, tmp_path, small_cases, small_external, monkeypatch
+    small_lesion_run, tmp_path, small_cases, small_external, monkeypatch, test_seed
 ):
-    """`--branch`: the presence decoder gets its own copy of the trunk's stages after stride 8 and
-    trains them; the run's trunk, embedding, descriptor and outline map stay as they were, the copied
-    stages no longer equal the run's, and the network compiled as the app runs it gives the same
-    presence map as PyTorch."""
+    """A presence decoder with its own branch (`neurocbir presence-decoder RUN --branch`) gets a copy
+    of the trunk's stages after stride 8 and trains them; the run's trunk, embedding, descriptor and
+    outline map stay as they were, the copied stages no longer equal the run's, and the network
+    compiled as the app runs it gives the same presence map as PyTorch."""
     import torch
 
     from neurocbir.models.inference import load_model
-    from neurocbir.training.presence_decoder import _load_trainable
+    from neurocbir.training.lesion import load_extra_tensors, load_tensors, save_checkpoint
+    from neurocbir.training.presence_decoder import _load_trainable, train_presence_decoder
 
     run = tmp_path / "run"
     shutil.copytree(small_lesion_run, run)
+    ckpt = run / "trial_0" / "checkpoint.pt"
     ext = load_external(small_external)
     images = [small_cases.load_image(i) for i in np.flatnonzero(small_cases.fold == 5)[:3]]
     images += [ext.load_image(int(i)) for i in development_split(ext)[1] if not ext.tumor[i]][:3]
     e0, d0, p0, _ = load_model(run).analyse_batch(images, presence=True)
 
-    res = runner.invoke(cli, ["presence-decoder", str(run), "--epochs", "1", "--branch"])
-    assert res.exit_code == 0, res.output
-    assert json.loads((run / "presence_decoder.json").read_text())["branch"] is True
-    state = torch.load(run / "trial_0" / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]
-    branch = {k.removeprefix("presence_decoder.trunk."): v for k, v in state.items() if ".trunk." in k}
-    _, net, _ = _load_trainable(run, run / "trial_0" / "checkpoint.pt")
+    cfg, net, weights_sha256 = _load_trainable(run, ckpt)
+    fx, fm = load_tensors(small_cases, cfg.image_size, cfg.intensity)
+    ex, em, ey, ek = load_extra_tensors(small_external, cfg.image_size, intensity=cfg.intensity)
+    known = torch.cat([torch.ones(len(fx), dtype=torch.bool), ek])
+    print("seed", test_seed)
+    train_presence_decoder(
+        net, torch.cat([fx, ex]), torch.cat([fm, em]), np.r_[small_cases.label, ey], known, test_seed, 1,
+        progress=False, branch=True,
+    )  # fmt: skip
+    save_checkpoint(ckpt, cfg, net, weights_sha256)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state"]
     start = net.taps[1] + 1
+    branch = {k.removeprefix("presence_decoder.trunk."): v for k, v in state.items() if ".trunk." in k}
     copied = {f"{int(k.split('.')[0]) + start}.{k.split('.', 1)[1]}": v for k, v in branch.items()}
     assert branch and all(f"trunk.{k}" in state for k in copied)
     changed = [k for k, v in copied.items() if v.is_floating_point() and not torch.equal(v, state[f"trunk.{k}"])]
@@ -210,7 +218,7 @@ def test_a_presence_decoder_with_its_own_trunk_branch_leaves_the_run_alone(
     e1, d1, p1, k1 = load_model(run).analyse_batch(images, presence=True)
     assert np.allclose(e1, e0, atol=1e-5) and np.allclose(d1, d0, atol=1e-5)
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1, strict=True))
+    assert max(abs(float(a.max()) - float(b.max())) for a, b in zip(k1, p1, strict=True)) > 1e-3
     monkeypatch.setenv("NEUROCBIR_BACKEND", "torch")  # the compiled network runs the branch as PyTorch does
     _, _, _, k2 = load_model(run).analyse_batch(images, presence=True)
     assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(k1, k2, strict=True))
-    assert max(abs(float(a.max()) - float(b.max())) for a, b in zip(k1, p1, strict=True)) > 1e-3
