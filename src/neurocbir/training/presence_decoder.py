@@ -6,7 +6,8 @@ The run's own decoder draws the outline and weights the embedding's pooling; the
 without a tumor it often fires. Teaching that decoder's peak whether a slice shows a tumor while
 the whole network trains (``extra.peak_weight``) found more no-tumor slices but cost tumor type
 (docs/training.md). Here a copy of the decoder (:meth:`~neurocbir.models.lesion.LesionNet.add_presence_decoder`)
-learns it alone, on the frozen trunk: the mask loss where the mask is known, the peak of its map
+learns it alone, on the frozen trunk (or, with ``branch``, on its own fine-tuned copy of the trunk's
+stages after stride 8, the stages below shared and frozen): the mask loss where the mask is known, the peak of its map
 pushed towards "a tumor is shown" (BCE) on the same slices, and up on tumor slices whose mask is
 unknown, on fresh augmented views of the slices the run trained on (its held-out patients and
 development groups stay unseen, for choosing the rule). The embedding, the outline and every
