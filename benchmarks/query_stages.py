@@ -24,6 +24,8 @@ round begun by another way), with one of its choices undone:
 - "the duplicate check before the CNN": the scan's check against the archive's prints runs on
   the query's thread before the CNN instead of on another thread while the CNN runs
   (`neurocbir.serving.service._own_cases`);
+- "the network of any batch size": the CNN compiled for batches of any size only, instead of also
+  for the query's own (`neurocbir.models.cpu_runtime.FIXED_BATCHES`);
 - "no similar case over float32": the trunk descriptors held as float32 instead of float16; its
   nearest distances and flags are compared with the app's;
 - "the scan alone (no mirror)" (a run whose `mirror.json` chose the mirror): the query embedded
@@ -94,6 +96,7 @@ class _CheckFirst:
 
 def variants(svc, remote: bool) -> dict:
     """name -> (enter, leave): each undoes one of the app's choices while it is entered."""
+    import neurocbir.models.cpu_runtime as runtime
     import neurocbir.retrieval.store as store_module
     import neurocbir.serving.service as service
     import neurocbir.serving.threads as threads
@@ -101,6 +104,7 @@ def variants(svc, remote: bool) -> dict:
     from neurocbir.retrieval.start_file import TRUNK_SAMPLE
 
     by_label, threads_of, one_round = store_module._by_label, threads._threads, store_module.ONE_ROUND_MAX
+    fixed = runtime.FIXED_BATCHES
     half = svc.cases.trunk_index
     sample = svc.cases.archive.trunk_sample(TRUNK_SAMPLE)
     full = VectorIndex.build(sample["trunk"]) if sample is not None else None
@@ -125,6 +129,10 @@ def variants(svc, remote: bool) -> dict:
         "the duplicate check before the CNN": (
             lambda: setattr(service, "side_work", lambda: _CheckFirst(threads.side_work())),
             lambda: setattr(service, "side_work", threads.side_work),
+        ),
+        "the network of any batch size": (
+            lambda: setattr(runtime, "FIXED_BATCHES", ()),
+            lambda: setattr(runtime, "FIXED_BATCHES", fixed),
         ),
         "no similar case over float32": (
             lambda: setattr(svc.cases, "trunk_index", full),

@@ -42,9 +42,26 @@ def test_openvino_matches_pytorch_and_retrieves_the_same_neighbours(served, smal
     d_ov = ((emb_ov[:8, None] - emb_ov[None, 8:]) ** 2).sum(-1)
     d_pt = ((emb_pt[:8, None] - emb_pt[None, 8:]) ** 2).sum(-1)
     assert (np.argsort(d_ov, axis=1)[:, :5] == np.argsort(d_pt, axis=1)[:, :5]).all()
-    # a batch of one (a query) gives what the batch gave
-    (one, _), _ = _embed_with(monkeypatch, served, "openvino", images[:1])
-    np.testing.assert_allclose(one[0], emb_ov[0], atol=2e-5)
+    # a query (one scan: its own fixed-shape network) and an odd batch give what the batch gave
+    for n in (1, 3):
+        (few, _), _ = _embed_with(monkeypatch, served, "openvino", images[:n])
+        np.testing.assert_allclose(few, emb_ov[:n], atol=2e-5)
+
+
+def test_a_query_runs_on_a_network_compiled_for_its_own_batch_size(served, small_cases, monkeypatch):
+    """One scan (with its mirror: a batch of two) takes the fixed-shape network; the outputs are
+    the any-size network's, bit for bit."""
+    monkeypatch.setenv("NEUROCBIR_BACKEND", "openvino")
+    forward = cpu_runtime.compile_net(served.net, served.config.image_size, served.checkpoint_sha256)
+    x = np.stack([served.prepare(small_cases.load_image(r)).numpy() for r in range(2)])
+    fixed = forward(x)
+    monkeypatch.setattr(cpu_runtime, "FIXED_BATCHES", ())
+    anysize = forward(x)
+    for a, b in zip(fixed, anysize, strict=True):
+        np.testing.assert_array_equal(a, b)
+    nets = forward.networks  # the fixed-shape network was built: its input has a static shape
+    assert [tuple(p.get_shape()) for p in nets[2].inputs] == [(2, 3, served.config.image_size, served.config.image_size)]
+    assert nets[None].inputs[0].get_partial_shape().is_dynamic
 
 
 def test_backend_is_checked(monkeypatch, served):

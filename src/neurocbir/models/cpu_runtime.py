@@ -74,8 +74,15 @@ def compile_net(net: torch.nn.Module, image_size: int, key: str, region: bool = 
         return forward
 
 
+#: batch sizes compiled with a fixed shape besides the network of any batch size: a query's (one
+#: scan, or a scan and its mirror). A shape known when compiling lets OpenVINO plan every layer
+#: ahead; the outputs are the same (benchmarks/query_stages.py: "the network of any batch size").
+FIXED_BATCHES = (1, 2)
+
+
 def _compile(ov, net: torch.nn.Module, image_size: int, region: bool = False) -> Forward:
-    """Export to ONNX (a temporary file), compile for the CPU at float32, one request per thread."""
+    """Export to ONNX (a temporary file), compile for the CPU at float32, one request per thread
+    (and per fixed batch size, :data:`FIXED_BATCHES`, compiled on first use)."""
     inputs = (torch.zeros(2, 3, image_size, image_size),)
     names = ["image"]
     if region:
@@ -95,18 +102,30 @@ def _compile(ov, net: torch.nn.Module, image_size: int, region: bool = False) ->
             opset_version=17,
         )
         core = ov.Core()
-        compiled = core.compile_model(
-            core.read_model(str(path)),
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},  # never bf16: same neighbours
-        )
+        model = core.read_model(str(path))
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}  # never bf16: same neighbours
+    compiled = {None: core.compile_model(model, "CPU", config)}
+    building = threading.Lock()
+
+    def network(n: int):
+        key = n if n in FIXED_BATCHES else None
+        if key not in compiled:
+            with building:
+                if key not in compiled:
+                    fixed = model.clone()
+                    fixed.reshape({name: [n, *[int(d) for d in x.shape[1:]]] for name, x in zip(names, inputs)})
+                    compiled[key] = core.compile_model(fixed, "CPU", config)
+        return key, compiled[key]
+
     local = threading.local()  # an infer request serves one call at a time
 
     def forward(x: np.ndarray, *more: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        request = getattr(local, "request", None)
-        if request is None:
-            request = local.request = compiled.create_infer_request()
-        out = request.infer([np.ascontiguousarray(a, dtype=np.float32) for a in (x, *more)])  # copies the outputs
+        key, net_for = network(len(x))
+        requests = local.__dict__.setdefault("requests", {})
+        if key not in requests:
+            requests[key] = net_for.create_infer_request()
+        out = requests[key].infer([np.ascontiguousarray(a, dtype=np.float32) for a in (x, *more)])  # copies the outputs
         return out[0], out[1], out[2]
 
+    forward.networks = compiled  # batch size (None: any) -> its compiled network
     return forward
