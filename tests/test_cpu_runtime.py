@@ -60,7 +60,9 @@ def test_a_query_runs_on_a_network_compiled_for_its_own_batch_size(served, small
     for a, b in zip(fixed, anysize, strict=True):
         np.testing.assert_array_equal(a, b)
     nets = forward.networks  # the fixed-shape network was built: its input has a static shape
-    assert [tuple(p.get_shape()) for p in nets[2].inputs] == [(2, 3, served.config.image_size, served.config.image_size)]
+    assert [tuple(p.get_shape()) for p in nets[2].inputs] == [
+        (2, 3, served.config.image_size, served.config.image_size)
+    ]
     assert nets[None].inputs[0].get_partial_shape().is_dynamic
 
 
