@@ -4,7 +4,9 @@
 
 Adds the bundled dataset's JPEGs (all 3064 unless --limit) to a fresh archive in a temporary
 folder with the same code as the CLI, then runs the add again (everything already there) to
-time a resume. Reports images per second, and how much of the time the CNN took.
+time a resume. Reports images per second, and how much of the time the CNN and the duplicate check
+(each scan against the archive and the scans added before it: `neurocbir.retrieval.ingest.DuplicateCheck`)
+took.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main() -> None:
     from neurocbir.models.inference import load_model
     from neurocbir.retrieval.archive import CaseArchive
     from neurocbir.retrieval.casefiles import scan_folder
-    from neurocbir.retrieval.ingest import add_folder
+    from neurocbir.retrieval.ingest import DuplicateCheck, add_folder
 
     model = load_model(args.run)
     files = scan_folder(default_data_dir())[: args.limit]
@@ -43,6 +45,16 @@ def main() -> None:
         cnn[0] += time.perf_counter() - t
         return out
 
+    checking, split = [0.0], DuplicateCheck.split
+
+    def timed_split(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return split(self, *a, **kw)
+        finally:
+            checking[0] += time.perf_counter() - t
+
+    DuplicateCheck.split = timed_split
     t = time.perf_counter()
     model.embed([files[0].pixels()])  # the first call compiles the network (OpenVINO): timed apart
     warmup = time.perf_counter() - t
@@ -67,9 +79,11 @@ def main() -> None:
             f"{args.store} store, batches of {args.batch_size}; before the timed add, the model's first call "
             f"(which compiles the network for the CPU, once per process) took {warmup:.1f} s",
             "",
-            "| scans | total s | images/s | CNN s (share) | other s (read, decode, hash, SQLite, index) | rerun with all present s |",
-            "|---:|---:|---:|---:|---:|---:|",
-            f"| {n} | {total:.1f} | {n / total:.1f} | {cnn[0]:.1f} ({cnn[0] / total:.0%}) | {total - cnn[0]:.1f} | {resume:.1f} |",
+            "| scans | total s | images/s | CNN s (share) | duplicate check s (share) | other s (read, decode, hash, "
+            "SQLite, index) | rerun with all present s |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {n} | {total:.1f} | {n / total:.1f} | {cnn[0]:.1f} ({cnn[0] / total:.0%}) | {checking[0]:.1f} "
+            f"({checking[0] / total:.0%}) | {total - cnn[0] - checking[0]:.1f} | {resume:.1f} |",
         ]
     )
     write_section("bulk", body)

@@ -177,6 +177,41 @@ def test_add_reports_duplicates_and_a_query_of_an_archived_image_says_so(small_c
     assert summary["added"] == 2 and {d["file"] for d in summary["duplicates"]} == {"flipped.png", "again.png"}
 
 
+def test_a_copy_met_in_the_same_add_names_its_original_and_adding_again_decides_the_same(small_run, tmp_path):
+    """Figshare holds near-identical neighbouring slices of one patient: 1479 is taken for 1478's
+    copy, and 1536 lies within the float16 rounding of the archive's prints from the threshold to
+    1535. Sent in one `neurocbir add`, a copy is reported with its original's case id (not a
+    temporary one, though both were in the same batch), and adding the folder again, as a resumed
+    add does, adds nothing: a run compares new files with the prints the archive will keep."""
+    from neurocbir.data.cases import default_data_dir
+    from neurocbir.retrieval.archive import CaseArchive
+
+    data = default_data_dir()
+    with open(data / "metadata.csv", newline="") as fh:
+        meta = {r["image_file"]: r for r in csv.DictReader(fh)}
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    names = ["1478.jpg", "1479.jpg", "1535.jpg", "1536.jpg"]
+    with open(folder / "cases.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "patient_id"])
+        for name in names:
+            (folder / name).write_bytes((data / "images" / name).read_bytes())  # the released files, unchanged
+            w.writerow([name, meta[f"images/{name}"]["label_name"], meta[f"images/{name}"]["pid"]])
+    archive = tmp_path / "archive"
+    first = json.loads(_add(folder, archive, small_run, "--json").stdout.strip().splitlines()[-1])
+    arch = CaseArchive.open(archive, writer=False)
+    stored = {row[1]: row[0] for row in arch.db.execute("SELECT id, image_path FROM cases")}
+    arch.close()
+    reported = {d["file"]: d["case_id"] for d in first["duplicates"]}
+    assert reported.get("1479.jpg") == stored[str(folder / "1478.jpg")], first["duplicates"]
+    assert all(case_id in stored.values() for case_id in reported.values()), first["duplicates"]
+    assert first["added"] + len(reported) == len(names)
+    again = json.loads(_add(folder, archive, small_run, "--json").stdout.strip().splitlines()[-1])
+    assert again["added"] == 0, again
+    assert {d["file"]: d["case_id"] for d in again["duplicates"]} == reported
+
+
 def test_registration_ranks_agree_with_scipy():
     """Stage 3 ranks windows and subsets of a stored print by its own code (speed): ties share their
     mean rank, as scipy's rankdata gives them, on data with many ties (a stored print's background)."""

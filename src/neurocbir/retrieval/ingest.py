@@ -21,7 +21,7 @@ from neurocbir.errors import NeurocbirError
 from neurocbir.files import sha256_file, writer_lock
 from neurocbir.retrieval.archive import ArchiveError, CaseArchive, CaseRecord
 from neurocbir.retrieval.casefiles import CaseFile, scan_folder
-from neurocbir.retrieval.duplicates import DuplicateIndex, ImagePrints
+from neurocbir.retrieval.duplicates import SIDE, DuplicateIndex, ImagePrints
 from neurocbir.retrieval.examples import add_examples
 
 # images -> (embeddings, trunk descriptors): a model's embedding function, as `add_folder` calls it
@@ -46,23 +46,32 @@ class DuplicateCheck:
         for (f, h), image in zip(batch, images):
             pair = ImagePrints(image)
             dup = self.index.find(pair)
-            if dup:
-                case_id = dup[0].case_id
-                if case_id < 0:  # one of this run's files, committed since
-                    case_id = self.archive.ids_of([self._pending[case_id]]).get(self._pending[case_id], case_id)
+            if dup:  # a duplicate of one of this run's files has its temporary id until :meth:`resolved`
                 self.found.append(
-                    {"file": f.shown_name, "case_id": case_id, "mirrored": dup[0].mirrored, "kept": self.keep}
+                    {"file": f.shown_name, "case_id": dup[0].case_id, "mirrored": dup[0].mirrored, "kept": self.keep}
                 )
                 if not self.keep:
                     continue
-            if remember:
+            stored = pair.stored  # float16, as the archive keeps it
+            if remember:  # later files are compared with the print the archive will hold: the same
+                # decision as when they are added again after this run (a resumed add)
                 temp = -(len(self._pending) + 1)
                 self._pending[temp] = h
-                self.index.add([temp], pair.coarse[:1], pair.fine[None])
+                self.index.add([temp], stored[None, : SIDE * SIDE], stored[None, SIDE * SIDE :])
             kept.append((f, h))
             kept_images.append(image)
-            prints.append(pair.stored)
+            prints.append(stored)
         return kept, kept_images, prints
+
+    def resolved(self) -> list[dict]:
+        """:attr:`found`, a duplicate of one of this run's files given that file's case id (once
+        committed; :meth:`split` knows it by a temporary id, as it may be in the same batch)."""
+        earlier = [self._pending[d["case_id"]] for d in self.found if d["case_id"] < 0]
+        ids = self.archive.ids_of(earlier) if earlier else {}
+        return [
+            {**d, "case_id": ids.get(self._pending[d["case_id"]], d["case_id"])} if d["case_id"] < 0 else d
+            for d in self.found
+        ]
 
 
 def add_folder(
@@ -126,7 +135,8 @@ def add_folder(
             if progress:
                 progress(len(chunk))
     archive.index_pending()
-    return {"added": added, "already_there": skipped, "duplicates": dups.found, "errors": errors, "total": len(archive)}
+    found = dups.resolved()
+    return {"added": added, "already_there": skipped, "duplicates": found, "errors": errors, "total": len(archive)}
 
 
 def ingest(
