@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from neurocbir.cli import app as cli
 from neurocbir.data.external import development_split, load_external
 from neurocbir.data.regions import box_region, region_on_grid, region_peak
+from neurocbir.training.presence_decoder import _encoding_weights, _relabel_index
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +37,9 @@ def small_lesion_run(tmp_path_factory, small_data_dir, small_external) -> Path:
     ckpt = run / "trial_0" / "checkpoint.pt"
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
     blob["state"] = {k: v for k, v in blob["state"].items() if not k.startswith("presence_decoder.")}
+    blob["config"] |= {"data": str(small_data_dir), "extra_cases": str(small_external)}
     torch.save(blob, ckpt)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg |= {"data": str(small_data_dir), "extra_cases": str(small_external)}
-    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "config.json").write_text(json.dumps(blob["config"]))
     index_run(run, small_data_dir)
     return run
 
@@ -59,18 +59,33 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
     images = [small_cases.load_image(i) for i in np.flatnonzero(small_cases.fold == 5)[:4]]
     images += [ext.load_image(int(i)) for i in held if not ext.tumor[i]][:4]
     e0, d0, p0, k0 = load_model(run).analyse_batch(images, presence=True)
+    stored = dict(np.load(run / "trial_0" / "embeddings.npz"))
     assert all(np.array_equal(a, b) for a, b in zip(k0, p0, strict=True))  # no presence decoder: the tumor map
 
-    res = runner.invoke(cli, ["presence-decoder", str(run), "--epochs", "1"])
-    assert res.exit_code == 0, res.output
+    trained = runner.invoke(cli, ["presence-decoder", str(run), "--epochs", "1"])
+    assert trained.exit_code == 0, trained.output
     info = json.loads((run / "presence_decoder.json").read_text())
-    assert info["epochs"] == 1 and info["slices"] > 0 and info["rule"] in res.output
+    assert info["epochs"] == 1 and info["slices"] > 0 and info["rule"] in trained.output
     rule = json.loads((run / "presence.json").read_text())  # chosen again, on the new decoder's peaks
     assert rule != json.loads((ROOT / "models" / "lesion-fold5" / "presence.json").read_text())
 
     e1, d1, p1, k1 = load_model(run).analyse_batch(images, presence=True)
     assert np.allclose(e1, e0, atol=1e-5) and np.allclose(d1, d0, atol=1e-5)
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1, strict=True))
+    # the embeddings are unchanged, so the index is kept and keyed to the new checkpoint, not re-embedded
+    assert info["index"] == "re-labelled" and "re-labelled its index" in trained.output, trained.output
+    assert (
+        load_model(run).checkpoint_sha256
+        == json.loads((run / "trial_0" / "index.faiss.json").read_text())["checkpoint_sha256"]
+    )
+    kept = np.load(run / "trial_0" / "embeddings.npz")
+    assert all(np.array_equal(kept[k], v) for k, v in stored.items())
+    # a network whose encoding weights changed is never re-labelled (it is re-embedded)
+    new_sha, state = load_model(run).checkpoint_sha256, _encoding_weights(run / "trial_0" / "checkpoint.pt")
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 1
+    assert not _relabel_index(run, 0, {new_sha: False}, state)
+    assert _relabel_index(run, 0, {new_sha: False}, _encoding_weights(run / "trial_0" / "checkpoint.pt"))
     outline_peaks, presence_peaks = np.array([p.max() for p in p1]), np.array([m.max() for m in k1])
     assert np.abs(presence_peaks - outline_peaks).max() > 1e-3, (presence_peaks, outline_peaks)
 
@@ -87,7 +102,7 @@ def test_a_presence_decoder_changes_the_presence_evidence_alone(
 
     # the region search was fitted again on both decoders' maps: a drawn region reads the one chosen
     fitted = json.loads((run / "region_search.json").read_text())
-    assert set(fitted["measured"]["decoders"]) == {"tumor", "presence"} and fitted["decoder"] in res.output
+    assert set(fitted["measured"]["decoders"]) == {"tumor", "presence"} and fitted["decoder"] in trained.output
     print("region search reads the", fitted["decoder"], "decoder:", fitted["measured"]["decoders"])
     differ = 0
     for image, tumor_map, presence_map in zip(images, p1, k1, strict=True):

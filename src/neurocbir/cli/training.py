@@ -211,7 +211,7 @@ def presence_decoder(
     info = _guard(add_presence_decoder, run, epochs, balance=balance, paste=paste, branch=branch)
     typer.echo(
         f"trained {run}'s presence decoder in {info['train_s']:.0f} s ({info['slices']} slices, {epochs} epochs) "
-        f"and re-indexed it; its 'no tumor' rule, chosen again on its held-out slices: {info['rule']}"
+        f"and {info['index']} its index; its 'no tumor' rule, chosen again on its held-out slices: {info['rule']}"
         + (
             ""
             if info["region_search"] is None

@@ -178,11 +178,12 @@ def add_presence_decoder(
     branch: bool = BRANCH,
 ) -> dict:
     """Train a presence decoder for ``run``'s first trial on the slices it trained on, write the
-    checkpoint (atomically) and :data:`INFO_FILE`, and re-embed the run's archive (the embeddings
-    are the same: the checkpoint's hash, which the index is keyed by, is not). Returns the info."""
+    checkpoint (atomically) and :data:`INFO_FILE`. The run's index is keyed by the checkpoint's
+    hash, which changes, while the embeddings do not: it is re-labelled where every weight but the
+    presence decoder's is unchanged, re-embedded otherwise. Returns the info."""
     from neurocbir.data.cases import load_cases
     from neurocbir.files import write_json
-    from neurocbir.models.runs import first_trial, trial_dir
+    from neurocbir.models.runs import checkpoint_sha256, first_trial, trial_dir
     from neurocbir.retrieval.ingest import index_run
     from neurocbir.training.holdout import holdout_split
     from neurocbir.training.lesion import cpu_bf16_supported, load_tensors, save_checkpoint
@@ -190,8 +191,11 @@ def add_presence_decoder(
 
     run = Path(run)
     t0 = time.time()
-    ckpt = trial_dir(run, first_trial(run)) / "checkpoint.pt"
+    trial = first_trial(run)
+    ckpt = trial_dir(run, trial) / "checkpoint.pt"
     cfg, net, weights_sha256 = _load_trainable(run, ckpt)
+    before = {checkpoint_sha256(run, trial, mirror): mirror for mirror in (False, True)}
+    old_state = _encoding_weights(ckpt)
     table = load_cases(cfg.data)
     images, masks = load_tensors(table, cfg.image_size, cfg.intensity)
     fit_rows, _ = holdout_split(cfg, table)
@@ -220,11 +224,43 @@ def add_presence_decoder(
         "threads": torch.get_num_threads(),
         "train_s": round(time.time() - t0, 1),
     }
-    index_run(run, cfg.data)
+    info["index"] = "re-labelled" if _relabel_index(run, trial, before, old_state) else "re-embedded"
+    if info["index"] == "re-embedded":
+        index_run(run, cfg.data)
     info["rule"] = _choose_rule_again(run, table)
     info["region_search"] = _fit_region_search_again(run, table)
     write_json(run / INFO_FILE, info)
     return info
+
+
+def _relabel_index(run: Path, trial: int, before: dict[str, bool], old_state: dict) -> bool:
+    """Key the trial's index to its new checkpoint where it was built by the old one (``before``:
+    the old hashes, plain and mirrored) and the new checkpoint's weights, the presence decoder's
+    aside, are the old ones (``old_state``) bit for bit: the embeddings it holds are then the ones
+    a re-embedding would give. False (nothing changed) otherwise."""
+    from neurocbir.files import write_json
+    from neurocbir.models.runs import checkpoint_sha256, trial_dir
+    from neurocbir.retrieval.index import IndexMismatchError, read_manifest
+
+    tdir = trial_dir(run, trial)
+    try:
+        manifest = read_manifest(tdir / "index.faiss")
+    except (FileNotFoundError, IndexMismatchError):
+        return False
+    mirror = before.get(manifest["checkpoint_sha256"])
+    if mirror is None or not (tdir / "embeddings.npz").is_file():
+        return False
+    new_state = _encoding_weights(tdir / "checkpoint.pt")
+    if new_state.keys() != old_state.keys() or not all(torch.equal(v, new_state[k]) for k, v in old_state.items()):
+        return False
+    write_json(tdir / "index.faiss.json", {**manifest, "checkpoint_sha256": checkpoint_sha256(run, trial, mirror)})
+    return True
+
+
+def _encoding_weights(ckpt: Path) -> dict:
+    """A checkpoint's weights, the presence decoder's aside."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state"]
+    return {k: v for k, v in state.items() if not k.startswith("presence_decoder.")}
 
 
 def _sources(cfg, n_figshare: int) -> np.ndarray:
