@@ -3,6 +3,7 @@ they are, and their embeddings by the run's first trial."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def extra_holdout_split(cfg: TrainConfig, cases) -> tuple[np.ndarray, np.ndarray
     return np.sort(fit), np.sort(held)
 
 
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
 def holdout_embeddings(
     run: Path | str, table: CaseTable
 ) -> tuple[TrainConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -69,6 +75,7 @@ def development_holdout(cfg: TrainConfig, table: CaseTable):
     (:mod:`~neurocbir.retrieval.duplicates`) a trained-on slice of it or of ``table``'s training
     patients, how many twins were left out); None for a run without held-out development groups."""
     from neurocbir.data.external import load_external, part
+    from neurocbir.files import write_json
     from neurocbir.retrieval.duplicates import DuplicateIndex
 
     if not cfg.extra_cases:
@@ -77,10 +84,34 @@ def development_holdout(cfg: TrainConfig, table: CaseTable):
     fit_rows, held_rows = extra_holdout_split(cfg, dev)
     if not len(held_rows):
         return None
-    stored = (table.load_image(int(i)) for i in holdout_split(cfg, table)[0])
-    twins = DuplicateIndex.of_images([*stored, *(dev.load_image(int(i)) for i in fit_rows)])
-    kept = np.array([i for i in held_rows if not twins.find(dev.load_image(int(i)))], dtype=int)
+    stored = holdout_split(cfg, table)[0]
+    path = _twins_cache(table, stored, dev, fit_rows, held_rows)
+    if path.is_file():
+        kept = np.array(json.loads(path.read_text())["kept"], dtype=int)
+    else:
+        twins = DuplicateIndex.of_images(
+            [*(table.load_image(int(i)) for i in stored), *(dev.load_image(int(i)) for i in fit_rows)]
+        )
+        kept = np.array([i for i in held_rows if not twins.find(dev.load_image(int(i)))], dtype=int)
+        write_json(path, {"kept": kept.tolist(), "held": len(held_rows)})
     return dev, fit_rows, kept, len(held_rows) - len(kept)
+
+
+def _twins_cache(table: CaseTable, stored: np.ndarray, dev, fit_rows: np.ndarray, held_rows: np.ndarray) -> Path:
+    """Where :func:`development_holdout`'s answer is kept (it takes minutes, and calibration, the
+    presence choice and ``neurocbir presence-decoder`` each ask for it): keyed by the slices on
+    both sides (figshare's by row, the development part's by file, its size and time) and the
+    duplicate check's code."""
+    from neurocbir.files import default_cache_dir, sha256_file
+    from neurocbir.retrieval import duplicates
+
+    spec = {
+        "figshare": [table.loader.name, str(getattr(table.loader, "root", "")), table.idx[stored].tolist()],
+        "development": [str(dev.root), *([_stat(dev.path(int(i))) for i in rows] for rows in (fit_rows, held_rows))],
+        "method": sha256_file(duplicates.__file__),
+    }
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    return default_cache_dir() / "twins" / f"{key}.json"
 
 
 def held_out_development(run: Path | str, cfg: TrainConfig, table: CaseTable) -> dict | None:
