@@ -6,7 +6,9 @@ Adds the bundled dataset's JPEGs (all 3064 unless --limit) to a fresh archive in
 folder with the same code as the CLI, then runs the add again (everything already there) to
 time a resume. Reports images per second, and how much of the time the CNN and the duplicate check
 (each scan against the archive and the scans added before it: `neurocbir.retrieval.ingest.DuplicateCheck`)
-took.
+took. Then the duplicate check's thread setting (`DuplicateCheck.split` runs FAISS's and numpy's
+small products on one thread) against the threads as the process has them, on the first
+``--compare`` scans, adds interleaved in rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--store", default="flat")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--compare", type=int, default=800, help="scans of each add comparing thread settings")
+    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     from neurocbir.data.cases import default_data_dir
     from neurocbir.models.inference import load_model
@@ -86,8 +90,58 @@ def main() -> None:
             f"({checking[0] / total:.0%}) | {total - cnn[0] - checking[0]:.1f} | {resume:.1f} |",
         ]
     )
+    body += "\n\n" + compare_threads(model, files[: args.compare], embed, args, checking, cnn)
     write_section("bulk", body)
     print(body)
+
+
+def compare_threads(model, files, embed, args, checking, cnn) -> str:
+    """Adds of ``files`` to fresh archives, the check on one thread (the app's) and on the
+    process's threads, interleaved; a table of each round's seconds."""
+    from neurocbir.retrieval.archive import CaseArchive
+    from neurocbir.retrieval.ingest import DuplicateCheck, add_folder
+
+    timed_split, ways = DuplicateCheck.split, {}  # main's timer around the app's split
+
+    def process_threads(self, batch, images, remember=True):
+        return DuplicateCheck._split(self, batch, images, remember)
+
+    splits = (("one thread (the app's)", timed_split), ("as the process has them", _timed(process_threads, checking)))
+    for _ in range(args.rounds):
+        for name, split in splits:
+            DuplicateCheck.split = split
+            checking[0] = cnn[0] = 0.0
+            with tempfile.TemporaryDirectory() as tmp:
+                arch = CaseArchive.create(
+                    Path(tmp) / "a", model.embedding_dim, model.checkpoint_sha256, store=args.store
+                )
+                t = time.perf_counter()
+                add_folder(arch, files, embed, args.batch_size)
+                ways.setdefault(name, []).append((time.perf_counter() - t, checking[0], cnn[0]))
+                arch.close()
+    DuplicateCheck.split = timed_split
+    lines = [
+        f"The duplicate check's threads: {len(files)} scans added to a fresh archive each way, {args.rounds} rounds "
+        "interleaved (seconds per round).",
+        "",
+        "| FAISS / numpy threads in the check | total s | duplicate check s | CNN s |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in ways.items():
+        cols = (", ".join(f"{run[i]:.1f}" for run in runs) for i in range(3))
+        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def _timed(split, checking):
+    def timed(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return split(self, *a, **kw)
+        finally:
+            checking[0] += time.perf_counter() - t
+
+    return timed
 
 
 if __name__ == "__main__":

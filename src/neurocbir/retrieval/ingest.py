@@ -9,6 +9,7 @@ embedded in batches while the next batch is read, and committed one batch at a t
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,14 @@ class DuplicateCheck:
     def split(self, batch: list, images: list[np.ndarray], remember: bool = True) -> tuple[list, list, list]:
         """(files, images, fingerprints) to add: those that duplicate nothing (all of them with
         ``keep``); the others are recorded in :attr:`found`. ``remember``: later files are checked
-        against these too (not for examples, which are never searched)."""
+        against these too (not for examples, which are never searched). FAISS's and numpy's
+        products here are small: on one thread, not beside the CNN's spinning threads (adding 800
+        figshare scans on 2 cores, the check took 1.24-1.29x as long on the process's threads:
+        docs/results.md, bulk)."""
+        with _controller().limit(limits=1):
+            return self._split(batch, images, remember)
+
+    def _split(self, batch: list, images: list[np.ndarray], remember: bool) -> tuple[list, list, list]:
         kept, kept_images, prints = [], [], []
         for (f, h), image in zip(batch, images):
             pair = ImagePrints(image)
@@ -72,6 +80,13 @@ class DuplicateCheck:
             {**d, "case_id": ids.get(self._pending[d["case_id"]], d["case_id"])} if d["case_id"] < 0 else d
             for d in self.found
         ]
+
+
+@functools.cache
+def _controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def add_folder(
