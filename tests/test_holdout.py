@@ -37,6 +37,11 @@ def test_a_held_out_slice_that_mirrors_a_trained_on_one_is_left_out_and_the_answ
     _, fit_rows, kept, n_twins = development_holdout(cfg, small_cases)
     assert fit_rows.tolist() == fit.tolist() and n_twins == 1 and kept.tolist() == held[1:].tolist()
 
+    files = sorted((tmp_path / "cache" / "twins").glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(files) == 2  # one per state of the files: before and after the change
+    files[-1].write_text('{"kept": [1, ')  # a damaged file is computed again, never trusted
+    assert development_holdout(cfg, small_cases)[2].tolist() == kept.tolist()
+
     def not_again(*args, **kwargs):
         raise AssertionError("the duplicate check ran again")
 

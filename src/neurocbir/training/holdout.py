@@ -50,11 +50,6 @@ def extra_holdout_split(cfg: TrainConfig, cases) -> tuple[np.ndarray, np.ndarray
     return np.sort(fit), np.sort(held)
 
 
-def _stat(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
-
-
 def holdout_embeddings(
     run: Path | str, table: CaseTable
 ) -> tuple[TrainConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -86,9 +81,8 @@ def development_holdout(cfg: TrainConfig, table: CaseTable):
         return None
     stored = holdout_split(cfg, table)[0]
     path = _twins_cache(table, stored, dev, fit_rows, held_rows)
-    if path.is_file():
-        kept = np.array(json.loads(path.read_text())["kept"], dtype=int)
-    else:
+    kept = _read_kept(path)
+    if kept is None:
         twins = DuplicateIndex.of_images(
             [*(table.load_image(int(i)) for i in stored), *(dev.load_image(int(i)) for i in fit_rows)]
         )
@@ -98,10 +92,10 @@ def development_holdout(cfg: TrainConfig, table: CaseTable):
 
 
 def _twins_cache(table: CaseTable, stored: np.ndarray, dev, fit_rows: np.ndarray, held_rows: np.ndarray) -> Path:
-    """Where :func:`development_holdout`'s answer is kept (it takes minutes, and calibration, the
-    presence choice and ``neurocbir presence-decoder`` each ask for it): keyed by the slices on
-    both sides (figshare's by row, the development part's by file, its size and time) and the
-    duplicate check's code."""
+    """Where :func:`development_holdout`'s answer is kept (51 s for the served recipe's slices on 2
+    cores, and calibration, the presence choice and ``neurocbir presence-decoder`` each ask for it):
+    keyed by the slices on both sides (figshare's by row, the development part's by file, its size
+    and time) and the duplicate check's code."""
     from neurocbir.files import default_cache_dir, sha256_file
     from neurocbir.retrieval import duplicates
 
@@ -112,6 +106,19 @@ def _twins_cache(table: CaseTable, stored: np.ndarray, dev, fit_rows: np.ndarray
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     return default_cache_dir() / "twins" / f"{key}.json"
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def _read_kept(path: Path) -> np.ndarray | None:
+    """The kept rows :func:`_twins_cache` holds; None where it holds none (or a damaged file)."""
+    try:
+        return np.array(json.loads(path.read_text())["kept"], dtype=int)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def held_out_development(run: Path | str, cfg: TrainConfig, table: CaseTable) -> dict | None:
