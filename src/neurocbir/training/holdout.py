@@ -92,8 +92,8 @@ def development_holdout(cfg: TrainConfig, table: CaseTable):
 
 
 def _twins_cache(table: CaseTable, stored: np.ndarray, dev, fit_rows: np.ndarray, held_rows: np.ndarray) -> Path:
-    """Where :func:`development_holdout`'s answer is kept (51 s for the served recipe's slices on 2
-    cores, and calibration, the presence choice and ``neurocbir presence-decoder`` each ask for it):
+    """Where :func:`development_holdout`'s answer is kept (it prints and checks thousands of slices,
+    and calibration, the presence choice and ``neurocbir presence-decoder`` each ask for it):
     keyed by the slices on both sides (figshare's by row, the development part's by file, its size
     and time) and the duplicate check's code."""
     from neurocbir.files import default_cache_dir, sha256_file
