@@ -60,7 +60,7 @@ CACHE_ENV = "NEUROCBIR_CACHE"
 
 
 def default_cache_dir() -> Path:
-    """Derived files (feature cache, LLM-written reports): ``$NEUROCBIR_CACHE``, else
+    """Derived files (feature cache, LLM-written reports, held-out twins): ``$NEUROCBIR_CACHE``, else
     ``~/.cache/neurocbir``. Safe to delete; they are rebuilt on demand."""
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "neurocbir"))
 
