@@ -49,16 +49,8 @@ def main() -> None:
         cnn[0] += time.perf_counter() - t
         return out
 
-    checking, split = [0.0], DuplicateCheck.split
-
-    def timed_split(self, *a, **kw):
-        t = time.perf_counter()
-        try:
-            return split(self, *a, **kw)
-        finally:
-            checking[0] += time.perf_counter() - t
-
-    DuplicateCheck.split = timed_split
+    checking = [0.0]
+    DuplicateCheck.split = _timed(DuplicateCheck.split, checking)
     t = time.perf_counter()
     model.embed([files[0].pixels()])  # the first call compiles the network (OpenVINO): timed apart
     warmup = time.perf_counter() - t
